@@ -1,1 +1,270 @@
-//! Helpers for end-to-end tests.
+//! The end-to-end test harness: starts the real `waystation` binary (and, for later suites,
+//! Debian's `mosquitto`) as child processes on free loopback ports, and cleans them up.
+//!
+//! The binary is the one `cargo build --workspace --bins` put next to this test binary
+//! (`target/<profile>/waystation`), or `$WAYSTATION_BIN`. Every wait here is bounded; every
+//! process is killed when its guard drops, also when a test panics.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a daemon gets to start listening before the test fails.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn waystation_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("WAYSTATION_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>/waystation
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = profile_dir.join("waystation");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released: prefer port 0 in configs when the
+/// process can report the port it got).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local_addr").port()
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn send_signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, signal);
+    }
+}
+
+/// Waits for a child for at most `timeout`; kills it (SIGKILL) if it is still running then.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running `waystation run` with its own data directory and config file.
+pub struct Waystation {
+    child: Option<Child>,
+    /// The first MQTT listener's address.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    extra_config: String,
+    logs: Arc<Mutex<String>>,
+}
+
+impl Waystation {
+    /// Starts with the default config, one listener on a free loopback port.
+    pub fn start() -> Waystation {
+        Waystation::start_with("")
+    }
+
+    /// Starts with `extra` TOML added to the generated config (e.g. a `[limits]` table).
+    /// Unless `extra` has its own `[[listener]]`, one listener on a free port is added.
+    pub fn start_with(extra: &str) -> Waystation {
+        let dir = tempfile::Builder::new()
+            .prefix("waystation-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let mut ws = Waystation {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            extra_config: extra.to_string(),
+            logs: Arc::new(Mutex::new(String::new())),
+        };
+        ws.spawn(0);
+        ws
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("waystation.toml")
+    }
+
+    /// `host:port` of the first listener, for command-line clients.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    fn spawn(&mut self, port: u16) {
+        let mut config = format!(
+            "[gateway]\nid = \"e2e\"\ndata_dir = \"{}\"\n\n",
+            self.data_dir().display()
+        );
+        if !self.extra_config.contains("[[listener]]") {
+            config.push_str(&format!("[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n"));
+        }
+        config.push_str(&self.extra_config);
+        std::fs::write(self.config_path(), config).expect("write config");
+
+        let mut child = Command::new(waystation_bin())
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", std::env::var("WAYSTATION_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn waystation");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let logs = Arc::clone(&self.logs);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !sent {
+                    if let Some(addr) = line
+                        .split("listening on ")
+                        .nth(1)
+                        .and_then(|rest| rest.split_whitespace().next())
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                    {
+                        sent = addr_tx.send(addr).is_ok();
+                    }
+                }
+                let mut logs = logs.lock().unwrap_or_else(|p| p.into_inner());
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        self.child = Some(child);
+        match addr_rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => self.addr = addr,
+            Err(_) => {
+                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                self.kill();
+                panic!(
+                    "waystation did not start listening within {START_TIMEOUT:?} (exit: {status:?}); logs:\n{}",
+                    self.logs()
+                );
+            }
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until the logs contain `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.logs().contains(needle))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the process gets no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, libc::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to 15 s; returns the exit status (None: it had to be killed).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        send_signal(&child, libc::SIGTERM);
+        wait_with_timeout(&mut child, Duration::from_secs(15))
+    }
+
+    /// Starts the daemon again on the same port and data directory (after `kill` or
+    /// `terminate`; kills a running one first).
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.addr.port();
+        self.spawn(port);
+    }
+
+    /// A TCP connection to the first listener.
+    pub fn connect_tcp(&self) -> TcpStream {
+        let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+            .expect("connect to waystation");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("set_read_timeout");
+        stream
+    }
+}
+
+impl Drop for Waystation {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- waystation logs ---\n{}", self.logs());
+        }
+    }
+}
+
+/// Runs a command-line program (e.g. `mosquitto_pub`) with a timeout; returns its status
+/// and stdout. The process is killed if it overruns.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> (Option<ExitStatus>, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().expect("stdout piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+        out
+    });
+    let status = wait_with_timeout(&mut child, timeout);
+    let out = reader.join().unwrap_or_default();
+    (status, out)
+}
+
+/// A child process killed when dropped (for `mosquitto_sub` and the like running in the
+/// background of a test).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

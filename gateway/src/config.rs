@@ -1,0 +1,210 @@
+//! The daemon's configuration file: TOML, read with serde.
+//!
+//! Every key has a default so that an empty file is a valid config; unknown keys, wrong
+//! types and bad addresses are errors that name the key and the line (toml's spans), and
+//! `check_semantics` catches values that parse but cannot work. `config/waystation.toml`
+//! is the commented reference for every key here: keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use waystation_broker::Limits;
+
+/// Sled stores values larger than about 128 KiB in blob files that it never syncs
+/// (FACTS.md), so a packet that large could be acknowledged without being durable.
+pub const MAX_PACKET_SIZE_CEILING: usize = 120 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default = "default_listeners", rename = "listener")]
+    pub listeners: Vec<ListenerSection>,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    pub id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            id: "waystation".into(),
+            data_dir: PathBuf::from("/var/lib/waystation"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub bind: SocketAddr,
+}
+
+fn default_listeners() -> Vec<ListenerSection> {
+    vec![ListenerSection {
+        bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+    }]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    pub max_inflight: u16,
+    pub max_queued_messages: usize,
+    /// Seconds a new connection has to send its CONNECT.
+    pub connect_timeout: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitsSection {
+            max_packet_size: limits.max_packet_size,
+            max_connections: limits.max_connections,
+            max_inflight: limits.max_inflight,
+            max_queued_messages: limits.max_queued_messages,
+            connect_timeout: limits.connect_timeout.as_secs(),
+        }
+    }
+}
+
+impl LimitsSection {
+    pub fn to_limits(&self) -> Limits {
+        Limits {
+            max_packet_size: self.max_packet_size,
+            max_connections: self.max_connections,
+            max_inflight: self.max_inflight,
+            max_queued_messages: self.max_queued_messages,
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+        }
+    }
+}
+
+/// A config that could not be used; the message is meant for the operator as it stands.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })?;
+        config.check_semantics().map_err(|(key, message)| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error is toml's report (line, column, the offending
+    /// line and what was expected).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    fn check_semantics(&self) -> Result<(), (&'static str, String)> {
+        if self.gateway.id.is_empty() {
+            return Err(("gateway.id", "must not be empty".into()));
+        }
+        if self.listeners.is_empty() {
+            return Err(("listener", "at least one [[listener]] is needed".into()));
+        }
+        let l = &self.limits;
+        if l.max_packet_size < 64 || l.max_packet_size > MAX_PACKET_SIZE_CEILING {
+            return Err((
+                "limits.max_packet_size",
+                format!(
+                    "{} is out of range 64..={MAX_PACKET_SIZE_CEILING} (larger records would not be synced to disk by sled)",
+                    l.max_packet_size
+                ),
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(("limits.max_connections", "must be at least 1".into()));
+        }
+        if l.max_inflight == 0 {
+            return Err(("limits.max_inflight", "must be at least 1".into()));
+        }
+        if l.connect_timeout == 0 {
+            return Err(("limits.connect_timeout", "must be at least 1 second".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults_on_loopback() {
+        let config = Config::parse("").expect("empty config is valid");
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(config.gateway.id, "waystation");
+        assert!(config.check_semantics().is_ok());
+    }
+
+    #[test]
+    fn shipped_default_config_parses() {
+        let text = include_str!("../../config/waystation.toml");
+        let config = Config::parse(text).expect("config/waystation.toml parses");
+        assert!(config.check_semantics().is_ok());
+        let defaults = LimitsSection::default();
+        assert_eq!(config.limits.max_packet_size, defaults.max_packet_size);
+        assert_eq!(config.limits.max_inflight, defaults.max_inflight);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[gateway]\nid = \"a\"\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_address_are_named() {
+        let err = Config::parse("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("max_inflight"), "{err}");
+        let err = Config::parse("[[listener]]\nbind = \"localhost:99999\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("bind"), "{err}");
+    }
+
+    #[test]
+    fn oversized_packet_limit_is_refused() {
+        let config = Config::parse("[limits]\nmax_packet_size = 1000000\n").unwrap();
+        let (key, _) = config.check_semantics().unwrap_err();
+        assert_eq!(key, "limits.max_packet_size");
+    }
+}
