@@ -1,24 +1,65 @@
-//! Waystation's edge broker (stub while the core lands).
+//! Waystation's edge broker: an MQTT 3.1.1 server for the devices on a site.
+//!
+//! How the parts fit:
+//! - `server`: listeners, the accept loop, `max_connections`, ordered shutdown.
+//! - `connection`: one task pair per client: CONNECT handshake, keep-alive, reading and
+//!   writing packets; it never touches shared state.
+//! - `v4`: the MQTT 3.1.1 adapter over rumqttc's codec (a v5 adapter would sit beside it).
+//! - `router`: the single owner of sessions, subscriptions and retained messages; every
+//!   accepted PUBLISH goes through its `accept_publish`.
+//! - `session`: one client's state: subscriptions, in-flight window, queue, QoS 2 ids.
+//! - `topic`: topic/filter rules and the subscription trie. `message`: the neutral types.
+
+mod connection;
+pub mod message;
+mod router;
+mod server;
+mod session;
+mod stats;
+pub mod topic;
+mod v4;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use server::Broker;
+pub use stats::Stats;
+
+/// Bounds that protect the broker from any one client; all are config keys.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Largest packet accepted (remaining length, bytes); a larger one closes that connection.
     pub max_packet_size: usize,
+    /// Connections open at once; more are closed at accept.
     pub max_connections: usize,
+    /// QoS 1/2 messages sent to one client and not yet acknowledged.
     pub max_inflight: u16,
+    /// QoS 1/2 messages waiting for one client (offline, or window full).
     pub max_queued_messages: usize,
+    /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
 }
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_packet_size: 65536, max_connections: 10_000, max_inflight: 100, max_queued_messages: 1000, connect_timeout: Duration::from_secs(10) }
+        Limits {
+            max_packet_size: 64 * 1024,
+            max_connections: 10_000,
+            max_inflight: 100,
+            max_queued_messages: 1000,
+            connect_timeout: Duration::from_secs(10),
+        }
     }
 }
-pub struct BrokerConfig { pub listeners: Vec<SocketAddr>, pub limits: Limits }
-pub struct Broker { addrs: Vec<SocketAddr> }
-impl Broker {
-    pub async fn start(c: BrokerConfig) -> std::io::Result<Broker> { Ok(Broker { addrs: c.listeners }) }
-    pub fn local_addrs(&self) -> &[SocketAddr] { &self.addrs }
-    pub async fn shutdown(self) {}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub listeners: Vec<SocketAddr>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
 }

@@ -1,0 +1,293 @@
+//! One client connection: the CONNECT handshake, then a reader that decodes packets and
+//! hands them to the router, and a writer that encodes what the router sends back.
+//!
+//! Reader and writer are separate tasks so that a client that is slow to read can never
+//! stop us from reading its acknowledgements (and vice versa). The reader enforces the
+//! keep-alive (1.5x the client's value [MQTT-3.1.2-24]) and ends the connection on any
+//! malformed packet or protocol violation, telling the router whether the end was
+//! graceful (DISCONNECT: no will) or not.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::message::{ConnectOutcome, ConnectRequest, Outbound, SubscribeFilter};
+use crate::router::{OutboxHandle, RouterCmd};
+use crate::session::{ConnId, Outbox, OutboxReceiver};
+use crate::topic::{valid_filter, valid_topic_name};
+use crate::v4::{self, DecodeError, Inbound};
+use crate::{Limits, Stats};
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Write at most this much per socket write when draining the outbox.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+pub struct ConnectionContext {
+    pub limits: Limits,
+    pub router: mpsc::Sender<RouterCmd>,
+    pub stats: Arc<Stats>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Why the reader stopped.
+enum End {
+    /// DISCONNECT received: the will is discarded [MQTT-3.14.4-3].
+    Graceful,
+    /// Anything else: socket closed or failed, keep-alive expired, bad packet, taken over,
+    /// broker shutting down. The will is published.
+    Abrupt(String),
+}
+
+pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+
+    // The first packet must be a CONNECT, within connect_timeout [MQTT-3.1.0-1].
+    let first = timeout(ctx.limits.connect_timeout, read_packet(&mut reader, &mut buf, ctx.limits.max_packet_size)).await;
+    let connect = match first {
+        Err(_) => {
+            debug!(%peer, "no CONNECT within connect_timeout: closing");
+            return;
+        }
+        Ok(Ok(Inbound::Connect(c))) => c,
+        Ok(Ok(_)) => {
+            warn!(%peer, "first packet is not CONNECT: closing");
+            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(DecodeError::UnsupportedProtocol(level))) => {
+            info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
+            let _ = write_now(&mut writer, Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol)).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            log_bad_input(&peer, "", &e);
+            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            // A persistent session needs a name to be found again [MQTT-3.1.3-8].
+            info!(%peer, "empty client id with clean session 0: CONNACK 0x02");
+            let _ = write_now(&mut writer, Outbound::ConnAck(ConnectOutcome::IdentifierRejected)).await;
+            return;
+        }
+        generated_client_id().into()
+    } else {
+        connect.client_id.into()
+    };
+    if let Some(will) = &connect.last_will {
+        if !valid_topic_name(&will.topic) {
+            warn!(%peer, client_id = %client_id, "will topic is not a valid topic name: closing");
+            return;
+        }
+    }
+    let keep_alive = connect.keep_alive;
+    let request = ConnectRequest {
+        client_id: client_id.clone(),
+        clean_session: connect.clean_session,
+        keep_alive_secs: keep_alive,
+        will: connect.last_will.map(v4::will_from_v4),
+        username: connect.login.map(|l| l.username),
+    };
+
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let (outbox, outbox_rx) = Outbox::new();
+    let own_outbox = outbox.clone();
+    if ctx.router.send(RouterCmd::Connect { conn, request, outbox: OutboxHandle(outbox) }).await.is_err() {
+        return; // broker stopping
+    }
+    info!(%peer, client_id = %client_id, keep_alive, clean_session = connect.clean_session, "client connected");
+
+    let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx));
+    let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let mut shutdown = ctx.shutdown.clone();
+    let end = tokio::select! {
+        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, &own_outbox, keep_alive_limit) => end,
+        _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
+        _ = shutdown.wait_for(|stop| *stop) => End::Abrupt("broker shutting down".into()),
+    };
+    let graceful = matches!(end, End::Graceful);
+    match &end {
+        End::Graceful => info!(%peer, client_id = %client_id, "client disconnected"),
+        End::Abrupt(reason) => info!(%peer, client_id = %client_id, reason = %reason, "connection closed"),
+    }
+    let _ = ctx.router.send(RouterCmd::Disconnected { conn, graceful }).await;
+    // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
+    drop(own_outbox);
+    if !writer_task.is_finished() {
+        own_close(&mut writer_task).await;
+    }
+}
+
+async fn own_close(writer_task: &mut tokio::task::JoinHandle<()>) {
+    if timeout(Duration::from_millis(100), &mut *writer_task).await.is_err() {
+        writer_task.abort();
+    }
+}
+
+fn generated_client_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("auto-{:x}-{}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
+    warn!(%peer, client_id, error = %error, "bad packet: closing connection");
+}
+
+/// Reads until one whole packet is decoded.
+async fn read_packet(reader: &mut OwnedReadHalf, buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, DecodeError> {
+    loop {
+        match v4::decode(buf, max_packet_size) {
+            Err(DecodeError::Incomplete) => {}
+            other => return other,
+        }
+        match reader.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(DecodeError::Violation("connection closed")),
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn read_loop(
+    reader: &mut OwnedReadHalf,
+    buf: &mut BytesMut,
+    conn: ConnId,
+    client_id: &str,
+    ctx: &ConnectionContext,
+    outbox: &Outbox,
+    keep_alive_limit: Option<Duration>,
+) -> End {
+    let far_future = Duration::from_secs(86400 * 365);
+    loop {
+        // Handle every whole packet already buffered before reading again.
+        loop {
+            let packet = match v4::decode(buf, ctx.limits.max_packet_size) {
+                Ok(p) => p,
+                Err(DecodeError::Incomplete) => break,
+                Err(e) => {
+                    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(client_id, error = %e, "bad packet: closing connection");
+                    return End::Abrupt(e.to_string());
+                }
+            };
+            match dispatch(packet, conn, client_id, ctx, outbox).await {
+                Ok(true) => {}
+                Ok(false) => return End::Graceful,
+                Err(reason) => {
+                    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(client_id, reason, "protocol violation: closing connection");
+                    return End::Abrupt(reason.to_string());
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let deadline = Instant::now() + keep_alive_limit.unwrap_or(far_future);
+        match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
+            Err(_) => return End::Abrupt("keep-alive expired".into()),
+            Ok(Ok(0)) => return End::Abrupt("connection closed by client".into()),
+            Ok(Err(e)) => return End::Abrupt(format!("read error: {e}")),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Acts on one packet. `Ok(false)`: DISCONNECT; `Err`: a protocol violation.
+async fn dispatch(packet: Inbound, conn: ConnId, client_id: &str, ctx: &ConnectionContext, outbox: &Outbox) -> Result<bool, &'static str> {
+    let cmd = match packet {
+        Inbound::Connect(_) => return Err("second CONNECT on a connection"),
+        Inbound::Disconnect => return Ok(false),
+        Inbound::PingReq => {
+            outbox.send(Outbound::PingResp);
+            return Ok(true);
+        }
+        Inbound::Publish(publish) => {
+            if !valid_topic_name(&publish.topic) {
+                return Err("PUBLISH to an invalid topic name (wildcard, empty or NUL)");
+            }
+            let pkid = publish.pkid;
+            debug!(client_id, topic = %publish.topic, qos = publish.qos as u8, "publish received");
+            RouterCmd::Publish { conn, pkid, message: v4::message_from_v4(publish) }
+        }
+        Inbound::PubAck(pkid) => RouterCmd::PubAck { conn, pkid },
+        Inbound::PubRec(pkid) => RouterCmd::PubRec { conn, pkid },
+        Inbound::PubRel(pkid) => RouterCmd::PubRel { conn, pkid },
+        Inbound::PubComp(pkid) => RouterCmd::PubComp { conn, pkid },
+        Inbound::Subscribe(subscribe) => {
+            let filters = subscribe
+                .filters
+                .into_iter()
+                .map(|f| {
+                    let valid = valid_filter(&f.path);
+                    if !valid {
+                        info!(client_id, filter = %f.path, "invalid topic filter: refused in SUBACK");
+                    }
+                    SubscribeFilter {
+                        requested: valid.then(|| v4::qos_from_v4(f.qos)),
+                        filter: f.path,
+                    }
+                })
+                .collect();
+            RouterCmd::Subscribe { conn, pkid: subscribe.pkid, filters }
+        }
+        Inbound::Unsubscribe(unsubscribe) => RouterCmd::Unsubscribe { conn, pkid: unsubscribe.pkid, filters: unsubscribe.topics },
+    };
+    // A full router queue makes this wait: back-pressure on every publisher alike.
+    ctx.router.send(cmd).await.map_err(|_| "broker stopping")?;
+    Ok(true)
+}
+
+async fn write_now(writer: &mut OwnedWriteHalf, packet: Outbound) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    v4::encode(&packet, &mut buf).map_err(std::io::Error::other)?;
+    writer.write_all(&buf).await?;
+    writer.flush().await
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, mut outbox: OutboxReceiver) {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    while let Some(first) = outbox.rx.recv().await {
+        let mut count = 0;
+        let mut next = Some(first);
+        let mut close = false;
+        while let Some(packet) = next.take() {
+            count += 1;
+            if matches!(packet, Outbound::Close) {
+                close = true;
+                break;
+            }
+            if let Err(e) = v4::encode(&packet, &mut buf) {
+                warn!(error = %e, "cannot encode outgoing packet: dropped");
+            }
+            if buf.len() < WRITE_BATCH_BYTES {
+                next = outbox.rx.try_recv().ok();
+            }
+        }
+        let written = writer.write_all(&buf).await;
+        buf.clear();
+        outbox.written(count);
+        if written.is_err() || close {
+            let _ = writer.shutdown().await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! A client's session: what the broker keeps for one client id, connected or not.
+//!
+//! It holds the subscriptions, the QoS 1/2 messages sent and not yet acknowledged (the
+//! in-flight window, in send order), the messages waiting for room in that window or for
+//! the client to come back, and the QoS 2 packet ids received and awaiting PUBREL. The
+//! router owns every session; the connection task only moves bytes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::message::{Message, Outbound, QoS};
+
+/// Messages written to a connection's channel and not yet written to its socket, above
+/// which QoS 0 messages for that client are dropped rather than buffered without bound.
+pub const MAX_PENDING_QOS0: usize = 10_000;
+
+/// The sending side of one connection: the router's handle to its writer task.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::UnboundedSender<Outbound>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    pub fn new() -> (Outbox, OutboxReceiver) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        (
+            Outbox { tx, pending: pending.clone() },
+            OutboxReceiver { rx, pending },
+        )
+    }
+
+    pub fn send(&self, packet: Outbound) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        // A closed channel means the connection is going away; the router learns that
+        // from its Disconnected command, so there is nothing to do here.
+        let _ = self.tx.send(packet);
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+}
+
+pub struct OutboxReceiver {
+    pub rx: mpsc::UnboundedReceiver<Outbound>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl OutboxReceiver {
+    /// Called by the writer once it has written `n` packets.
+    pub fn written(&self, n: usize) {
+        self.pending.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Identifies one network connection (a client id may have several over time).
+pub type ConnId = u64;
+
+pub struct Online {
+    pub conn: ConnId,
+    pub outbox: Outbox,
+    pub will: Option<Message>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InflightState {
+    /// PUBLISH sent (QoS 1 or 2), waiting for PUBACK or PUBREC.
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+struct Inflight {
+    pkid: u16,
+    message: Message,
+    state: InflightState,
+}
+
+/// Why a message for this session was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    QueueFull,
+    Qos0Offline,
+    Qos0SlowClient,
+}
+
+pub struct Session {
+    pub clean: bool,
+    pub subscriptions: HashMap<String, QoS>,
+    pub online: Option<Online>,
+    inflight: VecDeque<Inflight>,
+    queue: VecDeque<Message>,
+    incoming_qos2: HashSet<u16>,
+    next_pkid: u16,
+}
+
+impl Session {
+    pub fn new(clean: bool) -> Session {
+        Session {
+            clean,
+            subscriptions: HashMap::new(),
+            online: None,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            incoming_qos2: HashSet::new(),
+            next_pkid: 1,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    #[cfg(test)]
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Delivers `message` (already at the QoS granted to this client) now, or keeps it
+    /// for later: in the queue while the in-flight window is full or the client away.
+    pub fn deliver(&mut self, message: Message, limits: &SessionLimits) -> Result<(), Dropped> {
+        match &self.online {
+            None if message.qos == QoS::AtMostOnce => Err(Dropped::Qos0Offline),
+            Some(online) if message.qos == QoS::AtMostOnce => {
+                if online.outbox.pending() >= MAX_PENDING_QOS0 {
+                    return Err(Dropped::Qos0SlowClient);
+                }
+                online.outbox.send(Outbound::Publish { pkid: 0, message, dup: false });
+                Ok(())
+            }
+            _ => {
+                if self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight {
+                    self.send_new(message);
+                    return Ok(());
+                }
+                if self.queue.len() >= limits.max_queued {
+                    return Err(Dropped::QueueFull);
+                }
+                self.queue.push_back(message);
+                Ok(())
+            }
+        }
+    }
+
+    fn send_new(&mut self, message: Message) {
+        let pkid = self.allocate_pkid();
+        if let Some(online) = &self.online {
+            online.outbox.send(Outbound::Publish { pkid, message: message.clone(), dup: false });
+        }
+        self.inflight.push_back(Inflight { pkid, message, state: InflightState::Published });
+    }
+
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.iter().any(|f| f.pkid == pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    /// Moves queued messages into the in-flight window while there is room.
+    pub fn fill_window(&mut self, limits: &SessionLimits) {
+        if self.online.is_none() {
+            return;
+        }
+        while self.inflight.len() < limits.max_inflight {
+            let Some(message) = self.queue.pop_front() else { break };
+            self.send_new(message);
+        }
+    }
+
+    /// On reconnect: resend every unacknowledged PUBLISH with DUP set and every PUBREL,
+    /// in their original order [MQTT-4.4.0-1], then fill the window from the queue.
+    pub fn resume(&mut self, limits: &SessionLimits) {
+        if let Some(online) = &self.online {
+            for f in &self.inflight {
+                let packet = match f.state {
+                    InflightState::Published => Outbound::Publish { pkid: f.pkid, message: f.message.clone(), dup: true },
+                    InflightState::Released => Outbound::PubRel(f.pkid),
+                };
+                online.outbox.send(packet);
+            }
+        }
+        self.fill_window(limits);
+    }
+
+    /// PUBACK from the client: the QoS 1 message is done.
+    pub fn puback(&mut self, pkid: u16, limits: &SessionLimits) {
+        if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce) {
+            self.inflight.remove(i);
+            self.fill_window(limits);
+        }
+    }
+
+    /// PUBREC from the client: answer PUBREL and wait for PUBCOMP.
+    pub fn pubrec(&mut self, pkid: u16) {
+        if let Some(f) = self.inflight.iter_mut().find(|f| f.pkid == pkid && f.message.qos == QoS::ExactlyOnce) {
+            f.state = InflightState::Released;
+            if let Some(online) = &self.online {
+                online.outbox.send(Outbound::PubRel(pkid));
+            }
+        }
+    }
+
+    /// PUBCOMP from the client: the QoS 2 message is done.
+    pub fn pubcomp(&mut self, pkid: u16, limits: &SessionLimits) {
+        if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.state == InflightState::Released) {
+            self.inflight.remove(i);
+            self.fill_window(limits);
+        }
+    }
+
+    /// A QoS 2 PUBLISH arrived with `pkid`: true the first time (route it), false for a
+    /// resend before PUBREL (acknowledge again, do not deliver twice) [MQTT-4.3.3-2].
+    pub fn first_qos2_receipt(&mut self, pkid: u16) -> bool {
+        self.incoming_qos2.insert(pkid)
+    }
+
+    /// PUBREL from the client: the packet id may be reused.
+    pub fn pubrel(&mut self, pkid: u16) {
+        self.incoming_qos2.remove(&pkid);
+    }
+}
+
+/// The per-session bounds, from the broker's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub max_inflight: usize,
+    pub max_queued: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn online(session: &mut Session) -> OutboxReceiver {
+        let (outbox, rx) = Outbox::new();
+        session.online = Some(Online { conn: 1, outbox, will: None });
+        rx
+    }
+
+    fn drain(rx: &mut OutboxReceiver) -> Vec<Outbound> {
+        let mut v = Vec::new();
+        while let Ok(p) = rx.rx.try_recv() {
+            v.push(p);
+        }
+        v
+    }
+
+    fn msg(n: u8, qos: QoS) -> Message {
+        Message::new("t", vec![n], qos, false)
+    }
+
+    #[test]
+    fn window_bounds_inflight_and_acks_release_queue() {
+        let limits = SessionLimits { max_inflight: 2, max_queued: 10 };
+        let mut s = Session::new(false);
+        let mut rx = online(&mut s);
+        for n in 0..5 {
+            s.deliver(msg(n, QoS::AtLeastOnce), &limits).unwrap();
+        }
+        let sent = drain(&mut rx);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(s.queued(), 3);
+        let Outbound::Publish { pkid, .. } = sent[0] else { panic!() };
+        s.puback(pkid, &limits);
+        let sent = drain(&mut rx);
+        assert_eq!(sent.len(), 1);
+        assert!(matches!(&sent[0], Outbound::Publish { message, .. } if message.payload[..] == [2]));
+    }
+
+    #[test]
+    fn offline_queue_is_bounded_and_qos0_not_kept() {
+        let limits = SessionLimits { max_inflight: 2, max_queued: 2 };
+        let mut s = Session::new(false);
+        assert_eq!(s.deliver(msg(0, QoS::AtMostOnce), &limits), Err(Dropped::Qos0Offline));
+        s.deliver(msg(1, QoS::AtLeastOnce), &limits).unwrap();
+        s.deliver(msg(2, QoS::ExactlyOnce), &limits).unwrap();
+        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), &limits), Err(Dropped::QueueFull));
+        let mut rx = online(&mut s);
+        s.resume(&limits);
+        assert_eq!(drain(&mut rx).len(), 2);
+    }
+
+    #[test]
+    fn resume_resends_with_dup_and_pubrel() {
+        let limits = SessionLimits { max_inflight: 10, max_queued: 10 };
+        let mut s = Session::new(false);
+        let mut rx = online(&mut s);
+        s.deliver(msg(1, QoS::AtLeastOnce), &limits).unwrap();
+        s.deliver(msg(2, QoS::ExactlyOnce), &limits).unwrap();
+        let sent = drain(&mut rx);
+        let Outbound::Publish { pkid: p2, .. } = sent[1] else { panic!() };
+        s.pubrec(p2);
+        assert!(matches!(drain(&mut rx)[..], [Outbound::PubRel(p)] if p == p2));
+        s.online = None;
+        let mut rx = online(&mut s);
+        s.resume(&limits);
+        let sent = drain(&mut rx);
+        assert!(matches!(&sent[0], Outbound::Publish { dup: true, .. }));
+        assert!(matches!(sent[1], Outbound::PubRel(p) if p == p2));
+        s.pubcomp(p2, &limits);
+        assert_eq!(s.inflight(), 1);
+    }
+
+    #[test]
+    fn qos2_receipt_is_deduplicated_until_pubrel() {
+        let mut s = Session::new(false);
+        assert!(s.first_qos2_receipt(7));
+        assert!(!s.first_qos2_receipt(7));
+        s.pubrel(7);
+        assert!(s.first_qos2_receipt(7));
+    }
+}

@@ -1,0 +1,258 @@
+//! Topic names, topic filters, and the subscription table.
+//!
+//! The table is a trie over topic levels, so routing a message costs the depth of its topic
+//! rather than the number of subscriptions. `$`-topics (like `$SYS/...`) are never matched
+//! by a filter that starts with a wildcard [MQTT-4.7.2-1].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::message::QoS;
+
+/// A topic a client may publish to: non-empty, no wildcards, no NUL [MQTT-3.3.2-2], [MQTT-4.7.3-1], [MQTT-4.7.3-2].
+pub fn valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// A filter a client may subscribe to [MQTT-4.7.1-2], [MQTT-4.7.1-3], [MQTT-4.7.3-1].
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return false;
+        }
+        if level.contains('+') && *level != "+" {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `filter` matches the topic name `topic` (both assumed valid).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match topic_levels.next() {
+            Some(t) if f == "+" || f == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
+/// The client key the table stores; sessions are keyed by client id.
+pub type ClientKey = Arc<str>;
+
+#[derive(Default)]
+struct Node {
+    children: HashMap<Box<str>, Node>,
+    plus: Option<Box<Node>>,
+    /// Subscribers of `<path>`.
+    exact: HashMap<ClientKey, QoS>,
+    /// Subscribers of `<path>/#` (at the root: `#`).
+    multi: HashMap<ClientKey, QoS>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.plus.is_none() && self.exact.is_empty() && self.multi.is_empty()
+    }
+}
+
+/// Every subscription of every session, for routing.
+#[derive(Default)]
+pub struct SubscriptionTable {
+    root: Node,
+    len: usize,
+}
+
+impl SubscriptionTable {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds or replaces `client`'s subscription to `filter` (a valid filter).
+    pub fn insert(&mut self, filter: &str, client: ClientKey, qos: QoS) {
+        let mut node = &mut self.root;
+        let mut levels = filter.split('/').peekable();
+        while let Some(level) = levels.next() {
+            if level == "#" {
+                if node.multi.insert(client, qos).is_none() {
+                    self.len += 1;
+                }
+                return;
+            }
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Default::default)
+            } else {
+                node.children.entry(level.into()).or_default()
+            };
+            if levels.peek().is_none() {
+                if node.exact.insert(client, qos).is_none() {
+                    self.len += 1;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Removes `client`'s subscription to `filter`; returns whether there was one.
+    pub fn remove(&mut self, filter: &str, client: &str) -> bool {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let removed = Self::remove_at(&mut self.root, &levels, client);
+        if removed {
+            self.len -= 1;
+        }
+        removed
+    }
+
+    fn remove_at(node: &mut Node, levels: &[&str], client: &str) -> bool {
+        let Some((&level, rest)) = levels.split_first() else {
+            return false;
+        };
+        if level == "#" {
+            return node.multi.remove(client).is_some();
+        }
+        let child = if level == "+" {
+            node.plus.as_deref_mut()
+        } else {
+            node.children.get_mut(level)
+        };
+        let Some(child) = child else { return false };
+        let removed = if rest.is_empty() {
+            child.exact.remove(client).is_some()
+        } else {
+            Self::remove_at(child, rest, client)
+        };
+        if removed && child.is_empty() {
+            if level == "+" {
+                node.plus = None;
+            } else {
+                node.children.remove(level);
+            }
+        }
+        removed
+    }
+
+    /// Calls `found` for every subscription matching `topic`. One client may be found more
+    /// than once (overlapping filters); the caller keeps the highest QoS.
+    pub fn for_each_match(&self, topic: &str, mut found: impl FnMut(&ClientKey, QoS)) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = topic.starts_with('$');
+        Self::match_at(&self.root, &levels, dollar, &mut found);
+    }
+
+    fn match_at(node: &Node, levels: &[&str], no_wildcard: bool, found: &mut impl FnMut(&ClientKey, QoS)) {
+        if !no_wildcard {
+            // `a/#` matches `a` and everything below it.
+            for (client, qos) in &node.multi {
+                found(client, *qos);
+            }
+        }
+        let Some((&level, rest)) = levels.split_first() else {
+            for (client, qos) in &node.exact {
+                found(client, *qos);
+            }
+            return;
+        };
+        if let Some(child) = node.children.get(level) {
+            Self::match_at(child, rest, false, found);
+        }
+        if !no_wildcard {
+            if let Some(plus) = &node.plus {
+                Self::match_at(plus, rest, false, found);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(table: &SubscriptionTable, topic: &str) -> Vec<(String, QoS)> {
+        let mut out: HashMap<String, QoS> = HashMap::new();
+        table.for_each_match(topic, |c, q| {
+            let e = out.entry(c.to_string()).or_insert(q);
+            *e = (*e).max(q);
+        });
+        let mut v: Vec<_> = out.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn filters_are_validated() {
+        for ok in ["a", "a/b", "#", "+", "a/+/c", "a/#", "+/+", "/", "a//b", "$SYS/#"] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b#", "a+", "+a/b", "##", "a/\0"] {
+            assert!(!valid_filter(bad), "{bad:?}");
+        }
+        assert!(valid_topic_name("a/b"));
+        for bad in ["", "a/+", "#", "a/b#", "a\0"] {
+            assert!(!valid_topic_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn table_matches_like_filter_matches() {
+        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+/+", "a/b/c", "$SYS/#", "$SYS/+", "+", "/+", "a//b"];
+        let topics = ["a", "a/b", "a/c", "a/b/c", "b", "$SYS/x", "$SYS", "/a", "a//b", "x/b"];
+        let mut table = SubscriptionTable::default();
+        for f in filters {
+            table.insert(f, Arc::from(f), QoS::AtLeastOnce);
+        }
+        assert_eq!(table.len(), filters.len());
+        for t in topics {
+            let got: Vec<String> = matches(&table, t).into_iter().map(|(c, _)| c).collect();
+            let mut want: Vec<String> = filters.iter().filter(|f| filter_matches(f, t)).map(|f| f.to_string()).collect();
+            want.sort();
+            assert_eq!(got, want, "topic {t}");
+        }
+    }
+
+    #[test]
+    fn spec_examples() {
+        assert!(filter_matches("sport/#", "sport"));
+        assert!(filter_matches("sport/tennis/#", "sport/tennis/player1/ranking"));
+        assert!(!filter_matches("sport/+", "sport"));
+        assert!(filter_matches("sport/+", "sport/"));
+        assert!(filter_matches("+/+", "/finance"));
+        assert!(!filter_matches("+", "/finance"));
+        assert!(!filter_matches("#", "$SYS/uptime"));
+        assert!(!filter_matches("+/monitor/Clients", "$SYS/monitor/Clients"));
+        assert!(filter_matches("$SYS/#", "$SYS/monitor/Clients"));
+        assert!(filter_matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
+    }
+
+    #[test]
+    fn overlapping_and_removal() {
+        let mut table = SubscriptionTable::default();
+        let c: ClientKey = Arc::from("c");
+        table.insert("a/#", c.clone(), QoS::AtMostOnce);
+        table.insert("a/b", c.clone(), QoS::AtLeastOnce);
+        table.insert("a/b", c.clone(), QoS::ExactlyOnce);
+        assert_eq!(table.len(), 2);
+        assert_eq!(matches(&table, "a/b"), vec![("c".into(), QoS::ExactlyOnce)]);
+        assert!(table.remove("a/b", "c"));
+        assert!(!table.remove("a/b", "c"));
+        assert_eq!(matches(&table, "a/b"), vec![("c".into(), QoS::AtMostOnce)]);
+        assert!(table.remove("a/#", "c"));
+        assert!(table.is_empty());
+        assert!(table.root.is_empty());
+    }
+}
