@@ -1,0 +1,592 @@
+//! The MQTT 3.1.1 session of one device, as a step function: [`Client::poll`] is called by the
+//! main loop with the current time and never blocks for longer than the transport's own reads
+//! and writes. No executor, no allocator.
+//!
+//! - CONNECT with a will (`sensors/<id>/status` = `offline`, retained, QoS 1); after CONNACK,
+//!   `online` retained on the same topic, then SUBSCRIBE to `sensors/<id>/config` (QoS 1).
+//! - Events go to `sensors/<id>/events` at QoS 1 through a bounded outbox of `N` entries that
+//!   lives across reconnects; after a reconnect every unacknowledged event is sent again with
+//!   DUP set. A full outbox drops its oldest event; the count rides in the next event's `dropped`.
+//! - Keep-alive PINGREQ when idle; a PINGREQ or CONNACK unanswered for `response_timeout_ms`,
+//!   a transport error, end of stream or a protocol violation drops the link, and it is opened
+//!   again after an exponential back-off (`backoff_min_ms` doubling up to `backoff_max_ms`).
+//! - Incoming PUBLISHes on the config topic are handed to the caller; QoS 1/2 are acknowledged.
+
+use crate::event::{Event, MAX_DEVICE_ID, MAX_EVENT_JSON, MAX_SENSOR_NAME};
+use crate::mqtt::{self, Connect, DecodeError, Packet, Will};
+use embedded_io::{Error as _, ErrorKind, Read, ReadReady, Write};
+use heapless::{String, Vec};
+
+/// A byte stream to the broker. `read` is only called after `read_ready` said true, so it
+/// must not block then; `write` may block (briefly) until bytes are accepted.
+pub trait Transport: Read + Write + ReadReady {
+    /// Opens, or opens again, the stream before a CONNECT. A UART does nothing here.
+    fn open(&mut self) -> Result<(), Self::Error>;
+    /// Closes the stream after the client gave up on it.
+    fn close(&mut self) {}
+}
+
+/// Receive buffer: larger incoming packets are skipped.
+pub const RX_BUF: usize = 256;
+const MAX_TOPIC: usize = 8 + MAX_DEVICE_ID + 7;
+/// Transmit buffer: the largest packet the client sends is an event PUBLISH.
+pub const TX_BUF: usize = 5 + 2 + MAX_TOPIC + 2 + MAX_EVENT_JSON;
+
+/// Session timing.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientConfig {
+    pub keep_alive_s: u16,
+    /// How long to wait for CONNACK or PINGRESP before the link is considered dead.
+    pub response_timeout_ms: u32,
+    pub backoff_min_ms: u32,
+    pub backoff_max_ms: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self { keep_alive_s: 30, response_timeout_ms: 5_000, backoff_min_ms: 500, backoff_max_ms: 30_000 }
+    }
+}
+
+/// Counters, for progress output and tests.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Stats {
+    /// Events sent for the first time.
+    pub published: u32,
+    /// Events the broker acknowledged (PUBACK).
+    pub acknowledged: u32,
+    /// Events dropped from a full outbox.
+    pub dropped: u32,
+    /// PUBLISHes sent again with DUP after a reconnect.
+    pub resent: u32,
+    /// CONNACKs accepted.
+    pub connects: u32,
+    /// Links dropped.
+    pub link_losses: u32,
+}
+
+/// The device id or sensor name is empty, too long or not a valid topic level.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct BadIdentity;
+
+/// What `poll` hands to the caller.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Incoming<'a> {
+    /// A message on `sensors/<id>/config` (possibly empty: a cleared retained document).
+    Config(&'a [u8]),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Link {
+    Down { since: u32, wait: u32 },
+    AwaitConnAck { since: u32 },
+    Up,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    pid: u16,
+    ever_sent: bool,
+    sent_on_link: bool,
+    event: Event,
+}
+
+/// The result of a configuration document, reported on the status topic.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ConfigReport {
+    Applied,
+    Rejected(&'static str),
+}
+
+pub struct Client<T: Transport, const N: usize> {
+    t: T,
+    cfg: ClientConfig,
+    id: String<MAX_DEVICE_ID>,
+    sensor: String<MAX_SENSOR_NAME>,
+    boot: u32,
+    status_topic: String<MAX_TOPIC>,
+    config_topic: String<MAX_TOPIC>,
+    events_topic: String<MAX_TOPIC>,
+    link: Link,
+    backoff_ms: u32,
+    outbox: Vec<Slot, N>,
+    dropped_pending: u32,
+    next_pid: u16,
+    sub_pid: Option<u16>,
+    subscribed: bool,
+    report: Option<ConfigReport>,
+    rx: [u8; RX_BUF],
+    rx_len: usize,
+    consume: usize,
+    skip: usize,
+    tx: [u8; TX_BUF],
+    last_tx: u32,
+    last_rx: u32,
+    ping_sent: Option<u32>,
+    jitter: u32,
+    stats: Stats,
+}
+
+fn topic(id: &str, suffix: &str) -> Result<String<MAX_TOPIC>, BadIdentity> {
+    let mut s = String::new();
+    s.push_str("sensors/").map_err(|_| BadIdentity)?;
+    s.push_str(id).map_err(|_| BadIdentity)?;
+    s.push_str(suffix).map_err(|_| BadIdentity)?;
+    Ok(s)
+}
+
+fn valid_level(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+impl<T: Transport, const N: usize> Client<T, N> {
+    /// A client for device `id` (1..=23 of `[A-Za-z0-9._-]`, also the MQTT client id) in boot
+    /// number `boot`, publishing readings of `sensor`.
+    pub fn new(t: T, id: &str, boot: u32, sensor: &str, cfg: ClientConfig) -> Result<Self, BadIdentity> {
+        if !valid_level(id) || !valid_level(sensor) {
+            return Err(BadIdentity);
+        }
+        let jitter = id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193)) ^ boot;
+        Ok(Self {
+            t,
+            cfg,
+            id: String::try_from(id).map_err(|_| BadIdentity)?,
+            sensor: String::try_from(sensor).map_err(|_| BadIdentity)?,
+            boot,
+            status_topic: topic(id, "/status")?,
+            config_topic: topic(id, "/config")?,
+            events_topic: topic(id, "/events")?,
+            link: Link::Down { since: 0, wait: 0 },
+            backoff_ms: cfg.backoff_min_ms,
+            outbox: Vec::new(),
+            dropped_pending: 0,
+            next_pid: 0,
+            sub_pid: None,
+            subscribed: false,
+            report: None,
+            rx: [0; RX_BUF],
+            rx_len: 0,
+            consume: 0,
+            skip: 0,
+            tx: [0; TX_BUF],
+            last_tx: 0,
+            last_rx: 0,
+            ping_sent: None,
+            jitter: jitter | 1,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+    pub fn is_connected(&self) -> bool {
+        self.link == Link::Up
+    }
+    /// The broker granted the config subscription.
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed
+    }
+    /// Events waiting for a PUBACK (sent or not).
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+    pub fn transport(&mut self) -> &mut T {
+        &mut self.t
+    }
+    pub fn device_id(&self) -> &str {
+        &self.id
+    }
+
+    /// Queues an event for QoS 1 delivery. With a full outbox the oldest event is dropped and
+    /// counted; this event carries the count of drops not yet reported.
+    pub fn enqueue(&mut self, mut event: Event) {
+        if self.outbox.is_full() {
+            if !self.outbox.is_empty() {
+                let old = self.outbox.remove(0);
+                self.dropped_pending = self.dropped_pending.saturating_add(old.event.dropped).saturating_add(1);
+                self.stats.dropped = self.stats.dropped.saturating_add(1);
+            } else {
+                // N == 0: nothing can be kept.
+                self.stats.dropped = self.stats.dropped.saturating_add(1);
+                return;
+            }
+        }
+        event.dropped = event.dropped.saturating_add(self.dropped_pending);
+        self.dropped_pending = 0;
+        let pid = self.alloc_pid();
+        // Cannot fail: a slot was freed above.
+        let _ = self.outbox.push(Slot { pid, ever_sent: false, sent_on_link: false, event });
+    }
+
+    /// Reports the fate of a config document on the status topic (QoS 0, not retained, so the
+    /// retained `online`/`offline` stays). Sent by the next `poll` while connected.
+    pub fn report_config(&mut self, r: ConfigReport) {
+        self.report = Some(r);
+    }
+
+    fn alloc_pid(&mut self) -> u16 {
+        loop {
+            self.next_pid = self.next_pid.wrapping_add(1);
+            let p = self.next_pid;
+            if p != 0 && self.sub_pid != Some(p) && !self.outbox.iter().any(|s| s.pid == p) {
+                return p;
+            }
+        }
+    }
+
+    fn link_lost(&mut self, now: u32) {
+        self.t.close();
+        let extra = if self.backoff_ms >= 4 {
+            self.jitter ^= self.jitter << 13;
+            self.jitter ^= self.jitter >> 17;
+            self.jitter ^= self.jitter << 5;
+            self.jitter % (self.backoff_ms / 4)
+        } else {
+            0
+        };
+        self.link = Link::Down { since: now, wait: self.backoff_ms.saturating_add(extra) };
+        self.backoff_ms = self.backoff_ms.saturating_mul(2).min(self.cfg.backoff_max_ms).max(self.cfg.backoff_min_ms);
+        self.stats.link_losses = self.stats.link_losses.saturating_add(1);
+        self.rx_len = 0;
+        self.consume = 0;
+        self.skip = 0;
+        self.ping_sent = None;
+        self.sub_pid = None;
+        self.subscribed = false;
+        for s in self.outbox.iter_mut() {
+            s.sent_on_link = false;
+        }
+    }
+
+    /// Writes `tx[..n]`; on failure the link is dropped and false returned.
+    fn send(&mut self, n: usize, now: u32) -> bool {
+        let mut at = 0;
+        while at < n {
+            match self.t.write(&self.tx[at..n]) {
+                Ok(0) | Err(_) => {
+                    self.link_lost(now);
+                    return false;
+                }
+                Ok(k) => at += k,
+            }
+        }
+        if self.t.flush().is_err() {
+            self.link_lost(now);
+            return false;
+        }
+        self.last_tx = now;
+        true
+    }
+
+    /// Encodes with `f` into the tx buffer and sends; an encode error skips the packet.
+    fn send_with(&mut self, now: u32, f: impl FnOnce(&mut [u8]) -> Result<usize, mqtt::EncodeError>) -> bool {
+        match f(&mut self.tx) {
+            Ok(n) => self.send(n, now),
+            Err(_) => true,
+        }
+    }
+
+    /// One step: connection management, sending what is due, reading what has arrived.
+    /// Returns a config message when one arrived; call again soon after (the main loop's pace).
+    pub fn poll(&mut self, now: u32) -> Option<Incoming<'_>> {
+        if self.consume > 0 {
+            self.rx.copy_within(self.consume..self.rx_len, 0);
+            self.rx_len -= self.consume;
+            self.consume = 0;
+        }
+        match self.link {
+            Link::Down { since, wait } => {
+                if now.wrapping_sub(since) < wait {
+                    return None;
+                }
+                self.connect(now);
+            }
+            Link::AwaitConnAck { since } => {
+                if now.wrapping_sub(since) >= self.cfg.response_timeout_ms {
+                    self.link_lost(now);
+                    return None;
+                }
+            }
+            Link::Up => {
+                if !self.service(now) {
+                    return None;
+                }
+            }
+        }
+        self.receive(now)
+    }
+
+    fn connect(&mut self, now: u32) {
+        if self.t.open().is_err() {
+            self.link_lost(now);
+            return;
+        }
+        let c = Connect {
+            client_id: &self.id,
+            keep_alive_s: self.cfg.keep_alive_s,
+            clean_session: true,
+            will: Some(Will { topic: &self.status_topic, payload: b"offline", qos: 1, retain: true }),
+            username: None,
+            password: None,
+        };
+        let r = mqtt::encode_connect(&mut self.tx, &c);
+        self.rx_len = 0;
+        self.skip = 0;
+        self.link = Link::AwaitConnAck { since: now };
+        if let Ok(n) = r {
+            self.send(n, now);
+        }
+    }
+
+    /// Connected: keep-alive, pending report, unsent events. False when the link was lost.
+    fn service(&mut self, now: u32) -> bool {
+        let keep_alive_ms = self.cfg.keep_alive_s as u32 * 1000;
+        match self.ping_sent {
+            Some(t) if now.wrapping_sub(t) >= self.cfg.response_timeout_ms => {
+                self.link_lost(now);
+                return false;
+            }
+            Some(_) => {}
+            None => {
+                let idle = keep_alive_ms > 0 && now.wrapping_sub(self.last_tx) >= keep_alive_ms / 2;
+                let waiting = self.outbox.iter().any(|s| s.sent_on_link)
+                    && now.wrapping_sub(self.last_rx) >= self.cfg.response_timeout_ms;
+                if idle || waiting {
+                    if !self.send_with(now, mqtt::encode_pingreq) {
+                        return false;
+                    }
+                    self.ping_sent = Some(now);
+                }
+            }
+        }
+        if let Some(r) = self.report.take() {
+            let mut p: Vec<u8, 96> = Vec::new();
+            let parts: [&[u8]; 3] = match r {
+                ConfigReport::Applied => [b"{\"config\":\"applied\"}", b"", b""],
+                ConfigReport::Rejected(why) => [b"{\"config\":\"rejected\",\"reason\":\"", why.as_bytes(), b"\"}"],
+            };
+            for part in parts {
+                let _ = p.extend_from_slice(part);
+            }
+            let topic = self.status_topic.clone();
+            if !self.send_with(now, |b| mqtt::encode_publish(b, &topic, &p, 0, false, false, 0)) {
+                return false;
+            }
+        }
+        for i in 0..self.outbox.len() {
+            let Some(s) = self.outbox.get(i).copied() else { break };
+            if s.sent_on_link {
+                continue;
+            }
+            let mut json = [0u8; MAX_EVENT_JSON];
+            let Ok(len) = s.event.to_json(&self.id, self.boot, &self.sensor, &mut json) else { continue };
+            let topic = &self.events_topic;
+            let Ok(n) = mqtt::encode_publish(&mut self.tx, topic, &json[..len], 1, false, s.ever_sent, s.pid) else {
+                continue;
+            };
+            if !self.send(n, now) {
+                return false;
+            }
+            if let Some(slot) = self.outbox.get_mut(i) {
+                slot.sent_on_link = true;
+                slot.ever_sent = true;
+            }
+            if s.ever_sent {
+                self.stats.resent = self.stats.resent.saturating_add(1);
+            } else {
+                self.stats.published = self.stats.published.saturating_add(1);
+            }
+        }
+        true
+    }
+
+    /// Reads what is available and handles complete packets.
+    fn receive(&mut self, now: u32) -> Option<Incoming<'_>> {
+        if matches!(self.link, Link::Down { .. }) {
+            return None;
+        }
+        while self.rx_len < RX_BUF {
+            match self.t.read_ready() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    self.link_lost(now);
+                    return None;
+                }
+            }
+            match self.t.read(&mut self.rx[self.rx_len..]) {
+                Ok(0) => {
+                    self.link_lost(now);
+                    return None;
+                }
+                Ok(k) => self.rx_len += k.min(RX_BUF - self.rx_len),
+                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted) => break,
+                Err(_) => {
+                    self.link_lost(now);
+                    return None;
+                }
+            }
+        }
+        let mut at = 0;
+        let mut found: Option<(usize, usize)> = None; // payload range of a config message
+        while at < self.rx_len {
+            if self.skip > 0 {
+                let k = self.skip.min(self.rx_len - at);
+                self.skip -= k;
+                at += k;
+                continue;
+            }
+            let buf = &self.rx[at..self.rx_len];
+            let header = match mqtt::decode_header(buf) {
+                Ok(h) => h,
+                Err(DecodeError::Incomplete) => break,
+                Err(_) => {
+                    self.link_lost(now);
+                    return None;
+                }
+            };
+            if header.total() > RX_BUF {
+                // Too large for this device: acknowledge nothing, skip it.
+                self.skip = header.total();
+                self.last_rx = now;
+                continue;
+            }
+            let (packet, used) = match mqtt::decode(buf) {
+                Ok(x) => x,
+                Err(DecodeError::Incomplete) => break,
+                Err(_) => {
+                    self.link_lost(now);
+                    return None;
+                }
+            };
+            self.last_rx = now;
+            at += used;
+            // Copy out what is needed so the packet's borrow of `rx` ends here.
+            let owned = match packet {
+                Packet::ConnAck { code, .. } => Owned::ConnAck(code),
+                Packet::PubAck { pid } => Owned::PubAck(pid),
+                Packet::SubAck { pid, codes } => Owned::SubAck(pid, codes.first().copied().unwrap_or(0x80)),
+                Packet::PingResp => Owned::PingResp,
+                Packet::PubRel { pid } => Owned::PubRel(pid),
+                Packet::Publish(p) => Owned::Publish {
+                    qos: p.qos,
+                    pid: p.pid,
+                    config: p.topic == self.config_topic.as_str(),
+                    // The payload ends the packet.
+                    payload: (at - p.payload.len(), at),
+                },
+                Packet::PubRec { .. } | Packet::PubComp { .. } | Packet::UnsubAck { .. } => Owned::Ignored,
+            };
+            match self.handle(owned, now) {
+                Handled::Continue => {}
+                Handled::LinkLost => return None,
+                Handled::Config(range) => {
+                    found = Some(range);
+                    break;
+                }
+            }
+        }
+        // Bytes up to `at` are done; they are removed at the next poll (the config payload
+        // returned below borrows them until then).
+        self.consume = at;
+        let (a, b) = found?;
+        Some(Incoming::Config(&self.rx[a..b]))
+    }
+
+    fn handle(&mut self, packet: Owned, now: u32) -> Handled {
+        let connected = self.link == Link::Up;
+        match packet {
+            Owned::ConnAck(code) if !connected => {
+                if code != 0 {
+                    self.link_lost(now);
+                    return Handled::LinkLost;
+                }
+                self.link = Link::Up;
+                self.backoff_ms = self.cfg.backoff_min_ms;
+                self.stats.connects = self.stats.connects.saturating_add(1);
+                self.ping_sent = None;
+                let status = self.status_topic.clone();
+                if !self.send_with(now, |b| mqtt::encode_publish(b, &status, b"online", 0, true, false, 0)) {
+                    return Handled::LinkLost;
+                }
+                let pid = self.alloc_pid();
+                self.sub_pid = Some(pid);
+                let filter = self.config_topic.clone();
+                if !self.send_with(now, |b| mqtt::encode_subscribe(b, pid, &filter, 1)) {
+                    return Handled::LinkLost;
+                }
+                // Unacknowledged events go out again (with DUP) at the next poll.
+                Handled::Continue
+            }
+            _ if !connected => {
+                // Anything before CONNACK violates the protocol.
+                self.link_lost(now);
+                Handled::LinkLost
+            }
+            Owned::ConnAck(_) => {
+                // A second CONNACK violates the protocol.
+                self.link_lost(now);
+                Handled::LinkLost
+            }
+            Owned::PubAck(pid) => {
+                if let Some(i) = self.outbox.iter().position(|s| s.pid == pid && s.sent_on_link) {
+                    self.outbox.remove(i);
+                    self.stats.acknowledged = self.stats.acknowledged.saturating_add(1);
+                }
+                Handled::Continue
+            }
+            Owned::SubAck(pid, code) => {
+                if self.sub_pid == Some(pid) {
+                    self.sub_pid = None;
+                    self.subscribed = code != 0x80;
+                }
+                Handled::Continue
+            }
+            Owned::PingResp => {
+                self.ping_sent = None;
+                Handled::Continue
+            }
+            Owned::PubRel(pid) => {
+                if self.send_with(now, |b| mqtt::encode_pubcomp(b, pid)) {
+                    Handled::Continue
+                } else {
+                    Handled::LinkLost
+                }
+            }
+            Owned::Publish { qos, pid, config, payload } => {
+                let ok = match (qos, pid) {
+                    (1, Some(pid)) => self.send_with(now, |b| mqtt::encode_puback(b, pid)),
+                    (2, Some(pid)) => self.send_with(now, |b| mqtt::encode_pubrec(b, pid)),
+                    _ => true,
+                };
+                if !ok {
+                    Handled::LinkLost
+                } else if config {
+                    Handled::Config(payload)
+                } else {
+                    Handled::Continue
+                }
+            }
+            // PUBREC, PUBCOMP and UNSUBACK answer nothing this client sends: ignore.
+            Owned::Ignored => Handled::Continue,
+        }
+    }
+}
+
+enum Owned {
+    ConnAck(u8),
+    PubAck(u16),
+    SubAck(u16, u8),
+    PingResp,
+    PubRel(u16),
+    Publish { qos: u8, pid: Option<u16>, config: bool, payload: (usize, usize) },
+    Ignored,
+}
+
+enum Handled {
+    Continue,
+    LinkLost,
+    /// Payload range in `rx`.
+    Config((usize, usize)),
+}
