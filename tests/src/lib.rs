@@ -5,6 +5,8 @@
 //! (`target/<profile>/waystation`), or `$WAYSTATION_BIN`. Every wait here is bounded; every
 //! process is killed when its guard drops, also when a test panics.
 
+pub mod raw;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
