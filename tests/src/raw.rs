@@ -325,6 +325,9 @@ pub enum RecvError {
 pub struct RawClient {
     pub stream: TcpStream,
     buf: Vec<u8>,
+    /// Packets read while waiting for another one (e.g. PUBLISHes interleaved with a
+    /// PUBREL); `recv` returns them first, in order.
+    pending: std::collections::VecDeque<Pkt>,
 }
 
 impl RawClient {
@@ -333,7 +336,11 @@ impl RawClient {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         stream.set_nodelay(true).ok();
-        RawClient { stream, buf: Vec::new() }
+        RawClient {
+            stream,
+            buf: Vec::new(),
+            pending: Default::default(),
+        }
     }
 
     /// Connects, sends `connect` and returns the CONNACK's (session_present, code).
@@ -373,6 +380,9 @@ impl RawClient {
 
     /// Reads one packet within `timeout`.
     pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Pkt, RecvError> {
+        if let Some(p) = self.pending.pop_front() {
+            return Ok(p);
+        }
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(p) = self.try_frame() {
@@ -564,14 +574,34 @@ impl RawClient {
             2 => {
                 let pid = p.pid.unwrap();
                 self.send(&pubrec(pid));
-                match self.recv() {
-                    Pkt::PubRel(x) => assert_eq!(x, pid, "PUBREL packet id"),
-                    other => panic!("expected PUBREL({pid}), got {other:?}"),
-                }
+                self.await_pubrel(pid);
                 self.send(&pubcomp(pid));
             }
             q => panic!("qos {q}"),
         }
+    }
+
+    /// Waits for PUBREL(pid); other packets arriving meanwhile are kept for `recv`.
+    pub fn await_pubrel(&mut self, pid: u16) {
+        if let Some(i) = self.pending.iter().position(|p| *p == Pkt::PubRel(pid)) {
+            self.pending.remove(i);
+            return;
+        }
+        let deadline = Instant::now() + RECV_TIMEOUT;
+        let mut held = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Read from the wire only: `pending` holds what earlier waits set aside.
+            let pending = std::mem::take(&mut self.pending);
+            let got = self.recv_timeout(left);
+            self.pending = pending;
+            match got {
+                Ok(Pkt::PubRel(x)) if x == pid => break,
+                Ok(other) => held.push(other),
+                Err(e) => panic!("expected PUBREL({pid}) within {RECV_TIMEOUT:?}: {e:?} (meanwhile {held:?})"),
+            }
+        }
+        self.pending.extend(held);
     }
 
     /// Sends DISCONNECT and waits for the broker to close the socket [MQTT-3.14.4-1].
@@ -598,8 +628,10 @@ impl MosquittoSub {
     pub fn start(port: u16, args: &[&str]) -> MosquittoSub {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-d", "-v", "-h", "127.0.0.1", "-p", &port.to_string()])
+        // stdbuf -oL: mosquitto_sub's stdout is a pipe here, so without it stdio would hold
+        // the SUBACK debug line (and messages) in a buffer until exit.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-d", "-v", "-h", "127.0.0.1", "-p", &port.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
