@@ -1,1 +1,2 @@
 //! Waystation broker.
+pub mod store;
