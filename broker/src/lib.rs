@@ -16,6 +16,7 @@ mod router;
 mod server;
 mod session;
 mod stats;
+pub mod store;
 pub mod topic;
 mod v4;
 

@@ -225,6 +225,23 @@ impl<T: Transport, const N: usize> Client<T, N> {
         self.report = Some(r);
     }
 
+    /// A clean goodbye: `offline` retained on the status topic, DISCONNECT (so the broker
+    /// discards the will), close. Unacknowledged events stay in the outbox.
+    pub fn disconnect(&mut self, now: u32) {
+        if self.link == Link::Up {
+            let status = self.status_topic.clone();
+            if self.send_with(now, |b| mqtt::encode_publish(b, &status, b"offline", 0, true, false, 0))
+                && self.send_with(now, mqtt::encode_disconnect)
+            {
+                self.t.close();
+            }
+        }
+        self.link = Link::Down { since: now, wait: 0 };
+        for s in self.outbox.iter_mut() {
+            s.sent_on_link = false;
+        }
+    }
+
     fn alloc_pid(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);

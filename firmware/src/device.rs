@@ -46,6 +46,7 @@ pub struct Device<S: Sensor, T: Transport, const N: usize> {
     sample_period_ms: u32,
     next_sample: Option<u32>,
     sensor_errors: u32,
+    sampling: bool,
 }
 
 impl<S: Sensor, T: Transport, const N: usize> Device<S, T, N> {
@@ -61,6 +62,7 @@ impl<S: Sensor, T: Transport, const N: usize> Device<S, T, N> {
             sample_period_ms: cfg.sample_period_ms.max(1),
             next_sample: None,
             sensor_errors: 0,
+            sampling: true,
         })
     }
 
@@ -81,10 +83,15 @@ impl<S: Sensor, T: Transport, const N: usize> Device<S, T, N> {
         self.sensor_errors
     }
 
+    /// Stops (or resumes) sampling; the client keeps running, e.g. to drain the outbox.
+    pub fn set_sampling(&mut self, on: bool) {
+        self.sampling = on;
+    }
+
     /// Takes a sample when one is due, then runs the client.
     pub fn poll(&mut self, now: u32) -> Activity {
         let mut act = Activity::default();
-        let due = match self.next_sample {
+        let due = self.sampling && match self.next_sample {
             None => true,
             Some(t) => (now.wrapping_sub(t) as i32) >= 0,
         };

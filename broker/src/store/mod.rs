@@ -1,0 +1,754 @@
+//! # The durable store: Waystation's log and metadata on disk
+//!
+//! Everything that must outlive the process goes through this module: the ordered message
+//! log (what bridges forward upstream and what offline sessions are owed), retained messages,
+//! persistent sessions and small metadata (bridge cursors). It is the only code that knows the
+//! storage engine (sled 0.34.7), so another engine can be measured beside it later by
+//! re-implementing this API against the same contract.
+//!
+//! ## Model
+//!
+//! - The **log** maps a [`Seq`] to an opaque record (normally a [`record::StoredMessage`]).
+//!   Seqs are assigned by [`Store::submit`] in submission order, strictly increasing and never
+//!   reused, not even after the tail was deleted and the store reopened: the next seq is kept as
+//!   a high-water mark written in the same atomic batch as the appends it covers, and at open the
+//!   counter restarts at `max(last live seq + 1, high-water mark)`. (sled's `generate_id` is not
+//!   used: it jumps by millions across reopens and can repeat an id after an abrupt exit.)
+//!   Seqs may have gaps (seqs handed out to a batch that never became durable are skipped).
+//! - Four **keyspaces** ([`Keyspace`]) hold key/value pairs for the router.
+//! - All of it lives in **one sled tree**, each key prefixed by one byte naming its keyspace
+//!   (`L` + 8-byte big-endian seq for the log). This is deliberate: sled recovers an
+//!   `apply_batch` atomically *per tree*, so with a single tree one group commit is one atomic
+//!   batch. A bridge can move its cursor and delete the log entries behind it, or the router can
+//!   append a message and queue it for a session, in one `submit`, and a crash leaves either all
+//!   or none of it.
+//!
+//! ## Group commit
+//!
+//! [`Store::submit`] only validates, assigns a [`Ticket`] and seqs, and queues the operations
+//! on a channel; it never waits for the disk. One writer thread blocks for the first queued
+//! submission, then drains whatever else is already queued (up to `max_batch_ops` operations)
+//! without waiting on any timer: a lone message is committed at once, and under load the
+//! submissions that arrive while one sync runs form the next batch. For each batch it builds one
+//! `sled::Batch`, applies it, calls `Db::flush()`, `sync_data()` on any new blob files, then
+//! `sync_data()` on `<dir>/db`, and only then publishes the batch's highest ticket as
+//! [`Durability::durable_through`]. Within a batch operations take effect in submission order
+//! (a later op on the same key wins).
+//!
+//! ## Durability contract
+//!
+//! - **Durable** means: sled's `flush()` returned *and* `fdatasync` on `<dir>/db` returned.
+//!   `flush()` alone uses `sync_file_range`, which flushes neither the device cache nor file
+//!   metadata (sled #1452, #1351), so it is not power-loss safe. sled writes values too large
+//!   for a log segment (and page rewrites of nodes holding several large values) to separate
+//!   blob files that it never syncs; the writer syncs every blob file it has not synced yet, and
+//!   the `blobs/` directory, before the ack. Records are capped at [`MAX_VALUE_BYTES`].
+//!   `flush_async` is never called (it deadlocks when called concurrently: sled #1308, #1241).
+//! - **An ack**: a ticket `t` with `durable_through >= t` was on disk in the sense above.
+//!   Every operation of every submission with a ticket `<= durable_through` survives a crash
+//!   (SIGKILL or power loss on a device that honours flushes).
+//! - **Never lost**: anything acknowledged. A failed commit (I/O error, disk full) never drops
+//!   the batch and never advances `durable_through`: the writer sets [`Durability::error`],
+//!   backs off (100 ms doubling to 1 s), reopens the engine (sled makes any write error sticky
+//!   until reopened) and applies the same batch again. When it succeeds the error is cleared.
+//! - **May be lost**: submissions not yet acknowledged when the process dies. Their effects are
+//!   all-or-nothing per batch. Their seqs are not reused.
+//! - **May be duplicated / re-applied**: a batch that failed (e.g. flush error) may already be
+//!   on disk when it is retried; every operation is therefore idempotent (put of a fixed value,
+//!   remove, append at a seq fixed at submit time), so applying it twice equals applying it
+//!   once. At a higher level, a consumer that deletes log entries after forwarding them may
+//!   forward an entry again after a crash (at least once).
+//! - **Crash mid-batch**: sled recovers a tree to a prefix of its batches, each batch whole.
+//!   Since everything is in one tree, there is no cross-keyspace tearing. (Were the keyspaces
+//!   separate trees, a crash could keep one tree's half of a group commit and lose the other's;
+//!   callers would then have to write the log entry before the metadata that points to it.)
+//! - **Reads** ([`Store::read_log`], [`Store::get`], [`Store::scan`]) see what the writer has
+//!   applied, which can include the batch being synced right now, i.e. not yet durable. A
+//!   bridge may forward such an entry upstream before it is durable; if the process then dies,
+//!   the entry was never acked to its publisher, so this is at worst a duplicate, never a loss.
+//! - **Counters** ([`Store::log_stats`]): `len` and `bytes` count log entries and the sum of
+//!   their record lengths, maintained by the writer for durable batches and rebuilt by a full
+//!   scan at open. They never use file sizes (sled's files are 2-2.5x the live data and do not
+//!   shrink while open).
+//! - **Corruption at open**: if sled fails to open with a corruption error (or panics), the
+//!   scan at open finds an entry this module did not write, or the db file holds data but the
+//!   marker key written at creation is missing (sled opens a garbage file as an *empty*
+//!   database, silently), the directory is moved aside to
+//!   `<dir>.corrupt-<UTC timestamp>`, an error is logged, an empty store is opened, and
+//!   [`Recovery::moved_aside`] says where the old data went. Plain I/O errors at open (a lock
+//!   held by another process, permissions, disk full) are returned as errors instead: moving a
+//!   healthy store aside would lose it.
+//!   Limits: sled treats damage in the *tail* of its log like a torn write at a crash and
+//!   recovers the prefix before it without an error; such a loss cannot be told apart from a
+//!   crash and is not detected here. A crash between creating the db file and syncing the
+//!   marker (the first milliseconds of a new store) makes the next open move the (empty) store
+//!   aside: a spurious alert, no data lost.
+//! - **Backpressure**: the submit queue is unbounded; callers bound it by waiting for acks
+//!   (publishers' in-flight windows). While the disk is full, nothing is acked.
+
+pub mod record;
+mod writer;
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Log position: strictly increasing, never reused. The first seq of a new store is 1.
+pub type Seq = u64;
+/// Group-commit ticket: strictly increasing per [`Store::submit`]. The first ticket is 1.
+pub type Ticket = u64;
+
+/// Largest value (log record or keyspace value) accepted by [`Store::submit`]. sled moves
+/// larger log messages to blob files; keeping records well below a segment's inline limit
+/// (128 KiB with the default 512 KiB segments) keeps single values inline.
+pub const MAX_VALUE_BYTES: usize = 120 * 1024;
+/// Largest key accepted in a keyspace.
+pub const MAX_KEY_BYTES: usize = 4 * 1024;
+
+const TREE_NAME: &[u8] = b"waystation.v1";
+const PREFIX_LOG: u8 = b'L';
+const PREFIX_INTERNAL: u8 = b'_';
+const KEY_NEXT_SEQ: &[u8] = b"_next_seq";
+/// Written (and synced) when a store is created. sled opens a database file full of garbage as
+/// an empty database without any error, so "the db file had data but the marker is gone" is
+/// how such corruption is detected.
+const KEY_MARKER: &[u8] = b"_waystation_store";
+const MARKER_VALUE: &[u8] = b"1";
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// sled directory. Moved aside to `<dir>.corrupt-<timestamp>` if corrupt.
+    pub dir: PathBuf,
+    /// sled page cache. sled's own default is 1 GiB; ours is 16 MiB.
+    pub cache_capacity_bytes: u64,
+    /// Most operations in one group commit (a single submission larger than this is still
+    /// committed whole).
+    pub max_batch_ops: usize,
+}
+
+impl StoreConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig { dir: dir.into(), cache_capacity_bytes: 16 * 1024 * 1024, max_batch_ops: 1024 }
+    }
+}
+
+/// What [`Store::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Set when the store was corrupt and moved here; the store opened empty.
+    pub moved_aside: Option<PathBuf>,
+    pub log_len: u64,
+    pub log_bytes: u64,
+    pub first_seq: Option<Seq>,
+    pub last_seq: Option<Seq>,
+}
+
+/// Progress of the group commit, published on [`Store::durability`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Durability {
+    /// Every submission with a ticket `<=` this is durable.
+    pub durable_through: Ticket,
+    /// Set while the last commit attempt failed (e.g. disk full); cleared by the next success.
+    pub error: Option<String>,
+    /// Successful group commits since open.
+    pub commits: u64,
+    /// Operations in the last successful group commit.
+    pub last_batch_ops: usize,
+}
+
+/// Log counters for durable state (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub len: u64,
+    /// Sum of record lengths (logical bytes), never a file size.
+    pub bytes: u64,
+    pub first_seq: Option<Seq>,
+    pub last_seq: Option<Seq>,
+    /// `received_at_ms` of the oldest entry, if it is a [`record::StoredMessage`].
+    pub oldest_received_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Keyspace {
+    Meta,
+    Retained,
+    Sessions,
+    SessionQueue,
+}
+
+impl Keyspace {
+    fn prefix(self) -> u8 {
+        match self {
+            Keyspace::Meta => b'm',
+            Keyspace::Retained => b'r',
+            Keyspace::Sessions => b's',
+            Keyspace::SessionQueue => b'q',
+        }
+    }
+    fn key(self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(1 + key.len());
+        k.push(self.prefix());
+        k.extend_from_slice(key);
+        k
+    }
+    const ALL: [Keyspace; 4] = [Keyspace::Meta, Keyspace::Retained, Keyspace::Sessions, Keyspace::SessionQueue];
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Append a record to the log; its seq is returned by `submit`.
+    Append(Bytes),
+    /// Delete one log entry (no-op if absent).
+    DeleteLog(Seq),
+    /// Delete every log entry with seq `<=` this (including ones appended earlier in the same
+    /// group commit).
+    DeleteLogThrough(Seq),
+    Put { space: Keyspace, key: Vec<u8>, value: Vec<u8> },
+    Remove { space: Keyspace, key: Vec<u8> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage engine: {0}")]
+    Engine(#[from] sled::Error),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("value of {len} bytes is larger than the store accepts ({max} bytes)")]
+    ValueTooLarge { len: usize, max: usize },
+    #[error("key of {len} bytes is larger than the store accepts ({max} bytes)")]
+    KeyTooLarge { len: usize, max: usize },
+    #[error("store is shut down")]
+    Closed,
+    #[error("store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+    #[error("timed out waiting for ticket {0} to become durable")]
+    Timeout(Ticket),
+    #[error("{0} submitted operations were never made durable: {1}")]
+    NotDurable(usize, String),
+}
+
+/// An operation as the writer sees it: seqs resolved.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    Append(Seq, Bytes),
+    DeleteLog(Seq),
+    DeleteLogThrough(Seq),
+    Put(Vec<u8>, Vec<u8>),
+    Remove(Vec<u8>),
+}
+
+pub(crate) struct Submission {
+    ticket: Ticket,
+    ops: Vec<WriteOp>,
+}
+
+/// The open sled database and the file we fsync.
+pub(crate) struct Engine {
+    db: sled::Db,
+    tree: sled::Tree,
+    db_file: File,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    len: u64,
+    bytes: u64,
+    first_seq: Option<Seq>,
+    last_seq: Option<Seq>,
+}
+
+pub(crate) struct Shared {
+    cfg: StoreConfig,
+    /// `None` only while the writer reopens sled after a failed commit.
+    engine: RwLock<Option<Arc<Engine>>>,
+    counters: Mutex<Counters>,
+    durable: Mutex<(Ticket, Option<String>)>,
+    durable_cv: Condvar,
+    watch_tx: watch::Sender<Durability>,
+    closing: AtomicBool,
+    /// Set by the writer if it exits with operations it could not commit.
+    writer_failure: Mutex<Option<String>>,
+    /// Test hook: the next N commit attempts fail as if the disk were full.
+    #[cfg(test)]
+    fail_commits: std::sync::atomic::AtomicU32,
+}
+
+struct SubmitState {
+    next_seq: Seq,
+    next_ticket: Ticket,
+    tx: Option<mpsc::Sender<Submission>>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    submit: Mutex<SubmitState>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Handle to the store: cheap to clone, `Send + Sync`. The writer thread stops when
+/// [`Store::shutdown`] is called or the last handle is dropped, after committing what was queued.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl Store {
+    /// Opens or creates the store at `cfg.dir`. A corrupt store is moved aside (see the module
+    /// docs) and reported in [`Recovery::moved_aside`].
+    pub fn open(cfg: StoreConfig) -> Result<(Store, Recovery), StoreError> {
+        let started = Instant::now();
+        if let Some(parent) = cfg.dir.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|source| StoreError::Io { what: "creating", path: parent.to_path_buf(), source })?;
+            }
+        }
+        let mut moved_aside = None;
+        let (engine, scan) = match open_and_scan(&cfg) {
+            Ok(v) => v,
+            Err(OpenFailure::Fatal(e)) => return Err(e),
+            Err(OpenFailure::Corrupt(reason)) => {
+                let aside = move_aside(&cfg.dir)?;
+                error!(dir = %cfg.dir.display(), moved_to = %aside.display(), %reason,
+                    "store is corrupt: moved it aside and starting with an empty store");
+                moved_aside = Some(aside);
+                match open_and_scan(&cfg) {
+                    Ok(v) => v,
+                    Err(OpenFailure::Fatal(e)) => return Err(e),
+                    Err(OpenFailure::Corrupt(r)) => {
+                        return Err(StoreError::Corrupt(format!("fresh store is corrupt too: {r}")))
+                    }
+                }
+            }
+        };
+        let recovery = Recovery {
+            moved_aside,
+            log_len: scan.counters.len,
+            log_bytes: scan.counters.bytes,
+            first_seq: scan.counters.first_seq,
+            last_seq: scan.counters.last_seq,
+        };
+        info!(dir = %cfg.dir.display(), entries = recovery.log_len, bytes = recovery.log_bytes,
+            first_seq = ?recovery.first_seq, last_seq = ?recovery.last_seq, next_seq = scan.next_seq,
+            elapsed_ms = started.elapsed().as_millis() as u64, "store opened");
+
+        let (watch_tx, _) = watch::channel(Durability::default());
+        let shared = Arc::new(Shared {
+            cfg: cfg.clone(),
+            engine: RwLock::new(Some(Arc::new(engine))),
+            counters: Mutex::new(scan.counters),
+            durable: Mutex::new((0, None)),
+            durable_cv: Condvar::new(),
+            watch_tx,
+            closing: AtomicBool::new(false),
+            writer_failure: Mutex::new(None),
+            #[cfg(test)]
+            fail_commits: std::sync::atomic::AtomicU32::new(0),
+        });
+        let (tx, rx) = mpsc::channel();
+        let writer_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer::run(writer_shared, rx))
+            .map_err(|source| StoreError::Io { what: "spawning the writer thread for", path: cfg.dir.clone(), source })?;
+        let inner = Inner {
+            shared,
+            submit: Mutex::new(SubmitState { next_seq: scan.next_seq, next_ticket: 1, tx: Some(tx) }),
+            writer: Mutex::new(Some(handle)),
+        };
+        Ok((Store { inner: Arc::new(inner) }, recovery))
+    }
+
+    /// Queues operations for the next group commit and returns at once. Log appends get their
+    /// seqs here, in submission order (one per [`Op::Append`], in order). Rejects the whole
+    /// submission if a value or key is too large.
+    pub fn submit(&self, ops: Vec<Op>) -> Result<(Ticket, Vec<Seq>), StoreError> {
+        for op in &ops {
+            match op {
+                Op::Append(v) => check_value(v.len())?,
+                Op::Put { key, value, .. } => {
+                    check_key(key.len())?;
+                    check_value(value.len())?;
+                }
+                Op::Remove { key, .. } => check_key(key.len())?,
+                Op::DeleteLog(_) | Op::DeleteLogThrough(_) => {}
+            }
+        }
+        let mut st = lock(&self.inner.submit);
+        let tx = st.tx.as_ref().ok_or(StoreError::Closed)?.clone();
+        let ticket = st.next_ticket;
+        let mut seq = st.next_seq;
+        let mut seqs = Vec::new();
+        let write_ops = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Append(v) => {
+                    seqs.push(seq);
+                    seq += 1;
+                    WriteOp::Append(seq - 1, v)
+                }
+                Op::DeleteLog(s) => WriteOp::DeleteLog(s),
+                Op::DeleteLogThrough(s) => WriteOp::DeleteLogThrough(s),
+                Op::Put { space, key, value } => WriteOp::Put(space.key(&key), value),
+                Op::Remove { space, key } => WriteOp::Remove(space.key(&key)),
+            })
+            .collect();
+        // Sent under the lock so that channel order == ticket order == seq order.
+        tx.send(Submission { ticket, ops: write_ops }).map_err(|_| StoreError::Closed)?;
+        st.next_ticket += 1;
+        st.next_seq = seq;
+        Ok((ticket, seqs))
+    }
+
+    /// Progress of the group commit.
+    pub fn durability(&self) -> watch::Receiver<Durability> {
+        self.inner.shared.watch_tx.subscribe()
+    }
+
+    /// Blocks until `ticket` is durable (for callers outside an async runtime).
+    pub fn wait_durable(&self, ticket: Ticket, timeout: Duration) -> Result<(), StoreError> {
+        let shared = &self.inner.shared;
+        let deadline = Instant::now() + timeout;
+        let mut d = lock(&shared.durable);
+        while d.0 < ticket {
+            if let Some(f) = lock(&shared.writer_failure).as_ref() {
+                return Err(StoreError::Unavailable(f.clone()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::Timeout(ticket));
+            }
+            d = shared.durable_cv.wait_timeout(d, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+        Ok(())
+    }
+
+    /// Log entries with seq `>= from`, ascending, at most `max`.
+    pub fn read_log(&self, from: Seq, max: usize) -> Result<Vec<(Seq, Bytes)>, StoreError> {
+        let engine = self.inner.shared.engine()?;
+        let mut out = Vec::with_capacity(max.min(1024));
+        for item in engine.tree.range(log_key(from)..=log_key(Seq::MAX)) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = item?;
+            let seq = parse_log_key(&k).ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
+            out.push((seq, Bytes::copy_from_slice(&v)));
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let engine = self.inner.shared.engine()?;
+        Ok(engine.tree.get(space.key(key))?.map(|v| v.to_vec()))
+    }
+
+    /// Every key/value pair in `space` whose key starts with `prefix`, in key order. Keys are
+    /// returned without the internal keyspace prefix.
+    pub fn scan(&self, space: Keyspace, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let engine = self.inner.shared.engine()?;
+        let mut out = Vec::new();
+        for item in engine.tree.scan_prefix(space.key(prefix)) {
+            let (k, v) = item?;
+            out.push((k[1..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Log counters for the durable state.
+    pub fn log_stats(&self) -> LogStats {
+        let c = lock(&self.inner.shared.counters);
+        let mut stats =
+            LogStats { len: c.len, bytes: c.bytes, first_seq: c.first_seq, last_seq: c.last_seq, oldest_received_at_ms: None };
+        drop(c);
+        if let (Some(first), Ok(engine)) = (stats.first_seq, self.inner.shared.engine()) {
+            if let Ok(Some(v)) = engine.tree.get(log_key(first)) {
+                stats.oldest_received_at_ms = record::peek_received_at_ms(&v);
+            }
+        }
+        stats
+    }
+
+    /// Commits everything queued, then stops the writer thread. Later `submit`s on any clone
+    /// fail with [`StoreError::Closed`]. Returns an error if some queued operations could not
+    /// be made durable (e.g. the disk stayed full); those were never acknowledged.
+    pub fn shutdown(&self) -> Result<(), StoreError> {
+        self.inner.close()
+    }
+}
+
+impl Inner {
+    fn close(&self) -> Result<(), StoreError> {
+        // Dropping the only sender ends the writer's loop once it has drained the channel.
+        lock(&self.submit).tx = None;
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let handle = lock(&self.writer).take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                return Err(StoreError::Unavailable("the store writer thread panicked".into()));
+            }
+        }
+        match lock(&self.shared.writer_failure).clone() {
+            Some(f) => Err(StoreError::Unavailable(f)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            error!(error = %e, "store closed with errors");
+        }
+    }
+}
+
+impl Shared {
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        read_lock(&self.engine)
+            .clone()
+            .ok_or_else(|| StoreError::Unavailable("the storage engine is being reopened after a write error".into()))
+    }
+}
+
+fn check_value(len: usize) -> Result<(), StoreError> {
+    if len > MAX_VALUE_BYTES {
+        return Err(StoreError::ValueTooLarge { len, max: MAX_VALUE_BYTES });
+    }
+    Ok(())
+}
+
+fn check_key(len: usize) -> Result<(), StoreError> {
+    if len > MAX_KEY_BYTES {
+        return Err(StoreError::KeyTooLarge { len, max: MAX_KEY_BYTES });
+    }
+    Ok(())
+}
+
+pub(crate) fn log_key(seq: Seq) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = PREFIX_LOG;
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+pub(crate) fn parse_log_key(k: &[u8]) -> Option<Seq> {
+    if k.len() != 9 || k[0] != PREFIX_LOG {
+        return None;
+    }
+    Some(u64::from_be_bytes(k[1..].try_into().ok()?))
+}
+
+/// Poison-tolerant lock: a panicking reader must not take the store down with it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+enum OpenFailure {
+    /// Move the directory aside and start empty.
+    Corrupt(String),
+    /// Return to the caller; the data may be fine.
+    Fatal(StoreError),
+}
+
+struct Scan {
+    counters: Counters,
+    next_seq: Seq,
+    has_marker: bool,
+}
+
+impl Engine {
+    /// Opens sled at `cfg.dir`. Errors are sled's or I/O on the db file.
+    pub(crate) fn open(cfg: &StoreConfig) -> Result<Engine, StoreError> {
+        let db = sled::Config::new()
+            .path(&cfg.dir)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            // Every write is driven (and flushed) by our writer thread; no background flusher
+            // whose errors would surface elsewhere.
+            .flush_every_ms(None)
+            .open()?;
+        let tree = db.open_tree(TREE_NAME)?;
+        let db_path = cfg.dir.join("db");
+        let db_file =
+            File::open(&db_path).map_err(|source| StoreError::Io { what: "opening", path: db_path.clone(), source })?;
+        Ok(Engine { db, tree, db_file })
+    }
+
+    /// `flush()` + sync of new blob files + `fdatasync(<dir>/db)`.
+    pub(crate) fn make_durable(&self, dir: &Path, synced_blobs: &mut HashSet<std::ffi::OsString>) -> Result<(), StoreError> {
+        self.db.flush()?;
+        sync_blobs(dir, synced_blobs)?;
+        self.db_file
+            .sync_data()
+            .map_err(|source| StoreError::Io { what: "syncing", path: dir.join("db"), source })
+    }
+}
+
+/// sled writes large page images to `<dir>/blobs/<lsn>` and never syncs them.
+fn sync_blobs(dir: &Path, synced: &mut HashSet<std::ffi::OsString>) -> Result<(), StoreError> {
+    let blobs = dir.join("blobs");
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io { what, path, source }
+    }
+    let rd = match std::fs::read_dir(&blobs) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("listing", &blobs)(e)),
+    };
+    let mut present = HashSet::new();
+    let mut new = false;
+    for entry in rd {
+        let entry = entry.map_err(io("listing", &blobs))?;
+        let name = entry.file_name();
+        if !synced.contains(&name) {
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f.sync_data().map_err(io("syncing", &path))?,
+                // sled removed it meanwhile (superseded).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("opening", &path)(e)),
+            }
+            new = true;
+        }
+        present.insert(name);
+    }
+    if new {
+        File::open(&blobs).and_then(|d| d.sync_all()).map_err(io("syncing", &blobs))?;
+    }
+    *synced = present;
+    Ok(())
+}
+
+fn open_and_scan(cfg: &StoreConfig) -> Result<(Engine, Scan), OpenFailure> {
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(Engine, Scan), OpenFailure> {
+        let db_path = cfg.dir.join("db");
+        let existed = std::fs::metadata(&db_path).map(|m| m.len() > 0).unwrap_or(false);
+        let engine = Engine::open(cfg).map_err(|e| match e {
+            StoreError::Engine(sled::Error::Corruption { .. })
+            | StoreError::Engine(sled::Error::ReportableBug(_))
+            | StoreError::Engine(sled::Error::Unsupported(_)) => OpenFailure::Corrupt(e.to_string()),
+            StoreError::Engine(sled::Error::Io(ref io)) if io.kind() == std::io::ErrorKind::InvalidData => {
+                OpenFailure::Corrupt(e.to_string())
+            }
+            other => OpenFailure::Fatal(other),
+        })?;
+        let scan = scan_all(&engine.tree).map_err(OpenFailure::Corrupt)?;
+        if !scan.has_marker {
+            if existed {
+                return Err(OpenFailure::Corrupt(
+                    "the database file holds data but sled recovered no Waystation store from it".into(),
+                ));
+            }
+            engine.tree.insert(KEY_MARKER, MARKER_VALUE).map_err(|e| OpenFailure::Fatal(e.into()))?;
+            engine.make_durable(&cfg.dir, &mut HashSet::new()).map_err(OpenFailure::Fatal)?;
+        }
+        Ok((engine, scan))
+    }));
+    let (engine, scan) = match result {
+        Ok(r) => r?,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            return Err(OpenFailure::Corrupt(format!("sled panicked while opening: {msg}")));
+        }
+    };
+    // Make the directory entries of a freshly created store durable.
+    for d in [Some(cfg.dir.as_path()), cfg.dir.parent()].into_iter().flatten() {
+        if d.as_os_str().is_empty() {
+            continue;
+        }
+        if let Err(e) = File::open(d).and_then(|f| f.sync_all()) {
+            warn!(dir = %d.display(), error = %e, "could not sync directory");
+        }
+    }
+    Ok((engine, scan))
+}
+
+/// Rebuilds the counters and checks that every key is one this module writes.
+fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
+    let mut c = Counters::default();
+    let mut hwm: Seq = 1;
+    let mut has_marker = false;
+    for item in tree.iter() {
+        let (k, v) = item.map_err(|e| format!("reading the store: {e}"))?;
+        match k.first() {
+            Some(&PREFIX_LOG) => {
+                let seq = parse_log_key(&k).ok_or_else(|| format!("log key of {} bytes", k.len()))?;
+                c.len += 1;
+                c.bytes += v.len() as u64;
+                c.first_seq.get_or_insert(seq);
+                c.last_seq = Some(seq);
+            }
+            Some(&PREFIX_INTERNAL) if &k[..] == KEY_NEXT_SEQ => {
+                let raw: [u8; 8] = v[..].try_into().map_err(|_| format!("next_seq value of {} bytes", v.len()))?;
+                hwm = hwm.max(u64::from_be_bytes(raw));
+            }
+            Some(&PREFIX_INTERNAL) if &k[..] == KEY_MARKER => has_marker = true,
+            Some(p) if Keyspace::ALL.iter().any(|s| s.prefix() == *p) => {}
+            _ => return Err(format!("unknown key {:?}", &k[..k.len().min(16)])),
+        }
+    }
+    let next_seq = hwm.max(c.last_seq.map_or(1, |s| s + 1));
+    Ok(Scan { counters: c, next_seq, has_marker })
+}
+
+/// Renames `dir` to `<dir>.corrupt-<UTC timestamp>` (with a numeric suffix if taken).
+fn move_aside(dir: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = utc_stamp(SystemTime::now());
+    let base = format!("{}.corrupt-{stamp}", dir.display());
+    let mut target = PathBuf::from(&base);
+    let mut n = 1;
+    while target.exists() {
+        target = PathBuf::from(format!("{base}-{n}"));
+        n += 1;
+    }
+    std::fs::rename(dir, &target).map_err(|source| StoreError::Io { what: "moving aside", path: dir.to_path_buf(), source })?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let _ = File::open(parent).and_then(|f| f.sync_all());
+    }
+    Ok(target)
+}
+
+/// `YYYYMMDDTHHMMSSZ`.
+fn utc_stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests;

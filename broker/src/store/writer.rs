@@ -1,0 +1,249 @@
+//! The group-commit writer thread (see the module docs of `store`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, warn};
+
+use super::{
+    lock, log_key, parse_log_key, write_lock, Engine, Seq, Shared, StoreError, Submission, Ticket, WriteOp,
+    KEY_NEXT_SEQ,
+};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// While shutting down, failed attempts after which the writer gives up on a batch that was
+/// never acknowledged (instead of blocking shutdown forever on a full disk).
+const SHUTDOWN_ATTEMPTS: u32 = 3;
+
+/// A group commit ready to apply: idempotent, so it can be applied again after a failure.
+struct Built {
+    batch: sled::Batch,
+    through: Ticket,
+    ops: usize,
+    d_len: i64,
+    d_bytes: i64,
+    touched_log: bool,
+}
+
+pub(super) fn run(shared: Arc<Shared>, rx: Receiver<Submission>) {
+    let max_ops = shared.cfg.max_batch_ops.max(1);
+    let mut synced_blobs: HashSet<OsString> = HashSet::new();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // recv() fails only once every sender is gone and the channel is drained.
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            let mut n = group[0].ops.len();
+            while n < max_ops {
+                match rx.try_recv() {
+                    Ok(s) => {
+                        n += s.ops.len();
+                        group.push(s);
+                    }
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            if let Err(reason) = commit(&shared, &group, &mut synced_blobs) {
+                // Only while shutting down: count what is left and stop.
+                let mut lost: usize = group.iter().map(|s| s.ops.len()).sum();
+                while let Ok(s) = rx.try_recv() {
+                    lost += s.ops.len();
+                }
+                error!(ops = lost, %reason, "store writer stopping with operations that never became durable (none was acknowledged)");
+                *lock(&shared.writer_failure) = Some(StoreError::NotDurable(lost, reason).to_string());
+                shared.durable_cv.notify_all();
+                return;
+            }
+        }
+    }));
+    if result.is_err() {
+        let msg = "the store writer thread panicked; nothing more will become durable".to_string();
+        error!("{msg}");
+        *lock(&shared.writer_failure) = Some(msg.clone());
+        shared.watch_tx.send_modify(|d| d.error = Some(msg));
+        shared.durable_cv.notify_all();
+    }
+}
+
+/// Commits one group, retrying until it succeeds. Returns `Err` only when shutting down.
+fn commit(shared: &Shared, group: &[Submission], synced_blobs: &mut HashSet<OsString>) -> Result<(), String> {
+    let mut backoff = BACKOFF_START;
+    let mut failures: u32 = 0;
+    let mut built: Option<Built> = None;
+    loop {
+        let attempt = shared.engine().and_then(|engine| {
+            if built.is_none() {
+                built = Some(build(&engine, group)?);
+            }
+            let b = built.as_ref().expect("built above");
+            engine.tree.apply_batch(b.batch.clone())?;
+            #[cfg(test)]
+            if shared
+                .fail_commits
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::Io {
+                    what: "injected failure syncing",
+                    path: shared.cfg.dir.join("db"),
+                    source: std::io::Error::from_raw_os_error(28), // ENOSPC
+                });
+            }
+            engine.make_durable(&shared.cfg.dir, synced_blobs)?;
+            Ok(engine)
+        });
+        match attempt {
+            Ok(engine) => {
+                let b = built.take().expect("built before a successful apply");
+                publish(shared, &engine, &b, failures);
+                return Ok(());
+            }
+            Err(e) => {
+                failures += 1;
+                let msg = e.to_string();
+                error!(error = %msg, attempt = failures, retry_in_ms = backoff.as_millis() as u64,
+                    "store commit failed; nothing in this batch is acknowledged, retrying");
+                shared.watch_tx.send_modify(|d| d.error = Some(msg.clone()));
+                lock(&shared.durable).1 = Some(msg.clone());
+                if shared.closing.load(Ordering::SeqCst) && failures >= SHUTDOWN_ATTEMPTS {
+                    return Err(msg);
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                // sled keeps an I/O error sticky until the database is reopened.
+                if let Err(e) = reopen(shared) {
+                    warn!(error = %e, "reopening the store after a failed commit failed; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// Turns a group into one sled batch; reads the current state only to size deletions.
+fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
+    let mut batch = sled::Batch::default();
+    // Log entries appended (Some(len)) or deleted (None) earlier in this group.
+    let mut overlay: BTreeMap<Seq, Option<u64>> = BTreeMap::new();
+    let (mut d_len, mut d_bytes, mut ops, mut touched_log) = (0i64, 0i64, 0usize, false);
+    let mut max_appended: Option<Seq> = None;
+    let current_len = |seq: Seq, overlay: &BTreeMap<Seq, Option<u64>>| -> Result<Option<u64>, StoreError> {
+        match overlay.get(&seq) {
+            Some(v) => Ok(*v),
+            None => Ok(engine.tree.get(log_key(seq))?.map(|v| v.len() as u64)),
+        }
+    };
+    for sub in group {
+        for op in &sub.ops {
+            ops += 1;
+            match op {
+                WriteOp::Append(seq, v) => {
+                    batch.insert(&log_key(*seq)[..], &v[..]);
+                    overlay.insert(*seq, Some(v.len() as u64));
+                    d_len += 1;
+                    d_bytes += v.len() as i64;
+                    max_appended = Some(*seq);
+                    touched_log = true;
+                }
+                WriteOp::DeleteLog(seq) => {
+                    if let Some(len) = current_len(*seq, &overlay)? {
+                        batch.remove(&log_key(*seq)[..]);
+                        overlay.insert(*seq, None);
+                        d_len -= 1;
+                        d_bytes -= len as i64;
+                        touched_log = true;
+                    }
+                }
+                WriteOp::DeleteLogThrough(through) => {
+                    let mut doomed: Vec<(Seq, u64)> = Vec::new();
+                    for item in engine.tree.range(log_key(0)..=log_key(*through)) {
+                        let (k, v) = item?;
+                        let seq = parse_log_key(&k)
+                            .ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
+                        if !overlay.contains_key(&seq) {
+                            doomed.push((seq, v.len() as u64));
+                        }
+                    }
+                    doomed.extend(overlay.range(..=*through).filter_map(|(s, l)| l.map(|l| (*s, l))));
+                    for (seq, len) in doomed {
+                        batch.remove(&log_key(seq)[..]);
+                        overlay.insert(seq, None);
+                        d_len -= 1;
+                        d_bytes -= len as i64;
+                        touched_log = true;
+                    }
+                }
+                WriteOp::Put(k, v) => batch.insert(&k[..], &v[..]),
+                WriteOp::Remove(k) => batch.remove(&k[..]),
+            }
+        }
+    }
+    if let Some(max) = max_appended {
+        // High-water mark in the same atomic batch: seqs are never reused, even if the tail
+        // is deleted later.
+        batch.insert(KEY_NEXT_SEQ, &(max + 1).to_be_bytes()[..]);
+    }
+    let through = group.last().map_or(0, |s| s.ticket);
+    Ok(Built { batch, through, ops, d_len, d_bytes, touched_log })
+}
+
+fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
+    if b.touched_log {
+        let first = engine.tree.range(log_key(0)..=log_key(Seq::MAX)).next();
+        let last = engine.tree.range(log_key(0)..=log_key(Seq::MAX)).next_back();
+        let seq_of = |item: Option<sled::Result<(sled::IVec, sled::IVec)>>| {
+            item.and_then(|r| r.ok()).and_then(|(k, _)| parse_log_key(&k))
+        };
+        let mut c = lock(&shared.counters);
+        c.len = (c.len as i64 + b.d_len).max(0) as u64;
+        c.bytes = (c.bytes as i64 + b.d_bytes).max(0) as u64;
+        c.first_seq = seq_of(first);
+        c.last_seq = seq_of(last);
+    }
+    if failures > 0 {
+        info!(after_failures = failures, "store commit succeeded again; acknowledgements resume");
+    }
+    // Watch first: whoever wakes from `wait_durable` sees the watch already updated.
+    shared.watch_tx.send_modify(|d| {
+        d.durable_through = b.through;
+        d.error = None;
+        d.commits += 1;
+        d.last_batch_ops = b.ops;
+    });
+    {
+        let mut d = lock(&shared.durable);
+        d.0 = b.through;
+        d.1 = None;
+    }
+    shared.durable_cv.notify_all();
+}
+
+/// Drops the engine (waiting for readers to let go of it) and opens it again.
+fn reopen(shared: &Shared) -> Result<(), StoreError> {
+    let mut slot = write_lock(&shared.engine);
+    if let Some(mut engine) = slot.take() {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Arc::try_unwrap(engine) {
+                Ok(e) => {
+                    drop(e);
+                    break;
+                }
+                Err(still_shared) if Instant::now() < deadline => {
+                    engine = still_shared;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(still_shared) => {
+                    *slot = Some(still_shared);
+                    return Err(StoreError::Unavailable("readers still hold the old engine".into()));
+                }
+            }
+        }
+    }
+    let engine = Engine::open(&shared.cfg)?;
+    *slot = Some(Arc::new(engine));
+    Ok(())
+}
