@@ -343,6 +343,16 @@ impl RawClient {
         }
     }
 
+    /// Wraps an already connected stream.
+    pub fn tcp_from(stream: TcpStream) -> RawClient {
+        stream.set_nodelay(true).ok();
+        RawClient {
+            stream,
+            buf: Vec::new(),
+            pending: Default::default(),
+        }
+    }
+
     /// Connects, sends `connect` and returns the CONNACK's (session_present, code).
     pub fn connect_with(addr: SocketAddr, connect: &Connect) -> (RawClient, bool, u8) {
         let mut c = RawClient::tcp(addr);
