@@ -37,6 +37,9 @@ pub struct ConnectionContext {
     pub router: mpsc::Sender<RouterCmd>,
     pub stats: Arc<Stats>,
     pub shutdown: watch::Receiver<bool>,
+    /// True while the store cannot take more (reject_new, disk failing): publishers are
+    /// not read from, so their unacknowledged messages stay with them.
+    pub ingest_paused: watch::Receiver<bool>,
 }
 
 /// Why the reader stopped.
@@ -176,6 +179,8 @@ async fn read_loop(
     keep_alive_limit: Option<Duration>,
 ) -> End {
     let far_future = Duration::from_secs(86400 * 365);
+    let mut ingest_paused = ctx.ingest_paused.clone();
+    let mut has_published = false;
     loop {
         // Handle every whole packet already buffered before reading again.
         loop {
@@ -188,6 +193,7 @@ async fn read_loop(
                     return End::Abrupt(e.to_string());
                 }
             };
+            has_published |= matches!(packet, Inbound::Publish(_));
             match dispatch(packet, conn, client_id, ctx, outbox).await {
                 Ok(true) => {}
                 Ok(false) => return End::Graceful,
@@ -196,6 +202,12 @@ async fn read_loop(
                     warn!(client_id, reason, "protocol violation: closing connection");
                     return End::Abrupt(reason.to_string());
                 }
+            }
+        }
+        if has_published && *ingest_paused.borrow() {
+            debug!(client_id, "store full or failing: not reading from this publisher");
+            if ingest_paused.wait_for(|paused| !*paused).await.is_err() {
+                return End::Abrupt("broker stopping".into());
             }
         }
         if buf.capacity() - buf.len() < 1024 {

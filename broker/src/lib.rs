@@ -9,9 +9,14 @@
 //!   accepted PUBLISH goes through its `accept_publish`.
 //! - `session`: one client's state: subscriptions, in-flight window, queue, QoS 2 ids.
 //! - `topic`: topic/filter rules and the subscription trie. `message`: the neutral types.
+//! - `store`: the durable log and keyspaces on sled, with group commit (the durability
+//!   contract is documented there). `persist`: how sessions and retained messages are laid
+//!   out in it. `bridge`: forwarding the log upstream and commands back.
 
+pub mod bridge;
 mod connection;
 pub mod message;
+mod persist;
 mod router;
 mod server;
 mod session;
@@ -21,8 +26,10 @@ pub mod topic;
 mod v4;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+pub use bridge::{BridgeConfig, BridgeStatus};
 pub use server::Broker;
 pub use stats::Stats;
 
@@ -55,12 +62,54 @@ impl Default for Limits {
 
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
+    /// Used in bridge client ids (`<gateway_id>-<bridge name>`).
+    pub gateway_id: String,
     pub listeners: Vec<SocketAddr>,
     pub limits: Limits,
+    /// Where the durable store lives. `None`: nothing is written to disk (tests, and a
+    /// broker with no bridges that needs no persistence).
+    pub data_dir: Option<PathBuf>,
+    pub storage: StorageLimits,
+    pub bridges: Vec<BridgeConfig>,
+}
+
+/// What to do when the log holds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Drop the oldest unforwarded messages (counted and logged) to make room.
+    DropOldest,
+    /// Stop reading from publishers until bridges make room: nothing acknowledged is lost.
+    RejectNew,
+}
+
+/// `[storage]`: bounds of the durable log.
+#[derive(Debug, Clone)]
+pub struct StorageLimits {
+    /// Logical bytes of log records (counted by the store itself, never the file size).
+    pub max_bytes: u64,
+    /// Unforwarded messages older than this are dropped; `None` keeps them forever.
+    pub max_age: Option<Duration>,
+    pub on_full: OnFull,
+    /// sled's page cache.
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageLimits {
+    fn default() -> Self {
+        StorageLimits {
+            max_bytes: 1 << 30,
+            max_age: None,
+            on_full: OnFull::RejectNew,
+            cache_bytes: 16 << 20,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: PathBuf, source: store::StoreError },
 }

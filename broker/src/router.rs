@@ -1,24 +1,41 @@
 //! The router: the one task that owns every session, the subscription table and the
 //! retained messages, and decides where each accepted PUBLISH goes.
 //!
-//! Connections talk to it only by message passing (`RouterCmd` in, `Outbound` out through
-//! each connection's `Outbox`), so no connection ever takes a lock on the hot path and
-//! the order of events is the order of the router's queue. Acknowledgements to publishers
-//! (PUBACK/PUBREC) are sent from `accept_publish`, the single place where a message is
-//! "accepted": today as soon as it is routed; with the durable log, once it is on disk.
+//! Connections (and bridges) talk to it only by message passing (`RouterCmd` in,
+//! `Outbound` out through each connection's `Outbox`), so no connection ever takes a lock
+//! on the hot path and the order of events is the order of the router's queue.
+//!
+//! The acknowledgement contract lives here. `accept_publish` is the single place a
+//! message is accepted: it collects what must be written (a log append when a bridge
+//! forwards the topic, a queue entry for each persistent session it is owed to, the
+//! retained store) into the current burst's batch. At the end of each burst of commands
+//! the batch is submitted to the store as one group-commit ticket, and every PUBACK/PUBREC
+//! of that burst waits in `pending_acks` until the store reports the ticket durable. Acks
+//! are released strictly in the order the PUBLISHes arrived [MQTT-4.6.0-2], also those that
+//! needed no write. With no store (tests), acks go out at the end of the burst.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, warn};
 
+use crate::bridge::{unix_ms, BridgeConfig};
 use crate::message::{ConnectOutcome, ConnectRequest, Message, Outbound, QoS, SubscribeFilter};
+use crate::persist::{self, Restored};
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
+use crate::store::record::StoredMessage;
+use crate::store::{Durability, Keyspace, Op, Store, Ticket};
 use crate::topic::{filter_matches, ClientKey, SubscriptionTable};
+use crate::{OnFull, StorageLimits};
 
-/// Commands from connections to the router.
+/// Commands handled per wake-up before the batch is submitted (bounds ack latency).
+const MAX_BURST: usize = 1024;
+
+/// Commands from connections and bridges to the router.
 #[derive(Debug)]
 pub enum RouterCmd {
     Connect { conn: ConnId, request: ConnectRequest, outbox: OutboxHandle },
@@ -31,6 +48,9 @@ pub enum RouterCmd {
     Unsubscribe { conn: ConnId, pkid: u16, filters: Vec<String> },
     /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
     Disconnected { conn: ConnId, graceful: bool },
+    /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
+    /// fires once it is accepted, durably where it had to be written.
+    Inject { message: Message, origin_bridge: Option<usize>, accepted: Option<oneshot::Sender<()>> },
 }
 
 /// `Outbox` wrapped so that `RouterCmd` can derive Debug.
@@ -40,6 +60,33 @@ impl std::fmt::Debug for OutboxHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Outbox")
     }
+}
+
+/// Someone waiting for a message to be accepted.
+enum AckTarget {
+    Client(Outbox, Outbound),
+    Internal(oneshot::Sender<()>),
+}
+
+impl AckTarget {
+    fn release(self) {
+        match self {
+            AckTarget::Client(outbox, packet) => outbox.send(packet),
+            AckTarget::Internal(tx) => {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// The router's durable side: present when the broker has a data directory.
+pub struct Durable {
+    pub store: Store,
+    pub bridges: Vec<BridgeConfig>,
+    pub storage: StorageLimits,
+    /// True while publishers must not be read from (store full with reject_new, or the
+    /// disk failing): their own QoS 1 retries keep the data meanwhile.
+    pub ingest_paused: watch::Sender<bool>,
 }
 
 pub struct Router {
@@ -52,10 +99,20 @@ pub struct Router {
     stats: Arc<Stats>,
     /// Reused per message: client -> highest granted QoS among its matching filters.
     matched: HashMap<ClientKey, QoS>,
+    durable: Option<Durable>,
+    /// Writes and acks of the burst being handled.
+    batch_ops: Vec<Op>,
+    batch_acks: Vec<AckTarget>,
+    /// Acks waiting for their ticket to be durable, in arrival order.
+    pending_acks: VecDeque<(Ticket, AckTarget)>,
+    durable_through: Ticket,
+    next_queue_id: u64,
+    storage_error: Option<String>,
+    storage_full: bool,
 }
 
 impl Router {
-    pub fn new(limits: SessionLimits, stats: Arc<Stats>) -> Router {
+    pub fn new(limits: SessionLimits, stats: Arc<Stats>, durable: Option<Durable>) -> Router {
         Router {
             sessions: HashMap::new(),
             connections: HashMap::new(),
@@ -64,14 +121,57 @@ impl Router {
             limits,
             stats,
             matched: HashMap::new(),
+            durable,
+            batch_ops: Vec::new(),
+            batch_acks: Vec::new(),
+            pending_acks: VecDeque::new(),
+            durable_through: 0,
+            next_queue_id: 1,
+            storage_error: None,
+            storage_full: false,
         }
     }
 
-    /// Runs until every sender of `commands` is gone.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<RouterCmd>) {
-        while let Some(cmd) = commands.recv().await {
-            self.handle(cmd);
+    /// Loads persistent sessions, their queues and the retained messages read at start-up.
+    pub fn restore(&mut self, restored: Restored) {
+        for (client, saved) in restored.sessions {
+            let mut session = Session::new(false);
+            for (filter, qos) in &saved.subscriptions {
+                self.subscriptions.insert(filter, client.clone(), *qos);
+            }
+            session.subscriptions = saved.subscriptions;
+            for (id, message) in saved.queue {
+                session.restore_queued(message, id);
+            }
+            self.sessions.insert(client, session);
         }
+        self.retained = restored.retained;
+        self.next_queue_id = restored.next_queue_id;
+    }
+
+    /// Runs until every sender of `commands` is gone, then submits what is left.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<RouterCmd>) {
+        let mut durability = self.durable.as_ref().map(|d| d.store.durability());
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(200));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    self.handle(cmd);
+                    for _ in 1..MAX_BURST {
+                        match commands.try_recv() {
+                            Ok(cmd) => self.handle(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                    self.end_burst();
+                }
+                Some(state) = durable_changed(&mut durability) => self.on_durable(state),
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        }
+        self.end_burst();
         debug!("router stopped");
     }
 
@@ -81,23 +181,27 @@ impl Router {
             RouterCmd::Publish { conn, pkid, message } => self.publish(conn, pkid, message),
             RouterCmd::PubAck { conn, pkid } => {
                 let limits = self.limits;
-                if let Some(s) = self.session_of(conn) {
-                    s.puback(pkid, &limits);
+                if let Some((client, s)) = self.session_of(conn) {
+                    if let Some(id) = s.puback(pkid, &limits) {
+                        self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+                    }
                 }
             }
             RouterCmd::PubRec { conn, pkid } => {
-                if let Some(s) = self.session_of(conn) {
+                if let Some((_, s)) = self.session_of(conn) {
                     s.pubrec(pkid);
                 }
             }
             RouterCmd::PubComp { conn, pkid } => {
                 let limits = self.limits;
-                if let Some(s) = self.session_of(conn) {
-                    s.pubcomp(pkid, &limits);
+                if let Some((client, s)) = self.session_of(conn) {
+                    if let Some(id) = s.pubcomp(pkid, &limits) {
+                        self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+                    }
                 }
             }
             RouterCmd::PubRel { conn, pkid } => {
-                if let Some(s) = self.session_of(conn) {
+                if let Some((_, s)) = self.session_of(conn) {
                     s.pubrel(pkid);
                     if let Some(online) = &s.online {
                         // PUBCOMP even for an unknown id, so the client can free it [MQTT-4.3.3-2].
@@ -108,15 +212,22 @@ impl Router {
             RouterCmd::Subscribe { conn, pkid, filters } => self.subscribe(conn, pkid, filters),
             RouterCmd::Unsubscribe { conn, pkid, filters } => self.unsubscribe(conn, pkid, filters),
             RouterCmd::Disconnected { conn, graceful } => self.disconnected(conn, graceful),
+            RouterCmd::Inject { message, origin_bridge, accepted } => {
+                self.stats.message_received(message.qos, message.payload.len());
+                self.accept_publish(message, "", origin_bridge);
+                if let Some(tx) = accepted {
+                    self.batch_acks.push(AckTarget::Internal(tx));
+                }
+            }
         }
     }
 
     /// The session of a live connection; `None` for a connection that was taken over.
-    fn session_of(&mut self, conn: ConnId) -> Option<&mut Session> {
+    fn session_of(&mut self, conn: ConnId) -> Option<(ClientKey, &mut Session)> {
         let client = self.connections.get(&conn)?;
         let session = self.sessions.get_mut(client)?;
         match &session.online {
-            Some(online) if online.conn == conn => Some(session),
+            Some(online) if online.conn == conn => Some((client.clone(), session)),
             _ => None,
         }
     }
@@ -134,9 +245,8 @@ impl Router {
             old.will
         });
         if let Some(will) = previous_will {
-            self.route(will);
+            self.accept_publish(will, &client, None);
         }
-
         // A clean session ends with its connection [MQTT-3.1.2-6], also a taken-over one.
         if self.sessions.get(&client).is_some_and(|s| s.clean) {
             self.discard_session(&client);
@@ -149,10 +259,11 @@ impl Router {
             Some(_) => true,
             None => false,
         };
-        let session = self
-            .sessions
-            .entry(client.clone())
-            .or_insert_with(|| Session::new(request.clean_session));
+        if !request.clean_session && !session_present {
+            // Written now so that "session present" is true after a restart too.
+            self.save_session_record(&client, &std::collections::HashMap::new());
+        }
+        let session = self.sessions.entry(client.clone()).or_insert_with(|| Session::new(request.clean_session));
         session.clean = request.clean_session;
         outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted { session_present }));
         session.online = Some(Online { conn, outbox, will: request.will });
@@ -161,11 +272,26 @@ impl Router {
         self.stats.connection_opened();
     }
 
+    fn save_session_record(&mut self, client: &str, subscriptions: &HashMap<String, QoS>) {
+        if self.durable.is_some() {
+            self.batch_ops.push(Op::Put {
+                space: Keyspace::Sessions,
+                key: client.as_bytes().to_vec(),
+                value: persist::encode_subscriptions(subscriptions),
+            });
+        }
+    }
+
     fn discard_session(&mut self, client: &ClientKey) {
-        if let Some(session) = self.sessions.remove(client) {
-            for filter in session.subscriptions.keys() {
-                self.subscriptions.remove(filter, client);
+        let Some(session) = self.sessions.remove(client) else { return };
+        for filter in session.subscriptions.keys() {
+            self.subscriptions.remove(filter, client);
+        }
+        if !session.clean && self.durable.is_some() {
+            for id in session.stored_ids() {
+                self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(client, id) });
             }
+            self.batch_ops.push(Op::Remove { space: Keyspace::Sessions, key: client.as_bytes().to_vec() });
         }
     }
 
@@ -182,42 +308,62 @@ impl Router {
                 return;
             }
         };
-        let clean = session.clean;
-        if clean {
+        if session.clean {
             self.discard_session(&client);
         }
         if !graceful {
             if let Some(will) = will {
                 debug!(client_id = %client, topic = %will.topic, "publishing will");
-                self.route(will);
+                self.accept_publish(will, &client, None);
             }
         }
     }
 
     fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
         self.stats.message_received(message.qos, message.payload.len());
-        let Some(session) = self.session_of(conn) else { return };
-        let outbox = session.online.as_ref().map(|o| o.outbox.clone());
-        if message.qos == QoS::ExactlyOnce && !session.first_qos2_receipt(pkid) {
-            // A resend of a QoS 2 message routed already: acknowledge, do not deliver again.
-            if let Some(outbox) = outbox {
-                outbox.send(Outbound::PubRec(pkid));
-            }
-            return;
-        }
+        let Some((client, session)) = self.session_of(conn) else { return };
+        let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else { return };
         let qos = message.qos;
-        self.accept_publish(message);
-        if let Some(outbox) = outbox {
-            match qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => outbox.send(Outbound::PubAck(pkid)),
-                QoS::ExactlyOnce => outbox.send(Outbound::PubRec(pkid)),
-            }
+        // A resend of a QoS 2 message routed already is acknowledged, not delivered again.
+        let first_receipt = qos != QoS::ExactlyOnce || session.first_qos2_receipt(pkid);
+        if first_receipt {
+            self.accept_publish(message, &client, None);
+        }
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
+            QoS::ExactlyOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
         }
     }
 
-    /// The one place every accepted PUBLISH (and every will) goes through.
-    fn accept_publish(&mut self, message: Message) {
+    /// The one place every accepted PUBLISH (client's, will, or bridge's) goes through:
+    /// durable writes first (collected for this burst's commit), then delivery.
+    fn accept_publish(&mut self, message: Message, origin: &str, origin_bridge: Option<usize>) {
+        if let Some(durable) = &self.durable {
+            let now = unix_ms();
+            if message.retain {
+                if message.payload.is_empty() {
+                    self.batch_ops.push(Op::Remove { space: Keyspace::Retained, key: message.topic.as_bytes().to_vec() });
+                } else if let Ok(bytes) = persist::to_stored(&message, origin, now).encode() {
+                    self.batch_ops.push(Op::Put { space: Keyspace::Retained, key: message.topic.as_bytes().to_vec(), value: bytes.to_vec() });
+                }
+            }
+            let forwarded = durable
+                .bridges
+                .iter()
+                .enumerate()
+                .any(|(i, b)| Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some());
+            if forwarded {
+                let origin = match origin_bridge {
+                    Some(i) => bridge_origin(&durable.bridges[i].name),
+                    None => origin.to_string(),
+                };
+                match persist::to_stored(&message, &origin, now).encode() {
+                    Ok(bytes) => self.batch_ops.push(Op::Append(bytes)),
+                    Err(e) => error!(topic = %message.topic, error = %e, "message cannot be stored: not forwarded"),
+                }
+            }
+        }
         self.route(message);
     }
 
@@ -237,7 +383,6 @@ impl Router {
             *best = (*best).max(qos);
         });
         for (client, granted) in matched.drain() {
-            let Some(session) = self.sessions.get_mut(&client) else { continue };
             let copy = Message {
                 topic: message.topic.clone(),
                 payload: message.payload.clone(),
@@ -245,24 +390,41 @@ impl Router {
                 // The retain flag is only set on messages sent because of a new subscription [MQTT-3.3.1-9].
                 retain: false,
             };
-            let qos = copy.qos;
-            match session.deliver(copy, &self.limits) {
-                Ok(()) => self.stats.message_sent(qos),
-                Err(reason) => {
-                    self.stats.message_dropped(reason);
-                    if reason == Dropped::QueueFull {
-                        warn!(client_id = %client, topic = %message.topic, "queue full (max_queued_messages): message dropped for this client");
-                    }
-                }
-            }
+            self.deliver_to(&client, copy);
         }
         self.matched = matched;
     }
 
+    /// Hands one message to one session, writing it to disk first when the session is
+    /// persistent and the message QoS 1/2 (so that it survives a restart until acked).
+    fn deliver_to(&mut self, client: &ClientKey, message: Message) {
+        let Some(session) = self.sessions.get_mut(client) else { return };
+        let qos = message.qos;
+        let mut stored = None;
+        if self.durable.is_some() && !session.clean && qos != QoS::AtMostOnce && session.would_keep(&self.limits) {
+            let id = self.next_queue_id;
+            match persist::to_stored(&message, "", unix_ms()).encode() {
+                Ok(bytes) => {
+                    self.next_queue_id += 1;
+                    self.batch_ops.push(Op::Put { space: Keyspace::SessionQueue, key: persist::queue_key(client, id), value: bytes.to_vec() });
+                    stored = Some(id);
+                }
+                Err(e) => error!(client_id = %client, error = %e, "message cannot be stored for the session"),
+            }
+        }
+        match session.deliver(message, stored, &self.limits) {
+            Ok(()) => self.stats.message_sent(qos),
+            Err(reason) => {
+                self.stats.message_dropped(reason);
+                if reason == Dropped::QueueFull {
+                    warn!(client_id = %client, "queue full (max_queued_messages): message dropped for this client");
+                }
+            }
+        }
+    }
+
     fn subscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter>) {
-        let limits = self.limits;
-        let Some(client) = self.connections.get(&conn).cloned() else { return };
-        let Some(session) = self.session_of(conn) else { return };
+        let Some((client, session)) = self.session_of(conn) else { return };
         let mut granted = Vec::with_capacity(filters.len());
         let mut new_filters = Vec::new();
         for f in filters {
@@ -278,8 +440,13 @@ impl Router {
         if let Some(online) = &session.online {
             online.outbox.send(Outbound::SubAck { pkid, granted });
         }
+        let persistent = !session.clean;
+        let record = persistent.then(|| session.subscriptions.clone());
         for (filter, qos) in &new_filters {
             self.subscriptions.insert(filter, client.clone(), *qos);
+        }
+        if let Some(subscriptions) = record {
+            self.save_session_record(&client, &subscriptions);
         }
         // Retained messages matching a new subscription, with the retain flag set [MQTT-3.3.1-6].
         let mut retained: Vec<Message> = Vec::new();
@@ -293,28 +460,190 @@ impl Router {
                 }
             }
         }
-        if let Some(session) = self.sessions.get_mut(&client) {
-            for message in retained {
-                let qos = message.qos;
-                match session.deliver(message, &limits) {
-                    Ok(()) => self.stats.message_sent(qos),
-                    Err(reason) => self.stats.message_dropped(reason),
-                }
-            }
+        for message in retained {
+            self.deliver_to(&client, message);
         }
     }
 
     fn unsubscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<String>) {
-        let Some(client) = self.connections.get(&conn).cloned() else { return };
-        let Some(session) = self.session_of(conn) else { return };
+        let Some((client, session)) = self.session_of(conn) else { return };
         for filter in &filters {
             session.subscriptions.remove(filter);
         }
         if let Some(online) = &session.online {
             online.outbox.send(Outbound::UnsubAck(pkid));
         }
+        let record = (!session.clean).then(|| session.subscriptions.clone());
         for filter in &filters {
             self.subscriptions.remove(filter, &client);
         }
+        if let Some(subscriptions) = record {
+            self.save_session_record(&client, &subscriptions);
+        }
+    }
+
+    /// Submits the burst's writes as one ticket and queues its acks behind it.
+    fn end_burst(&mut self) {
+        let ops = std::mem::take(&mut self.batch_ops);
+        let acks = std::mem::take(&mut self.batch_acks);
+        let mut ticket = None;
+        if !ops.is_empty() {
+            if let Some(durable) = &self.durable {
+                match durable.store.submit(ops) {
+                    Ok((t, _)) => ticket = Some(t),
+                    Err(e) => {
+                        // Nothing of this burst is durable: withhold its acks, so publishers
+                        // resend after reconnecting. Never ack what is not on disk.
+                        error!(error = %e, withheld_acks = acks.len(), "store refused a batch");
+                        return;
+                    }
+                }
+            }
+        }
+        match ticket {
+            None if self.pending_acks.is_empty() => acks.into_iter().for_each(AckTarget::release),
+            // Behind earlier acks still waiting for the disk: keep arrival order.
+            None => {
+                let behind = self.pending_acks.back().map_or(0, |(t, _)| *t);
+                self.pending_acks.extend(acks.into_iter().map(|a| (behind, a)));
+            }
+            Some(t) => self.pending_acks.extend(acks.into_iter().map(|a| (t, a))),
+        }
+        if ticket.is_some() {
+            self.check_storage_limits();
+        }
+    }
+
+    fn on_durable(&mut self, state: Durability) {
+        self.durable_through = state.durable_through;
+        while self.pending_acks.front().is_some_and(|(t, _)| *t <= self.durable_through) {
+            if let Some((_, ack)) = self.pending_acks.pop_front() {
+                ack.release();
+            }
+        }
+        if state.error != self.storage_error {
+            match &state.error {
+                Some(e) => error!(error = %e, "storage is failing: acknowledgements stop until it recovers"),
+                None => info!("storage recovered: acknowledgements resume"),
+            }
+            self.storage_error = state.error;
+            self.update_ingest_gate();
+        }
+    }
+
+    fn update_ingest_gate(&self) {
+        if let Some(durable) = &self.durable {
+            let paused = self.storage_error.is_some() || self.storage_full;
+            durable.ingest_paused.send_if_modified(|p| std::mem::replace(p, paused) != paused);
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        self.check_storage_limits();
+        self.expire_old_messages();
+    }
+
+    /// `[storage] max_bytes`: drop the oldest log entries, or pause publishers until the
+    /// bridges make room. Logical bytes as the store counts them, never file sizes.
+    fn check_storage_limits(&mut self) {
+        let Some(durable) = &self.durable else { return };
+        let stats = durable.store.log_stats();
+        let max_bytes = durable.storage.max_bytes;
+        match durable.storage.on_full {
+            OnFull::RejectNew => {
+                let full = stats.bytes >= max_bytes;
+                if full != self.storage_full {
+                    if full {
+                        warn!(log_bytes = stats.bytes, max_bytes, "store full (reject_new): publishers paused until bridges forward the backlog");
+                    } else {
+                        info!(log_bytes = stats.bytes, "store has room again: publishers resumed");
+                    }
+                    self.storage_full = full;
+                    self.update_ingest_gate();
+                }
+            }
+            OnFull::DropOldest => {
+                if stats.bytes <= max_bytes {
+                    return;
+                }
+                let mut excess = stats.bytes - max_bytes;
+                let mut from = stats.first_seq.unwrap_or(0);
+                let mut last = None;
+                let mut dropped = 0u64;
+                while excess > 0 {
+                    let entries = match durable.store.read_log(from, 1024) {
+                        Ok(e) if !e.is_empty() => e,
+                        _ => break,
+                    };
+                    for (seq, bytes) in entries {
+                        from = seq + 1;
+                        last = Some(seq);
+                        dropped += 1;
+                        excess = excess.saturating_sub(bytes.len() as u64);
+                        if excess == 0 {
+                            break;
+                        }
+                    }
+                }
+                if let Some(last) = last {
+                    if durable.store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+                        self.stats.dropped_storage_full.fetch_add(dropped, Ordering::Relaxed);
+                        warn!(dropped, max_bytes, "store full (drop_oldest): oldest unforwarded messages dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `[storage] max_age`: unforwarded messages older than this are dropped and counted.
+    fn expire_old_messages(&mut self) {
+        let Some(durable) = &self.durable else { return };
+        let Some(max_age) = durable.storage.max_age else { return };
+        let stats = durable.store.log_stats();
+        let Some(oldest) = stats.oldest_received_at_ms else { return };
+        let cutoff = unix_ms().saturating_sub(max_age.as_millis() as u64);
+        if oldest >= cutoff {
+            return;
+        }
+        let mut from = stats.first_seq.unwrap_or(0);
+        let mut last = None;
+        let mut dropped = 0u64;
+        'scan: loop {
+            let entries = match durable.store.read_log(from, 1024) {
+                Ok(e) if !e.is_empty() => e,
+                _ => break,
+            };
+            for (seq, bytes) in entries {
+                from = seq + 1;
+                match StoredMessage::decode(&bytes) {
+                    Ok(m) if m.received_at_ms >= cutoff => break 'scan,
+                    _ => {
+                        last = Some(seq);
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        if let Some(last) = last {
+            if durable.store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+                self.stats.dropped_expired.fetch_add(dropped, Ordering::Relaxed);
+                warn!(dropped, max_age_secs = max_age.as_secs(), "messages older than max_age dropped");
+            }
+        }
+    }
+}
+
+/// The `origin` a bridge's own messages carry in the log, so it never forwards them back.
+pub fn bridge_origin(name: &str) -> String {
+    format!("$bridge/{name}")
+}
+
+async fn durable_changed(rx: &mut Option<watch::Receiver<Durability>>) -> Option<Durability> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }

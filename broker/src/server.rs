@@ -1,49 +1,126 @@
-//! Listeners and the accept loop: binds the configured addresses, enforces
-//! `max_connections`, starts one task per connection, and shuts everything down in order
-//! (stop accepting, close connections, wait for them, stop the router).
+//! Listeners and the accept loop: opens the store, restores state, binds the configured
+//! addresses, enforces `max_connections`, starts one task per connection and one per
+//! bridge, and shuts everything down in order (stop accepting, close connections, stop the
+//! bridges, let the router submit its last batch, commit and close the store).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
+use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::connection::{self, ConnectionContext};
-use crate::router::{Router, RouterCmd};
+use crate::router::{Durable, Router};
 use crate::session::SessionLimits;
-use crate::{BrokerConfig, BrokerError, Stats};
+use crate::store::{Recovery, Store, StoreConfig};
+use crate::{persist, BrokerConfig, BrokerError, Stats};
 
 /// Commands queued for the router before connections wait (back-pressure).
 const ROUTER_QUEUE: usize = 8192;
 
-/// A running broker. Dropping it without `shutdown` leaves its tasks running until the
-/// runtime stops.
+/// A running broker.
 pub struct Broker {
     local_addrs: Vec<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     accept_tasks: Vec<JoinHandle<()>>,
+    bridge_tasks: Vec<JoinHandle<()>>,
     router_task: JoinHandle<()>,
     /// Every connection task holds a clone; `recv` returns None once all are gone.
     connections_done: mpsc::Receiver<()>,
     stats: Arc<Stats>,
+    store: Option<Store>,
+    recovery: Option<Recovery>,
+    bridges: Vec<Arc<Mutex<BridgeStatus>>>,
 }
 
 impl Broker {
-    /// Binds every listener (port 0 picks a free port: see `local_addrs`) and starts serving.
+    /// Opens the store (if configured), binds every listener (port 0 picks a free port: see
+    /// `local_addrs`) and starts serving.
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let stats = Arc::new(Stats::default());
         let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let (ingest_tx, ingest_rx) = watch::channel(false);
         let limits = SessionLimits {
             max_inflight: usize::from(config.limits.max_inflight),
             max_queued: config.limits.max_queued_messages,
         };
-        let router_task = tokio::spawn(Router::new(limits, stats.clone()).run(router_rx));
 
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut store = None;
+        let mut recovery = None;
+        let mut restored = None;
+        if let Some(dir) = &config.data_dir {
+            let mut store_config = StoreConfig::new(dir.join("store"));
+            store_config.cache_capacity_bytes = config.storage.cache_bytes;
+            let dir = dir.clone();
+            let opened = tokio::task::spawn_blocking(move || {
+                let (store, recovery) = Store::open(store_config)?;
+                let restored = persist::restore(&store)?;
+                Ok((store, recovery, restored))
+            })
+            .await
+            .map_err(|e| BrokerError::Store { dir: dir.clone(), source: crate::store::StoreError::Unavailable(e.to_string()) })?
+            .map_err(|source| BrokerError::Store { dir: dir.clone(), source })?;
+            let (s, r, state) = opened;
+            if let Some(aside) = &r.moved_aside {
+                error!(moved_to = %aside.display(), "the store was corrupt: it was moved aside and an empty store opened");
+            }
+            info!(
+                log_messages = r.log_len,
+                log_bytes = r.log_bytes,
+                sessions = state.sessions.len(),
+                retained = state.retained.len(),
+                "store recovered"
+            );
+            store = Some(s);
+            recovery = Some(r);
+            restored = Some(state);
+        }
+
+        let durable = store.clone().map(|store| Durable {
+            store,
+            bridges: config.bridges.clone(),
+            storage: config.storage.clone(),
+            ingest_paused: ingest_tx,
+        });
+        let mut router = Router::new(limits, stats.clone(), durable);
+        if let Some(state) = restored {
+            router.restore(state);
+        }
+        let router_task = tokio::spawn(router.run(router_rx));
+
+        let mut bridges = Vec::new();
+        let mut bridge_tasks = Vec::new();
+        if let Some(store) = &store {
+            let cursors = Cursors::new(config.bridges.iter().map(|b| bridge::load_cursor(store, &b.name)).collect());
+            for (index, bridge_config) in config.bridges.iter().enumerate() {
+                let status = Arc::new(Mutex::new(BridgeStatus { name: bridge_config.name.clone(), ..Default::default() }));
+                bridges.push(status.clone());
+                let client_id = bridge_config
+                    .client_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", config.gateway_id, bridge_config.name));
+                let bridge = Bridge {
+                    config: bridge_config.clone(),
+                    client_id,
+                    index,
+                    store: store.clone(),
+                    cursors: cursors.clone(),
+                    router: router_tx.clone(),
+                    status,
+                    shutdown: shutdown_rx.clone(),
+                };
+                bridge_tasks.push(tokio::spawn(bridge.run()));
+            }
+        } else if !config.bridges.is_empty() {
+            warn!("bridges need a data_dir: none started");
+        }
+
         let (done_tx, connections_done) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let mut local_addrs = Vec::new();
@@ -52,17 +129,16 @@ impl Broker {
             let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr: *addr, source })?;
             let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr: *addr, source })?;
             local_addrs.push(local);
-            accept_tasks.push(tokio::spawn(accept_loop(
-                listener,
-                config.limits.clone(),
-                router_tx.clone(),
-                stats.clone(),
-                permits.clone(),
-                shutdown_rx.clone(),
-                done_tx.clone(),
-            )));
+            let ctx = ConnectionContext {
+                limits: config.limits.clone(),
+                router: router_tx.clone(),
+                stats: stats.clone(),
+                shutdown: shutdown_rx.clone(),
+                ingest_paused: ingest_rx.clone(),
+            };
+            accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone())));
         }
-        Ok(Broker { local_addrs, shutdown_tx, accept_tasks, router_task, connections_done, stats })
+        Ok(Broker { local_addrs, shutdown_tx, accept_tasks, bridge_tasks, router_task, connections_done, stats, store, recovery, bridges })
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
@@ -73,8 +149,21 @@ impl Broker {
         self.stats.clone()
     }
 
-    /// Stops accepting, closes every connection (publishing wills as for any connection
-    /// the server closes), waits for them (at most 5 s), then stops the router.
+    /// What the store found at start-up (`moved_aside` set after a corrupt store).
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    pub fn bridge_status(&self) -> Vec<BridgeStatus> {
+        self.bridges.iter().map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect()
+    }
+
+    /// Stops accepting, closes every connection, stops the bridges (persisting their
+    /// cursors), lets the router submit its last batch, then commits and closes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
         for task in self.accept_tasks.drain(..) {
@@ -83,22 +172,28 @@ impl Broker {
         if tokio::time::timeout(Duration::from_secs(5), self.connections_done.recv()).await.is_err() {
             warn!("connections still open after 5 s: stopping anyway");
         }
-        // Every sender of the router's queue lived in the accept loops and connections.
+        for task in self.bridge_tasks.drain(..) {
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                warn!("a bridge did not stop within 5 s");
+            }
+        }
+        // Every sender of the router's queue lived in the accept loops, connections and bridges.
         if tokio::time::timeout(Duration::from_secs(5), &mut self.router_task).await.is_err() {
+            warn!("router did not stop within 5 s");
             self.router_task.abort();
+        }
+        if let Some(store) = self.store.take() {
+            match tokio::task::spawn_blocking(move || store.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "store did not close cleanly"),
+                Err(e) => error!(error = %e, "store shutdown failed"),
+            }
         }
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    limits: crate::Limits,
-    router: mpsc::Sender<RouterCmd>,
-    stats: Arc<Stats>,
-    permits: Arc<Semaphore>,
-    mut shutdown: watch::Receiver<bool>,
-    done: mpsc::Sender<()>,
-) {
+async fn accept_loop(listener: TcpListener, ctx: ConnectionContext, permits: Arc<Semaphore>, done: mpsc::Sender<()>) {
+    let mut shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -114,20 +209,21 @@ async fn accept_loop(
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-            warn!(%peer, max_connections = limits.max_connections, "max_connections reached: connection refused");
+            ctx.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+            warn!(%peer, max_connections = ctx.limits.max_connections, "max_connections reached: connection refused");
             drop(stream);
             continue;
         };
-        let ctx = ConnectionContext {
-            limits: limits.clone(),
-            router: router.clone(),
-            stats: stats.clone(),
-            shutdown: shutdown.clone(),
+        let conn_ctx = ConnectionContext {
+            limits: ctx.limits.clone(),
+            router: ctx.router.clone(),
+            stats: ctx.stats.clone(),
+            shutdown: ctx.shutdown.clone(),
+            ingest_paused: ctx.ingest_paused.clone(),
         };
         let done = done.clone();
         tokio::spawn(async move {
-            connection::handle(stream, peer, ctx).await;
+            connection::handle(stream, peer, conn_ctx).await;
             drop(permit);
             drop(done);
         });

@@ -79,7 +79,12 @@ struct Inflight {
     pkid: u16,
     message: Message,
     state: InflightState,
+    /// Where the message is kept on disk for a persistent session (queue id).
+    stored: Option<u64>,
 }
+
+/// A message waiting for its turn, with its queue id if it is kept on disk.
+type Queued = (Message, Option<u64>);
 
 /// Why a message for this session was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +99,7 @@ pub struct Session {
     pub subscriptions: HashMap<String, QoS>,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
-    queue: VecDeque<Message>,
+    queue: VecDeque<Queued>,
     incoming_qos2: HashSet<u16>,
     next_pkid: u16,
 }
@@ -122,9 +127,17 @@ impl Session {
         self.inflight.len()
     }
 
+    /// Whether a QoS 1/2 message for this session would be kept (not dropped as QueueFull):
+    /// the router writes it to disk first for a persistent session.
+    pub fn would_keep(&self, limits: &SessionLimits) -> bool {
+        (self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight)
+            || self.queue.len() < limits.max_queued
+    }
+
     /// Delivers `message` (already at the QoS granted to this client) now, or keeps it
     /// for later: in the queue while the in-flight window is full or the client away.
-    pub fn deliver(&mut self, message: Message, limits: &SessionLimits) -> Result<(), Dropped> {
+    /// `stored` is its queue id when it is also on disk.
+    pub fn deliver(&mut self, message: Message, stored: Option<u64>, limits: &SessionLimits) -> Result<(), Dropped> {
         match &self.online {
             None if message.qos == QoS::AtMostOnce => Err(Dropped::Qos0Offline),
             Some(online) if message.qos == QoS::AtMostOnce => {
@@ -136,24 +149,34 @@ impl Session {
             }
             _ => {
                 if self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight {
-                    self.send_new(message);
+                    self.send_new(message, stored);
                     return Ok(());
                 }
                 if self.queue.len() >= limits.max_queued {
                     return Err(Dropped::QueueFull);
                 }
-                self.queue.push_back(message);
+                self.queue.push_back((message, stored));
                 Ok(())
             }
         }
     }
 
-    fn send_new(&mut self, message: Message) {
+    fn send_new(&mut self, message: Message, stored: Option<u64>) {
         let pkid = self.allocate_pkid();
         if let Some(online) = &self.online {
             online.outbox.send(Outbound::Publish { pkid, message: message.clone(), dup: false });
         }
-        self.inflight.push_back(Inflight { pkid, message, state: InflightState::Published });
+        self.inflight.push_back(Inflight { pkid, message, state: InflightState::Published, stored });
+    }
+
+    /// A message read back from disk at start-up, owed to this (offline) session.
+    pub fn restore_queued(&mut self, message: Message, stored: u64) {
+        self.queue.push_back((message, Some(stored)));
+    }
+
+    /// Queue ids of every message of this session kept on disk.
+    pub fn stored_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.inflight.iter().filter_map(|f| f.stored).chain(self.queue.iter().filter_map(|q| q.1))
     }
 
     fn allocate_pkid(&mut self) -> u16 {
@@ -172,8 +195,8 @@ impl Session {
             return;
         }
         while self.inflight.len() < limits.max_inflight {
-            let Some(message) = self.queue.pop_front() else { break };
-            self.send_new(message);
+            let Some((message, stored)) = self.queue.pop_front() else { break };
+            self.send_new(message, stored);
         }
     }
 
@@ -192,12 +215,12 @@ impl Session {
         self.fill_window(limits);
     }
 
-    /// PUBACK from the client: the QoS 1 message is done.
-    pub fn puback(&mut self, pkid: u16, limits: &SessionLimits) {
-        if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce) {
-            self.inflight.remove(i);
-            self.fill_window(limits);
-        }
+    /// PUBACK from the client: the QoS 1 message is done. Returns its queue id on disk.
+    pub fn puback(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
+        let i = self.inflight.iter().position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
+        let done = self.inflight.remove(i)?;
+        self.fill_window(limits);
+        done.stored
     }
 
     /// PUBREC from the client: answer PUBREL and wait for PUBCOMP.
@@ -210,12 +233,12 @@ impl Session {
         }
     }
 
-    /// PUBCOMP from the client: the QoS 2 message is done.
-    pub fn pubcomp(&mut self, pkid: u16, limits: &SessionLimits) {
-        if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.state == InflightState::Released) {
-            self.inflight.remove(i);
-            self.fill_window(limits);
-        }
+    /// PUBCOMP from the client: the QoS 2 message is done. Returns its queue id on disk.
+    pub fn pubcomp(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
+        let i = self.inflight.iter().position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
+        let done = self.inflight.remove(i)?;
+        self.fill_window(limits);
+        done.stored
     }
 
     /// A QoS 2 PUBLISH arrived with `pkid`: true the first time (route it), false for a
@@ -265,7 +288,7 @@ mod tests {
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
         for n in 0..5 {
-            s.deliver(msg(n, QoS::AtLeastOnce), &limits).unwrap();
+            s.deliver(msg(n, QoS::AtLeastOnce), None, &limits).unwrap();
         }
         let sent = drain(&mut rx);
         assert_eq!(sent.len(), 2);
@@ -281,10 +304,10 @@ mod tests {
     fn offline_queue_is_bounded_and_qos0_not_kept() {
         let limits = SessionLimits { max_inflight: 2, max_queued: 2 };
         let mut s = Session::new(false);
-        assert_eq!(s.deliver(msg(0, QoS::AtMostOnce), &limits), Err(Dropped::Qos0Offline));
-        s.deliver(msg(1, QoS::AtLeastOnce), &limits).unwrap();
-        s.deliver(msg(2, QoS::ExactlyOnce), &limits).unwrap();
-        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), &limits), Err(Dropped::QueueFull));
+        assert_eq!(s.deliver(msg(0, QoS::AtMostOnce), None, &limits), Err(Dropped::Qos0Offline));
+        s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
+        s.deliver(msg(2, QoS::ExactlyOnce), None, &limits).unwrap();
+        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
         let mut rx = online(&mut s);
         s.resume(&limits);
         assert_eq!(drain(&mut rx).len(), 2);
@@ -295,8 +318,8 @@ mod tests {
         let limits = SessionLimits { max_inflight: 10, max_queued: 10 };
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
-        s.deliver(msg(1, QoS::AtLeastOnce), &limits).unwrap();
-        s.deliver(msg(2, QoS::ExactlyOnce), &limits).unwrap();
+        s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
+        s.deliver(msg(2, QoS::ExactlyOnce), None, &limits).unwrap();
         let sent = drain(&mut rx);
         let Outbound::Publish { pkid: p2, .. } = sent[1] else { panic!() };
         s.pubrec(p2);

@@ -16,6 +16,10 @@ pub struct Stats {
     pub dropped_queue_full: AtomicU64,
     pub dropped_qos0_offline: AtomicU64,
     pub dropped_qos0_slow: AtomicU64,
+    /// Log entries dropped by `on_full = "drop_oldest"`.
+    pub dropped_storage_full: AtomicU64,
+    /// Log entries dropped for being older than `max_age`.
+    pub dropped_expired: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub refused_connections: AtomicU64,
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use waystation_broker::Limits;
+use waystation_broker::{BridgeConfig, Limits, OnFull, StorageLimits};
 
 /// Sled stores values larger than about 128 KiB in blob files that it never syncs
 /// (FACTS.md), so a packet that large could be acknowledged without being durable.
@@ -25,6 +25,45 @@ pub struct Config {
     pub listeners: Vec<ListenerSection>,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub storage: StorageSection,
+    #[serde(default, rename = "bridge")]
+    pub bridges: Vec<BridgeConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSection {
+    /// Logical bytes of messages waiting to be forwarded.
+    pub max_bytes: u64,
+    /// Seconds; 0 keeps messages until forwarded.
+    pub max_age: u64,
+    pub on_full: OnFull,
+    /// sled's page cache, bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        let d = StorageLimits::default();
+        StorageSection {
+            max_bytes: d.max_bytes,
+            max_age: d.max_age.map_or(0, |a| a.as_secs()),
+            on_full: d.on_full,
+            cache_bytes: d.cache_bytes,
+        }
+    }
+}
+
+impl StorageSection {
+    pub fn to_limits(&self) -> StorageLimits {
+        StorageLimits {
+            max_bytes: self.max_bytes,
+            max_age: (self.max_age > 0).then(|| Duration::from_secs(self.max_age)),
+            on_full: self.on_full,
+            cache_bytes: self.cache_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,7 +143,7 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {key}: {message}")]
     Value {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         message: String,
     },
 }
@@ -133,7 +172,25 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
-    fn check_semantics(&self) -> Result<(), (&'static str, String)> {
+    fn check_semantics(&self) -> Result<(), (String, String)> {
+        self.check_limits().map_err(|(k, m)| (k.to_string(), m))?;
+        let mut names = std::collections::HashSet::new();
+        for bridge in &self.bridges {
+            bridge.validate()?;
+            if !names.insert(bridge.name.as_str()) {
+                return Err(("bridge.name".into(), format!("{:?} is used by two bridges", bridge.name)));
+            }
+        }
+        if self.storage.max_bytes < 1024 {
+            return Err(("storage.max_bytes".into(), "must be at least 1024".into()));
+        }
+        if self.storage.cache_bytes < 1 << 20 {
+            return Err(("storage.cache_bytes".into(), "must be at least 1 MiB".into()));
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), (&'static str, String)> {
         if self.gateway.id.is_empty() {
             return Err(("gateway.id", "must not be empty".into()));
         }
@@ -206,5 +263,36 @@ mod tests {
         let config = Config::parse("[limits]\nmax_packet_size = 1000000\n").unwrap();
         let (key, _) = config.check_semantics().unwrap_err();
         assert_eq!(key, "limits.max_packet_size");
+    }
+
+    #[test]
+    fn bridges_parse_and_are_checked() {
+        let text = r#"
+[storage]
+max_bytes = 1000000
+on_full = "drop_oldest"
+
+[[bridge]]
+name = "cloud"
+address = "127.0.0.1:1884"
+max_rate = 500
+[[bridge.forward]]
+local = "sensors/#"
+remote_prefix = "site1/"
+[[bridge.subscribe]]
+remote = "site1/commands/#"
+local_prefix = "cloud/"
+"#;
+        let config = Config::parse(text).expect("valid");
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.bridges[0].forward[0].qos, 1);
+        assert_eq!(config.storage.on_full, OnFull::DropOldest);
+        let bad = text.replace("sensors/#", "sensors/#/x");
+        let (key, _) = Config::parse(&bad).unwrap().check_semantics().unwrap_err();
+        assert_eq!(key, "bridge[cloud].forward.local");
+        let err = Config::parse(&text.replace("drop_oldest", "sometimes")).unwrap_err();
+        assert!(err.contains("on_full") && err.contains("line 4"), "{err}");
+        let err = Config::parse(&text.replace("max_rate", "max_rat")).unwrap_err();
+        assert!(err.contains("max_rat") && err.contains("line 9"), "{err}");
     }
 }

@@ -88,8 +88,12 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let broker_config = waystation_broker::BrokerConfig {
+            gateway_id: config.gateway.id.clone(),
             listeners: config.listeners.iter().map(|l| l.bind).collect(),
             limits: config.limits.to_limits(),
+            data_dir: Some(config.gateway.data_dir.clone()),
+            storage: config.storage.to_limits(),
+            bridges: config.bridges.clone(),
         };
         let broker = waystation_broker::Broker::start(broker_config).await?;
         for addr in broker.local_addrs() {

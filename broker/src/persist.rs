@@ -1,0 +1,145 @@
+//! How the router's state is laid out in the store, and how it is read back at start-up.
+//!
+//! - `Keyspace::Sessions`: client id -> the session's subscriptions (persistent sessions only).
+//! - `Keyspace::SessionQueue`: (client id, queue id) -> a message owed to that session and
+//!   not yet acknowledged by it (QoS 1/2 only), deleted on PUBACK/PUBCOMP.
+//! - `Keyspace::Retained`: topic -> the retained message.
+//! - The log: messages that a bridge forwards upstream (see `bridge.rs`).
+//!
+//! Every value is a `StoredMessage` or the small subscription list below; anything that
+//! fails to decode is skipped and logged, never a panic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::message::{Message, QoS};
+use crate::store::record::StoredMessage;
+use crate::store::{Keyspace, Store, StoreError};
+
+pub fn queue_prefix(client_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + client_id.len() + 8);
+    key.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    key.extend_from_slice(client_id.as_bytes());
+    key
+}
+
+pub fn queue_key(client_id: &str, id: u64) -> Vec<u8> {
+    let mut key = queue_prefix(client_id);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn queue_id_of(key: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = key.get(key.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+/// Subscriptions as `[qos u8][len u16][filter]...`.
+pub fn encode_subscriptions(subscriptions: &HashMap<String, QoS>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (filter, qos) in subscriptions {
+        out.push(*qos as u8);
+        out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+        out.extend_from_slice(filter.as_bytes());
+    }
+    out
+}
+
+pub fn decode_subscriptions(mut bytes: &[u8]) -> Option<HashMap<String, QoS>> {
+    let mut out = HashMap::new();
+    while !bytes.is_empty() {
+        let qos = QoS::from_u8(*bytes.first()?)?;
+        let len = u16::from_be_bytes([*bytes.get(1)?, *bytes.get(2)?]) as usize;
+        let filter = std::str::from_utf8(bytes.get(3..3 + len)?).ok()?;
+        out.insert(filter.to_string(), qos);
+        bytes = &bytes[3 + len..];
+    }
+    Some(out)
+}
+
+pub fn to_stored(message: &Message, origin: &str, received_at_ms: u64) -> StoredMessage {
+    StoredMessage {
+        topic: message.topic.to_string(),
+        payload: message.payload.clone(),
+        qos: message.qos as u8,
+        retain: message.retain,
+        received_at_ms,
+        origin: origin.to_string(),
+    }
+}
+
+pub fn from_stored(stored: StoredMessage) -> Option<Message> {
+    Some(Message::new(stored.topic, stored.payload, QoS::from_u8(stored.qos)?, stored.retain))
+}
+
+/// A persistent session as read back from the store.
+pub struct RestoredSession {
+    pub subscriptions: HashMap<String, QoS>,
+    /// Owed messages in the order they were queued, with their queue ids.
+    pub queue: Vec<(u64, Message)>,
+}
+
+pub struct Restored {
+    pub sessions: HashMap<Arc<str>, RestoredSession>,
+    pub retained: HashMap<Arc<str>, Message>,
+    /// The next free queue id (above every id in use).
+    pub next_queue_id: u64,
+}
+
+pub fn restore(store: &Store) -> Result<Restored, StoreError> {
+    let mut sessions = HashMap::new();
+    let mut next_queue_id = 1;
+    for (key, value) in store.scan(Keyspace::Sessions, b"")? {
+        let (Ok(client_id), Some(subscriptions)) = (String::from_utf8(key), decode_subscriptions(&value)) else {
+            warn!("undecodable session record skipped");
+            continue;
+        };
+        let mut queue = Vec::new();
+        for (qkey, qvalue) in store.scan(Keyspace::SessionQueue, &queue_prefix(&client_id))? {
+            let id = queue_id_of(&qkey);
+            let message = StoredMessage::decode(&bytes::Bytes::from(qvalue)).ok().and_then(from_stored);
+            match (id, message) {
+                (Some(id), Some(message)) => {
+                    next_queue_id = next_queue_id.max(id + 1);
+                    queue.push((id, message));
+                }
+                _ => warn!(client_id, "undecodable queued message skipped"),
+            }
+        }
+        sessions.insert(Arc::from(client_id), RestoredSession { subscriptions, queue });
+    }
+    let mut retained = HashMap::new();
+    for (key, value) in store.scan(Keyspace::Retained, b"")? {
+        match StoredMessage::decode(&bytes::Bytes::from(value)).ok().and_then(from_stored) {
+            Some(message) if String::from_utf8(key).is_ok() => {
+                retained.insert(message.topic.clone(), message);
+            }
+            _ => warn!("undecodable retained message skipped"),
+        }
+    }
+    Ok(Restored { sessions, retained, next_queue_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscriptions_round_trip_and_garbage_is_refused() {
+        let mut subs = HashMap::new();
+        subs.insert("a/#".to_string(), QoS::AtLeastOnce);
+        subs.insert("b/+/c".to_string(), QoS::ExactlyOnce);
+        assert_eq!(decode_subscriptions(&encode_subscriptions(&subs)), Some(subs));
+        assert_eq!(decode_subscriptions(&[1, 0, 9, b'a']), None);
+        assert_eq!(decode_subscriptions(&[7, 0, 0]), None);
+    }
+
+    #[test]
+    fn queue_keys_sort_by_client_then_id() {
+        assert!(queue_key("a", 2) < queue_key("a", 10));
+        assert!(queue_key("a", u64::MAX) < queue_key("ab", 0));
+        assert_eq!(queue_id_of(&queue_key("x", 42)), Some(42));
+    }
+}
