@@ -458,7 +458,7 @@ fn store_crash_child() {
                         .map(|i| Op::Append(crash_record(w, n + i as u64)))
                         .collect();
                     n += k as u64;
-                    let delete = w == 0 && n % 10 == 0 && acked.load(Ordering::SeqCst) > 300;
+                    let delete = w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
                     let through = acked.load(Ordering::SeqCst).saturating_sub(300);
                     if delete {
                         ops.push(Op::DeleteLogThrough(through));
