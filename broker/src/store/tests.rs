@@ -332,6 +332,8 @@ fn store_large_values_survive_reopen() {
             let (t, _) = append(&store, chunk);
             store.wait_durable(t, WAIT).unwrap();
         }
+        let blobs = std::fs::read_dir(tmp.path().join("store/blobs")).map(|d| d.count()).unwrap_or(0);
+        println!("blob files after 40 values of 100 KiB: {blobs}");
     }
     let (store, recovery) = open(tmp.path());
     assert_eq!(recovery.log_len, 40);
