@@ -105,6 +105,8 @@ use tracing::{error, info, warn};
 
 /// Log position: strictly increasing, never reused. The first seq of a new store is 1.
 pub type Seq = u64;
+/// A key (without its keyspace prefix) and its value, as returned by [`Store::scan`].
+pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// Group-commit ticket: strictly increasing per [`Store::submit`]. The first ticket is 1.
 pub type Ticket = u64;
 
@@ -457,7 +459,7 @@ impl Store {
 
     /// Every key/value pair in `space` whose key starts with `prefix`, in key order. Keys are
     /// returned without the internal keyspace prefix.
-    pub fn scan(&self, space: Keyspace, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, space: Keyspace, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let engine = self.inner.shared.engine()?;
         let mut out = Vec::new();
         for item in engine.tree.scan_prefix(space.key(prefix)) {

@@ -332,6 +332,8 @@ fn store_large_values_survive_reopen() {
             let (t, _) = append(&store, chunk);
             store.wait_durable(t, WAIT).unwrap();
         }
+        let blobs = std::fs::read_dir(tmp.path().join("store/blobs")).map(|d| d.count()).unwrap_or(0);
+        println!("blob files after 40 values of 100 KiB: {blobs}");
     }
     let (store, recovery) = open(tmp.path());
     assert_eq!(recovery.log_len, 40);
@@ -458,7 +460,7 @@ fn store_crash_child() {
                         .map(|i| Op::Append(crash_record(w, n + i as u64)))
                         .collect();
                     n += k as u64;
-                    let delete = w == 0 && n % 10 == 0 && acked.load(Ordering::SeqCst) > 300;
+                    let delete = w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
                     let through = acked.load(Ordering::SeqCst).saturating_sub(300);
                     if delete {
                         ops.push(Op::DeleteLogThrough(through));
