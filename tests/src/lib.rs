@@ -270,3 +270,74 @@ impl Drop for ChildGuard {
         let _ = self.0.wait();
     }
 }
+
+/// Debian's `mosquitto` on a free loopback port, as the upstream (cloud) broker in tests.
+/// Started with `-p PORT` only: local-only, anonymous, no persistence.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        let mut m = Mosquitto { child: None, port: free_port() };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed (scripts/test.sh installs it)");
+        let child = Command::new(bin)
+            .args(["-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let up = wait_until(START_TIMEOUT, || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok());
+        assert!(up, "mosquitto did not listen on {addr}");
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGSTOP: the upstream stays connected but answers nothing (a stalled cloud).
+    pub fn freeze(&self) {
+        if let Some(c) = &self.child {
+            send_signal(c, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after `freeze`.
+    pub fn thaw(&self) {
+        if let Some(c) = &self.child {
+            send_signal(c, libc::SIGCONT);
+        }
+    }
+
+    /// Stops the upstream (an outage); `start_again` brings it back on the same port.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            send_signal(&c, libc::SIGCONT);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_again(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
