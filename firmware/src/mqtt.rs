@@ -49,7 +49,9 @@ pub enum DecodeError {
 /// An application message (PUBLISH), borrowed from the receive buffer.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Publish<'a> {
-    pub topic: &'a str,
+    /// Well-formed UTF-8 (checked), kept as bytes: `core::str::from_utf8` and its tables cost
+    /// more flash than the rest of the decoder.
+    pub topic: &'a [u8],
     pub payload: &'a [u8],
     pub qos: u8,
     pub retain: bool,
@@ -181,11 +183,11 @@ fn decode_publish(flags: u8, body: &[u8]) -> Result<Publish<'_>, DecodeError> {
     let tlen = be16(body, 0)? as usize;
     let topic_end = 2 + tlen;
     let topic_bytes = body.get(2..topic_end).ok_or(DecodeError::Malformed)?;
-    let topic = core::str::from_utf8(topic_bytes).map_err(|_| DecodeError::Malformed)?;
-    // Topic names in a PUBLISH carry no wildcards and no NUL (spec 3.3.2.1, 1.5.3).
-    if topic.is_empty() || topic.bytes().any(|b| b == b'+' || b == b'#' || b == 0) {
+    // Topic names in a PUBLISH are UTF-8 and carry no wildcards and no NUL (3.3.2.1, 1.5.3).
+    if !utf8_ok(topic_bytes) || topic_bytes.is_empty() || topic_bytes.iter().any(|&b| b == b'+' || b == b'#' || b == 0) {
         return Err(DecodeError::Malformed);
     }
+    let topic = topic_bytes;
     let (pid, rest) = if qos > 0 {
         let pid = be16(body, topic_end)?;
         if pid == 0 {
@@ -197,6 +199,34 @@ fn decode_publish(flags: u8, body: &[u8]) -> Result<Publish<'_>, DecodeError> {
     };
     let payload = body.get(rest..).ok_or(DecodeError::Malformed)?;
     Ok(Publish { topic, payload, qos, retain: flags & 1 != 0, dup, pid })
+}
+
+/// Well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF).
+pub fn utf8_ok(b: &[u8]) -> bool {
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let (n, lo, hi) = match c {
+            0x00..=0x7f => (0, 0x80, 0xbf),
+            0xc2..=0xdf => (1, 0x80, 0xbf),
+            0xe0 => (2, 0xa0, 0xbf),
+            0xed => (2, 0x80, 0x9f),
+            0xe1..=0xef => (2, 0x80, 0xbf),
+            0xf0 => (3, 0x90, 0xbf),
+            0xf4 => (3, 0x80, 0x8f),
+            0xf1..=0xf3 => (3, 0x80, 0xbf),
+            _ => return false,
+        };
+        for k in 1..=n {
+            let Some(&d) = b.get(i + k) else { return false };
+            let (l, h) = if k == 1 { (lo, hi) } else { (0x80, 0xbf) };
+            if d < l || d > h {
+                return false;
+            }
+        }
+        i += n + 1;
+    }
+    true
 }
 
 /// A cursor that writes into a fixed buffer.
@@ -516,12 +546,12 @@ mod tests {
         let (p, _) = decode(&[0x3b, 9, 0, 3, b'a', b'/', b'b', 0, 10, b'h', b'i']).unwrap();
         assert_eq!(
             p,
-            Packet::Publish(Publish { topic: "a/b", payload: b"hi", qos: 1, retain: true, dup: true, pid: Some(10) })
+            Packet::Publish(Publish { topic: b"a/b", payload: b"hi", qos: 1, retain: true, dup: true, pid: Some(10) })
         );
         let (p, _) = decode(&[0x30, 4, 0, 1, b'a', b'x', 0xd0, 0]).unwrap();
         assert_eq!(
             p,
-            Packet::Publish(Publish { topic: "a", payload: b"x", qos: 0, retain: false, dup: false, pid: None })
+            Packet::Publish(Publish { topic: b"a", payload: b"x", qos: 0, retain: false, dup: false, pid: None })
         );
         // Empty payload (a retained message being cleared).
         let (p, _) = decode(&[0x31, 3, 0, 1, b'a']).unwrap();
@@ -592,7 +622,20 @@ mod tests {
         assert!(accepted >= 15 && rejected >= 11, "accepted {accepted} rejected {rejected}");
     }
 
+    #[test]
+    fn utf8_check_matches_core() {
+        let cases: &[&[u8]] = &[b"abc", "é€😀".as_bytes(), b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82", b"\xff", b"\xf0\x9f\x98\x80"];
+        for c in cases {
+            assert_eq!(utf8_ok(c), core::str::from_utf8(c).is_ok(), "{c:?}");
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn utf8_agrees(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..12)) {
+            proptest::prop_assert_eq!(utf8_ok(&bytes), core::str::from_utf8(&bytes).is_ok());
+        }
+
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             match decode(&bytes) {
@@ -608,7 +651,7 @@ mod tests {
             let n = encode_publish(&mut buf, &topic, &payload, qos, retain, false, pid).unwrap();
             let (p, used) = decode(&buf[..n]).unwrap();
             proptest::prop_assert_eq!(used, n);
-            let want = Publish { topic: &topic, payload: &payload, qos, retain, dup: false, pid: if qos > 0 { Some(pid) } else { None } };
+            let want = Publish { topic: topic.as_bytes(), payload: &payload, qos, retain, dup: false, pid: if qos > 0 { Some(pid) } else { None } };
             proptest::prop_assert_eq!(p, Packet::Publish(want));
         }
     }
