@@ -335,17 +335,14 @@ impl RawClient {
     pub fn tcp(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-        stream.set_nodelay(true).ok();
-        RawClient {
-            stream,
-            buf: Vec::new(),
-            pending: Default::default(),
-        }
+        RawClient::tcp_from(stream)
     }
 
     /// Wraps an already connected stream.
     pub fn tcp_from(stream: TcpStream) -> RawClient {
         stream.set_nodelay(true).ok();
+        // A broker that stops reading without closing must not hang a writing test.
+        stream.set_write_timeout(Some(Duration::from_secs(5))).ok();
         RawClient {
             stream,
             buf: Vec::new(),
