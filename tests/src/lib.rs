@@ -6,6 +6,7 @@
 //! process is killed when its guard drops, also when a test panics.
 
 pub mod raw;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
