@@ -105,6 +105,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext)
         keep_alive_secs: keep_alive,
         will: connect.last_will.map(v4::will_from_v4),
         username: connect.login.map(|l| l.username),
+        peer: Some(peer),
     };
 
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);

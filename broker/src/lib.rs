@@ -21,6 +21,7 @@ mod router;
 mod server;
 mod session;
 mod stats;
+pub mod status;
 pub mod store;
 pub mod topic;
 mod v4;
@@ -30,7 +31,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use bridge::{BridgeConfig, BridgeStatus};
-pub use server::Broker;
+pub use server::{Broker, StatusHandle};
 pub use stats::Stats;
 
 /// Bounds that protect the broker from any one client; all are config keys.

@@ -56,6 +56,7 @@ pub struct ConnectRequest {
     pub keep_alive_secs: u16,
     pub will: Option<Message>,
     pub username: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// One filter of a SUBSCRIBE; `None` when the filter is not valid (answered with a failure

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -27,6 +27,7 @@ use crate::message::{ConnectOutcome, ConnectRequest, Message, Outbound, QoS, Sub
 use crate::persist::{self, Restored};
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
+use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};
 use crate::store::record::StoredMessage;
 use crate::store::{Durability, Keyspace, Op, Store, Ticket};
 use crate::topic::{filter_matches, ClientKey, SubscriptionTable};
@@ -109,10 +110,12 @@ pub struct Router {
     next_queue_id: u64,
     storage_error: Option<String>,
     storage_full: bool,
+    clients: HashMap<ConnId, ClientInfo>,
+    snapshot: Arc<Mutex<RouterSnapshot>>,
 }
 
 impl Router {
-    pub fn new(limits: SessionLimits, stats: Arc<Stats>, durable: Option<Durable>) -> Router {
+    pub fn new(limits: SessionLimits, stats: Arc<Stats>, durable: Option<Durable>, snapshot: Arc<Mutex<RouterSnapshot>>) -> Router {
         Router {
             sessions: HashMap::new(),
             connections: HashMap::new(),
@@ -129,6 +132,8 @@ impl Router {
             next_queue_id: 1,
             storage_error: None,
             storage_full: false,
+            clients: HashMap::new(),
+            snapshot,
         }
     }
 
@@ -241,6 +246,7 @@ impl Router {
             info!(client_id = %client, "session taken over by a new connection");
             old.outbox.send(Outbound::Close);
             self.connections.remove(&old.conn);
+            self.clients.remove(&old.conn);
             self.stats.connection_closed();
             old.will
         });
@@ -268,6 +274,18 @@ impl Router {
         outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted { session_present }));
         session.online = Some(Online { conn, outbox, will: request.will });
         session.resume(&self.limits);
+        self.clients.insert(
+            conn,
+            ClientInfo {
+                client_id: client.to_string(),
+                peer: request.peer,
+                username: request.username,
+                connected_at_ms: unix_ms(),
+                clean_session: request.clean_session,
+                messages_in: 0,
+                last_publish: None,
+            },
+        );
         self.connections.insert(conn, client);
         self.stats.connection_opened();
     }
@@ -296,6 +314,7 @@ impl Router {
     }
 
     fn disconnected(&mut self, conn: ConnId, graceful: bool) {
+        self.clients.remove(&conn);
         let Some(client) = self.connections.remove(&conn) else {
             return; // taken over earlier: its will was handled then
         };
@@ -321,6 +340,18 @@ impl Router {
 
     fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
         self.stats.message_received(message.qos, message.payload.len());
+        if let Some(info) = self.clients.get_mut(&conn) {
+            info.messages_in += 1;
+            let preview = message.payload.slice(..message.payload.len().min(LAST_PAYLOAD_PREVIEW));
+            match &mut info.last_publish {
+                // Reuse the topic allocation when a sensor publishes to the same topic again.
+                Some(last) if *last.topic == *message.topic => {
+                    last.payload = preview;
+                    last.at_ms = unix_ms();
+                }
+                last => *last = Some(LastPublish { topic: message.topic.to_string(), payload: preview, at_ms: unix_ms() }),
+            }
+        }
         let Some((client, session)) = self.session_of(conn) else { return };
         let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else { return };
         let qos = message.qos;
@@ -541,6 +572,25 @@ impl Router {
     fn housekeeping(&mut self) {
         self.check_storage_limits();
         self.expire_old_messages();
+        self.refresh_snapshot();
+    }
+
+    fn refresh_snapshot(&self) {
+        let mut clients: Vec<ClientInfo> = self.clients.values().cloned().collect();
+        clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let snapshot = RouterSnapshot {
+            clients,
+            sessions: self.sessions.len(),
+            offline_sessions: self.sessions.values().filter(|s| s.online.is_none()).count(),
+            queued_messages: self.sessions.values().map(Session::waiting).sum(),
+            subscriptions: self.subscriptions.len(),
+            retained: self.retained.len(),
+            pending_acks: self.pending_acks.len(),
+            storage_error: self.storage_error.clone(),
+            storage_full: self.storage_full,
+            taken_at_ms: unix_ms(),
+        };
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 
     /// `[storage] max_bytes`: drop the oldest log entries, or pause publishers until the

@@ -17,6 +17,7 @@ use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::connection::{self, ConnectionContext};
 use crate::router::{Durable, Router};
 use crate::session::SessionLimits;
+use crate::status::{BrokerStatus, RouterSnapshot};
 use crate::store::{Recovery, Store, StoreConfig};
 use crate::{persist, BrokerConfig, BrokerError, Stats};
 
@@ -36,6 +37,8 @@ pub struct Broker {
     store: Option<Store>,
     recovery: Option<Recovery>,
     bridges: Vec<Arc<Mutex<BridgeStatus>>>,
+    snapshot: Arc<Mutex<RouterSnapshot>>,
+    started_at_ms: u64,
 }
 
 impl Broker {
@@ -88,7 +91,8 @@ impl Broker {
             storage: config.storage.clone(),
             ingest_paused: ingest_tx,
         });
-        let mut router = Router::new(limits, stats.clone(), durable);
+        let snapshot = Arc::new(Mutex::new(RouterSnapshot::default()));
+        let mut router = Router::new(limits, stats.clone(), durable, snapshot.clone());
         if let Some(state) = restored {
             router.restore(state);
         }
@@ -138,7 +142,20 @@ impl Broker {
             };
             accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone())));
         }
-        Ok(Broker { local_addrs, shutdown_tx, accept_tasks, bridge_tasks, router_task, connections_done, stats, store, recovery, bridges })
+        Ok(Broker {
+            local_addrs,
+            shutdown_tx,
+            accept_tasks,
+            bridge_tasks,
+            router_task,
+            connections_done,
+            stats,
+            store,
+            recovery,
+            bridges,
+            snapshot,
+            started_at_ms: bridge::unix_ms(),
+        })
     }
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
@@ -158,8 +175,21 @@ impl Broker {
         self.store.as_ref()
     }
 
-    pub fn bridge_status(&self) -> Vec<BridgeStatus> {
-        self.bridges.iter().map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect()
+    /// A cheap, cloneable handle for reading the broker's status while it runs (for the
+    /// HTTP endpoints and `$SYS`), valid after `shutdown` too.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle {
+            started_at_ms: self.started_at_ms,
+            snapshot: self.snapshot.clone(),
+            bridges: self.bridges.clone(),
+            store: self.store.clone(),
+            recovery: self.recovery.clone(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    pub fn status(&self) -> BrokerStatus {
+        self.status_handle().status()
     }
 
     /// Stops accepting, closes every connection, stops the bridges (persisting their
@@ -189,6 +219,35 @@ impl Broker {
                 Err(e) => error!(error = %e, "store shutdown failed"),
             }
         }
+    }
+}
+
+#[derive(Clone)]
+pub struct StatusHandle {
+    started_at_ms: u64,
+    snapshot: Arc<Mutex<RouterSnapshot>>,
+    bridges: Vec<Arc<Mutex<BridgeStatus>>>,
+    store: Option<Store>,
+    recovery: Option<Recovery>,
+    stats: Arc<Stats>,
+}
+
+impl StatusHandle {
+    /// A consistent-enough view of everything (the router part is at most ~200 ms old).
+    pub fn status(&self) -> BrokerStatus {
+        BrokerStatus {
+            started_at_ms: self.started_at_ms,
+            router: self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            bridges: self.bridges.iter().map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect(),
+            log: self.store.as_ref().map(Store::log_stats),
+            durability: self.store.as_ref().map(|s| s.durability().borrow().clone()),
+            recovery: self.recovery.clone(),
+        }
+    }
+
+    /// The live counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
     }
 }
 

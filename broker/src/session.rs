@@ -117,6 +117,11 @@ impl Session {
         }
     }
 
+    /// Messages waiting for this client: queued plus in flight.
+    pub fn waiting(&self) -> usize {
+        self.queue.len() + self.inflight.len()
+    }
+
     #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.queue.len()
