@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use bridge::{BridgeConfig, BridgeStatus};
-pub use server::{Broker, StatusHandle};
+pub use server::{Broker, BrokerStopping, InternalPublisher, StatusHandle};
 pub use stats::Stats;
 
 /// Bounds that protect the broker from any one client; all are config keys.

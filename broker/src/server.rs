@@ -15,7 +15,8 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::connection::{self, ConnectionContext};
-use crate::router::{Durable, Router};
+use crate::message::Message;
+use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::status::{BrokerStatus, RouterSnapshot};
 use crate::store::{Recovery, Store, StoreConfig};
@@ -39,6 +40,8 @@ pub struct Broker {
     bridges: Vec<Arc<Mutex<BridgeStatus>>>,
     snapshot: Arc<Mutex<RouterSnapshot>>,
     started_at_ms: u64,
+    /// For `publisher()`; dropped at shutdown so the router can finish.
+    router_tx: Option<mpsc::Sender<RouterCmd>>,
 }
 
 impl Broker {
@@ -155,6 +158,7 @@ impl Broker {
             bridges,
             snapshot,
             started_at_ms: bridge::unix_ms(),
+            router_tx: Some(router_tx),
         })
     }
 
@@ -192,10 +196,18 @@ impl Broker {
         self.status_handle().status()
     }
 
+    /// A handle that publishes messages from inside the process (e.g. `$SYS` topics), routed
+    /// like a client's. Drop it before `shutdown`, or shutdown waits for it (5 s at most).
+    pub fn publisher(&self) -> InternalPublisher {
+        let (closed, _) = mpsc::channel(1);
+        InternalPublisher { router: self.router_tx.clone().unwrap_or(closed) }
+    }
+
     /// Stops accepting, closes every connection, stops the bridges (persisting their
     /// cursors), lets the router submit its last batch, then commits and closes the store.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown_tx.send(true);
+        self.router_tx = None;
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;
         }
@@ -221,6 +233,29 @@ impl Broker {
         }
     }
 }
+
+/// See [`Broker::publisher`].
+#[derive(Clone)]
+pub struct InternalPublisher {
+    router: mpsc::Sender<RouterCmd>,
+}
+
+impl InternalPublisher {
+    /// Routes `message`; returns once it is accepted (durably, where it had to be written).
+    /// Errors when the broker is stopping.
+    pub async fn publish(&self, message: Message) -> Result<(), BrokerStopping> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.router
+            .send(RouterCmd::Inject { message, origin_bridge: None, accepted: Some(tx) })
+            .await
+            .map_err(|_| BrokerStopping)?;
+        rx.await.map_err(|_| BrokerStopping)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the broker is stopping")]
+pub struct BrokerStopping;
 
 #[derive(Clone)]
 pub struct StatusHandle {
