@@ -533,7 +533,7 @@ impl RawClient {
     /// QoS 1 publish; waits for its PUBACK.
     pub fn publish1(&mut self, topic: &str, payload: &[u8], retain: bool, pid: u16) {
         self.send(&publish(topic, payload, 1, retain, false, Some(pid)));
-        match self.recv() {
+        match self.await_packet("PUBACK", |p| !matches!(p, Pkt::Publish(_))) {
             Pkt::PubAck(p) => assert_eq!(p, pid, "PUBACK packet id [MQTT-4.3.2-2]"),
             other => panic!("expected PUBACK({pid}), got {other:?}"),
         }
@@ -542,12 +542,12 @@ impl RawClient {
     /// QoS 2 publish; runs PUBREC -> PUBREL -> PUBCOMP.
     pub fn publish2(&mut self, topic: &str, payload: &[u8], retain: bool, pid: u16) {
         self.send(&publish(topic, payload, 2, retain, false, Some(pid)));
-        match self.recv() {
+        match self.await_packet("PUBREC", |p| !matches!(p, Pkt::Publish(_))) {
             Pkt::PubRec(p) => assert_eq!(p, pid, "PUBREC packet id [MQTT-4.3.3-2]"),
             other => panic!("expected PUBREC({pid}), got {other:?}"),
         }
         self.send(&pubrel(pid));
-        match self.recv() {
+        match self.await_packet("PUBCOMP", |p| !matches!(p, Pkt::Publish(_))) {
             Pkt::PubComp(p) => assert_eq!(p, pid, "PUBCOMP packet id [MQTT-4.3.3-2]"),
             other => panic!("expected PUBCOMP({pid}), got {other:?}"),
         }
@@ -588,27 +588,34 @@ impl RawClient {
         }
     }
 
-    /// Waits for PUBREL(pid); other packets arriving meanwhile are kept for `recv`.
-    pub fn await_pubrel(&mut self, pid: u16) {
-        if let Some(i) = self.pending.iter().position(|p| *p == Pkt::PubRel(pid)) {
-            self.pending.remove(i);
-            return;
+    /// Waits (RECV_TIMEOUT) for the first packet `is_it` accepts; packets arriving before
+    /// it (e.g. deliveries of the client's own publications interleaved with its acks) are
+    /// kept, in order, for later `recv`s.
+    pub fn await_packet(&mut self, what: &str, mut is_it: impl FnMut(&Pkt) -> bool) -> Pkt {
+        if let Some(i) = self.pending.iter().position(&mut is_it) {
+            return self.pending.remove(i).unwrap();
         }
         let deadline = Instant::now() + RECV_TIMEOUT;
         let mut held = Vec::new();
-        loop {
+        let found = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             // Read from the wire only: `pending` holds what earlier waits set aside.
             let pending = std::mem::take(&mut self.pending);
             let got = self.recv_timeout(left);
             self.pending = pending;
             match got {
-                Ok(Pkt::PubRel(x)) if x == pid => break,
+                Ok(p) if is_it(&p) => break p,
                 Ok(other) => held.push(other),
-                Err(e) => panic!("expected PUBREL({pid}) within {RECV_TIMEOUT:?}: {e:?} (meanwhile {held:?})"),
+                Err(e) => panic!("expected {what} within {RECV_TIMEOUT:?}: {e:?} (meanwhile {held:?})"),
             }
-        }
+        };
         self.pending.extend(held);
+        found
+    }
+
+    /// Waits for PUBREL(pid); other packets arriving meanwhile are kept for `recv`.
+    pub fn await_pubrel(&mut self, pid: u16) {
+        self.await_packet(&format!("PUBREL({pid})"), |p| *p == Pkt::PubRel(pid));
     }
 
     /// Sends DISCONNECT and waits for the broker to close the socket [MQTT-3.14.4-1].

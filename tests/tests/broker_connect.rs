@@ -312,3 +312,21 @@ fn pingreq_gets_pingresp_and_keeps_connection_alive() {
     no_ka.ping();
     watcher.expect_silence(Duration::from_millis(300));
 }
+
+// [MQTT-3.1.3-5] "The Server MUST allow ClientIds which are between 1 and 23 UTF-8 encoded
+// bytes in length, and that contain only the characters
+// 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ". A client also receives
+// its own publications (MQTT 3.1.1 has no "no local" option).
+#[test]
+fn client_ids_of_1_to_23_alphanumerics_are_accepted() {
+    let ws = Waystation::start();
+    for id in ["a", "Z9", "abcdefghijklmnopqrstuvw", "0123456789ABCDEFGHIJKLM"] {
+        let (mut c, _) = RawClient::connect_ok(ws.addr, &Connect::new(id));
+        c.subscribe_ok(1, &[("own/t", 1)]);
+        c.publish1("own/t", id.as_bytes(), false, 2);
+        let p = c.recv_publish();
+        assert_eq!(p.payload, id.as_bytes(), "{id}: own publication delivered");
+        c.ack(&p);
+        c.disconnect();
+    }
+}

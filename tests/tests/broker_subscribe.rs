@@ -74,7 +74,8 @@ fn unsubscribe_gets_unsuback_and_stops_delivery() {
     assert_eq!(p.payload, b"before");
     c.ack(&p);
 
-    c.unsubscribe(0x4242, &["u/a"]);
+    // [MQTT-3.10.4-6] several filters in one UNSUBSCRIBE: one UNSUBACK.
+    c.unsubscribe(0x4242, &["u/a", "not/there"]);
     c.unsubscribe(7, &["never/subscribed"]);
     c.unsubscribe(8, &["u/+"]); // not identical to u/b: u/b stays
     publisher.publish1("u/a", b"after", false, 2);
