@@ -93,8 +93,17 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
         v4::Packet::PubRec(p) => Inbound::PubRec(p.pkid),
         v4::Packet::PubRel(p) => Inbound::PubRel(p.pkid),
         v4::Packet::PubComp(p) => Inbound::PubComp(p.pkid),
-        v4::Packet::Subscribe(s) => Inbound::Subscribe(s),
+        v4::Packet::Subscribe(s) => {
+            if s.pkid == 0 {
+                return Err(DecodeError::Violation("SUBSCRIBE with packet identifier 0"));
+            }
+            Inbound::Subscribe(s)
+        }
         v4::Packet::Unsubscribe(u) => {
+            // A non-zero packet identifier [MQTT-2.3.1-1]; at least one filter [MQTT-3.10.3-2].
+            if u.pkid == 0 {
+                return Err(DecodeError::Violation("UNSUBSCRIBE with packet identifier 0"));
+            }
             if u.topics.is_empty() {
                 return Err(DecodeError::Violation("UNSUBSCRIBE without topic filters"));
             }
@@ -293,6 +302,12 @@ mod tests {
         // PINGREQ ok, with flags not ok
         assert!(matches!(decode_hex("c000"), Ok(Inbound::PingReq)));
         assert!(matches!(decode_hex("c100"), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn zero_packet_ids_are_violations() {
+        assert!(matches!(decode_hex("8206000000016101"), Err(DecodeError::Violation(_))));
+        assert!(matches!(decode_hex("a2050000000161"), Err(DecodeError::Violation(_))));
     }
 
     #[test]
