@@ -36,6 +36,26 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Simulated sensors: N copies of the real firmware state machine publishing threshold
+    /// events over TCP to a broker; prints what was published and acknowledged.
+    #[cfg(feature = "demo")]
+    Sim {
+        /// MQTT broker as HOST:PORT.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        broker: String,
+        /// Number of simulated sensors.
+        #[arg(long, default_value_t = 4)]
+        sensors: usize,
+        /// Threshold events per second per sensor (readings are 5x as frequent; max 200).
+        #[arg(long, default_value_t = 1.0)]
+        rate: f64,
+        /// Device ids are <PREFIX><index, 4 digits>.
+        #[arg(long, default_value = "sim-")]
+        id_prefix: String,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        duration: Option<f64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +72,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
+        #[cfg(feature = "demo")]
+        Command::Sim { broker, sensors, rate, id_prefix, duration } => run_sim(broker, sensors, rate, id_prefix, duration),
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -67,6 +89,46 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `waystation sim`: blocks until `--duration` or Ctrl-C, then lets the outboxes drain.
+/// Exit 0 when every event was acknowledged, 1 when some were left pending, 2 on bad options.
+#[cfg(feature = "demo")]
+fn run_sim(broker: String, sensors: usize, rate: f64, id_prefix: String, duration: Option<f64>) -> ExitCode {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = stop.clone();
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_signal.store(true, Ordering::SeqCst);
+            }
+        });
+    });
+    let options = waystation_firmware::sim::SimOptions {
+        broker,
+        sensors,
+        rate_hz: rate,
+        id_prefix,
+        duration: duration.filter(|d| d.is_finite() && *d > 0.0).map(std::time::Duration::from_secs_f64),
+        ..Default::default()
+    };
+    match waystation_firmware::sim::run(&options, &stop) {
+        Ok(report) => {
+            println!("{report}");
+            if report.pending > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
         }
     }
 }
