@@ -256,6 +256,8 @@ struct Sent {
     pkid: Option<u16>,
     acked: bool,
     sent_at: Instant,
+    /// When the broker received it (Unix ms), for the forward latency histogram.
+    received_at_ms: u64,
 }
 
 impl Bridge {
@@ -349,7 +351,7 @@ impl Bridge {
                             Ok(r) => r,
                             Err(e) => {
                                 warn!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
-                                sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now() });
+                                sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now(), received_at_ms: 0 });
                                 continue;
                             }
                         };
@@ -357,7 +359,7 @@ impl Bridge {
                         let rule = if from_here { None } else { self.config.forward_rule(&record.topic) };
                         let Some(rule) = rule else {
                             // Not for this bridge (or its own command coming back): done for it.
-                            sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now() });
+                            sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now(), received_at_ms: 0 });
                             continue;
                         };
                         let topic = format!("{}{}", rule.remote_prefix, record.topic);
@@ -369,7 +371,7 @@ impl Bridge {
                             r.take();
                         }
                         awaiting_pkid.push_back(seq);
-                        sent.push_back(Sent { seq, pkid: None, acked: false, sent_at: Instant::now() });
+                        sent.push_back(Sent { seq, pkid: None, acked: false, sent_at: Instant::now(), received_at_ms: record.received_at_ms });
                     }
                 }
             }
@@ -447,6 +449,7 @@ impl Bridge {
                         if let Some(seq) = by_pkid.remove(&ack.pkid) {
                             if let Some(entry) = sent.iter_mut().find(|s| s.seq == seq) {
                                 entry.acked = true;
+                                crate::stats::FORWARD_LATENCY_MS.observe(unix_ms().saturating_sub(entry.received_at_ms));
                             }
                             self.set_status(|s| s.forwarded += 1);
                         }

@@ -52,3 +52,90 @@ impl Stats {
         counter.fetch_add(1, Relaxed);
     }
 }
+
+/// A fixed-bucket histogram of integer observations, readable from any thread (for
+/// `/metrics`). Bucket `i` counts observations `<= bounds[i]` and `> bounds[i-1]`; the last
+/// one (index `bounds.len()`) everything above.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [u64],
+    counts: [AtomicU64; HISTOGRAM_MAX_BUCKETS],
+    sum: AtomicU64,
+}
+
+const HISTOGRAM_MAX_BUCKETS: usize = 24;
+
+/// What [`Histogram::snapshot`] returns: per-bucket (not cumulative) counts.
+#[derive(Debug, Clone)]
+pub struct HistogramSnapshot {
+    pub bounds: &'static [u64],
+    /// `bounds.len() + 1` entries, the last for observations above every bound.
+    pub counts: Vec<u64>,
+    pub sum: u64,
+}
+
+impl Histogram {
+    pub const fn new(bounds: &'static [u64]) -> Histogram {
+        assert!(bounds.len() < HISTOGRAM_MAX_BUCKETS);
+        Histogram { bounds, counts: [const { AtomicU64::new(0) }; HISTOGRAM_MAX_BUCKETS], sum: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|b| *b < value);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum.fetch_add(value, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: self.bounds,
+            counts: self.counts[..=self.bounds.len()].iter().map(|c| c.load(Relaxed)).collect(),
+            sum: self.sum.load(Relaxed),
+        }
+    }
+}
+
+/// Operations per group commit (`store::writer`). Process-wide: one broker per process.
+pub static COMMIT_BATCH_OPS: Histogram = Histogram::new(&[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]);
+/// Microseconds to make one group commit durable (sled flush + fsyncs), `store::writer`.
+pub static COMMIT_SYNC_US: Histogram = Histogram::new(&[
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+]);
+/// Milliseconds from the broker receiving a message to the upstream acknowledging it
+/// (`bridge`, QoS 1 forwards), backlog time included.
+pub static FORWARD_LATENCY_MS: Histogram = Histogram::new(&[
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
+]);
+
+impl Stats {
+    /// [`COMMIT_BATCH_OPS`] (reachable from outside the crate through `Stats`).
+    pub fn commit_batch_ops(&self) -> HistogramSnapshot {
+        COMMIT_BATCH_OPS.snapshot()
+    }
+
+    /// [`COMMIT_SYNC_US`].
+    pub fn commit_sync_us(&self) -> HistogramSnapshot {
+        COMMIT_SYNC_US.snapshot()
+    }
+
+    /// [`FORWARD_LATENCY_MS`].
+    pub fn forward_latency_ms(&self) -> HistogramSnapshot {
+        FORWARD_LATENCY_MS.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_upper_inclusive() {
+        static H: Histogram = Histogram::new(&[1, 10]);
+        for v in [0, 1, 2, 10, 11, 1000] {
+            H.observe(v);
+        }
+        let s = H.snapshot();
+        assert_eq!(s.counts, vec![2, 2, 2]);
+        assert_eq!(s.sum, 1024);
+    }
+}

@@ -29,6 +29,24 @@ pub struct Config {
     pub storage: StorageSection,
     #[serde(default, rename = "bridge")]
     pub bridges: Vec<BridgeConfig>,
+    #[serde(default)]
+    pub http: HttpSection,
+}
+
+/// `[http]`: the observability server (`/metrics`, `/healthz`, `/api/v1/status`, dashboard).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Loopback by default, like the MQTT listener. Port 0 picks a free port (logged).
+    pub bind: SocketAddr,
+    /// false: no HTTP server at all.
+    pub enabled: bool,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection { bind: SocketAddr::from(([127, 0, 0, 1], 8080)), enabled: true }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +89,8 @@ impl StorageSection {
 pub struct GatewaySection {
     pub id: String,
     pub data_dir: PathBuf,
+    /// Seconds between `$SYS/broker/...` updates; 0 = none.
+    pub sys_interval: u64,
 }
 
 impl Default for GatewaySection {
@@ -78,6 +98,7 @@ impl Default for GatewaySection {
         GatewaySection {
             id: "waystation".into(),
             data_dir: PathBuf::from("/var/lib/waystation"),
+            sys_interval: 10,
         }
     }
 }
@@ -241,6 +262,24 @@ mod tests {
         let defaults = LimitsSection::default();
         assert_eq!(config.limits.max_packet_size, defaults.max_packet_size);
         assert_eq!(config.limits.max_inflight, defaults.max_inflight);
+        assert_eq!(config.http.bind, HttpSection::default().bind);
+        assert_eq!(config.gateway.sys_interval, GatewaySection::default().sys_interval);
+    }
+
+    #[test]
+    fn http_and_sys_interval() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.http.bind, "127.0.0.1:8080".parse().unwrap());
+        assert!(config.http.enabled);
+        assert_eq!(config.gateway.sys_interval, 10);
+        let config = Config::parse("[gateway]\nsys_interval = 0\n[http]\nbind = \"0.0.0.0:9100\"\nenabled = false\n").unwrap();
+        assert_eq!(config.http.bind, "0.0.0.0:9100".parse().unwrap());
+        assert!(!config.http.enabled);
+        assert_eq!(config.gateway.sys_interval, 0);
+        let err = Config::parse("[http]\nbind = \"nowhere\"\n").unwrap_err();
+        assert!(err.contains("line 2") && err.contains("bind"), "{err}");
+        let err = Config::parse("[http]\nport = 1\n").unwrap_err();
+        assert!(err.contains("port"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,12 @@
 //! done by the `waystation-broker` library.
 
 mod config;
+#[cfg(feature = "demo")]
+mod demo;
+mod http;
+mod metrics;
+mod status;
+mod sys;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,8 +25,17 @@ const EXIT_BAD_CONFIG: u8 = 2;
 #[derive(Parser)]
 #[command(name = "waystation", version, about = "MQTT edge gateway: keeps sensor events on disk and forwards them upstream")]
 struct Cli {
+    /// Log line format on stderr: "text" for people, "json" (one object per line) for log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -56,12 +71,23 @@ enum Command {
         #[arg(long)]
         duration: Option<f64>,
     },
+    /// The whole story in one process, no config needed: simulated sensors publish into the
+    /// edge broker, which stores and forwards to an in-process cloud broker that goes away
+    /// part-way; ends with a self-checked summary (exit 1 if anything was lost).
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    #[cfg(feature = "demo")]
+    let quiet = matches!(cli.command, Command::Demo(_));
+    #[cfg(not(feature = "demo"))]
+    let quiet = false;
+    init_logging(cli.log_format, quiet);
     match cli.command {
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::main(args),
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: OK", config.display());
@@ -133,14 +159,19 @@ fn run_sim(broker: String, sensors: usize, rate: f64, id_prefix: String, duratio
     }
 }
 
-fn init_logging() {
+/// `quiet`: the default level is `error` (the demo draws its own progress on the terminal,
+/// and its outage makes the bridge warn on purpose).
+fn init_logging(format: LogFormat, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let default = if quiet { "error" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        // One JSON object per line: timestamp, level, target, the event's fields (client,
+        // topic, bridge... as the broker names them) flattened next to "message".
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
@@ -161,9 +192,30 @@ fn run(config: Config) -> anyhow::Result<()> {
         for addr in broker.local_addrs() {
             info!("listening on {addr}");
         }
+        let (obs_stop, obs_stopped) = tokio::sync::watch::channel(false);
+        let mut http_task = None;
+        if config.http.enabled {
+            // The dashboard is not the gateway's job: if its port is taken, say so and go on
+            // storing and forwarding.
+            match http::serve(config.http.bind, broker.status_handle(), config.gateway.id.clone(), obs_stopped.clone()).await {
+                Ok((addr, task)) => {
+                    info!("dashboard, /metrics, /healthz and /api/v1/status at http://{addr}/");
+                    http_task = Some(task);
+                }
+                Err(e) => error!(bind = %config.http.bind, error = %e, "cannot start the HTTP server ([http] bind): running without it"),
+            }
+        }
+        let sys_task = (config.gateway.sys_interval > 0).then(|| {
+            let interval = std::time::Duration::from_secs(config.gateway.sys_interval);
+            tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stopped.clone()))
+        });
         info!(gateway = %config.gateway.id, "waystation started");
         shutdown_signal().await?;
         info!("shutting down");
+        let _ = obs_stop.send(true);
+        for task in [http_task, sys_task].into_iter().flatten() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
+        }
         broker.shutdown().await;
         info!("stopped");
         Ok(())

@@ -93,7 +93,10 @@ fn commit(shared: &Shared, group: &[Submission], synced_blobs: &mut HashSet<OsSt
                     source: std::io::Error::from_raw_os_error(28), // ENOSPC
                 });
             }
+            let syncing = Instant::now();
             engine.make_durable(&shared.cfg.dir, synced_blobs)?;
+            crate::stats::COMMIT_SYNC_US.observe(syncing.elapsed().as_micros() as u64);
+            crate::stats::COMMIT_BATCH_OPS.observe(b.ops as u64);
             Ok(engine)
         });
         match attempt {

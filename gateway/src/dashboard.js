@@ -1,0 +1,191 @@
+// Waystation dashboard: polls /api/v1/status every second and draws the last few minutes.
+// No dependencies. Rates use the server's clock (now_ms), so they are right even when the
+// browser's timers run fast or late. The page exposes what it drew as data attributes
+// (body: data-sensor-count, data-client-count, data-polls; each canvas: data-points) for tests.
+"use strict";
+
+const HISTORY = 180;
+const series = { ingest: [], forward: [], backlog: [] };
+let previous = null;
+let polls = 0;
+
+const $ = (id) => document.getElementById(id);
+const fmt = (n) => (n == null ? "–" : Math.round(n).toLocaleString("en-US"));
+const rate = (n) => (n >= 100 ? fmt(n) : n.toFixed(1)) + "/s";
+
+function age(seconds) {
+  if (seconds == null) return "–";
+  if (seconds < 1) return "<1 s";
+  if (seconds < 120) return Math.round(seconds) + " s";
+  if (seconds < 7200) return Math.round(seconds / 60) + " min";
+  return Math.round(seconds / 3600) + " h";
+}
+
+function push(name, t, v) {
+  const s = series[name];
+  s.push([t, v]);
+  if (s.length > HISTORY) s.shift();
+  const canvas = $("chart-" + name);
+  canvas.dataset.points = String(s.length);
+  draw(canvas, s, name === "backlog" ? "#d98c1f" : name === "ingest" ? "#2f6fdf" : "#1f9d55");
+}
+
+function draw(canvas, points, color) {
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 300, h = canvas.clientHeight || 150;
+  if (canvas.width !== Math.round(w * dpr)) { canvas.width = Math.round(w * dpr); canvas.height = Math.round(h * dpr); }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  const left = 44, bottom = h - 18, top = 8, right = w - 6;
+  let max = 1;
+  for (const p of points) max = Math.max(max, p[1]);
+  max = niceCeil(max);
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = "#6b7480";
+  ctx.strokeStyle = "#e3e6ea";
+  ctx.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const y = bottom - (bottom - top) * i / 4;
+    ctx.beginPath(); ctx.moveTo(left, y + 0.5); ctx.lineTo(right, y + 0.5); ctx.stroke();
+    ctx.fillText(short(max * i / 4), 4, y + 4);
+  }
+  if (points.length === 0) return;
+  const t1 = points[points.length - 1][0];
+  const span = Math.max(60000, t1 - points[0][0]);
+  const x = (t) => right - (right - left) * (t1 - t) / span;
+  const y = (v) => bottom - (bottom - top) * v / max;
+  ctx.fillText("-" + Math.round(span / 1000) + " s", left, h - 4);
+  ctx.fillText("now", right - 22, h - 4);
+  ctx.beginPath();
+  points.forEach((p, i) => (i ? ctx.lineTo(x(p[0]), y(p[1])) : ctx.moveTo(x(p[0]), y(p[1]))));
+  ctx.strokeStyle = color; ctx.lineWidth = 2; ctx.stroke();
+  ctx.lineTo(x(t1), bottom); ctx.lineTo(x(points[0][0]), bottom); ctx.closePath();
+  ctx.globalAlpha = 0.12; ctx.fillStyle = color; ctx.fill(); ctx.globalAlpha = 1;
+}
+
+function niceCeil(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  return 10 * p;
+}
+
+function short(v) {
+  if (v >= 1e6) return (v / 1e6).toFixed(1) + "M";
+  if (v >= 1e3) return (v / 1e3).toFixed(v >= 1e4 ? 0 : 1) + "k";
+  return String(Math.round(v * 10) / 10);
+}
+
+function cell(row, text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  row.appendChild(td);
+  return td;
+}
+
+function render(s) {
+  polls += 1;
+  document.body.dataset.polls = String(polls);
+  $("error").style.display = "none";
+  $("gateway").textContent = s.gateway + " · v" + s.version;
+  const health = $("health");
+  health.textContent = s.healthy ? "healthy" : "unhealthy";
+  health.className = "badge " + (s.healthy ? "ok" : "bad");
+  health.title = s.unhealthy_reason || "";
+  $("uptime").textContent = "up " + age(s.uptime_s);
+
+  const sensors = s.clients.filter((c) => c.last_publish);
+  document.body.dataset.sensorCount = String(sensors.length);
+  document.body.dataset.clientCount = String(s.clients.length);
+  const backlog = s.storage.enabled ? s.storage.log_messages : s.bridges.reduce((a, b) => a + b.backlog, 0);
+  $("k-sensors").textContent = fmt(sensors.length);
+  $("k-received").textContent = fmt(s.totals.messages_received);
+  $("k-forwarded").textContent = fmt(s.totals.forwarded);
+  $("k-backlog").textContent = fmt(backlog);
+  $("k-oldest").textContent = s.storage.oldest_age_s == null ? "–" : age(s.storage.oldest_age_s);
+  $("k-dropped").textContent = fmt(s.totals.dropped);
+
+  if (previous && s.now_ms > previous.now_ms) {
+    const dt = (s.now_ms - previous.now_ms) / 1000;
+    const ingest = Math.max(0, s.totals.messages_received - previous.totals.messages_received) / dt;
+    const forward = Math.max(0, s.totals.forwarded - previous.totals.forwarded) / dt;
+    push("ingest", s.now_ms, ingest);
+    push("forward", s.now_ms, forward);
+    $("now-ingest").textContent = rate(ingest);
+    $("now-forward").textContent = rate(forward);
+  }
+  if (!previous || s.now_ms > previous.now_ms) {
+    push("backlog", s.now_ms, backlog || 0);
+    $("now-backlog").textContent = fmt(backlog) + " msgs";
+  }
+  previous = s;
+
+  const bt = $("bridges").tBodies[0];
+  bt.replaceChildren();
+  for (const b of s.bridges) {
+    const tr = document.createElement("tr");
+    tr.dataset.bridge = b.name;
+    tr.dataset.connected = String(b.connected);
+    const name = cell(tr, "");
+    const dot = document.createElement("span");
+    dot.className = "dot" + (b.connected ? " up" : "");
+    name.append(dot, b.name);
+    cell(tr, b.connected ? "connected" : "down");
+    cell(tr, fmt(b.forwarded), "num");
+    cell(tr, fmt(b.backlog), "num");
+    cell(tr, fmt(b.inflight), "num");
+    cell(tr, fmt(b.reconnects), "num");
+    cell(tr, b.last_error || "", "muted");
+    bt.appendChild(tr);
+  }
+  if (s.bridges.length === 0) {
+    const tr = document.createElement("tr");
+    cell(tr, "no bridges configured", "muted").colSpan = 7;
+    bt.appendChild(tr);
+  }
+
+  const st = $("sensors").tBodies[0];
+  st.replaceChildren();
+  for (const c of sensors) {
+    const tr = document.createElement("tr");
+    tr.dataset.client = c.client_id;
+    cell(tr, c.client_id);
+    cell(tr, c.peer || "", "muted");
+    cell(tr, fmt(c.messages_in), "num");
+    cell(tr, c.last_publish.topic);
+    const code = document.createElement("code");
+    code.textContent = c.last_publish.payload;
+    cell(tr, "").appendChild(code);
+    cell(tr, age((s.now_ms - c.last_publish.at_ms) / 1000), "num");
+    st.appendChild(tr);
+  }
+  if (sensors.length === 0) {
+    const tr = document.createElement("tr");
+    cell(tr, "no sensor has published yet", "muted").colSpan = 6;
+    st.appendChild(tr);
+  }
+
+  const g = s.storage;
+  $("storage").textContent = g.enabled
+    ? `Storage: ${fmt(g.log_messages)} messages (${fmt(g.log_bytes / 1024)} KiB) in the log · ${fmt(g.commits)} group commits · ` +
+      `last batch ${fmt(g.last_batch_ops)} ops · ${g.pending_acks} acks waiting for disk` + (g.error ? ` · ERROR: ${g.error}` : "") +
+      (g.moved_aside ? ` · a corrupt store was moved to ${g.moved_aside}` : "")
+    : "Storage: none (no data_dir)";
+}
+
+async function poll() {
+  try {
+    const r = await fetch("/api/v1/status", { cache: "no-store" });
+    if (!r.ok) throw new Error("HTTP " + r.status);
+    render(await r.json());
+  } catch (e) {
+    const el = $("error");
+    el.textContent = "cannot reach the gateway: " + e.message;
+    el.style.display = "block";
+  } finally {
+    setTimeout(poll, 1000);
+  }
+}
+
+poll();
