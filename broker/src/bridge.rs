@@ -9,9 +9,13 @@
 //!
 //! Invariants:
 //! - Never skip: the cursor only advances over a contiguous run of acknowledged entries,
-//!   so a crash or reconnect resends from the first unacknowledged one. Duplicates after a
-//!   crash are bounded by the in-flight window plus the cursor-persist interval
-//!   (`CURSOR_PERSIST_EVERY` entries or `CURSOR_PERSIST_INTERVAL`).
+//!   so a crash or reconnect resends from the first unacknowledged one.
+//! - Bounded duplicates: after a crash the bridge resends from its last *durable* cursor.
+//!   It never lets the acknowledged-but-not-yet-durable part of its cursor grow beyond
+//!   `MAX_UNPERSISTED_ACKS` entries (it stops sending until the store catches up), so a
+//!   crash duplicates at most `max_inflight + MAX_UNPERSISTED_ACKS` messages. (Waiting for
+//!   each cursor write before sending more would bound it by the window alone, but would
+//!   cap the drain at one window per disk sync.)
 //! - Never drop for slowness: an upstream that is away, refuses us or stalls (connected
 //!   but not acknowledging for `ack_timeout`) is reconnected with capped, jittered
 //!   exponential back-off while the log holds everything.
@@ -32,6 +36,9 @@ use crate::router::RouterCmd;
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Op, Seq, Store};
 use crate::topic::{filter_matches, valid_filter};
+
+/// Log entries acknowledged upstream whose cursor update is not yet durable, at most.
+pub const MAX_UNPERSISTED_ACKS: u64 = 1024;
 
 /// Persist the cursor after this many newly acknowledged entries...
 const CURSOR_PERSIST_EVERY: u64 = 64;
@@ -329,6 +336,10 @@ impl Bridge {
         let mut by_pkid: HashMap<u16, Seq> = HashMap::new();
         let mut next_read = *cursor + 1;
         let mut persisted = *cursor;
+        // Cursor writes submitted and not yet durable, and the cursor the disk surely has.
+        let mut unconfirmed: VecDeque<(crate::store::Ticket, Seq)> = VecDeque::new();
+        let mut durable_cursor = *cursor;
+        let mut skip_rounds = 0;
         let mut last_persist = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -336,8 +347,15 @@ impl Bridge {
         let own_origin = crate::router::bridge_origin(&self.config.name);
 
         loop {
+            let durable_through = durable.borrow().durable_through;
+            while unconfirmed.front().is_some_and(|(ticket, _)| *ticket <= durable_through) {
+                if let Some((_, seq)) = unconfirmed.pop_front() {
+                    durable_cursor = seq;
+                }
+            }
+            let within_duplicate_bound = *cursor - durable_cursor < MAX_UNPERSISTED_ACKS;
             // Fill the window from the log.
-            if connected && sent.len() < max_inflight {
+            if connected && sent.len() < max_inflight && within_duplicate_bound {
                 let budget = max_inflight - sent.len();
                 let budget = match &mut rate {
                     Some(r) => r.available(budget),
@@ -391,7 +409,9 @@ impl Bridge {
                 });
             }
             if *cursor > persisted && (*cursor - persisted >= CURSOR_PERSIST_EVERY || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL) {
-                self.persist_cursor(*cursor);
+                if let Some(ticket) = self.persist_cursor(*cursor) {
+                    unconfirmed.push_back((ticket, *cursor));
+                }
                 persisted = *cursor;
                 last_persist = Instant::now();
             }
@@ -400,6 +420,13 @@ impl Bridge {
                     return Err(format!("upstream stalled: no acknowledgement for {}s", ack_timeout.as_secs()));
                 }
             }
+            // Entries that were not for this bridge were passed over without sending: read on
+            // at once rather than after the next wake-up (a few rounds, then poll the link).
+            if advanced > 0 && sent.len() < max_inflight && skip_rounds < 8 && awaiting_pkid.is_empty() {
+                skip_rounds += 1;
+                continue;
+            }
+            skip_rounds = 0;
 
             let wake = tokio::select! {
                 event = eventloop.poll() => Wake::Event(event),
@@ -468,13 +495,19 @@ impl Bridge {
         }
     }
 
-    fn persist_cursor(&self, cursor: Seq) {
+    /// Submits the cursor (and the deletion of entries every bridge is done with); returns
+    /// the ticket that becomes durable with it.
+    fn persist_cursor(&self, cursor: Seq) -> Option<crate::store::Ticket> {
         let mut ops = vec![Op::Put { space: Keyspace::Meta, key: cursor_key(&self.config.name), value: cursor.to_be_bytes().to_vec() }];
         if let Some(min) = self.cursors.advance(self.index, cursor) {
             ops.push(Op::DeleteLogThrough(min));
         }
-        if let Err(e) = self.store.submit(ops) {
-            warn!(bridge = %self.config.name, error = %e, "cannot persist bridge cursor");
+        match self.store.submit(ops) {
+            Ok((ticket, _)) => Some(ticket),
+            Err(e) => {
+                warn!(bridge = %self.config.name, error = %e, "cannot persist bridge cursor");
+                None
+            }
         }
     }
 

@@ -112,6 +112,11 @@ pub struct Router {
     storage_full: bool,
     clients: HashMap<ConnId, ClientInfo>,
     snapshot: Arc<Mutex<RouterSnapshot>>,
+    /// Log entries this router asked to delete (drop_oldest, max_age) that the store may
+    /// not have applied yet: (delete through this seq, their bytes). The store's counters
+    /// only move once the delete is committed, so without this the same oldest entries
+    /// would be found, dropped and counted again.
+    pending_drop: Option<(u64, u64)>,
 }
 
 impl Router {
@@ -134,6 +139,7 @@ impl Router {
             storage_full: false,
             clients: HashMap::new(),
             snapshot,
+            pending_drop: None,
         }
     }
 
@@ -597,9 +603,11 @@ impl Router {
     /// bridges make room. Logical bytes as the store counts them, never file sizes.
     fn check_storage_limits(&mut self) {
         let Some(durable) = &self.durable else { return };
-        let stats = durable.store.log_stats();
+        let store = durable.store.clone();
         let max_bytes = durable.storage.max_bytes;
-        match durable.storage.on_full {
+        let on_full = durable.storage.on_full;
+        let stats = store.log_stats();
+        match on_full {
             OnFull::RejectNew => {
                 let full = stats.bytes >= max_bytes;
                 if full != self.storage_full {
@@ -613,30 +621,34 @@ impl Router {
                 }
             }
             OnFull::DropOldest => {
-                if stats.bytes <= max_bytes {
+                let (bytes, from) = self.log_after_pending_drops(&stats);
+                if bytes <= max_bytes {
                     return;
                 }
-                let mut excess = stats.bytes - max_bytes;
-                let mut from = stats.first_seq.unwrap_or(0);
+                let mut excess = bytes - max_bytes;
+                let mut from = from;
                 let mut last = None;
                 let mut dropped = 0u64;
+                let mut freed = 0u64;
                 while excess > 0 {
-                    let entries = match durable.store.read_log(from, 1024) {
+                    let entries = match store.read_log(from, 1024) {
                         Ok(e) if !e.is_empty() => e,
                         _ => break,
                     };
-                    for (seq, bytes) in entries {
+                    for (seq, record) in entries {
                         from = seq + 1;
                         last = Some(seq);
                         dropped += 1;
-                        excess = excess.saturating_sub(bytes.len() as u64);
+                        freed += record.len() as u64;
+                        excess = excess.saturating_sub(record.len() as u64);
                         if excess == 0 {
                             break;
                         }
                     }
                 }
                 if let Some(last) = last {
-                    if durable.store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+                    if store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+                        self.note_pending_drop(last, freed);
                         self.stats.dropped_storage_full.fetch_add(dropped, Ordering::Relaxed);
                         warn!(dropped, max_bytes, "store full (drop_oldest): oldest unforwarded messages dropped");
                     }
@@ -645,21 +657,42 @@ impl Router {
         }
     }
 
+    /// The log's bytes and first seq as they will be once our pending drops are committed.
+    fn log_after_pending_drops(&mut self, stats: &crate::store::LogStats) -> (u64, u64) {
+        let first = stats.first_seq.unwrap_or(0);
+        match self.pending_drop {
+            Some((through, bytes)) if first <= through => (stats.bytes.saturating_sub(bytes), through + 1),
+            _ => {
+                self.pending_drop = None;
+                (stats.bytes, first)
+            }
+        }
+    }
+
+    fn note_pending_drop(&mut self, through: u64, bytes: u64) {
+        self.pending_drop = Some(match self.pending_drop {
+            Some((_, earlier)) => (through, earlier + bytes),
+            None => (through, bytes),
+        });
+    }
+
     /// `[storage] max_age`: unforwarded messages older than this are dropped and counted.
     fn expire_old_messages(&mut self) {
         let Some(durable) = &self.durable else { return };
         let Some(max_age) = durable.storage.max_age else { return };
-        let stats = durable.store.log_stats();
+        let store = durable.store.clone();
+        let stats = store.log_stats();
         let Some(oldest) = stats.oldest_received_at_ms else { return };
         let cutoff = unix_ms().saturating_sub(max_age.as_millis() as u64);
         if oldest >= cutoff {
             return;
         }
-        let mut from = stats.first_seq.unwrap_or(0);
+        let (_, mut from) = self.log_after_pending_drops(&stats);
         let mut last = None;
         let mut dropped = 0u64;
+        let mut freed = 0u64;
         'scan: loop {
-            let entries = match durable.store.read_log(from, 1024) {
+            let entries = match store.read_log(from, 1024) {
                 Ok(e) if !e.is_empty() => e,
                 _ => break,
             };
@@ -670,12 +703,14 @@ impl Router {
                     _ => {
                         last = Some(seq);
                         dropped += 1;
+                        freed += bytes.len() as u64;
                     }
                 }
             }
         }
         if let Some(last) = last {
-            if durable.store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+            if store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
+                self.note_pending_drop(last, freed);
                 self.stats.dropped_expired.fetch_add(dropped, Ordering::Relaxed);
                 warn!(dropped, max_age_secs = max_age.as_secs(), "messages older than max_age dropped");
             }

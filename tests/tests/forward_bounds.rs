@@ -87,11 +87,9 @@ fn drop_oldest_keeps_exactly_the_newest() {
     assert!(o.logged_dropped > 0, "the daemon logged its drops");
 }
 
-// Fails today: the router re-counts entries whose DeleteLogThrough is submitted but not yet
-// durable (log_stats counts durable batches only), e.g. logged 1003 dropped of 1000
-// published while 794 were dropped. Run with `--ignored` once fixed.
+// The router once re-counted entries whose DeleteLogThrough was submitted but not yet
+// durable (logged 1003 dropped of 1000 published while 794 were dropped).
 #[test]
-#[ignore = "bug: drop_oldest over-counts its drops (reported with issue 3's tests)"]
 fn drop_oldest_counts_exactly_what_it_dropped() {
     let o = drop_oldest_run("bounds-dropcount-collector");
     assert_eq!(o.logged_dropped, o.published - o.kept, "the logged drop count must equal what was actually dropped");
