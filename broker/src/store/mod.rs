@@ -83,6 +83,10 @@
 //!   crash and is not detected here. A crash between creating the db file and syncing the
 //!   marker (the first milliseconds of a new store) makes the next open move the (empty) store
 //!   aside: a spurious alert, no data lost.
+//! - **Shutdown** ([`Store::shutdown`], or dropping the last handle) commits what was queued,
+//!   drops the engine and returns only once sled's `flock` on `<dir>/db` is released, so the
+//!   directory can be reopened at once (a restart, the crash tests). Dropping a `sled::Db` is
+//!   not enough: jobs on sled's I/O thread pool hold the locked file a little longer.
 //! - **Backpressure**: the submit queue is unbounded; callers bound it by waiting for acks
 //!   (publishers' in-flight windows). While the disk is full, nothing is acked.
 
@@ -280,6 +284,8 @@ pub(crate) struct Shared {
     durable_cv: Condvar,
     watch_tx: watch::Sender<Durability>,
     closing: AtomicBool,
+    /// Set once `close` has taken the engine out for good: reads then fail with `Closed`.
+    released: AtomicBool,
     /// Set by the writer if it exits with operations it could not commit.
     writer_failure: Mutex<Option<String>>,
     /// Test hook: the next N commit attempts fail as if the disk were full.
@@ -355,6 +361,7 @@ impl Store {
             durable_cv: Condvar::new(),
             watch_tx,
             closing: AtomicBool::new(false),
+            released: AtomicBool::new(false),
             writer_failure: Mutex::new(None),
             #[cfg(test)]
             fail_commits: std::sync::atomic::AtomicU32::new(0),
@@ -483,9 +490,13 @@ impl Store {
         stats
     }
 
-    /// Commits everything queued, then stops the writer thread. Later `submit`s on any clone
-    /// fail with [`StoreError::Closed`]. Returns an error if some queued operations could not
-    /// be made durable (e.g. the disk stayed full); those were never acknowledged.
+    /// Commits everything queued, stops the writer thread, closes the storage engine and waits
+    /// until sled has released its lock on the directory: when this returns (`Ok` or not), the
+    /// directory can be opened again at once, by this process or another. Later `submit`s and
+    /// reads on any clone fail with [`StoreError::Closed`]. Returns an error if some queued
+    /// operations could not be made durable (e.g. the disk stayed full; those were never
+    /// acknowledged) or if the lock was not released within [`RELEASE_TIMEOUT`].
+    /// Dropping the last handle does the same.
     pub fn shutdown(&self) -> Result<(), StoreError> {
         self.inner.close()
     }
@@ -497,16 +508,155 @@ impl Inner {
         lock(&self.submit).tx = None;
         self.shared.closing.store(true, Ordering::SeqCst);
         let handle = lock(&self.writer).take();
+        let mut result = Ok(());
         if let Some(h) = handle {
             if h.join().is_err() {
-                return Err(StoreError::Unavailable("the store writer thread panicked".into()));
+                result = Err(StoreError::Unavailable("the store writer thread panicked".into()));
             }
         }
-        match lock(&self.shared.writer_failure).clone() {
-            Some(f) => Err(StoreError::Unavailable(f)),
-            None => Ok(()),
+        if result.is_ok() {
+            if let Some(f) = lock(&self.shared.writer_failure).clone() {
+                result = Err(StoreError::Unavailable(f));
+            }
+        }
+        // Whatever happened above, let go of the directory.
+        let released = self.release_engine();
+        result.and(released)
+    }
+
+    /// Drops the engine and returns once sled no longer holds `<dir>/db` locked. Dropping a
+    /// `sled::Db` does not release the lock by itself: sled's I/O thread pool runs log writes
+    /// and segment truncations that hold their own reference to the locked file, and a job
+    /// can still be running (or be preempted) after the last handle is dropped, so an open
+    /// right after the drop could fail with "could not acquire lock". Only the first call
+    /// does anything.
+    fn release_engine(&self) -> Result<(), StoreError> {
+        if self.shared.released.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        let engine = write_lock(&self.shared.engine).take();
+        if let Some(engine) = engine {
+            // Readers (read_log, scan, ...) hold a clone only for the duration of one call.
+            if let Err(still_shared) = wait_unique(engine, deadline) {
+                drop(still_shared);
+                return Err(StoreError::Unavailable(
+                    "readers still held the storage engine at shutdown; its lock is released when they finish".into(),
+                ));
+            }
+        }
+        wait_until_unlocked(&self.shared.cfg.dir.join("db"), deadline)
+    }
+}
+
+/// How long [`Store::shutdown`] (and a reopen after a failed commit) waits for sled to let go
+/// of the directory lock. Normally well under a millisecond; a truncation job syncing on a
+/// busy disk can take longer.
+pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits for `engine` to be the last reference, then drops it (sled flushes and syncs on drop).
+/// Returns the engine back if other references remain at `deadline`.
+pub(crate) fn wait_unique(mut engine: Arc<Engine>, deadline: Instant) -> Result<(), Arc<Engine>> {
+    loop {
+        match Arc::try_unwrap(engine) {
+            Ok(e) => {
+                drop(e);
+                return Ok(());
+            }
+            Err(still_shared) if Instant::now() < deadline => {
+                engine = still_shared;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(still_shared) => return Err(still_shared),
         }
     }
+}
+
+/// Returns once nobody holds the `flock` that sled takes on `db_path` (sled 0.34 locks the
+/// file with `flock(LOCK_EX | LOCK_NB)` through fs2 and keeps it until the last reference to
+/// the file, including ones held by its I/O thread pool, is gone). The probe opens the file
+/// anew: flock locks belong to the open file description, so this conflicts with a lock held
+/// in this process too.
+pub(crate) fn wait_until_unlocked(db_path: &Path, deadline: Instant) -> Result<(), StoreError> {
+    let file = match File::open(db_path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(StoreError::Io { what: "opening", path: db_path.to_path_buf(), source }),
+    };
+    let started = Instant::now();
+    loop {
+        match flock::try_lock_exclusive(&file) {
+            Ok(true) => {
+                flock::unlock(&file);
+                let waited = started.elapsed();
+                if waited > Duration::from_millis(100) {
+                    warn!(path = %db_path.display(), waited_ms = waited.as_millis() as u64,
+                        "sled released the store's lock only after a while");
+                }
+                return Ok(());
+            }
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Ok(false) => {
+                return Err(StoreError::Unavailable(format!(
+                    "sled still held the lock on {} {} ms after the store was closed",
+                    db_path.display(),
+                    started.elapsed().as_millis()
+                )))
+            }
+            Err(source) => return Err(StoreError::Io { what: "probing the lock on", path: db_path.to_path_buf(), source }),
+        }
+    }
+}
+
+/// `flock(2)`, which std offers only from Rust 1.89 (`File::try_lock`) while the workspace
+/// supports 1.88.
+#[cfg(unix)]
+mod flock {
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::raw::c_int;
+
+    // Same values on Linux (every architecture) and the BSDs/macOS.
+    const LOCK_EX: c_int = 2;
+    const LOCK_NB: c_int = 4;
+    const LOCK_UN: c_int = 8;
+
+    extern "C" {
+        fn flock(fd: c_int, operation: c_int) -> c_int;
+    }
+
+    /// `Ok(false)` if someone else holds a conflicting lock.
+    pub(super) fn try_lock_exclusive(file: &File) -> std::io::Result<bool> {
+        loop {
+            // SAFETY: `flock` only reads its integer arguments; the fd is open for the
+            // lifetime of `file`.
+            if unsafe { flock(file.as_raw_fd(), LOCK_EX | LOCK_NB) } == 0 {
+                return Ok(true);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => return Ok(false),
+                std::io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
+    pub(super) fn unlock(file: &File) {
+        // SAFETY: as above. Closing `file` would release the lock anyway.
+        unsafe {
+            flock(file.as_raw_fd(), LOCK_UN);
+        }
+    }
+}
+
+/// Elsewhere the probe is skipped (best effort: the lock is not waited for).
+#[cfg(not(unix))]
+mod flock {
+    pub(super) fn try_lock_exclusive(_: &std::fs::File) -> std::io::Result<bool> {
+        Ok(true)
+    }
+    pub(super) fn unlock(_: &std::fs::File) {}
 }
 
 impl Drop for Inner {
@@ -519,9 +669,13 @@ impl Drop for Inner {
 
 impl Shared {
     fn engine(&self) -> Result<Arc<Engine>, StoreError> {
-        read_lock(&self.engine)
-            .clone()
-            .ok_or_else(|| StoreError::Unavailable("the storage engine is being reopened after a write error".into()))
+        read_lock(&self.engine).clone().ok_or_else(|| {
+            if self.released.load(Ordering::SeqCst) {
+                StoreError::Closed
+            } else {
+                StoreError::Unavailable("the storage engine is being reopened after a write error".into())
+            }
+        })
     }
 }
 

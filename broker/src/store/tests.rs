@@ -321,6 +321,38 @@ fn store_shutdown_commits_queued_ops() {
 }
 
 #[test]
+fn store_can_reopen_right_after_shutdown_or_drop() {
+    // The daemon calls `shutdown()` on one clone while others may still exist; a restart (or
+    // a test) opens the directory right after it returns. sled's I/O thread pool can hold the
+    // directory lock briefly after the sled::Db is dropped: shutdown waits for that.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expected = 0;
+    for round in 0..40u64 {
+        let (store, recovery) = open(tmp.path());
+        assert_eq!(recovery.log_len, expected, "round {round}");
+        let clone = store.clone();
+        commit(&store, (0..20).map(|_| Op::Append(rec(200))).collect());
+        // Deleting a prefix makes sled free (and truncate) segments in the background.
+        let through = store.log_stats().last_seq.unwrap() - 10;
+        commit(&store, vec![Op::DeleteLogThrough(through)]);
+        expected = 10;
+        if round % 2 == 0 {
+            store.shutdown().unwrap();
+            // Opens while the clone is still alive.
+            let (reopened, _) = open(tmp.path());
+            // The clone outlives the shutdown and sees a closed store.
+            assert!(matches!(clone.read_log(0, 1), Err(StoreError::Closed)));
+            assert!(matches!(clone.submit(vec![Op::Append(rec(1))]), Err(StoreError::Closed)));
+            assert!(matches!(clone.shutdown(), Ok(())), "a second shutdown is a no-op");
+            drop((store, clone));
+            drop(reopened);
+        } else {
+            drop((store, clone));
+        }
+    }
+}
+
+#[test]
 fn store_large_values_survive_reopen() {
     // Leaves of up to 17 values of ~100 KiB make sled write page images to blob files; those
     // are synced by the writer and must read back.
@@ -399,6 +431,8 @@ fn store_foreign_key_found_by_scan_is_moved_aside() {
         db.open_tree(TREE_NAME).unwrap().insert(b"Lshort", b"x").unwrap();
         db.flush().unwrap();
     }
+    // A dropped sled::Db may keep its lock for a moment (see `release_engine`).
+    wait_until_unlocked(&tmp.path().join("store/db"), Instant::now() + WAIT).unwrap();
     assert_moved_aside(tmp.path());
 }
 
@@ -443,6 +477,9 @@ fn check_crash_record(seq: Seq, bytes: &Bytes) {
 /// The child side of `store_sigkill_loses_no_acked_entry`: does nothing unless re-executed
 /// with `WAYSTATION_STORE_CRASH_DIR` set. Appends from 3 threads and prints `A <seq>` once the
 /// seq is durable, and `D <seq>` once a delete-through is durable; runs until killed.
+/// Before submitting a delete-through it prints `P <through> <n> <k>` (writer 0's records
+/// `n..n+k` ride in the same submission): once submitted, the delete may become durable and
+/// take effect although the kill comes before its `D` line, so the parent must know about it.
 #[test]
 fn store_crash_child() {
     let Some(dir) = std::env::var_os(CRASH_ENV) else { return };
@@ -459,11 +496,15 @@ fn store_crash_child() {
                     let mut ops: Vec<Op> = (0..k)
                         .map(|i| Op::Append(crash_record(w, n + i as u64)))
                         .collect();
+                    let first_n = n;
                     n += k as u64;
                     let delete = w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
                     let through = acked.load(Ordering::SeqCst).saturating_sub(300);
                     if delete {
                         ops.push(Op::DeleteLogThrough(through));
+                        let mut o = lock(&out);
+                        o.write_all(format!("P {through} {first_n} {k}\n").as_bytes()).unwrap();
+                        o.flush().unwrap();
                     }
                     let (t, seqs) = store.submit(ops).expect("submit");
                     store.wait_durable(t, Duration::from_secs(60)).expect("durable");
@@ -525,12 +566,25 @@ fn store_sigkill_loses_no_acked_entry() {
         let text = reader.join().unwrap();
 
         let mut acked = Vec::new();
+        // A delete-through submitted but not acknowledged when the kill came: (through, first
+        // record counter of writer 0 in the same submission, number of such records). Only
+        // writer 0 deletes and it waits for each ack, so there is at most one.
+        let mut pending: Option<(Seq, u64, u64)> = None;
         // Only complete lines count: the kill can cut the last one.
         for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
             let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next().and_then(|s| s.parse::<u64>().ok())) {
-                (Some("A"), Some(s)) => acked.push(s),
-                (Some("D"), Some(s)) => max_deleted = max_deleted.max(s),
+            let tag = parts.next();
+            let nums: Vec<u64> = parts.filter_map(|s| s.parse::<u64>().ok()).collect();
+            match (tag, nums.as_slice()) {
+                (Some("A"), [s]) => acked.push(*s),
+                (Some("D"), [s]) => {
+                    max_deleted = max_deleted.max(*s);
+                    assert_eq!(pending.take().map(|p| p.0), Some(*s), "trial {trial}: D {s} without its P line");
+                }
+                (Some("P"), [through, n, k]) => {
+                    assert!(pending.is_none(), "trial {trial}: two deletes in flight");
+                    pending = Some((*through, *n, *k));
+                }
                 _ => {}
             }
         }
@@ -542,13 +596,41 @@ fn store_sigkill_loses_no_acked_entry() {
         assert_eq!(recovery.moved_aside, None, "trial {trial}: store was corrupt after SIGKILL");
         let log = store.read_log(0, usize::MAX).unwrap();
         let present: BTreeSet<Seq> = log.iter().map(|(s, _)| *s).collect();
+        // The unacknowledged delete-through either took effect whole or not at all (the
+        // contract: unacknowledged submissions may be lost, never torn). It took effect iff
+        // nothing at or below its bound is left beyond what acknowledged deletes removed.
+        // In that case the appends of the same submission are durable too (one atomic batch),
+        // and the bound becomes the deletion point every check below uses. If it did not take
+        // effect, every acknowledged seq above the acknowledged deletes must still be there.
+        let acked_deleted = max_deleted;
+        let mut pending_applied = false;
+        if let Some((through, first_n, k)) = pending {
+            if through > max_deleted && present.range(..=through).next().is_none() {
+                pending_applied = true;
+                max_deleted = through;
+                let records: BTreeSet<Bytes> = log.iter().map(|(_, b)| b.clone()).collect();
+                for n in first_n..first_n + k {
+                    assert!(
+                        records.contains(&crash_record(0, n)),
+                        "trial {trial}: unacked delete-through {through} took effect but record (0, {n}) of the \
+                         same submission is missing: torn batch"
+                    );
+                }
+            }
+        }
         for (seq, bytes) in &log {
             check_crash_record(*seq, bytes);
             assert!(*seq > max_deleted, "trial {trial}: seq {seq} resurrected after delete-through {max_deleted}");
         }
         for s in &acked {
             if *s > max_deleted {
-                assert!(present.contains(s), "trial {trial}: acked seq {s} lost");
+                assert!(
+                    present.contains(s),
+                    "trial {trial}: acked seq {s} lost (log {:?}..={:?}, acked deletes through {acked_deleted}, \
+                     unacked delete in flight {pending:?})",
+                    present.first(),
+                    present.last()
+                );
             }
         }
         // No gaps: only prefixes are deleted, so the log is one contiguous range.
@@ -561,11 +643,17 @@ fn store_sigkill_loses_no_acked_entry() {
         total_acked += acked.len();
         total_present += log.len();
         println!(
-            "crash trial {trial}: killed after {run_ms} ms, {} acked, log {}..={:?} ({} entries), deleted through {max_deleted}",
+            "crash trial {trial}: killed after {run_ms} ms, {} acked, log {}..={:?} ({} entries), deleted through \
+             {max_deleted}{}",
             acked.len(),
             present.first().copied().unwrap_or(0),
             present.last(),
-            log.len()
+            log.len(),
+            match (pending, pending_applied) {
+                (Some((t, _, _)), true) => format!(" (by the unacked delete-through {t}, which took effect)"),
+                (Some((t, _, _)), false) => format!(" (the unacked delete-through {t} did not take effect)"),
+                (None, _) => String::new(),
+            }
         );
         store.shutdown().unwrap();
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::{
-    lock, log_key, parse_log_key, write_lock, Engine, Seq, Shared, StoreError, Submission, Ticket, WriteOp,
-    KEY_NEXT_SEQ,
+    lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq, Shared, StoreError,
+    Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
 };
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -224,28 +224,18 @@ fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
     shared.durable_cv.notify_all();
 }
 
-/// Drops the engine (waiting for readers to let go of it) and opens it again.
+/// Drops the engine (waiting for readers to let go of it and for sled to release its
+/// directory lock) and opens it again.
 fn reopen(shared: &Shared) -> Result<(), StoreError> {
     let mut slot = write_lock(&shared.engine);
-    if let Some(mut engine) = slot.take() {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match Arc::try_unwrap(engine) {
-                Ok(e) => {
-                    drop(e);
-                    break;
-                }
-                Err(still_shared) if Instant::now() < deadline => {
-                    engine = still_shared;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(still_shared) => {
-                    *slot = Some(still_shared);
-                    return Err(StoreError::Unavailable("readers still hold the old engine".into()));
-                }
-            }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    if let Some(engine) = slot.take() {
+        if let Err(still_shared) = wait_unique(engine, deadline) {
+            *slot = Some(still_shared);
+            return Err(StoreError::Unavailable("readers still hold the old engine".into()));
         }
     }
+    wait_until_unlocked(&shared.cfg.dir.join("db"), deadline)?;
     let engine = Engine::open(&shared.cfg)?;
     *slot = Some(Arc::new(engine));
     Ok(())
