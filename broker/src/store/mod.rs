@@ -9,12 +9,14 @@
 //! ## Model
 //!
 //! - The **log** maps a [`Seq`] to an opaque record (normally a [`record::StoredMessage`]).
-//!   Seqs are assigned by [`Store::submit`] in submission order, strictly increasing and never
-//!   reused, not even after the tail was deleted and the store reopened: the next seq is kept as
-//!   a high-water mark written in the same atomic batch as the appends it covers, and at open the
-//!   counter restarts at `max(last live seq + 1, high-water mark)`. (sled's `generate_id` is not
-//!   used: it jumps by millions across reopens and can repeat an id after an abrupt exit.)
-//!   Seqs may have gaps (seqs handed out to a batch that never became durable are skipped).
+//!   Seqs are assigned by [`Store::submit`] in submission order, strictly increasing, and a
+//!   seq that was ever durable is never reused, not even after the tail was deleted and the
+//!   store reopened: the next seq is kept as a high-water mark written in the same atomic
+//!   batch as the appends it covers, and at open the counter restarts at
+//!   `max(last live seq + 1, high-water mark)`. Seqs handed out to a batch that was lost in a
+//!   crash (never durable, never acknowledged) are handed out again after it. (sled's
+//!   `generate_id` is not used: it jumps by millions across reopens and can repeat an id after
+//!   an abrupt exit.) Seqs may have gaps (deleted entries).
 //! - Four **keyspaces** ([`Keyspace`]) hold key/value pairs for the router.
 //! - All of it lives in **one sled tree**, each key prefixed by one byte naming its keyspace
 //!   (`L` + 8-byte big-endian seq for the log). This is deliberate: sled recovers an
@@ -52,7 +54,8 @@
 //!   backs off (100 ms doubling to 1 s), reopens the engine (sled makes any write error sticky
 //!   until reopened) and applies the same batch again. When it succeeds the error is cleared.
 //! - **May be lost**: submissions not yet acknowledged when the process dies. Their effects are
-//!   all-or-nothing per batch. Their seqs are not reused.
+//!   all-or-nothing per batch. Their seqs may be handed out again after the restart
+//!   (harmless: no consumer's durable cursor can be past a seq that was never durable).
 //! - **May be duplicated / re-applied**: a batch that failed (e.g. flush error) may already be
 //!   on disk when it is retried; every operation is therefore idempotent (put of a fixed value,
 //!   remove, append at a seq fixed at submit time), so applying it twice equals applying it
