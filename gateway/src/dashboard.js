@@ -25,6 +25,7 @@ function push(name, t, v) {
   const s = series[name];
   s.push([t, v]);
   if (s.length > HISTORY) s.shift();
+  $("now-" + name).textContent = name === "backlog" ? fmt(v) + " msgs" : rate(v);
   const canvas = $("chart-" + name);
   canvas.dataset.points = String(s.length);
   draw(canvas, s, name === "backlog" ? "#d98c1f" : name === "ingest" ? "#2f6fdf" : "#1f9d55");
@@ -106,20 +107,20 @@ function render(s) {
   $("k-oldest").textContent = s.storage.oldest_age_s == null ? "–" : age(s.storage.oldest_age_s);
   $("k-dropped").textContent = fmt(s.totals.dropped);
 
-  if (previous && s.now_ms > previous.now_ms) {
+  // One chart point per second of server time (timers in a background tab, or a headless
+  // browser's virtual time, may fire faster or slower than that).
+  if (!previous) {
+    push("backlog", s.now_ms, backlog || 0);
+    previous = s;
+  } else if (s.now_ms - previous.now_ms >= 900) {
     const dt = (s.now_ms - previous.now_ms) / 1000;
     const ingest = Math.max(0, s.totals.messages_received - previous.totals.messages_received) / dt;
     const forward = Math.max(0, s.totals.forwarded - previous.totals.forwarded) / dt;
     push("ingest", s.now_ms, ingest);
     push("forward", s.now_ms, forward);
-    $("now-ingest").textContent = rate(ingest);
-    $("now-forward").textContent = rate(forward);
-  }
-  if (!previous || s.now_ms > previous.now_ms) {
     push("backlog", s.now_ms, backlog || 0);
-    $("now-backlog").textContent = fmt(backlog) + " msgs";
+    previous = s;
   }
-  previous = s;
 
   const bt = $("bridges").tBodies[0];
   bt.replaceChildren();
@@ -174,6 +175,27 @@ function render(s) {
     : "Storage: none (no data_dir)";
 }
 
+// The last minutes, sampled by the server once a second, so the charts start full.
+async function seed() {
+  try {
+    const r = await fetch("/api/v1/history", { cache: "no-store" });
+    if (!r.ok) return;
+    const h = await r.json();
+    let prev = null;
+    for (const [t, received, forwarded, backlog] of h.samples) {
+      if (prev && t > prev[0]) {
+        const dt = (t - prev[0]) / 1000;
+        push("ingest", t, Math.max(0, received - prev[1]) / dt);
+        push("forward", t, Math.max(0, forwarded - prev[2]) / dt);
+      }
+      push("backlog", t, backlog);
+      prev = [t, received, forwarded];
+    }
+  } catch (e) {
+    // No history: the charts fill as the page polls.
+  }
+}
+
 async function poll() {
   try {
     const r = await fetch("/api/v1/status", { cache: "no-store" });
@@ -188,4 +210,4 @@ async function poll() {
   }
 }
 
-poll();
+seed().then(poll);

@@ -1,9 +1,13 @@
 //! The observability HTTP server (`[http] bind`, default 127.0.0.1:8080): `/metrics`,
 //! `/healthz`, `/api/v1/status` and the dashboard at `/` (one static page and its script,
-//! compiled into the binary: no CDN, no build step).
+//! compiled into the binary: no CDN, no build step). `/api/v1/history` holds one sample a
+//! second of the last five minutes (received, forwarded, backlog), so the dashboard's charts
+//! are full as soon as it opens.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -20,15 +24,36 @@ use crate::{metrics, status};
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
 
+/// Samples kept for `/api/v1/history` (one a second).
+const HISTORY_LEN: usize = 300;
+
 struct AppState {
     status: StatusHandle,
     registry: Registry,
     gateway_id: String,
+    /// (unix ms, messages received, forwarded, backlog).
+    history: Mutex<VecDeque<[u64; 4]>>,
 }
 
-pub fn router(status: StatusHandle, gateway_id: String) -> Router {
-    let state = Arc::new(AppState { registry: metrics::registry(status.clone()), status, gateway_id });
+fn sample(status: &StatusHandle) -> [u64; 4] {
+    let s = status.status();
+    let received = crate::sys::received_by_qos(status.stats()).iter().sum();
+    let forwarded = s.bridges.iter().map(|b| b.forwarded).sum();
+    let last_seq = s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0);
+    let backlog = match &s.log {
+        Some(l) => l.len,
+        None => s.bridges.iter().map(|b| last_seq.saturating_sub(b.cursor)).sum(),
+    };
+    [status::unix_ms(), received, forwarded, backlog]
+}
+
+fn app_state(status: StatusHandle, gateway_id: String) -> Arc<AppState> {
+    Arc::new(AppState { registry: metrics::registry(status.clone()), status, gateway_id, history: Mutex::new(VecDeque::new()) })
+}
+
+fn router_with_state(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/api/v1/history", get(api_history))
         .route("/", get(dashboard))
         .route("/dashboard.js", get(dashboard_js))
         .route("/metrics", get(metrics_text))
@@ -47,7 +72,24 @@ pub async fn serve(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = router(status, gateway_id);
+    let state = app_state(status, gateway_id);
+    let app = router_with_state(state.clone());
+    let mut sampler_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = sampler_stop.wait_for(|s| *s) => return,
+            }
+            let s = sample(&state.status);
+            let mut h = state.history.lock().unwrap_or_else(|p| p.into_inner());
+            if h.len() == HISTORY_LEN {
+                h.pop_front();
+            }
+            h.push_back(s);
+        }
+    });
     let task = tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -78,6 +120,12 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
         None => (StatusCode::OK, "ok\n").into_response(),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
     }
+}
+
+async fn api_history(State(state): State<Arc<AppState>>) -> Response {
+    let samples: Vec<[u64; 4]> = state.history.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+    let body = serde_json::json!({ "fields": ["t_ms", "received", "forwarded", "backlog"], "samples": samples }).to_string();
+    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response()
 }
 
 async fn api_status(State(state): State<Arc<AppState>>) -> Response {
