@@ -162,12 +162,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let mut outage_state = if outage.is_zero() { OutageState::Done } else { OutageState::Before };
     let mut peak_backlog = 0u64;
     let mut drained_after: Option<Duration> = None;
+    let mut outage_lasted: Option<Duration> = None;
     let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut interrupted = false;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     while !sim.is_finished() {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = &mut ctrl_c => {
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
                 stop.store(true, Ordering::SeqCst);
                 progress.note("Ctrl-C: stopping the sensors, then draining and checking");
             }
@@ -181,6 +184,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             }
             OutageState::During(since) if since.elapsed() >= outage || stop.load(Ordering::SeqCst) => {
                 cloud_down.send_replace(false);
+                outage_lasted = Some(since.elapsed());
                 progress.note(&format!("{:>5.1}s  cloud is back: the bridge reconnects and drains the backlog", t.as_secs_f64()));
                 outage_state = OutageState::After(Instant::now());
             }
@@ -196,6 +200,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             }
         }
         progress.line(&snap.line(t, args.sensors, *cloud_down.borrow()));
+    }
+    if let OutageState::During(since) = outage_state {
+        outage_lasted = Some(since.elapsed());
+        outage_state = OutageState::After(Instant::now());
+        progress.note(&format!("{:>5.1}s  cloud is back (the sensors are done): the bridge drains the backlog", started.elapsed().as_secs_f64()));
     }
     cloud_down.send_replace(false);
     let report: SimReport = match sim.join() {
@@ -213,6 +222,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let snap = Snap::take(&handle, &cloud_log);
+        if let (OutageState::After(since), None) = (&outage_state, drained_after) {
+            if snap.waiting < peak_backlog / 20 + 10 {
+                drained_after = Some(since.elapsed());
+            }
+        }
         progress.line(&snap.line(started.elapsed(), args.sensors, false));
         let complete = want.iter().all(|k| cloud_log.lock().unwrap_or_else(|p| p.into_inner()).unique.contains(k));
         if (complete && snap.waiting == 0) || Instant::now() >= deadline {
@@ -250,9 +264,16 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     println!("  forwarded to the cloud      {forwarded} (PUBACKs from the cloud, resends included)");
     println!("  received by the cloud       {} unique, {} in all", log.unique.len(), log.total);
     println!("  duplicates                  {duplicates} (at-least-once: resent after the outage cut them in flight)");
-    if !outage.is_zero() {
-        let drained = drained_after.map_or("not measured".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
-        println!("  cloud outage                {:.1} s, backlog peaked at {peak_backlog} events on disk, drained in {drained}, bridge reconnects {reconnects}", outage.as_secs_f64());
+    match outage_lasted {
+        Some(lasted) => {
+            let drained = drained_after.map_or("not measured".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
+            println!(
+                "  cloud outage                {:.1} s, backlog peaked at {peak_backlog} events on disk, drained in {drained}, bridge reconnects {reconnects}",
+                lasted.as_secs_f64()
+            );
+        }
+        None if outage.is_zero() => println!("  cloud outage                none (--outage 0)"),
+        None => println!("  cloud outage                none (stopped before it began)"),
     }
     println!("  sensor resends / drops      {} / {}", report.resent, report.dropped);
     println!("  lost                        {lost}");
@@ -294,13 +315,18 @@ impl Snap {
     fn take(handle: &StatusHandle, cloud: &Mutex<CloudLog>) -> Snap {
         let s = handle.status();
         let st = handle.stats();
+        let forwarded: u64 = s.bridges.iter().map(|b| b.forwarded).sum();
+        let waiting = s.log.as_ref().map_or(0, |l| l.len);
+        let last_seq = s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0);
+        let received = st.messages_received[1].load(Ordering::Relaxed);
         Snap {
-            received: st.messages_received[1].load(Ordering::Relaxed),
-            // The newest log seq (one per persisted event); the log empties as it drains.
-            persisted: PERSISTED.fetch_max(s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0), Ordering::Relaxed)
-                .max(s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0)),
-            forwarded: s.bridges.iter().map(|b| b.forwarded).sum(),
-            waiting: s.log.as_ref().map_or(0, |l| l.len),
+            received,
+
+            // Events written to the log: its newest seq (one per event; the log empties as it
+            // drains, so the highest seen), and at least what was forwarded plus what waits.
+            persisted: PERSISTED.fetch_max(last_seq, Ordering::Relaxed).max(last_seq).max((forwarded + waiting).min(received)),
+            forwarded,
+            waiting,
             connected: s.bridges.iter().all(|b| b.connected),
             cloud_unique: cloud.lock().unwrap_or_else(|p| p.into_inner()).unique.len(),
             sensors_up: s.router.clients.iter().filter(|c| c.client_id.starts_with("sensor-")).count(),

@@ -163,7 +163,8 @@ fn run_sim(broker: String, sensors: usize, rate: f64, id_prefix: String, duratio
 /// and its outage makes the bridge warn on purpose).
 fn init_logging(format: LogFormat, quiet: bool) {
     use tracing_subscriber::EnvFilter;
-    let default = if quiet { "error" } else { "info" };
+    // rumqttd (the demo's cloud) logs every probe and cut connection as an error.
+    let default = if quiet { "error,rumqttd=off" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
