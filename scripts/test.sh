@@ -8,6 +8,9 @@ command -v mosquitto_pub >/dev/null || need_apt+=(mosquitto-clients)
 command -v mosquitto >/dev/null && [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
 command -v arm-none-eabi-size >/dev/null || need_apt+=(binutils-arm-none-eabi)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
+command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need_apt[*]}"
@@ -23,8 +26,22 @@ if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/d
   systemctl stop mosquitto || true
 fi
 
-rustup target add thumbv7em-none-eabihf thumbv7m-none-eabi riscv32imc-unknown-none-elf >/dev/null
+rustup target add thumbv7em-none-eabihf thumbv7m-none-eabi riscv32imc-unknown-none-elf aarch64-unknown-linux-gnu >/dev/null
 
 # The end-to-end tests start the real daemon binary.
 cargo build --workspace --bins
-cargo test --workspace
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+cargo test --workspace 2>&1 | tee "$results"
+
+# Firmware: cross-builds (Cortex-M4F, RISC-V) and the size budget (flash added vs the
+# baseline board, RAM = static + painted stack measured in QEMU).
+bash scripts/firmware-size.sh
+
+# The daemon for a Raspberry Pi (64-bit OS), and its stripped size.
+bash scripts/cross-aarch64.sh --no-demo
+
+# One closing line for the whole run (cargo's own last line is a doc-test summary).
+passed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i ~ /^passed;?$/) s+=$(i-1)} END{print s+0}' "$results")
+failed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i ~ /^failed;?$/) s+=$(i-1)} END{print s+0}' "$results")
+echo "tests: $passed passed, $failed failed"

@@ -136,6 +136,10 @@ impl Waystation {
         if !self.extra_config.contains("[[listener]]") {
             config.push_str(&format!("[[listener]]\nbind = \"127.0.0.1:{port}\"\n\n"));
         }
+        // Every daemon gets its own free HTTP port unless the test sets one.
+        if !self.extra_config.contains("[http]") {
+            config.push_str("[http]\nbind = \"127.0.0.1:0\"\n\n");
+        }
         config.push_str(&self.extra_config);
         std::fs::write(self.config_path(), config).expect("write config");
 
