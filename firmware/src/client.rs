@@ -15,7 +15,7 @@
 use crate::event::{Event, MAX_DEVICE_ID, MAX_EVENT_JSON, MAX_SENSOR_NAME};
 use crate::mqtt::{self, Connect, DecodeError, Packet, Will};
 use embedded_io::{Error as _, ErrorKind, Read, ReadReady, Write};
-use heapless::{Deque, String, Vec};
+use heapless::{String, Vec};
 
 /// A byte stream to the broker. `read` is only called after `read_ready` said true, so it
 /// must not block then; `write` may block (briefly) until bytes are accepted.
@@ -29,8 +29,9 @@ pub trait Transport: Read + Write + ReadReady {
 /// Receive buffer: larger incoming packets are skipped.
 pub const RX_BUF: usize = 256;
 const MAX_TOPIC: usize = 8 + MAX_DEVICE_ID + 7;
-/// Transmit buffer: the largest packet the client sends is an event PUBLISH.
-pub const TX_BUF: usize = 5 + 2 + MAX_TOPIC + 2 + MAX_EVENT_JSON;
+/// Transmit buffer: the largest packet the client sends is an event PUBLISH (rounded up to
+/// whole words).
+pub const TX_BUF: usize = (5 + 2 + MAX_TOPIC + 2 + MAX_EVENT_JSON + 3) & !3;
 
 /// Session timing.
 #[derive(Clone, Copy, Debug)]
@@ -83,6 +84,83 @@ enum Link {
     Up,
 }
 
+/// A ring of `N` slots, oldest first: removing the oldest moves nothing (no `memmove`), and
+/// index loops instead of `heapless::Deque`'s two-slice iterators keep it small in flash.
+struct Outbox<const N: usize> {
+    slots: [Slot; N],
+    head: usize,
+    len: usize,
+}
+
+impl<const N: usize> Outbox<N> {
+    fn new() -> Self {
+        let empty = Slot {
+            pid: 0,
+            acked: false,
+            ever_sent: false,
+            sent_on_link: false,
+            event: Event { seq: 0, value: 0, threshold: 0, direction: crate::detector::Direction::Rising, dropped: 0 },
+        };
+        Self { slots: [empty; N], head: 0, len: 0 }
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn is_full(&self) -> bool {
+        self.len == N
+    }
+    /// Storage index of the `i`-th oldest slot (`head < N` and `i < N`, so one wrap at most).
+    fn at(&self, i: usize) -> usize {
+        let j = self.head + i;
+        if j >= N {
+            j - N
+        } else {
+            j
+        }
+    }
+    fn get(&self, i: usize) -> Option<&Slot> {
+        if i < self.len {
+            self.slots.get(self.at(i))
+        } else {
+            None
+        }
+    }
+    fn get_mut(&mut self, i: usize) -> Option<&mut Slot> {
+        if i < self.len {
+            let j = self.at(i);
+            self.slots.get_mut(j)
+        } else {
+            None
+        }
+    }
+    /// The position of the oldest slot that satisfies `f`.
+    fn find(&self, f: impl Fn(&Slot) -> bool) -> Option<usize> {
+        (0..self.len).find(|&i| self.get(i).is_some_and(&f))
+    }
+    /// Appends (the caller makes room first); a full ring ignores the slot.
+    fn push_back(&mut self, s: Slot) {
+        if self.len < N {
+            let j = self.at(self.len);
+            if let Some(d) = self.slots.get_mut(j) {
+                *d = s;
+                self.len += 1;
+            }
+        }
+    }
+    fn pop_front(&mut self) -> Option<Slot> {
+        let s = *self.get(0)?;
+        self.head = self.at(1);
+        self.len -= 1;
+        Some(s)
+    }
+    /// After a link loss: every slot has to be sent again on the next link.
+    fn all_unsent(&mut self) {
+        for s in self.slots.iter_mut() {
+            s.sent_on_link = false;
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Slot {
     pid: u16,
@@ -100,6 +178,15 @@ pub enum ConfigReport {
     Rejected(&'static str),
 }
 
+/// The receive and transmit buffers, word-aligned and a whole number of words, so that clearing
+/// them at start is one `memclr4` (an odd-sized byte array at an odd offset is cleared by the
+/// byte-wise `memclr`, 208 more bytes of flash).
+#[repr(C, align(4))]
+struct Buffers {
+    rx: [u8; RX_BUF],
+    tx: [u8; TX_BUF],
+}
+
 pub struct Client<T: Transport, const N: usize> {
     t: T,
     cfg: ClientConfig,
@@ -111,18 +198,17 @@ pub struct Client<T: Transport, const N: usize> {
     events_topic: String<MAX_TOPIC>,
     link: Link,
     backoff_ms: u32,
-    /// Oldest first. A `Deque`, not a `Vec`: removing the oldest must not pull in `memmove`.
-    outbox: Deque<Slot, N>,
+    /// Oldest first.
+    outbox: Outbox<N>,
     dropped_pending: u32,
     next_pid: u16,
     sub_pid: Option<u16>,
     subscribed: bool,
     report: Option<ConfigReport>,
-    rx: [u8; RX_BUF],
+    io: Buffers,
     rx_len: usize,
     consume: usize,
     skip: usize,
-    tx: [u8; TX_BUF],
     last_tx: u32,
     last_rx: u32,
     ping_sent: Option<u32>,
@@ -139,7 +225,7 @@ fn topic(id: &str, suffix: &str) -> Result<String<MAX_TOPIC>, BadIdentity> {
 }
 
 fn valid_level(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    crate::event::valid_token(s)
 }
 
 impl<T: Transport, const N: usize> Client<T, N> {
@@ -161,17 +247,16 @@ impl<T: Transport, const N: usize> Client<T, N> {
             events_topic: topic(id, "/events")?,
             link: Link::Down { since: 0, wait: 0 },
             backoff_ms: cfg.backoff_min_ms,
-            outbox: Deque::new(),
+            outbox: Outbox::new(),
             dropped_pending: 0,
             next_pid: 0,
             sub_pid: None,
             subscribed: false,
             report: None,
-            rx: [0; RX_BUF],
+            io: Buffers { rx: [0; RX_BUF], tx: [0; TX_BUF] },
             rx_len: 0,
             consume: 0,
             skip: 0,
-            tx: [0; TX_BUF],
             last_tx: 0,
             last_rx: 0,
             ping_sent: None,
@@ -192,7 +277,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
     }
     /// Events waiting for a PUBACK (sent or not).
     pub fn outbox_len(&self) -> usize {
-        self.outbox.iter().filter(|s| !s.acked).count()
+        (0..self.outbox.len()).filter(|&i| self.outbox.get(i).is_some_and(|s| !s.acked)).count()
     }
     pub fn transport(&mut self) -> &mut T {
         &mut self.t
@@ -221,7 +306,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
         self.dropped_pending = 0;
         let pid = self.alloc_pid();
         // Cannot fail: a slot was freed above.
-        let _ = self.outbox.push_back(Slot { pid, acked: false, ever_sent: false, sent_on_link: false, event });
+        self.outbox.push_back(Slot { pid, acked: false, ever_sent: false, sent_on_link: false, event });
     }
 
     /// Reports the fate of a config document on the status topic (QoS 0, not retained, so the
@@ -234,24 +319,23 @@ impl<T: Transport, const N: usize> Client<T, N> {
     /// discards the will), close. Unacknowledged events stay in the outbox.
     pub fn disconnect(&mut self, now: u32) {
         if self.link == Link::Up {
-            let status = self.status_topic.clone();
-            if self.send_with(now, |b| mqtt::encode_publish(b, &status, b"offline", 0, true, false, 0))
-                && self.send_with(now, mqtt::encode_disconnect)
-            {
+            let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, b"offline", 0, true, false, 0);
+            if self.send_encoded(r, now) && {
+                let r = mqtt::encode_disconnect(&mut self.io.tx);
+                self.send_encoded(r, now)
+            } {
                 self.t.close();
             }
         }
         self.link = Link::Down { since: now, wait: 0 };
-        for s in self.outbox.iter_mut() {
-            s.sent_on_link = false;
-        }
+        self.outbox.all_unsent();
     }
 
     fn alloc_pid(&mut self) -> u16 {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);
             let p = self.next_pid;
-            if p != 0 && self.sub_pid != Some(p) && !self.outbox.iter().any(|s| s.pid == p && !s.acked) {
+            if p != 0 && self.sub_pid != Some(p) && self.outbox.find(|s| s.pid == p && !s.acked).is_none() {
                 return p;
             }
         }
@@ -276,16 +360,14 @@ impl<T: Transport, const N: usize> Client<T, N> {
         self.ping_sent = None;
         self.sub_pid = None;
         self.subscribed = false;
-        for s in self.outbox.iter_mut() {
-            s.sent_on_link = false;
-        }
+        self.outbox.all_unsent();
     }
 
     /// Writes `tx[..n]`; on failure the link is dropped and false returned.
     fn send(&mut self, n: usize, now: u32) -> bool {
         let mut at = 0;
         while at < n {
-            match self.t.write(&self.tx[at..n]) {
+            match self.t.write(&self.io.tx[at..n]) {
                 Ok(0) | Err(_) => {
                     self.link_lost(now);
                     return false;
@@ -301,9 +383,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
         true
     }
 
-    /// Encodes with `f` into the tx buffer and sends; an encode error skips the packet.
-    fn send_with(&mut self, now: u32, f: impl FnOnce(&mut [u8]) -> Result<usize, mqtt::EncodeError>) -> bool {
-        match f(&mut self.tx) {
+    /// Sends what an encoder wrote into the tx buffer; an encode error skips the packet. (The
+    /// callers encode into `self.io.tx` themselves, borrowing the topics in place: one copy of this
+    /// code, where a closure per packet kind would be a copy each, plus copies of the topics.)
+    fn send_encoded(&mut self, r: Result<usize, mqtt::EncodeError>, now: u32) -> bool {
+        match r {
             Ok(n) => self.send(n, now),
             Err(_) => true,
         }
@@ -316,7 +400,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             // A byte loop, not `copy_within`: keeps the 1.6 KB `memmove` out of the firmware.
             let keep = self.rx_len - self.consume;
             for i in 0..keep {
-                self.rx[i] = core::hint::black_box(self.rx[i + self.consume]);
+                self.io.rx[i] = core::hint::black_box(self.io.rx[i + self.consume]);
             }
             self.rx_len = keep;
             self.consume = 0;
@@ -356,7 +440,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             username: None,
             password: None,
         };
-        let r = mqtt::encode_connect(&mut self.tx, &c);
+        let r = mqtt::encode_connect(&mut self.io.tx, &c);
         self.rx_len = 0;
         self.skip = 0;
         self.link = Link::AwaitConnAck { since: now };
@@ -376,10 +460,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
             Some(_) => {}
             None => {
                 let idle = keep_alive_ms > 0 && now.wrapping_sub(self.last_tx) >= keep_alive_ms / 2;
-                let waiting = self.outbox.iter().any(|s| s.sent_on_link && !s.acked)
+                let waiting = self.outbox.find(|s| s.sent_on_link && !s.acked).is_some()
                     && now.wrapping_sub(self.last_rx) >= self.cfg.response_timeout_ms;
                 if idle || waiting {
-                    if !self.send_with(now, mqtt::encode_pingreq) {
+                    let r = mqtt::encode_pingreq(&mut self.io.tx);
+                    if !self.send_encoded(r, now) {
                         return false;
                     }
                     self.ping_sent = Some(now);
@@ -395,20 +480,20 @@ impl<T: Transport, const N: usize> Client<T, N> {
             for part in parts {
                 let _ = p.extend_from_slice(part);
             }
-            let topic = self.status_topic.clone();
-            if !self.send_with(now, |b| mqtt::encode_publish(b, &topic, &p, 0, false, false, 0)) {
+            let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, &p, 0, false, false, 0);
+            if !self.send_encoded(r, now) {
                 return false;
             }
         }
         for i in 0..self.outbox.len() {
-            let Some(s) = self.outbox.get(i).copied() else { break };
+            let Some(&s) = self.outbox.get(i) else { break };
             if s.sent_on_link || s.acked {
                 continue;
             }
             let mut json = [0u8; MAX_EVENT_JSON];
             let Ok(len) = s.event.to_json(&self.id, self.boot, &self.sensor, &mut json) else { continue };
             let topic = &self.events_topic;
-            let Ok(n) = mqtt::encode_publish(&mut self.tx, topic, &json[..len], 1, false, s.ever_sent, s.pid) else {
+            let Ok(n) = mqtt::encode_publish(&mut self.io.tx, topic, &json[..len], 1, false, s.ever_sent, s.pid) else {
                 continue;
             };
             if !self.send(n, now) {
@@ -441,7 +526,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
                     return None;
                 }
             }
-            match self.t.read(&mut self.rx[self.rx_len..]) {
+            match self.t.read(&mut self.io.rx[self.rx_len..]) {
                 Ok(0) => {
                     self.link_lost(now);
                     return None;
@@ -463,7 +548,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 at += k;
                 continue;
             }
-            let buf = &self.rx[at..self.rx_len];
+            let buf = &self.io.rx[at..self.rx_len];
             let header = match mqtt::decode_header(buf) {
                 Ok(h) => h,
                 Err(DecodeError::Incomplete) => break,
@@ -517,7 +602,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
         // returned below borrows them until then).
         self.consume = at;
         let (a, b) = found?;
-        Some(Incoming::Config(&self.rx[a..b]))
+        Some(Incoming::Config(&self.io.rx[a..b]))
     }
 
     fn handle(&mut self, packet: Owned, now: u32) -> Handled {
@@ -532,14 +617,14 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 self.backoff_ms = self.cfg.backoff_min_ms;
                 self.stats.connects = self.stats.connects.saturating_add(1);
                 self.ping_sent = None;
-                let status = self.status_topic.clone();
-                if !self.send_with(now, |b| mqtt::encode_publish(b, &status, b"online", 0, true, false, 0)) {
+                let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, b"online", 0, true, false, 0);
+                if !self.send_encoded(r, now) {
                     return Handled::LinkLost;
                 }
                 let pid = self.alloc_pid();
                 self.sub_pid = Some(pid);
-                let filter = self.config_topic.clone();
-                if !self.send_with(now, |b| mqtt::encode_subscribe(b, pid, &filter, 1)) {
+                let r = mqtt::encode_subscribe(&mut self.io.tx, pid, &self.config_topic, 1);
+                if !self.send_encoded(r, now) {
                     return Handled::LinkLost;
                 }
                 // Unacknowledged events go out again (with DUP) at the next poll.
@@ -556,11 +641,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 Handled::LinkLost
             }
             Owned::PubAck(pid) => {
-                if let Some(s) = self.outbox.iter_mut().find(|s| s.pid == pid && s.sent_on_link && !s.acked) {
+                if let Some(s) = self.outbox.find(|s| s.pid == pid && s.sent_on_link && !s.acked).and_then(|i| self.outbox.get_mut(i)) {
                     s.acked = true;
                     self.stats.acknowledged = self.stats.acknowledged.saturating_add(1);
                 }
-                while self.outbox.front().is_some_and(|s| s.acked) {
+                while self.outbox.get(0).is_some_and(|s| s.acked) {
                     self.outbox.pop_front();
                 }
                 Handled::Continue
@@ -577,18 +662,20 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 Handled::Continue
             }
             Owned::PubRel(pid) => {
-                if self.send_with(now, |b| mqtt::encode_pubcomp(b, pid)) {
+                let r = mqtt::encode_pubcomp(&mut self.io.tx, pid);
+                if self.send_encoded(r, now) {
                     Handled::Continue
                 } else {
                     Handled::LinkLost
                 }
             }
             Owned::Publish { qos, pid, config, payload } => {
-                let ok = match (qos, pid) {
-                    (1, Some(pid)) => self.send_with(now, |b| mqtt::encode_puback(b, pid)),
-                    (2, Some(pid)) => self.send_with(now, |b| mqtt::encode_pubrec(b, pid)),
-                    _ => true,
+                let r = match (qos, pid) {
+                    (1, Some(pid)) => Some(mqtt::encode_puback(&mut self.io.tx, pid)),
+                    (2, Some(pid)) => Some(mqtt::encode_pubrec(&mut self.io.tx, pid)),
+                    _ => None,
                 };
+                let ok = r.is_none_or(|r| self.send_encoded(r, now));
                 if !ok {
                     Handled::LinkLost
                 } else if config {

@@ -95,7 +95,7 @@ pub struct Waveform {
     pub shape: Shape,
     pub min: i32,
     pub max: i32,
-    /// Readings per period (at least 2).
+    /// Readings per period (used clamped to 2..=[`Waveform::MAX_PERIOD`]).
     pub period: u32,
     pub noise: i32,
     step: u32,
@@ -103,11 +103,16 @@ pub struct Waveform {
 }
 
 impl Waveform {
-    /// A waveform starting at phase `phase` (in readings) with no noise.
+    /// A waveform starting at phase `phase` (in readings) with no noise. `period` is clamped to
+    /// 2..=[`Waveform::MAX_PERIOD`].
     pub fn new(shape: Shape, min: i32, max: i32, period: u32, phase: u32) -> Self {
-        let period = period.max(2);
+        let period = period.clamp(2, Self::MAX_PERIOD);
         Self { shape, min, max, period, noise: 0, step: phase % period, rng: 0x9e37_79b9 ^ phase }
     }
+
+    /// Longest period in readings: keeps [`Waveform::value_at`] in 32-bit arithmetic (the
+    /// 64-bit division helpers cost ~1 KB of flash on a Cortex-M3).
+    pub const MAX_PERIOD: u32 = 1 << 17;
 
     /// Adds noise of up to ±`amplitude`, seeded by `seed`.
     pub fn with_noise(mut self, amplitude: i32, seed: u32) -> Self {
@@ -116,16 +121,27 @@ impl Waveform {
         self
     }
 
-    /// The noiseless value at step `s` of the period.
+    /// The noiseless value at step `s` of the period: `min + (max - min) * pos / half`,
+    /// rounded toward zero, without 64-bit arithmetic.
     pub fn value_at(&self, s: u32) -> i32 {
-        let s = (s % self.period) as i64;
-        let p = self.period as i64;
-        let (lo, hi) = (self.min as i64, self.max as i64);
-        let v = match self.shape {
+        let p = self.period.clamp(2, Self::MAX_PERIOD);
+        let s = s % p;
+        let (lo, hi) = (self.min, self.max);
+        match self.shape {
             Shape::Triangle => {
                 let half = p / 2;
                 let pos = if s <= half { s } else { p - s };
-                lo + (hi - lo) * pos / half.max(1)
+                // |max - min| * pos / half, exactly: span = q * half + r with r < half, so
+                // r * pos < half² <= 2^32 (half <= 2^16).
+                let span = hi.abs_diff(lo);
+                let (q, r) = (span / half, span % half);
+                let step = (q * pos).wrapping_add(r * pos / half);
+                // The result lies between min and max, so the wrapping arithmetic is exact.
+                if hi >= lo {
+                    lo.wrapping_add(step as i32)
+                } else {
+                    lo.wrapping_sub(step as i32)
+                }
             }
             Shape::Square => {
                 if s < p / 2 {
@@ -134,8 +150,7 @@ impl Waveform {
                     hi
                 }
             }
-        };
-        v as i32
+        }
     }
 
     fn next_noise(&mut self) -> i32 {
@@ -148,8 +163,9 @@ impl Waveform {
         x ^= x >> 17;
         x ^= x << 5;
         self.rng = x;
-        let span = (2 * self.noise as i64 + 1) as u64;
-        ((x as u64 % span) as i64 - self.noise as i64) as i32
+        // 2 * noise + 1 <= 2^32 - 1, and the result lies in -noise..=noise.
+        let span = 2 * self.noise as u32 + 1;
+        ((x % span) as i32).wrapping_sub(self.noise)
     }
 }
 
@@ -161,7 +177,7 @@ impl Sensor for Waveform {
     type Error = Never;
     fn read(&mut self) -> Result<i32, Never> {
         let v = self.value_at(self.step);
-        self.step = (self.step + 1) % self.period;
+        self.step = (self.step + 1) % self.period.clamp(2, Self::MAX_PERIOD);
         let n = self.next_noise();
         Ok(v.saturating_add(n))
     }
@@ -243,6 +259,30 @@ mod tests {
         let mut s = Waveform::new(Shape::Square, 1, 2, 4, 1);
         let got: std::vec::Vec<i32> = (0..4).map(|_| s.read().unwrap()).collect();
         assert_eq!(got, [1, 2, 2, 1]);
+    }
+
+    /// The 32-bit formula agrees with the plain 64-bit one.
+    #[test]
+    fn value_at_matches_wide_arithmetic() {
+        use proptest::prelude::*;
+        let mut runner = proptest::test_runner::TestRunner::default();
+        let period = prop_oneof![2u32..50, 2u32..=Waveform::MAX_PERIOD];
+        runner
+            .run(&(any::<i32>(), any::<i32>(), period, any::<u32>()), |(min, max, period, s)| {
+                let w = Waveform::new(Shape::Triangle, min, max, period, 0);
+                let (p, s) = (period as i64, (s % period) as i64);
+                let half = p / 2;
+                let pos = if s <= half { s } else { p - s };
+                let want = min as i64 + (max as i64 - min as i64) * pos / half;
+                prop_assert_eq!(w.value_at(s as u32) as i64, want);
+                Ok(())
+            })
+            .unwrap();
+        let mut w = Waveform::new(Shape::Square, 0, 0, 2, 0).with_noise(i32::MAX, 3);
+        for _ in 0..1000 {
+            let v = w.read().unwrap();
+            assert!((-i32::MAX..=i32::MAX).contains(&v));
+        }
     }
 
     #[test]

@@ -6,49 +6,18 @@
 
 mod firmware_common;
 
-use firmware_common::{workspace, Broker, Subscriber};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use firmware_common::{build_board, publish, Broker, Qemu, Subscriber};
 use std::time::Duration;
-use waystation_e2e::{wait_until, ChildGuard};
+use waystation_e2e::wait_until;
 
 const ID: &str = "qemu-e2e-1";
-
-fn build_board() -> std::path::PathBuf {
-    let root = workspace();
-    let target = root.join("target/firmware-board");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--bin", "board-lm3s6965"])
-        .current_dir(root.join("firmware/board-lm3s6965"))
-        .env("CARGO_TARGET_DIR", &target)
-        .env_remove("RUSTFLAGS")
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the board example failed");
-    target.join("thumbv7m-none-eabi/release/board-lm3s6965")
-}
 
 fn events(sub: &Subscriber) -> Vec<serde_json::Value> {
     sub.json_on(&format!("{ID}/events"))
 }
 
 fn statuses(sub: &Subscriber) -> Vec<String> {
-    sub.snapshot()
-        .iter()
-        .filter(|m| m.topic == format!("sensors/{ID}/status"))
-        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-        .collect()
-}
-
-fn publish(port: u16, topic: &str, payload: &str, retain: bool) {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
-    if retain {
-        cmd.arg("-r");
-    }
-    let (status, _) = waystation_e2e::run_with_timeout(&mut cmd, Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "mosquitto_pub failed");
+    firmware_common::statuses(sub, ID)
 }
 
 #[test]
@@ -56,28 +25,8 @@ fn qemu_board_publishes_events_and_obeys_config() {
     let kernel = build_board();
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port, "fw-qemu-sub", &format!("sensors/{ID}/#"));
-    let mut child = Command::new("qemu-system-arm")
-        .args(["-cpu", "cortex-m3", "-machine", "lm3s6965evb", "-nographic", "-monitor", "none"])
-        .args(["-semihosting-config"])
-        .arg(format!("enable=on,target=native,arg=board,arg=id={ID},arg=boot=42,arg=period=50,arg=run_ms=60000"))
-        .args(["-serial", &format!("tcp:127.0.0.1:{}", broker.port)])
-        .arg("-kernel")
-        .arg(&kernel)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-arm (scripts/test.sh installs it)");
-    let out = child.stdout.take().expect("stdout");
-    let _qemu = ChildGuard(child);
-    let console = Arc::new(Mutex::new(Vec::<String>::new()));
-    let c = console.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            c.lock().unwrap().push(line);
-        }
-    });
-    let dump = || console.lock().unwrap().join("\n");
+    let qemu = Qemu::boot(&kernel, broker.port, &[&format!("id={ID}"), "boot=42", "period=50", "run_ms=60000"]);
+    let dump = || qemu.console();
 
     // Events with the built-in thresholds (rising 30000, falling 20000 milli-°C).
     assert!(
@@ -141,10 +90,6 @@ fn qemu_board_publishes_events_and_obeys_config() {
     assert!(dump().contains("config applied rising=36000 falling=14000"), "{}", dump());
 
     // Stack use reported by the board (painted stack) stays well inside the RAM budget.
-    let stack = dump()
-        .lines()
-        .filter_map(|l| l.strip_prefix("stack-high-water ").and_then(|n| n.trim().parse::<u32>().ok()))
-        .max()
-        .expect("board reports its stack use");
+    let stack = qemu.stack_high_water().expect("board reports its stack use");
     assert!(stack > 256 && stack < 4096, "stack {stack}");
 }

@@ -4,8 +4,7 @@
 
 mod firmware_common;
 
-use firmware_common::{Broker, Subscriber};
-use std::collections::{HashMap, HashSet};
+use firmware_common::{all_arrived, Broker, Subscriber};
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use waystation_e2e::wait_until;
@@ -27,30 +26,6 @@ fn opts(broker: String, sensors: usize, secs: u64) -> SimOptions {
     }
 }
 
-/// Waits until the subscriber holds seqs 0..created of every device; returns the duplicates.
-fn all_arrived(sub: &Subscriber, report: &waystation_firmware::sim::SimReport) -> usize {
-    let want: HashMap<String, u32> = report.devices.iter().map(|d| (d.id.clone(), d.created)).collect();
-    let mut dups = 0;
-    let ok = wait_until(Duration::from_secs(20), || {
-        let mut seen: HashSet<(String, u64)> = HashSet::new();
-        dups = 0;
-        for e in sub.json_on("/events") {
-            assert_eq!(e["v"], 1, "{e}");
-            assert_eq!(e["boot"], 7, "{e}");
-            let key = (e["device"].as_str().unwrap_or("").to_string(), e["seq"].as_u64().unwrap_or(u64::MAX));
-            if !seen.insert(key) {
-                dups += 1;
-            }
-        }
-        want.iter().all(|(id, &n)| (0..n as u64).all(|s| seen.contains(&(id.clone(), s))))
-    });
-    if !ok {
-        let got = sub.json_on("/events").len();
-        panic!("not every event arrived: subscriber has {got}, report {report:?}");
-    }
-    dups
-}
-
 #[test]
 fn simulated_sensors_through_mosquitto() {
     let broker = Broker::start();
@@ -60,7 +35,7 @@ fn simulated_sensors_through_mosquitto() {
     assert!(report.created >= 4 * 20, "10 events/s x 4 sensors x 3 s: {report:?}");
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     assert_eq!((report.dropped, report.pending), (0, 0), "{report:?}");
-    all_arrived(&sub, &report);
+    all_arrived(&sub, &report, 7);
     // Each device announced itself online (retained) and said offline when it stopped.
     assert!(wait_until(Duration::from_secs(10), || {
         let m = status.snapshot();
@@ -89,6 +64,6 @@ fn broker_restart_loses_no_acknowledged_event() {
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     // Events made during the outage were sent after the reconnect, so more than the first
     // connection could carry: and every one of them reached the subscriber.
-    let dups = all_arrived(&sub, &report);
+    let dups = all_arrived(&sub, &report, 7);
     eprintln!("{report}; duplicates at the subscriber: {dups}");
 }

@@ -1,6 +1,6 @@
 //! Board support for QEMU's `lm3s6965evb` shared by the firmware and the baseline binary:
 //! UART0 (a PL011 at 0x4000_C000) as an `embedded_io` byte stream, a millisecond clock from
-//! SysTick, semihosting output without `core::fmt`, `key=value` arguments from the semihosting
+//! SysTick, semihosting console lines without `core::fmt`, `key=value` arguments from the semihosting
 //! command line, and the stack high-water mark (cortex-m-rt paints the stack at reset).
 #![no_std]
 
@@ -157,19 +157,30 @@ fn SysTick() {
     MILLIS.store(MILLIS.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
 }
 
-/// Semihosting output without `core::fmt`.
-pub fn print(parts: &[&[u8]]) {
+/// Writes one console line over semihosting, without `core::fmt`: the `parts` as they are,
+/// then each `(label, number)` field, then a newline. Both binaries log only through this (the
+/// firmware's event, config and link lines included), so the board's printing code is the same
+/// in the firmware and in the baseline, and the size difference is the firmware library's.
+/// Numbers are `i32` or `u32` values widened to `i64`.
+pub fn log(parts: &[&[u8]], fields: &[(&[u8], i64)]) {
     if let Ok(mut out) = cortex_m_semihosting::hio::hstdout() {
         for p in parts {
             let _ = out.write_all(p);
         }
+        for &(label, v) in fields {
+            let mut b = [0u8; 12];
+            let _ = out.write_all(label);
+            let _ = out.write_all(itoa(v, &mut b));
+        }
+        let _ = out.write_all(b"\n");
     }
 }
 
-/// Decimal text of `v` in `buf`.
-pub fn itoa(v: i64, buf: &mut [u8; 20]) -> &[u8] {
-    let neg = v < 0;
-    let mut x = v.unsigned_abs();
+/// Decimal text of `v`, an `i32` or `u32` value (anything in -2^32..2^32): the digits come from
+/// 32-bit division, which the Cortex-M3 does in hardware (`u64` division would link ~1 KB of
+/// software division helpers).
+pub fn itoa(v: i64, buf: &mut [u8; 12]) -> &[u8] {
+    let mut x = v.unsigned_abs() as u32;
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -179,7 +190,7 @@ pub fn itoa(v: i64, buf: &mut [u8; 20]) -> &[u8] {
             break;
         }
     }
-    if neg {
+    if v < 0 {
         i -= 1;
         buf[i] = b'-';
     }
@@ -257,8 +268,7 @@ pub fn stack_high_water() -> u32 {
 
 /// Prints `stack-high-water <n>` (parsed by the size script and the QEMU test).
 pub fn print_stack() {
-    let mut b = [0u8; 20];
-    print(&[b"stack-high-water ", itoa(stack_high_water() as i64, &mut b), b"\n"]);
+    log(&[], &[(b"stack-high-water ", stack_high_water() as i64)]);
 }
 
 /// Ends the QEMU run with the given status.
@@ -271,6 +281,6 @@ pub fn exit(ok: bool) -> ! {
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
-    print(&[b"panic\n"]);
+    log(&[b"panic"], &[]);
     exit(false)
 }

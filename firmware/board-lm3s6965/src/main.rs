@@ -8,7 +8,7 @@
 #![no_std]
 #![no_main]
 
-use board_lm3s6965::{self as board, print, Args, Uart};
+use board_lm3s6965::{self as board, log, Args, Uart};
 use cortex_m_rt::entry;
 use waystation_firmware::client::ClientConfig;
 use waystation_firmware::detector::Thresholds;
@@ -29,7 +29,6 @@ fn main() -> ! {
         Some(s) if s.is_ascii() => unsafe { core::str::from_utf8_unchecked(s) },
         _ => "qemu-lm3s6965",
     };
-    let mut num = [0u8; 20];
     let thresholds = Thresholds {
         rising: args.int(b"rising", 30_000) as i32,
         falling: args.int(b"falling", 20_000) as i32,
@@ -53,51 +52,39 @@ fn main() -> ! {
     // 10..40 °C over 40 readings, with ±0.2 °C noise (the debounce absorbs it).
     let wave = Waveform::new(Shape::Triangle, 10_000, 40_000, 40, 0).with_noise(200, 0x5eed);
     let Ok(mut device) = Device::<_, _, OUTBOX>::new(wave, uart, &cfg) else {
-        print(&[b"bad device config\n"]);
+        log(&[b"bad device config"], &[]);
         board::exit(false)
     };
     let run_ms = args.int(b"run_ms", 0) as u32;
-    print(&[b"boot ", id.as_bytes(), b"\n"]);
+    log(&[b"boot ", id.as_bytes()], &[]);
     let mut was_connected = false;
     loop {
         let now = board::now_ms();
         let act = device.poll(now);
         if let Some((seq, d)) = act.event {
-            print(&[b"event seq=", board::itoa(seq as i64, &mut num), b" ", d.direction.as_str().as_bytes(), b"\n"]);
+            log(&[b"event ", d.direction.as_str().as_bytes()], &[(b" seq=", seq as i64)]);
         }
         match act.config {
-            Some(Ok(t)) => {
-                let mut n2 = [0u8; 20];
-                print(&[
-                    b"config applied rising=",
-                    board::itoa(t.rising as i64, &mut num),
-                    b" falling=",
-                    board::itoa(t.falling as i64, &mut n2),
-                    b"\n",
-                ]);
-            }
-            Some(Err(why)) => print(&[b"config rejected: ", why.as_bytes(), b"\n"]),
+            Some(Ok(t)) => log(&[b"config applied"], &[(b" rising=", t.rising as i64), (b" falling=", t.falling as i64)]),
+            Some(Err(why)) => log(&[b"config rejected: ", why.as_bytes()], &[]),
             None => {}
         }
         let connected = device.client().is_connected();
         if connected != was_connected {
             was_connected = connected;
-            print(&[if connected { b"mqtt connected\n" } else { b"mqtt link lost\n" }]);
+            log(&[if connected { b"mqtt connected" } else { b"mqtt link lost" }], &[]);
             board::print_stack();
         }
         if run_ms > 0 && now >= run_ms {
             let s = device.client().stats();
-            let mut n2 = [0u8; 20];
-            let mut n3 = [0u8; 20];
-            print(&[
-                b"done published=",
-                board::itoa(s.published as i64, &mut num),
-                b" acknowledged=",
-                board::itoa(s.acknowledged as i64, &mut n2),
-                b" dropped=",
-                board::itoa(s.dropped as i64, &mut n3),
-                b"\n",
-            ]);
+            log(
+                &[b"done"],
+                &[
+                    (b" published=", s.published as i64),
+                    (b" acknowledged=", s.acknowledged as i64),
+                    (b" dropped=", s.dropped as i64),
+                ],
+            );
             board::print_stack();
             board::exit(true);
         }

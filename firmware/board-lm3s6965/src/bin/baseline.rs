@@ -4,7 +4,7 @@
 #![no_std]
 #![no_main]
 
-use board_lm3s6965::{self as board, print, Args, Uart};
+use board_lm3s6965::{self as board, log, Args, Uart};
 use cortex_m_rt::entry;
 use embedded_io::{Read, ReadReady, Write};
 
@@ -16,20 +16,19 @@ fn main() -> ! {
     let args = Args::read();
     let id = args.get(b"id").unwrap_or(b"baseline");
     let run_ms = args.int(b"run_ms", 0) as u32;
-    print(&[b"boot ", id, b"\n"]);
+    log(&[b"boot ", id], &[]);
     let mut buf = [0u8; 16];
-    let mut num = [0u8; 20];
-    let mut echoed: i64 = 0;
+    let mut echoed: u32 = 0;
     loop {
         if uart.read_ready().unwrap_or(false) {
             if let Ok(n) = uart.read(&mut buf) {
                 let _ = uart.write(&buf[..n]);
-                echoed += n as i64;
+                echoed = echoed.wrapping_add(n as u32);
             }
         }
         let now = board::now_ms();
         if run_ms > 0 && now >= run_ms {
-            print(&[b"done echoed=", board::itoa(echoed, &mut num), b"\n"]);
+            log(&[b"done"], &[(b" echoed=", echoed as i64)]);
             board::print_stack();
             board::exit(true);
         }
