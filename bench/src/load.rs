@@ -1,0 +1,779 @@
+//! The load itself: publishers with a bounded in-flight window (or a fixed rate), subscribers
+//! that check ids and timestamps, idle connections, and the broker's memory from /proc.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::proto::{self, Conn, HEADER_LEN};
+use crate::report::Record;
+
+const KEEP_ALIVE: u16 = 600;
+const WRITE_CHUNK: usize = 64 * 1024;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Labels {
+    /// Scenario name written into the result record (e.g. s1-qos1).
+    #[arg(long, default_value = "adhoc")]
+    pub scenario: String,
+    /// Broker name written into the result record (waystation, mosquitto, rumqttd, ...).
+    #[arg(long, default_value = "broker")]
+    pub broker: String,
+    #[arg(long, default_value_t = 1)]
+    pub round: u32,
+    /// Append the result as one JSON line to this file.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunArgs {
+    /// Broker the publishers connect to.
+    #[arg(long)]
+    pub addr: SocketAddr,
+    /// Broker the subscribers connect to (default: --addr); e.g. the upstream behind a bridge.
+    #[arg(long)]
+    pub sub_addr: Option<SocketAddr>,
+    #[arg(long, default_value_t = 8)]
+    pub publishers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: usize,
+    /// Messages per publisher (with --rate and --duration: rate x duration).
+    #[arg(long, default_value_t = 20_000)]
+    pub messages: u32,
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// Subscription QoS (default: --qos).
+    #[arg(long)]
+    pub sub_qos: Option<u8>,
+    /// Payload bytes (at least 16: publisher id, sequence, timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Messages per second per publisher; 0 = as fast as the in-flight window allows.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Seconds to publish for at --rate (sets --messages).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Unacknowledged QoS 1/2 publishes per publisher.
+    #[arg(long, default_value_t = 100)]
+    pub inflight: usize,
+    /// Topic per publisher; {p} is replaced by the publisher index.
+    #[arg(long, default_value = "sensors/{p}/temp")]
+    pub topic: String,
+    #[arg(long, default_value = "sensors/#")]
+    pub filter: String,
+    /// Subscribers use clean_session=false with fixed client ids (sessions survive a broker restart).
+    #[arg(long)]
+    pub sub_persistent: bool,
+    /// Subscribers reconnect (every 10 ms) when their connection drops.
+    #[arg(long)]
+    pub sub_reconnect: bool,
+    /// Stop waiting this long after the last new message once publishing is done.
+    #[arg(long, default_value_t = 5.0)]
+    pub idle_timeout: f64,
+    /// Hard limit for the whole run, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub max_time: f64,
+    #[arg(long, default_value_t = 100)]
+    pub connect_concurrency: usize,
+    /// Client id prefix.
+    #[arg(long, default_value = "wsb")]
+    pub client_prefix: String,
+    /// The broker's process id: its VmRSS is sampled and VmHWM read from /proc/<pid>/status.
+    #[arg(long)]
+    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub labels: Labels,
+}
+
+/// VmRSS and VmHWM in KiB.
+pub fn proc_mem(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+struct RssSampler {
+    max_kib: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    fn start(pid: u32) -> Self {
+        let max_kib = Arc::new(AtomicU64::new(0));
+        let (stop, mut rx) = watch::channel(false);
+        let m = max_kib.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                if let Some((rss, _)) = proc_mem(pid) {
+                    m.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = rx.changed() => return,
+                }
+            }
+        });
+        RssSampler { max_kib, stop, task }
+    }
+    async fn finish(self) -> u64 {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.max_kib.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+struct PubResult {
+    sent: u64,
+    acked: u64,
+    last_ack: Option<Instant>,
+}
+
+struct PubPlan {
+    qos: u8,
+    messages: u32,
+    payload: usize,
+    inflight: usize,
+    period: Option<Duration>,
+}
+
+async fn publisher(idx: u32, topic: String, conn: Conn, plan: Arc<PubPlan>, t0: Instant, offset: Duration, done: Arc<AtomicUsize>, mut stop: watch::Receiver<bool>) -> Result<PubResult> {
+    let (mut rd, mut wr) = conn.stream.into_split();
+    let mut rbuf = conn.leftover;
+    rbuf.reserve(64 * 1024);
+    let mut wbuf = BytesMut::with_capacity(WRITE_CHUNK * 2);
+    // 0: free, 1: waiting for PUBACK/PUBREC, 2: waiting for PUBCOMP.
+    let mut pkid_state = vec![0u8; 65536];
+    let mut next_pkid: u16 = 0;
+    let mut inflight = 0usize;
+    let mut seq = 0u32;
+    let mut res = PubResult::default();
+    let qos = plan.qos;
+    let window = if qos == 0 { usize::MAX } else { plan.inflight };
+    let due = |seq: u32| plan.period.map(|p| t0 + offset + p * seq);
+    loop {
+        let now = Instant::now();
+        while seq < plan.messages && inflight < window && wbuf.len() < WRITE_CHUNK {
+            if let Some(d) = due(seq) {
+                if d > now {
+                    break;
+                }
+            }
+            let mut pkid = 0;
+            if qos > 0 {
+                loop {
+                    next_pkid = next_pkid.wrapping_add(1);
+                    if next_pkid != 0 && pkid_state[next_pkid as usize] == 0 {
+                        break;
+                    }
+                }
+                pkid = next_pkid;
+                pkid_state[pkid as usize] = 1;
+                inflight += 1;
+            }
+            proto::encode_publish(&mut wbuf, &topic, qos, pkid, idx, seq, plan.payload);
+            seq += 1;
+            res.sent += 1;
+        }
+        if seq == plan.messages && wbuf.is_empty() && (qos == 0 || inflight == 0) {
+            if qos == 0 {
+                res.acked = res.sent;
+                res.last_ack = Some(Instant::now());
+            }
+            break;
+        }
+        let wake = if seq < plan.messages && inflight < window { due(seq) } else { None };
+        tokio::select! {
+            biased;
+            r = rd.read_buf(&mut rbuf) => {
+                if r.context("publisher read")? == 0 {
+                    bail!("publisher {idx}: broker closed the connection after {} acks", res.acked);
+                }
+                let now = Instant::now();
+                proto::drain_packets(&mut rbuf, |p| {
+                    match p {
+                        Packet::PubAck(a) if pkid_state[a.pkid as usize] == 1 => {
+                            pkid_state[a.pkid as usize] = 0;
+                            inflight -= 1;
+                            res.acked += 1;
+                            res.last_ack = Some(now);
+                        }
+                        Packet::PubRec(r) if pkid_state[r.pkid as usize] == 1 => {
+                            pkid_state[r.pkid as usize] = 2;
+                            proto::put_ack(&mut wbuf, proto::PUBREL, r.pkid);
+                        }
+                        Packet::PubComp(c) if pkid_state[c.pkid as usize] == 2 => {
+                            pkid_state[c.pkid as usize] = 0;
+                            inflight -= 1;
+                            res.acked += 1;
+                            res.last_ack = Some(now);
+                        }
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+            }
+            r = wr.write(&wbuf), if !wbuf.is_empty() => {
+                let n = r.context("publisher write")?;
+                wbuf.advance(n);
+            }
+            _ = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() && wbuf.is_empty() => {}
+        }
+    }
+    done.fetch_add(1, Ordering::SeqCst);
+    // Stay connected until the run ends (memory is measured with the clients connected).
+    let mut sink = [0u8; 1024];
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = rd.read(&mut sink) => if matches!(r, Ok(0) | Err(_)) { break },
+        }
+    }
+    // DISCONNECT.
+    let _ = wr.write_all(&[0xE0, 0x00]).await;
+    Ok(res)
+}
+
+/// What one subscriber saw.
+pub struct SubState {
+    seen: Vec<Vec<u64>>,
+    pub received: u64,
+    pub unique: u64,
+    pub stray: u64,
+    pub hist: Histogram<u64>,
+    pub first: Option<Instant>,
+    pub last: Option<Instant>,
+    pub reconnects: u64,
+}
+
+impl SubState {
+    fn new() -> Self {
+        SubState {
+            seen: Vec::new(),
+            received: 0,
+            unique: 0,
+            stray: 0,
+            hist: Histogram::new(3).expect("histogram"),
+            first: None,
+            last: None,
+            reconnects: 0,
+        }
+    }
+    /// Records one delivery; returns whether it was new.
+    fn record(&mut self, payload: &[u8], now_ns: u64, now: Instant) -> bool {
+        let Some((p, seq, ts)) = proto::parse_payload(payload) else {
+            self.stray += 1;
+            return false;
+        };
+        self.received += 1;
+        if self.first.is_none() {
+            self.first = Some(now);
+        }
+        self.last = Some(now);
+        let _ = self.hist.record(now_ns.saturating_sub(ts) / 1000);
+        let p = p as usize;
+        if p >= 1 << 20 {
+            self.stray += 1;
+            return false;
+        }
+        if self.seen.len() <= p {
+            self.seen.resize_with(p + 1, Vec::new);
+        }
+        let bits = &mut self.seen[p];
+        let word = (seq / 64) as usize;
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        let mask = 1u64 << (seq % 64);
+        if bits[word] & mask != 0 {
+            return false;
+        }
+        bits[word] |= mask;
+        self.unique += 1;
+        true
+    }
+}
+
+pub struct SubPlan {
+    pub addr: SocketAddr,
+    pub filter: String,
+    pub qos: QoS,
+    pub client_id: String,
+    pub clean: bool,
+    pub reconnect: bool,
+}
+
+/// Runs one subscriber until `stop`; `progress` counts new messages over all subscribers.
+pub async fn subscriber(plan: SubPlan, first_conn: Option<Conn>, progress: Arc<AtomicU64>, mut stop: watch::Receiver<bool>) -> Result<SubState> {
+    let mut st = SubState::new();
+    let mut conn = first_conn;
+    'outer: loop {
+        let c = match conn.take() {
+            Some(c) => c,
+            None => {
+                // (Re)connect every 10 ms until stopped.
+                loop {
+                    if *stop.borrow() {
+                        break 'outer;
+                    }
+                    match proto::connect(plan.addr, &plan.client_id, plan.clean, KEEP_ALIVE, Duration::from_secs(2)).await {
+                        Ok(mut c) => {
+                            proto::send_subscribe(&mut c, &plan.filter, plan.qos).await?;
+                            st.reconnects += 1;
+                            break c;
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            }
+        };
+        let (mut rd, mut wr) = c.stream.into_split();
+        let mut rbuf = c.leftover;
+        rbuf.reserve(256 * 1024);
+        let mut acks = BytesMut::with_capacity(16 * 1024);
+        loop {
+            // Packets already buffered (e.g. read together with the CONNACK) come first.
+            let now = Instant::now();
+            let now_ns = proto::now_ns();
+            let mut new = 0u64;
+            proto::drain_packets(&mut rbuf, |p| {
+                match p {
+                    Packet::Publish(publ) => {
+                        if st.record(&publ.payload, now_ns, now) {
+                            new += 1;
+                        }
+                        match publ.qos {
+                            QoS::AtLeastOnce => proto::put_ack(&mut acks, proto::PUBACK, publ.pkid),
+                            QoS::ExactlyOnce => proto::put_ack(&mut acks, proto::PUBREC, publ.pkid),
+                            QoS::AtMostOnce => {}
+                        }
+                    }
+                    Packet::PubRel(r) => proto::put_ack(&mut acks, proto::PUBCOMP, r.pkid),
+                    _ => {}
+                }
+                Ok(())
+            })?;
+            if new > 0 {
+                progress.fetch_add(new, Ordering::Relaxed);
+            }
+            if !acks.is_empty() {
+                if wr.write_all(&acks).await.is_err() {
+                    if plan.reconnect {
+                        continue 'outer;
+                    }
+                    bail!("subscriber write failed");
+                }
+                acks.clear();
+            }
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break 'outer,
+                r = rd.read_buf(&mut rbuf) => match r {
+                    Ok(n) if n > 0 => {}
+                    _ if plan.reconnect => continue 'outer,
+                    Ok(_) => bail!("subscriber: broker closed the connection"),
+                    Err(e) => bail!("subscriber read: {e}"),
+                },
+            }
+        }
+    }
+    Ok(st)
+}
+
+fn merge(states: &[SubState]) -> (Histogram<u64>, u64, u64, u64, Option<Instant>, Option<Instant>, u64) {
+    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+    let (mut received, mut unique, mut stray, mut reconnects) = (0, 0, 0, 0);
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    for s in states {
+        hist.add(&s.hist).expect("merge histograms");
+        received += s.received;
+        unique += s.unique;
+        stray += s.stray;
+        reconnects += s.reconnects;
+        first = match (first, s.first) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        last = last.max(s.last);
+    }
+    (hist, received, unique, stray, first, last, reconnects)
+}
+
+fn latency_fields(rec: &mut BTreeMap<String, f64>, hist: &Histogram<u64>) {
+    if hist.is_empty() {
+        return;
+    }
+    rec.insert("p50_ms".into(), hist.value_at_quantile(0.5) as f64 / 1000.0);
+    rec.insert("p99_ms".into(), hist.value_at_quantile(0.99) as f64 / 1000.0);
+    rec.insert("p999_ms".into(), hist.value_at_quantile(0.999) as f64 / 1000.0);
+    rec.insert("max_ms".into(), hist.max() as f64 / 1000.0);
+}
+
+async fn connect_many(addr: SocketAddr, ids: Vec<String>, clean: bool, concurrency: usize) -> Result<Vec<Conn>> {
+    let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut set = JoinSet::new();
+    let n = ids.len();
+    for (i, id) in ids.into_iter().enumerate() {
+        let sem = sem.clone();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore");
+            let mut tries = 0;
+            loop {
+                match proto::connect(addr, &id, clean, KEEP_ALIVE, Duration::from_secs(10)).await {
+                    Ok(c) => return Ok((i, c)),
+                    Err(e) if tries < 3 => {
+                        tries += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e.context(format!("client {id}"))),
+                }
+            }
+        });
+    }
+    let mut conns: Vec<Option<Conn>> = (0..n).map(|_| None).collect();
+    while let Some(r) = set.join_next().await {
+        let (i, c) = r??;
+        conns[i] = Some(c);
+    }
+    Ok(conns.into_iter().map(|c| c.expect("connected")).collect())
+}
+
+pub async fn run(a: RunArgs) -> Result<Record> {
+    if a.payload < HEADER_LEN {
+        bail!("--payload must be at least {HEADER_LEN}");
+    }
+    proto::qos_from(a.qos)?;
+    let sub_qos = proto::qos_from(a.sub_qos.unwrap_or(a.qos))?;
+    let messages = match (a.rate > 0.0, a.duration) {
+        (true, Some(d)) => (a.rate * d).round() as u32,
+        _ => a.messages,
+    };
+    let rss_start = a.pid.and_then(proc_mem).map(|m| m.0);
+    let sampler = a.pid.map(RssSampler::start);
+    let sub_addr = a.sub_addr.unwrap_or(a.addr);
+    let t_connect = Instant::now();
+
+    // Subscribers first, SUBACK received before anyone publishes.
+    let progress = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut subs = JoinSet::new();
+    let sub_ids: Vec<String> = (0..a.subscribers).map(|j| format!("{}-sub-{j}", a.client_prefix)).collect();
+    let sub_conns = connect_many(sub_addr, sub_ids.clone(), !a.sub_persistent, a.connect_concurrency).await?;
+    for (j, mut c) in sub_conns.into_iter().enumerate() {
+        proto::send_subscribe(&mut c, &a.filter, sub_qos).await?;
+        // Wait for the SUBACK (a persistent session may deliver publishes first: keep them).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Parse a copy: the subscriber task handles whatever came before the SUBACK.
+            let mut peek = c.leftover.clone();
+            let mut got_suback = false;
+            while let Ok(p) = Packet::read(&mut peek, proto::MAX_PACKET) {
+                if matches!(p, Packet::SubAck(_)) {
+                    got_suback = true;
+                    break;
+                }
+            }
+            if got_suback {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no SUBACK");
+            }
+            tokio::time::timeout(Duration::from_secs(10), c.stream.read_buf(&mut c.leftover)).await??;
+        }
+        let plan = SubPlan {
+            addr: sub_addr,
+            filter: a.filter.clone(),
+            qos: sub_qos,
+            client_id: sub_ids[j].clone(),
+            clean: !a.sub_persistent,
+            reconnect: a.sub_reconnect,
+        };
+        subs.spawn(subscriber(plan, Some(c), progress.clone(), stop_rx.clone()));
+    }
+
+    let pub_ids: Vec<String> = (0..a.publishers).map(|i| format!("{}-pub-{i}", a.client_prefix)).collect();
+    let pub_conns = connect_many(a.addr, pub_ids, true, a.connect_concurrency).await?;
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+
+    let plan = Arc::new(PubPlan {
+        qos: a.qos,
+        messages,
+        payload: a.payload,
+        inflight: a.inflight,
+        period: (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate)),
+    });
+    let t0 = Instant::now();
+    let pubs_done = Arc::new(AtomicUsize::new(0));
+    let mut pubs = JoinSet::new();
+    for (i, c) in pub_conns.into_iter().enumerate() {
+        let topic = a.topic.replace("{p}", &i.to_string());
+        let offset = plan.period.map(|p| p.mul_f64(i as f64 / a.publishers as f64)).unwrap_or_default();
+        let plan = plan.clone();
+        let done = pubs_done.clone();
+        let stop = stop_rx.clone();
+        pubs.spawn(async move {
+            let r = publisher(i as u32, topic, c, plan, t0, offset, done.clone(), stop).await;
+            if r.is_err() {
+                // A failed publisher is done too (its error is reported).
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            r
+        });
+    }
+
+    // Wait: every subscriber has every message, or nothing new for idle_timeout once publishing
+    // is over, or max_time.
+    let expected_per_sub = messages as u64 * a.publishers as u64;
+    let expected = expected_per_sub * a.subscribers as u64;
+    let idle = Duration::from_secs_f64(a.idle_timeout);
+    let hard = t0 + Duration::from_secs_f64(a.max_time);
+    let mut last_progress = (0u64, Instant::now());
+    let mut pubs_done_at: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = Instant::now();
+        let p = progress.load(Ordering::Relaxed);
+        if p != last_progress.0 {
+            last_progress = (p, now);
+        }
+        let all_pubs = pubs_done.load(Ordering::SeqCst) == a.publishers;
+        if all_pubs && pubs_done_at.is_none() {
+            pubs_done_at = Some(now);
+        }
+        if all_pubs && p >= expected {
+            break;
+        }
+        if let Some(d) = pubs_done_at {
+            if now.duration_since(last_progress.1.max(d)) > idle {
+                break;
+            }
+        }
+        if now > hard {
+            eprintln!("wsbench: max time reached");
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let mut pub_res = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(r) = pubs.join_next().await {
+        match r? {
+            Ok(p) => pub_res.push(p),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let mut states = Vec::new();
+    while let Some(r) = subs.join_next().await {
+        match r? {
+            Ok(s) => states.push(s),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
+    let rss_max = match sampler {
+        Some(s) => Some(s.finish().await),
+        None => None,
+    };
+    let hwm = a.pid.and_then(proc_mem);
+
+    let sent: u64 = pub_res.iter().map(|p| p.sent).sum();
+    let acked: u64 = pub_res.iter().map(|p| p.acked).sum();
+    let last_ack = pub_res.iter().filter_map(|p| p.last_ack).max();
+    let (hist, received, unique, stray, _first, last, reconnects) = merge(&states);
+
+    let mut rec = Record::new(&a.labels);
+    let f = &mut rec.values;
+    f.insert("publishers".into(), a.publishers as f64);
+    f.insert("subscribers".into(), a.subscribers as f64);
+    f.insert("qos".into(), a.qos as f64);
+    f.insert("payload".into(), a.payload as f64);
+    f.insert("expected".into(), expected as f64);
+    f.insert("sent".into(), sent as f64);
+    f.insert("acked".into(), acked as f64);
+    f.insert("received".into(), received as f64);
+    f.insert("unique".into(), unique as f64);
+    f.insert("lost".into(), expected.saturating_sub(unique) as f64);
+    f.insert("dup".into(), (received - unique) as f64);
+    f.insert("connect_s".into(), connect_secs);
+    if stray > 0 {
+        f.insert("stray".into(), stray as f64);
+    }
+    if a.sub_reconnect {
+        f.insert("sub_reconnects".into(), reconnects as f64);
+    }
+    if let Some(t) = last_ack {
+        let s = t.duration_since(t0).as_secs_f64();
+        f.insert("pub_s".into(), s);
+        f.insert("pub_rate".into(), acked as f64 / s);
+    }
+    if let Some(t) = last {
+        let s = t.duration_since(t0).as_secs_f64();
+        f.insert("e2e_s".into(), s);
+        f.insert("e2e_rate".into(), unique as f64 / s);
+    }
+    latency_fields(f, &hist);
+    if let Some(r) = rss_start {
+        f.insert("rss_start_mib".into(), r as f64 / 1024.0);
+    }
+    if let Some(r) = rss_max {
+        f.insert("rss_max_mib".into(), r as f64 / 1024.0);
+    }
+    if let Some((rss, hwm)) = hwm {
+        f.insert("rss_end_mib".into(), rss as f64 / 1024.0);
+        f.insert("hwm_mib".into(), hwm as f64 / 1024.0);
+    }
+    rec.errors = errors;
+    Ok(rec)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct SubArgs {
+    #[arg(long)]
+    pub addr: SocketAddr,
+    #[arg(long, default_value = "sensors/#")]
+    pub filter: String,
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// Messages expected in total (ids from any publisher).
+    #[arg(long)]
+    pub expect: u64,
+    #[arg(long, default_value = "wsb-drain")]
+    pub client_id: String,
+    /// clean_session=false.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Stop this long after the last new message (once the first has arrived).
+    #[arg(long, default_value_t = 10.0)]
+    pub idle_timeout: f64,
+    #[arg(long, default_value_t = 300.0)]
+    pub max_time: f64,
+    /// Process whose memory to sample meanwhile (e.g. the draining edge).
+    #[arg(long)]
+    pub pid: Option<u32>,
+    #[command(flatten)]
+    pub labels: Labels,
+}
+
+/// A lone subscriber that (re)connects until it has `expect` messages: measures a drain as
+/// (messages - 1) / (last arrival - first arrival), independent of reconnect back-off.
+pub async fn sub(a: SubArgs) -> Result<Record> {
+    let plan = SubPlan {
+        addr: a.addr,
+        filter: a.filter.clone(),
+        qos: proto::qos_from(a.qos)?,
+        client_id: a.client_id.clone(),
+        clean: !a.persistent,
+        reconnect: true,
+    };
+    let sampler = a.pid.map(RssSampler::start);
+    let progress = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let t0 = Instant::now();
+    let task = tokio::spawn(subscriber(plan, None, progress.clone(), stop_rx));
+    let idle = Duration::from_secs_f64(a.idle_timeout);
+    let hard = t0 + Duration::from_secs_f64(a.max_time);
+    let mut last = (0u64, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = Instant::now();
+        let p = progress.load(Ordering::Relaxed);
+        if p != last.0 {
+            last = (p, now);
+        }
+        if p >= a.expect || (p > 0 && now.duration_since(last.1) > idle) || now > hard {
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let st = task.await??;
+    let rss_max = match sampler {
+        Some(s) => Some(s.finish().await),
+        None => None,
+    };
+    let mut rec = Record::new(&a.labels);
+    let f = &mut rec.values;
+    f.insert("expected".into(), a.expect as f64);
+    f.insert("received".into(), st.received as f64);
+    f.insert("unique".into(), st.unique as f64);
+    f.insert("lost".into(), a.expect.saturating_sub(st.unique) as f64);
+    f.insert("dup".into(), (st.received - st.unique) as f64);
+    if let (Some(first), Some(lastm)) = (st.first, st.last) {
+        let s = lastm.duration_since(first).as_secs_f64();
+        f.insert("drain_s".into(), s);
+        if s > 0.0 {
+            f.insert("drain_rate".into(), (st.unique.saturating_sub(1)) as f64 / s);
+        }
+        f.insert("wait_first_s".into(), first.duration_since(t0).as_secs_f64());
+    }
+    if let Some(r) = rss_max {
+        f.insert("rss_max_mib".into(), r as f64 / 1024.0);
+    }
+    if let Some((rss, hwm)) = a.pid.and_then(proc_mem) {
+        f.insert("rss_end_mib".into(), rss as f64 / 1024.0);
+        f.insert("hwm_mib".into(), hwm as f64 / 1024.0);
+    }
+    Ok(rec)
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct IdleArgs {
+    #[arg(long)]
+    pub addr: SocketAddr,
+    #[arg(long, default_value_t = 10_000)]
+    pub clients: usize,
+    /// Seconds to hold the connections before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub hold: f64,
+    #[arg(long, default_value_t = 200)]
+    pub connect_concurrency: usize,
+    #[arg(long)]
+    pub pid: Option<u32>,
+    #[arg(long, default_value = "wsb-idle")]
+    pub client_prefix: String,
+    #[command(flatten)]
+    pub labels: Labels,
+}
+
+/// Connects `clients` idle clients and reports the broker's resident memory per connection.
+pub async fn idle(a: IdleArgs) -> Result<Record> {
+    let before = a.pid.and_then(proc_mem);
+    let t0 = Instant::now();
+    let ids = (0..a.clients).map(|i| format!("{}-{i}", a.client_prefix)).collect();
+    let conns = connect_many(a.addr, ids, true, a.connect_concurrency).await?;
+    let connect_s = t0.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
+    let after = a.pid.and_then(proc_mem);
+    let mut rec = Record::new(&a.labels);
+    let f = &mut rec.values;
+    f.insert("clients".into(), conns.len() as f64);
+    f.insert("connect_s".into(), connect_s);
+    f.insert("connect_rate".into(), conns.len() as f64 / connect_s);
+    if let (Some(b), Some(c)) = (before, after) {
+        f.insert("rss_before_mib".into(), b.0 as f64 / 1024.0);
+        f.insert("rss_after_mib".into(), c.0 as f64 / 1024.0);
+        f.insert("hwm_mib".into(), c.1 as f64 / 1024.0);
+        f.insert("kib_per_conn".into(), (c.0 as f64 - b.0 as f64) / conns.len() as f64);
+    }
+    drop(conns);
+    Ok(rec)
+}

@@ -1,0 +1,111 @@
+//! `wsbench`: the load tool behind Waystation's benchmarks (docs/BENCHMARKS.md,
+//! scripts/bench.sh). It speaks MQTT 3.1.1 to any broker, so the same load is put on
+//! Waystation, Mosquitto and rumqttd; `wsbench rumqttd` runs rumqttd 0.20 in-process as a peer.
+
+mod load;
+mod proto;
+mod report;
+
+use std::net::SocketAddr;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "wsbench", about = "MQTT 3.1.1 load tool: throughput, latency, loss, duplicates and broker memory")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// N publishers and M subscribers: throughput, latency p50/p99/p99.9, lost, duplicated, RSS.
+    Run(load::RunArgs),
+    /// One subscriber that (re)connects until it has --expect messages (backlog drains).
+    Sub(load::SubArgs),
+    /// Many idle connected clients: broker RSS per connection.
+    Idle(load::IdleArgs),
+    /// Writes a result record of given values (for figures measured by the script).
+    Record(report::RecordArgs),
+    /// Prints a markdown table for one scenario: median, min-max, ratio to the baseline.
+    Table(report::TableArgs),
+    /// Runs rumqttd 0.20 in this process until killed.
+    Rumqttd {
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
+    /// Prints VmRSS and VmHWM (KiB) of a process.
+    Mem {
+        #[arg(long)]
+        pid: u32,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => {
+            let out = a.labels.out.clone();
+            let rec = runtime()?.block_on(load::run(a))?;
+            rec.emit(out.as_deref())
+        }
+        Command::Sub(a) => {
+            let out = a.labels.out.clone();
+            let rec = runtime()?.block_on(load::sub(a))?;
+            rec.emit(out.as_deref())
+        }
+        Command::Idle(a) => {
+            let out = a.labels.out.clone();
+            let rec = runtime()?.block_on(load::idle(a))?;
+            rec.emit(out.as_deref())
+        }
+        Command::Record(a) => report::record(a),
+        Command::Table(a) => report::table(a),
+        Command::Rumqttd { port, host } => run_rumqttd(SocketAddr::new(host, port)),
+        Command::Mem { pid } => {
+            let (rss, hwm) = load::proc_mem(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/status"))?;
+            println!("{rss} {hwm}");
+            Ok(())
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// rumqttd as configured in its own rumqttd.toml (v4 listener, 100 in flight, 100 MiB x 10
+/// segments), with room for 20,000 connections and no delay between accepts.
+fn run_rumqttd(listen: SocketAddr) -> Result<()> {
+    use std::collections::HashMap;
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: 256 * 1024,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let server = rumqttd::ServerSettings { name: "v4-1".into(), listen, tls: None, next_connection_delay_ms: 0, connections };
+    let mut v4 = HashMap::new();
+    v4.insert("1".to_string(), server);
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 20_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(v4),
+        ..Default::default()
+    };
+    let mut broker = rumqttd::Broker::new(config);
+    eprintln!("rumqttd listening on {listen}");
+    broker.start().map_err(|e| anyhow::anyhow!("rumqttd: {e:?}"))?;
+    Ok(())
+}

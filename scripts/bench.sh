@@ -1,0 +1,395 @@
+#!/usr/bin/env bash
+# Waystation beside Mosquitto 2.0 and rumqttd 0.20: every scenario of issue 6, interleaved over
+# rounds, one table per scenario (median, min-max, ratio to Waystation). See docs/BENCHMARKS.md.
+#
+#   scripts/bench.sh                 # full run (fits in 10 minutes on the 2-core dev VM)
+#   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes)
+#   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
+#   scripts/bench.sh --only 1,4      # a subset of scenarios
+#   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
+#
+# Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
+# target/bench/<date>/): results.jsonl (one JSON record per run), tables.md, broker logs.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+MODE=full
+ROUNDS=3
+ONLY=1,2,3,4,5
+BUILD=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick; ROUNDS=1 ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --only) ONLY=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+if [ "$MODE" = full ]; then
+  S1_MSGS=20000            # per publisher, 8 publishers
+  S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000
+  S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
+  S4_TOTAL=1000000; S4_CEIL=200000
+else
+  S1_MSGS=5000
+  S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
+  S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
+  S4_TOTAL=100000; S4_CEIL=50000
+fi
+
+MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
+[ -x "$MOSQUITTO" ] || { echo "needs $MOSQUITTO (apt-get install mosquitto)" >&2; exit 1; }
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ "$BUILD" = 1 ]; then
+  cargo build --release -p waystation -p waystation-bench
+fi
+WS=$CARGO_TARGET_DIR/release/waystation
+WSB=$CARGO_TARGET_DIR/release/wsbench
+
+# 10,000 idle clients: the tool and the brokers (children of this shell) need the descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+RES=$OUT/results.jsonl
+: > "$RES"
+# Brokers keep their data on the real disk (the durable log must not be on tmpfs).
+case "$(df --output=fstype "$OUT" | tail -1)" in
+  tmpfs|ramfs) echo "warning: $OUT is on $(df --output=fstype "$OUT" | tail -1): durable writes are not measured" >&2 ;;
+esac
+LOG=$OUT/bench.log
+say() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill -CONT "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# Below the ephemeral range (32768-60999), so no client socket holds a port we pick.
+NEXT_PORT=$((20000 + RANDOM % 10000))
+free_port() {
+  while port_open "$NEXT_PORT"; do NEXT_PORT=$((NEXT_PORT + 1)); done
+  PORT=$NEXT_PORT
+  NEXT_PORT=$((NEXT_PORT + 1))
+}
+wait_port() {
+  for _ in $(seq 1 400); do port_open "$1" && return 0; sleep 0.025; done
+  echo "nothing listens on $1" >&2; return 1
+}
+stop_pid() {
+  kill -TERM "$1" 2>/dev/null || true
+  for _ in $(seq 1 200); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
+  kill -KILL "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+N=0
+newdir() { N=$((N + 1)); DIR=$OUT/run-$N-$1; mkdir -p "$DIR"; }
+
+# start_waystation PORT [UPSTREAM_PORT [UPSTREAM2_PORT]]: durable acks (a bridge forwards
+# sensors/#, so every message is on disk before its PUBACK); without an upstream port the bridge
+# points at a closed port (messages wait on disk). Sets BPID.
+start_waystation() {
+  local port=$1 up=${2:-} up2=${3:-}
+  newdir waystation
+  if [ -z "$up" ]; then free_port; up=$PORT; fi
+  cat > "$DIR/waystation.toml" <<EOF
+[gateway]
+data_dir = "$DIR/data"
+[[listener]]
+bind = "127.0.0.1:$port"
+[limits]
+max_connections = 20000
+# Like Mosquitto's max_queued_messages 0 below: a subscriber that falls behind loses nothing.
+max_queued_messages = 100000000
+[storage]
+max_bytes = 4294967296
+[[bridge]]
+name = "cloud"
+address = "127.0.0.1:$up"
+max_inflight = 100
+reconnect = { initial_ms = 500, max_ms = 5000 }
+[[bridge.forward]]
+local = "sensors/#"
+remote_prefix = ""
+qos = 1
+EOF
+  if [ -n "$up2" ]; then
+    cat >> "$DIR/waystation.toml" <<EOF
+[[bridge]]
+name = "alt"
+address = "127.0.0.1:$up2"
+max_inflight = 100
+reconnect = { initial_ms = 500, max_ms = 5000 }
+[[bridge.forward]]
+local = "sensors/#"
+remote_prefix = ""
+qos = 1
+EOF
+  fi
+  "$WS" run --config "$DIR/waystation.toml" 2> "$DIR/stderr.log" &
+  BPID=$!
+  PIDS+=("$BPID")
+  for _ in $(seq 1 400); do grep -q "listening on" "$DIR/stderr.log" && return 0; sleep 0.025; done
+  echo "waystation did not start:" >&2; cat "$DIR/stderr.log" >&2; return 1
+}
+
+# start_mosquitto PORT [BRIDGE_UPSTREAM_PORT] [persist]: Debian's mosquitto tuned not to drop
+# (max_queued_messages 0 = unlimited), 100 in flight; optionally a bridge or persistence.
+start_mosquitto() {
+  local port=$1 up=${2:-} persist=${3:-}
+  newdir mosquitto
+  chmod 777 "$DIR"
+  cat > "$DIR/mosquitto.conf" <<EOF
+listener $port 127.0.0.1
+allow_anonymous true
+max_queued_messages 0
+max_inflight_messages 100
+log_dest stderr
+log_type error
+log_type warning
+EOF
+  if [ -n "$persist" ]; then
+    printf 'persistence true\npersistence_location %s/\n' "$persist" >> "$DIR/mosquitto.conf"
+  fi
+  if [ -n "$up" ]; then
+    cat >> "$DIR/mosquitto.conf" <<EOF
+connection cloud
+address 127.0.0.1:$up
+topic sensors/# out 1
+restart_timeout 1 5
+EOF
+  fi
+  "$MOSQUITTO" -c "$DIR/mosquitto.conf" 2> "$DIR/stderr.log" &
+  BPID=$!
+  PIDS+=("$BPID")
+  wait_port "$port"
+}
+
+start_rumqttd() {
+  newdir rumqttd
+  "$WSB" rumqttd --port "$1" 2> "$DIR/stderr.log" &
+  BPID=$!
+  PIDS+=("$BPID")
+  wait_port "$1"
+}
+
+# start_broker NAME PORT
+start_broker() {
+  case "$1" in
+    waystation) start_waystation "$2" ;;
+    mosquitto) start_mosquitto "$2" ;;
+    rumqttd) start_rumqttd "$2" ;;
+  esac
+}
+
+BROKERS=(waystation mosquitto rumqttd)
+# Rotate the order each round so no broker always runs first (or right after a heavy one).
+order() {
+  local r=$1 n=${#BROKERS[@]} i
+  for i in $(seq 0 $((n - 1))); do echo "${BROKERS[$(((i + r) % n))]}"; done
+}
+
+say "mode=$MODE rounds=$ROUNDS out=$OUT"
+say "machine: $(nproc) cores, $(free -m | awk '/Mem:/{print $2}') MiB, $(uname -r)"
+"$MOSQUITTO" -h 2>/dev/null | head -1 | tee -a "$LOG" >&2 || true
+
+# 1. Fan-in: 8 publishers x S1_MSGS x 64 B, one subscriber on sensors/#, QoS 1 and QoS 0.
+if want 1; then
+  for r in $(seq 1 "$ROUNDS"); do
+    for q in 1 0; do
+      for b in $(order "$r"); do
+        free_port; p=$PORT
+        start_broker "$b" "$p"
+        say "s1 qos$q $b round $r"
+        "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$S1_MSGS" --qos "$q" --payload 64 \
+          --subscribers 1 --pid "$BPID" --scenario "s1-qos$q" --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
+        stop_pid "$BPID"
+      done
+    done
+  done
+fi
+
+# 2. Many devices: S2_CLIENTS clients at 1 msg/s (QoS 1) + one subscriber; then idle clients.
+if want 2; then
+  for r in $(seq 1 "$S2_ROUNDS"); do
+    for b in $(order "$r"); do
+      free_port; p=$PORT
+      start_broker "$b" "$p"
+      say "s2 $S2_CLIENTS clients at 1 msg/s, $b round $r"
+      "$WSB" run --addr "127.0.0.1:$p" --publishers "$S2_CLIENTS" --rate 1 --duration "$S2_SECS" --qos 1 --payload 64 \
+        --subscribers 1 --pid "$BPID" --scenario s2-1msgps --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
+      stop_pid "$BPID"
+    done
+  done
+  for b in $(order 0); do
+    free_port; p=$PORT
+    start_broker "$b" "$p"
+    sleep 0.5
+    say "s2 $IDLE_CLIENTS idle clients, $b"
+    "$WSB" idle --addr "127.0.0.1:$p" --clients "$IDLE_CLIENTS" --hold 2 --pid "$BPID" \
+      --scenario s2-idle --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+    stop_pid "$BPID"
+  done
+fi
+
+# start_edge NAME PORT UPSTREAM_PORT: Waystation's bridge or Mosquitto configured as a bridge.
+start_edge() {
+  case "$1" in
+    waystation) start_waystation "$2" "$3" ;;
+    mosquitto-bridge) start_mosquitto "$2" "$3" ;;
+  esac
+}
+
+# 3. Edge to cloud: publishers -> edge -> upstream Mosquitto -> subscriber on the upstream.
+if want 3; then
+  for r in $(seq 1 "$ROUNDS"); do
+    for b in $( ((r % 2)) && echo waystation mosquitto-bridge || echo mosquitto-bridge waystation); do
+      free_port; up=$PORT; free_port; p=$PORT
+      start_mosquitto "$up"; UPID=$BPID
+      start_edge "$b" "$p" "$up"; EPID=$BPID
+      sleep 0.5   # let the bridge connect
+      say "s3 edge->cloud $b round $r"
+      "$WSB" run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --messages "$S3_MSGS" --qos 1 \
+        --payload 64 --subscribers 1 --pid "$EPID" --idle-timeout 10 \
+        --scenario s3-bridge --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
+      stop_pid "$EPID"; stop_pid "$UPID"
+    done
+  done
+  # The same at a fixed rate, with the upstream stopped (SIGTERM, restarted after S3_DOWN_FOR s).
+  # The upstream keeps sessions on disk (persistence) and its subscriber uses clean_session=0
+  # and reconnects, so every loss is the edge's.
+  for b in waystation mosquitto-bridge; do
+    free_port; up=$PORT; free_port; p=$PORT
+    newdir upstream-persist; PERSIST=$DIR; chmod 777 "$PERSIST"
+    start_mosquitto "$up" "" "$PERSIST"; UPID=$BPID; UCONF=$DIR/mosquitto.conf
+    start_edge "$b" "$p" "$up"; EPID=$BPID
+    sleep 0.5
+    say "s3 outage $b: ${S3_DOWN_FOR}s upstream stop at ${S3_DOWN_AT}s"
+    "$WSB" run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --rate "$S3_RATE" --duration "$S3_SECS" \
+      --qos 1 --payload 64 --subscribers 1 --sub-persistent --sub-reconnect --pid "$EPID" --idle-timeout 15 \
+      --scenario s3-outage --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+    LOAD=$!
+    sleep "$S3_DOWN_AT"
+    stop_pid "$UPID"
+    sleep "$S3_DOWN_FOR"
+    "$MOSQUITTO" -c "$UCONF" 2>> "$PERSIST/../upstream-restart.log" &
+    UPID=$!; PIDS+=("$UPID")
+    wait "$LOAD" || true
+    stop_pid "$EPID"; stop_pid "$UPID"
+  done
+fi
+
+# 4. Backlog drain: S4_TOTAL messages published while the upstream is down, then drained.
+if want 4; then
+  per=$((S4_TOTAL / 8))
+  # Waystation, two bridges: "cloud" -> Mosquitto, "alt" -> rumqttd; both down while buffering.
+  free_port; up1=$PORT; free_port; up2=$PORT; free_port; p=$PORT
+  start_waystation "$p" "$up1" "$up2"; EPID=$BPID; EDIR=$DIR
+  say "s4 waystation: buffering $S4_TOTAL messages (upstreams down)"
+  "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+    --pid "$EPID" --scenario s4-buffer --broker waystation --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+  sleep 2
+  read -r rss hwm < <("$WSB" mem --pid "$EPID")
+  "$WSB" record --scenario s4-waiting --broker waystation --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
+    --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --set "store_disk_mib=$(du -sm "$EDIR/data" | cut -f1)" --out "$RES" >/dev/null 2>>"$LOG"
+  for up in mosquitto rumqttd; do
+    if [ "$up" = mosquitto ]; then uport=$up1; else uport=$up2; fi
+    "$WSB" sub --addr "127.0.0.1:$uport" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
+      --scenario "s4-drain-$up" --broker waystation --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+    SUB=$!
+    sleep 0.2
+    say "s4 waystation: draining into $up"
+    if [ "$up" = mosquitto ]; then start_mosquitto "$uport"; else start_rumqttd "$uport"; fi
+    UPID=$BPID
+    wait "$SUB" || true
+    say "s4 ceiling of $up: one QoS 1 publisher straight into it"
+    "$WSB" run --addr "127.0.0.1:$uport" --publishers 1 --messages "$S4_CEIL" --qos 1 --payload 64 --subscribers 1 \
+      --client-prefix ceil --scenario "s4-ceiling-$up" --broker "$up" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+    stop_pid "$UPID"
+  done
+  stop_pid "$EPID"
+
+  # Mosquitto as the edge bridge: the backlog waits in its memory.
+  free_port; up=$PORT; free_port; p=$PORT
+  start_mosquitto "$p" "$up"; EPID=$BPID
+  say "s4 mosquitto-bridge: buffering $S4_TOTAL messages (upstream down)"
+  "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+    --pid "$EPID" --scenario s4-buffer --broker mosquitto-bridge --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+  sleep 2
+  read -r rss hwm < <("$WSB" mem --pid "$EPID")
+  "$WSB" record --scenario s4-waiting --broker mosquitto-bridge --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
+    --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --out "$RES" >/dev/null 2>>"$LOG"
+  "$WSB" sub --addr "127.0.0.1:$up" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
+    --scenario s4-drain-mosquitto --broker mosquitto-bridge --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+  SUB=$!
+  sleep 0.2
+  say "s4 mosquitto-bridge: draining into mosquitto"
+  start_mosquitto "$up"; UPID=$BPID
+  wait "$SUB" || true
+  stop_pid "$UPID"; stop_pid "$EPID"
+fi
+
+# 5. Idle footprint: RSS with no clients, and binary size.
+if want 5; then
+  for b in "${BROKERS[@]}"; do
+    free_port; p=$PORT
+    start_broker "$b" "$p"
+    sleep 1
+    read -r rss hwm < <("$WSB" mem --pid "$BPID")
+    case "$b" in
+      waystation) bin=$WS ;;
+      mosquitto) bin=$MOSQUITTO ;;
+      rumqttd) bin=$WSB ;;
+    esac
+    "$WSB" record --scenario s5-idle --broker "$b" --set "rss_idle_mib=$(echo "$rss / 1024" | bc -l)" \
+      --set "binary_mib=$(echo "$(stat -c %s "$bin") / 1048576" | bc -l)" --out "$RES" >/dev/null 2>>"$LOG"
+    stop_pid "$BPID"
+  done
+fi
+
+# Tables.
+{
+  echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
+  echo "Ratio: the broker's median divided by Waystation's (for msg/s higher is better; for ms and MiB lower is better)."
+  echo
+  T() { "$WSB" table --in "$RES" "$@"; }
+  want 1 && T --scenario s1-qos1 --title "1. Fan-in, QoS 1: 8 x $S1_MSGS x 64 B, one subscriber on sensors/#" \
+    --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,dup:dup:sum"
+  want 1 && T --scenario s1-qos0 --title "1. Fan-in, QoS 0: 8 x $S1_MSGS x 64 B, one subscriber on sensors/#" \
+    --metrics "e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:peak RSS MiB,lost:lost:sum"
+  want 2 && T --scenario s2-1msgps --title "2. $S2_CLIENTS clients at 1 msg/s (QoS 1) + one subscriber, ${S2_SECS} s" \
+    --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,connect_s:connect s"
+  want 2 && T --scenario s2-idle --title "2. $IDLE_CLIENTS idle clients" \
+    --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s"
+  want 3 && T --scenario s3-bridge --title "3. Edge to cloud: 8 x $S3_MSGS QoS 1 -> edge -> upstream Mosquitto -> subscriber" \
+    --metrics "pub_rate:edge acked msg/s,e2e_rate:upstream delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:edge peak RSS MiB,lost:lost:sum,dup:dup:sum"
+  want 3 && T --scenario s3-outage --title "3. Edge to cloud at 8 x $S3_RATE msg/s for $S3_SECS s, upstream stopped for $S3_DOWN_FOR s" \
+    --metrics "acked:acked by edge,unique:delivered upstream,lost:lost,dup:duplicates,p99_ms:p99 ms,max_ms:max ms"
+  want 4 && T --scenario s4-buffer --title "4. Backlog: $S4_TOTAL QoS 1 messages published while the upstream is down" \
+    --metrics "pub_rate:acked msg/s,rss_max_mib:peak RSS MiB"
+  want 4 && T --scenario s4-waiting --title "4. Backlog waiting ($S4_TOTAL messages)" \
+    --metrics "rss_waiting_mib:RSS MiB,hwm_mib:peak RSS MiB,store_disk_mib:store on disk MiB"
+  want 4 && T --scenario s4-drain-mosquitto --title "4. Drain of $S4_TOTAL into upstream Mosquitto" \
+    --metrics "drain_rate:msg/s,drain_s:seconds,unique:delivered,dup:dup,rss_max_mib:edge RSS MiB during drain"
+  want 4 && T --scenario s4-drain-rumqttd --title "4. Drain of $S4_TOTAL into upstream rumqttd" \
+    --metrics "drain_rate:msg/s,drain_s:seconds,unique:delivered,dup:dup,rss_max_mib:edge RSS MiB during drain"
+  want 4 && T --scenario s4-ceiling-mosquitto --baseline mosquitto --title "4. Upstream ceiling: one QoS 1 publisher into Mosquitto ($S4_CEIL)" \
+    --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s"
+  want 4 && T --scenario s4-ceiling-rumqttd --baseline rumqttd --title "4. Upstream ceiling: one QoS 1 publisher into rumqttd ($S4_CEIL)" \
+    --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s"
+  want 5 && T --scenario s5-idle --title "5. Idle footprint (no clients)" \
+    --metrics "rss_idle_mib:RSS MiB,binary_mib:binary MiB"
+} > "$OUT/tables.md"
+cat "$OUT/tables.md"
+say "done: $OUT/tables.md"
