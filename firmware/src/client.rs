@@ -13,9 +13,9 @@
 //! - Incoming PUBLISHes on the config topic are handed to the caller; QoS 1/2 are acknowledged.
 
 use crate::event::{Event, MAX_DEVICE_ID, MAX_EVENT_JSON, MAX_SENSOR_NAME};
-use crate::mqtt::{self, Connect, DecodeError, Packet, Will};
+use crate::mqtt::{self, DecodeError, Packet, Writer};
 use embedded_io::{Error as _, ErrorKind, Read, ReadReady, Write};
-use heapless::{String, Vec};
+use heapless::String;
 
 /// A byte stream to the broker. `read` is only called after `read_ready` said true, so it
 /// must not block then; `write` may block (briefly) until bytes are accepted.
@@ -193,9 +193,6 @@ pub struct Client<T: Transport, const N: usize> {
     id: String<MAX_DEVICE_ID>,
     sensor: String<MAX_SENSOR_NAME>,
     boot: u32,
-    status_topic: String<MAX_TOPIC>,
-    config_topic: String<MAX_TOPIC>,
-    events_topic: String<MAX_TOPIC>,
     link: Link,
     backoff_ms: u32,
     /// Oldest first.
@@ -216,13 +213,15 @@ pub struct Client<T: Transport, const N: usize> {
     stats: Stats,
 }
 
-fn topic(id: &str, suffix: &str) -> Result<String<MAX_TOPIC>, BadIdentity> {
-    let mut s = String::new();
-    s.push_str("sensors/").map_err(|_| BadIdentity)?;
-    s.push_str(id).map_err(|_| BadIdentity)?;
-    s.push_str(suffix).map_err(|_| BadIdentity)?;
-    Ok(s)
+/// `sensors/<id><suffix>` in parts: the topics are put together while a packet is written
+/// rather than kept (three stored topics cost RAM and the code that builds them).
+fn topic<'a>(id: &'a str, suffix: &'a [u8]) -> [&'a [u8]; 3] {
+    [b"sensors/", id.as_bytes(), suffix]
 }
+
+const STATUS: &[u8] = b"/status";
+const CONFIG: &[u8] = b"/config";
+const EVENTS: &[u8] = b"/events";
 
 fn valid_level(s: &str) -> bool {
     crate::event::valid_token(s)
@@ -242,9 +241,6 @@ impl<T: Transport, const N: usize> Client<T, N> {
             id: String::try_from(id).map_err(|_| BadIdentity)?,
             sensor: String::try_from(sensor).map_err(|_| BadIdentity)?,
             boot,
-            status_topic: topic(id, "/status")?,
-            config_topic: topic(id, "/config")?,
-            events_topic: topic(id, "/events")?,
             link: Link::Down { since: 0, wait: 0 },
             backoff_ms: cfg.backoff_min_ms,
             outbox: Outbox::new(),
@@ -319,10 +315,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
     /// discards the will), close. Unacknowledged events stay in the outbox.
     pub fn disconnect(&mut self, now: u32) {
         if self.link == Link::Up {
-            let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, b"offline", 0, true, false, 0);
-            if self.send_encoded(r, now) && {
+            if self.publish_status(true, &[b"offline"], now) && {
                 let r = mqtt::encode_disconnect(&mut self.io.tx);
-                self.send_encoded(r, now)
+                self.send(r, now)
             } {
                 self.t.close();
             }
@@ -363,11 +358,13 @@ impl<T: Transport, const N: usize> Client<T, N> {
         self.outbox.all_unsent();
     }
 
-    /// Writes `tx[..n]`; on failure the link is dropped and false returned.
-    fn send(&mut self, n: usize, now: u32) -> bool {
-        let mut at = 0;
-        while at < n {
-            match self.t.write(&self.io.tx[at..n]) {
+    /// Writes the packet an encoder put into the tx buffer; on failure the link is dropped and
+    /// false returned. An encode error skips the packet.
+    fn send(&mut self, r: mqtt::Encoded, now: u32) -> bool {
+        let Ok(r) = r else { return true };
+        let mut at = r.start;
+        while let Some(rest) = self.io.tx.get(at..r.end).filter(|b| !b.is_empty()) {
+            match self.t.write(rest) {
                 Ok(0) | Err(_) => {
                     self.link_lost(now);
                     return false;
@@ -383,14 +380,21 @@ impl<T: Transport, const N: usize> Client<T, N> {
         true
     }
 
-    /// Sends what an encoder wrote into the tx buffer; an encode error skips the packet. (The
-    /// callers encode into `self.io.tx` themselves, borrowing the topics in place: one copy of this
-    /// code, where a closure per packet kind would be a copy each, plus copies of the topics.)
-    fn send_encoded(&mut self, r: Result<usize, mqtt::EncodeError>, now: u32) -> bool {
-        match r {
-            Ok(n) => self.send(n, now),
-            Err(_) => true,
+    /// A QoS 0 PUBLISH on the status topic whose payload is `parts` put together.
+    fn publish_status(&mut self, retain: bool, parts: &[&[u8]], now: u32) -> bool {
+        let mut w = Writer::new(&mut self.io.tx);
+        w.field(&topic(&self.id, STATUS));
+        for p in parts {
+            w.bytes(p);
         }
+        let r = w.finish(mqtt::publish_first(0, retain, false));
+        self.send(r, now)
+    }
+
+    /// A fixed header and a packet id (PUBACK, PUBREC, PUBCOMP).
+    fn send_ack(&mut self, first: u8, pid: u16, now: u32) -> bool {
+        let r = mqtt::encode_ack(&mut self.io.tx, first, pid);
+        self.send(r, now)
     }
 
     /// One step: connection management, sending what is due, reading what has arrived.
@@ -432,21 +436,19 @@ impl<T: Transport, const N: usize> Client<T, N> {
             self.link_lost(now);
             return;
         }
-        let c = Connect {
-            client_id: &self.id,
-            keep_alive_s: self.cfg.keep_alive_s,
-            clean_session: true,
-            will: Some(Will { topic: &self.status_topic, payload: b"offline", qos: 1, retain: true }),
-            username: None,
-            password: None,
-        };
-        let r = mqtt::encode_connect(&mut self.io.tx, &c);
+        // Clean session, a will (retained, QoS 1: `offline` on the status topic), no credentials.
+        let mut w = Writer::new(&mut self.io.tx);
+        w.field(&[b"MQTT"]);
+        w.bytes(&[4, 0x20 | 0x08 | 0x04 | 0x02]);
+        w.u16(self.cfg.keep_alive_s);
+        w.field(&[self.id.as_bytes()]);
+        w.field(&topic(&self.id, STATUS));
+        w.field(&[b"offline"]);
+        let r = w.finish(mqtt::kind::CONNECT << 4);
         self.rx_len = 0;
         self.skip = 0;
         self.link = Link::AwaitConnAck { since: now };
-        if let Ok(n) = r {
-            self.send(n, now);
-        }
+        self.send(r, now);
     }
 
     /// Connected: keep-alive, pending report, unsent events. False when the link was lost.
@@ -464,7 +466,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
                     && now.wrapping_sub(self.last_rx) >= self.cfg.response_timeout_ms;
                 if idle || waiting {
                     let r = mqtt::encode_pingreq(&mut self.io.tx);
-                    if !self.send_encoded(r, now) {
+                    if !self.send(r, now) {
                         return false;
                     }
                     self.ping_sent = Some(now);
@@ -472,16 +474,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
             }
         }
         if let Some(r) = self.report.take() {
-            let mut p: Vec<u8, 96> = Vec::new();
             let parts: [&[u8]; 3] = match r {
                 ConfigReport::Applied => [b"{\"config\":\"applied\"}", b"", b""],
                 ConfigReport::Rejected(why) => [b"{\"config\":\"rejected\",\"reason\":\"", why.as_bytes(), b"\"}"],
             };
-            for part in parts {
-                let _ = p.extend_from_slice(part);
-            }
-            let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, &p, 0, false, false, 0);
-            if !self.send_encoded(r, now) {
+            if !self.publish_status(false, &parts, now) {
                 return false;
             }
         }
@@ -490,13 +487,14 @@ impl<T: Transport, const N: usize> Client<T, N> {
             if s.sent_on_link || s.acked {
                 continue;
             }
-            let mut json = [0u8; MAX_EVENT_JSON];
-            let Ok(len) = s.event.to_json(&self.id, self.boot, &self.sensor, &mut json) else { continue };
-            let topic = &self.events_topic;
-            let Ok(n) = mqtt::encode_publish(&mut self.io.tx, topic, &json[..len], 1, false, s.ever_sent, s.pid) else {
-                continue;
-            };
-            if !self.send(n, now) {
+            // The JSON is serialized straight into the packet, after the topic and packet id.
+            let mut w = Writer::new(&mut self.io.tx);
+            w.field(&topic(&self.id, EVENTS));
+            w.u16(s.pid);
+            let len = s.event.to_json(&self.id, self.boot, &self.sensor, w.spare()).ok();
+            w.advance(len);
+            let Ok(r) = w.finish(mqtt::publish_first(1, false, s.ever_sent)) else { continue };
+            if !self.send(Ok(r), now) {
                 return false;
             }
             if let Some(slot) = self.outbox.get_mut(i) {
@@ -583,7 +581,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 Packet::Publish(p) => Owned::Publish {
                     qos: p.qos,
                     pid: p.pid,
-                    config: p.topic == self.config_topic.as_bytes(),
+                    config: p
+                        .topic
+                        .strip_prefix(b"sensors/".as_slice())
+                        .and_then(|t| t.strip_prefix(self.id.as_bytes()))
+                        == Some(CONFIG),
                     // The payload ends the packet.
                     payload: (at - p.payload.len(), at),
                 },
@@ -617,14 +619,17 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 self.backoff_ms = self.cfg.backoff_min_ms;
                 self.stats.connects = self.stats.connects.saturating_add(1);
                 self.ping_sent = None;
-                let r = mqtt::encode_publish(&mut self.io.tx, &self.status_topic, b"online", 0, true, false, 0);
-                if !self.send_encoded(r, now) {
+                if !self.publish_status(true, &[b"online"], now) {
                     return Handled::LinkLost;
                 }
                 let pid = self.alloc_pid();
                 self.sub_pid = Some(pid);
-                let r = mqtt::encode_subscribe(&mut self.io.tx, pid, &self.config_topic, 1);
-                if !self.send_encoded(r, now) {
+                let mut w = Writer::new(&mut self.io.tx);
+                w.u16(pid);
+                w.field(&topic(&self.id, CONFIG));
+                w.bytes(&[1]);
+                let r = w.finish((mqtt::kind::SUBSCRIBE << 4) | 0x02);
+                if !self.send(r, now) {
                     return Handled::LinkLost;
                 }
                 // Unacknowledged events go out again (with DUP) at the next poll.
@@ -662,20 +667,18 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 Handled::Continue
             }
             Owned::PubRel(pid) => {
-                let r = mqtt::encode_pubcomp(&mut self.io.tx, pid);
-                if self.send_encoded(r, now) {
+                if self.send_ack(mqtt::kind::PUBCOMP << 4, pid, now) {
                     Handled::Continue
                 } else {
                     Handled::LinkLost
                 }
             }
             Owned::Publish { qos, pid, config, payload } => {
-                let r = match (qos, pid) {
-                    (1, Some(pid)) => Some(mqtt::encode_puback(&mut self.io.tx, pid)),
-                    (2, Some(pid)) => Some(mqtt::encode_pubrec(&mut self.io.tx, pid)),
-                    _ => None,
+                // QoS 1 -> PUBACK (4), QoS 2 -> PUBREC (5).
+                let ok = match pid {
+                    Some(pid) => self.send_ack((mqtt::kind::PUBACK - 1 + qos) << 4, pid, now),
+                    None => true,
                 };
-                let ok = r.is_none_or(|r| self.send_encoded(r, now));
                 if !ok {
                     Handled::LinkLost
                 } else if config {
@@ -711,6 +714,7 @@ enum Handled {
 mod tests {
     use super::*;
     use crate::detector::Direction;
+    use crate::mqtt::{Connect, Will};
     use std::collections::VecDeque;
     use std::vec::Vec as StdVec;
 
@@ -831,8 +835,8 @@ mod tests {
         let p = sent(c);
         assert_eq!(p[0], {
             let mut b = [0u8; 64];
-            let n = mqtt::encode_publish(&mut b, "sensors/dev1/status", b"online", 0, true, false, 0).unwrap();
-            b[..n].to_vec()
+            let r = mqtt::encode_publish(&mut b, "sensors/dev1/status", b"online", 0, true, false, 0).unwrap();
+            b[r].to_vec()
         });
         assert_eq!(p[1][0], 0x82, "SUBSCRIBE");
         assert_eq!(&p[1][4..], b"\x00\x13sensors/dev1/config\x01");
@@ -847,7 +851,7 @@ mod tests {
         c.poll(0);
         let p = sent(&mut c);
         let mut want = [0u8; 128];
-        let n = mqtt::encode_connect(
+        let r = mqtt::encode_connect(
             &mut want,
             &Connect {
                 client_id: "dev1",
@@ -859,7 +863,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(p, [want[..n].to_vec()]);
+        assert_eq!(p, [want[r].to_vec()]);
     }
 
     #[test]
@@ -990,10 +994,13 @@ mod tests {
         up(&mut c, 0);
         let doc = br#"{"rising":5}"#;
         let mut b = [0u8; 128];
-        let n = mqtt::encode_publish(&mut b, "sensors/dev1/config", doc, 1, true, false, 0x0a0b).unwrap();
-        feed(&mut c, &b[..n]);
-        let n2 = mqtt::encode_publish(&mut b, "other/topic", b"x", 0, false, false, 0).unwrap();
-        feed(&mut c, &b[..n2]);
+        let r = mqtt::encode_publish(&mut b, "sensors/dev1/config", doc, 1, true, false, 0x0a0b).unwrap();
+        feed(&mut c, &b[r]);
+        // Topics that only share a prefix or an end with the config topic are not config.
+        for other in ["other/topic", "sensors/dev1/config/x", "sensors/dev1x/config", "sensors/dev/config", "x/dev1/config"] {
+            let r = mqtt::encode_publish(&mut b, other, b"x", 0, false, false, 0).unwrap();
+            feed(&mut c, &b[r]);
+        }
         feed(&mut c, &[0xd0, 0]);
         let mut got = None;
         for t in 1..10 {
@@ -1022,8 +1029,8 @@ mod tests {
         up(&mut c, 0);
         let big = [b'x'; 600];
         let mut b = [0u8; 700];
-        let n = mqtt::encode_publish(&mut b, "sensors/dev1/config", &big, 0, false, false, 0).unwrap();
-        feed(&mut c, &b[..n]);
+        let r = mqtt::encode_publish(&mut b, "sensors/dev1/config", &big, 0, false, false, 0).unwrap();
+        feed(&mut c, &b[r]);
         feed(&mut c, &[0xd0, 0]);
         for t in 1..200 {
             assert_eq!(c.poll(t), None);

@@ -7,6 +7,8 @@
 //! slice without copying; anything else, and any malformed input, is a [`DecodeError`] value.
 //! Nothing here allocates or panics on any input.
 
+use core::ops::Range;
+
 /// Packet type numbers (high nibble of the fixed header, spec 2.2.1).
 pub mod kind {
     pub const CONNECT: u8 = 1;
@@ -30,10 +32,7 @@ pub const MAX_REMAINING: usize = 268_435_455;
 
 /// The buffer is too small for the packet, or a field is longer than MQTT allows.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum EncodeError {
-    BufferTooSmall,
-    FieldTooLong,
-}
+pub struct EncodeError;
 
 /// Why bytes could not be decoded into a packet.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -229,52 +228,88 @@ pub fn utf8_ok(b: &[u8]) -> bool {
     true
 }
 
-/// A cursor that writes into a fixed buffer.
-struct Out<'a> {
+/// Room kept at the front of a packet buffer for the fixed header (1 byte + at most 4 of
+/// Remaining Length).
+pub const HEAD: usize = 5;
+
+/// Writes one packet into a fixed buffer: the variable header and payload from [`HEAD`] on, then
+/// [`Writer::finish`] puts the fixed header right in front of them, so no length has to be
+/// computed up front and a payload (an event's JSON) can be serialized straight into place.
+/// Writes that do not fit set a sticky failure instead of returning a `Result` each: every packet
+/// the client sends goes through this one small path.
+pub struct Writer<'a> {
     buf: &'a mut [u8],
     at: usize,
+    ok: bool,
 }
 
-impl Out<'_> {
-    fn byte(&mut self, b: u8) -> Result<(), EncodeError> {
-        let slot = self.buf.get_mut(self.at).ok_or(EncodeError::BufferTooSmall)?;
-        *slot = b;
-        self.at += 1;
-        Ok(())
+impl<'a> Writer<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        let ok = buf.len() >= HEAD;
+        Writer { buf, at: HEAD, ok }
     }
-    fn bytes(&mut self, b: &[u8]) -> Result<(), EncodeError> {
-        let end = self.at + b.len();
-        let dst = self.buf.get_mut(self.at..end).ok_or(EncodeError::BufferTooSmall)?;
-        dst.copy_from_slice(b);
-        self.at = end;
-        Ok(())
+    pub fn bytes(&mut self, b: &[u8]) {
+        match self.buf.get_mut(self.at..self.at.wrapping_add(b.len())) {
+            Some(dst) => {
+                dst.copy_from_slice(b);
+                self.at += b.len();
+            }
+            None => self.ok = false,
+        }
     }
-    fn u16(&mut self, v: u16) -> Result<(), EncodeError> {
+    pub fn u16(&mut self, v: u16) {
         self.bytes(&v.to_be_bytes())
     }
-    /// A length-prefixed UTF-8 string or binary field (spec 1.5.3).
-    fn field(&mut self, b: &[u8]) -> Result<(), EncodeError> {
-        let len = u16::try_from(b.len()).map_err(|_| EncodeError::FieldTooLong)?;
-        self.u16(len)?;
-        self.bytes(b)
+    /// A length-prefixed UTF-8 string or binary field (spec 1.5.3), the concatenation of `parts`.
+    pub fn field(&mut self, parts: &[&[u8]]) {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > u16::MAX as usize {
+            self.ok = false;
+        }
+        self.u16(len as u16);
+        for p in parts {
+            self.bytes(p);
+        }
     }
-    fn header(&mut self, first: u8, remaining: usize) -> Result<(), EncodeError> {
-        if remaining > MAX_REMAINING {
-            return Err(EncodeError::FieldTooLong);
+    /// The free space after what was written, to serialize into; then [`Writer::advance`].
+    pub fn spare(&mut self) -> &mut [u8] {
+        self.buf.get_mut(self.at..).unwrap_or_default()
+    }
+    /// Counts `n` bytes written into [`Writer::spare`]; a failure of that write is `None`.
+    pub fn advance(&mut self, n: Option<usize>) {
+        match n {
+            Some(n) if n <= self.buf.len() - self.at => self.at += n,
+            _ => self.ok = false,
         }
-        self.byte(first)?;
-        let mut x = remaining;
-        loop {
-            let mut b = (x % 128) as u8;
-            x /= 128;
-            if x > 0 {
-                b |= 0x80;
-            }
-            self.byte(b)?;
-            if x == 0 {
-                return Ok(());
-            }
+    }
+    /// Writes the fixed header (first byte `first`) and returns where the packet is in the buffer.
+    pub fn finish(self, first: u8) -> Result<Range<usize>, EncodeError> {
+        let mut rem = self.at - HEAD;
+        let n = if rem < 1 << 7 {
+            1
+        } else if rem < 1 << 14 {
+            2
+        } else if rem < 1 << 21 {
+            3
+        } else {
+            4
+        };
+        if !self.ok || rem > MAX_REMAINING {
+            return Err(EncodeError);
         }
+        let start = HEAD - 1 - n;
+        let Some((f, len)) = self.buf.get_mut(start..HEAD).and_then(|h| h.split_first_mut()) else {
+            return Err(EncodeError);
+        };
+        *f = first;
+        for b in len.iter_mut() {
+            *b = rem as u8 | 0x80;
+            rem >>= 7;
+        }
+        if let Some(last) = len.last_mut() {
+            *last &= 0x7f;
+        }
+        Ok(start..self.at)
     }
 }
 
@@ -298,131 +333,111 @@ pub struct Connect<'a> {
     pub password: Option<&'a [u8]>,
 }
 
+/// The encoders below write a whole packet into `buf` and return where it is (see [`Writer`]).
+pub type Encoded = Result<Range<usize>, EncodeError>;
+
 /// Writes a CONNECT with protocol name "MQTT", level 4.
-pub fn encode_connect(buf: &mut [u8], c: &Connect<'_>) -> Result<usize, EncodeError> {
-    let mut remaining = 10 + 2 + c.client_id.len();
+pub fn encode_connect(buf: &mut [u8], c: &Connect<'_>) -> Encoded {
     let mut flags = 0u8;
     if c.clean_session {
         flags |= 0x02;
     }
     if let Some(w) = &c.will {
-        remaining += 2 + w.topic.len() + 2 + w.payload.len();
         flags |= 0x04 | ((w.qos & 3) << 3);
         if w.retain {
             flags |= 0x20;
         }
     }
-    if let Some(u) = c.username {
-        remaining += 2 + u.len();
+    if c.username.is_some() {
         flags |= 0x80;
     }
-    if let Some(p) = c.password {
-        remaining += 2 + p.len();
+    if c.password.is_some() {
         flags |= 0x40;
     }
-    let mut o = Out { buf, at: 0 };
-    o.header(kind::CONNECT << 4, remaining)?;
-    o.field(b"MQTT")?;
-    o.byte(4)?;
-    o.byte(flags)?;
-    o.u16(c.keep_alive_s)?;
-    o.field(c.client_id.as_bytes())?;
+    let mut o = Writer::new(buf);
+    o.field(&[b"MQTT"]);
+    o.bytes(&[4, flags]);
+    o.u16(c.keep_alive_s);
+    o.field(&[c.client_id.as_bytes()]);
     if let Some(w) = &c.will {
-        o.field(w.topic.as_bytes())?;
-        o.field(w.payload)?;
+        o.field(&[w.topic.as_bytes()]);
+        o.field(&[w.payload]);
     }
     if let Some(u) = c.username {
-        o.field(u.as_bytes())?;
+        o.field(&[u.as_bytes()]);
     }
     if let Some(p) = c.password {
-        o.field(p)?;
+        o.field(&[p]);
     }
-    Ok(o.at)
+    o.finish(kind::CONNECT << 4)
+}
+
+/// The first byte of a PUBLISH. DUP is set only when `qos > 0`.
+pub fn publish_first(qos: u8, retain: bool, dup: bool) -> u8 {
+    let qos = qos & 3;
+    (kind::PUBLISH << 4) | (qos << 1) | retain as u8 | (((dup && qos > 0) as u8) << 3)
 }
 
 /// Writes a PUBLISH. `pid` is used only when `qos > 0` (and must then be non-zero).
-pub fn encode_publish(
-    buf: &mut [u8],
-    topic: &str,
-    payload: &[u8],
-    qos: u8,
-    retain: bool,
-    dup: bool,
-    pid: u16,
-) -> Result<usize, EncodeError> {
-    let qos = qos & 3;
-    let mut first = (kind::PUBLISH << 4) | (qos << 1);
-    if retain {
-        first |= 1;
+pub fn encode_publish(buf: &mut [u8], topic: &str, payload: &[u8], qos: u8, retain: bool, dup: bool, pid: u16) -> Encoded {
+    let mut o = Writer::new(buf);
+    o.field(&[topic.as_bytes()]);
+    if qos & 3 > 0 {
+        o.u16(pid);
     }
-    if dup && qos > 0 {
-        first |= 8;
-    }
-    let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload.len();
-    let mut o = Out { buf, at: 0 };
-    o.header(first, remaining)?;
-    o.field(topic.as_bytes())?;
-    if qos > 0 {
-        o.u16(pid)?;
-    }
-    o.bytes(payload)?;
-    Ok(o.at)
+    o.bytes(payload);
+    o.finish(publish_first(qos, retain, dup))
 }
 
-fn encode_ack(buf: &mut [u8], first: u8, pid: u16) -> Result<usize, EncodeError> {
-    let mut o = Out { buf, at: 0 };
-    o.header(first, 2)?;
-    o.u16(pid)?;
-    Ok(o.at)
+/// A packet that is a fixed header and a packet id: PUBACK, PUBREC, PUBREL, PUBCOMP.
+pub fn encode_ack(buf: &mut [u8], first: u8, pid: u16) -> Encoded {
+    let mut o = Writer::new(buf);
+    o.u16(pid);
+    o.finish(first)
 }
 
 /// PUBACK: acknowledges an incoming QoS 1 PUBLISH.
-pub fn encode_puback(buf: &mut [u8], pid: u16) -> Result<usize, EncodeError> {
+pub fn encode_puback(buf: &mut [u8], pid: u16) -> Encoded {
     encode_ack(buf, kind::PUBACK << 4, pid)
 }
 
 /// PUBREC: first answer to an incoming QoS 2 PUBLISH.
-pub fn encode_pubrec(buf: &mut [u8], pid: u16) -> Result<usize, EncodeError> {
+pub fn encode_pubrec(buf: &mut [u8], pid: u16) -> Encoded {
     encode_ack(buf, kind::PUBREC << 4, pid)
 }
 
 /// PUBCOMP: answer to PUBREL.
-pub fn encode_pubcomp(buf: &mut [u8], pid: u16) -> Result<usize, EncodeError> {
+pub fn encode_pubcomp(buf: &mut [u8], pid: u16) -> Encoded {
     encode_ack(buf, kind::PUBCOMP << 4, pid)
 }
 
 /// SUBSCRIBE to one filter (fixed-header flags 0b0010, spec 3.8.1).
-pub fn encode_subscribe(buf: &mut [u8], pid: u16, filter: &str, qos: u8) -> Result<usize, EncodeError> {
-    let mut o = Out { buf, at: 0 };
-    o.header((kind::SUBSCRIBE << 4) | 0x02, 2 + 2 + filter.len() + 1)?;
-    o.u16(pid)?;
-    o.field(filter.as_bytes())?;
-    o.byte(qos & 3)?;
-    Ok(o.at)
+pub fn encode_subscribe(buf: &mut [u8], pid: u16, filter: &str, qos: u8) -> Encoded {
+    let mut o = Writer::new(buf);
+    o.u16(pid);
+    o.field(&[filter.as_bytes()]);
+    o.bytes(&[qos & 3]);
+    o.finish((kind::SUBSCRIBE << 4) | 0x02)
 }
 
 /// PINGREQ.
-pub fn encode_pingreq(buf: &mut [u8]) -> Result<usize, EncodeError> {
-    let mut o = Out { buf, at: 0 };
-    o.header(kind::PINGREQ << 4, 0)?;
-    Ok(o.at)
+pub fn encode_pingreq(buf: &mut [u8]) -> Encoded {
+    Writer::new(buf).finish(kind::PINGREQ << 4)
 }
 
 /// DISCONNECT.
-pub fn encode_disconnect(buf: &mut [u8]) -> Result<usize, EncodeError> {
-    let mut o = Out { buf, at: 0 };
-    o.header(kind::DISCONNECT << 4, 0)?;
-    Ok(o.at)
+pub fn encode_disconnect(buf: &mut [u8]) -> Encoded {
+    Writer::new(buf).finish(kind::DISCONNECT << 4)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn enc(f: impl FnOnce(&mut [u8]) -> Result<usize, EncodeError>) -> std::vec::Vec<u8> {
+    fn enc(f: impl FnOnce(&mut [u8]) -> Encoded) -> std::vec::Vec<u8> {
         let mut buf = [0u8; 512];
-        let n = f(&mut buf).expect("fits");
-        buf[..n].to_vec()
+        let r = f(&mut buf).expect("fits");
+        buf[r].to_vec()
     }
 
     #[test]
@@ -516,8 +531,15 @@ mod tests {
     #[test]
     fn encode_reports_small_buffers() {
         let mut small = [0u8; 5];
-        assert_eq!(encode_publish(&mut small, "abc", b"x", 0, false, false, 0), Err(EncodeError::BufferTooSmall));
-        assert_eq!(encode_pingreq(&mut small[..1]), Err(EncodeError::BufferTooSmall));
+        assert_eq!(encode_publish(&mut small, "abc", b"x", 0, false, false, 0), Err(EncodeError));
+        assert_eq!(encode_pingreq(&mut small[..4]), Err(EncodeError));
+        assert_eq!(encode_pingreq(&mut small), Ok(3..5));
+        let mut buf = vec![0u8; 70_000];
+        let long = "x".repeat(65_536);
+        assert_eq!(encode_publish(&mut buf, &long, b"", 0, false, false, 0), Err(EncodeError));
+        let long = "x".repeat(65_535);
+        let r = encode_publish(&mut buf, &long, b"", 0, false, false, 0).unwrap();
+        assert_eq!(&buf[r.start..r.start + 6], &[0x30, 0x81, 0x80, 0x04, 0xff, 0xff]);
     }
 
     #[test]
@@ -648,9 +670,9 @@ mod tests {
         fn publish_round_trips(topic in "[a-z/]{1,40}", payload in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
                                qos in 0u8..2, retain: bool, pid in 1u16..) {
             let mut buf = [0u8; 400];
-            let n = encode_publish(&mut buf, &topic, &payload, qos, retain, false, pid).unwrap();
-            let (p, used) = decode(&buf[..n]).unwrap();
-            proptest::prop_assert_eq!(used, n);
+            let r = encode_publish(&mut buf, &topic, &payload, qos, retain, false, pid).unwrap();
+            let (p, used) = decode(&buf[r.clone()]).unwrap();
+            proptest::prop_assert_eq!(used, r.len());
             let want = Publish { topic: topic.as_bytes(), payload: &payload, qos, retain, dup: false, pid: if qos > 0 { Some(pid) } else { None } };
             proptest::prop_assert_eq!(p, Packet::Publish(want));
         }
