@@ -20,7 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::message::{ConnectOutcome, ConnectRequest, Outbound, SubscribeFilter};
+use crate::acl::ClientAcl;
+use crate::auth::{Authenticator, Refusal};
+use crate::message::{ConnectOutcome, ConnectRequest, Outbound, QoS, SubscribeFilter};
+use crate::ratelimit::TokenBucket;
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox, OutboxReceiver};
 use crate::topic::{valid_filter, valid_topic_name};
@@ -40,6 +43,31 @@ pub struct ConnectionContext {
     /// True while the store cannot take more (reject_new, disk failing): publishers are
     /// not read from, so their unacknowledged messages stay with them.
     pub ingest_paused: watch::Receiver<bool>,
+    /// Password check and ACL rules, shared by every connection.
+    pub auth: Arc<Authenticator>,
+}
+
+/// What one connection enforces on its own client after CONNECT.
+struct Guard {
+    /// `None`: no ACL configured.
+    acl: Option<Arc<ClientAcl>>,
+    /// `max_publish_rate`.
+    publish_rate: Option<TokenBucket>,
+    /// Refusals logged so far (the first few, then one in 1000: a client publishing to a
+    /// forbidden topic in a loop must not flood the log).
+    refusals: u64,
+}
+
+impl Guard {
+    fn should_log_refusal(&mut self) -> bool {
+        self.refusals += 1;
+        self.refusals <= 10 || self.refusals % 1000 == 0
+    }
+}
+
+/// `max_topic_length` and `max_topic_levels`, for a topic name or filter.
+fn topic_within_limits(topic: &str, limits: &Limits) -> bool {
+    topic.len() <= limits.max_topic_length && topic.bytes().filter(|b| *b == b'/').count() < limits.max_topic_levels
 }
 
 /// Why the reader stopped.
@@ -98,14 +126,52 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext)
             return;
         }
     }
+
+    // Authentication (slow hashing runs off the runtime). The password is never logged.
+    let (username, password) = match connect.login {
+        Some(l) => (Some(l.username), l.password),
+        None => (None, String::new()),
+    };
+    if let Err(refusal) = ctx.auth.check(username.as_deref(), password.as_bytes()).await {
+        drop(password);
+        ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let outcome = match refusal {
+            Refusal::AnonymousNotAllowed => ConnectOutcome::NotAuthorized,
+            Refusal::BadCredentials => ConnectOutcome::BadCredentials,
+        };
+        warn!(%peer, client_id = %client_id, username = username.as_deref().unwrap_or(""), reason = refusal.reason(), "authentication failed: connection refused");
+        let _ = write_now(&mut writer, Outbound::ConnAck(outcome)).await;
+        return;
+    }
+    drop(password);
+    let mut guard = Guard {
+        acl: ctx.auth.client_acl(&client_id, username.as_deref()),
+        publish_rate: (ctx.limits.max_publish_rate > 0)
+            .then(|| TokenBucket::new(ctx.limits.max_publish_rate, ctx.limits.max_publish_rate, Instant::now())),
+        refusals: 0,
+    };
+    let mut will = connect.last_will.map(v4::will_from_v4);
+    if let Some(w) = &will {
+        let within = topic_within_limits(&w.topic, &ctx.limits);
+        let writable = guard.acl.as_ref().is_none_or(|acl| acl.may_publish(&w.topic));
+        if !within || !writable {
+            let counter = if within { &ctx.stats.acl_denied_publish } else { &ctx.stats.limit_refusals };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let reason = if within { "no write access (ACL)" } else { "topic over max_topic_length/max_topic_levels" };
+            warn!(%peer, client_id = %client_id, topic = %w.topic, reason, "will refused: it will not be published");
+            will = None;
+        }
+    }
+
     let keep_alive = connect.keep_alive;
     let request = ConnectRequest {
         client_id: client_id.clone(),
         clean_session: connect.clean_session,
         keep_alive_secs: keep_alive,
-        will: connect.last_will.map(v4::will_from_v4),
-        username: connect.login.map(|l| l.username),
+        will,
+        username,
         peer: Some(peer),
+        acl: guard.acl.clone(),
     };
 
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
@@ -120,7 +186,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext)
     let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
-        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, &own_outbox, keep_alive_limit) => end,
+        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, &own_outbox, keep_alive_limit, &mut guard) => end,
         _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
         _ = shutdown.wait_for(|stop| *stop) => End::Abrupt("broker shutting down".into()),
     };
@@ -178,6 +244,7 @@ async fn read_loop(
     ctx: &ConnectionContext,
     outbox: &Outbox,
     keep_alive_limit: Option<Duration>,
+    guard: &mut Guard,
 ) -> End {
     let far_future = Duration::from_secs(86400 * 365);
     let mut ingest_paused = ctx.ingest_paused.clone();
@@ -194,8 +261,17 @@ async fn read_loop(
                     return End::Abrupt(e.to_string());
                 }
             };
-            has_published |= matches!(packet, Inbound::Publish(_));
-            match dispatch(packet, conn, client_id, ctx, outbox).await {
+            if matches!(packet, Inbound::Publish(_)) {
+                has_published = true;
+                if let Some(bucket) = &mut guard.publish_rate {
+                    if !bucket.try_take(Instant::now()) {
+                        ctx.stats.publish_rate_exceeded.fetch_add(1, Ordering::Relaxed);
+                        warn!(client_id, max_publish_rate = ctx.limits.max_publish_rate, "publish rate over max_publish_rate: closing connection");
+                        return End::Abrupt("max_publish_rate exceeded".into());
+                    }
+                }
+            }
+            match dispatch(packet, conn, client_id, ctx, outbox, guard).await {
                 Ok(true) => {}
                 Ok(false) => return End::Graceful,
                 Err(reason) => {
@@ -225,7 +301,14 @@ async fn read_loop(
 }
 
 /// Acts on one packet. `Ok(false)`: DISCONNECT; `Err`: a protocol violation.
-async fn dispatch(packet: Inbound, conn: ConnId, client_id: &str, ctx: &ConnectionContext, outbox: &Outbox) -> Result<bool, &'static str> {
+async fn dispatch(
+    packet: Inbound,
+    conn: ConnId,
+    client_id: &str,
+    ctx: &ConnectionContext,
+    outbox: &Outbox,
+    guard: &mut Guard,
+) -> Result<bool, &'static str> {
     let cmd = match packet {
         Inbound::Connect(_) => return Err("second CONNECT on a connection"),
         Inbound::Disconnect => return Ok(false),
@@ -239,7 +322,23 @@ async fn dispatch(packet: Inbound, conn: ConnId, client_id: &str, ctx: &Connecti
             }
             let pkid = publish.pkid;
             debug!(client_id, topic = %publish.topic, qos = publish.qos as u8, "publish received");
-            RouterCmd::Publish { conn, pkid, message: v4::message_from_v4(publish) }
+            let within = topic_within_limits(&publish.topic, &ctx.limits);
+            if !within || guard.acl.as_ref().is_some_and(|acl| !acl.may_publish(&publish.topic)) {
+                let counter = if within { &ctx.stats.acl_denied_publish } else { &ctx.stats.limit_refusals };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if guard.should_log_refusal() {
+                    let reason = if within { "no write access (ACL)" } else { "topic over max_topic_length/max_topic_levels" };
+                    warn!(client_id, topic = %publish.topic, reason, refusals = guard.refusals, "PUBLISH refused: acknowledged, not stored nor delivered");
+                }
+                let qos = v4::qos_from_v4(publish.qos);
+                // QoS 0 needs no answer; QoS 1/2 are acknowledged in their turn by the router.
+                if qos == QoS::AtMostOnce {
+                    return Ok(true);
+                }
+                RouterCmd::Refused { conn, pkid, qos }
+            } else {
+                RouterCmd::Publish { conn, pkid, message: v4::message_from_v4(publish) }
+            }
         }
         Inbound::PubAck(pkid) => RouterCmd::PubAck { conn, pkid },
         Inbound::PubRec(pkid) => RouterCmd::PubRec { conn, pkid },
@@ -250,9 +349,21 @@ async fn dispatch(packet: Inbound, conn: ConnId, client_id: &str, ctx: &Connecti
                 .filters
                 .into_iter()
                 .map(|f| {
-                    let valid = valid_filter(&f.path);
+                    let mut valid = valid_filter(&f.path);
                     if !valid {
                         info!(client_id, filter = %f.path, "invalid topic filter: refused in SUBACK");
+                    } else if !topic_within_limits(&f.path, &ctx.limits) {
+                        valid = false;
+                        ctx.stats.limit_refusals.fetch_add(1, Ordering::Relaxed);
+                        if guard.should_log_refusal() {
+                            warn!(client_id, filter = %f.path, "topic filter over max_topic_length/max_topic_levels: refused in SUBACK");
+                        }
+                    } else if guard.acl.as_ref().is_some_and(|acl| !acl.may_subscribe(&f.path)) {
+                        valid = false;
+                        ctx.stats.acl_denied_subscribe.fetch_add(1, Ordering::Relaxed);
+                        if guard.should_log_refusal() {
+                            warn!(client_id, filter = %f.path, "no read access (ACL): filter refused in SUBACK");
+                        }
                     }
                     SubscribeFilter {
                         requested: valid.then(|| v4::qos_from_v4(f.qos)),

@@ -8,15 +8,20 @@
 //! - `router`: the single owner of sessions, subscriptions and retained messages; every
 //!   accepted PUBLISH goes through its `accept_publish`.
 //! - `session`: one client's state: subscriptions, in-flight window, queue, QoS 2 ids.
+//! - `auth`, `acl`: who may connect (password files) and which topics each client may
+//!   publish to and read (ACL files); `docs/security.md` has the threat model.
 //! - `topic`: topic/filter rules and the subscription trie. `message`: the neutral types.
 //! - `store`: the durable log and keyspaces on sled, with group commit (the durability
 //!   contract is documented there). `persist`: how sessions and retained messages are laid
 //!   out in it. `bridge`: forwarding the log upstream and commands back.
 
+pub mod acl;
+pub mod auth;
 pub mod bridge;
 mod connection;
 pub mod message;
 mod persist;
+mod ratelimit;
 mod router;
 mod server;
 mod session;
@@ -30,6 +35,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use auth::Security;
 pub use bridge::{BridgeConfig, BridgeStatus};
 pub use server::{Broker, BrokerStopping, InternalPublisher, StatusHandle};
 pub use stats::Stats;
@@ -47,6 +53,22 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Time a new connection has to send CONNECT.
     pub connect_timeout: Duration,
+    /// PUBLISH packets per second one connection may send (token bucket holding one
+    /// second's worth); a connection that exceeds it is closed. 0: no limit.
+    pub max_publish_rate: u32,
+    /// Topic filters one client may hold; more are refused in SUBACK (0x80). 0: no limit.
+    pub max_subscriptions: usize,
+    /// Bytes of a topic name or filter (PUBLISH, will, SUBSCRIBE).
+    pub max_topic_length: usize,
+    /// Levels (`/`-separated parts) of a topic name or filter.
+    pub max_topic_levels: usize,
+    /// Bytes (topic + payload) of the QoS 1/2 messages waiting in one client's queue.
+    pub max_queued_bytes: usize,
+    /// New connections per second from one source address (token bucket at accept);
+    /// 0: no limit.
+    pub max_connection_rate: u32,
+    /// Connections one source address may open at once above the rate (bucket size).
+    pub max_connection_burst: u32,
 }
 
 impl Default for Limits {
@@ -57,6 +79,13 @@ impl Default for Limits {
             max_inflight: 100,
             max_queued_messages: 1000,
             connect_timeout: Duration::from_secs(10),
+            max_publish_rate: 0,
+            max_subscriptions: 1000,
+            max_topic_length: 1024,
+            max_topic_levels: 32,
+            max_queued_bytes: 16 << 20,
+            max_connection_rate: 20,
+            max_connection_burst: 1000,
         }
     }
 }
@@ -72,6 +101,9 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     pub storage: StorageLimits,
     pub bridges: Vec<BridgeConfig>,
+    /// Authentication and ACL. The default lets anyone in and anywhere: the daemon builds
+    /// the real policy from its config.
+    pub security: Security,
 }
 
 /// What to do when the log holds `max_bytes`.

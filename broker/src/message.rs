@@ -57,6 +57,9 @@ pub struct ConnectRequest {
     pub will: Option<Message>,
     pub username: Option<String>,
     pub peer: Option<std::net::SocketAddr>,
+    /// The ACL rules for this client (`None`: no ACL configured, everything allowed). The
+    /// router checks read access with them for every message it delivers.
+    pub acl: Option<Arc<crate::acl::ClientAcl>>,
 }
 
 /// One filter of a SUBSCRIBE; `None` when the filter is not valid (answered with a failure

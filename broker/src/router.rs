@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::acl::ClientAcl;
 use crate::bridge::{unix_ms, BridgeConfig};
 use crate::message::{ConnectOutcome, ConnectRequest, Message, Outbound, QoS, SubscribeFilter};
 use crate::persist::{self, Restored};
@@ -41,6 +42,9 @@ const MAX_BURST: usize = 1024;
 pub enum RouterCmd {
     Connect { conn: ConnId, request: ConnectRequest, outbox: OutboxHandle },
     Publish { conn: ConnId, pkid: u16, message: Message },
+    /// A PUBLISH the connection refused (ACL, topic limits): acknowledged in its turn
+    /// (MQTT 3.1.1 has no negative acknowledgement), neither stored nor delivered.
+    Refused { conn: ConnId, pkid: u16, qos: QoS },
     PubAck { conn: ConnId, pkid: u16 },
     PubRec { conn: ConnId, pkid: u16 },
     PubRel { conn: ConnId, pkid: u16 },
@@ -111,6 +115,10 @@ pub struct Router {
     storage_error: Option<String>,
     storage_full: bool,
     clients: HashMap<ConnId, ClientInfo>,
+    /// ACL rules of each session's latest connection (empty when no ACL is configured).
+    /// A session restored from disk has none until its client connects again; its queue
+    /// is filtered then.
+    perms: HashMap<ClientKey, Arc<ClientAcl>>,
     snapshot: Arc<Mutex<RouterSnapshot>>,
     /// Log entries this router asked to delete (drop_oldest, max_age) that the store may
     /// not have applied yet: (delete through this seq, their bytes). The store's counters
@@ -138,6 +146,7 @@ impl Router {
             storage_error: None,
             storage_full: false,
             clients: HashMap::new(),
+            perms: HashMap::new(),
             snapshot,
             pending_drop: None,
         }
@@ -190,6 +199,17 @@ impl Router {
         match cmd {
             RouterCmd::Connect { conn, request, outbox } => self.connect(conn, request, outbox.0),
             RouterCmd::Publish { conn, pkid, message } => self.publish(conn, pkid, message),
+            RouterCmd::Refused { conn, pkid, qos } => {
+                if let Some((_, session)) = self.session_of(conn) {
+                    if let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) {
+                        match qos {
+                            QoS::AtMostOnce => {}
+                            QoS::AtLeastOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
+                            QoS::ExactlyOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
+                        }
+                    }
+                }
+            }
             RouterCmd::PubAck { conn, pkid } => {
                 let limits = self.limits;
                 if let Some((client, s)) = self.session_of(conn) {
@@ -277,9 +297,26 @@ impl Router {
         }
         let session = self.sessions.entry(client.clone()).or_insert_with(|| Session::new(request.clean_session));
         session.clean = request.clean_session;
+        // What waits for this client id was checked against the previous connection's
+        // rules (or none, after a restart): keep only what this one may read.
+        let unreadable = match &request.acl {
+            Some(acl) => session.retain_waiting(|m| acl.may_read(&m.topic)),
+            None => Vec::new(),
+        };
         outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted { session_present }));
         session.online = Some(Online { conn, outbox, will: request.will });
         session.resume(&self.limits);
+        if !unreadable.is_empty() {
+            self.stats.acl_denied_deliveries.fetch_add(unreadable.len() as u64, Ordering::Relaxed);
+            info!(client_id = %client, dropped = unreadable.len(), "queued messages this client may not read (ACL) dropped");
+        }
+        for id in unreadable {
+            self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+        }
+        match request.acl {
+            Some(acl) => self.perms.insert(client.clone(), acl),
+            None => self.perms.remove(&client),
+        };
         self.clients.insert(
             conn,
             ClientInfo {
@@ -307,6 +344,7 @@ impl Router {
     }
 
     fn discard_session(&mut self, client: &ClientKey) {
+        self.perms.remove(client);
         let Some(session) = self.sessions.remove(client) else { return };
         for filter in session.subscriptions.keys() {
             self.subscriptions.remove(filter, client);
@@ -397,7 +435,7 @@ impl Router {
                 };
                 match persist::to_stored(&message, &origin, now).encode() {
                     Ok(bytes) => self.batch_ops.push(Op::Append(bytes)),
-                    Err(e) => error!(topic = %message.topic, error = %e, "message cannot be stored: not forwarded"),
+                    Err(e) => error!(client_id = %origin, topic = %message.topic, error = %e, "message cannot be stored: not forwarded"),
                 }
             }
         }
@@ -435,6 +473,12 @@ impl Router {
     /// Hands one message to one session, writing it to disk first when the session is
     /// persistent and the message QoS 1/2 (so that it survives a restart until acked).
     fn deliver_to(&mut self, client: &ClientKey, message: Message) {
+        // ACL: read access to this very topic (a wildcard subscription may reach further).
+        if !self.perms.is_empty() && self.perms.get(client).is_some_and(|acl| !acl.may_read(&message.topic)) {
+            self.stats.acl_denied_deliveries.fetch_add(1, Ordering::Relaxed);
+            debug!(client_id = %client, topic = %message.topic, "not delivered: no read access (ACL)");
+            return;
+        }
         let Some(session) = self.sessions.get_mut(client) else { return };
         let qos = message.qos;
         let mut stored = None;
@@ -446,26 +490,36 @@ impl Router {
                     self.batch_ops.push(Op::Put { space: Keyspace::SessionQueue, key: persist::queue_key(client, id), value: bytes.to_vec() });
                     stored = Some(id);
                 }
-                Err(e) => error!(client_id = %client, error = %e, "message cannot be stored for the session"),
+                Err(e) => error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session"),
             }
         }
+        let topic = message.topic.clone();
         match session.deliver(message, stored, &self.limits) {
             Ok(()) => self.stats.message_sent(qos),
             Err(reason) => {
                 self.stats.message_dropped(reason);
                 if reason == Dropped::QueueFull {
-                    warn!(client_id = %client, "queue full (max_queued_messages): message dropped for this client");
+                    warn!(client_id = %client, topic = %topic, "queue full (max_queued_messages): message dropped for this client");
                 }
             }
         }
     }
 
     fn subscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter>) {
+        let max_subscriptions = self.limits.max_subscriptions;
         let Some((client, session)) = self.session_of(conn) else { return };
         let mut granted = Vec::with_capacity(filters.len());
         let mut new_filters = Vec::new();
+        let mut over_limit = 0u64;
         for f in filters {
+            let full = max_subscriptions > 0
+                && session.subscriptions.len() >= max_subscriptions
+                && !session.subscriptions.contains_key(&f.filter);
             match f.requested {
+                Some(_) if full => {
+                    over_limit += 1;
+                    granted.push(None);
+                }
                 Some(qos) => {
                     session.subscriptions.insert(f.filter.clone(), qos);
                     granted.push(Some(qos));
@@ -479,6 +533,10 @@ impl Router {
         }
         let persistent = !session.clean;
         let record = persistent.then(|| session.subscriptions.clone());
+        if over_limit > 0 {
+            self.stats.limit_refusals.fetch_add(over_limit, Ordering::Relaxed);
+            warn!(client_id = %client, refused = over_limit, max_subscriptions, "max_subscriptions reached: filters refused in SUBACK");
+        }
         for (filter, qos) in &new_filters {
             self.subscriptions.insert(filter, client.clone(), *qos);
         }

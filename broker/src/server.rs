@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
+use crate::auth::Authenticator;
 use crate::connection::{self, ConnectionContext};
 use crate::message::Message;
+use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::status::{BrokerStatus, RouterSnapshot};
@@ -55,7 +57,14 @@ impl Broker {
         let limits = SessionLimits {
             max_inflight: usize::from(config.limits.max_inflight),
             max_queued: config.limits.max_queued_messages,
+            max_queued_bytes: config.limits.max_queued_bytes,
+            max_subscriptions: config.limits.max_subscriptions,
         };
+        let auth = Arc::new(Authenticator::new(config.security.clone()));
+        let connection_rate = Arc::new(Mutex::new(ConnectionRate::new(
+            config.limits.max_connection_rate,
+            config.limits.max_connection_burst,
+        )));
 
         let mut store = None;
         let mut recovery = None;
@@ -142,8 +151,9 @@ impl Broker {
                 stats: stats.clone(),
                 shutdown: shutdown_rx.clone(),
                 ingest_paused: ingest_rx.clone(),
+                auth: auth.clone(),
             };
-            accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone())));
+            accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone(), connection_rate.clone())));
         }
         Ok(Broker {
             local_addrs,
@@ -286,7 +296,13 @@ impl StatusHandle {
     }
 }
 
-async fn accept_loop(listener: TcpListener, ctx: ConnectionContext, permits: Arc<Semaphore>, done: mpsc::Sender<()>) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: ConnectionContext,
+    permits: Arc<Semaphore>,
+    done: mpsc::Sender<()>,
+    connection_rate: Arc<Mutex<ConnectionRate>>,
+) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -302,6 +318,16 @@ async fn accept_loop(listener: TcpListener, ctx: ConnectionContext, permits: Arc
                 continue;
             }
         };
+        // `max_connection_rate`, per source address, before anything else is spent on it.
+        let admit = connection_rate.lock().unwrap_or_else(|p| p.into_inner()).admit(peer.ip(), tokio::time::Instant::now());
+        if let Admit::No { first } = admit {
+            ctx.stats.connection_rate_refused.fetch_add(1, Ordering::Relaxed);
+            if first {
+                warn!(%peer, max_connection_rate = ctx.limits.max_connection_rate, "new connections from this address over max_connection_rate: refused (logged once per streak)");
+            }
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             ctx.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
             warn!(%peer, max_connections = ctx.limits.max_connections, "max_connections reached: connection refused");
@@ -314,6 +340,7 @@ async fn accept_loop(listener: TcpListener, ctx: ConnectionContext, permits: Arc
             stats: ctx.stats.clone(),
             shutdown: ctx.shutdown.clone(),
             ingest_paused: ctx.ingest_paused.clone(),
+            auth: ctx.auth.clone(),
         };
         let done = done.clone();
         tokio::spawn(async move {

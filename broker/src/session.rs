@@ -100,6 +100,8 @@ pub struct Session {
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
     queue: VecDeque<Queued>,
+    /// Topic + payload bytes of `queue` (`max_queued_bytes`).
+    queued_bytes: usize,
     incoming_qos2: HashSet<u16>,
     next_pkid: u16,
 }
@@ -112,6 +114,7 @@ impl Session {
             online: None,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
             incoming_qos2: HashSet::new(),
             next_pkid: 1,
         }
@@ -136,7 +139,11 @@ impl Session {
     /// the router writes it to disk first for a persistent session.
     pub fn would_keep(&self, limits: &SessionLimits) -> bool {
         (self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight)
-            || self.queue.len() < limits.max_queued
+            || self.queue_has_room(0, limits)
+    }
+
+    fn queue_has_room(&self, bytes: usize, limits: &SessionLimits) -> bool {
+        self.queue.len() < limits.max_queued && self.queued_bytes + bytes <= limits.max_queued_bytes
     }
 
     /// Delivers `message` (already at the QoS granted to this client) now, or keeps it
@@ -157,9 +164,11 @@ impl Session {
                     self.send_new(message, stored);
                     return Ok(());
                 }
-                if self.queue.len() >= limits.max_queued {
+                let bytes = message_bytes(&message);
+                if !self.queue_has_room(bytes, limits) {
                     return Err(Dropped::QueueFull);
                 }
+                self.queued_bytes += bytes;
                 self.queue.push_back((message, stored));
                 Ok(())
             }
@@ -176,7 +185,31 @@ impl Session {
 
     /// A message read back from disk at start-up, owed to this (offline) session.
     pub fn restore_queued(&mut self, message: Message, stored: u64) {
+        self.queued_bytes += message_bytes(&message);
         self.queue.push_back((message, Some(stored)));
+    }
+
+    /// Drops waiting messages (queued, or sent and not yet acknowledged) that `keep`
+    /// refuses, e.g. those a new connection of this client id may not read under the ACL.
+    /// Returns the queue ids on disk of the dropped ones.
+    pub fn retain_waiting(&mut self, mut keep: impl FnMut(&Message) -> bool) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        self.queue.retain(|(m, stored)| {
+            let k = keep(m);
+            if !k {
+                dropped.extend(*stored);
+            }
+            k
+        });
+        self.inflight.retain(|f| {
+            let k = f.state == InflightState::Released || keep(&f.message);
+            if !k {
+                dropped.extend(f.stored);
+            }
+            k
+        });
+        self.queued_bytes = self.queue.iter().map(|(m, _)| message_bytes(m)).sum();
+        dropped
     }
 
     /// Queue ids of every message of this session kept on disk.
@@ -201,6 +234,7 @@ impl Session {
         }
         while self.inflight.len() < limits.max_inflight {
             let Some((message, stored)) = self.queue.pop_front() else { break };
+            self.queued_bytes = self.queued_bytes.saturating_sub(message_bytes(&message));
             self.send_new(message, stored);
         }
     }
@@ -263,6 +297,14 @@ impl Session {
 pub struct SessionLimits {
     pub max_inflight: usize,
     pub max_queued: usize,
+    /// Topic + payload bytes of the queued messages.
+    pub max_queued_bytes: usize,
+    /// Topic filters held at once (0: no limit).
+    pub max_subscriptions: usize,
+}
+
+fn message_bytes(m: &Message) -> usize {
+    m.topic.len() + m.payload.len()
 }
 
 #[cfg(test)]
@@ -289,7 +331,7 @@ mod tests {
 
     #[test]
     fn window_bounds_inflight_and_acks_release_queue() {
-        let limits = SessionLimits { max_inflight: 2, max_queued: 10 };
+        let limits = SessionLimits { max_inflight: 2, max_queued: 10, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
         for n in 0..5 {
@@ -307,7 +349,7 @@ mod tests {
 
     #[test]
     fn offline_queue_is_bounded_and_qos0_not_kept() {
-        let limits = SessionLimits { max_inflight: 2, max_queued: 2 };
+        let limits = SessionLimits { max_inflight: 2, max_queued: 2, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
         let mut s = Session::new(false);
         assert_eq!(s.deliver(msg(0, QoS::AtMostOnce), None, &limits), Err(Dropped::Qos0Offline));
         s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
@@ -320,7 +362,7 @@ mod tests {
 
     #[test]
     fn resume_resends_with_dup_and_pubrel() {
-        let limits = SessionLimits { max_inflight: 10, max_queued: 10 };
+        let limits = SessionLimits { max_inflight: 10, max_queued: 10, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
         s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
@@ -337,6 +379,26 @@ mod tests {
         assert!(matches!(sent[1], Outbound::PubRel(p) if p == p2));
         s.pubcomp(p2, &limits);
         assert_eq!(s.inflight(), 1);
+    }
+
+    #[test]
+    fn queue_is_bounded_in_bytes_and_filtered_on_request() {
+        // "t" + 1 payload byte = 2 bytes per message: room for 3.
+        let limits = SessionLimits { max_inflight: 1, max_queued: 100, max_queued_bytes: 6, max_subscriptions: 0 };
+        let mut s = Session::new(false);
+        for n in 0..3 {
+            s.deliver(msg(n, QoS::AtLeastOnce), Some(u64::from(n)), &limits).unwrap();
+        }
+        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
+        let dropped = s.retain_waiting(|m| m.payload[0] != 1);
+        assert_eq!(dropped, vec![1]);
+        assert_eq!(s.queued(), 2);
+        s.deliver(msg(4, QoS::AtLeastOnce), None, &limits).unwrap();
+        let mut rx = online(&mut s);
+        s.resume(&limits);
+        assert_eq!(drain(&mut rx).len(), 1);
+        s.deliver(msg(5, QoS::AtLeastOnce), None, &limits).unwrap();
+        assert_eq!(s.deliver(msg(6, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
     }
 
     #[test]

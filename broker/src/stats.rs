@@ -22,6 +22,21 @@ pub struct Stats {
     pub dropped_expired: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub refused_connections: AtomicU64,
+    /// CONNECTs refused for bad or missing credentials (CONNACK 4 or 5).
+    pub auth_failures: AtomicU64,
+    /// PUBLISHes (and wills) dropped because the ACL gives no write access.
+    pub acl_denied_publish: AtomicU64,
+    /// SUBSCRIBE filters refused (0x80) by the ACL.
+    pub acl_denied_subscribe: AtomicU64,
+    /// Messages not delivered to a subscriber (live or retained) for lack of read access.
+    pub acl_denied_deliveries: AtomicU64,
+    /// Connections closed for exceeding `max_publish_rate`.
+    pub publish_rate_exceeded: AtomicU64,
+    /// Topics and filters refused for `max_topic_length`/`max_topic_levels`, and filters
+    /// refused for `max_subscriptions`.
+    pub limit_refusals: AtomicU64,
+    /// Connections closed at accept by `max_connection_rate` (per source address).
+    pub connection_rate_refused: AtomicU64,
 }
 
 impl Stats {

@@ -133,9 +133,12 @@ impl<const N: usize> Outbox<N> {
             None
         }
     }
-    /// The position of the oldest slot that satisfies `f`.
-    fn find(&self, f: impl Fn(&Slot) -> bool) -> Option<usize> {
-        (0..self.len).find(|&i| self.get(i).is_some_and(&f))
+    /// The position of the oldest unacknowledged slot with packet id `pid` (any id: `None`),
+    /// sent on this link if `on_link`. One function for every search keeps one copy in flash.
+    fn find(&self, pid: Option<u16>, on_link: bool) -> Option<usize> {
+        (0..self.len).find(|&i| {
+            self.get(i).is_some_and(|s| !s.acked && pid.is_none_or(|p| s.pid == p) && (s.sent_on_link || !on_link))
+        })
     }
     /// Appends (the caller makes room first); a full ring ignores the slot.
     fn push_back(&mut self, s: Slot) {
@@ -330,7 +333,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
         loop {
             self.next_pid = self.next_pid.wrapping_add(1);
             let p = self.next_pid;
-            if p != 0 && self.sub_pid != Some(p) && self.outbox.find(|s| s.pid == p && !s.acked).is_none() {
+            if p != 0 && self.sub_pid != Some(p) && self.outbox.find(Some(p), false).is_none() {
                 return p;
             }
         }
@@ -402,9 +405,14 @@ impl<T: Transport, const N: usize> Client<T, N> {
     pub fn poll(&mut self, now: u32) -> Option<Incoming<'_>> {
         if self.consume > 0 {
             // A byte loop, not `copy_within`: keeps the 1.6 KB `memmove` out of the firmware.
+            // `get` rather than indexing: no bounds-check panic paths in the firmware.
             let keep = self.rx_len - self.consume;
             for i in 0..keep {
-                self.io.rx[i] = core::hint::black_box(self.io.rx[i + self.consume]);
+                if let Some(&b) = self.io.rx.get(i + self.consume) {
+                    if let Some(d) = self.io.rx.get_mut(i) {
+                        *d = core::hint::black_box(b);
+                    }
+                }
             }
             self.rx_len = keep;
             self.consume = 0;
@@ -462,7 +470,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             Some(_) => {}
             None => {
                 let idle = keep_alive_ms > 0 && now.wrapping_sub(self.last_tx) >= keep_alive_ms / 2;
-                let waiting = self.outbox.find(|s| s.sent_on_link && !s.acked).is_some()
+                let waiting = self.outbox.find(None, true).is_some()
                     && now.wrapping_sub(self.last_rx) >= self.cfg.response_timeout_ms;
                 if idle || waiting {
                     let r = mqtt::encode_pingreq(&mut self.io.tx);
@@ -546,7 +554,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 at += k;
                 continue;
             }
-            let buf = &self.io.rx[at..self.rx_len];
+            let Some(buf) = self.io.rx.get(at..self.rx_len) else { break };
             let header = match mqtt::decode_header(buf) {
                 Ok(h) => h,
                 Err(DecodeError::Incomplete) => break,
@@ -571,143 +579,90 @@ impl<T: Transport, const N: usize> Client<T, N> {
             };
             self.last_rx = now;
             at += used;
-            // Copy out what is needed so the packet's borrow of `rx` ends here.
-            let owned = match packet {
-                Packet::ConnAck { code, .. } => Owned::ConnAck(code),
-                Packet::PubAck { pid } => Owned::PubAck(pid),
-                Packet::SubAck { pid, codes } => Owned::SubAck(pid, codes.first().copied().unwrap_or(0x80)),
-                Packet::PingResp => Owned::PingResp,
-                Packet::PubRel { pid } => Owned::PubRel(pid),
-                Packet::Publish(p) => Owned::Publish {
-                    qos: p.qos,
-                    pid: p.pid,
-                    config: p
-                        .topic
-                        .strip_prefix(b"sensors/".as_slice())
-                        .and_then(|t| t.strip_prefix(self.id.as_bytes()))
-                        == Some(CONFIG),
-                    // The payload ends the packet.
-                    payload: (at - p.payload.len(), at),
-                },
-                Packet::PubRec { .. } | Packet::PubComp { .. } | Packet::UnsubAck { .. } => Owned::Ignored,
-            };
-            match self.handle(owned, now) {
-                Handled::Continue => {}
-                Handled::LinkLost => return None,
-                Handled::Config(range) => {
-                    found = Some(range);
-                    break;
+            // Copy out what is needed so the packet's borrow of `rx` ends here: the packet type,
+            // its packet id (0: none) and one byte (CONNACK code, first SUBACK code, PUBLISH QoS).
+            let mut config = None;
+            let (k, pid, aux) = match packet {
+                Packet::ConnAck { code, .. } => (mqtt::kind::CONNACK, 0, code),
+                Packet::Ack { kind, pid } => (kind, pid, 0),
+                Packet::SubAck { pid, codes } => (mqtt::kind::SUBACK, pid, codes.first().copied().unwrap_or(0x80)),
+                Packet::PingResp => (mqtt::kind::PINGRESP, 0, 0),
+                Packet::Publish(p) => {
+                    let mine = p.topic.strip_prefix(b"sensors/".as_slice()).and_then(|t| t.strip_prefix(self.id.as_bytes()));
+                    if mine == Some(CONFIG) {
+                        // The payload ends the packet.
+                        config = Some((at - p.payload.len(), at));
+                    }
+                    (mqtt::kind::PUBLISH, p.pid.unwrap_or(0), p.qos)
                 }
+            };
+            if !self.handle(k, pid, aux, now) {
+                return None;
+            }
+            if config.is_some() {
+                found = config;
+                break;
             }
         }
         // Bytes up to `at` are done; they are removed at the next poll (the config payload
         // returned below borrows them until then).
         self.consume = at;
         let (a, b) = found?;
-        Some(Incoming::Config(&self.io.rx[a..b]))
+        self.io.rx.get(a..b).map(Incoming::Config)
     }
 
-    fn handle(&mut self, packet: Owned, now: u32) -> Handled {
+    /// Acts on one packet from the broker (see `receive`); false when the link was dropped.
+    fn handle(&mut self, k: u8, pid: u16, aux: u8, now: u32) -> bool {
+        use mqtt::kind;
         let connected = self.link == Link::Up;
-        match packet {
-            Owned::ConnAck(code) if !connected => {
-                if code != 0 {
-                    self.link_lost(now);
-                    return Handled::LinkLost;
-                }
-                self.link = Link::Up;
-                self.backoff_ms = self.cfg.backoff_min_ms;
-                self.stats.connects = self.stats.connects.saturating_add(1);
-                self.ping_sent = None;
-                if !self.publish_status(true, &[b"online"], now) {
-                    return Handled::LinkLost;
-                }
-                let pid = self.alloc_pid();
-                self.sub_pid = Some(pid);
-                let mut w = Writer::new(&mut self.io.tx);
-                w.u16(pid);
-                w.field(&topic(&self.id, CONFIG));
-                w.bytes(&[1]);
-                let r = w.finish((mqtt::kind::SUBSCRIBE << 4) | 0x02);
-                if !self.send(r, now) {
-                    return Handled::LinkLost;
-                }
-                // Unacknowledged events go out again (with DUP) at the next poll.
-                Handled::Continue
-            }
-            _ if !connected => {
-                // Anything before CONNACK violates the protocol.
+        if k == kind::CONNACK || !connected {
+            // Only one CONNACK, accepting, is valid, and nothing may come before it.
+            if connected || k != kind::CONNACK || aux != 0 {
                 self.link_lost(now);
-                Handled::LinkLost
+                return false;
             }
-            Owned::ConnAck(_) => {
-                // A second CONNACK violates the protocol.
-                self.link_lost(now);
-                Handled::LinkLost
+            self.link = Link::Up;
+            self.backoff_ms = self.cfg.backoff_min_ms;
+            self.stats.connects = self.stats.connects.saturating_add(1);
+            self.ping_sent = None;
+            if !self.publish_status(true, &[b"online"], now) {
+                return false;
             }
-            Owned::PubAck(pid) => {
-                if let Some(s) = self.outbox.find(|s| s.pid == pid && s.sent_on_link && !s.acked).and_then(|i| self.outbox.get_mut(i)) {
+            let pid = self.alloc_pid();
+            self.sub_pid = Some(pid);
+            let mut w = Writer::new(&mut self.io.tx);
+            w.u16(pid);
+            w.field(&topic(&self.id, CONFIG));
+            w.bytes(&[1]);
+            let r = w.finish((kind::SUBSCRIBE << 4) | 0x02);
+            // Unacknowledged events go out again (with DUP) at the next poll.
+            return self.send(r, now);
+        }
+        match k {
+            kind::PUBACK => {
+                if let Some(s) = self.outbox.find(Some(pid), true).and_then(|i| self.outbox.get_mut(i)) {
                     s.acked = true;
                     self.stats.acknowledged = self.stats.acknowledged.saturating_add(1);
                 }
                 while self.outbox.get(0).is_some_and(|s| s.acked) {
                     self.outbox.pop_front();
                 }
-                Handled::Continue
             }
-            Owned::SubAck(pid, code) => {
+            kind::SUBACK => {
                 if self.sub_pid == Some(pid) {
                     self.sub_pid = None;
-                    self.subscribed = code != 0x80;
-                }
-                Handled::Continue
-            }
-            Owned::PingResp => {
-                self.ping_sent = None;
-                Handled::Continue
-            }
-            Owned::PubRel(pid) => {
-                if self.send_ack(mqtt::kind::PUBCOMP << 4, pid, now) {
-                    Handled::Continue
-                } else {
-                    Handled::LinkLost
+                    self.subscribed = aux != 0x80;
                 }
             }
-            Owned::Publish { qos, pid, config, payload } => {
-                // QoS 1 -> PUBACK (4), QoS 2 -> PUBREC (5).
-                let ok = match pid {
-                    Some(pid) => self.send_ack((mqtt::kind::PUBACK - 1 + qos) << 4, pid, now),
-                    None => true,
-                };
-                if !ok {
-                    Handled::LinkLost
-                } else if config {
-                    Handled::Config(payload)
-                } else {
-                    Handled::Continue
-                }
-            }
+            kind::PINGRESP => self.ping_sent = None,
+            kind::PUBREL => return self.send_ack(kind::PUBCOMP << 4, pid, now),
+            // QoS 1 -> PUBACK (4), QoS 2 -> PUBREC (5).
+            kind::PUBLISH if pid != 0 => return self.send_ack((kind::PUBACK - 1 + aux) << 4, pid, now),
             // PUBREC, PUBCOMP and UNSUBACK answer nothing this client sends: ignore.
-            Owned::Ignored => Handled::Continue,
+            _ => {}
         }
+        true
     }
-}
-
-enum Owned {
-    ConnAck(u8),
-    PubAck(u16),
-    SubAck(u16, u8),
-    PingResp,
-    PubRel(u16),
-    Publish { qos: u8, pid: Option<u16>, config: bool, payload: (usize, usize) },
-    Ignored,
-}
-
-enum Handled {
-    Continue,
-    LinkLost,
-    /// Payload range in `rx`.
-    Config((usize, usize)),
 }
 
 #[cfg(test)]

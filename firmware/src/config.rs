@@ -69,8 +69,9 @@ impl<'a> Scan<'a> {
             match self.peek() {
                 None => return Err(ConfigError::Syntax),
                 Some(b'"') => {
+                    let s = self.b.get(start..self.i).ok_or(ConfigError::Syntax);
                     self.i += 1;
-                    return Ok(&self.b[start..self.i - 1]);
+                    return s;
                 }
                 Some(b'\\') => self.i += 2,
                 Some(c) if c < 0x20 => return Err(ConfigError::Syntax),

@@ -64,13 +64,11 @@ pub struct Publish<'a> {
 pub enum Packet<'a> {
     ConnAck { session_present: bool, code: u8 },
     Publish(Publish<'a>),
-    PubAck { pid: u16 },
-    PubRec { pid: u16 },
-    PubRel { pid: u16 },
-    PubComp { pid: u16 },
+    /// PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK (`kind`, a [`kind`] number): a packet id and
+    /// nothing else, decoded by one shared path.
+    Ack { kind: u8, pid: u16 },
     /// `codes`: one return code per requested filter (0, 1, 2 granted QoS; 0x80 failure).
     SubAck { pid: u16, codes: &'a [u8] },
-    UnsubAck { pid: u16 },
     PingResp,
 }
 
@@ -116,59 +114,40 @@ fn be16(b: &[u8], at: usize) -> Result<u16, DecodeError> {
     }
 }
 
-fn nonzero_pid(body: &[u8]) -> Result<u16, DecodeError> {
-    if body.len() != 2 {
-        return Err(DecodeError::Malformed);
-    }
-    match be16(body, 0)? {
-        0 => Err(DecodeError::Malformed),
-        pid => Ok(pid),
-    }
-}
-
 /// Decodes one packet from the start of `buf`; returns it and the number of bytes it used.
 pub fn decode(buf: &[u8]) -> Result<(Packet<'_>, usize), DecodeError> {
+    use DecodeError::{Malformed, Unexpected};
     let h = decode_header(buf)?;
     let total = h.total();
-    if buf.len() < total {
-        return Err(DecodeError::Incomplete);
-    }
-    let body = &buf[h.header_len..total];
+    let body = buf.get(h.header_len..total).ok_or(DecodeError::Incomplete)?;
     let flags = h.first & 0x0f;
-    let packet = match h.first >> 4 {
-        kind::CONNACK => {
-            if flags != 0 || body.len() != 2 || body[0] & 0xfe != 0 {
-                return Err(DecodeError::Malformed);
-            }
-            Packet::ConnAck { session_present: body[0] & 1 == 1, code: body[1] }
-        }
+    let k = h.first >> 4;
+    // A packet id, for the packets that start with one.
+    let pid = match body {
+        [a, b, ..] => u16::from_be_bytes([*a, *b]),
+        _ => 0,
+    };
+    let packet = match k {
         kind::PUBLISH => Packet::Publish(decode_publish(flags, body)?),
-        kind::PUBACK if flags == 0 => Packet::PubAck { pid: nonzero_pid(body)? },
-        kind::PUBREC if flags == 0 => Packet::PubRec { pid: nonzero_pid(body)? },
-        kind::PUBREL if flags == 2 => Packet::PubRel { pid: nonzero_pid(body)? },
-        kind::PUBCOMP if flags == 0 => Packet::PubComp { pid: nonzero_pid(body)? },
-        kind::SUBACK if flags == 0 => {
-            if body.len() < 3 {
-                return Err(DecodeError::Malformed);
-            }
-            let pid = be16(body, 0)?;
-            let codes = &body[2..];
-            if pid == 0 || codes.iter().any(|&c| c > 2 && c != 0x80) {
-                return Err(DecodeError::Malformed);
+        kind::CONNECT | kind::SUBSCRIBE | kind::UNSUBSCRIBE | kind::PINGREQ | kind::DISCONNECT => return Err(Unexpected),
+        // Reserved types (0, 15), and fixed-header flags other than PUBREL's 0b0010 and 0 (2.2.2).
+        0 | 15 => return Err(Malformed),
+        _ if flags != if k == kind::PUBREL { 2 } else { 0 } => return Err(Malformed),
+        kind::CONNACK => match *body {
+            [ack, code] if ack & 0xfe == 0 => Packet::ConnAck { session_present: ack == 1, code },
+            _ => return Err(Malformed),
+        },
+        kind::PINGRESP if body.is_empty() => Packet::PingResp,
+        kind::SUBACK => {
+            let codes = body.get(2..).unwrap_or_default();
+            if pid == 0 || codes.is_empty() || codes.iter().any(|&c| c > 2 && c != 0x80) {
+                return Err(Malformed);
             }
             Packet::SubAck { pid, codes }
         }
-        kind::UNSUBACK if flags == 0 => Packet::UnsubAck { pid: nonzero_pid(body)? },
-        kind::PINGRESP if flags == 0 => {
-            if !body.is_empty() {
-                return Err(DecodeError::Malformed);
-            }
-            Packet::PingResp
-        }
-        kind::CONNECT | kind::SUBSCRIBE | kind::UNSUBSCRIBE | kind::PINGREQ | kind::DISCONNECT => {
-            return Err(DecodeError::Unexpected)
-        }
-        _ => return Err(DecodeError::Malformed),
+        // PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK: exactly a non-zero packet id.
+        kind::PUBACK..=kind::PUBCOMP | kind::UNSUBACK if body.len() == 2 && pid != 0 => Packet::Ack { kind: k, pid },
+        _ => return Err(Malformed),
     };
     Ok((packet, total))
 }
@@ -201,29 +180,29 @@ fn decode_publish(flags: u8, body: &[u8]) -> Result<Publish<'_>, DecodeError> {
 }
 
 /// Well-formed UTF-8 (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF).
+/// Each sequence is decoded to its code point, which is then range-checked: smaller in flash
+/// than a table of valid second bytes per lead byte.
 pub fn utf8_ok(b: &[u8]) -> bool {
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        let (n, lo, hi) = match c {
-            0x00..=0x7f => (0, 0x80, 0xbf),
-            0xc2..=0xdf => (1, 0x80, 0xbf),
-            0xe0 => (2, 0xa0, 0xbf),
-            0xed => (2, 0x80, 0x9f),
-            0xe1..=0xef => (2, 0x80, 0xbf),
-            0xf0 => (3, 0x90, 0xbf),
-            0xf4 => (3, 0x80, 0x8f),
-            0xf1..=0xf3 => (3, 0x80, 0xbf),
+    let mut it = b.iter();
+    while let Some(&c) = it.next() {
+        // Continuation bytes after this lead byte, and the smallest code point that needs them.
+        let (n, min) = match c.leading_ones() {
+            0 => continue,
+            2 => (1, 0x80),
+            3 => (2, 0x800),
+            4 => (3, 0x1_0000),
             _ => return false,
         };
-        for k in 1..=n {
-            let Some(&d) = b.get(i + k) else { return false };
-            let (l, h) = if k == 1 { (lo, hi) } else { (0x80, 0xbf) };
-            if d < l || d > h {
-                return false;
+        let mut cp = (c & (0x3f >> n)) as u32;
+        for _ in 0..n {
+            match it.next() {
+                Some(&d) if d & 0xc0 == 0x80 => cp = cp << 6 | (d & 0x3f) as u32,
+                _ => return false,
             }
         }
-        i += n + 1;
+        if cp < min || cp > 0x10_ffff || (0xd800..0xe000).contains(&cp) {
+            return false;
+        }
     }
     true
 }
@@ -547,13 +526,13 @@ mod tests {
         let cases: &[(&[u8], Packet<'_>)] = &[
             (&[0x20, 2, 0, 0], Packet::ConnAck { session_present: false, code: 0 }),
             (&[0x20, 2, 1, 5], Packet::ConnAck { session_present: true, code: 5 }),
-            (&[0x40, 2, 0, 7], Packet::PubAck { pid: 7 }),
-            (&[0x50, 2, 1, 0], Packet::PubRec { pid: 256 }),
-            (&[0x62, 2, 0, 9], Packet::PubRel { pid: 9 }),
-            (&[0x70, 2, 0, 9], Packet::PubComp { pid: 9 }),
+            (&[0x40, 2, 0, 7], Packet::Ack { kind: kind::PUBACK, pid: 7 }),
+            (&[0x50, 2, 1, 0], Packet::Ack { kind: kind::PUBREC, pid: 256 }),
+            (&[0x62, 2, 0, 9], Packet::Ack { kind: kind::PUBREL, pid: 9 }),
+            (&[0x70, 2, 0, 9], Packet::Ack { kind: kind::PUBCOMP, pid: 9 }),
             (&[0x90, 3, 0, 1, 1], Packet::SubAck { pid: 1, codes: &[1] }),
             (&[0x90, 4, 0, 2, 0x80, 0], Packet::SubAck { pid: 2, codes: &[0x80, 0] }),
-            (&[0xb0, 2, 0, 3], Packet::UnsubAck { pid: 3 }),
+            (&[0xb0, 2, 0, 3], Packet::Ack { kind: kind::UNSUBACK, pid: 3 }),
             (&[0xd0, 0], Packet::PingResp),
         ];
         for (bytes, want) in cases {

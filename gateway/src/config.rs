@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use waystation_broker::{BridgeConfig, Limits, OnFull, StorageLimits};
+use waystation_broker::acl::Acl;
+use waystation_broker::auth::PasswordFile;
+use waystation_broker::{BridgeConfig, Limits, OnFull, Security, StorageLimits};
 
 /// Sled stores values larger than about 128 KiB in blob files that it never syncs
 /// (FACTS.md), so a packet that large could be acknowledged without being durable.
@@ -31,6 +33,38 @@ pub struct Config {
     pub bridges: Vec<BridgeConfig>,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    #[serde(default)]
+    pub acl: AclSection,
+}
+
+/// `[auth]`: who may connect. See docs/security.md for the anonymous-access rule.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// A Mosquitto 2 password file (`waystation passwd` or `mosquitto_passwd` writes it).
+    pub password_file: Option<PathBuf>,
+    /// Unset: anonymous clients are let in only when there is no password file and every
+    /// listener is on loopback. A non-loopback listener with anonymous access needs an
+    /// explicit `true` (and logs a warning).
+    pub allow_anonymous: Option<bool>,
+}
+
+/// `[acl]`: which topics each client may publish to and read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclSection {
+    /// A Mosquitto-style ACL file; once set, anything it does not grant is denied.
+    pub file: Option<PathBuf>,
+}
+
+/// The anonymous-access decision, for `run` to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonymousPolicy {
+    pub allowed: bool,
+    /// Non-loopback listeners open to anonymous clients (only with an explicit `true`).
+    pub exposed: Vec<SocketAddr>,
 }
 
 /// `[http]`: the observability server (`/metrics`, `/healthz`, `/api/v1/status`, dashboard).
@@ -124,6 +158,13 @@ pub struct LimitsSection {
     pub max_queued_messages: usize,
     /// Seconds a new connection has to send its CONNECT.
     pub connect_timeout: u64,
+    pub max_publish_rate: u32,
+    pub max_subscriptions: usize,
+    pub max_topic_length: usize,
+    pub max_topic_levels: usize,
+    pub max_queued_bytes: usize,
+    pub max_connection_rate: u32,
+    pub max_connection_burst: u32,
 }
 
 impl Default for LimitsSection {
@@ -135,6 +176,13 @@ impl Default for LimitsSection {
             max_inflight: limits.max_inflight,
             max_queued_messages: limits.max_queued_messages,
             connect_timeout: limits.connect_timeout.as_secs(),
+            max_publish_rate: limits.max_publish_rate,
+            max_subscriptions: limits.max_subscriptions,
+            max_topic_length: limits.max_topic_length,
+            max_topic_levels: limits.max_topic_levels,
+            max_queued_bytes: limits.max_queued_bytes,
+            max_connection_rate: limits.max_connection_rate,
+            max_connection_burst: limits.max_connection_burst,
         }
     }
 }
@@ -147,6 +195,13 @@ impl LimitsSection {
             max_inflight: self.max_inflight,
             max_queued_messages: self.max_queued_messages,
             connect_timeout: Duration::from_secs(self.connect_timeout),
+            max_publish_rate: self.max_publish_rate,
+            max_subscriptions: self.max_subscriptions,
+            max_topic_length: self.max_topic_length,
+            max_topic_levels: self.max_topic_levels,
+            max_queued_bytes: self.max_queued_bytes,
+            max_connection_rate: self.max_connection_rate,
+            max_connection_burst: self.max_connection_burst,
         }
     }
 }
@@ -193,8 +248,60 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
+    /// Reads the password and ACL files and decides anonymous access: what the broker
+    /// enforces. Errors name the key, and the file and line at fault.
+    pub fn security(&self, path: &Path) -> Result<(Security, AnonymousPolicy), ConfigError> {
+        let value = |key: &str, message: String| ConfigError::Value { path: path.to_owned(), key: key.into(), message };
+        let anonymous = self.anonymous_policy().map_err(|(k, m)| value(&k, m))?;
+        let passwords = match &self.auth.password_file {
+            Some(file) => Some(std::sync::Arc::new(PasswordFile::load(file).map_err(|e| value("auth.password_file", e.to_string()))?)),
+            None => None,
+        };
+        let acl = match &self.acl.file {
+            Some(file) => Some(std::sync::Arc::new(Acl::load(file).map_err(|e| value("acl.file", e.to_string()))?)),
+            None => None,
+        };
+        Ok((Security { passwords, allow_anonymous: anonymous.allowed, acl }, anonymous))
+    }
+
+    /// `allow_anonymous` unset: anonymous clients are allowed only with no password file
+    /// and every listener on loopback (as Mosquitto 2's local-only mode). A listener on a
+    /// non-loopback address open to anonymous clients needs an explicit `true`.
+    // Hook for TLS (issue 7 part B): a listener that requires client certificates is not
+    // open to anonymous clients and is exempt from this rule.
+    pub fn anonymous_policy(&self) -> Result<AnonymousPolicy, (String, String)> {
+        // A listener that requires client certificates is not open to anonymous clients.
+        let network: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()))
+            .map(|l| l.bind)
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
+        let has_passwords = self.auth.password_file.is_some();
+        let allowed = match self.auth.allow_anonymous {
+            Some(v) => v,
+            None if !has_passwords && !network.is_empty() => {
+                return Err((
+                    "auth.allow_anonymous".into(),
+                    format!(
+                        "listener {} is not on loopback and no [auth] password_file is set: anyone who can reach it could connect. \
+                         Set [auth] password_file, or write allow_anonymous = true to accept that",
+                        network[0]
+                    ),
+                ));
+            }
+            None => !has_passwords,
+        };
+        if !allowed && !has_passwords {
+            return Err(("auth.allow_anonymous".into(), "false with no [auth] password_file: no client could connect".into()));
+        }
+        Ok(AnonymousPolicy { allowed, exposed: if allowed { network } else { Vec::new() } })
+    }
+
     fn check_semantics(&self) -> Result<(), (String, String)> {
         self.check_limits().map_err(|(k, m)| (k.to_string(), m))?;
+        self.anonymous_policy()?;
         let mut names = std::collections::HashSet::new();
         for bridge in &self.bridges {
             bridge.validate()?;
@@ -236,6 +343,15 @@ impl Config {
         }
         if l.connect_timeout == 0 {
             return Err(("limits.connect_timeout", "must be at least 1 second".into()));
+        }
+        if l.max_topic_length == 0 || l.max_topic_length > 65535 {
+            return Err(("limits.max_topic_length", format!("{} is out of range 1..=65535", l.max_topic_length)));
+        }
+        if l.max_topic_levels == 0 {
+            return Err(("limits.max_topic_levels", "must be at least 1".into()));
+        }
+        if l.max_queued_bytes < 1024 {
+            return Err(("limits.max_queued_bytes", "must be at least 1024".into()));
         }
         Ok(())
     }
@@ -280,6 +396,109 @@ mod tests {
         assert!(err.contains("line 2") && err.contains("bind"), "{err}");
         let err = Config::parse("[http]\nport = 1\n").unwrap_err();
         assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn anonymous_access_rule() {
+        let policy = |text: &str| Config::parse(text).unwrap().anonymous_policy();
+        // Loopback only, no password file: anonymous allowed (local-only mode).
+        assert_eq!(policy("").unwrap(), AnonymousPolicy { allowed: true, exposed: vec![] });
+        // A password file turns anonymous access off unless asked for.
+        assert!(!policy("[auth]\npassword_file = \"/p\"\n").unwrap().allowed);
+        // Network listener, no password file, nothing said: refused, naming the key.
+        let net = "[[listener]]\nbind = \"0.0.0.0:1883\"\n";
+        let (key, msg) = policy(net).unwrap_err();
+        assert_eq!(key, "auth.allow_anonymous");
+        assert!(msg.contains("0.0.0.0:1883"), "{msg}");
+        assert!(Config::parse(net).unwrap().check_semantics().is_err());
+        // ... unless written explicitly (then `run` warns about the exposed listener).
+        let open = policy(&format!("{net}[auth]\nallow_anonymous = true\n")).unwrap();
+        assert_eq!(open, AnonymousPolicy { allowed: true, exposed: vec!["0.0.0.0:1883".parse().unwrap()] });
+        let closed = policy(&format!("{net}[auth]\npassword_file = \"/p\"\n")).unwrap();
+        assert_eq!(closed, AnonymousPolicy { allowed: false, exposed: vec![] });
+        assert!(policy("[auth]\nallow_anonymous = false\n").is_err(), "nobody could connect");
+    }
+
+    #[test]
+    fn security_files_errors_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "alice:plain\n").unwrap();
+        let cfg = dir.path().join("c.toml");
+        let config = Config::parse(&format!("[auth]\npassword_file = \"{}\"\n", pw.display())).unwrap();
+        let err = config.security(&cfg).unwrap_err().to_string();
+        assert!(err.contains("auth.password_file") && err.contains("line 1") && err.contains(&pw.display().to_string()), "{err}");
+        let acl = dir.path().join("acl");
+        std::fs::write(&acl, "user a\ntopic sometimes x\ntopic read a/#/b\n").unwrap();
+        let config = Config::parse(&format!("[acl]\nfile = \"{}\"\n", acl.display())).unwrap();
+        let err = config.security(&cfg).unwrap_err().to_string();
+        assert!(err.contains("acl.file") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn tls_listener_parses_and_its_files_are_checked() {
+        let text = "[[listener]]\nbind = \"127.0.0.1:8883\"\ntls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\", client_ca = \"/nonexistent/ca.pem\", use_identity_as_username = true }\n";
+        let config = Config::parse(text).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca.as_deref(), Some(Path::new("/nonexistent/ca.pem")));
+        assert!(tls.use_identity_as_username);
+        let (key, message) = config.check_semantics().unwrap_err();
+        assert_eq!(key, "listener.tls");
+        assert!(message.contains("/nonexistent/"), "{message}");
+        let err = Config::parse(&text.replace("client_ca", "ca")).unwrap_err();
+        assert!(err.contains("ca") && err.contains("line 3"), "{err}");
+        // A listener that requires client certificates is not open to anonymous clients.
+        let network = text.replace("127.0.0.1", "0.0.0.0");
+        assert!(Config::parse(&network).unwrap().anonymous_policy().unwrap().exposed.is_empty());
+    }
+
+    #[test]
+    fn bridge_tls_and_password_sources() {
+        let base = "[[bridge]]\nname = \"cloud\"\naddress = \"example.com:8883\"\n";
+        let config = Config::parse(&format!("{base}tls = true\n")).unwrap();
+        assert_eq!(config.bridges[0].tls, Some(Default::default()));
+        assert_eq!(Config::parse(&format!("{base}tls = false\n")).unwrap().bridges[0].tls, None);
+        let config = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\", key = \"/k.pem\" }}\n")).unwrap();
+        let tls = config.bridges[0].tls.clone().unwrap();
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(tls.key.as_deref(), Some(Path::new("/k.pem")));
+        let (key, _) = config.check_semantics().unwrap_err();
+        assert_eq!(key, "bridge[cloud].tls");
+        let err = Config::parse(&format!("{base}tls = {{ cafile = \"/ca.pem\" }}\n")).unwrap_err();
+        assert!(err.contains("cafile") && err.contains("line 4"), "{err}");
+        let err = Config::parse(&format!("{base}tls = 3\n")).unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
+        let half = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\" }}\n")).unwrap();
+        assert_eq!(half.check_semantics().unwrap_err().0, "bridge[cloud].tls");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("upstream.pw");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let config = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"{}\"\n", file.display())).unwrap();
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-file");
+        let missing = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"/nonexistent/pw\"\n")).unwrap();
+        assert_eq!(missing.check_semantics().unwrap_err().0, "bridge[cloud].password_file");
+        std::env::set_var("WAYSTATION_TEST_BRIDGE_PW", "s3cret-from-env");
+        let config = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_BRIDGE_PW\"\n")).unwrap();
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-env");
+        let unset = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_UNSET_VARIABLE\"\n")).unwrap();
+        assert_eq!(unset.check_semantics().unwrap_err().0, "bridge[cloud].password_env");
+        let two = Config::parse(&format!("{base}username = \"u\"\npassword = \"a\"\npassword_env = \"X\"\n")).unwrap();
+        assert_eq!(two.check_semantics().unwrap_err().0, "bridge[cloud].password");
+        let no_user = Config::parse(&format!("{base}password = \"a\"\n")).unwrap();
+        assert_eq!(no_user.check_semantics().unwrap_err().0, "bridge[cloud].username");
+    }
+
+    #[test]
+    fn bridge_password_never_printed() {
+        let text = "[[bridge]]\nname = \"cloud\"\naddress = \"h:1\"\nusername = \"u\"\npassword = \"hunter2-secret\"\n";
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "hunter2-secret");
+        let printed = format!("{config:?} {:#?} {}", config.bridges[0], config.bridges[0].password.as_ref().unwrap());
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("***"), "{printed}");
     }
 
     #[test]

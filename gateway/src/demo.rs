@@ -116,6 +116,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             forward: vec![ForwardRule { local: FORWARD.into(), remote_prefix: REMOTE_PREFIX.into(), qos: 1 }],
             subscribe: vec![],
         }],
+        security: Default::default(),
     };
     let broker = Broker::start(broker_config).await?;
     let edge = broker.local_addrs()[0];

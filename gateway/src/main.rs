@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use config::Config;
 
@@ -46,10 +46,25 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and exit: 0 when it is usable, 2 with the reason when not.
+    /// Validate a config file (and the password and ACL files it names) and exit: 0 when
+    /// it is usable, 2 with the reason when not.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Add or change a user in a password file (Mosquitto 2 format, PBKDF2-SHA512), or
+    /// remove one with --delete. The password is read from the terminal without echo, or
+    /// from the first line of stdin when stdin is not a terminal; never from the command line.
+    Passwd {
+        /// The password file; created (mode 0600) if missing, replaced atomically.
+        file: PathBuf,
+        user: String,
+        /// Remove the user instead.
+        #[arg(long)]
+        delete: bool,
+        /// PBKDF2 iterations for the new hash.
+        #[arg(long, default_value_t = waystation_broker::auth::DEFAULT_ITERATIONS)]
+        iterations: u32,
     },
     /// Simulated sensors: N copies of the real firmware state machine publishing threshold
     /// events over TCP to a broker; prints what was published and acknowledged.
@@ -88,7 +103,8 @@ fn main() -> ExitCode {
     match cli.command {
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::main(args),
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::Passwd { file, user, delete, iterations } => passwd(&file, &user, delete, iterations),
+        Command::CheckConfig { config } => match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
             Ok(_) => {
                 println!("{}: OK", config.display());
                 ExitCode::SUCCESS
@@ -101,14 +117,14 @@ fn main() -> ExitCode {
         #[cfg(feature = "demo")]
         Command::Sim { broker, sensors, rate, id_prefix, duration } => run_sim(broker, sensors, rate, id_prefix, duration),
         Command::Run { config } => {
-            let config = match Config::load(&config) {
+            let (config, security) = match Config::load(&config).and_then(|c| c.security(&config).map(|s| (c, s))) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
-            match run(config) {
+            match run(config, security) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -175,7 +191,53 @@ fn init_logging(format: LogFormat, quiet: bool) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// `waystation passwd`: exit 0 when done, 1 when it could not be (the reason on stderr).
+fn passwd(file: &std::path::Path, user: &str, delete: bool, iterations: u32) -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        if iterations == 0 {
+            anyhow::bail!("--iterations must be at least 1");
+        }
+        if delete {
+            if !waystation_broker::auth::update_password_file(file, user, None, iterations)? {
+                anyhow::bail!("user {user:?} is not in {}", file.display());
+            }
+            return Ok(());
+        }
+        let password = read_new_password()?;
+        waystation_broker::auth::update_password_file(file, user, Some(password.as_bytes()), iterations)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// From the terminal (no echo, asked twice) or the first line of a non-terminal stdin.
+fn read_new_password() -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Reenter password: ")?;
+        if first != again {
+            anyhow::bail!("the passwords do not match");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    Ok(password)
+}
+
+fn run(config: Config, (security, anonymous): (waystation_broker::Security, config::AnonymousPolicy)) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("waystation")
@@ -188,7 +250,17 @@ fn run(config: Config) -> anyhow::Result<()> {
             data_dir: Some(config.gateway.data_dir.clone()),
             storage: config.storage.to_limits(),
             bridges: config.bridges.clone(),
+            security,
         };
+        for addr in &anonymous.exposed {
+            warn!(listener = %addr, "allow_anonymous = true on a non-loopback listener: anyone who can reach it may connect");
+        }
+        info!(
+            anonymous = anonymous.allowed,
+            users = broker_config.security.passwords.as_ref().map_or(0, |p| p.len()),
+            acl = broker_config.security.acl.is_some(),
+            "security policy"
+        );
         let broker = waystation_broker::Broker::start(broker_config).await?;
         for addr in broker.local_addrs() {
             info!("listening on {addr}");

@@ -124,6 +124,20 @@ impl Collector for BrokerCollector {
         counter(&mut e, "waystation_connections", "MQTT connections accepted", st.connections_total.load(Relaxed))?;
         counter(&mut e, "waystation_connections_refused", "Connections refused at max_connections", st.refused_connections.load(Relaxed))?;
         counter(&mut e, "waystation_protocol_errors", "Connections closed for a protocol violation", st.protocol_errors.load(Relaxed))?;
+        // Security: authentication, ACL and per-client limits (docs/security.md).
+        counter(&mut e, "waystation_auth_failures", "CONNECTs refused for bad or missing credentials (CONNACK 4 or 5)", st.auth_failures.load(Relaxed))?;
+        let acl: Vec<(Labels, f64)> = [
+            ("publish", &st.acl_denied_publish),
+            ("subscribe", &st.acl_denied_subscribe),
+            ("delivery", &st.acl_denied_deliveries),
+        ]
+        .iter()
+        .map(|(k, c)| (vec![("action", k.to_string())], c.load(Relaxed) as f64))
+        .collect();
+        family(&mut e, "waystation_acl_denied", "Publishes, subscriptions and deliveries refused by the ACL", MetricType::Counter, &acl)?;
+        counter(&mut e, "waystation_publish_rate_exceeded", "Connections closed for exceeding max_publish_rate", st.publish_rate_exceeded.load(Relaxed))?;
+        counter(&mut e, "waystation_limit_refusals", "Topics and filters refused by max_topic_length/levels and max_subscriptions", st.limit_refusals.load(Relaxed))?;
+        counter(&mut e, "waystation_connection_rate_refused", "Connections closed at accept by max_connection_rate", st.connection_rate_refused.load(Relaxed))?;
         gauge(&mut e, "waystation_clients_connected", "Clients past CONNECT", status.router.clients.len() as i64)?;
         gauge(&mut e, "waystation_sessions", "Sessions (connected and offline persistent)", status.router.sessions as i64)?;
         gauge(&mut e, "waystation_sessions_offline", "Offline persistent sessions", status.router.offline_sessions as i64)?;
