@@ -49,7 +49,8 @@ impl Default for ClientConfig {
     }
 }
 
-/// Counters, for progress output and tests.
+/// Counters, for progress output and tests. They wrap at 2^32 (wrapping adds are smaller in
+/// flash than saturating ones; the `dropped` count carried in events saturates).
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct Stats {
     /// Events sent for the first time.
@@ -289,7 +290,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
     /// counted; this event carries the count of drops not yet reported.
     pub fn enqueue(&mut self, mut event: Event) {
         if N == 0 {
-            self.stats.dropped = self.stats.dropped.saturating_add(1);
+            self.stats.dropped = self.stats.dropped.wrapping_add(1);
             return;
         }
         if self.outbox.is_full() {
@@ -297,7 +298,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             if let Some(old) = self.outbox.pop_front() {
                 if !old.acked {
                     self.dropped_pending = self.dropped_pending.saturating_add(old.event.dropped).saturating_add(1);
-                    self.stats.dropped = self.stats.dropped.saturating_add(1);
+                    self.stats.dropped = self.stats.dropped.wrapping_add(1);
                 }
             }
         }
@@ -351,7 +352,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
         };
         self.link = Link::Down { since: now, wait: self.backoff_ms.saturating_add(extra) };
         self.backoff_ms = self.backoff_ms.saturating_mul(2).min(self.cfg.backoff_max_ms).max(self.cfg.backoff_min_ms);
-        self.stats.link_losses = self.stats.link_losses.saturating_add(1);
+        self.stats.link_losses = self.stats.link_losses.wrapping_add(1);
         self.rx_len = 0;
         self.consume = 0;
         self.skip = 0;
@@ -510,9 +511,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 slot.ever_sent = true;
             }
             if s.ever_sent {
-                self.stats.resent = self.stats.resent.saturating_add(1);
+                self.stats.resent = self.stats.resent.wrapping_add(1);
             } else {
-                self.stats.published = self.stats.published.saturating_add(1);
+                self.stats.published = self.stats.published.wrapping_add(1);
             }
         }
         true
@@ -623,7 +624,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             }
             self.link = Link::Up;
             self.backoff_ms = self.cfg.backoff_min_ms;
-            self.stats.connects = self.stats.connects.saturating_add(1);
+            self.stats.connects = self.stats.connects.wrapping_add(1);
             self.ping_sent = None;
             if !self.publish_status(true, &[b"online"], now) {
                 return false;
@@ -642,7 +643,7 @@ impl<T: Transport, const N: usize> Client<T, N> {
             kind::PUBACK => {
                 if let Some(s) = self.outbox.find(Some(pid), true).and_then(|i| self.outbox.get_mut(i)) {
                     s.acked = true;
-                    self.stats.acknowledged = self.stats.acknowledged.saturating_add(1);
+                    self.stats.acknowledged = self.stats.acknowledged.wrapping_add(1);
                 }
                 while self.outbox.get(0).is_some_and(|s| s.acked) {
                     self.outbox.pop_front();

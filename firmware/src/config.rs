@@ -162,14 +162,9 @@ impl<'a> Scan<'a> {
 pub fn parse(payload: &[u8], current: Thresholds) -> Result<Thresholds, ConfigError> {
     let mut s = Scan { b: payload, i: 0 };
     // Known keys and their ranges; values land in `vals` (the document's last value wins).
-    const KEYS: [(&[u8], i64, i64); 6] = [
-        (b"v", 1, 1),
-        (b"rising", i32::MIN as i64, i32::MAX as i64),
-        (b"falling", i32::MIN as i64, i32::MAX as i64),
-        (b"debounce", 0, u8::MAX as i64),
-        (b"min_interval_ms", 0, u32::MAX as i64),
-        (b"heartbeat_ms", 0, u32::MAX as i64),
-    ];
+    // Ranges by position (code, not a table of 64-bit bounds in flash): `v` (checked below),
+    // two `i32`, a `u8`, two `u32`.
+    const KEYS: [&[u8]; 6] = [b"v", b"rising", b"falling", b"debounce", b"min_interval_ms", b"heartbeat_ms"];
     let mut vals = [
         1,
         current.rising as i64,
@@ -183,14 +178,20 @@ pub fn parse(payload: &[u8], current: Thresholds) -> Result<Thresholds, ConfigEr
         loop {
             let key = s.string()?;
             s.expect(b':')?;
-            match KEYS.iter().position(|k| k.0 == key) {
+            match KEYS.iter().position(|&k| k == key) {
                 Some(i) => {
                     let v = s.int()?;
                     // `v` out of range is a version error, the others a syntax error.
-                    if i > 0 && (v < KEYS[i].1 || v > KEYS[i].2) {
-                        return Err(ConfigError::Syntax);
+                    let ok = match i {
+                        0 => true,
+                        1 | 2 => i32::try_from(v).is_ok(),
+                        3 => u8::try_from(v).is_ok(),
+                        _ => u32::try_from(v).is_ok(),
+                    };
+                    match vals.get_mut(i) {
+                        Some(slot) if ok => *slot = v,
+                        _ => return Err(ConfigError::Syntax),
                     }
-                    vals[i] = v;
                 }
                 None => s.skip_value(0)?,
             }
