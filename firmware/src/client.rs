@@ -318,13 +318,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
     /// A clean goodbye: `offline` retained on the status topic, DISCONNECT (so the broker
     /// discards the will), close. Unacknowledged events stay in the outbox.
     pub fn disconnect(&mut self, now: u32) {
-        if self.link == Link::Up {
-            if self.publish_status(true, &[b"offline"], now) && {
-                let r = mqtt::encode_disconnect(&mut self.io.tx);
-                self.send(r, now)
-            } {
-                self.t.close();
-            }
+        if self.link == Link::Up && self.publish_status(true, &[b"offline"], now) && {
+            let r = mqtt::encode_disconnect(&mut self.io.tx);
+            self.send(r, now)
+        } {
+            self.t.close();
         }
         self.link = Link::Down { since: now, wait: 0 };
         self.outbox.all_unsent();
@@ -649,11 +647,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
                     self.outbox.pop_front();
                 }
             }
-            kind::SUBACK => {
-                if self.sub_pid == Some(pid) {
-                    self.sub_pid = None;
-                    self.subscribed = aux != 0x80;
-                }
+            kind::SUBACK if self.sub_pid == Some(pid) => {
+                self.sub_pid = None;
+                self.subscribed = aux != 0x80;
             }
             kind::PINGRESP => self.ping_sent = None,
             kind::PUBREL => return self.send_ack(kind::PUBCOMP << 4, pid, now),
