@@ -23,11 +23,12 @@
 //!   entries are sent again first, because reading restarts at the cursor.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet};
-use serde::Deserialize;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, TlsConfiguration, Transport};
+use serde::{Deserialize, Deserializer};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
@@ -58,7 +59,7 @@ fn default_qos() -> u8 {
     1
 }
 
-/// `[[bridge]]` in the config file.
+/// `[[bridge]]` in the config file. Its `Debug` prints no password (see [`Secret`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
@@ -70,8 +71,18 @@ pub struct BridgeConfig {
     pub client_id: Option<String>,
     #[serde(default)]
     pub username: Option<String>,
+    /// The upstream password written in the config; better `password_file` or `password_env`.
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
+    /// A file holding the upstream password (its first line), read at each connection.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the upstream password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// TLS to the upstream: `true` (system roots) or `{ ca_file, cert, key }`.
+    #[serde(default, deserialize_with = "deserialize_bridge_tls")]
+    pub tls: Option<BridgeTls>,
     /// Seconds.
     #[serde(default = "default_keep_alive")]
     pub keep_alive: u64,
@@ -89,6 +100,70 @@ pub struct BridgeConfig {
     pub forward: Vec<ForwardRule>,
     #[serde(default)]
     pub subscribe: Vec<SubscribeRule>,
+}
+
+/// A secret (the upstream password): `Debug` and `Display` print `***`, so it cannot end up
+/// in a log line or a status page by accident.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// `tls` of a `[[bridge]]`: `tls = true` trusts the system's CA certificates;
+/// `tls = { ca_file = "...", cert = "...", key = "..." }` trusts `ca_file` instead (when
+/// given) and presents a client certificate (mutual TLS, as AWS IoT Core requires).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeTls {
+    /// PEM CA certificate(s) to trust; unset: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain; needs `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+/// `tls = true | false | { ... }`.
+fn deserialize_bridge_tls<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<BridgeTls>, D::Error> {
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Option<BridgeTls>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("true, false or a table { ca_file, cert, key }")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(v.then(BridgeTls::default))
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            BridgeTls::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    deserializer.deserialize_any(Visitor)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,6 +226,20 @@ impl BridgeConfig {
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err((key("reconnect"), "need 0 < initial_ms <= max_ms".into()));
         }
+        let sources = [self.password.is_some(), self.password_file.is_some(), self.password_env.is_some()];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err((key("password"), "set only one of password, password_file and password_env".into()));
+        }
+        if sources.contains(&true) && self.username.is_none() {
+            return Err((key("username"), "a password needs a username (MQTT 3.1.1)".into()));
+        }
+        self.password().map_err(|e| (key(if self.password_env.is_some() { "password_env" } else { "password_file" }), e))?;
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err((key("tls"), "cert and key go together".into()));
+            }
+            self.tls_config().map_err(|e| (key("tls"), e))?;
+        }
         for rule in &self.forward {
             if !valid_filter(&rule.local) {
                 return Err((key("forward.local"), format!("{:?} is not a valid topic filter", rule.local)));
@@ -168,6 +257,33 @@ impl BridgeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The upstream password from `password`, `password_file` (first line) or
+    /// `password_env`. Errors name the file or variable, never the value.
+    pub fn password(&self) -> Result<Option<Secret>, String> {
+        if let Some(path) = &self.password_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let line = text.lines().next().unwrap_or("");
+            if line.is_empty() {
+                return Err(format!("{} is empty: the password is its first line", path.display()));
+            }
+            return Ok(Some(Secret::new(line)));
+        }
+        if let Some(name) = &self.password_env {
+            return match std::env::var(name) {
+                Ok(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
+                _ => Err(format!("environment variable {name} is not set (or empty or not UTF-8)")),
+            };
+        }
+        Ok(self.password.clone())
+    }
+
+    /// The rustls client config for `tls`, reading its files (None: plain TCP).
+    pub fn tls_config(&self) -> Result<Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>, String> {
+        let Some(tls) = &self.tls else { return Ok(None) };
+        let client_auth = tls.cert.as_deref().zip(tls.key.as_deref());
+        crate::tls::client_config(tls.ca_file.as_deref(), client_auth).map(Some).map_err(|e| e.to_string())
     }
 
     /// The forward rule for a local topic (the first that matches), if any.
@@ -320,7 +436,12 @@ impl Bridge {
         options.set_max_packet_size(256 * 1024, 256 * 1024);
         options.set_manual_acks(true);
         if let Some(user) = &self.config.username {
-            options.set_credentials(user.clone(), self.config.password.clone().unwrap_or_default());
+            let password = self.config.password()?;
+            options.set_credentials(user.clone(), password.as_ref().map_or("", Secret::expose));
+        }
+        if let Some(tls) = self.config.tls_config()? {
+            // rumqttc sends the address's host as SNI and checks the certificate against it.
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
         let (client, mut eventloop) = AsyncClient::new(options, usize::from(self.config.max_inflight) * 2 + 16);
         let ack_timeout = Duration::from_secs(self.config.ack_timeout);

@@ -88,6 +88,7 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext)
     let first = timeout(ctx.limits.connect_timeout, read_packet(&mut reader, &mut buf, ctx.limits.max_packet_size)).await;
     let connect = match first {
         Err(_) => {
+            ctx.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "no CONNECT within connect_timeout: closing");
             return;
         }
@@ -292,7 +293,10 @@ async fn read_loop(
         }
         let deadline = Instant::now() + keep_alive_limit.unwrap_or(far_future);
         match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
-            Err(_) => return End::Abrupt("keep-alive expired".into()),
+            Err(_) => {
+                ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+                return End::Abrupt("keep-alive expired".into());
+            }
             Ok(Ok(0)) => return End::Abrupt("connection closed by client".into()),
             Ok(Err(e)) => return End::Abrupt(format!("read error: {e}")),
             Ok(Ok(_)) => {}

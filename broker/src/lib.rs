@@ -28,6 +28,7 @@ mod session;
 mod stats;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod topic;
 mod v4;
 
@@ -39,6 +40,7 @@ pub use auth::Security;
 pub use bridge::{BridgeConfig, BridgeStatus};
 pub use server::{Broker, BrokerStopping, InternalPublisher, StatusHandle};
 pub use stats::Stats;
+pub use tls::{ListenerConfig, TlsConfig};
 
 /// Bounds that protect the broker from any one client; all are config keys.
 #[derive(Debug, Clone)]
@@ -94,7 +96,8 @@ impl Default for Limits {
 pub struct BrokerConfig {
     /// Used in bridge client ids (`<gateway_id>-<bridge name>`).
     pub gateway_id: String,
-    pub listeners: Vec<SocketAddr>,
+    /// Where to listen, each with its TLS settings (`SocketAddr::into()` for plain TCP).
+    pub listeners: Vec<ListenerConfig>,
     pub limits: Limits,
     /// Where the durable store lives. `None`: nothing is written to disk (tests, and a
     /// broker with no bridges that needs no persistence).
@@ -143,6 +146,8 @@ impl Default for StorageLimits {
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS listener {addr}: {source}")]
+    Tls { addr: SocketAddr, source: tls::TlsError },
     #[error("cannot open the store in {dir}: {source}")]
     Store { dir: PathBuf, source: store::StoreError },
 }

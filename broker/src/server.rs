@@ -15,13 +15,14 @@ use tracing::{error, info, warn};
 
 use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::auth::Authenticator;
-use crate::connection::{self, ConnectionContext};
+use crate::connection::ConnectionContext;
 use crate::message::Message;
 use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::status::{BrokerStatus, RouterSnapshot};
 use crate::store::{Recovery, Store, StoreConfig};
+use crate::tls::{TlsError, TlsListener};
 use crate::{persist, BrokerConfig, BrokerError, Stats};
 
 /// Commands queued for the router before connections wait (back-pressure).
@@ -30,6 +31,8 @@ const ROUTER_QUEUE: usize = 8192;
 /// A running broker.
 pub struct Broker {
     local_addrs: Vec<SocketAddr>,
+    /// TLS listeners by local address, for `reload_tls`.
+    tls_listeners: Vec<(SocketAddr, Arc<TlsListener>)>,
     shutdown_tx: watch::Sender<bool>,
     accept_tasks: Vec<JoinHandle<()>>,
     bridge_tasks: Vec<JoinHandle<()>>,
@@ -141,10 +144,21 @@ impl Broker {
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let mut local_addrs = Vec::new();
         let mut accept_tasks = Vec::new();
-        for addr in &config.listeners {
+        let mut tls_listeners = Vec::new();
+        for listener_config in &config.listeners {
+            let addr = &listener_config.bind;
+            let tls = match &listener_config.tls {
+                Some(settings) => Some(Arc::new(
+                    TlsListener::new(settings.clone()).map_err(|source| BrokerError::Tls { addr: *addr, source })?,
+                )),
+                None => None,
+            };
             let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr: *addr, source })?;
             let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr: *addr, source })?;
             local_addrs.push(local);
+            if let Some(tls) = &tls {
+                tls_listeners.push((local, tls.clone()));
+            }
             let ctx = ConnectionContext {
                 limits: config.limits.clone(),
                 router: router_tx.clone(),
@@ -152,11 +166,13 @@ impl Broker {
                 shutdown: shutdown_rx.clone(),
                 ingest_paused: ingest_rx.clone(),
                 auth: auth.clone(),
+                tls,
             };
             accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone(), connection_rate.clone())));
         }
         Ok(Broker {
             local_addrs,
+            tls_listeners,
             shutdown_tx,
             accept_tasks,
             bridge_tasks,
@@ -174,6 +190,13 @@ impl Broker {
 
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Reads every TLS listener's certificate, key and client CA files again (SIGHUP).
+    /// New connections use them; open connections are not touched. A listener whose files
+    /// fail to load keeps its current ones. One result per TLS listener (local address).
+    pub fn reload_tls(&self) -> Vec<(SocketAddr, Result<(), TlsError>)> {
+        self.tls_listeners.iter().map(|(addr, tls)| (*addr, tls.reload())).collect()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -341,10 +364,11 @@ async fn accept_loop(
             shutdown: ctx.shutdown.clone(),
             ingest_paused: ctx.ingest_paused.clone(),
             auth: ctx.auth.clone(),
+            tls: ctx.tls.clone(),
         };
         let done = done.clone();
         tokio::spawn(async move {
-            connection::handle(stream, peer, conn_ctx).await;
+            crate::tls::serve(stream, peer, conn_ctx).await;
             drop(permit);
             drop(done);
         });

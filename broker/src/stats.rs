@@ -37,6 +37,10 @@ pub struct Stats {
     pub limit_refusals: AtomicU64,
     /// Connections closed at accept by `max_connection_rate` (per source address).
     pub connection_rate_refused: AtomicU64,
+    /// Connections closed for sending no (whole) CONNECT within `connect_timeout`.
+    pub connect_timeouts: AtomicU64,
+    /// Connections closed because nothing came within 1.5x the client's keep-alive.
+    pub keep_alive_timeouts: AtomicU64,
 }
 
 impl Stats {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use waystation_broker::acl::Acl;
 use waystation_broker::auth::PasswordFile;
-use waystation_broker::{BridgeConfig, Limits, OnFull, Security, StorageLimits};
+use waystation_broker::{BridgeConfig, Limits, OnFull, Security, StorageLimits, TlsConfig};
 
 /// Sled stores values larger than about 128 KiB in blob files that it never syncs
 /// (FACTS.md), so a packet that large could be acknowledged without being durable.
@@ -141,11 +141,15 @@ impl Default for GatewaySection {
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
     pub bind: SocketAddr,
+    /// `tls = { cert, key, client_ca, use_identity_as_username }`: MQTT over TLS.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_listeners() -> Vec<ListenerSection> {
     vec![ListenerSection {
         bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+        tls: None,
     }]
 }
 
@@ -270,7 +274,14 @@ impl Config {
     // Hook for TLS (issue 7 part B): a listener that requires client certificates is not
     // open to anonymous clients and is exempt from this rule.
     pub fn anonymous_policy(&self) -> Result<AnonymousPolicy, (String, String)> {
-        let network: Vec<SocketAddr> = self.listeners.iter().map(|l| l.bind).filter(|a| !a.ip().is_loopback()).collect();
+        // A listener that requires client certificates is not open to anonymous clients.
+        let network: Vec<SocketAddr> = self
+            .listeners
+            .iter()
+            .filter(|l| !l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()))
+            .map(|l| l.bind)
+            .filter(|a| !a.ip().is_loopback())
+            .collect();
         let has_passwords = self.auth.password_file.is_some();
         let allowed = match self.auth.allow_anonymous {
             Some(v) => v,
@@ -295,6 +306,12 @@ impl Config {
     fn check_semantics(&self) -> Result<(), (String, String)> {
         self.check_limits().map_err(|(k, m)| (k.to_string(), m))?;
         self.anonymous_policy()?;
+        for listener in &self.listeners {
+            if let Some(tls) = &listener.tls {
+                // Reads the files: a missing or mismatched certificate is a config error.
+                waystation_broker::tls::server_config(tls).map_err(|e| ("listener.tls".to_string(), format!("{}: {e}", listener.bind)))?;
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for bridge in &self.bridges {
             bridge.validate()?;
@@ -426,6 +443,72 @@ mod tests {
         let config = Config::parse(&format!("[acl]\nfile = \"{}\"\n", acl.display())).unwrap();
         let err = config.security(&cfg).unwrap_err().to_string();
         assert!(err.contains("acl.file") && err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn tls_listener_parses_and_its_files_are_checked() {
+        let text = "[[listener]]\nbind = \"127.0.0.1:8883\"\ntls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\", client_ca = \"/nonexistent/ca.pem\", use_identity_as_username = true }\n";
+        let config = Config::parse(text).unwrap();
+        let tls = config.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(tls.client_ca.as_deref(), Some(Path::new("/nonexistent/ca.pem")));
+        assert!(tls.use_identity_as_username);
+        let (key, message) = config.check_semantics().unwrap_err();
+        assert_eq!(key, "listener.tls");
+        assert!(message.contains("/nonexistent/"), "{message}");
+        let err = Config::parse(&text.replace("client_ca", "ca")).unwrap_err();
+        assert!(err.contains("ca") && err.contains("line 3"), "{err}");
+        // A listener that requires client certificates is not open to anonymous clients.
+        let network = text.replace("127.0.0.1", "0.0.0.0");
+        assert!(Config::parse(&network).unwrap().anonymous_policy().unwrap().exposed.is_empty());
+    }
+
+    #[test]
+    fn bridge_tls_and_password_sources() {
+        let base = "[[bridge]]\nname = \"cloud\"\naddress = \"example.com:8883\"\n";
+        let config = Config::parse(&format!("{base}tls = true\n")).unwrap();
+        assert_eq!(config.bridges[0].tls, Some(Default::default()));
+        assert_eq!(Config::parse(&format!("{base}tls = false\n")).unwrap().bridges[0].tls, None);
+        let config = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\", key = \"/k.pem\" }}\n")).unwrap();
+        let tls = config.bridges[0].tls.clone().unwrap();
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(tls.key.as_deref(), Some(Path::new("/k.pem")));
+        let (key, _) = config.check_semantics().unwrap_err();
+        assert_eq!(key, "bridge[cloud].tls");
+        let err = Config::parse(&format!("{base}tls = {{ cafile = \"/ca.pem\" }}\n")).unwrap_err();
+        assert!(err.contains("cafile") && err.contains("line 4"), "{err}");
+        let err = Config::parse(&format!("{base}tls = 3\n")).unwrap_err();
+        assert!(err.contains("line 4"), "{err}");
+        let half = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\" }}\n")).unwrap();
+        assert_eq!(half.check_semantics().unwrap_err().0, "bridge[cloud].tls");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("upstream.pw");
+        std::fs::write(&file, "s3cret-from-file\n").unwrap();
+        let config = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"{}\"\n", file.display())).unwrap();
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-file");
+        let missing = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"/nonexistent/pw\"\n")).unwrap();
+        assert_eq!(missing.check_semantics().unwrap_err().0, "bridge[cloud].password_file");
+        std::env::set_var("WAYSTATION_TEST_BRIDGE_PW", "s3cret-from-env");
+        let config = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_BRIDGE_PW\"\n")).unwrap();
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-env");
+        let unset = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_UNSET_VARIABLE\"\n")).unwrap();
+        assert_eq!(unset.check_semantics().unwrap_err().0, "bridge[cloud].password_env");
+        let two = Config::parse(&format!("{base}username = \"u\"\npassword = \"a\"\npassword_env = \"X\"\n")).unwrap();
+        assert_eq!(two.check_semantics().unwrap_err().0, "bridge[cloud].password");
+        let no_user = Config::parse(&format!("{base}password = \"a\"\n")).unwrap();
+        assert_eq!(no_user.check_semantics().unwrap_err().0, "bridge[cloud].username");
+    }
+
+    #[test]
+    fn bridge_password_never_printed() {
+        let text = "[[bridge]]\nname = \"cloud\"\naddress = \"h:1\"\nusername = \"u\"\npassword = \"hunter2-secret\"\n";
+        let config = Config::parse(text).unwrap();
+        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "hunter2-secret");
+        let printed = format!("{config:?} {:#?} {}", config.bridges[0], config.bridges[0].password.as_ref().unwrap());
+        assert!(!printed.contains("hunter2"), "{printed}");
+        assert!(printed.contains("***"), "{printed}");
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
 
     let broker_config = BrokerConfig {
         gateway_id: "demo".into(),
-        listeners: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+        listeners: vec![SocketAddr::from(([127, 0, 0, 1], 0)).into()],
         limits: Limits::default(),
         data_dir: Some(data.path().to_path_buf()),
         storage: StorageLimits::default(),
@@ -108,6 +108,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             client_id: None,
             username: None,
             password: None,
+            password_file: None,
+            password_env: None,
+            tls: None,
             keep_alive: 5,
             max_inflight: 100,
             max_rate: None,

@@ -245,7 +245,7 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
     runtime.block_on(async move {
         let broker_config = waystation_broker::BrokerConfig {
             gateway_id: config.gateway.id.clone(),
-            listeners: config.listeners.iter().map(|l| l.bind).collect(),
+            listeners: config.listeners.iter().map(|l| waystation_broker::ListenerConfig { bind: l.bind, tls: l.tls.clone() }).collect(),
             limits: config.limits.to_limits(),
             data_dir: Some(config.gateway.data_dir.clone()),
             storage: config.storage.to_limits(),
@@ -283,7 +283,7 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
             tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stopped.clone()))
         });
         info!(gateway = %config.gateway.id, "waystation started");
-        shutdown_signal().await?;
+        shutdown_signal(&broker).await?;
         info!("shutting down");
         let _ = obs_stop.send(true);
         for task in [http_task, sys_task].into_iter().flatten() {
@@ -295,13 +295,32 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
     })
 }
 
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; on SIGHUP reloads the TLS listeners' certificates.
+async fn shutdown_signal(broker: &waystation_broker::Broker) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => reload_certificates(broker),
+        }
     }
-    Ok(())
+}
+
+/// SIGHUP: new TLS connections use the certificate files as they are now; open ones keep
+/// theirs. A listener whose files do not load keeps the ones it has.
+fn reload_certificates(broker: &waystation_broker::Broker) {
+    let results = broker.reload_tls();
+    if results.is_empty() {
+        info!("SIGHUP: no TLS listener, nothing to reload");
+    }
+    for (listener, result) in results {
+        match result {
+            Ok(()) => info!(%listener, "SIGHUP: TLS certificates reloaded"),
+            Err(e) => error!(%listener, error = %e, "SIGHUP: TLS certificates not reloaded: keeping the ones in use"),
+        }
+    }
 }

@@ -138,6 +138,8 @@ impl Collector for BrokerCollector {
         counter(&mut e, "waystation_publish_rate_exceeded", "Connections closed for exceeding max_publish_rate", st.publish_rate_exceeded.load(Relaxed))?;
         counter(&mut e, "waystation_limit_refusals", "Topics and filters refused by max_topic_length/levels and max_subscriptions", st.limit_refusals.load(Relaxed))?;
         counter(&mut e, "waystation_connection_rate_refused", "Connections closed at accept by max_connection_rate", st.connection_rate_refused.load(Relaxed))?;
+        counter(&mut e, "waystation_connect_timeouts", "Connections closed for no CONNECT within connect_timeout", st.connect_timeouts.load(Relaxed))?;
+        counter(&mut e, "waystation_keep_alive_timeouts", "Connections closed for silence over 1.5x the keep-alive", st.keep_alive_timeouts.load(Relaxed))?;
         gauge(&mut e, "waystation_clients_connected", "Clients past CONNECT", status.router.clients.len() as i64)?;
         gauge(&mut e, "waystation_sessions", "Sessions (connected and offline persistent)", status.router.sessions as i64)?;
         gauge(&mut e, "waystation_sessions_offline", "Offline persistent sessions", status.router.offline_sessions as i64)?;
