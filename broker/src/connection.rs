@@ -13,9 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
@@ -45,6 +43,8 @@ pub struct ConnectionContext {
     pub ingest_paused: watch::Receiver<bool>,
     /// Password check and ACL rules, shared by every connection.
     pub auth: Arc<Authenticator>,
+    /// The listener's TLS settings and certificates (`None`: plain TCP); see `tls::serve`.
+    pub tls: Option<Arc<crate::tls::TlsListener>>,
 }
 
 /// What one connection enforces on its own client after CONNECT.
@@ -79,9 +79,13 @@ enum End {
     Abrupt(String),
 }
 
-pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
-    let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+/// Serves one client over any byte stream (TCP, or TLS over TCP: `tls::serve` accepts).
+/// `identity`: the user name a verified client certificate gives (`use_identity_as_username`).
+pub async fn handle<S>(stream: S, peer: SocketAddr, ctx: ConnectionContext, identity: Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(4096);
 
     // The first packet must be a CONNECT, within connect_timeout [MQTT-3.1.0-1].
@@ -133,7 +137,12 @@ pub async fn handle(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext)
         Some(l) => (Some(l.username), l.password),
         None => (None, String::new()),
     };
-    if let Err(refusal) = ctx.auth.check(username.as_deref(), password.as_bytes()).await {
+    // A verified client certificate is the credential: its CN replaces any user name sent
+    // and no password is checked (Mosquitto's use_identity_as_username).
+    let certified = identity.is_some();
+    let username = identity.or(username);
+    let checked = if certified { Ok(()) } else { ctx.auth.check(username.as_deref(), password.as_bytes()).await };
+    if let Err(refusal) = checked {
         drop(password);
         ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
         let outcome = match refusal {
@@ -224,7 +233,7 @@ fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
 }
 
 /// Reads until one whole packet is decoded.
-async fn read_packet(reader: &mut OwnedReadHalf, buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, DecodeError> {
+async fn read_packet(reader: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, DecodeError> {
     loop {
         match v4::decode(buf, max_packet_size) {
             Err(DecodeError::Incomplete) => {}
@@ -238,7 +247,7 @@ async fn read_packet(reader: &mut OwnedReadHalf, buf: &mut BytesMut, max_packet_
 }
 
 async fn read_loop(
-    reader: &mut OwnedReadHalf,
+    reader: &mut (impl AsyncRead + Unpin),
     buf: &mut BytesMut,
     conn: ConnId,
     client_id: &str,
@@ -384,14 +393,14 @@ async fn dispatch(
     Ok(true)
 }
 
-async fn write_now(writer: &mut OwnedWriteHalf, packet: Outbound) -> std::io::Result<()> {
+async fn write_now(writer: &mut (impl AsyncWrite + Unpin), packet: Outbound) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     v4::encode(&packet, &mut buf).map_err(std::io::Error::other)?;
     writer.write_all(&buf).await?;
     writer.flush().await
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, mut outbox: OutboxReceiver) {
+async fn write_loop(mut writer: impl AsyncWrite + Unpin, mut outbox: OutboxReceiver) {
     let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
     while let Some(first) = outbox.rx.recv().await {
         let mut count = 0;
