@@ -297,8 +297,12 @@ impl Config {
             }
             None => !has_passwords,
         };
-        if !allowed && !has_passwords {
-            return Err(("auth.allow_anonymous".into(), "false with no [auth] password_file: no client could connect".into()));
+        let has_client_certs = self.listeners.iter().any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+        if !allowed && !has_passwords && !has_client_certs {
+            return Err((
+                "auth.allow_anonymous".into(),
+                "false with no [auth] password_file and no listener requiring client certificates: no client could connect".into(),
+            ));
         }
         Ok(AnonymousPolicy { allowed, exposed: if allowed { network } else { Vec::new() } })
     }
