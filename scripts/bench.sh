@@ -35,12 +35,12 @@ if [ "$MODE" = full ]; then
   S1_MSGS=20000            # per publisher, 8 publishers
   S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000
   S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
-  S4_TOTAL=1000000; S4_CEIL=200000
+  S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
 else
   S1_MSGS=5000
   S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
   S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
-  S4_TOTAL=100000; S4_CEIL=50000
+  S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
 fi
 
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
@@ -140,7 +140,7 @@ EOF
   "$WS" run --config "$DIR/waystation.toml" 2> "$DIR/stderr.log" &
   BPID=$!
   PIDS+=("$BPID")
-  for _ in $(seq 1 400); do grep -q "listening on" "$DIR/stderr.log" && return 0; sleep 0.025; done
+  for _ in $(seq 1 400); do grep -qs "listening on" "$DIR/stderr.log" && return 0; sleep 0.025; done
   echo "waystation did not start:" >&2; cat "$DIR/stderr.log" >&2; return 1
 }
 
@@ -293,20 +293,21 @@ fi
 # 4. Backlog drain: S4_TOTAL messages published while the upstream is down, then drained.
 if want 4; then
   per=$((S4_TOTAL / 8))
+  for r in $(seq 1 "$S4_ROUNDS"); do
   # Waystation, two bridges: "cloud" -> Mosquitto, "alt" -> rumqttd; both down while buffering.
   free_port; up1=$PORT; free_port; up2=$PORT; free_port; p=$PORT
   start_waystation "$p" "$up1" "$up2"; EPID=$BPID; EDIR=$DIR
-  say "s4 waystation: buffering $S4_TOTAL messages (upstreams down)"
+  say "s4 waystation: buffering $S4_TOTAL messages (upstreams down), round $r"
   "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
-    --pid "$EPID" --scenario s4-buffer --broker waystation --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+    --pid "$EPID" --scenario s4-buffer --broker waystation --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
   sleep 2
   read -r rss hwm < <("$WSB" mem --pid "$EPID")
-  "$WSB" record --scenario s4-waiting --broker waystation --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
+  "$WSB" record --scenario s4-waiting --broker waystation --round "$r" --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
     --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --set "store_disk_mib=$(du -sm "$EDIR/data" | cut -f1)" --out "$RES" >/dev/null 2>>"$LOG"
   for up in mosquitto rumqttd; do
     if [ "$up" = mosquitto ]; then uport=$up1; else uport=$up2; fi
     "$WSB" sub --addr "127.0.0.1:$uport" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
-      --scenario "s4-drain-$up" --broker waystation --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+      --scenario "s4-drain-$up" --broker waystation --round "$r" --out "$RES" >/dev/null 2>>"$LOG" &
     SUB=$!
     sleep 0.2
     say "s4 waystation: draining into $up"
@@ -315,7 +316,7 @@ if want 4; then
     wait "$SUB" || true
     say "s4 ceiling of $up: one QoS 1 publisher straight into it"
     "$WSB" run --addr "127.0.0.1:$uport" --publishers 1 --messages "$S4_CEIL" --qos 1 --payload 64 --subscribers 1 \
-      --client-prefix ceil --scenario "s4-ceiling-$up" --broker "$up" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+      --client-prefix ceil --scenario "s4-ceiling-$up" --broker "$up" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
     stop_pid "$UPID"
   done
   stop_pid "$EPID"
@@ -323,21 +324,22 @@ if want 4; then
   # Mosquitto as the edge bridge: the backlog waits in its memory.
   free_port; up=$PORT; free_port; p=$PORT
   start_mosquitto "$p" "$up"; EPID=$BPID
-  say "s4 mosquitto-bridge: buffering $S4_TOTAL messages (upstream down)"
+  say "s4 mosquitto-bridge: buffering $S4_TOTAL messages (upstream down), round $r"
   "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
-    --pid "$EPID" --scenario s4-buffer --broker mosquitto-bridge --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+    --pid "$EPID" --scenario s4-buffer --broker mosquitto-bridge --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
   sleep 2
   read -r rss hwm < <("$WSB" mem --pid "$EPID")
-  "$WSB" record --scenario s4-waiting --broker mosquitto-bridge --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
+  "$WSB" record --scenario s4-waiting --broker mosquitto-bridge --round "$r" --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
     --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --out "$RES" >/dev/null 2>>"$LOG"
   "$WSB" sub --addr "127.0.0.1:$up" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
-    --scenario s4-drain-mosquitto --broker mosquitto-bridge --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+    --scenario s4-drain-mosquitto --broker mosquitto-bridge --round "$r" --out "$RES" >/dev/null 2>>"$LOG" &
   SUB=$!
   sleep 0.2
   say "s4 mosquitto-bridge: draining into mosquitto"
   start_mosquitto "$up"; UPID=$BPID
   wait "$SUB" || true
   stop_pid "$UPID"; stop_pid "$EPID"
+  done
 fi
 
 # 5. Idle footprint: RSS with no clients, and binary size.
@@ -360,7 +362,7 @@ fi
 
 # Tables.
 {
-  echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
+  echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint: 1), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
   echo "Ratio: the broker's median divided by Waystation's (for msg/s higher is better; for ms and MiB lower is better)."
   echo
   T() { "$WSB" table --in "$RES" "$@"; }
