@@ -112,6 +112,9 @@ bind = "127.0.0.1:$port"
 max_connections = 20000
 # Like Mosquitto's max_queued_messages 0 below: a subscriber that falls behind loses nothing.
 max_queued_messages = 100000000
+max_queued_bytes = 17179869184
+# Every benchmark client comes from 127.0.0.1 (the default allows 20/s, burst 1000, per address).
+max_connection_rate = 0
 [storage]
 max_bytes = 4294967296
 [[bridge]]
@@ -193,6 +196,13 @@ start_broker() {
   esac
 }
 
+# One failed measurement is reported and the comparison goes on.
+bench() {
+  local rc=0
+  "$WSB" "$@" || rc=$?
+  [ "$rc" = 0 ] || say "FAILED (exit $rc): wsbench $* (details in $LOG)"
+}
+
 BROKERS=(waystation mosquitto rumqttd)
 # Rotate the order each round so no broker always runs first (or right after a heavy one).
 order() {
@@ -212,7 +222,7 @@ if want 1; then
         free_port; p=$PORT
         start_broker "$b" "$p"
         say "s1 qos$q $b round $r"
-        "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$S1_MSGS" --qos "$q" --payload 64 \
+        bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$S1_MSGS" --qos "$q" --payload 64 \
           --subscribers 1 --pid "$BPID" --scenario "s1-qos$q" --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
         stop_pid "$BPID"
       done
@@ -227,7 +237,7 @@ if want 2; then
       free_port; p=$PORT
       start_broker "$b" "$p"
       say "s2 $S2_CLIENTS clients at 1 msg/s, $b round $r"
-      "$WSB" run --addr "127.0.0.1:$p" --publishers "$S2_CLIENTS" --rate 1 --duration "$S2_SECS" --qos 1 --payload 64 \
+      bench run --addr "127.0.0.1:$p" --publishers "$S2_CLIENTS" --rate 1 --duration "$S2_SECS" --qos 1 --payload 64 \
         --subscribers 1 --pid "$BPID" --scenario s2-1msgps --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
       stop_pid "$BPID"
     done
@@ -237,7 +247,7 @@ if want 2; then
     start_broker "$b" "$p"
     sleep 0.5
     say "s2 $IDLE_CLIENTS idle clients, $b"
-    "$WSB" idle --addr "127.0.0.1:$p" --clients "$IDLE_CLIENTS" --hold 2 --pid "$BPID" \
+    bench idle --addr "127.0.0.1:$p" --clients "$IDLE_CLIENTS" --hold 2 --pid "$BPID" \
       --scenario s2-idle --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
     stop_pid "$BPID"
   done
@@ -260,7 +270,7 @@ if want 3; then
       start_edge "$b" "$p" "$up"; EPID=$BPID
       sleep 0.5   # let the bridge connect
       say "s3 edge->cloud $b round $r"
-      "$WSB" run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --messages "$S3_MSGS" --qos 1 \
+      bench run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --messages "$S3_MSGS" --qos 1 \
         --payload 64 --subscribers 1 --pid "$EPID" --idle-timeout 10 \
         --scenario s3-bridge --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
       stop_pid "$EPID"; stop_pid "$UPID"
@@ -276,7 +286,7 @@ if want 3; then
     start_edge "$b" "$p" "$up"; EPID=$BPID
     sleep 0.5
     say "s3 outage $b: ${S3_DOWN_FOR}s upstream stop at ${S3_DOWN_AT}s"
-    "$WSB" run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --rate "$S3_RATE" --duration "$S3_SECS" \
+    bench run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 8 --rate "$S3_RATE" --duration "$S3_SECS" \
       --qos 1 --payload 64 --subscribers 1 --sub-persistent --sub-reconnect --pid "$EPID" --idle-timeout 15 \
       --scenario s3-outage --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
     LOAD=$!
@@ -298,7 +308,7 @@ if want 4; then
   free_port; up1=$PORT; free_port; up2=$PORT; free_port; p=$PORT
   start_waystation "$p" "$up1" "$up2"; EPID=$BPID; EDIR=$DIR
   say "s4 waystation: buffering $S4_TOTAL messages (upstreams down), round $r"
-  "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+  bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
     --pid "$EPID" --scenario s4-buffer --broker waystation --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
   sleep 2
   read -r rss hwm < <("$WSB" mem --pid "$EPID")
@@ -306,7 +316,7 @@ if want 4; then
     --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --set "store_disk_mib=$(du -sm "$EDIR/data" | cut -f1)" --out "$RES" >/dev/null 2>>"$LOG"
   for up in mosquitto rumqttd; do
     if [ "$up" = mosquitto ]; then uport=$up1; else uport=$up2; fi
-    "$WSB" sub --addr "127.0.0.1:$uport" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
+    bench sub --addr "127.0.0.1:$uport" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
       --scenario "s4-drain-$up" --broker waystation --round "$r" --out "$RES" >/dev/null 2>>"$LOG" &
     SUB=$!
     sleep 0.2
@@ -315,7 +325,7 @@ if want 4; then
     UPID=$BPID
     wait "$SUB" || true
     say "s4 ceiling of $up: one QoS 1 publisher straight into it"
-    "$WSB" run --addr "127.0.0.1:$uport" --publishers 1 --messages "$S4_CEIL" --qos 1 --payload 64 --subscribers 1 \
+    bench run --addr "127.0.0.1:$uport" --publishers 1 --messages "$S4_CEIL" --qos 1 --payload 64 --subscribers 1 \
       --client-prefix ceil --scenario "s4-ceiling-$up" --broker "$up" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
     stop_pid "$UPID"
   done
@@ -325,13 +335,13 @@ if want 4; then
   free_port; up=$PORT; free_port; p=$PORT
   start_mosquitto "$p" "$up"; EPID=$BPID
   say "s4 mosquitto-bridge: buffering $S4_TOTAL messages (upstream down), round $r"
-  "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+  bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
     --pid "$EPID" --scenario s4-buffer --broker mosquitto-bridge --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
   sleep 2
   read -r rss hwm < <("$WSB" mem --pid "$EPID")
   "$WSB" record --scenario s4-waiting --broker mosquitto-bridge --round "$r" --set "rss_waiting_mib=$(echo "$rss / 1024" | bc -l)" \
     --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" --out "$RES" >/dev/null 2>>"$LOG"
-  "$WSB" sub --addr "127.0.0.1:$up" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
+  bench sub --addr "127.0.0.1:$up" --expect "$((per * 8))" --idle-timeout 10 --pid "$EPID" \
     --scenario s4-drain-mosquitto --broker mosquitto-bridge --round "$r" --out "$RES" >/dev/null 2>>"$LOG" &
   SUB=$!
   sleep 0.2
