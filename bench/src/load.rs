@@ -156,6 +156,7 @@ struct PubPlan {
     period: Option<Duration>,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn publisher(idx: u32, topic: String, conn: Conn, plan: Arc<PubPlan>, t0: Instant, offset: Duration, done: Arc<AtomicUsize>, mut stop: watch::Receiver<bool>) -> Result<PubResult> {
     let (mut rd, mut wr) = conn.stream.into_split();
     let mut rbuf = conn.leftover;
