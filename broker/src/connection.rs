@@ -196,7 +196,7 @@ where
     let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
-        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, &own_outbox, keep_alive_limit, &mut guard) => end,
+        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, keep_alive_limit, &mut guard) => end,
         _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
         _ = shutdown.wait_for(|stop| *stop) => End::Abrupt("broker shutting down".into()),
     };
@@ -252,7 +252,6 @@ async fn read_loop(
     conn: ConnId,
     client_id: &str,
     ctx: &ConnectionContext,
-    outbox: &Outbox,
     keep_alive_limit: Option<Duration>,
     guard: &mut Guard,
 ) -> End {
@@ -281,7 +280,7 @@ async fn read_loop(
                     }
                 }
             }
-            match dispatch(packet, conn, client_id, ctx, outbox, guard).await {
+            match dispatch(packet, conn, client_id, ctx, guard).await {
                 Ok(true) => {}
                 Ok(false) => return End::Graceful,
                 Err(reason) => {
@@ -319,16 +318,12 @@ async fn dispatch(
     conn: ConnId,
     client_id: &str,
     ctx: &ConnectionContext,
-    outbox: &Outbox,
     guard: &mut Guard,
 ) -> Result<bool, &'static str> {
     let cmd = match packet {
         Inbound::Connect(_) => return Err("second CONNECT on a connection"),
         Inbound::Disconnect => return Ok(false),
-        Inbound::PingReq => {
-            outbox.send(Outbound::PingResp);
-            return Ok(true);
-        }
+        Inbound::PingReq => RouterCmd::Ping { conn },
         Inbound::Publish(publish) => {
             if !valid_topic_name(&publish.topic) {
                 return Err("PUBLISH to an invalid topic name (wildcard, empty or NUL)");

@@ -19,6 +19,8 @@ pub mod acl;
 pub mod auth;
 pub mod bridge;
 mod connection;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 mod persist;
 mod ratelimit;

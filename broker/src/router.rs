@@ -51,6 +51,9 @@ pub enum RouterCmd {
     PubComp { conn: ConnId, pkid: u16 },
     Subscribe { conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter> },
     Unsubscribe { conn: ConnId, pkid: u16, filters: Vec<String> },
+    /// PINGREQ: answered here rather than by the connection, so that a PINGREQ sent right
+    /// behind the CONNECT is answered after the CONNACK [MQTT-3.2.0-1].
+    Ping { conn: ConnId },
     /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
     Disconnected { conn: ConnId, graceful: bool },
     /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
@@ -242,6 +245,11 @@ impl Router {
             }
             RouterCmd::Subscribe { conn, pkid, filters } => self.subscribe(conn, pkid, filters),
             RouterCmd::Unsubscribe { conn, pkid, filters } => self.unsubscribe(conn, pkid, filters),
+            RouterCmd::Ping { conn } => {
+                if let Some(online) = self.session_of(conn).and_then(|(_, s)| s.online.as_ref()) {
+                    online.outbox.send(Outbound::PingResp);
+                }
+            }
             RouterCmd::Disconnected { conn, graceful } => self.disconnected(conn, graceful),
             RouterCmd::Inject { message, origin_bridge, accepted } => {
                 self.stats.message_received(message.qos, message.payload.len());

@@ -1,0 +1,216 @@
+//! Entry points for `cargo fuzz` (the `fuzz/` crate) and for the regression tests of what
+//! it finds. Not an API: hidden from the docs, may change at any time.
+//!
+//! - [`decode`]: bytes through the MQTT 3.1.1 decoder in a loop, as a connection's reader
+//!   does, with the properties the rest of the broker relies on checked.
+//! - [`connection`]: bytes written by a client to a real connection task (CONNECT
+//!   handshake, keep-alive, dispatch, ACL checks, writer) wired to a real router, over an
+//!   in-memory duplex stream instead of a socket. The input ends with end of stream, so
+//!   no run waits for a timeout.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::acl::Acl;
+use crate::connection::{self, ConnectionContext};
+use crate::message::Outbound;
+use crate::router::Router;
+use crate::session::SessionLimits;
+use crate::status::RouterSnapshot;
+use crate::topic::{valid_filter, valid_topic_name};
+use crate::v4::{self, DecodeError, Inbound};
+use crate::{Limits, Security, Stats};
+
+/// Packets larger than this are refused, as with a small `max_packet_size`.
+pub const MAX_PACKET_SIZE: usize = 8 * 1024;
+
+/// Decodes `data` packet after packet until it runs out or a packet is refused.
+pub fn decode(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    loop {
+        let before = buf.clone();
+        match v4::decode(&mut buf, MAX_PACKET_SIZE) {
+            Ok(packet) => {
+                assert!(buf.len() < before.len(), "a decoded packet consumed no bytes");
+                check_packet(packet);
+            }
+            Err(DecodeError::Incomplete) => {
+                assert_eq!(buf, before, "Incomplete must leave the buffer as it was");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// What the connection does with each packet, minus the router: conversions, topic checks
+/// and, for PUBLISH, that re-encoding what was decoded gives the same message back.
+fn check_packet(packet: Inbound) {
+    match packet {
+        Inbound::Connect(connect) => {
+            if let Some(will) = connect.last_will {
+                let message = v4::will_from_v4(will);
+                let _ = valid_topic_name(&message.topic);
+            }
+        }
+        Inbound::Publish(publish) => {
+            let (pkid, dup) = (publish.pkid, publish.dup);
+            let message = v4::message_from_v4(publish);
+            if !valid_topic_name(&message.topic) {
+                return;
+            }
+            let mut out = BytesMut::new();
+            v4::encode(&Outbound::Publish { pkid, message: message.clone(), dup }, &mut out).expect("a decoded PUBLISH encodes");
+            match v4::decode(&mut out, usize::MAX >> 4) {
+                Ok(Inbound::Publish(again)) => assert_eq!(v4::message_from_v4(again), message, "PUBLISH round trip"),
+                other => panic!("re-encoded PUBLISH decodes as {other:?}"),
+            }
+            assert!(out.is_empty(), "re-encoded PUBLISH left {} bytes", out.len());
+        }
+        Inbound::Subscribe(subscribe) => {
+            for filter in subscribe.filters {
+                let _ = (valid_filter(&filter.path), v4::qos_from_v4(filter.qos));
+            }
+        }
+        Inbound::Unsubscribe(unsubscribe) => {
+            for filter in unsubscribe.topics {
+                let _ = valid_filter(&filter);
+            }
+        }
+        Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubRel(_) | Inbound::PubComp(_) | Inbound::PingReq | Inbound::Disconnect => {}
+    }
+}
+
+/// The ACL [`connection`] uses when asked to: every kind of rule, so refusals are exercised.
+pub const FUZZ_ACL: &str = "topic read $SYS/#\npattern readwrite devices/%c/#\npattern write sensors/%u/#\n\
+topic deny devices/+/secret\nuser admin\ntopic readwrite #\n";
+
+/// One client connection fed `data` (then end of stream) against a fresh router; returns
+/// what the broker wrote back. With `acl`, [`FUZZ_ACL`] applies. Small limits make the
+/// bounds reachable. Panics in the connection or router tasks are re-raised here.
+pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
+    let limits = Limits {
+        max_packet_size: MAX_PACKET_SIZE,
+        max_inflight: 4,
+        max_queued_messages: 16,
+        connect_timeout: Duration::from_secs(5),
+        max_publish_rate: 1000,
+        max_subscriptions: 16,
+        max_topic_length: 256,
+        max_topic_levels: 8,
+        max_queued_bytes: 64 * 1024,
+        ..Limits::default()
+    };
+    let stats = Arc::new(Stats::default());
+    let session_limits = SessionLimits {
+        max_inflight: usize::from(limits.max_inflight),
+        max_queued: limits.max_queued_messages,
+        max_queued_bytes: limits.max_queued_bytes,
+        max_subscriptions: limits.max_subscriptions,
+    };
+    let router = Router::new(session_limits, stats.clone(), None, Arc::new(Mutex::new(RouterSnapshot::default())));
+    let (router_tx, router_rx) = mpsc::channel(64);
+    let router_task = tokio::spawn(router.run(router_rx));
+    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (_ingest_tx, ingest_rx) = watch::channel(false);
+    let mut security = Security::default();
+    if acl {
+        security.acl = Some(Arc::new(Acl::parse(FUZZ_ACL).expect("FUZZ_ACL parses")));
+    }
+    let ctx = ConnectionContext {
+        limits,
+        router: router_tx,
+        stats,
+        shutdown: shutdown_rx,
+        ingest_paused: ingest_rx,
+        auth: Arc::new(crate::auth::Authenticator::new(security)),
+        tls: None,
+    };
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let connection_task = tokio::spawn(connection::handle(server, peer, ctx, None));
+    let (mut from_broker, mut to_broker) = tokio::io::split(client);
+    let reader = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = from_broker.read_to_end(&mut out).await;
+        out
+    });
+    let _ = to_broker.write_all(data).await;
+    let _ = to_broker.shutdown().await;
+    // The connection ends at end of stream (or earlier, on a bad packet); then every sender
+    // of the router's queue is gone and the router stops.
+    rethrow(connection_task.await);
+    drop(to_broker);
+    rethrow(router_task.await);
+    match reader.await {
+        Ok(out) => out,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn rethrow(result: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = result {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+}
+
+/// Runs [`connection`] on a new current-thread runtime.
+pub fn run_connection(data: &[u8], acl: bool) -> Vec<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("tokio runtime");
+    runtime.block_on(connection(data, acl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(client_id: &str) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    }
+
+    #[test]
+    fn harness_connects_subscribes_and_gets_its_own_publish() {
+        let mut input = connect("dev1");
+        // SUBSCRIBE 1 "a/#" QoS 1, PUBLISH QoS 1 id 2 "a/b" "hi", PINGREQ; no DISCONNECT.
+        input.extend([0x82, 8, 0, 1, 0, 3, b'a', b'/', b'#', 1]);
+        input.extend([0x32, 9, 0, 3, b'a', b'/', b'b', 0, 2, b'h', b'i']);
+        input.extend([0xc0, 0]);
+        let out = run_connection(&input, false);
+        assert!(out.starts_with(&[0x20, 2, 0, 0]), "CONNACK first: {out:02x?}");
+        assert!(out.windows(5).any(|w| w == [0x90, 3, 0, 1, 1]), "SUBACK: {out:02x?}");
+        assert!(out.windows(4).any(|w| w == [0x40, 2, 0, 2]), "PUBACK: {out:02x?}");
+        assert!(out.windows(2).any(|w| w == [0xd0, 0]), "PINGRESP: {out:02x?}");
+        assert!(out.windows(2).any(|w| w == b"hi"), "own publish delivered: {out:02x?}");
+    }
+
+    #[test]
+    fn harness_ends_on_garbage_and_on_silence() {
+        assert!(run_connection(&[0xff, 0xff, 0xff], false).is_empty());
+        assert!(run_connection(&[], true).is_empty());
+        // CONNECT then end of stream.
+        let out = run_connection(&connect("quiet"), true);
+        assert!(out.starts_with(&[0x20, 2, 0, 0]), "{out:02x?}");
+    }
+
+    #[test]
+    fn decode_loop_accepts_a_stream_of_packets() {
+        let mut input = connect("dev1");
+        input.extend([0x30, 5, 0, 1, b'x', b'o', b'k', 0xc0, 0, 0xe0, 0]);
+        decode(&input);
+        decode(&input[..input.len() - 3]);
+        decode(&[0x10, 0xff, 0xff, 0xff, 0x7f]);
+    }
+}
