@@ -41,6 +41,9 @@ use crate::topic::{filter_matches, valid_filter};
 /// Log entries acknowledged upstream whose cursor update is not yet durable, at most.
 pub const MAX_UNPERSISTED_ACKS: u64 = 1024;
 
+/// Log entries read per range scan.
+const READ_AHEAD: usize = 1024;
+
 /// Persist the cursor after this many newly acknowledged entries...
 const CURSOR_PERSIST_EVERY: u64 = 64;
 /// ...or this long after the last persisted advance, whichever comes first.
@@ -315,26 +318,46 @@ pub struct BridgeStatus {
 
 /// The cursors of every bridge: the log is deleted up to the slowest.
 pub struct Cursors {
-    positions: Mutex<Vec<Seq>>,
+    state: Mutex<CursorState>,
 }
+
+struct CursorState {
+    positions: Vec<Seq>,
+    /// The log is deleted through here (or is about to be).
+    deleted_through: Seq,
+    last_delete: Instant,
+}
+
+/// Delete the log behind the slowest bridge in runs of at least this many entries (or
+/// after `DELETE_INTERVAL`): each delete costs a range scan and a commit, so many small
+/// ones slow the drain.
+const DELETE_EVERY: u64 = 2048;
+const DELETE_INTERVAL: Duration = Duration::from_millis(500);
 
 impl Cursors {
     pub fn new(initial: Vec<Seq>) -> Arc<Cursors> {
-        Arc::new(Cursors { positions: Mutex::new(initial) })
+        let deleted_through = initial.iter().copied().min().unwrap_or(0);
+        Arc::new(Cursors { state: Mutex::new(CursorState { positions: initial, deleted_through, last_delete: Instant::now() }) })
     }
 
-    /// Records bridge `index` at `cursor`; returns the new minimum if it moved.
-    fn advance(&self, index: usize, cursor: Seq) -> Option<Seq> {
-        let mut positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        let before = positions.iter().copied().min()?;
-        positions[index] = cursor;
-        let after = positions.iter().copied().min()?;
-        (after > before).then_some(after)
+    /// Records bridge `index` at `cursor`; returns how far the log may now be deleted, when
+    /// that is worth a delete (a long enough run, a while since the last, or `force`).
+    fn advance(&self, index: usize, cursor: Seq, force: bool) -> Option<Seq> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *state.positions.get_mut(index)? = cursor;
+        let min = state.positions.iter().copied().min()?;
+        let behind = min.saturating_sub(state.deleted_through);
+        if behind == 0 || !(force || behind >= DELETE_EVERY || state.last_delete.elapsed() >= DELETE_INTERVAL) {
+            return None;
+        }
+        state.deleted_through = min;
+        state.last_delete = Instant::now();
+        Some(min)
     }
 
     pub fn min(&self) -> Seq {
-        let positions = self.positions.lock().unwrap_or_else(|p| p.into_inner());
-        positions.iter().copied().min().unwrap_or(0)
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.positions.iter().copied().min().unwrap_or(0)
     }
 }
 
@@ -456,6 +479,9 @@ impl Bridge {
         let mut awaiting_pkid: VecDeque<Seq> = VecDeque::new();
         let mut by_pkid: HashMap<u16, Seq> = HashMap::new();
         let mut next_read = *cursor + 1;
+        // Entries read from the log ahead of the window: one range scan per READ_AHEAD
+        // entries instead of one per window refill.
+        let mut read_ahead: VecDeque<(Seq, bytes::Bytes)> = VecDeque::new();
         let mut persisted = *cursor;
         // Cursor writes submitted and not yet durable, and the cursor the disk surely has.
         let mut unconfirmed: VecDeque<(crate::store::Ticket, Seq)> = VecDeque::new();
@@ -483,8 +509,13 @@ impl Bridge {
                     None => budget,
                 };
                 if budget > 0 {
-                    let entries = self.store.read_log(next_read, budget).map_err(|e| format!("reading log: {e}"))?;
-                    for (seq, bytes) in entries {
+                    if read_ahead.len() < budget {
+                        let from = read_ahead.back().map_or(next_read, |(seq, _)| seq + 1);
+                        let more = self.store.read_log(from, READ_AHEAD.max(budget)).map_err(|e| format!("reading log: {e}"))?;
+                        read_ahead.extend(more);
+                    }
+                    let take = budget.min(read_ahead.len());
+                    for (seq, bytes) in read_ahead.drain(..take) {
                         next_read = seq + 1;
                         let record = match StoredMessage::decode(&bytes) {
                             Ok(r) => r,
@@ -530,7 +561,7 @@ impl Bridge {
                 });
             }
             if *cursor > persisted && (*cursor - persisted >= CURSOR_PERSIST_EVERY || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL) {
-                if let Some(ticket) = self.persist_cursor(*cursor) {
+                if let Some(ticket) = self.persist_cursor(*cursor, false) {
                     unconfirmed.push_back((ticket, *cursor));
                 }
                 persisted = *cursor;
@@ -561,7 +592,7 @@ impl Bridge {
                 Wake::Log(false) => return Err("store closed".into()),
                 Wake::Shutdown => {
                     if *cursor > persisted {
-                        self.persist_cursor(*cursor);
+                        self.persist_cursor(*cursor, true);
                     }
                     let _ = client.try_disconnect();
                     return Ok(());
@@ -618,9 +649,9 @@ impl Bridge {
 
     /// Submits the cursor (and the deletion of entries every bridge is done with); returns
     /// the ticket that becomes durable with it.
-    fn persist_cursor(&self, cursor: Seq) -> Option<crate::store::Ticket> {
+    fn persist_cursor(&self, cursor: Seq, force_delete: bool) -> Option<crate::store::Ticket> {
         let mut ops = vec![Op::Put { space: Keyspace::Meta, key: cursor_key(&self.config.name), value: cursor.to_be_bytes().to_vec() }];
-        if let Some(min) = self.cursors.advance(self.index, cursor) {
+        if let Some(min) = self.cursors.advance(self.index, cursor, force_delete) {
             ops.push(Op::DeleteLogThrough(min));
         }
         match self.store.submit(ops) {
@@ -745,11 +776,13 @@ mod tests {
     }
 
     #[test]
-    fn cursors_report_new_minimum() {
+    fn cursors_delete_behind_the_slowest_in_long_runs() {
         let c = Cursors::new(vec![0, 0]);
-        assert_eq!(c.advance(0, 5), None);
-        assert_eq!(c.advance(1, 3), Some(3));
-        assert_eq!(c.min(), 3);
+        assert_eq!(c.advance(0, 5000, false), None, "the other bridge is still at 0");
+        assert_eq!(c.advance(1, 3, false), None, "too short a run to delete yet");
+        assert_eq!(c.advance(1, 4, true), Some(4), "forced (shutdown)");
+        assert_eq!(c.advance(1, 4 + DELETE_EVERY, false), Some(4 + DELETE_EVERY));
+        assert_eq!(c.min(), 4 + DELETE_EVERY);
     }
 
     #[test]
