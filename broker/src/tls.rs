@@ -358,6 +358,18 @@ mod tests {
     }
 
     #[test]
+    fn bridge_system_roots_or_an_error_naming_ca_file() {
+        // `tls = true`: the system's CA certificates (Debian's ca-certificates), or, on a
+        // machine without them, an error that says what to set instead.
+        match client_config(None, None) {
+            Ok(config) => assert!(config.alpn_protocols.is_empty()),
+            Err(e) => assert!(e.to_string().contains("ca_file"), "{e}"),
+        }
+        let err = client_config(Some(Path::new("/nonexistent/ca.pem")), None).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+    }
+
+    #[test]
     fn missing_files_are_named() {
         let settings = TlsConfig {
             cert: "/nonexistent/cert.pem".into(),
