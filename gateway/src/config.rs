@@ -278,7 +278,7 @@ impl Config {
         let network: Vec<SocketAddr> = self
             .listeners
             .iter()
-            .filter(|l| !l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()))
+            .filter(|l| l.tls.as_ref().is_none_or(|t| t.client_ca.is_none()))
             .map(|l| l.bind)
             .filter(|a| !a.ip().is_loopback())
             .collect();
