@@ -11,6 +11,8 @@ command -v arm-none-eabi-size >/dev/null || need_apt+=(binutils-arm-none-eabi)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v mosquitto_passwd >/dev/null || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need_apt[*]}"
@@ -40,6 +42,9 @@ bash scripts/firmware-size.sh
 
 # The daemon for a Raspberry Pi (64-bit OS), and its stripped size.
 bash scripts/cross-aarch64.sh --no-demo
+
+# Fuzzing, bounded: each cargo-fuzz target for 45 s from the committed corpus; any crash fails.
+bash scripts/fuzz.sh 45
 
 # One closing line for the whole run (cargo's own last line is a doc-test summary).
 passed=$(awk '/^test result:/{for(i=1;i<=NF;i++) if($i ~ /^passed;?$/) s+=$(i-1)} END{print s+0}' "$results")
