@@ -355,6 +355,18 @@ impl Cursors {
         Some(min)
     }
 
+    /// A delete that `advance` held back and whose interval has passed.
+    fn delete_due(&self) -> Option<Seq> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let min = state.positions.iter().copied().min()?;
+        if min <= state.deleted_through || state.last_delete.elapsed() < DELETE_INTERVAL {
+            return None;
+        }
+        state.deleted_through = min;
+        state.last_delete = Instant::now();
+        Some(min)
+    }
+
     pub fn min(&self) -> Seq {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.positions.iter().copied().min().unwrap_or(0)
@@ -566,6 +578,12 @@ impl Bridge {
                 }
                 persisted = *cursor;
                 last_persist = Instant::now();
+            } else if let Some(min) = self.cursors.delete_due() {
+                // Idle, but a delete was held back to make a longer run: do it now, or a
+                // log kept full by `reject_new` would never make room.
+                if let Err(e) = self.store.submit(vec![Op::DeleteLogThrough(min)]) {
+                    warn!(bridge = %self.config.name, error = %e, "cannot delete forwarded log entries");
+                }
             }
             if let Some(oldest) = sent.front() {
                 if !oldest.acked && oldest.pkid.is_some() && oldest.sent_at.elapsed() > ack_timeout {
@@ -783,6 +801,12 @@ mod tests {
         assert_eq!(c.advance(1, 4, true), Some(4), "forced (shutdown)");
         assert_eq!(c.advance(1, 4 + DELETE_EVERY, false), Some(4 + DELETE_EVERY));
         assert_eq!(c.min(), 4 + DELETE_EVERY);
+        // A short run held back is deleted once the interval has passed, even if idle.
+        assert_eq!(c.advance(1, 10 + DELETE_EVERY, false), None);
+        assert_eq!(c.delete_due(), None);
+        std::thread::sleep(DELETE_INTERVAL);
+        assert_eq!(c.delete_due(), Some(10 + DELETE_EVERY));
+        assert_eq!(c.delete_due(), None);
     }
 
     #[test]
