@@ -34,7 +34,7 @@ rustup target add thumbv7em-none-eabihf thumbv7m-none-eabi riscv32imc-unknown-no
 cargo build --workspace --bins
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
-cargo test --workspace 2>&1 | tee "$results"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$results"
 
 # Firmware: cross-builds (Cortex-M4F, RISC-V) and the size budget (flash added vs the
 # baseline board, RAM = static + painted stack measured in QEMU).

@@ -243,6 +243,9 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
         .thread_name("waystation")
         .build()?;
     runtime.block_on(async move {
+        // Signal handlers first: a SIGTERM that arrives as soon as the daemon says it is
+        // listening must shut it down cleanly, not kill it with the default action.
+        let mut signals = Signals::install()?;
         let broker_config = waystation_broker::BrokerConfig {
             gateway_id: config.gateway.id.clone(),
             listeners: config.listeners.iter().map(|l| waystation_broker::ListenerConfig { bind: l.bind, tls: l.tls.clone() }).collect(),
@@ -283,7 +286,7 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
             tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stopped.clone()))
         });
         info!(gateway = %config.gateway.id, "waystation started");
-        shutdown_signal(&broker).await?;
+        signals.wait_for_shutdown(&broker).await;
         info!("shutting down");
         let _ = obs_stop.send(true);
         for task in [http_task, sys_task].into_iter().flatten() {
@@ -296,16 +299,29 @@ fn run(config: Config, (security, anonymous): (waystation_broker::Security, conf
 }
 
 /// Waits for SIGTERM or SIGINT; on SIGHUP reloads the TLS listeners' certificates.
-async fn shutdown_signal(broker: &waystation_broker::Broker) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reload_certificates(broker),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn wait_for_shutdown(&mut self, broker: &waystation_broker::Broker) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => reload_certificates(broker),
+            }
         }
     }
 }
