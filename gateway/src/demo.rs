@@ -320,8 +320,11 @@ impl Snap {
         let s = handle.status();
         let st = handle.stats();
         let forwarded: u64 = s.bridges.iter().map(|b| b.forwarded).sum();
-        let waiting = s.log.as_ref().map_or(0, |l| l.len);
         let last_seq = s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0);
+        // What the bridge has not forwarded yet (the log may also hold forwarded entries
+        // whose deletion is batched).
+        let log_len = s.log.as_ref().map_or(0, |l| l.len);
+        let waiting = s.bridges.iter().map(|b| last_seq.saturating_sub(b.cursor)).max().unwrap_or(0).min(log_len);
         let received = st.messages_received[1].load(Ordering::Relaxed);
         Snap {
             received,

@@ -169,7 +169,7 @@ impl Collector for BrokerCollector {
         gauge(&mut e, "waystation_storage_ok", "1 while the last commit succeeded", i64::from(storage_ok))?;
         gauge(&mut e, "waystation_storage_full", "1 while on_full = reject_new holds publishers back", i64::from(status.router.storage_full))?;
         if let Some(log) = &status.log {
-            gauge(&mut e, "waystation_log_messages", "Messages in the durable log (backlog of the slowest bridge)", log.len as i64)?;
+            gauge(&mut e, "waystation_log_messages", "Messages in the durable log: the slowest bridge's backlog plus forwarded entries not yet deleted (deleted in runs)", log.len as i64)?;
             gauge(&mut e, "waystation_log_bytes", "Logical bytes in the durable log", log.bytes as i64)?;
             let age = log.oldest_received_at_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
             gauge_f(&mut e, "waystation_log_oldest_age_seconds", "Age of the oldest message in the log", age)?;
