@@ -168,6 +168,8 @@ impl Collector for BrokerCollector {
         let storage_ok = status.router.storage_error.is_none() && status.durability.as_ref().is_none_or(|d| d.error.is_none());
         gauge(&mut e, "waystation_storage_ok", "1 while the last commit succeeded", i64::from(storage_ok))?;
         gauge(&mut e, "waystation_storage_full", "1 while on_full = reject_new holds publishers back", i64::from(status.router.storage_full))?;
+        let moved_aside = status.recovery.as_ref().is_some_and(|r| r.moved_aside.is_some());
+        gauge(&mut e, "waystation_store_moved_aside", "1 when the store was corrupt at start-up and was moved aside (alert on it)", i64::from(moved_aside))?;
         if let Some(log) = &status.log {
             gauge(&mut e, "waystation_log_messages", "Messages in the durable log: the slowest bridge's backlog plus forwarded entries not yet deleted (deleted in runs)", log.len as i64)?;
             gauge(&mut e, "waystation_log_bytes", "Logical bytes in the durable log", log.bytes as i64)?;

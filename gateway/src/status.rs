@@ -25,6 +25,14 @@ pub fn unhealthy(status: &BrokerStatus) -> Option<String> {
     if let Some(e) = status.durability.as_ref().and_then(|d| d.error.as_ref()) {
         return Some(format!("storage: commits failing: {e}"));
     }
+    if let Some(aside) = status.recovery.as_ref().and_then(|r| r.moved_aside.as_ref()) {
+        // Raised until the operator restarts the daemon after looking at what was moved aside:
+        // the messages in it were acknowledged and are not being forwarded.
+        return Some(format!(
+            "storage: the store was corrupt at start-up and was moved aside to {} (its messages are not forwarded); running on an empty store",
+            aside.display()
+        ));
+    }
     if status.router.storage_full {
         return Some("storage: the log is full (on_full = reject_new): publishers are held back until bridges make room".into());
     }

@@ -47,6 +47,14 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
         .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("store.corrupt-")))
         .collect();
     assert_eq!(aside.len(), 1, "expected one store.corrupt-* directory, found {aside:?}");
+    // The alert stays visible: /healthz says why with 503, and a metric to alert on.
+    let http = http_addr(&ws);
+    let (code, body) = http_get(http, "/healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("moved aside"), "{body}");
+    let (code, metrics) = http_get(http, "/metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.lines().any(|l| l == "waystation_store_moved_aside 1"), "{metrics}");
     // The daemon works on an empty store: publish and receive.
     let mut sub = RawClient::connect(ws.addr, "sub");
     sub.send(&raw::subscribe(1, &[("sensors/#", 1)]));
@@ -55,6 +63,34 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
     pubc.send(&raw::publish("sensors/x", b"after", 1, false, false, Some(7)));
     assert_eq!(pubc.recv(), Pkt::PubAck(7));
     assert_eq!(sub.recv_publish().payload, b"after");
+}
+
+/// The daemon's HTTP address, from its log line.
+fn http_addr(ws: &Waystation) -> std::net::SocketAddr {
+    let starts = ws.logs().matches("store recovered").count();
+    assert!(
+        wait_until(Duration::from_secs(10), || ws.logs().matches("/api/v1/status at http://").count() >= starts),
+        "{}",
+        ws.logs()
+    );
+    let logs = ws.logs();
+    // The last one: the logs hold every start of this daemon.
+    let line = logs.lines().filter(|l| l.contains("/api/v1/status at http://")).last().expect("http line");
+    let addr = line.split("at http://").nth(1).and_then(|r| r.split('/').next()).expect("address");
+    addr.parse().expect("socket address")
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
 }
 
 /// A tmpfs mounted on a directory for the life of the guard.
