@@ -132,7 +132,11 @@ impl RssSampler {
                 }
             }
         });
-        RssSampler { max_kib, stop, task }
+        RssSampler {
+            max_kib,
+            stop,
+            task,
+        }
     }
     async fn finish(self) -> u64 {
         let _ = self.stop.send(true);
@@ -157,7 +161,16 @@ struct PubPlan {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn publisher(idx: u32, topic: String, conn: Conn, plan: Arc<PubPlan>, t0: Instant, offset: Duration, done: Arc<AtomicUsize>, mut stop: watch::Receiver<bool>) -> Result<PubResult> {
+async fn publisher(
+    idx: u32,
+    topic: String,
+    conn: Conn,
+    plan: Arc<PubPlan>,
+    t0: Instant,
+    offset: Duration,
+    done: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<PubResult> {
     let (mut rd, mut wr) = conn.stream.into_split();
     let mut rbuf = conn.leftover;
     rbuf.reserve(64 * 1024);
@@ -202,7 +215,11 @@ async fn publisher(idx: u32, topic: String, conn: Conn, plan: Arc<PubPlan>, t0: 
             }
             break;
         }
-        let wake = if seq < plan.messages && inflight < window { due(seq) } else { None };
+        let wake = if seq < plan.messages && inflight < window {
+            due(seq)
+        } else {
+            None
+        };
         tokio::select! {
             biased;
             r = rd.read_buf(&mut rbuf) => {
@@ -324,7 +341,12 @@ pub struct SubPlan {
 }
 
 /// Runs one subscriber until `stop`; `progress` counts new messages over all subscribers.
-pub async fn subscriber(plan: SubPlan, first_conn: Option<Conn>, progress: Arc<AtomicU64>, mut stop: watch::Receiver<bool>) -> Result<SubState> {
+pub async fn subscriber(
+    plan: SubPlan,
+    first_conn: Option<Conn>,
+    progress: Arc<AtomicU64>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<SubState> {
     let mut st = SubState::new();
     let mut conn = first_conn;
     'outer: loop {
@@ -336,7 +358,15 @@ pub async fn subscriber(plan: SubPlan, first_conn: Option<Conn>, progress: Arc<A
                     if *stop.borrow() {
                         break 'outer;
                     }
-                    match proto::connect(plan.addr, &plan.client_id, plan.clean, KEEP_ALIVE, Duration::from_secs(2)).await {
+                    match proto::connect(
+                        plan.addr,
+                        &plan.client_id,
+                        plan.clean,
+                        KEEP_ALIVE,
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    {
                         Ok(mut c) => {
                             proto::send_subscribe(&mut c, &plan.filter, plan.qos).await?;
                             st.reconnects += 1;
@@ -400,7 +430,17 @@ pub async fn subscriber(plan: SubPlan, first_conn: Option<Conn>, progress: Arc<A
     Ok(st)
 }
 
-fn merge(states: &[SubState]) -> (Histogram<u64>, u64, u64, u64, Option<Instant>, Option<Instant>, u64) {
+fn merge(
+    states: &[SubState],
+) -> (
+    Histogram<u64>,
+    u64,
+    u64,
+    u64,
+    Option<Instant>,
+    Option<Instant>,
+    u64,
+) {
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let (mut received, mut unique, mut stray, mut reconnects) = (0, 0, 0, 0);
     let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
@@ -424,12 +464,23 @@ fn latency_fields(rec: &mut BTreeMap<String, f64>, hist: &Histogram<u64>) {
         return;
     }
     rec.insert("p50_ms".into(), hist.value_at_quantile(0.5) as f64 / 1000.0);
-    rec.insert("p99_ms".into(), hist.value_at_quantile(0.99) as f64 / 1000.0);
-    rec.insert("p999_ms".into(), hist.value_at_quantile(0.999) as f64 / 1000.0);
+    rec.insert(
+        "p99_ms".into(),
+        hist.value_at_quantile(0.99) as f64 / 1000.0,
+    );
+    rec.insert(
+        "p999_ms".into(),
+        hist.value_at_quantile(0.999) as f64 / 1000.0,
+    );
     rec.insert("max_ms".into(), hist.max() as f64 / 1000.0);
 }
 
-async fn connect_many(addr: SocketAddr, ids: Vec<String>, clean: bool, concurrency: usize) -> Result<Vec<Conn>> {
+async fn connect_many(
+    addr: SocketAddr,
+    ids: Vec<String>,
+    clean: bool,
+    concurrency: usize,
+) -> Result<Vec<Conn>> {
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
     let n = ids.len();
@@ -478,8 +529,16 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let progress = Arc::new(AtomicU64::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut subs = JoinSet::new();
-    let sub_ids: Vec<String> = (0..a.subscribers).map(|j| format!("{}-sub-{j}", a.client_prefix)).collect();
-    let sub_conns = connect_many(sub_addr, sub_ids.clone(), !a.sub_persistent, a.connect_concurrency).await?;
+    let sub_ids: Vec<String> = (0..a.subscribers)
+        .map(|j| format!("{}-sub-{j}", a.client_prefix))
+        .collect();
+    let sub_conns = connect_many(
+        sub_addr,
+        sub_ids.clone(),
+        !a.sub_persistent,
+        a.connect_concurrency,
+    )
+    .await?;
     for (j, mut c) in sub_conns.into_iter().enumerate() {
         proto::send_subscribe(&mut c, &a.filter, sub_qos).await?;
         // Wait for the SUBACK (a persistent session may deliver publishes first: keep them).
@@ -500,7 +559,8 @@ pub async fn run(a: RunArgs) -> Result<Record> {
             if Instant::now() > deadline {
                 bail!("no SUBACK");
             }
-            tokio::time::timeout(Duration::from_secs(10), c.stream.read_buf(&mut c.leftover)).await??;
+            tokio::time::timeout(Duration::from_secs(10), c.stream.read_buf(&mut c.leftover))
+                .await??;
         }
         let plan = SubPlan {
             addr: sub_addr,
@@ -513,7 +573,9 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         subs.spawn(subscriber(plan, Some(c), progress.clone(), stop_rx.clone()));
     }
 
-    let pub_ids: Vec<String> = (0..a.publishers).map(|i| format!("{}-pub-{i}", a.client_prefix)).collect();
+    let pub_ids: Vec<String> = (0..a.publishers)
+        .map(|i| format!("{}-pub-{i}", a.client_prefix))
+        .collect();
     let pub_conns = connect_many(a.addr, pub_ids, true, a.connect_concurrency).await?;
     let connect_secs = t_connect.elapsed().as_secs_f64();
 
@@ -529,7 +591,10 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let mut pubs = JoinSet::new();
     for (i, c) in pub_conns.into_iter().enumerate() {
         let topic = a.topic.replace("{p}", &i.to_string());
-        let offset = plan.period.map(|p| p.mul_f64(i as f64 / a.publishers as f64)).unwrap_or_default();
+        let offset = plan
+            .period
+            .map(|p| p.mul_f64(i as f64 / a.publishers as f64))
+            .unwrap_or_default();
         let plan = plan.clone();
         let done = pubs_done.clone();
         let stop = stop_rx.clone();
@@ -722,9 +787,15 @@ pub async fn sub(a: SubArgs) -> Result<Record> {
         let s = lastm.duration_since(first).as_secs_f64();
         f.insert("drain_s".into(), s);
         if s > 0.0 {
-            f.insert("drain_rate".into(), (st.unique.saturating_sub(1)) as f64 / s);
+            f.insert(
+                "drain_rate".into(),
+                (st.unique.saturating_sub(1)) as f64 / s,
+            );
         }
-        f.insert("wait_first_s".into(), first.duration_since(t0).as_secs_f64());
+        f.insert(
+            "wait_first_s".into(),
+            first.duration_since(t0).as_secs_f64(),
+        );
     }
     if let Some(r) = rss_max {
         f.insert("rss_max_mib".into(), r as f64 / 1024.0);
@@ -759,7 +830,9 @@ pub struct IdleArgs {
 pub async fn idle(a: IdleArgs) -> Result<Record> {
     let before = a.pid.and_then(proc_mem);
     let t0 = Instant::now();
-    let ids = (0..a.clients).map(|i| format!("{}-{i}", a.client_prefix)).collect();
+    let ids = (0..a.clients)
+        .map(|i| format!("{}-{i}", a.client_prefix))
+        .collect();
     let conns = connect_many(a.addr, ids, true, a.connect_concurrency).await?;
     let connect_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
@@ -773,7 +846,10 @@ pub async fn idle(a: IdleArgs) -> Result<Record> {
         f.insert("rss_before_mib".into(), b.0 as f64 / 1024.0);
         f.insert("rss_after_mib".into(), c.0 as f64 / 1024.0);
         f.insert("hwm_mib".into(), c.1 as f64 / 1024.0);
-        f.insert("kib_per_conn".into(), (c.0 as f64 - b.0 as f64) / conns.len() as f64);
+        f.insert(
+            "kib_per_conn".into(),
+            (c.0 as f64 - b.0 as f64) / conns.len() as f64,
+        );
     }
     drop(conns);
     Ok(rec)

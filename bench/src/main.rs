@@ -12,7 +12,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "wsbench", about = "MQTT 3.1.1 load tool: throughput, latency, loss, duplicates and broker memory")]
+#[command(
+    name = "wsbench",
+    about = "MQTT 3.1.1 load tool: throughput, latency, loss, duplicates and broker memory"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +69,8 @@ fn main() -> Result<()> {
         Command::Table(a) => report::table(a),
         Command::Rumqttd { port, host } => run_rumqttd(SocketAddr::new(host, port)),
         Command::Mem { pid } => {
-            let (rss, hwm) = load::proc_mem(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/status"))?;
+            let (rss, hwm) =
+                load::proc_mem(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/status"))?;
             println!("{rss} {hwm}");
             Ok(())
         }
@@ -74,7 +78,9 @@ fn main() -> Result<()> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// rumqttd as configured in its own rumqttd.toml (v4 listener, 100 in flight, 100 MiB x 10
@@ -89,7 +95,13 @@ fn run_rumqttd(listen: SocketAddr) -> Result<()> {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = rumqttd::ServerSettings { name: "v4-1".into(), listen, tls: None, next_connection_delay_ms: 0, connections };
+    let server = rumqttd::ServerSettings {
+        name: "v4-1".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections,
+    };
     let mut v4 = HashMap::new();
     v4.insert("1".to_string(), server);
     let config = rumqttd::Config {
@@ -106,6 +118,8 @@ fn run_rumqttd(listen: SocketAddr) -> Result<()> {
     };
     let mut broker = rumqttd::Broker::new(config);
     eprintln!("rumqttd listening on {listen}");
-    broker.start().map_err(|e| anyhow::anyhow!("rumqttd: {e:?}"))?;
+    broker
+        .start()
+        .map_err(|e| anyhow::anyhow!("rumqttd: {e:?}"))?;
     Ok(())
 }

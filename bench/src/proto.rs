@@ -28,11 +28,22 @@ pub fn qos_from(n: u8) -> Result<QoS> {
 
 /// Wall-clock nanoseconds: publisher and subscriber may be separate processes.
 pub fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// Appends one PUBLISH packet carrying (publisher, seq, now) in the first 16 payload bytes.
-pub fn encode_publish(buf: &mut BytesMut, topic: &str, qos: u8, pkid: u16, publisher: u32, seq: u32, payload_len: usize) {
+pub fn encode_publish(
+    buf: &mut BytesMut,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    publisher: u32,
+    seq: u32,
+    payload_len: usize,
+) {
     let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload_len;
     buf.reserve(remaining + 5);
     buf.put_u8(0x30 | (qos << 1));
@@ -88,16 +99,29 @@ pub struct Conn {
 }
 
 /// TCP connect + CONNECT + CONNACK (accepted), with a deadline.
-pub async fn connect(addr: SocketAddr, client_id: &str, clean: bool, keep_alive: u16, timeout: Duration) -> Result<Conn> {
+pub async fn connect(
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    timeout: Duration,
+) -> Result<Conn> {
     let fut = async {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         let mut connect = Connect::new(client_id);
         connect.clean_session = clean;
         connect.keep_alive = keep_alive;
         let mut out = BytesMut::new();
-        connect.write(&mut out).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let mut conn = Conn { stream, leftover: BytesMut::with_capacity(4096) };
+        connect
+            .write(&mut out)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let mut conn = Conn {
+            stream,
+            leftover: BytesMut::with_capacity(4096),
+        };
         conn.stream.write_all(&out).await?;
         loop {
             match Packet::read(&mut conn.leftover, MAX_PACKET) {
@@ -116,7 +140,9 @@ pub async fn connect(addr: SocketAddr, client_id: &str, clean: bool, keep_alive:
             }
         }
     };
-    tokio::time::timeout(timeout, fut).await.context("CONNACK timeout")?
+    tokio::time::timeout(timeout, fut)
+        .await
+        .context("CONNACK timeout")?
 }
 
 /// Sends SUBSCRIBE (packet id 1); the SUBACK is consumed by the caller's read loop.

@@ -21,7 +21,13 @@ pub struct Record {
 
 impl Record {
     pub fn new(l: &Labels) -> Self {
-        Record { scenario: l.scenario.clone(), broker: l.broker.clone(), round: l.round, values: BTreeMap::new(), errors: Vec::new() }
+        Record {
+            scenario: l.scenario.clone(),
+            broker: l.broker.clone(),
+            round: l.round,
+            values: BTreeMap::new(),
+            errors: Vec::new(),
+        }
     }
 
     /// Prints a one-line summary on stderr and appends the JSON line to `out`.
@@ -37,7 +43,11 @@ impl Record {
         let json = serde_json::to_string(self)?;
         println!("{json}");
         if let Some(path) = out {
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open {}", path.display()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("open {}", path.display()))?;
             writeln!(f, "{json}")?;
         }
         Ok(())
@@ -55,7 +65,10 @@ pub struct RecordArgs {
 
 fn parse_kv(s: &str) -> Result<(String, f64), String> {
     let (k, v) = s.split_once('=').ok_or("expected key=value")?;
-    Ok((k.to_string(), v.trim().parse::<f64>().map_err(|e| format!("{v}: {e}"))?))
+    Ok((
+        k.to_string(),
+        v.trim().parse::<f64>().map_err(|e| format!("{v}: {e}"))?,
+    ))
 }
 
 pub fn record(a: RecordArgs) -> Result<()> {
@@ -117,8 +130,14 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn table(a: TableArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.input).with_context(|| format!("read {}", a.input.display()))?;
-    let recs: Vec<Record> = text.lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).filter(|r: &Record| r.scenario == a.scenario).collect();
+    let text =
+        std::fs::read_to_string(&a.input).with_context(|| format!("read {}", a.input.display()))?;
+    let recs: Vec<Record> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &Record| r.scenario == a.scenario)
+        .collect();
     let mut brokers: Vec<String> = Vec::new();
     for r in &recs {
         if !brokers.contains(&r.broker) {
@@ -138,7 +157,11 @@ pub fn table(a: TableArgs) -> Result<()> {
         })
         .collect();
     let stat = |broker: &str, key: &str, agg: &str| -> Option<(f64, f64, f64, usize)> {
-        let mut v: Vec<f64> = recs.iter().filter(|r| r.broker == broker).filter_map(|r| r.values.get(key).copied()).collect();
+        let mut v: Vec<f64> = recs
+            .iter()
+            .filter(|r| r.broker == broker)
+            .filter_map(|r| r.values.get(key).copied())
+            .collect();
         if v.is_empty() {
             return None;
         }
@@ -174,7 +197,11 @@ pub fn table(a: TableArgs) -> Result<()> {
             match stat(b, key, agg) {
                 None => row.push_str(" - | - |"),
                 Some((m, lo, hi, n)) => {
-                    let cell = if n > 1 && agg == "median" { format!("{} ({}-{})", fmt_num(m), fmt_num(lo), fmt_num(hi)) } else { fmt_num(m) };
+                    let cell = if n > 1 && agg == "median" {
+                        format!("{} ({}-{})", fmt_num(m), fmt_num(lo), fmt_num(hi))
+                    } else {
+                        fmt_num(m)
+                    };
                     let ratio = match stat(&a.baseline, key, agg) {
                         Some((base, ..)) if base != 0.0 => format!("{:.2}x", m / base),
                         _ => "-".into(),
@@ -187,12 +214,20 @@ pub fn table(a: TableArgs) -> Result<()> {
     }
     let errors: Vec<&Record> = recs.iter().filter(|r| !r.errors.is_empty()).collect();
     for r in errors {
-        println!("\n- {} round {}: {}", r.broker, r.round, r.errors.join("; "));
+        println!(
+            "\n- {} round {}: {}",
+            r.broker,
+            r.round,
+            r.errors.join("; ")
+        );
     }
     println!();
     Ok(())
 }
 
 fn brokers_order(b: &str) -> usize {
-    ["waystation", "mosquitto", "rumqttd"].iter().position(|x| b.starts_with(x)).unwrap_or(9)
+    ["waystation", "mosquitto", "rumqttd"]
+        .iter()
+        .position(|x| b.starts_with(x))
+        .unwrap_or(9)
 }

@@ -12,7 +12,11 @@ use rumqttc::mqttbytes::QoS;
 const MAX: usize = 64 * 1024;
 
 fn publish(payload: usize, qos: QoS) -> Publish {
-    let mut p = Publish::from_bytes("sensors/site1/dev-0042/temp", qos, Bytes::from(vec![0x5a; payload]));
+    let mut p = Publish::from_bytes(
+        "sensors/site1/dev-0042/temp",
+        qos,
+        Bytes::from(vec![0x5a; payload]),
+    );
     if qos != QoS::AtMostOnce {
         p.pkid = 4242;
     }
@@ -21,7 +25,11 @@ fn publish(payload: usize, qos: QoS) -> Publish {
 
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("v4_decode");
-    for (name, qos, size) in [("publish_qos1", QoS::AtLeastOnce, 64), ("publish_qos0", QoS::AtMostOnce, 64), ("publish_qos1", QoS::AtLeastOnce, 1024)] {
+    for (name, qos, size) in [
+        ("publish_qos1", QoS::AtLeastOnce, 64),
+        ("publish_qos0", QoS::AtMostOnce, 64),
+        ("publish_qos1", QoS::AtLeastOnce, 1024),
+    ] {
         let mut wire = BytesMut::new();
         publish(size, qos).write(&mut wire).expect("encode");
         let wire = wire.freeze();
@@ -46,7 +54,9 @@ fn decode(c: &mut Criterion) {
     // decoded until empty as the connection reader does.
     let mut wire = BytesMut::new();
     for _ in 0..100 {
-        publish(64, QoS::AtLeastOnce).write(&mut wire).expect("encode");
+        publish(64, QoS::AtLeastOnce)
+            .write(&mut wire)
+            .expect("encode");
     }
     let wire = wire.freeze();
     group.throughput(Throughput::Elements(100));
@@ -67,7 +77,10 @@ fn decode(c: &mut Criterion) {
 
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("v4_encode");
-    for (name, qos, size) in [("publish_qos1", QoS::AtLeastOnce, 64), ("publish_qos1", QoS::AtLeastOnce, 1024)] {
+    for (name, qos, size) in [
+        ("publish_qos1", QoS::AtLeastOnce, 64),
+        ("publish_qos1", QoS::AtLeastOnce, 1024),
+    ] {
         let p = publish(size, qos);
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::new(name, size), &p, |b, p| {
@@ -86,7 +99,9 @@ fn encode(c: &mut Criterion) {
             if buf.len() > 60 * 1024 {
                 buf.clear();
             }
-            PubAck::new(std::hint::black_box(4242)).write(&mut buf).expect("encode")
+            PubAck::new(std::hint::black_box(4242))
+                .write(&mut buf)
+                .expect("encode")
         })
     });
     group.finish();

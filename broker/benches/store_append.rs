@@ -16,19 +16,29 @@ fn append_batches(c: &mut Criterion) {
     let (store, _) = Store::open(StoreConfig::new(dir.path().join("store"))).expect("open store");
     let record = Bytes::from(vec![0x5a; 100]);
     let mut group = c.benchmark_group("store_append");
-    group.sample_size(20).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
     for batch in [64usize, 256] {
         group.throughput(Throughput::Elements(batch as u64));
-        group.bench_with_input(BenchmarkId::new("records_100B_commit", batch), &batch, |b, &batch| {
-            b.iter(|| {
-                let ops = (0..batch).map(|_| Op::Append(record.clone())).collect();
-                let (ticket, seqs) = store.submit(ops).expect("submit");
-                store.wait_durable(ticket, Duration::from_secs(30)).expect("durable");
-                // Keep the log from growing without bound across iterations.
-                let last = *seqs.last().expect("appended");
-                store.submit(vec![Op::DeleteLogThrough(last)]).expect("submit delete");
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("records_100B_commit", batch),
+            &batch,
+            |b, &batch| {
+                b.iter(|| {
+                    let ops = (0..batch).map(|_| Op::Append(record.clone())).collect();
+                    let (ticket, seqs) = store.submit(ops).expect("submit");
+                    store
+                        .wait_durable(ticket, Duration::from_secs(30))
+                        .expect("durable");
+                    // Keep the log from growing without bound across iterations.
+                    let last = *seqs.last().expect("appended");
+                    store
+                        .submit(vec![Op::DeleteLogThrough(last)])
+                        .expect("submit delete");
+                })
+            },
+        );
     }
     group.finish();
     store.shutdown().expect("shutdown");
@@ -44,7 +54,9 @@ fn pipelined_publishers(c: &mut Criterion) {
     let (store, _) = Store::open(StoreConfig::new(dir.path().join("store"))).expect("open store");
     let record = Bytes::from(vec![0x5a; 100]);
     let mut group = c.benchmark_group("store_ingest");
-    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements((PUBLISHERS * PER_PUBLISHER) as u64));
     group.bench_function("8_publishers_window_32_100B", |b| {
         b.iter(|| {
@@ -55,25 +67,38 @@ fn pipelined_publishers(c: &mut Criterion) {
                         for _ in 0..PER_PUBLISHER {
                             if pending.len() == WINDOW {
                                 let t = pending.pop_front().expect("window");
-                                store.wait_durable(t, Duration::from_secs(30)).expect("durable");
+                                store
+                                    .wait_durable(t, Duration::from_secs(30))
+                                    .expect("durable");
                             }
-                            let (t, _) = store.submit(vec![Op::Append(record.clone())]).expect("submit");
+                            let (t, _) = store
+                                .submit(vec![Op::Append(record.clone())])
+                                .expect("submit");
                             pending.push_back(t);
                         }
                         if let Some(t) = pending.pop_back() {
-                            store.wait_durable(t, Duration::from_secs(30)).expect("durable");
+                            store
+                                .wait_durable(t, Duration::from_secs(30))
+                                .expect("durable");
                         }
                     });
                 }
             });
             let last = store.log_stats().last_seq.expect("appended");
-            let (t, _) = store.submit(vec![Op::DeleteLogThrough(last)]).expect("delete");
-            store.wait_durable(t, Duration::from_secs(30)).expect("durable");
+            let (t, _) = store
+                .submit(vec![Op::DeleteLogThrough(last)])
+                .expect("delete");
+            store
+                .wait_durable(t, Duration::from_secs(30))
+                .expect("durable");
         })
     });
     group.finish();
     let d = store.durability().borrow().clone();
-    eprintln!("ingest: {} commits in total, last batch {} ops", d.commits, d.last_batch_ops);
+    eprintln!(
+        "ingest: {} commits in total, last batch {} ops",
+        d.commits, d.last_batch_ops
+    );
     store.shutdown().expect("shutdown");
 }
 

@@ -14,15 +14,28 @@ use waystation_broker::topic::{ClientKey, SubscriptionTable};
 
 fn table_10k() -> SubscriptionTable {
     let mut t = SubscriptionTable::default();
-    let metrics = ["temp", "hum", "co2", "pm25", "volt", "rssi", "door", "motion", "lux"];
+    let metrics = [
+        "temp", "hum", "co2", "pm25", "volt", "rssi", "door", "motion", "lux",
+    ];
     let mut n = 0usize;
     let mut add = |t: &mut SubscriptionTable, filter: String| {
         let client: ClientKey = Arc::from(format!("client-{n}"));
-        t.insert(&filter, client, if n % 2 == 0 { QoS::AtLeastOnce } else { QoS::AtMostOnce });
+        t.insert(
+            &filter,
+            client,
+            if n % 2 == 0 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            },
+        );
         n += 1;
     };
     for i in 0..9_000 {
-        add(&mut t, format!("site/{}/dev/{}/{}", i % 10, i / 9, metrics[i % 9]));
+        add(
+            &mut t,
+            format!("site/{}/dev/{}/{}", i % 10, i / 9, metrics[i % 9]),
+        );
     }
     for i in 0..900 {
         add(&mut t, format!("site/{}/+/{}/temp", i % 10, i));
@@ -30,7 +43,18 @@ fn table_10k() -> SubscriptionTable {
     for i in 0..90 {
         add(&mut t, format!("site/{}/dev/{}/#", i % 10, i * 7));
     }
-    for f in ["#", "site/#", "sensors/#", "site/+/dev/+/temp", "+/+/+/+/+", "site/3/#", "alerts/#", "site/+/dev/7/+", "$SYS/#", "+/1/#"] {
+    for f in [
+        "#",
+        "site/#",
+        "sensors/#",
+        "site/+/dev/+/temp",
+        "+/+/+/+/+",
+        "site/3/#",
+        "alerts/#",
+        "site/+/dev/7/+",
+        "$SYS/#",
+        "+/1/#",
+    ] {
         add(&mut t, f.to_string());
     }
     assert_eq!(t.len(), 10_000);
@@ -52,13 +76,17 @@ fn matching(c: &mut Criterion) {
     for (topic, _what) in topics {
         let mut found = 0usize;
         table.for_each_match(topic, |_, _| found += 1);
-        group.bench_with_input(BenchmarkId::new(format!("{found}_matches"), topic), topic, |b, topic| {
-            b.iter(|| {
-                let mut n = 0usize;
-                table.for_each_match(std::hint::black_box(topic), |_, q| n += q as usize + 1);
-                n
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new(format!("{found}_matches"), topic),
+            topic,
+            |b, topic| {
+                b.iter(|| {
+                    let mut n = 0usize;
+                    table.for_each_match(std::hint::black_box(topic), |_, q| n += q as usize + 1);
+                    n
+                })
+            },
+        );
     }
     group.finish();
 

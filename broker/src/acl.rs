@@ -68,9 +68,16 @@ pub struct Acl {
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
     #[error("cannot read ACL file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("ACL file {path}, line {line}: {message}")]
-    Line { path: PathBuf, line: usize, message: String },
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 /// The rules that apply to one connected client, patterns already substituted.
@@ -81,8 +88,15 @@ pub struct ClientAcl {
 
 impl Acl {
     pub fn load(path: &Path) -> Result<Acl, AclError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AclError::Read { path: path.to_owned(), source })?;
-        Acl::parse(&text).map_err(|(line, message)| AclError::Line { path: path.to_owned(), line, message })
+        let text = std::fs::read_to_string(path).map_err(|source| AclError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Acl::parse(&text).map_err(|(line, message)| AclError::Line {
+            path: path.to_owned(),
+            line,
+            message,
+        })
     }
 
     /// Parses ACL text; the error is (line number, reason).
@@ -95,7 +109,9 @@ impl Acl {
                 continue;
             }
             let err = |m: String| (i + 1, m);
-            let (keyword, rest) = line.split_once(char::is_whitespace).map_or((line, ""), |(k, r)| (k, r.trim()));
+            let (keyword, rest) = line
+                .split_once(char::is_whitespace)
+                .map_or((line, ""), |(k, r)| (k, r.trim()));
             match keyword {
                 "user" => {
                     if rest.is_empty() {
@@ -105,19 +121,31 @@ impl Acl {
                     user = Some(rest.to_string());
                 }
                 "topic" | "pattern" => {
-                    let (access, filter) = match rest.split_once(char::is_whitespace).and_then(|(w, f)| Some((parse_access(w)?, f.trim()))) {
+                    let (access, filter) = match rest
+                        .split_once(char::is_whitespace)
+                        .and_then(|(w, f)| Some((parse_access(w)?, f.trim())))
+                    {
                         Some(pair) => pair,
-                        None if parse_access(rest).is_some() => return Err(err(format!("`{keyword}` needs a topic filter"))),
+                        None if parse_access(rest).is_some() => {
+                            return Err(err(format!("`{keyword}` needs a topic filter")))
+                        }
                         None => (Access::ReadWrite, rest),
                     };
                     if filter.is_empty() {
                         return Err(err(format!("`{keyword}` needs a topic filter")));
                     }
-                    let check = if keyword == "pattern" { filter.replace("%c", "x").replace("%u", "x") } else { filter.to_string() };
+                    let check = if keyword == "pattern" {
+                        filter.replace("%c", "x").replace("%u", "x")
+                    } else {
+                        filter.to_string()
+                    };
                     if !valid_filter(&check) {
                         return Err(err(format!("{filter:?} is not a valid topic filter")));
                     }
-                    let rule = Rule { access, filter: filter.to_string() };
+                    let rule = Rule {
+                        access,
+                        filter: filter.to_string(),
+                    };
                     if keyword == "pattern" {
                         acl.patterns.push(rule);
                     } else {
@@ -127,7 +155,11 @@ impl Acl {
                         }
                     }
                 }
-                other => return Err(err(format!("unknown keyword {other:?} (expected user, topic or pattern)"))),
+                other => {
+                    return Err(err(format!(
+                        "unknown keyword {other:?} (expected user, topic or pattern)"
+                    )))
+                }
             }
         }
         Ok(acl)
@@ -157,7 +189,10 @@ impl Acl {
                 // A deny that no longer parses as a filter: deny everything rather than nothing.
                 filter = "#".into();
             }
-            rules.push(Rule { access: p.access, filter });
+            rules.push(Rule {
+                access: p.access,
+                filter,
+            });
         }
         ClientAcl { rules }
     }
@@ -291,8 +326,14 @@ pattern read commands/%u/#
         let alice = acl.for_client("a1", Some("alice"));
         assert!(alice.may_publish("alice/x") && alice.may_read("alice/x/y"));
         assert!(!alice.may_publish("alice/secret/k") && !alice.may_read("alice/secret/k"));
-        assert!(alice.may_publish("factory/line 1/status"), "no access word: readwrite, spaces kept");
-        assert!(!alice.may_read("public/x"), "anonymous rules are not alice's");
+        assert!(
+            alice.may_publish("factory/line 1/status"),
+            "no access word: readwrite, spaces kept"
+        );
+        assert!(
+            !alice.may_read("public/x"),
+            "anonymous rules are not alice's"
+        );
         assert!(!alice.may_publish("bob/out"));
         let bob = acl.for_client("b1", Some("bob"));
         assert!(bob.may_publish("bob/out") && !bob.may_read("bob/out"));
@@ -307,7 +348,10 @@ pattern read commands/%u/#
         let acl = Acl::parse(FILE).unwrap();
         let alice = acl.for_client("a1", Some("alice"));
         assert!(alice.may_subscribe("alice/#"));
-        assert!(alice.may_subscribe("#"), "intersects alice/#; deliveries are checked per topic");
+        assert!(
+            alice.may_subscribe("#"),
+            "intersects alice/#; deliveries are checked per topic"
+        );
         assert!(alice.may_subscribe("+/x"));
         assert!(!alice.may_subscribe("alice/secret/#"));
         assert!(!alice.may_subscribe("alice/secret/+/z"));
@@ -319,11 +363,17 @@ pattern read commands/%u/#
 
     #[test]
     fn unsafe_ids_get_no_pattern_grants() {
-        let acl = Acl::parse("pattern write sensors/%c/#\npattern deny private/%c/#\ntopic read private/#\n").unwrap();
+        let acl = Acl::parse(
+            "pattern write sensors/%c/#\npattern deny private/%c/#\ntopic read private/#\n",
+        )
+        .unwrap();
         for id in ["a/b", "+", "#", "x+y"] {
             let c = acl.for_client(id, None);
             assert!(!c.may_publish("sensors/a/b/t"), "{id}");
-            assert!(!c.may_publish(&format!("sensors/{id}/t").replace(['+', '#'], "q")), "{id}");
+            assert!(
+                !c.may_publish(&format!("sensors/{id}/t").replace(['+', '#'], "q")),
+                "{id}"
+            );
         }
         // The deny pattern still applies (here as deny-all since "private/#/#" is not a filter).
         assert!(!acl.for_client("#", None).may_read("private/z"));

@@ -40,14 +40,24 @@ const MAX_ITERATIONS: u32 = 10_000_000;
 
 #[derive(Clone)]
 enum Hash {
-    Pbkdf2Sha512 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
-    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    Pbkdf2Sha512 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    Sha512 {
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
 }
 
 impl Hash {
     fn parse(text: &str) -> Result<Hash, String> {
         let parts: Vec<&str> = text.split('$').collect();
-        let b64 = |s: &str, what: &str| B64.decode(s).map_err(|e| format!("{what} is not valid base64: {e}"));
+        let b64 = |s: &str, what: &str| {
+            B64.decode(s)
+                .map_err(|e| format!("{what} is not valid base64: {e}"))
+        };
         match parts.as_slice() {
             ["", "7", iterations, salt, hash] => {
                 let iterations: u32 = iterations.parse().map_err(|_| format!("iteration count {iterations:?} is not a number"))?;
@@ -74,7 +84,9 @@ impl Hash {
 
     fn compute(&self, password: &[u8]) -> Vec<u8> {
         match self {
-            Hash::Pbkdf2Sha512 { iterations, salt, .. } => {
+            Hash::Pbkdf2Sha512 {
+                iterations, salt, ..
+            } => {
                 let mut out = vec![0u8; 64];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
                 out
@@ -103,9 +115,16 @@ impl Hash {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthFileError {
     #[error("cannot read password file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("password file {path}, line {line}: {message}")]
-    Line { path: PathBuf, line: usize, message: String },
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 /// The users of a password file. Cheap to share (`Arc`); never holds a password.
@@ -118,14 +137,23 @@ pub struct PasswordFile {
 
 impl std::fmt::Debug for PasswordFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PasswordFile").field("users", &self.users.len()).finish()
+        f.debug_struct("PasswordFile")
+            .field("users", &self.users.len())
+            .finish()
     }
 }
 
 impl PasswordFile {
     pub fn load(path: &Path) -> Result<PasswordFile, AuthFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| AuthFileError::Read { path: path.to_owned(), source })?;
-        PasswordFile::parse(&text).map_err(|(line, message)| AuthFileError::Line { path: path.to_owned(), line, message })
+        let text = std::fs::read_to_string(path).map_err(|source| AuthFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        PasswordFile::parse(&text).map_err(|(line, message)| AuthFileError::Line {
+            path: path.to_owned(),
+            line,
+            message,
+        })
     }
 
     /// Parses file text; the error is (line number, reason).
@@ -143,7 +171,8 @@ impl PasswordFile {
             if user.is_empty() {
                 return Err((i + 1, "empty user name".into()));
             }
-            let hash = Hash::parse(hash.trim()).map_err(|m| (i + 1, format!("user {user:?}: {m}")))?;
+            let hash =
+                Hash::parse(hash.trim()).map_err(|m| (i + 1, format!("user {user:?}: {m}")))?;
             if let Hash::Pbkdf2Sha512 { iterations: n, .. } = &hash {
                 iterations = *n;
             }
@@ -151,7 +180,11 @@ impl PasswordFile {
                 return Err((i + 1, format!("user {user:?} appears twice")));
             }
         }
-        let dummy = Hash::Pbkdf2Sha512 { iterations, salt: vec![0; 12], hash: vec![0; 64] };
+        let dummy = Hash::Pbkdf2Sha512 {
+            iterations,
+            salt: vec![0; 12],
+            hash: vec![0; 64],
+        };
         Ok(PasswordFile { users, dummy })
     }
 
@@ -178,19 +211,36 @@ impl PasswordFile {
 /// A new `$7$` hash (PBKDF2-HMAC-SHA512, 12 random salt bytes) in Mosquitto's format.
 pub fn hash_password(password: &[u8], iterations: u32) -> std::io::Result<String> {
     let mut salt = [0u8; 12];
-    getrandom::getrandom(&mut salt).map_err(|e| std::io::Error::other(format!("no random numbers: {e}")))?;
-    let hash = Hash::Pbkdf2Sha512 { iterations, salt: salt.to_vec(), hash: Vec::new() };
+    getrandom::getrandom(&mut salt)
+        .map_err(|e| std::io::Error::other(format!("no random numbers: {e}")))?;
+    let hash = Hash::Pbkdf2Sha512 {
+        iterations,
+        salt: salt.to_vec(),
+        hash: Vec::new(),
+    };
     let digest = hash.compute(password);
-    Ok(format!("$7${iterations}${}${}", B64.encode(salt), B64.encode(digest)))
+    Ok(format!(
+        "$7${iterations}${}${}",
+        B64.encode(salt),
+        B64.encode(digest)
+    ))
 }
 
 /// Adds or replaces `user` (`Some(password)`) or removes it (`None`) in the password file
 /// at `path`, keeping every other line as it was. Written to a temporary file in the same
 /// directory (mode 0600) and renamed over the old one, so a crash leaves either file whole.
 /// Returns false when removing a user that is not there.
-pub fn update_password_file(path: &Path, user: &str, password: Option<&[u8]>, iterations: u32) -> std::io::Result<bool> {
+pub fn update_password_file(
+    path: &Path,
+    user: &str,
+    password: Option<&[u8]>,
+    iterations: u32,
+) -> std::io::Result<bool> {
     if user.is_empty() || user.contains(':') || user.contains('\n') {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a user name must be non-empty and contain no ':' or newline"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "a user name must be non-empty and contain no ':' or newline",
+        ));
     }
     let old = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -201,7 +251,8 @@ pub fn update_password_file(path: &Path, user: &str, password: Option<&[u8]>, it
     let mut out = String::new();
     let mut found = false;
     for line in old.lines() {
-        let is_user = !line.starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u == user);
+        let is_user =
+            !line.starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u == user);
         if is_user {
             found = true;
             if let Some(entry) = &new_entry {
@@ -224,11 +275,24 @@ pub fn update_password_file(path: &Path, user: &str, password: Option<&[u8]>, it
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -259,7 +323,11 @@ pub struct Security {
 
 impl Default for Security {
     fn default() -> Self {
-        Security { passwords: None, allow_anonymous: true, acl: None }
+        Security {
+            passwords: None,
+            allow_anonymous: true,
+            acl: None,
+        }
     }
 }
 
@@ -299,7 +367,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(security: Security) -> Authenticator {
-        Authenticator { security, slots: Semaphore::new(VERIFY_SLOTS) }
+        Authenticator {
+            security,
+            slots: Semaphore::new(VERIFY_SLOTS),
+        }
     }
 
     /// Checks a CONNECT's credentials. The password check runs on the blocking pool, at
@@ -307,11 +378,19 @@ impl Authenticator {
     /// A missing password is checked as an empty one (MQTT 3.1.1 allows a user name alone).
     pub async fn check(&self, username: Option<&str>, password: &[u8]) -> Result<(), Refusal> {
         let Some(user) = username else {
-            return if self.security.allow_anonymous { Ok(()) } else { Err(Refusal::AnonymousNotAllowed) };
+            return if self.security.allow_anonymous {
+                Ok(())
+            } else {
+                Err(Refusal::AnonymousNotAllowed)
+            };
         };
         let Some(passwords) = &self.security.passwords else {
             // No password file: user names are not verified (Mosquitto does the same).
-            return if self.security.allow_anonymous { Ok(()) } else { Err(Refusal::BadCredentials) };
+            return if self.security.allow_anonymous {
+                Ok(())
+            } else {
+                Err(Refusal::BadCredentials)
+            };
         };
         let Ok(_slot) = self.slots.acquire().await else {
             return Err(Refusal::BadCredentials);
@@ -325,7 +404,10 @@ impl Authenticator {
 
     /// The ACL rules that apply to this client; `None` when no ACL is configured.
     pub fn client_acl(&self, client_id: &str, username: Option<&str>) -> Option<Arc<ClientAcl>> {
-        self.security.acl.as_ref().map(|acl| Arc::new(acl.for_client(client_id, username)))
+        self.security
+            .acl
+            .as_ref()
+            .map(|acl| Arc::new(acl.for_client(client_id, username)))
     }
 }
 
@@ -369,7 +451,10 @@ mod tests {
 
     #[test]
     fn bad_lines_are_named() {
-        assert_eq!(PasswordFile::parse("a:$7$101$AAAA$AAAA\n").unwrap_err().0, 1);
+        assert_eq!(
+            PasswordFile::parse("a:$7$101$AAAA$AAAA\n").unwrap_err().0,
+            1
+        );
         let (line, msg) = PasswordFile::parse("# x\nbob:plain\n").unwrap_err();
         assert_eq!(line, 2);
         assert!(msg.contains("plain-text"), "{msg}");
@@ -386,13 +471,20 @@ mod tests {
         assert!(update_password_file(&path, "bob", Some(b"b1"), 100).unwrap());
         assert!(update_password_file(&path, "bob", Some(b"b2"), 100).unwrap());
         let file = PasswordFile::load(&path).unwrap();
-        assert!(file.verify("bob", b"b2") && !file.verify("bob", b"b1") && file.verify("alice", b"secret"));
+        assert!(
+            file.verify("bob", b"b2")
+                && !file.verify("bob", b"b1")
+                && file.verify("alice", b"secret")
+        );
         assert!(update_password_file(&path, "alice", None, 100).unwrap());
         assert!(!update_password_file(&path, "alice", None, 100).unwrap());
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("# site users\nbob:$7$100$"), "{text}");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(update_password_file(&path, "a:b", Some(b"x"), 100).is_err());
     }
 }

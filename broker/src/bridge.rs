@@ -152,7 +152,9 @@ pub struct BridgeTls {
 }
 
 /// `tls = true | false | { ... }`.
-fn deserialize_bridge_tls<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<BridgeTls>, D::Error> {
+fn deserialize_bridge_tls<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<BridgeTls>, D::Error> {
     struct Visitor;
     impl<'de> serde::de::Visitor<'de> for Visitor {
         type Value = Option<BridgeTls>;
@@ -180,7 +182,10 @@ pub struct ReconnectConfig {
 
 impl Default for ReconnectConfig {
     fn default() -> Self {
-        ReconnectConfig { initial_ms: 500, max_ms: 30_000 }
+        ReconnectConfig {
+            initial_ms: 500,
+            max_ms: 30_000,
+        }
     }
 }
 
@@ -212,16 +217,25 @@ impl BridgeConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let key = |k: &str| format!("bridge[{}].{k}", self.name);
         if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
-            return Err(("bridge.name".into(), format!("{:?} must be non-empty without / + #", self.name)));
+            return Err((
+                "bridge.name".into(),
+                format!("{:?} must be non-empty without / + #", self.name),
+            ));
         }
         if split_host_port(&self.address).is_none() {
-            return Err((key("address"), format!("{:?} is not host:port", self.address)));
+            return Err((
+                key("address"),
+                format!("{:?} is not host:port", self.address),
+            ));
         }
         if self.max_inflight == 0 {
             return Err((key("max_inflight"), "must be at least 1".into()));
         }
         if self.max_rate == Some(0) {
-            return Err((key("max_rate"), "must be at least 1 (or unset for no limit)".into()));
+            return Err((
+                key("max_rate"),
+                "must be at least 1 (or unset for no limit)".into(),
+            ));
         }
         if self.keep_alive < 5 {
             return Err((key("keep_alive"), "must be at least 5 seconds".into()));
@@ -229,14 +243,33 @@ impl BridgeConfig {
         if self.reconnect.initial_ms == 0 || self.reconnect.max_ms < self.reconnect.initial_ms {
             return Err((key("reconnect"), "need 0 < initial_ms <= max_ms".into()));
         }
-        let sources = [self.password.is_some(), self.password_file.is_some(), self.password_env.is_some()];
+        let sources = [
+            self.password.is_some(),
+            self.password_file.is_some(),
+            self.password_env.is_some(),
+        ];
         if sources.iter().filter(|s| **s).count() > 1 {
-            return Err((key("password"), "set only one of password, password_file and password_env".into()));
+            return Err((
+                key("password"),
+                "set only one of password, password_file and password_env".into(),
+            ));
         }
         if sources.contains(&true) && self.username.is_none() {
-            return Err((key("username"), "a password needs a username (MQTT 3.1.1)".into()));
+            return Err((
+                key("username"),
+                "a password needs a username (MQTT 3.1.1)".into(),
+            ));
         }
-        self.password().map_err(|e| (key(if self.password_env.is_some() { "password_env" } else { "password_file" }), e))?;
+        self.password().map_err(|e| {
+            (
+                key(if self.password_env.is_some() {
+                    "password_env"
+                } else {
+                    "password_file"
+                }),
+                e,
+            )
+        })?;
         if let Some(tls) = &self.tls {
             if tls.cert.is_some() != tls.key.is_some() {
                 return Err((key("tls"), "cert and key go together".into()));
@@ -245,7 +278,10 @@ impl BridgeConfig {
         }
         for rule in &self.forward {
             if !valid_filter(&rule.local) {
-                return Err((key("forward.local"), format!("{:?} is not a valid topic filter", rule.local)));
+                return Err((
+                    key("forward.local"),
+                    format!("{:?} is not a valid topic filter", rule.local),
+                ));
             }
             if rule.qos > 1 {
                 return Err((key("forward.qos"), "must be 0 or 1".into()));
@@ -253,7 +289,10 @@ impl BridgeConfig {
         }
         for rule in &self.subscribe {
             if !valid_filter(&rule.remote) {
-                return Err((key("subscribe.remote"), format!("{:?} is not a valid topic filter", rule.remote)));
+                return Err((
+                    key("subscribe.remote"),
+                    format!("{:?} is not a valid topic filter", rule.remote),
+                ));
             }
             if rule.qos > 1 {
                 return Err((key("subscribe.qos"), "must be 0 or 1".into()));
@@ -266,32 +305,46 @@ impl BridgeConfig {
     /// `password_env`. Errors name the file or variable, never the value.
     pub fn password(&self) -> Result<Option<Secret>, String> {
         if let Some(path) = &self.password_file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let line = text.lines().next().unwrap_or("");
             if line.is_empty() {
-                return Err(format!("{} is empty: the password is its first line", path.display()));
+                return Err(format!(
+                    "{} is empty: the password is its first line",
+                    path.display()
+                ));
             }
             return Ok(Some(Secret::new(line)));
         }
         if let Some(name) = &self.password_env {
             return match std::env::var(name) {
                 Ok(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
-                _ => Err(format!("environment variable {name} is not set (or empty or not UTF-8)")),
+                _ => Err(format!(
+                    "environment variable {name} is not set (or empty or not UTF-8)"
+                )),
             };
         }
         Ok(self.password.clone())
     }
 
     /// The rustls client config for `tls`, reading its files (None: plain TCP).
-    pub fn tls_config(&self) -> Result<Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>, String> {
-        let Some(tls) = &self.tls else { return Ok(None) };
+    pub fn tls_config(
+        &self,
+    ) -> Result<Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>, String> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
         let client_auth = tls.cert.as_deref().zip(tls.key.as_deref());
-        crate::tls::client_config(tls.ca_file.as_deref(), client_auth).map(Some).map_err(|e| e.to_string())
+        crate::tls::client_config(tls.ca_file.as_deref(), client_auth)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// The forward rule for a local topic (the first that matches), if any.
     pub fn forward_rule(&self, topic: &str) -> Option<&ForwardRule> {
-        self.forward.iter().find(|r| filter_matches(&r.local, topic))
+        self.forward
+            .iter()
+            .find(|r| filter_matches(&r.local, topic))
     }
 }
 
@@ -337,7 +390,13 @@ const DELETE_INTERVAL: Duration = Duration::from_millis(500);
 impl Cursors {
     pub fn new(initial: Vec<Seq>) -> Arc<Cursors> {
         let deleted_through = initial.iter().copied().min().unwrap_or(0);
-        Arc::new(Cursors { state: Mutex::new(CursorState { positions: initial, deleted_through, last_delete: Instant::now() }) })
+        Arc::new(Cursors {
+            state: Mutex::new(CursorState {
+                positions: initial,
+                deleted_through,
+                last_delete: Instant::now(),
+            }),
+        })
     }
 
     /// Records bridge `index` at `cursor`; returns how far the log may now be deleted, when
@@ -347,7 +406,9 @@ impl Cursors {
         *state.positions.get_mut(index)? = cursor;
         let min = state.positions.iter().copied().min()?;
         let behind = min.saturating_sub(state.deleted_through);
-        if behind == 0 || !(force || behind >= DELETE_EVERY || state.last_delete.elapsed() >= DELETE_INTERVAL) {
+        if behind == 0
+            || !(force || behind >= DELETE_EVERY || state.last_delete.elapsed() >= DELETE_INTERVAL)
+        {
             return None;
         }
         state.deleted_through = min;
@@ -478,7 +539,8 @@ impl Bridge {
             // rumqttc sends the address's host as SNI and checks the certificate against it.
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
-        let (client, mut eventloop) = AsyncClient::new(options, usize::from(self.config.max_inflight) * 2 + 16);
+        let (client, mut eventloop) =
+            AsyncClient::new(options, usize::from(self.config.max_inflight) * 2 + 16);
         let ack_timeout = Duration::from_secs(self.config.ack_timeout);
         let max_inflight = usize::from(self.config.max_inflight);
         let mut durable = self.store.durability();
@@ -507,7 +569,10 @@ impl Bridge {
 
         loop {
             let durable_through = durable.borrow().durable_through;
-            while unconfirmed.front().is_some_and(|(ticket, _)| *ticket <= durable_through) {
+            while unconfirmed
+                .front()
+                .is_some_and(|(ticket, _)| *ticket <= durable_through)
+            {
                 if let Some((_, seq)) = unconfirmed.pop_front() {
                     durable_cursor = seq;
                 }
@@ -523,7 +588,10 @@ impl Bridge {
                 if budget > 0 {
                     if read_ahead.len() < budget {
                         let from = read_ahead.back().map_or(next_read, |(seq, _)| seq + 1);
-                        let more = self.store.read_log(from, READ_AHEAD.max(budget)).map_err(|e| format!("reading log: {e}"))?;
+                        let more = self
+                            .store
+                            .read_log(from, READ_AHEAD.max(budget))
+                            .map_err(|e| format!("reading log: {e}"))?;
                         read_ahead.extend(more);
                     }
                     let take = budget.min(read_ahead.len());
@@ -533,19 +601,39 @@ impl Bridge {
                             Ok(r) => r,
                             Err(e) => {
                                 warn!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
-                                sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now(), received_at_ms: 0 });
+                                sent.push_back(Sent {
+                                    seq,
+                                    pkid: None,
+                                    acked: true,
+                                    sent_at: Instant::now(),
+                                    received_at_ms: 0,
+                                });
                                 continue;
                             }
                         };
                         let from_here = record.origin == own_origin;
-                        let rule = if from_here { None } else { self.config.forward_rule(&record.topic) };
+                        let rule = if from_here {
+                            None
+                        } else {
+                            self.config.forward_rule(&record.topic)
+                        };
                         let Some(rule) = rule else {
                             // Not for this bridge (or its own command coming back): done for it.
-                            sent.push_back(Sent { seq, pkid: None, acked: true, sent_at: Instant::now(), received_at_ms: 0 });
+                            sent.push_back(Sent {
+                                seq,
+                                pkid: None,
+                                acked: true,
+                                sent_at: Instant::now(),
+                                received_at_ms: 0,
+                            });
                             continue;
                         };
                         let topic = format!("{}{}", rule.remote_prefix, record.topic);
-                        let qos = if rule.qos == 0 || record.qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
+                        let qos = if rule.qos == 0 || record.qos == 0 {
+                            rumqttc::QoS::AtMostOnce
+                        } else {
+                            rumqttc::QoS::AtLeastOnce
+                        };
                         client
                             .try_publish(topic, qos, record.retain, record.payload.to_vec())
                             .map_err(|e| format!("queueing publish: {e}"))?;
@@ -553,7 +641,13 @@ impl Bridge {
                             r.take();
                         }
                         awaiting_pkid.push_back(seq);
-                        sent.push_back(Sent { seq, pkid: None, acked: false, sent_at: Instant::now(), received_at_ms: record.received_at_ms });
+                        sent.push_back(Sent {
+                            seq,
+                            pkid: None,
+                            acked: false,
+                            sent_at: Instant::now(),
+                            received_at_ms: record.received_at_ms,
+                        });
                     }
                 }
             }
@@ -572,7 +666,10 @@ impl Bridge {
                     s.inflight = sent.len();
                 });
             }
-            if *cursor > persisted && (*cursor - persisted >= CURSOR_PERSIST_EVERY || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL) {
+            if *cursor > persisted
+                && (*cursor - persisted >= CURSOR_PERSIST_EVERY
+                    || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL)
+            {
                 if let Some(ticket) = self.persist_cursor(*cursor, false) {
                     unconfirmed.push_back((ticket, *cursor));
                 }
@@ -586,13 +683,21 @@ impl Bridge {
                 }
             }
             if let Some(oldest) = sent.front() {
-                if !oldest.acked && oldest.pkid.is_some() && oldest.sent_at.elapsed() > ack_timeout {
-                    return Err(format!("upstream stalled: no acknowledgement for {}s", ack_timeout.as_secs()));
+                if !oldest.acked && oldest.pkid.is_some() && oldest.sent_at.elapsed() > ack_timeout
+                {
+                    return Err(format!(
+                        "upstream stalled: no acknowledgement for {}s",
+                        ack_timeout.as_secs()
+                    ));
                 }
             }
             // Entries that were not for this bridge were passed over without sending: read on
             // at once rather than after the next wake-up (a few rounds, then poll the link).
-            if advanced > 0 && sent.len() < max_inflight && skip_rounds < 8 && awaiting_pkid.is_empty() {
+            if advanced > 0
+                && sent.len() < max_inflight
+                && skip_rounds < 8
+                && awaiting_pkid.is_empty()
+            {
                 skip_rounds += 1;
                 continue;
             }
@@ -625,8 +730,14 @@ impl Bridge {
                             s.last_error = None;
                         });
                         for rule in &self.config.subscribe {
-                            let qos = if rule.qos == 0 { rumqttc::QoS::AtMostOnce } else { rumqttc::QoS::AtLeastOnce };
-                            client.try_subscribe(rule.remote.clone(), qos).map_err(|e| e.to_string())?;
+                            let qos = if rule.qos == 0 {
+                                rumqttc::QoS::AtMostOnce
+                            } else {
+                                rumqttc::QoS::AtLeastOnce
+                            };
+                            client
+                                .try_subscribe(rule.remote.clone(), qos)
+                                .map_err(|e| e.to_string())?;
                         }
                     }
                     Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -646,7 +757,8 @@ impl Bridge {
                         if let Some(seq) = by_pkid.remove(&ack.pkid) {
                             if let Some(entry) = sent.iter_mut().find(|s| s.seq == seq) {
                                 entry.acked = true;
-                                crate::stats::FORWARD_LATENCY_MS.observe(unix_ms().saturating_sub(entry.received_at_ms));
+                                crate::stats::FORWARD_LATENCY_MS
+                                    .observe(unix_ms().saturating_sub(entry.received_at_ms));
                             }
                             self.set_status(|s| s.forwarded += 1);
                         }
@@ -655,7 +767,11 @@ impl Bridge {
                         self.deliver_locally(&client, publish).await?;
                     }
                     Event::Incoming(Packet::SubAck(suback)) => {
-                        if suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                        if suback
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
                             warn!(bridge = %self.config.name, "upstream refused a subscription");
                         }
                     }
@@ -668,7 +784,11 @@ impl Bridge {
     /// Submits the cursor (and the deletion of entries every bridge is done with); returns
     /// the ticket that becomes durable with it.
     fn persist_cursor(&self, cursor: Seq, force_delete: bool) -> Option<crate::store::Ticket> {
-        let mut ops = vec![Op::Put { space: Keyspace::Meta, key: cursor_key(&self.config.name), value: cursor.to_be_bytes().to_vec() }];
+        let mut ops = vec![Op::Put {
+            space: Keyspace::Meta,
+            key: cursor_key(&self.config.name),
+            value: cursor.to_be_bytes().to_vec(),
+        }];
         if let Some(min) = self.cursors.advance(self.index, cursor, force_delete) {
             ops.push(Op::DeleteLogThrough(min));
         }
@@ -683,8 +803,17 @@ impl Bridge {
 
     /// A command from the cloud: publish it locally, and acknowledge it upstream once the
     /// router has accepted it (durably, where it had to be written).
-    async fn deliver_locally(&self, client: &AsyncClient, publish: rumqttc::Publish) -> Result<(), String> {
-        let Some(rule) = self.config.subscribe.iter().find(|r| filter_matches(&r.remote, &publish.topic)) else {
+    async fn deliver_locally(
+        &self,
+        client: &AsyncClient,
+        publish: rumqttc::Publish,
+    ) -> Result<(), String> {
+        let Some(rule) = self
+            .config
+            .subscribe
+            .iter()
+            .find(|r| filter_matches(&r.remote, &publish.topic))
+        else {
             let _ = client.try_ack(&publish);
             return Ok(());
         };
@@ -698,7 +827,11 @@ impl Bridge {
         let message = Message::new(topic, publish.payload.clone(), qos, publish.retain);
         let (accepted_tx, accepted_rx) = oneshot::channel();
         self.router
-            .send(RouterCmd::Inject { message, origin_bridge: Some(self.index), accepted: Some(accepted_tx) })
+            .send(RouterCmd::Inject {
+                message,
+                origin_bridge: Some(self.index),
+                accepted: Some(accepted_tx),
+            })
             .await
             .map_err(|_| "broker stopping".to_string())?;
         let client = client.clone();
@@ -712,7 +845,10 @@ impl Bridge {
 }
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Capped exponential back-off with +-25% jitter.
@@ -726,7 +862,12 @@ struct Backoff {
 impl Backoff {
     fn new(config: &ReconnectConfig) -> Backoff {
         let initial = Duration::from_millis(config.initial_ms);
-        Backoff { initial, max: Duration::from_millis(config.max_ms), current: initial, rng: unix_ms() | 1 }
+        Backoff {
+            initial,
+            max: Duration::from_millis(config.max_ms),
+            current: initial,
+            rng: unix_ms() | 1,
+        }
     }
 
     fn reset(&mut self) {
@@ -741,7 +882,11 @@ impl Backoff {
         let base = self.current;
         self.current = (self.current * 2).min(self.max);
         let quarter = base.as_millis() as u64 / 4;
-        let jitter = if quarter == 0 { 0 } else { self.rng % (2 * quarter + 1) };
+        let jitter = if quarter == 0 {
+            0
+        } else {
+            self.rng % (2 * quarter + 1)
+        };
         Duration::from_millis(base.as_millis() as u64 - quarter + jitter)
     }
 }
@@ -755,13 +900,18 @@ struct RateLimiter {
 
 impl RateLimiter {
     fn new(per_second: u32) -> RateLimiter {
-        RateLimiter { per_second: f64::from(per_second), tokens: 1.0, last: Instant::now() }
+        RateLimiter {
+            per_second: f64::from(per_second),
+            tokens: 1.0,
+            last: Instant::now(),
+        }
     }
 
     fn available(&mut self, want: usize) -> usize {
         let now = Instant::now();
         let capacity = (self.per_second / 10.0).max(1.0);
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second).min(capacity);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_second)
+            .min(capacity);
         self.last = now;
         want.min(self.tokens.floor() as usize)
     }
@@ -777,11 +927,17 @@ mod tests {
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
-        let mut b = Backoff::new(&ReconnectConfig { initial_ms: 100, max_ms: 1000 });
+        let mut b = Backoff::new(&ReconnectConfig {
+            initial_ms: 100,
+            max_ms: 1000,
+        });
         let waits: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
         assert!((75..=125).contains(&waits[0]), "{waits:?}");
         assert!((150..=250).contains(&waits[1]), "{waits:?}");
-        assert!(waits[5..].iter().all(|w| (750..=1250).contains(w)), "{waits:?}");
+        assert!(
+            waits[5..].iter().all(|w| (750..=1250).contains(w)),
+            "{waits:?}"
+        );
         b.reset();
         assert!(b.next() <= Duration::from_millis(125));
     }
@@ -796,10 +952,21 @@ mod tests {
     #[test]
     fn cursors_delete_behind_the_slowest_in_long_runs() {
         let c = Cursors::new(vec![0, 0]);
-        assert_eq!(c.advance(0, 5000, false), None, "the other bridge is still at 0");
-        assert_eq!(c.advance(1, 3, false), None, "too short a run to delete yet");
+        assert_eq!(
+            c.advance(0, 5000, false),
+            None,
+            "the other bridge is still at 0"
+        );
+        assert_eq!(
+            c.advance(1, 3, false),
+            None,
+            "too short a run to delete yet"
+        );
         assert_eq!(c.advance(1, 4, true), Some(4), "forced (shutdown)");
-        assert_eq!(c.advance(1, 4 + DELETE_EVERY, false), Some(4 + DELETE_EVERY));
+        assert_eq!(
+            c.advance(1, 4 + DELETE_EVERY, false),
+            Some(4 + DELETE_EVERY)
+        );
         assert_eq!(c.min(), 4 + DELETE_EVERY);
         // A short run held back is deleted once the interval has passed, even if idle.
         assert_eq!(c.advance(1, 10 + DELETE_EVERY, false), None);
@@ -811,7 +978,10 @@ mod tests {
 
     #[test]
     fn host_port_parsing() {
-        assert_eq!(split_host_port("localhost:1883"), Some(("localhost".into(), 1883)));
+        assert_eq!(
+            split_host_port("localhost:1883"),
+            Some(("localhost".into(), 1883))
+        );
         assert_eq!(split_host_port("[::1]:1883"), Some(("::1".into(), 1883)));
         assert_eq!(split_host_port("nohost"), None);
         assert_eq!(split_host_port("h:0"), None);

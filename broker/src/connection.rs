@@ -67,7 +67,8 @@ impl Guard {
 
 /// `max_topic_length` and `max_topic_levels`, for a topic name or filter.
 fn topic_within_limits(topic: &str, limits: &Limits) -> bool {
-    topic.len() <= limits.max_topic_length && topic.bytes().filter(|b| *b == b'/').count() < limits.max_topic_levels
+    topic.len() <= limits.max_topic_length
+        && topic.bytes().filter(|b| *b == b'/').count() < limits.max_topic_levels
 }
 
 /// Why the reader stopped.
@@ -81,15 +82,23 @@ enum End {
 
 /// Serves one client over any byte stream (TCP, or TLS over TCP: `tls::serve` accepts).
 /// `identity`: the user name a verified client certificate gives (`use_identity_as_username`).
-pub async fn handle<S>(stream: S, peer: SocketAddr, ctx: ConnectionContext, identity: Option<String>)
-where
+pub async fn handle<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: ConnectionContext,
+    identity: Option<String>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
 
     // The first packet must be a CONNECT, within connect_timeout [MQTT-3.1.0-1].
-    let first = timeout(ctx.limits.connect_timeout, read_packet(&mut reader, &mut buf, ctx.limits.max_packet_size)).await;
+    let first = timeout(
+        ctx.limits.connect_timeout,
+        read_packet(&mut reader, &mut buf, ctx.limits.max_packet_size),
+    )
+    .await;
     let connect = match first {
         Err(_) => {
             ctx.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -104,7 +113,11 @@ where
         }
         Ok(Err(DecodeError::UnsupportedProtocol(level))) => {
             info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
-            let _ = write_now(&mut writer, Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol)).await;
+            let _ = write_now(
+                &mut writer,
+                Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol),
+            )
+            .await;
             return;
         }
         Ok(Err(e)) => {
@@ -118,7 +131,11 @@ where
         if !connect.clean_session {
             // A persistent session needs a name to be found again [MQTT-3.1.3-8].
             info!(%peer, "empty client id with clean session 0: CONNACK 0x02");
-            let _ = write_now(&mut writer, Outbound::ConnAck(ConnectOutcome::IdentifierRejected)).await;
+            let _ = write_now(
+                &mut writer,
+                Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
+            )
+            .await;
             return;
         }
         generated_client_id().into()
@@ -141,7 +158,13 @@ where
     // and no password is checked (Mosquitto's use_identity_as_username).
     let certified = identity.is_some();
     let username = identity.or(username);
-    let checked = if certified { Ok(()) } else { ctx.auth.check(username.as_deref(), password.as_bytes()).await };
+    let checked = if certified {
+        Ok(())
+    } else {
+        ctx.auth
+            .check(username.as_deref(), password.as_bytes())
+            .await
+    };
     if let Err(refusal) = checked {
         drop(password);
         ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
@@ -156,18 +179,34 @@ where
     drop(password);
     let mut guard = Guard {
         acl: ctx.auth.client_acl(&client_id, username.as_deref()),
-        publish_rate: (ctx.limits.max_publish_rate > 0)
-            .then(|| TokenBucket::new(ctx.limits.max_publish_rate, ctx.limits.max_publish_rate, Instant::now())),
+        publish_rate: (ctx.limits.max_publish_rate > 0).then(|| {
+            TokenBucket::new(
+                ctx.limits.max_publish_rate,
+                ctx.limits.max_publish_rate,
+                Instant::now(),
+            )
+        }),
         refusals: 0,
     };
     let mut will = connect.last_will.map(v4::will_from_v4);
     if let Some(w) = &will {
         let within = topic_within_limits(&w.topic, &ctx.limits);
-        let writable = guard.acl.as_ref().is_none_or(|acl| acl.may_publish(&w.topic));
+        let writable = guard
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.may_publish(&w.topic));
         if !within || !writable {
-            let counter = if within { &ctx.stats.acl_denied_publish } else { &ctx.stats.limit_refusals };
+            let counter = if within {
+                &ctx.stats.acl_denied_publish
+            } else {
+                &ctx.stats.limit_refusals
+            };
             counter.fetch_add(1, Ordering::Relaxed);
-            let reason = if within { "no write access (ACL)" } else { "topic over max_topic_length/max_topic_levels" };
+            let reason = if within {
+                "no write access (ACL)"
+            } else {
+                "topic over max_topic_length/max_topic_levels"
+            };
             warn!(%peer, client_id = %client_id, topic = %w.topic, reason, "will refused: it will not be published");
             will = None;
         }
@@ -187,13 +226,23 @@ where
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (outbox, outbox_rx) = Outbox::new();
     let own_outbox = outbox.clone();
-    if ctx.router.send(RouterCmd::Connect { conn, request, outbox: OutboxHandle(outbox) }).await.is_err() {
+    if ctx
+        .router
+        .send(RouterCmd::Connect {
+            conn,
+            request,
+            outbox: OutboxHandle(outbox),
+        })
+        .await
+        .is_err()
+    {
         return; // broker stopping
     }
     info!(%peer, client_id = %client_id, keep_alive, clean_session = connect.clean_session, "client connected");
 
     let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx, client_id.clone()));
-    let keep_alive_limit = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let keep_alive_limit =
+        (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, keep_alive_limit, &mut guard) => end,
@@ -203,9 +252,14 @@ where
     let graceful = matches!(end, End::Graceful);
     match &end {
         End::Graceful => info!(%peer, client_id = %client_id, "client disconnected"),
-        End::Abrupt(reason) => info!(%peer, client_id = %client_id, reason = %reason, "connection closed"),
+        End::Abrupt(reason) => {
+            info!(%peer, client_id = %client_id, reason = %reason, "connection closed")
+        }
     }
-    let _ = ctx.router.send(RouterCmd::Disconnected { conn, graceful }).await;
+    let _ = ctx
+        .router
+        .send(RouterCmd::Disconnected { conn, graceful })
+        .await;
     // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
     drop(own_outbox);
     if !writer_task.is_finished() {
@@ -214,7 +268,10 @@ where
 }
 
 async fn own_close(writer_task: &mut tokio::task::JoinHandle<()>) {
-    if timeout(Duration::from_millis(100), &mut *writer_task).await.is_err() {
+    if timeout(Duration::from_millis(100), &mut *writer_task)
+        .await
+        .is_err()
+    {
         writer_task.abort();
     }
 }
@@ -225,7 +282,11 @@ fn generated_client_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    format!("auto-{:x}-{}", nanos, COUNTER.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "auto-{:x}-{}",
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
@@ -233,7 +294,11 @@ fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
 }
 
 /// Reads until one whole packet is decoded.
-async fn read_packet(reader: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, DecodeError> {
+async fn read_packet(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    max_packet_size: usize,
+) -> Result<Inbound, DecodeError> {
     loop {
         match v4::decode(buf, max_packet_size) {
             Err(DecodeError::Incomplete) => {}
@@ -274,8 +339,14 @@ async fn read_loop(
                 has_published = true;
                 if let Some(bucket) = &mut guard.publish_rate {
                     if !bucket.try_take(Instant::now()) {
-                        ctx.stats.publish_rate_exceeded.fetch_add(1, Ordering::Relaxed);
-                        warn!(client_id, max_publish_rate = ctx.limits.max_publish_rate, "publish rate over max_publish_rate: closing connection");
+                        ctx.stats
+                            .publish_rate_exceeded
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            client_id,
+                            max_publish_rate = ctx.limits.max_publish_rate,
+                            "publish rate over max_publish_rate: closing connection"
+                        );
                         return End::Abrupt("max_publish_rate exceeded".into());
                     }
                 }
@@ -291,7 +362,10 @@ async fn read_loop(
             }
         }
         if has_published && *ingest_paused.borrow() {
-            debug!(client_id, "store full or failing: not reading from this publisher");
+            debug!(
+                client_id,
+                "store full or failing: not reading from this publisher"
+            );
             if ingest_paused.wait_for(|paused| !*paused).await.is_err() {
                 return End::Abrupt("broker stopping".into());
             }
@@ -302,7 +376,9 @@ async fn read_loop(
         let deadline = Instant::now() + keep_alive_limit.unwrap_or(far_future);
         match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
             Err(_) => {
-                ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+                ctx.stats
+                    .keep_alive_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
                 return End::Abrupt("keep-alive expired".into());
             }
             Ok(Ok(0)) => return End::Abrupt("connection closed by client".into()),
@@ -331,11 +407,24 @@ async fn dispatch(
             let pkid = publish.pkid;
             debug!(client_id, topic = %publish.topic, qos = publish.qos as u8, "publish received");
             let within = topic_within_limits(&publish.topic, &ctx.limits);
-            if !within || guard.acl.as_ref().is_some_and(|acl| !acl.may_publish(&publish.topic)) {
-                let counter = if within { &ctx.stats.acl_denied_publish } else { &ctx.stats.limit_refusals };
+            if !within
+                || guard
+                    .acl
+                    .as_ref()
+                    .is_some_and(|acl| !acl.may_publish(&publish.topic))
+            {
+                let counter = if within {
+                    &ctx.stats.acl_denied_publish
+                } else {
+                    &ctx.stats.limit_refusals
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
                 if guard.should_log_refusal() {
-                    let reason = if within { "no write access (ACL)" } else { "topic over max_topic_length/max_topic_levels" };
+                    let reason = if within {
+                        "no write access (ACL)"
+                    } else {
+                        "topic over max_topic_length/max_topic_levels"
+                    };
                     warn!(client_id, topic = %publish.topic, reason, refusals = guard.refusals, "PUBLISH refused: acknowledged, not stored nor delivered");
                 }
                 let qos = v4::qos_from_v4(publish.qos);
@@ -345,7 +434,11 @@ async fn dispatch(
                 }
                 RouterCmd::Refused { conn, pkid, qos }
             } else {
-                RouterCmd::Publish { conn, pkid, message: v4::message_from_v4(publish) }
+                RouterCmd::Publish {
+                    conn,
+                    pkid,
+                    message: v4::message_from_v4(publish),
+                }
             }
         }
         Inbound::PubAck(pkid) => RouterCmd::PubAck { conn, pkid },
@@ -379,23 +472,38 @@ async fn dispatch(
                     }
                 })
                 .collect();
-            RouterCmd::Subscribe { conn, pkid: subscribe.pkid, filters }
+            RouterCmd::Subscribe {
+                conn,
+                pkid: subscribe.pkid,
+                filters,
+            }
         }
-        Inbound::Unsubscribe(unsubscribe) => RouterCmd::Unsubscribe { conn, pkid: unsubscribe.pkid, filters: unsubscribe.topics },
+        Inbound::Unsubscribe(unsubscribe) => RouterCmd::Unsubscribe {
+            conn,
+            pkid: unsubscribe.pkid,
+            filters: unsubscribe.topics,
+        },
     };
     // A full router queue makes this wait: back-pressure on every publisher alike.
     ctx.router.send(cmd).await.map_err(|_| "broker stopping")?;
     Ok(true)
 }
 
-async fn write_now(writer: &mut (impl AsyncWrite + Unpin), packet: Outbound) -> std::io::Result<()> {
+async fn write_now(
+    writer: &mut (impl AsyncWrite + Unpin),
+    packet: Outbound,
+) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     v4::encode(&packet, &mut buf).map_err(std::io::Error::other)?;
     writer.write_all(&buf).await?;
     writer.flush().await
 }
 
-async fn write_loop(mut writer: impl AsyncWrite + Unpin, mut outbox: OutboxReceiver, client_id: Arc<str>) {
+async fn write_loop(
+    mut writer: impl AsyncWrite + Unpin,
+    mut outbox: OutboxReceiver,
+    client_id: Arc<str>,
+) {
     // Starts small and grows with the traffic: an idle sensor connection should cost a few
     // KiB, not a 64 KiB batch buffer (10,000 idle clients measured 19 KiB each with it).
     let mut buf = BytesMut::with_capacity(512);
@@ -414,7 +522,9 @@ async fn write_loop(mut writer: impl AsyncWrite + Unpin, mut outbox: OutboxRecei
                     Outbound::Publish { message, .. } => {
                         warn!(client_id = %client_id, topic = %message.topic, error = %e, "cannot encode outgoing PUBLISH: dropped")
                     }
-                    _ => warn!(client_id = %client_id, error = %e, "cannot encode outgoing packet: dropped"),
+                    _ => {
+                        warn!(client_id = %client_id, error = %e, "cannot encode outgoing packet: dropped")
+                    }
                 }
             }
             if buf.len() < WRITE_BATCH_BYTES {

@@ -36,7 +36,10 @@ pub fn decode(data: &[u8]) {
         let before = buf.clone();
         match v4::decode(&mut buf, MAX_PACKET_SIZE) {
             Ok(packet) => {
-                assert!(buf.len() < before.len(), "a decoded packet consumed no bytes");
+                assert!(
+                    buf.len() < before.len(),
+                    "a decoded packet consumed no bytes"
+                );
                 check_packet(packet);
             }
             Err(DecodeError::Incomplete) => {
@@ -65,12 +68,26 @@ fn check_packet(packet: Inbound) {
                 return;
             }
             let mut out = BytesMut::new();
-            v4::encode(&Outbound::Publish { pkid, message: message.clone(), dup }, &mut out).expect("a decoded PUBLISH encodes");
+            v4::encode(
+                &Outbound::Publish {
+                    pkid,
+                    message: message.clone(),
+                    dup,
+                },
+                &mut out,
+            )
+            .expect("a decoded PUBLISH encodes");
             match v4::decode(&mut out, usize::MAX >> 4) {
-                Ok(Inbound::Publish(again)) => assert_eq!(v4::message_from_v4(again), message, "PUBLISH round trip"),
+                Ok(Inbound::Publish(again)) => {
+                    assert_eq!(v4::message_from_v4(again), message, "PUBLISH round trip")
+                }
                 other => panic!("re-encoded PUBLISH decodes as {other:?}"),
             }
-            assert!(out.is_empty(), "re-encoded PUBLISH left {} bytes", out.len());
+            assert!(
+                out.is_empty(),
+                "re-encoded PUBLISH left {} bytes",
+                out.len()
+            );
         }
         Inbound::Subscribe(subscribe) => {
             for filter in subscribe.filters {
@@ -82,12 +99,18 @@ fn check_packet(packet: Inbound) {
                 let _ = valid_filter(&filter);
             }
         }
-        Inbound::PubAck(_) | Inbound::PubRec(_) | Inbound::PubRel(_) | Inbound::PubComp(_) | Inbound::PingReq | Inbound::Disconnect => {}
+        Inbound::PubAck(_)
+        | Inbound::PubRec(_)
+        | Inbound::PubRel(_)
+        | Inbound::PubComp(_)
+        | Inbound::PingReq
+        | Inbound::Disconnect => {}
     }
 }
 
 /// The ACL [`connection`] uses when asked to: every kind of rule, so refusals are exercised.
-pub const FUZZ_ACL: &str = "topic read $SYS/#\npattern readwrite devices/%c/#\npattern write sensors/%u/#\n\
+pub const FUZZ_ACL: &str =
+    "topic read $SYS/#\npattern readwrite devices/%c/#\npattern write sensors/%u/#\n\
 topic deny devices/+/secret\nuser admin\ntopic readwrite #\n";
 
 /// One client connection fed `data` (then end of stream) against a fresh router; returns
@@ -113,7 +136,12 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
         max_queued_bytes: limits.max_queued_bytes,
         max_subscriptions: limits.max_subscriptions,
     };
-    let router = Router::new(session_limits, stats.clone(), None, Arc::new(Mutex::new(RouterSnapshot::default())));
+    let router = Router::new(
+        session_limits,
+        stats.clone(),
+        None,
+        Arc::new(Mutex::new(RouterSnapshot::default())),
+    );
     let (router_tx, router_rx) = mpsc::channel(64);
     let router_task = tokio::spawn(router.run(router_rx));
     let (_shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -164,7 +192,10 @@ fn rethrow(result: Result<(), tokio::task::JoinError>) {
 
 /// Runs [`connection`] on a new current-thread runtime.
 pub fn run_connection(data: &[u8], acl: bool) -> Vec<u8> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("tokio runtime");
     runtime.block_on(connection(data, acl))
 }
 
@@ -189,11 +220,26 @@ mod tests {
         input.extend([0x32, 9, 0, 3, b'a', b'/', b'b', 0, 2, b'h', b'i']);
         input.extend([0xc0, 0]);
         let out = run_connection(&input, false);
-        assert!(out.starts_with(&[0x20, 2, 0, 0]), "CONNACK first: {out:02x?}");
-        assert!(out.windows(5).any(|w| w == [0x90, 3, 0, 1, 1]), "SUBACK: {out:02x?}");
-        assert!(out.windows(4).any(|w| w == [0x40, 2, 0, 2]), "PUBACK: {out:02x?}");
-        assert!(out.windows(2).any(|w| w == [0xd0, 0]), "PINGRESP: {out:02x?}");
-        assert!(out.windows(2).any(|w| w == b"hi"), "own publish delivered: {out:02x?}");
+        assert!(
+            out.starts_with(&[0x20, 2, 0, 0]),
+            "CONNACK first: {out:02x?}"
+        );
+        assert!(
+            out.windows(5).any(|w| w == [0x90, 3, 0, 1, 1]),
+            "SUBACK: {out:02x?}"
+        );
+        assert!(
+            out.windows(4).any(|w| w == [0x40, 2, 0, 2]),
+            "PUBACK: {out:02x?}"
+        );
+        assert!(
+            out.windows(2).any(|w| w == [0xd0, 0]),
+            "PINGRESP: {out:02x?}"
+        );
+        assert!(
+            out.windows(2).any(|w| w == b"hi"),
+            "own publish delivered: {out:02x?}"
+        );
     }
 
     #[test]

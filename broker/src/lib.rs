@@ -147,9 +147,18 @@ impl Default for StorageLimits {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("TLS listener {addr}: {source}")]
-    Tls { addr: SocketAddr, source: tls::TlsError },
+    Tls {
+        addr: SocketAddr,
+        source: tls::TlsError,
+    },
     #[error("cannot open the store in {dir}: {source}")]
-    Store { dir: PathBuf, source: store::StoreError },
+    Store {
+        dir: PathBuf,
+        source: store::StoreError,
+    },
 }

@@ -37,7 +37,12 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn new(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Self {
+    pub fn new(
+        topic: impl Into<Arc<str>>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> Self {
         Message {
             topic: topic.into(),
             payload: payload.into(),
@@ -85,13 +90,20 @@ pub enum ConnectOutcome {
 #[derive(Debug, Clone)]
 pub enum Outbound {
     ConnAck(ConnectOutcome),
-    Publish { pkid: u16, message: Message, dup: bool },
+    Publish {
+        pkid: u16,
+        message: Message,
+        dup: bool,
+    },
     PubAck(u16),
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
     /// Granted QoS per filter, `None` for a refused filter.
-    SubAck { pkid: u16, granted: Vec<Option<QoS>> },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Option<QoS>>,
+    },
     UnsubAck(u16),
     PingResp,
     /// Close the connection (session taken over, broker shutting down).

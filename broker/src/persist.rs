@@ -71,7 +71,12 @@ pub fn to_stored(message: &Message, origin: &str, received_at_ms: u64) -> Stored
 }
 
 pub fn from_stored(stored: StoredMessage) -> Option<Message> {
-    Some(Message::new(stored.topic, stored.payload, QoS::from_u8(stored.qos)?, stored.retain))
+    Some(Message::new(
+        stored.topic,
+        stored.payload,
+        QoS::from_u8(stored.qos)?,
+        stored.retain,
+    ))
 }
 
 /// A persistent session as read back from the store.
@@ -92,14 +97,18 @@ pub fn restore(store: &Store) -> Result<Restored, StoreError> {
     let mut sessions = HashMap::new();
     let mut next_queue_id = 1;
     for (key, value) in store.scan(Keyspace::Sessions, b"")? {
-        let (Ok(client_id), Some(subscriptions)) = (String::from_utf8(key), decode_subscriptions(&value)) else {
+        let (Ok(client_id), Some(subscriptions)) =
+            (String::from_utf8(key), decode_subscriptions(&value))
+        else {
             warn!("undecodable session record skipped");
             continue;
         };
         let mut queue = Vec::new();
         for (qkey, qvalue) in store.scan(Keyspace::SessionQueue, &queue_prefix(&client_id))? {
             let id = queue_id_of(&qkey);
-            let message = StoredMessage::decode(&bytes::Bytes::from(qvalue)).ok().and_then(from_stored);
+            let message = StoredMessage::decode(&bytes::Bytes::from(qvalue))
+                .ok()
+                .and_then(from_stored);
             match (id, message) {
                 (Some(id), Some(message)) => {
                     next_queue_id = next_queue_id.max(id + 1);
@@ -108,18 +117,31 @@ pub fn restore(store: &Store) -> Result<Restored, StoreError> {
                 _ => warn!(client_id, "undecodable queued message skipped"),
             }
         }
-        sessions.insert(Arc::from(client_id), RestoredSession { subscriptions, queue });
+        sessions.insert(
+            Arc::from(client_id),
+            RestoredSession {
+                subscriptions,
+                queue,
+            },
+        );
     }
     let mut retained = HashMap::new();
     for (key, value) in store.scan(Keyspace::Retained, b"")? {
-        match StoredMessage::decode(&bytes::Bytes::from(value)).ok().and_then(from_stored) {
+        match StoredMessage::decode(&bytes::Bytes::from(value))
+            .ok()
+            .and_then(from_stored)
+        {
             Some(message) if String::from_utf8(key).is_ok() => {
                 retained.insert(message.topic.clone(), message);
             }
             _ => warn!("undecodable retained message skipped"),
         }
     }
-    Ok(Restored { sessions, retained, next_queue_id })
+    Ok(Restored {
+        sessions,
+        retained,
+        next_queue_id,
+    })
 }
 
 #[cfg(test)]
@@ -131,7 +153,10 @@ mod tests {
         let mut subs = HashMap::new();
         subs.insert("a/#".to_string(), QoS::AtLeastOnce);
         subs.insert("b/+/c".to_string(), QoS::ExactlyOnce);
-        assert_eq!(decode_subscriptions(&encode_subscriptions(&subs)), Some(subs));
+        assert_eq!(
+            decode_subscriptions(&encode_subscriptions(&subs)),
+            Some(subs)
+        );
         assert_eq!(decode_subscriptions(&[1, 0, 9, b'a']), None);
         assert_eq!(decode_subscriptions(&[7, 0, 0]), None);
     }

@@ -19,7 +19,12 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(rate_per_sec: u32, capacity: u32, now: Instant) -> TokenBucket {
         let capacity = f64::from(capacity.max(1));
-        TokenBucket { rate: f64::from(rate_per_sec), capacity, tokens: capacity, last: now }
+        TokenBucket {
+            rate: f64::from(rate_per_sec),
+            capacity,
+            tokens: capacity,
+            last: now,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -63,13 +68,19 @@ pub enum Admit {
     Yes,
     /// Refused; `first` is true for the first refusal since this address was last let in
     /// (log once per streak, count every one).
-    No { first: bool },
+    No {
+        first: bool,
+    },
 }
 
 impl ConnectionRate {
     /// `rate` 0: every connection is admitted.
     pub fn new(rate: u32, burst: u32) -> ConnectionRate {
-        ConnectionRate { rate, burst, buckets: HashMap::new() }
+        ConnectionRate {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+        }
     }
 
     pub fn admit(&mut self, addr: IpAddr, now: Instant) -> Admit {
@@ -80,13 +91,18 @@ impl ConnectionRate {
             self.buckets.retain(|_, (b, _)| !b.is_full(now));
         }
         let (rate, burst) = (self.rate, self.burst.max(self.rate));
-        let (bucket, streak) = self.buckets.entry(addr).or_insert_with(|| (TokenBucket::new(rate, burst, now), 0));
+        let (bucket, streak) = self
+            .buckets
+            .entry(addr)
+            .or_insert_with(|| (TokenBucket::new(rate, burst, now), 0));
         if bucket.try_take(now) {
             *streak = 0;
             Admit::Yes
         } else {
             *streak += 1;
-            Admit::No { first: *streak == 1 }
+            Admit::No {
+                first: *streak == 1,
+            }
         }
     }
 }

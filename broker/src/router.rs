@@ -40,25 +40,66 @@ const MAX_BURST: usize = 1024;
 /// Commands from connections and bridges to the router.
 #[derive(Debug)]
 pub enum RouterCmd {
-    Connect { conn: ConnId, request: ConnectRequest, outbox: OutboxHandle },
-    Publish { conn: ConnId, pkid: u16, message: Message },
+    Connect {
+        conn: ConnId,
+        request: ConnectRequest,
+        outbox: OutboxHandle,
+    },
+    Publish {
+        conn: ConnId,
+        pkid: u16,
+        message: Message,
+    },
     /// A PUBLISH the connection refused (ACL, topic limits): acknowledged in its turn
     /// (MQTT 3.1.1 has no negative acknowledgement), neither stored nor delivered.
-    Refused { conn: ConnId, pkid: u16, qos: QoS },
-    PubAck { conn: ConnId, pkid: u16 },
-    PubRec { conn: ConnId, pkid: u16 },
-    PubRel { conn: ConnId, pkid: u16 },
-    PubComp { conn: ConnId, pkid: u16 },
-    Subscribe { conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter> },
-    Unsubscribe { conn: ConnId, pkid: u16, filters: Vec<String> },
+    Refused {
+        conn: ConnId,
+        pkid: u16,
+        qos: QoS,
+    },
+    PubAck {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubRec {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubRel {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubComp {
+        conn: ConnId,
+        pkid: u16,
+    },
+    Subscribe {
+        conn: ConnId,
+        pkid: u16,
+        filters: Vec<SubscribeFilter>,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        pkid: u16,
+        filters: Vec<String>,
+    },
     /// PINGREQ: answered here rather than by the connection, so that a PINGREQ sent right
     /// behind the CONNECT is answered after the CONNACK [MQTT-3.2.0-1].
-    Ping { conn: ConnId },
+    Ping {
+        conn: ConnId,
+    },
     /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
-    Disconnected { conn: ConnId, graceful: bool },
+    Disconnected {
+        conn: ConnId,
+        graceful: bool,
+    },
     /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
     /// fires once it is accepted, durably where it had to be written.
-    Inject { message: Message, origin_bridge: Option<usize>, accepted: Option<oneshot::Sender<()>> },
+    Inject {
+        message: Message,
+        origin_bridge: Option<usize>,
+        accepted: Option<oneshot::Sender<()>>,
+    },
 }
 
 /// `Outbox` wrapped so that `RouterCmd` can derive Debug.
@@ -131,7 +172,12 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(limits: SessionLimits, stats: Arc<Stats>, durable: Option<Durable>, snapshot: Arc<Mutex<RouterSnapshot>>) -> Router {
+    pub fn new(
+        limits: SessionLimits,
+        stats: Arc<Stats>,
+        durable: Option<Durable>,
+        snapshot: Arc<Mutex<RouterSnapshot>>,
+    ) -> Router {
         Router {
             sessions: HashMap::new(),
             connections: HashMap::new(),
@@ -200,15 +246,27 @@ impl Router {
 
     pub fn handle(&mut self, cmd: RouterCmd) {
         match cmd {
-            RouterCmd::Connect { conn, request, outbox } => self.connect(conn, request, outbox.0),
-            RouterCmd::Publish { conn, pkid, message } => self.publish(conn, pkid, message),
+            RouterCmd::Connect {
+                conn,
+                request,
+                outbox,
+            } => self.connect(conn, request, outbox.0),
+            RouterCmd::Publish {
+                conn,
+                pkid,
+                message,
+            } => self.publish(conn, pkid, message),
             RouterCmd::Refused { conn, pkid, qos } => {
                 if let Some((_, session)) = self.session_of(conn) {
                     if let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) {
                         match qos {
                             QoS::AtMostOnce => {}
-                            QoS::AtLeastOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
-                            QoS::ExactlyOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
+                            QoS::AtLeastOnce => self
+                                .batch_acks
+                                .push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
+                            QoS::ExactlyOnce => self
+                                .batch_acks
+                                .push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
                         }
                     }
                 }
@@ -217,7 +275,10 @@ impl Router {
                 let limits = self.limits;
                 if let Some((client, s)) = self.session_of(conn) {
                     if let Some(id) = s.puback(pkid, &limits) {
-                        self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+                        self.batch_ops.push(Op::Remove {
+                            space: Keyspace::SessionQueue,
+                            key: persist::queue_key(&client, id),
+                        });
                     }
                 }
             }
@@ -230,7 +291,10 @@ impl Router {
                 let limits = self.limits;
                 if let Some((client, s)) = self.session_of(conn) {
                     if let Some(id) = s.pubcomp(pkid, &limits) {
-                        self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+                        self.batch_ops.push(Op::Remove {
+                            space: Keyspace::SessionQueue,
+                            key: persist::queue_key(&client, id),
+                        });
                     }
                 }
             }
@@ -243,16 +307,29 @@ impl Router {
                     }
                 }
             }
-            RouterCmd::Subscribe { conn, pkid, filters } => self.subscribe(conn, pkid, filters),
-            RouterCmd::Unsubscribe { conn, pkid, filters } => self.unsubscribe(conn, pkid, filters),
+            RouterCmd::Subscribe {
+                conn,
+                pkid,
+                filters,
+            } => self.subscribe(conn, pkid, filters),
+            RouterCmd::Unsubscribe {
+                conn,
+                pkid,
+                filters,
+            } => self.unsubscribe(conn, pkid, filters),
             RouterCmd::Ping { conn } => {
                 if let Some(online) = self.session_of(conn).and_then(|(_, s)| s.online.as_ref()) {
                     online.outbox.send(Outbound::PingResp);
                 }
             }
             RouterCmd::Disconnected { conn, graceful } => self.disconnected(conn, graceful),
-            RouterCmd::Inject { message, origin_bridge, accepted } => {
-                self.stats.message_received(message.qos, message.payload.len());
+            RouterCmd::Inject {
+                message,
+                origin_bridge,
+                accepted,
+            } => {
+                self.stats
+                    .message_received(message.qos, message.payload.len());
                 self.accept_publish(message, "", origin_bridge);
                 if let Some(tx) = accepted {
                     self.batch_acks.push(AckTarget::Internal(tx));
@@ -303,7 +380,10 @@ impl Router {
             // Written now so that "session present" is true after a restart too.
             self.save_session_record(&client, &std::collections::HashMap::new());
         }
-        let session = self.sessions.entry(client.clone()).or_insert_with(|| Session::new(request.clean_session));
+        let session = self
+            .sessions
+            .entry(client.clone())
+            .or_insert_with(|| Session::new(request.clean_session));
         session.clean = request.clean_session;
         // What waits for this client id was checked against the previous connection's
         // rules (or none, after a restart): keep only what this one may read.
@@ -311,15 +391,26 @@ impl Router {
             Some(acl) => session.retain_waiting(|m| acl.may_read(&m.topic)),
             None => Vec::new(),
         };
-        outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted { session_present }));
-        session.online = Some(Online { conn, outbox, will: request.will });
+        outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted {
+            session_present,
+        }));
+        session.online = Some(Online {
+            conn,
+            outbox,
+            will: request.will,
+        });
         session.resume(&self.limits);
         if !unreadable.is_empty() {
-            self.stats.acl_denied_deliveries.fetch_add(unreadable.len() as u64, Ordering::Relaxed);
+            self.stats
+                .acl_denied_deliveries
+                .fetch_add(unreadable.len() as u64, Ordering::Relaxed);
             info!(client_id = %client, dropped = unreadable.len(), "queued messages this client may not read (ACL) dropped");
         }
         for id in unreadable {
-            self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(&client, id) });
+            self.batch_ops.push(Op::Remove {
+                space: Keyspace::SessionQueue,
+                key: persist::queue_key(&client, id),
+            });
         }
         match request.acl {
             Some(acl) => self.perms.insert(client.clone(), acl),
@@ -353,15 +444,23 @@ impl Router {
 
     fn discard_session(&mut self, client: &ClientKey) {
         self.perms.remove(client);
-        let Some(session) = self.sessions.remove(client) else { return };
+        let Some(session) = self.sessions.remove(client) else {
+            return;
+        };
         for filter in session.subscriptions.keys() {
             self.subscriptions.remove(filter, client);
         }
         if !session.clean && self.durable.is_some() {
             for id in session.stored_ids() {
-                self.batch_ops.push(Op::Remove { space: Keyspace::SessionQueue, key: persist::queue_key(client, id) });
+                self.batch_ops.push(Op::Remove {
+                    space: Keyspace::SessionQueue,
+                    key: persist::queue_key(client, id),
+                });
             }
-            self.batch_ops.push(Op::Remove { space: Keyspace::Sessions, key: client.as_bytes().to_vec() });
+            self.batch_ops.push(Op::Remove {
+                space: Keyspace::Sessions,
+                key: client.as_bytes().to_vec(),
+            });
         }
     }
 
@@ -371,7 +470,9 @@ impl Router {
             return; // taken over earlier: its will was handled then
         };
         self.stats.connection_closed();
-        let Some(session) = self.sessions.get_mut(&client) else { return };
+        let Some(session) = self.sessions.get_mut(&client) else {
+            return;
+        };
         let will = match session.online.take() {
             Some(online) if online.conn == conn => online.will,
             other => {
@@ -391,21 +492,34 @@ impl Router {
     }
 
     fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
-        self.stats.message_received(message.qos, message.payload.len());
+        self.stats
+            .message_received(message.qos, message.payload.len());
         if let Some(info) = self.clients.get_mut(&conn) {
             info.messages_in += 1;
-            let preview = message.payload.slice(..message.payload.len().min(LAST_PAYLOAD_PREVIEW));
+            let preview = message
+                .payload
+                .slice(..message.payload.len().min(LAST_PAYLOAD_PREVIEW));
             match &mut info.last_publish {
                 // Reuse the topic allocation when a sensor publishes to the same topic again.
                 Some(last) if *last.topic == *message.topic => {
                     last.payload = preview;
                     last.at_ms = unix_ms();
                 }
-                last => *last = Some(LastPublish { topic: message.topic.to_string(), payload: preview, at_ms: unix_ms() }),
+                last => {
+                    *last = Some(LastPublish {
+                        topic: message.topic.to_string(),
+                        payload: preview,
+                        at_ms: unix_ms(),
+                    })
+                }
             }
         }
-        let Some((client, session)) = self.session_of(conn) else { return };
-        let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else { return };
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
+        let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else {
+            return;
+        };
         let qos = message.qos;
         // A resend of a QoS 2 message routed already is acknowledged, not delivered again.
         let first_receipt = qos != QoS::ExactlyOnce || session.first_qos2_receipt(pkid);
@@ -414,8 +528,12 @@ impl Router {
         }
         match qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
-            QoS::ExactlyOnce => self.batch_acks.push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
+            QoS::AtLeastOnce => self
+                .batch_acks
+                .push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
+            QoS::ExactlyOnce => self
+                .batch_acks
+                .push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
         }
     }
 
@@ -426,16 +544,22 @@ impl Router {
             let now = unix_ms();
             if message.retain {
                 if message.payload.is_empty() {
-                    self.batch_ops.push(Op::Remove { space: Keyspace::Retained, key: message.topic.as_bytes().to_vec() });
+                    self.batch_ops.push(Op::Remove {
+                        space: Keyspace::Retained,
+                        key: message.topic.as_bytes().to_vec(),
+                    });
                 } else if let Ok(bytes) = persist::to_stored(&message, origin, now).encode() {
-                    self.batch_ops.push(Op::Put { space: Keyspace::Retained, key: message.topic.as_bytes().to_vec(), value: bytes.to_vec() });
+                    self.batch_ops.push(Op::Put {
+                        space: Keyspace::Retained,
+                        key: message.topic.as_bytes().to_vec(),
+                        value: bytes.to_vec(),
+                    });
                 }
             }
-            let forwarded = durable
-                .bridges
-                .iter()
-                .enumerate()
-                .any(|(i, b)| Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some());
+            let forwarded =
+                durable.bridges.iter().enumerate().any(|(i, b)| {
+                    Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some()
+                });
             if forwarded {
                 let origin = match origin_bridge {
                     Some(i) => bridge_origin(&durable.bridges[i].name),
@@ -443,7 +567,9 @@ impl Router {
                 };
                 match persist::to_stored(&message, &origin, now).encode() {
                     Ok(bytes) => self.batch_ops.push(Op::Append(bytes)),
-                    Err(e) => error!(client_id = %origin, topic = %message.topic, error = %e, "message cannot be stored: not forwarded"),
+                    Err(e) => {
+                        error!(client_id = %origin, topic = %message.topic, error = %e, "message cannot be stored: not forwarded")
+                    }
                 }
             }
         }
@@ -461,10 +587,11 @@ impl Router {
             }
         }
         let mut matched = std::mem::take(&mut self.matched);
-        self.subscriptions.for_each_match(&message.topic, |client, qos| {
-            let best = matched.entry(client.clone()).or_insert(qos);
-            *best = (*best).max(qos);
-        });
+        self.subscriptions
+            .for_each_match(&message.topic, |client, qos| {
+                let best = matched.entry(client.clone()).or_insert(qos);
+                *best = (*best).max(qos);
+            });
         for (client, granted) in matched.drain() {
             let copy = Message {
                 topic: message.topic.clone(),
@@ -482,23 +609,42 @@ impl Router {
     /// persistent and the message QoS 1/2 (so that it survives a restart until acked).
     fn deliver_to(&mut self, client: &ClientKey, message: Message) {
         // ACL: read access to this very topic (a wildcard subscription may reach further).
-        if !self.perms.is_empty() && self.perms.get(client).is_some_and(|acl| !acl.may_read(&message.topic)) {
-            self.stats.acl_denied_deliveries.fetch_add(1, Ordering::Relaxed);
+        if !self.perms.is_empty()
+            && self
+                .perms
+                .get(client)
+                .is_some_and(|acl| !acl.may_read(&message.topic))
+        {
+            self.stats
+                .acl_denied_deliveries
+                .fetch_add(1, Ordering::Relaxed);
             debug!(client_id = %client, topic = %message.topic, "not delivered: no read access (ACL)");
             return;
         }
-        let Some(session) = self.sessions.get_mut(client) else { return };
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
         let qos = message.qos;
         let mut stored = None;
-        if self.durable.is_some() && !session.clean && qos != QoS::AtMostOnce && session.would_keep(&self.limits) {
+        if self.durable.is_some()
+            && !session.clean
+            && qos != QoS::AtMostOnce
+            && session.would_keep(&self.limits)
+        {
             let id = self.next_queue_id;
             match persist::to_stored(&message, "", unix_ms()).encode() {
                 Ok(bytes) => {
                     self.next_queue_id += 1;
-                    self.batch_ops.push(Op::Put { space: Keyspace::SessionQueue, key: persist::queue_key(client, id), value: bytes.to_vec() });
+                    self.batch_ops.push(Op::Put {
+                        space: Keyspace::SessionQueue,
+                        key: persist::queue_key(client, id),
+                        value: bytes.to_vec(),
+                    });
                     stored = Some(id);
                 }
-                Err(e) => error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session"),
+                Err(e) => {
+                    error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session")
+                }
             }
         }
         let topic = message.topic.clone();
@@ -515,7 +661,9 @@ impl Router {
 
     fn subscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter>) {
         let max_subscriptions = self.limits.max_subscriptions;
-        let Some((client, session)) = self.session_of(conn) else { return };
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
         let mut granted = Vec::with_capacity(filters.len());
         let mut new_filters = Vec::new();
         let mut over_limit = 0u64;
@@ -542,7 +690,9 @@ impl Router {
         let persistent = !session.clean;
         let record = persistent.then(|| session.subscriptions.clone());
         if over_limit > 0 {
-            self.stats.limit_refusals.fetch_add(over_limit, Ordering::Relaxed);
+            self.stats
+                .limit_refusals
+                .fetch_add(over_limit, Ordering::Relaxed);
             warn!(client_id = %client, refused = over_limit, max_subscriptions, "max_subscriptions reached: filters refused in SUBACK");
         }
         for (filter, qos) in &new_filters {
@@ -569,7 +719,9 @@ impl Router {
     }
 
     fn unsubscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<String>) {
-        let Some((client, session)) = self.session_of(conn) else { return };
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
         for filter in &filters {
             session.subscriptions.remove(filter);
         }
@@ -608,7 +760,8 @@ impl Router {
             // Behind earlier acks still waiting for the disk: keep arrival order.
             None => {
                 let behind = self.pending_acks.back().map_or(0, |(t, _)| *t);
-                self.pending_acks.extend(acks.into_iter().map(|a| (behind, a)));
+                self.pending_acks
+                    .extend(acks.into_iter().map(|a| (behind, a)));
             }
             Some(t) => self.pending_acks.extend(acks.into_iter().map(|a| (t, a))),
         }
@@ -619,14 +772,20 @@ impl Router {
 
     fn on_durable(&mut self, state: Durability) {
         self.durable_through = state.durable_through;
-        while self.pending_acks.front().is_some_and(|(t, _)| *t <= self.durable_through) {
+        while self
+            .pending_acks
+            .front()
+            .is_some_and(|(t, _)| *t <= self.durable_through)
+        {
             if let Some((_, ack)) = self.pending_acks.pop_front() {
                 ack.release();
             }
         }
         if state.error != self.storage_error {
             match &state.error {
-                Some(e) => error!(error = %e, "storage is failing: acknowledgements stop until it recovers"),
+                Some(e) => {
+                    error!(error = %e, "storage is failing: acknowledgements stop until it recovers")
+                }
                 None => info!("storage recovered: acknowledgements resume"),
             }
             self.storage_error = state.error;
@@ -637,7 +796,9 @@ impl Router {
     fn update_ingest_gate(&self) {
         if let Some(durable) = &self.durable {
             let paused = self.storage_error.is_some() || self.storage_full;
-            durable.ingest_paused.send_if_modified(|p| std::mem::replace(p, paused) != paused);
+            durable
+                .ingest_paused
+                .send_if_modified(|p| std::mem::replace(p, paused) != paused);
         }
     }
 
@@ -653,7 +814,11 @@ impl Router {
         let snapshot = RouterSnapshot {
             clients,
             sessions: self.sessions.len(),
-            offline_sessions: self.sessions.values().filter(|s| s.online.is_none()).count(),
+            offline_sessions: self
+                .sessions
+                .values()
+                .filter(|s| s.online.is_none())
+                .count(),
             queued_messages: self.sessions.values().map(Session::waiting).sum(),
             subscriptions: self.subscriptions.len(),
             retained: self.retained.len(),
@@ -680,7 +845,10 @@ impl Router {
                     if full {
                         warn!(log_bytes = stats.bytes, max_bytes, "store full (reject_new): publishers paused until bridges forward the backlog");
                     } else {
-                        info!(log_bytes = stats.bytes, "store has room again: publishers resumed");
+                        info!(
+                            log_bytes = stats.bytes,
+                            "store has room again: publishers resumed"
+                        );
                     }
                     self.storage_full = full;
                     self.update_ingest_gate();
@@ -715,8 +883,14 @@ impl Router {
                 if let Some(last) = last {
                     if store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
                         self.note_pending_drop(last, freed);
-                        self.stats.dropped_storage_full.fetch_add(dropped, Ordering::Relaxed);
-                        warn!(dropped, max_bytes, "store full (drop_oldest): oldest unforwarded messages dropped");
+                        self.stats
+                            .dropped_storage_full
+                            .fetch_add(dropped, Ordering::Relaxed);
+                        warn!(
+                            dropped,
+                            max_bytes,
+                            "store full (drop_oldest): oldest unforwarded messages dropped"
+                        );
                     }
                 }
             }
@@ -727,7 +901,9 @@ impl Router {
     fn log_after_pending_drops(&mut self, stats: &crate::store::LogStats) -> (u64, u64) {
         let first = stats.first_seq.unwrap_or(0);
         match self.pending_drop {
-            Some((through, bytes)) if first <= through => (stats.bytes.saturating_sub(bytes), through + 1),
+            Some((through, bytes)) if first <= through => {
+                (stats.bytes.saturating_sub(bytes), through + 1)
+            }
             _ => {
                 self.pending_drop = None;
                 (stats.bytes, first)
@@ -745,10 +921,14 @@ impl Router {
     /// `[storage] max_age`: unforwarded messages older than this are dropped and counted.
     fn expire_old_messages(&mut self) {
         let Some(durable) = &self.durable else { return };
-        let Some(max_age) = durable.storage.max_age else { return };
+        let Some(max_age) = durable.storage.max_age else {
+            return;
+        };
         let store = durable.store.clone();
         let stats = store.log_stats();
-        let Some(oldest) = stats.oldest_received_at_ms else { return };
+        let Some(oldest) = stats.oldest_received_at_ms else {
+            return;
+        };
         let cutoff = unix_ms().saturating_sub(max_age.as_millis() as u64);
         if oldest >= cutoff {
             return;
@@ -777,8 +957,14 @@ impl Router {
         if let Some(last) = last {
             if store.submit(vec![Op::DeleteLogThrough(last)]).is_ok() {
                 self.note_pending_drop(last, freed);
-                self.stats.dropped_expired.fetch_add(dropped, Ordering::Relaxed);
-                warn!(dropped, max_age_secs = max_age.as_secs(), "messages older than max_age dropped");
+                self.stats
+                    .dropped_expired
+                    .fetch_add(dropped, Ordering::Relaxed);
+                warn!(
+                    dropped,
+                    max_age_secs = max_age.as_secs(),
+                    "messages older than max_age dropped"
+                );
             }
         }
     }

@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::auth::Authenticator;
+use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::connection::ConnectionContext;
 use crate::message::Message;
 use crate::ratelimit::{Admit, ConnectionRate};
@@ -82,8 +82,14 @@ impl Broker {
                 Ok((store, recovery, restored))
             })
             .await
-            .map_err(|e| BrokerError::Store { dir: dir.clone(), source: crate::store::StoreError::Unavailable(e.to_string()) })?
-            .map_err(|source| BrokerError::Store { dir: dir.clone(), source })?;
+            .map_err(|e| BrokerError::Store {
+                dir: dir.clone(),
+                source: crate::store::StoreError::Unavailable(e.to_string()),
+            })?
+            .map_err(|source| BrokerError::Store {
+                dir: dir.clone(),
+                source,
+            })?;
             let (s, r, state) = opened;
             if let Some(aside) = &r.moved_aside {
                 error!(moved_to = %aside.display(), "the store was corrupt: it was moved aside and an empty store opened");
@@ -116,9 +122,18 @@ impl Broker {
         let mut bridges = Vec::new();
         let mut bridge_tasks = Vec::new();
         if let Some(store) = &store {
-            let cursors = Cursors::new(config.bridges.iter().map(|b| bridge::load_cursor(store, &b.name)).collect());
+            let cursors = Cursors::new(
+                config
+                    .bridges
+                    .iter()
+                    .map(|b| bridge::load_cursor(store, &b.name))
+                    .collect(),
+            );
             for (index, bridge_config) in config.bridges.iter().enumerate() {
-                let status = Arc::new(Mutex::new(BridgeStatus { name: bridge_config.name.clone(), ..Default::default() }));
+                let status = Arc::new(Mutex::new(BridgeStatus {
+                    name: bridge_config.name.clone(),
+                    ..Default::default()
+                }));
                 bridges.push(status.clone());
                 let client_id = bridge_config
                     .client_id
@@ -148,13 +163,24 @@ impl Broker {
         for listener_config in &config.listeners {
             let addr = &listener_config.bind;
             let tls = match &listener_config.tls {
-                Some(settings) => Some(Arc::new(
-                    TlsListener::new(settings.clone()).map_err(|source| BrokerError::Tls { addr: *addr, source })?,
-                )),
+                Some(settings) => Some(Arc::new(TlsListener::new(settings.clone()).map_err(
+                    |source| BrokerError::Tls {
+                        addr: *addr,
+                        source,
+                    },
+                )?)),
                 None => None,
             };
-            let listener = TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { addr: *addr, source })?;
-            let local = listener.local_addr().map_err(|source| BrokerError::Bind { addr: *addr, source })?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| BrokerError::Bind {
+                addr: *addr,
+                source,
+            })?;
             local_addrs.push(local);
             if let Some(tls) = &tls {
                 tls_listeners.push((local, tls.clone()));
@@ -168,7 +194,13 @@ impl Broker {
                 auth: auth.clone(),
                 tls,
             };
-            accept_tasks.push(tokio::spawn(accept_loop(listener, ctx, permits.clone(), done_tx.clone(), connection_rate.clone())));
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                ctx,
+                permits.clone(),
+                done_tx.clone(),
+                connection_rate.clone(),
+            )));
         }
         Ok(Broker {
             local_addrs,
@@ -196,7 +228,10 @@ impl Broker {
     /// New connections use them; open connections are not touched. A listener whose files
     /// fail to load keeps its current ones. One result per TLS listener (local address).
     pub fn reload_tls(&self) -> Vec<(SocketAddr, Result<(), TlsError>)> {
-        self.tls_listeners.iter().map(|(addr, tls)| (*addr, tls.reload())).collect()
+        self.tls_listeners
+            .iter()
+            .map(|(addr, tls)| (*addr, tls.reload()))
+            .collect()
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -233,7 +268,9 @@ impl Broker {
     /// like a client's. Drop it before `shutdown`, or shutdown waits for it (5 s at most).
     pub fn publisher(&self) -> InternalPublisher {
         let (closed, _) = mpsc::channel(1);
-        InternalPublisher { router: self.router_tx.clone().unwrap_or(closed) }
+        InternalPublisher {
+            router: self.router_tx.clone().unwrap_or(closed),
+        }
     }
 
     /// Stops accepting, closes every connection, stops the bridges (persisting their
@@ -244,16 +281,25 @@ impl Broker {
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;
         }
-        if tokio::time::timeout(Duration::from_secs(5), self.connections_done.recv()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.connections_done.recv())
+            .await
+            .is_err()
+        {
             warn!("connections still open after 5 s: stopping anyway");
         }
         for task in self.bridge_tasks.drain(..) {
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 warn!("a bridge did not stop within 5 s");
             }
         }
         // Every sender of the router's queue lived in the accept loops, connections and bridges.
-        if tokio::time::timeout(Duration::from_secs(5), &mut self.router_task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.router_task)
+            .await
+            .is_err()
+        {
             warn!("router did not stop within 5 s");
             self.router_task.abort();
         }
@@ -279,7 +325,11 @@ impl InternalPublisher {
     pub async fn publish(&self, message: Message) -> Result<(), BrokerStopping> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.router
-            .send(RouterCmd::Inject { message, origin_bridge: None, accepted: Some(tx) })
+            .send(RouterCmd::Inject {
+                message,
+                origin_bridge: None,
+                accepted: Some(tx),
+            })
             .await
             .map_err(|_| BrokerStopping)?;
         rx.await.map_err(|_| BrokerStopping)
@@ -305,8 +355,16 @@ impl StatusHandle {
     pub fn status(&self) -> BrokerStatus {
         BrokerStatus {
             started_at_ms: self.started_at_ms,
-            router: self.snapshot.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            bridges: self.bridges.iter().map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect(),
+            router: self
+                .snapshot
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            bridges: self
+                .bridges
+                .iter()
+                .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone())
+                .collect(),
             log: self.store.as_ref().map(Store::log_stats),
             durability: self.store.as_ref().map(|s| s.durability().borrow().clone()),
             recovery: self.recovery.clone(),
@@ -342,9 +400,14 @@ async fn accept_loop(
             }
         };
         // `max_connection_rate`, per source address, before anything else is spent on it.
-        let admit = connection_rate.lock().unwrap_or_else(|p| p.into_inner()).admit(peer.ip(), tokio::time::Instant::now());
+        let admit = connection_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(peer.ip(), tokio::time::Instant::now());
         if let Admit::No { first } = admit {
-            ctx.stats.connection_rate_refused.fetch_add(1, Ordering::Relaxed);
+            ctx.stats
+                .connection_rate_refused
+                .fetch_add(1, Ordering::Relaxed);
             if first {
                 warn!(%peer, max_connection_rate = ctx.limits.max_connection_rate, "new connections from this address over max_connection_rate: refused (logged once per streak)");
             }
@@ -352,7 +415,9 @@ async fn accept_loop(
             continue;
         }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            ctx.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+            ctx.stats
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
             warn!(%peer, max_connections = ctx.limits.max_connections, "max_connections reached: connection refused");
             drop(stream);
             continue;

@@ -29,7 +29,10 @@ impl Outbox {
         let (tx, rx) = mpsc::unbounded_channel();
         let pending = Arc::new(AtomicUsize::new(0));
         (
-            Outbox { tx, pending: pending.clone() },
+            Outbox {
+                tx,
+                pending: pending.clone(),
+            },
             OutboxReceiver { rx, pending },
         )
     }
@@ -138,7 +141,9 @@ impl Session {
     /// Whether a QoS 1/2 message for this session would be kept (not dropped as QueueFull):
     /// the router writes it to disk first for a persistent session.
     pub fn would_keep(&self, limits: &SessionLimits) -> bool {
-        (self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight)
+        (self.online.is_some()
+            && self.queue.is_empty()
+            && self.inflight.len() < limits.max_inflight)
             || self.queue_has_room(0, limits)
     }
 
@@ -149,18 +154,30 @@ impl Session {
     /// Delivers `message` (already at the QoS granted to this client) now, or keeps it
     /// for later: in the queue while the in-flight window is full or the client away.
     /// `stored` is its queue id when it is also on disk.
-    pub fn deliver(&mut self, message: Message, stored: Option<u64>, limits: &SessionLimits) -> Result<(), Dropped> {
+    pub fn deliver(
+        &mut self,
+        message: Message,
+        stored: Option<u64>,
+        limits: &SessionLimits,
+    ) -> Result<(), Dropped> {
         match &self.online {
             None if message.qos == QoS::AtMostOnce => Err(Dropped::Qos0Offline),
             Some(online) if message.qos == QoS::AtMostOnce => {
                 if online.outbox.pending() >= MAX_PENDING_QOS0 {
                     return Err(Dropped::Qos0SlowClient);
                 }
-                online.outbox.send(Outbound::Publish { pkid: 0, message, dup: false });
+                online.outbox.send(Outbound::Publish {
+                    pkid: 0,
+                    message,
+                    dup: false,
+                });
                 Ok(())
             }
             _ => {
-                if self.online.is_some() && self.queue.is_empty() && self.inflight.len() < limits.max_inflight {
+                if self.online.is_some()
+                    && self.queue.is_empty()
+                    && self.inflight.len() < limits.max_inflight
+                {
                     self.send_new(message, stored);
                     return Ok(());
                 }
@@ -178,9 +195,18 @@ impl Session {
     fn send_new(&mut self, message: Message, stored: Option<u64>) {
         let pkid = self.allocate_pkid();
         if let Some(online) = &self.online {
-            online.outbox.send(Outbound::Publish { pkid, message: message.clone(), dup: false });
+            online.outbox.send(Outbound::Publish {
+                pkid,
+                message: message.clone(),
+                dup: false,
+            });
         }
-        self.inflight.push_back(Inflight { pkid, message, state: InflightState::Published, stored });
+        self.inflight.push_back(Inflight {
+            pkid,
+            message,
+            state: InflightState::Published,
+            stored,
+        });
     }
 
     /// A message read back from disk at start-up, owed to this (offline) session.
@@ -214,7 +240,10 @@ impl Session {
 
     /// Queue ids of every message of this session kept on disk.
     pub fn stored_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.inflight.iter().filter_map(|f| f.stored).chain(self.queue.iter().filter_map(|q| q.1))
+        self.inflight
+            .iter()
+            .filter_map(|f| f.stored)
+            .chain(self.queue.iter().filter_map(|q| q.1))
     }
 
     fn allocate_pkid(&mut self) -> u16 {
@@ -233,7 +262,9 @@ impl Session {
             return;
         }
         while self.inflight.len() < limits.max_inflight {
-            let Some((message, stored)) = self.queue.pop_front() else { break };
+            let Some((message, stored)) = self.queue.pop_front() else {
+                break;
+            };
             self.queued_bytes = self.queued_bytes.saturating_sub(message_bytes(&message));
             self.send_new(message, stored);
         }
@@ -245,7 +276,11 @@ impl Session {
         if let Some(online) = &self.online {
             for f in &self.inflight {
                 let packet = match f.state {
-                    InflightState::Published => Outbound::Publish { pkid: f.pkid, message: f.message.clone(), dup: true },
+                    InflightState::Published => Outbound::Publish {
+                        pkid: f.pkid,
+                        message: f.message.clone(),
+                        dup: true,
+                    },
                     InflightState::Released => Outbound::PubRel(f.pkid),
                 };
                 online.outbox.send(packet);
@@ -256,7 +291,10 @@ impl Session {
 
     /// PUBACK from the client: the QoS 1 message is done. Returns its queue id on disk.
     pub fn puback(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
-        let i = self.inflight.iter().position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
+        let i = self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
         let done = self.inflight.remove(i)?;
         self.fill_window(limits);
         done.stored
@@ -264,7 +302,11 @@ impl Session {
 
     /// PUBREC from the client: answer PUBREL and wait for PUBCOMP.
     pub fn pubrec(&mut self, pkid: u16) {
-        if let Some(f) = self.inflight.iter_mut().find(|f| f.pkid == pkid && f.message.qos == QoS::ExactlyOnce) {
+        if let Some(f) = self
+            .inflight
+            .iter_mut()
+            .find(|f| f.pkid == pkid && f.message.qos == QoS::ExactlyOnce)
+        {
             f.state = InflightState::Released;
             if let Some(online) = &self.online {
                 online.outbox.send(Outbound::PubRel(pkid));
@@ -274,7 +316,10 @@ impl Session {
 
     /// PUBCOMP from the client: the QoS 2 message is done. Returns its queue id on disk.
     pub fn pubcomp(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
-        let i = self.inflight.iter().position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
+        let i = self
+            .inflight
+            .iter()
+            .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
         let done = self.inflight.remove(i)?;
         self.fill_window(limits);
         done.stored
@@ -313,7 +358,11 @@ mod tests {
 
     fn online(session: &mut Session) -> OutboxReceiver {
         let (outbox, rx) = Outbox::new();
-        session.online = Some(Online { conn: 1, outbox, will: None });
+        session.online = Some(Online {
+            conn: 1,
+            outbox,
+            will: None,
+        });
         rx
     }
 
@@ -331,7 +380,12 @@ mod tests {
 
     #[test]
     fn window_bounds_inflight_and_acks_release_queue() {
-        let limits = SessionLimits { max_inflight: 2, max_queued: 10, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
+        let limits = SessionLimits {
+            max_inflight: 2,
+            max_queued: 10,
+            max_queued_bytes: usize::MAX,
+            max_subscriptions: 0,
+        };
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
         for n in 0..5 {
@@ -340,21 +394,36 @@ mod tests {
         let sent = drain(&mut rx);
         assert_eq!(sent.len(), 2);
         assert_eq!(s.queued(), 3);
-        let Outbound::Publish { pkid, .. } = sent[0] else { panic!() };
+        let Outbound::Publish { pkid, .. } = sent[0] else {
+            panic!()
+        };
         s.puback(pkid, &limits);
         let sent = drain(&mut rx);
         assert_eq!(sent.len(), 1);
-        assert!(matches!(&sent[0], Outbound::Publish { message, .. } if message.payload[..] == [2]));
+        assert!(
+            matches!(&sent[0], Outbound::Publish { message, .. } if message.payload[..] == [2])
+        );
     }
 
     #[test]
     fn offline_queue_is_bounded_and_qos0_not_kept() {
-        let limits = SessionLimits { max_inflight: 2, max_queued: 2, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
+        let limits = SessionLimits {
+            max_inflight: 2,
+            max_queued: 2,
+            max_queued_bytes: usize::MAX,
+            max_subscriptions: 0,
+        };
         let mut s = Session::new(false);
-        assert_eq!(s.deliver(msg(0, QoS::AtMostOnce), None, &limits), Err(Dropped::Qos0Offline));
+        assert_eq!(
+            s.deliver(msg(0, QoS::AtMostOnce), None, &limits),
+            Err(Dropped::Qos0Offline)
+        );
         s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
         s.deliver(msg(2, QoS::ExactlyOnce), None, &limits).unwrap();
-        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
+        assert_eq!(
+            s.deliver(msg(3, QoS::AtLeastOnce), None, &limits),
+            Err(Dropped::QueueFull)
+        );
         let mut rx = online(&mut s);
         s.resume(&limits);
         assert_eq!(drain(&mut rx).len(), 2);
@@ -362,13 +431,20 @@ mod tests {
 
     #[test]
     fn resume_resends_with_dup_and_pubrel() {
-        let limits = SessionLimits { max_inflight: 10, max_queued: 10, max_queued_bytes: usize::MAX, max_subscriptions: 0 };
+        let limits = SessionLimits {
+            max_inflight: 10,
+            max_queued: 10,
+            max_queued_bytes: usize::MAX,
+            max_subscriptions: 0,
+        };
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
         s.deliver(msg(1, QoS::AtLeastOnce), None, &limits).unwrap();
         s.deliver(msg(2, QoS::ExactlyOnce), None, &limits).unwrap();
         let sent = drain(&mut rx);
-        let Outbound::Publish { pkid: p2, .. } = sent[1] else { panic!() };
+        let Outbound::Publish { pkid: p2, .. } = sent[1] else {
+            panic!()
+        };
         s.pubrec(p2);
         assert!(matches!(drain(&mut rx)[..], [Outbound::PubRel(p)] if p == p2));
         s.online = None;
@@ -384,12 +460,21 @@ mod tests {
     #[test]
     fn queue_is_bounded_in_bytes_and_filtered_on_request() {
         // "t" + 1 payload byte = 2 bytes per message: room for 3.
-        let limits = SessionLimits { max_inflight: 1, max_queued: 100, max_queued_bytes: 6, max_subscriptions: 0 };
+        let limits = SessionLimits {
+            max_inflight: 1,
+            max_queued: 100,
+            max_queued_bytes: 6,
+            max_subscriptions: 0,
+        };
         let mut s = Session::new(false);
         for n in 0..3 {
-            s.deliver(msg(n, QoS::AtLeastOnce), Some(u64::from(n)), &limits).unwrap();
+            s.deliver(msg(n, QoS::AtLeastOnce), Some(u64::from(n)), &limits)
+                .unwrap();
         }
-        assert_eq!(s.deliver(msg(3, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
+        assert_eq!(
+            s.deliver(msg(3, QoS::AtLeastOnce), None, &limits),
+            Err(Dropped::QueueFull)
+        );
         let dropped = s.retain_waiting(|m| m.payload[0] != 1);
         assert_eq!(dropped, vec![1]);
         assert_eq!(s.queued(), 2);
@@ -398,7 +483,10 @@ mod tests {
         s.resume(&limits);
         assert_eq!(drain(&mut rx).len(), 1);
         s.deliver(msg(5, QoS::AtLeastOnce), None, &limits).unwrap();
-        assert_eq!(s.deliver(msg(6, QoS::AtLeastOnce), None, &limits), Err(Dropped::QueueFull));
+        assert_eq!(
+            s.deliver(msg(6, QoS::AtLeastOnce), None, &limits),
+            Err(Dropped::QueueFull)
+        );
     }
 
     #[test]

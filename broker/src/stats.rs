@@ -96,7 +96,11 @@ pub struct HistogramSnapshot {
 impl Histogram {
     pub const fn new(bounds: &'static [u64]) -> Histogram {
         assert!(bounds.len() < HISTOGRAM_MAX_BUCKETS);
-        Histogram { bounds, counts: [const { AtomicU64::new(0) }; HISTOGRAM_MAX_BUCKETS], sum: AtomicU64::new(0) }
+        Histogram {
+            bounds,
+            counts: [const { AtomicU64::new(0) }; HISTOGRAM_MAX_BUCKETS],
+            sum: AtomicU64::new(0),
+        }
     }
 
     pub fn observe(&self, value: u64) {
@@ -108,22 +112,28 @@ impl Histogram {
     pub fn snapshot(&self) -> HistogramSnapshot {
         HistogramSnapshot {
             bounds: self.bounds,
-            counts: self.counts[..=self.bounds.len()].iter().map(|c| c.load(Relaxed)).collect(),
+            counts: self.counts[..=self.bounds.len()]
+                .iter()
+                .map(|c| c.load(Relaxed))
+                .collect(),
             sum: self.sum.load(Relaxed),
         }
     }
 }
 
 /// Operations per group commit (`store::writer`). Process-wide: one broker per process.
-pub static COMMIT_BATCH_OPS: Histogram = Histogram::new(&[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]);
+pub static COMMIT_BATCH_OPS: Histogram =
+    Histogram::new(&[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]);
 /// Microseconds to make one group commit durable (sled flush + fsyncs), `store::writer`.
 pub static COMMIT_SYNC_US: Histogram = Histogram::new(&[
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000,
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000,
 ]);
 /// Milliseconds from the broker receiving a message to the upstream acknowledging it
 /// (`bridge`, QoS 1 forwards), backlog time included.
 pub static FORWARD_LATENCY_MS: Histogram = Histogram::new(&[
-    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000,
+    1, 2, 5, 10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 30_000, 60_000, 300_000,
+    900_000, 3_600_000,
 ]);
 
 impl Stats {

@@ -70,7 +70,10 @@ pub enum TlsError {
 }
 
 fn file_error(path: &Path, message: impl std::fmt::Display) -> TlsError {
-    TlsError::File { path: path.to_owned(), message: message.to_string() }
+    TlsError::File {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
 }
 
 /// The one crypto provider used everywhere (never the process default, so nothing depends
@@ -79,7 +82,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+const VERSIONS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// Every certificate in a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -95,14 +99,17 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// The first private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, format!("no usable PEM private key: {e}")))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| file_error(path, format!("no usable PEM private key: {e}")))
 }
 
 /// The CA certificates of a PEM file as a root store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
     }
     Ok(roots)
 }
@@ -110,7 +117,9 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 /// Reads the files of a listener's `tls` and builds its server config.
 pub fn server_config(settings: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError> {
     if settings.use_identity_as_username && settings.client_ca.is_none() {
-        return Err(TlsError::Config("use_identity_as_username needs client_ca (clients must present a certificate)".into()));
+        return Err(TlsError::Config(
+            "use_identity_as_username needs client_ca (clients must present a certificate)".into(),
+        ));
     }
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
@@ -127,15 +136,22 @@ pub fn server_config(settings: &TlsConfig) -> Result<Arc<ServerConfig>, TlsError
     };
     let certs = load_certs(&settings.cert)?;
     let key = load_key(&settings.key)?;
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| TlsError::Config(format!("{} and {}: {e}", settings.cert.display(), settings.key.display())))?;
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        TlsError::Config(format!(
+            "{} and {}: {e}",
+            settings.cert.display(),
+            settings.key.display()
+        ))
+    })?;
     Ok(Arc::new(config))
 }
 
 /// `tls` of a `[[bridge]]`: the CA to trust (none: the system's roots) and an optional
 /// client certificate and key.
-pub fn client_config(ca_file: Option<&Path>, client_auth: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca_file: Option<&Path>,
+    client_auth: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match ca_file {
         Some(path) => load_roots(path)?,
         None => {
@@ -143,8 +159,14 @@ pub fn client_config(ca_file: Option<&Path>, client_auth: Option<(&Path, &Path)>
             let mut roots = RootCertStore::empty();
             let (added, _) = roots.add_parsable_certificates(found.certs);
             if added == 0 {
-                let why = found.errors.first().map(|e| e.to_string()).unwrap_or_else(|| "none found".into());
-                return Err(TlsError::Config(format!("no system CA certificates ({why}): set the bridge's tls.ca_file")));
+                let why = found
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "none found".into());
+                return Err(TlsError::Config(format!(
+                    "no system CA certificates ({why}): set the bridge's tls.ca_file"
+                )));
             }
             roots
         }
@@ -156,7 +178,9 @@ pub fn client_config(ca_file: Option<&Path>, client_auth: Option<(&Path, &Path)>
     let config = match client_auth {
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(|e| TlsError::Config(format!("{} and {}: {e}", cert.display(), key.display())))?,
+            .map_err(|e| {
+                TlsError::Config(format!("{} and {}: {e}", cert.display(), key.display()))
+            })?,
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(config))
@@ -172,7 +196,10 @@ impl TlsListener {
     /// Reads the certificate files; errors name the file.
     pub fn new(settings: TlsConfig) -> Result<TlsListener, TlsError> {
         let config = server_config(&settings)?;
-        Ok(TlsListener { settings, current: RwLock::new(TlsAcceptor::from(config)) })
+        Ok(TlsListener {
+            settings,
+            current: RwLock::new(TlsAcceptor::from(config)),
+        })
     }
 
     pub fn settings(&self) -> &TlsConfig {
@@ -180,7 +207,10 @@ impl TlsListener {
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Reads the files again and uses them for new connections. On error the config in
@@ -213,7 +243,12 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: ConnectionCo
     };
     let mut identity = None;
     if tls.settings.use_identity_as_username {
-        let cn = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).and_then(|cert| common_name(cert));
+        let cn = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| common_name(cert));
         match cn {
             Some(cn) if !cn.is_empty() => identity = Some(cn),
             _ => {
@@ -228,8 +263,12 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: ConnectionCo
 /// The first common name (OID 2.5.4.3) in the subject of a DER X.509 certificate. Only
 /// what rustls has already verified is passed here; anything unexpected gives `None`.
 pub fn common_name(der: &[u8]) -> Option<String> {
-    let (0x30, certificate, _) = der_next(der)? else { return None };
-    let (0x30, tbs, _) = der_next(certificate)? else { return None };
+    let (0x30, certificate, _) = der_next(der)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = der_next(certificate)? else {
+        return None;
+    };
     let mut rest = tbs;
     // version [0] EXPLICIT (absent in v1 certificates)
     if let (0xa0, _, after) = der_next(rest)? {
@@ -239,7 +278,9 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     for _ in 0..4 {
         rest = der_next(rest)?.2;
     }
-    let (0x30, mut names, _) = der_next(rest)? else { return None };
+    let (0x30, mut names, _) = der_next(rest)? else {
+        return None;
+    };
     while !names.is_empty() {
         let (tag, mut set, after) = der_next(names)?;
         names = after;
@@ -252,7 +293,9 @@ pub fn common_name(der: &[u8]) -> Option<String> {
             if tag != 0x30 {
                 return None;
             }
-            let (0x06, oid, value) = der_next(attribute)? else { return None };
+            let (0x06, oid, value) = der_next(attribute)? else {
+                return None;
+            };
             if oid != [0x55, 0x04, 0x03] {
                 continue;
             }
@@ -263,9 +306,13 @@ pub fn common_name(der: &[u8]) -> Option<String> {
                 // TeletexString: read as Latin-1
                 0x14 => Some(value.iter().map(|&b| char::from(b)).collect()),
                 // BMPString: UTF-16BE
-                0x1e if value.len() % 2 == 0 => {
-                    String::from_utf16(&value.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect::<Vec<_>>()).ok()
-                }
+                0x1e if value.len() % 2 == 0 => String::from_utf16(
+                    &value
+                        .chunks(2)
+                        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                        .collect::<Vec<_>>(),
+                )
+                .ok(),
                 _ => None,
             };
         }
@@ -284,7 +331,9 @@ fn der_next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         if n == 0 || n > 4 || rest.len() < n {
             return None;
         }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
         (len, &rest[n..])
     };
     if rest.len() < len {
@@ -327,19 +376,37 @@ mod tests {
         tbs.extend(tlv(0x02, &[1, 2, 3]));
         tbs.extend(tlv(0x30, &tlv(0x06, &[0x2a, 0x86, 0x48])));
         tbs.extend(name(&[(&[0x55, 4, 3], 0x0c, b"Issuer CA")]));
-        tbs.extend(tlv(0x30, &[tlv(0x17, b"250101000000Z"), tlv(0x17, b"350101000000Z")].concat()));
+        tbs.extend(tlv(
+            0x30,
+            &[tlv(0x17, b"250101000000Z"), tlv(0x17, b"350101000000Z")].concat(),
+        ));
         tbs.extend_from_slice(subject);
         tbs.extend(tlv(0x30, &[0u8; 200]));
-        tlv(0x30, &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0, 1, 2])].concat())
+        tlv(
+            0x30,
+            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0, 1, 2])].concat(),
+        )
     }
 
     #[test]
     fn common_name_is_read_from_the_subject_not_the_issuer() {
-        let subject = name(&[(&[0x55, 4, 6], 0x13, b"DE"), (&[0x55, 4, 3], 0x0c, b"sensor-17")]);
-        assert_eq!(common_name(&certificate(&subject, true)).as_deref(), Some("sensor-17"));
-        assert_eq!(common_name(&certificate(&subject, false)).as_deref(), Some("sensor-17"));
+        let subject = name(&[
+            (&[0x55, 4, 6], 0x13, b"DE"),
+            (&[0x55, 4, 3], 0x0c, b"sensor-17"),
+        ]);
+        assert_eq!(
+            common_name(&certificate(&subject, true)).as_deref(),
+            Some("sensor-17")
+        );
+        assert_eq!(
+            common_name(&certificate(&subject, false)).as_deref(),
+            Some("sensor-17")
+        );
         let printable = name(&[(&[0x55, 4, 3], 0x13, b"dev1")]);
-        assert_eq!(common_name(&certificate(&printable, true)).as_deref(), Some("dev1"));
+        assert_eq!(
+            common_name(&certificate(&printable, true)).as_deref(),
+            Some("dev1")
+        );
         let bmp = name(&[(&[0x55, 4, 3], 0x1e, &[0, b'a', 0, b'b'])]);
         assert_eq!(common_name(&certificate(&bmp, true)).as_deref(), Some("ab"));
         let no_cn = name(&[(&[0x55, 4, 10], 0x0c, b"Org")]);
@@ -365,7 +432,9 @@ mod tests {
             Ok(config) => assert!(config.alpn_protocols.is_empty()),
             Err(e) => assert!(e.to_string().contains("ca_file"), "{e}"),
         }
-        let err = client_config(Some(Path::new("/nonexistent/ca.pem")), None).unwrap_err().to_string();
+        let err = client_config(Some(Path::new("/nonexistent/ca.pem")), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/ca.pem"), "{err}");
     }
 
@@ -379,7 +448,12 @@ mod tests {
         };
         let err = server_config(&settings).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/cert.pem"), "{err}");
-        let err = server_config(&TlsConfig { use_identity_as_username: true, ..settings }).unwrap_err().to_string();
+        let err = server_config(&TlsConfig {
+            use_identity_as_username: true,
+            ..settings
+        })
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("client_ca"), "{err}");
     }
 }

@@ -64,7 +64,10 @@ struct Node {
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plus.is_none() && self.exact.is_empty() && self.multi.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.exact.is_empty()
+            && self.multi.is_empty()
     }
 }
 
@@ -155,7 +158,12 @@ impl SubscriptionTable {
         Self::match_at(&self.root, &levels, dollar, &mut found);
     }
 
-    fn match_at(node: &Node, levels: &[&str], no_wildcard: bool, found: &mut impl FnMut(&ClientKey, QoS)) {
+    fn match_at(
+        node: &Node,
+        levels: &[&str],
+        no_wildcard: bool,
+        found: &mut impl FnMut(&ClientKey, QoS),
+    ) {
         if !no_wildcard {
             // `a/#` matches `a` and everything below it.
             for (client, qos) in &node.multi {
@@ -196,7 +204,9 @@ mod tests {
 
     #[test]
     fn filters_are_validated() {
-        for ok in ["a", "a/b", "#", "+", "a/+/c", "a/#", "+/+", "/", "a//b", "$SYS/#"] {
+        for ok in [
+            "a", "a/b", "#", "+", "a/+/c", "a/#", "+/+", "/", "a//b", "$SYS/#",
+        ] {
             assert!(valid_filter(ok), "{ok}");
         }
         for bad in ["", "a/#/b", "a#", "a/b#", "a+", "+a/b", "##", "a/\0"] {
@@ -210,8 +220,12 @@ mod tests {
 
     #[test]
     fn table_matches_like_filter_matches() {
-        let filters = ["a/b", "a/+", "a/#", "#", "+/b", "+/+", "a/b/c", "$SYS/#", "$SYS/+", "+", "/+", "a//b"];
-        let topics = ["a", "a/b", "a/c", "a/b/c", "b", "$SYS/x", "$SYS", "/a", "a//b", "x/b"];
+        let filters = [
+            "a/b", "a/+", "a/#", "#", "+/b", "+/+", "a/b/c", "$SYS/#", "$SYS/+", "+", "/+", "a//b",
+        ];
+        let topics = [
+            "a", "a/b", "a/c", "a/b/c", "b", "$SYS/x", "$SYS", "/a", "a//b", "x/b",
+        ];
         let mut table = SubscriptionTable::default();
         for f in filters {
             table.insert(f, Arc::from(f), QoS::AtLeastOnce);
@@ -219,7 +233,11 @@ mod tests {
         assert_eq!(table.len(), filters.len());
         for t in topics {
             let got: Vec<String> = matches(&table, t).into_iter().map(|(c, _)| c).collect();
-            let mut want: Vec<String> = filters.iter().filter(|f| filter_matches(f, t)).map(|f| f.to_string()).collect();
+            let mut want: Vec<String> = filters
+                .iter()
+                .filter(|f| filter_matches(f, t))
+                .map(|f| f.to_string())
+                .collect();
             want.sort();
             assert_eq!(got, want, "topic {t}");
         }
@@ -228,7 +246,10 @@ mod tests {
     #[test]
     fn spec_examples() {
         assert!(filter_matches("sport/#", "sport"));
-        assert!(filter_matches("sport/tennis/#", "sport/tennis/player1/ranking"));
+        assert!(filter_matches(
+            "sport/tennis/#",
+            "sport/tennis/player1/ranking"
+        ));
         assert!(!filter_matches("sport/+", "sport"));
         assert!(filter_matches("sport/+", "sport/"));
         assert!(filter_matches("+/+", "/finance"));

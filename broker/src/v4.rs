@@ -69,7 +69,9 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
         _ => flags == 0,
     };
     if !flags_ok {
-        return Err(DecodeError::Malformed(format!("bad flags 0x{flags:x} for packet type {packet_type}")));
+        return Err(DecodeError::Malformed(format!(
+            "bad flags 0x{flags:x} for packet type {packet_type}"
+        )));
     }
     let body_start = header_len(&buf[..frame_len]);
     match packet_type {
@@ -102,7 +104,9 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
         v4::Packet::Unsubscribe(u) => {
             // A non-zero packet identifier [MQTT-2.3.1-1]; at least one filter [MQTT-3.10.3-2].
             if u.pkid == 0 {
-                return Err(DecodeError::Violation("UNSUBSCRIBE with packet identifier 0"));
+                return Err(DecodeError::Violation(
+                    "UNSUBSCRIBE with packet identifier 0",
+                ));
             }
             if u.topics.is_empty() {
                 return Err(DecodeError::Violation("UNSUBSCRIBE without topic filters"));
@@ -111,7 +115,10 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
         }
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect,
-        v4::Packet::ConnAck(_) | v4::Packet::SubAck(_) | v4::Packet::UnsubAck(_) | v4::Packet::PingResp => {
+        v4::Packet::ConnAck(_)
+        | v4::Packet::SubAck(_)
+        | v4::Packet::UnsubAck(_)
+        | v4::Packet::PingResp => {
             return Err(DecodeError::Violation("client sent a server-only packet"));
         }
     })
@@ -119,7 +126,11 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
 
 /// Length of the fixed header (type byte plus 1-4 remaining-length bytes) of a framed packet.
 fn header_len(frame: &[u8]) -> usize {
-    1 + frame[1..].iter().take(4).position(|b| b & 0x80 == 0).map_or(4, |i| i + 1)
+    1 + frame[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1)
 }
 
 fn read_len_prefixed(body: &[u8], at: usize) -> Option<(&[u8], usize)> {
@@ -151,10 +162,14 @@ fn check_connect(body: &[u8]) -> Result<(), DecodeError> {
         return Err(DecodeError::Malformed("CONNECT reserved flag set".into()));
     }
     if flags & 0x80 == 0 && flags & 0x40 != 0 {
-        return Err(DecodeError::Malformed("password flag without user name flag".into()));
+        return Err(DecodeError::Malformed(
+            "password flag without user name flag".into(),
+        ));
     }
     if flags & 0x04 == 0 && flags & 0x38 != 0 {
-        return Err(DecodeError::Malformed("will QoS/retain set without will flag".into()));
+        return Err(DecodeError::Malformed(
+            "will QoS/retain set without will flag".into(),
+        ));
     }
     if (flags >> 3) & 0b11 == 3 {
         return Err(DecodeError::Malformed("will QoS 3".into()));
@@ -171,7 +186,11 @@ fn check_subscribe(body: &[u8]) -> Result<(), DecodeError> {
         };
         match body.get(next) {
             Some(options) if options & 0b1111_1100 == 0 && options & 0b11 != 3 => {}
-            Some(_) => return Err(DecodeError::Malformed("SUBSCRIBE options reserved bits or QoS 3".into())),
+            Some(_) => {
+                return Err(DecodeError::Malformed(
+                    "SUBSCRIBE options reserved bits or QoS 3".into(),
+                ))
+            }
             None => return Err(DecodeError::Malformed("truncated SUBSCRIBE".into())),
         }
         at = next + 1;
@@ -218,11 +237,19 @@ pub fn encode(packet: &Outbound, buf: &mut BytesMut) -> Result<(), mqttbytes::Er
     match packet {
         Outbound::ConnAck(outcome) => {
             let (code, session_present) = match *outcome {
-                ConnectOutcome::Accepted { session_present } => (v4::ConnectReturnCode::Success, session_present),
-                ConnectOutcome::UnacceptableProtocol => (v4::ConnectReturnCode::RefusedProtocolVersion, false),
+                ConnectOutcome::Accepted { session_present } => {
+                    (v4::ConnectReturnCode::Success, session_present)
+                }
+                ConnectOutcome::UnacceptableProtocol => {
+                    (v4::ConnectReturnCode::RefusedProtocolVersion, false)
+                }
                 ConnectOutcome::IdentifierRejected => (v4::ConnectReturnCode::BadClientId, false),
-                ConnectOutcome::ServerUnavailable => (v4::ConnectReturnCode::ServiceUnavailable, false),
-                ConnectOutcome::BadCredentials => (v4::ConnectReturnCode::BadUserNamePassword, false),
+                ConnectOutcome::ServerUnavailable => {
+                    (v4::ConnectReturnCode::ServiceUnavailable, false)
+                }
+                ConnectOutcome::BadCredentials => {
+                    (v4::ConnectReturnCode::BadUserNamePassword, false)
+                }
                 ConnectOutcome::NotAuthorized => (v4::ConnectReturnCode::NotAuthorized, false),
             };
             v4::ConnAck::new(code, session_present).write(buf)?;
@@ -276,29 +303,50 @@ mod tests {
     use super::*;
 
     fn decode_hex(hex: &str) -> Result<Inbound, DecodeError> {
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
         decode(&mut BytesMut::from(&bytes[..]), 1024)
     }
 
     #[test]
     fn connect_level_3_and_5_are_unsupported_not_malformed() {
         // MQIsdp level 3, client id "a"
-        assert!(matches!(decode_hex("100f00064d514973647003020000000161"), Err(DecodeError::UnsupportedProtocol(3))));
-        assert!(matches!(decode_hex("100d00044d5154540502000000016100"), Err(DecodeError::UnsupportedProtocol(5))));
+        assert!(matches!(
+            decode_hex("100f00064d514973647003020000000161"),
+            Err(DecodeError::UnsupportedProtocol(3))
+        ));
+        assert!(matches!(
+            decode_hex("100d00044d5154540502000000016100"),
+            Err(DecodeError::UnsupportedProtocol(5))
+        ));
     }
 
     #[test]
     fn connect_reserved_flag_is_malformed() {
-        assert!(matches!(decode_hex("100d00044d51545404030000000161"), Err(DecodeError::Malformed(_))));
-        assert!(matches!(decode_hex("100d00044d51545404020000000161"), Ok(Inbound::Connect(_))));
+        assert!(matches!(
+            decode_hex("100d00044d51545404030000000161"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_hex("100d00044d51545404020000000161"),
+            Ok(Inbound::Connect(_))
+        ));
     }
 
     #[test]
     fn bad_fixed_header_flags_are_malformed() {
         // SUBSCRIBE with flags 0 instead of 2
-        assert!(matches!(decode_hex("8006000100016100"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_hex("8006000100016100"),
+            Err(DecodeError::Malformed(_))
+        ));
         // PUBLISH QoS 0 with DUP
-        assert!(matches!(decode_hex("38050001616869"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_hex("38050001616869"),
+            Err(DecodeError::Malformed(_))
+        ));
         // PINGREQ ok, with flags not ok
         assert!(matches!(decode_hex("c000"), Ok(Inbound::PingReq)));
         assert!(matches!(decode_hex("c100"), Err(DecodeError::Malformed(_))));
@@ -306,22 +354,40 @@ mod tests {
 
     #[test]
     fn zero_packet_ids_are_violations() {
-        assert!(matches!(decode_hex("8206000000016101"), Err(DecodeError::Violation(_))));
-        assert!(matches!(decode_hex("a2050000000161"), Err(DecodeError::Violation(_))));
+        assert!(matches!(
+            decode_hex("8206000000016101"),
+            Err(DecodeError::Violation(_))
+        ));
+        assert!(matches!(
+            decode_hex("a2050000000161"),
+            Err(DecodeError::Violation(_))
+        ));
     }
 
     #[test]
     fn subscribe_reserved_option_bits_are_malformed() {
-        assert!(matches!(decode_hex("8206000100016101"), Ok(Inbound::Subscribe(_))));
-        assert!(matches!(decode_hex("8206000100016105"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode_hex("8206000100016101"),
+            Ok(Inbound::Subscribe(_))
+        ));
+        assert!(matches!(
+            decode_hex("8206000100016105"),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
     fn incomplete_leaves_buffer_and_oversize_is_reported() {
         let mut buf = BytesMut::from(&[0x30u8, 0x05, 0x00][..]);
-        assert!(matches!(decode(&mut buf, 1024), Err(DecodeError::Incomplete)));
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(DecodeError::Incomplete)
+        ));
         assert_eq!(buf.len(), 3);
         let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x7f][..]);
-        assert!(matches!(decode(&mut buf, 1024), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(DecodeError::TooLarge(_))
+        ));
     }
 }

@@ -45,7 +45,12 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        Self { keep_alive_s: 30, response_timeout_ms: 5_000, backoff_min_ms: 500, backoff_max_ms: 30_000 }
+        Self {
+            keep_alive_s: 30,
+            response_timeout_ms: 5_000,
+            backoff_min_ms: 500,
+            backoff_max_ms: 30_000,
+        }
     }
 }
 
@@ -100,9 +105,19 @@ impl<const N: usize> Outbox<N> {
             acked: false,
             ever_sent: false,
             sent_on_link: false,
-            event: Event { seq: 0, value: 0, threshold: 0, direction: crate::detector::Direction::Rising, dropped: 0 },
+            event: Event {
+                seq: 0,
+                value: 0,
+                threshold: 0,
+                direction: crate::detector::Direction::Rising,
+                dropped: 0,
+            },
         };
-        Self { slots: [empty; N], head: 0, len: 0 }
+        Self {
+            slots: [empty; N],
+            head: 0,
+            len: 0,
+        }
     }
     fn len(&self) -> usize {
         self.len
@@ -138,7 +153,9 @@ impl<const N: usize> Outbox<N> {
     /// sent on this link if `on_link`. One function for every search keeps one copy in flash.
     fn find(&self, pid: Option<u16>, on_link: bool) -> Option<usize> {
         (0..self.len).find(|&i| {
-            self.get(i).is_some_and(|s| !s.acked && pid.is_none_or(|p| s.pid == p) && (s.sent_on_link || !on_link))
+            self.get(i).is_some_and(|s| {
+                !s.acked && pid.is_none_or(|p| s.pid == p) && (s.sent_on_link || !on_link)
+            })
         })
     }
     /// Appends (the caller makes room first); a full ring ignores the slot.
@@ -234,11 +251,19 @@ fn valid_level(s: &str) -> bool {
 impl<T: Transport, const N: usize> Client<T, N> {
     /// A client for device `id` (1..=23 of `[A-Za-z0-9._-]`, also the MQTT client id) in boot
     /// number `boot`, publishing readings of `sensor`.
-    pub fn new(t: T, id: &str, boot: u32, sensor: &str, cfg: ClientConfig) -> Result<Self, BadIdentity> {
+    pub fn new(
+        t: T,
+        id: &str,
+        boot: u32,
+        sensor: &str,
+        cfg: ClientConfig,
+    ) -> Result<Self, BadIdentity> {
         if !valid_level(id) || !valid_level(sensor) {
             return Err(BadIdentity);
         }
-        let jitter = id.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193)) ^ boot;
+        let jitter = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ b as u32).wrapping_mul(0x0100_0193)
+        }) ^ boot;
         Ok(Self {
             t,
             cfg,
@@ -253,7 +278,10 @@ impl<T: Transport, const N: usize> Client<T, N> {
             sub_pid: None,
             subscribed: false,
             report: None,
-            io: Buffers { rx: [0; RX_BUF], tx: [0; TX_BUF] },
+            io: Buffers {
+                rx: [0; RX_BUF],
+                tx: [0; TX_BUF],
+            },
             rx_len: 0,
             consume: 0,
             skip: 0,
@@ -277,7 +305,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
     }
     /// Events waiting for a PUBACK (sent or not).
     pub fn outbox_len(&self) -> usize {
-        (0..self.outbox.len()).filter(|&i| self.outbox.get(i).is_some_and(|s| !s.acked)).count()
+        (0..self.outbox.len())
+            .filter(|&i| self.outbox.get(i).is_some_and(|s| !s.acked))
+            .count()
     }
     pub fn transport(&mut self) -> &mut T {
         &mut self.t
@@ -297,7 +327,10 @@ impl<T: Transport, const N: usize> Client<T, N> {
             // The front is never a tombstone (see `handle`), so this is the oldest event.
             if let Some(old) = self.outbox.pop_front() {
                 if !old.acked {
-                    self.dropped_pending = self.dropped_pending.saturating_add(old.event.dropped).saturating_add(1);
+                    self.dropped_pending = self
+                        .dropped_pending
+                        .saturating_add(old.event.dropped)
+                        .saturating_add(1);
                     self.stats.dropped = self.stats.dropped.wrapping_add(1);
                 }
             }
@@ -306,7 +339,13 @@ impl<T: Transport, const N: usize> Client<T, N> {
         self.dropped_pending = 0;
         let pid = self.alloc_pid();
         // Cannot fail: a slot was freed above.
-        self.outbox.push_back(Slot { pid, acked: false, ever_sent: false, sent_on_link: false, event });
+        self.outbox.push_back(Slot {
+            pid,
+            acked: false,
+            ever_sent: false,
+            sent_on_link: false,
+            event,
+        });
     }
 
     /// Reports the fate of a config document on the status topic (QoS 0, not retained, so the
@@ -324,7 +363,10 @@ impl<T: Transport, const N: usize> Client<T, N> {
         } {
             self.t.close();
         }
-        self.link = Link::Down { since: now, wait: 0 };
+        self.link = Link::Down {
+            since: now,
+            wait: 0,
+        };
         self.outbox.all_unsent();
     }
 
@@ -348,8 +390,15 @@ impl<T: Transport, const N: usize> Client<T, N> {
         } else {
             0
         };
-        self.link = Link::Down { since: now, wait: self.backoff_ms.saturating_add(extra) };
-        self.backoff_ms = self.backoff_ms.saturating_mul(2).min(self.cfg.backoff_max_ms).max(self.cfg.backoff_min_ms);
+        self.link = Link::Down {
+            since: now,
+            wait: self.backoff_ms.saturating_add(extra),
+        };
+        self.backoff_ms = self
+            .backoff_ms
+            .saturating_mul(2)
+            .min(self.cfg.backoff_max_ms)
+            .max(self.cfg.backoff_min_ms);
         self.stats.link_losses = self.stats.link_losses.wrapping_add(1);
         self.rx_len = 0;
         self.consume = 0;
@@ -483,7 +532,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
         if let Some(r) = self.report.take() {
             let parts: [&[u8]; 3] = match r {
                 ConfigReport::Applied => [b"{\"config\":\"applied\"}", b"", b""],
-                ConfigReport::Rejected(why) => [b"{\"config\":\"rejected\",\"reason\":\"", why.as_bytes(), b"\"}"],
+                ConfigReport::Rejected(why) => [
+                    b"{\"config\":\"rejected\",\"reason\":\"",
+                    why.as_bytes(),
+                    b"\"}",
+                ],
             };
             if !self.publish_status(false, &parts, now) {
                 return false;
@@ -498,9 +551,14 @@ impl<T: Transport, const N: usize> Client<T, N> {
             let mut w = Writer::new(&mut self.io.tx);
             w.field(&topic(&self.id, EVENTS));
             w.u16(s.pid);
-            let len = s.event.to_json(&self.id, self.boot, &self.sensor, w.spare()).ok();
+            let len = s
+                .event
+                .to_json(&self.id, self.boot, &self.sensor, w.spare())
+                .ok();
             w.advance(len);
-            let Ok(r) = w.finish(mqtt::publish_first(1, false, s.ever_sent)) else { continue };
+            let Ok(r) = w.finish(mqtt::publish_first(1, false, s.ever_sent)) else {
+                continue;
+            };
             if !self.send(Ok(r), now) {
                 return false;
             }
@@ -553,7 +611,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
                 at += k;
                 continue;
             }
-            let Some(buf) = self.io.rx.get(at..self.rx_len) else { break };
+            let Some(buf) = self.io.rx.get(at..self.rx_len) else {
+                break;
+            };
             let header = match mqtt::decode_header(buf) {
                 Ok(h) => h,
                 Err(DecodeError::Incomplete) => break,
@@ -584,10 +644,17 @@ impl<T: Transport, const N: usize> Client<T, N> {
             let (k, pid, aux) = match packet {
                 Packet::ConnAck { code, .. } => (mqtt::kind::CONNACK, 0, code),
                 Packet::Ack { kind, pid } => (kind, pid, 0),
-                Packet::SubAck { pid, codes } => (mqtt::kind::SUBACK, pid, codes.first().copied().unwrap_or(0x80)),
+                Packet::SubAck { pid, codes } => (
+                    mqtt::kind::SUBACK,
+                    pid,
+                    codes.first().copied().unwrap_or(0x80),
+                ),
                 Packet::PingResp => (mqtt::kind::PINGRESP, 0, 0),
                 Packet::Publish(p) => {
-                    let mine = p.topic.strip_prefix(b"sensors/".as_slice()).and_then(|t| t.strip_prefix(self.id.as_bytes()));
+                    let mine = p
+                        .topic
+                        .strip_prefix(b"sensors/".as_slice())
+                        .and_then(|t| t.strip_prefix(self.id.as_bytes()));
                     if mine == Some(CONFIG) {
                         // The payload ends the packet.
                         config = Some((at - p.payload.len(), at));
@@ -639,7 +706,11 @@ impl<T: Transport, const N: usize> Client<T, N> {
         }
         match k {
             kind::PUBACK => {
-                if let Some(s) = self.outbox.find(Some(pid), true).and_then(|i| self.outbox.get_mut(i)) {
+                if let Some(s) = self
+                    .outbox
+                    .find(Some(pid), true)
+                    .and_then(|i| self.outbox.get_mut(i))
+                {
                     s.acked = true;
                     self.stats.acknowledged = self.stats.acknowledged.wrapping_add(1);
                 }
@@ -654,7 +725,9 @@ impl<T: Transport, const N: usize> Client<T, N> {
             kind::PINGRESP => self.ping_sent = None,
             kind::PUBREL => return self.send_ack(kind::PUBCOMP << 4, pid, now),
             // QoS 1 -> PUBACK (4), QoS 2 -> PUBREC (5).
-            kind::PUBLISH if pid != 0 => return self.send_ack((kind::PUBACK - 1 + aux) << 4, pid, now),
+            kind::PUBLISH if pid != 0 => {
+                return self.send_ack((kind::PUBACK - 1 + aux) << 4, pid, now)
+            }
             // PUBREC, PUBCOMP and UNSUBACK answer nothing this client sends: ignore.
             _ => {}
         }
@@ -739,8 +812,12 @@ mod tests {
         }
     }
 
-    const CFG: ClientConfig =
-        ClientConfig { keep_alive_s: 10, response_timeout_ms: 1000, backoff_min_ms: 100, backoff_max_ms: 800 };
+    const CFG: ClientConfig = ClientConfig {
+        keep_alive_s: 10,
+        response_timeout_ms: 1000,
+        backoff_min_ms: 100,
+        backoff_max_ms: 800,
+    };
 
     fn client<const N: usize>() -> Client<Fake, N> {
         Client::new(Fake::default(), "dev1", 7, "temp", CFG).unwrap()
@@ -765,14 +842,25 @@ mod tests {
         match mqtt::decode(p).unwrap().0 {
             Packet::Publish(p) => {
                 assert_eq!(p.topic, b"sensors/dev1/events");
-                (p.qos, p.pid.unwrap(), p.dup, serde_json::from_slice(p.payload).unwrap())
+                (
+                    p.qos,
+                    p.pid.unwrap(),
+                    p.dup,
+                    serde_json::from_slice(p.payload).unwrap(),
+                )
             }
             other => panic!("not a publish: {other:?}"),
         }
     }
 
     fn ev(seq: u32) -> Event {
-        Event { seq, value: 1000 + seq as i32, threshold: 900, direction: Direction::Rising, dropped: 0 }
+        Event {
+            seq,
+            value: 1000 + seq as i32,
+            threshold: 900,
+            direction: Direction::Rising,
+            dropped: 0,
+        }
     }
 
     /// Connects: CONNECT, CONNACK, then online + SUBSCRIBE (+ SUBACK).
@@ -787,7 +875,9 @@ mod tests {
         let p = sent(c);
         assert_eq!(p[0], {
             let mut b = [0u8; 64];
-            let r = mqtt::encode_publish(&mut b, "sensors/dev1/status", b"online", 0, true, false, 0).unwrap();
+            let r =
+                mqtt::encode_publish(&mut b, "sensors/dev1/status", b"online", 0, true, false, 0)
+                    .unwrap();
             b[r].to_vec()
         });
         assert_eq!(p[1][0], 0x82, "SUBSCRIBE");
@@ -809,7 +899,12 @@ mod tests {
                 client_id: "dev1",
                 keep_alive_s: 10,
                 clean_session: true,
-                will: Some(Will { topic: "sensors/dev1/status", payload: b"offline", qos: 1, retain: true }),
+                will: Some(Will {
+                    topic: "sensors/dev1/status",
+                    payload: b"offline",
+                    qos: 1,
+                    retain: true,
+                }),
                 username: None,
                 password: None,
             },
@@ -830,7 +925,10 @@ mod tests {
         assert_eq!(p.len(), 2);
         let (qos, pid0, dup, json) = publish_of(&p[0]);
         assert_eq!((qos, dup), (1, false));
-        assert_eq!(json, serde_json::json!({"v":1,"device":"dev1","boot":7,"seq":0,"sensor":"temp","value":1000,"threshold":900,"direction":"rising"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"v":1,"device":"dev1","boot":7,"seq":0,"sensor":"temp","value":1000,"threshold":900,"direction":"rising"})
+        );
         let (_, pid1, _, _) = publish_of(&p[1]);
         assert_ne!(pid0, pid1);
         feed(&mut c, &[0x40, 2, (pid1 >> 8) as u8, pid1 as u8]);
@@ -876,7 +974,10 @@ mod tests {
         c.poll(400);
         let p: StdVec<_> = sent(&mut c).iter().map(|p| publish_of(p)).collect();
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].1, p[0].2, p[0].3["seq"].as_u64()), (first[1].1, true, Some(1)));
+        assert_eq!(
+            (p[0].1, p[0].2, p[0].3["seq"].as_u64()),
+            (first[1].1, true, Some(1))
+        );
         assert_eq!((p[1].2, p[1].3["seq"].as_u64()), (false, Some(2)));
         assert_eq!(c.stats().resent, 1);
         assert_eq!(c.stats().published, 3);
@@ -895,12 +996,21 @@ mod tests {
         c.poll(1);
         let p: StdVec<_> = sent(&mut c).iter().map(|p| publish_of(p).3).collect();
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0]["seq"].as_u64(), p[0]["dropped"].as_u64()), (Some(3), Some(1)));
-        assert_eq!((p[1]["seq"].as_u64(), p[1]["dropped"].as_u64()), (Some(4), Some(2)));
+        assert_eq!(
+            (p[0]["seq"].as_u64(), p[0]["dropped"].as_u64()),
+            (Some(3), Some(1))
+        );
+        assert_eq!(
+            (p[1]["seq"].as_u64(), p[1]["dropped"].as_u64()),
+            (Some(4), Some(2))
+        );
         c.enqueue(ev(5)); // outbox full again: 3 (carrying 1) dropped -> 5 carries 2
         c.poll(2);
         let p: StdVec<_> = sent(&mut c).iter().map(|p| publish_of(p).3).collect();
-        assert_eq!((p[0]["seq"].as_u64(), p[0]["dropped"].as_u64()), (Some(5), Some(2)));
+        assert_eq!(
+            (p[0]["seq"].as_u64(), p[0]["dropped"].as_u64()),
+            (Some(5), Some(2))
+        );
         // Reported drops in the events still queued (4: 2, 5: 2) equal the real drops: 0, 1, 2, 3.
         assert_eq!(c.stats().dropped, 4);
     }
@@ -946,10 +1056,17 @@ mod tests {
         up(&mut c, 0);
         let doc = br#"{"rising":5}"#;
         let mut b = [0u8; 128];
-        let r = mqtt::encode_publish(&mut b, "sensors/dev1/config", doc, 1, true, false, 0x0a0b).unwrap();
+        let r = mqtt::encode_publish(&mut b, "sensors/dev1/config", doc, 1, true, false, 0x0a0b)
+            .unwrap();
         feed(&mut c, &b[r]);
         // Topics that only share a prefix or an end with the config topic are not config.
-        for other in ["other/topic", "sensors/dev1/config/x", "sensors/dev1x/config", "sensors/dev/config", "x/dev1/config"] {
+        for other in [
+            "other/topic",
+            "sensors/dev1/config/x",
+            "sensors/dev1x/config",
+            "sensors/dev/config",
+            "x/dev1/config",
+        ] {
             let r = mqtt::encode_publish(&mut b, other, b"x", 0, false, false, 0).unwrap();
             feed(&mut c, &b[r]);
         }
@@ -968,8 +1085,14 @@ mod tests {
         let p = sent(&mut c);
         match mqtt::decode(&p[0]).unwrap().0 {
             Packet::Publish(p) => {
-                assert_eq!((p.topic, p.retain, p.qos), (&b"sensors/dev1/status"[..], false, 0));
-                assert_eq!(p.payload, br#"{"config":"rejected","reason":"falling must be below rising"}"#);
+                assert_eq!(
+                    (p.topic, p.retain, p.qos),
+                    (&b"sensors/dev1/status"[..], false, 0)
+                );
+                assert_eq!(
+                    p.payload,
+                    br#"{"config":"rejected","reason":"falling must be below rising"}"#
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -981,7 +1104,8 @@ mod tests {
         up(&mut c, 0);
         let big = [b'x'; 600];
         let mut b = [0u8; 700];
-        let r = mqtt::encode_publish(&mut b, "sensors/dev1/config", &big, 0, false, false, 0).unwrap();
+        let r =
+            mqtt::encode_publish(&mut b, "sensors/dev1/config", &big, 0, false, false, 0).unwrap();
         feed(&mut c, &b[r]);
         feed(&mut c, &[0xd0, 0]);
         for t in 1..200 {
@@ -993,7 +1117,13 @@ mod tests {
 
     #[test]
     fn protocol_violations_drop_the_link() {
-        for bad in [&[0x20u8, 2, 0, 0][..], &[0x10, 0], &[0xf0, 0], &[0x40, 2, 0, 0], &[0x30, 0xff, 0xff, 0xff, 0xff, 1]] {
+        for bad in [
+            &[0x20u8, 2, 0, 0][..],
+            &[0x10, 0],
+            &[0xf0, 0],
+            &[0x40, 2, 0, 0],
+            &[0x30, 0xff, 0xff, 0xff, 0xff, 1],
+        ] {
             let mut c = client::<2>();
             up(&mut c, 0);
             feed(&mut c, bad);

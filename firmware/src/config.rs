@@ -137,7 +137,10 @@ impl<'a> Scan<'a> {
                     self.i += 1;
                 }
                 let start = self.i;
-                while matches!(self.peek(), Some(b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')) {
+                while matches!(
+                    self.peek(),
+                    Some(b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                ) {
                     self.i += 1;
                 }
                 if self.i == start {
@@ -164,7 +167,14 @@ pub fn parse(payload: &[u8], current: Thresholds) -> Result<Thresholds, ConfigEr
     // Known keys and their ranges; values land in `vals` (the document's last value wins).
     // Ranges by position (code, not a table of 64-bit bounds in flash): `v` (checked below),
     // two `i32`, a `u8`, two `u32`.
-    const KEYS: [&[u8]; 6] = [b"v", b"rising", b"falling", b"debounce", b"min_interval_ms", b"heartbeat_ms"];
+    const KEYS: [&[u8]; 6] = [
+        b"v",
+        b"rising",
+        b"falling",
+        b"debounce",
+        b"min_interval_ms",
+        b"heartbeat_ms",
+    ];
     let mut vals = [
         1,
         current.rising as i64,
@@ -223,20 +233,51 @@ pub fn parse(payload: &[u8], current: Thresholds) -> Result<Thresholds, ConfigEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    const CUR: Thresholds = Thresholds { rising: 100, falling: 0, debounce: 1, min_interval_ms: 0, heartbeat_ms: 0 };
+    const CUR: Thresholds = Thresholds {
+        rising: 100,
+        falling: 0,
+        debounce: 1,
+        min_interval_ms: 0,
+        heartbeat_ms: 0,
+    };
 
     #[test]
     fn partial_update() {
         let t = parse(br#"{"rising":500,"debounce":3,"future_field":"x"}"#, CUR).unwrap();
-        assert_eq!(t, Thresholds { rising: 500, debounce: 3, ..CUR });
-        let t = parse(br#" {"v":1,"falling":-20,"min_interval_ms":1000,"heartbeat_ms":60000} "#, CUR).unwrap();
-        assert_eq!(t, Thresholds { falling: -20, min_interval_ms: 1000, heartbeat_ms: 60000, ..CUR });
+        assert_eq!(
+            t,
+            Thresholds {
+                rising: 500,
+                debounce: 3,
+                ..CUR
+            }
+        );
+        let t = parse(
+            br#" {"v":1,"falling":-20,"min_interval_ms":1000,"heartbeat_ms":60000} "#,
+            CUR,
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            Thresholds {
+                falling: -20,
+                min_interval_ms: 1000,
+                heartbeat_ms: 60000,
+                ..CUR
+            }
+        );
     }
 
     #[test]
     fn skips_unknown_values_of_every_kind() {
         let doc = br#"{"a":"s\"}","b":[1,2.5e3,{"c":null}],"d":true,"e":false,"f":{},"g":[],"h":-0.5,"rising":7000}"#;
-        assert_eq!(parse(doc, CUR), Ok(Thresholds { rising: 7000, ..CUR }));
+        assert_eq!(
+            parse(doc, CUR),
+            Ok(Thresholds {
+                rising: 7000,
+                ..CUR
+            })
+        );
         assert_eq!(parse(b"{}", CUR), Ok(CUR));
         assert_eq!(parse(b" { } ", CUR), Ok(CUR));
     }
@@ -246,20 +287,37 @@ mod tests {
     fn agrees_with_serde_json() {
         use proptest::prelude::*;
         let mut runner = proptest::test_runner::TestRunner::default();
-        let field = (prop::sample::select(vec!["rising", "falling", "debounce", "min_interval_ms", "heartbeat_ms", "other"]), -70000i64..70000);
+        let field = (
+            prop::sample::select(vec![
+                "rising",
+                "falling",
+                "debounce",
+                "min_interval_ms",
+                "heartbeat_ms",
+                "other",
+            ]),
+            -70000i64..70000,
+        );
         runner
             .run(&proptest::collection::vec(field, 0..6), |fields| {
-                let obj: serde_json::Map<String, serde_json::Value> =
-                    fields.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
+                let obj: serde_json::Map<String, serde_json::Value> = fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                    .collect();
                 let text = serde_json::to_string(&obj).unwrap();
                 let get = |k: &str| obj.get(k).and_then(|v| v.as_i64());
                 let want = (|| {
                     let t = Thresholds {
-                        rising: get("rising").map_or(Some(CUR.rising), |v| i32::try_from(v).ok())?,
-                        falling: get("falling").map_or(Some(CUR.falling), |v| i32::try_from(v).ok())?,
-                        debounce: get("debounce").map_or(Some(CUR.debounce), |v| u8::try_from(v).ok())?,
-                        min_interval_ms: get("min_interval_ms").map_or(Some(CUR.min_interval_ms), |v| u32::try_from(v).ok())?,
-                        heartbeat_ms: get("heartbeat_ms").map_or(Some(CUR.heartbeat_ms), |v| u32::try_from(v).ok())?,
+                        rising: get("rising")
+                            .map_or(Some(CUR.rising), |v| i32::try_from(v).ok())?,
+                        falling: get("falling")
+                            .map_or(Some(CUR.falling), |v| i32::try_from(v).ok())?,
+                        debounce: get("debounce")
+                            .map_or(Some(CUR.debounce), |v| u8::try_from(v).ok())?,
+                        min_interval_ms: get("min_interval_ms")
+                            .map_or(Some(CUR.min_interval_ms), |v| u32::try_from(v).ok())?,
+                        heartbeat_ms: get("heartbeat_ms")
+                            .map_or(Some(CUR.heartbeat_ms), |v| u32::try_from(v).ok())?,
                     };
                     t.validate().ok().map(|_| t)
                 })();
@@ -273,16 +331,31 @@ mod tests {
     fn refusals() {
         assert_eq!(parse(b"", CUR), Err(ConfigError::Syntax));
         assert_eq!(parse(b"not json", CUR), Err(ConfigError::Syntax));
-        assert_eq!(parse(br#"{"rising":"high"}"#, CUR), Err(ConfigError::Syntax));
+        assert_eq!(
+            parse(br#"{"rising":"high"}"#, CUR),
+            Err(ConfigError::Syntax)
+        );
         assert_eq!(parse(br#"{"debounce":300}"#, CUR), Err(ConfigError::Syntax));
-        assert_eq!(parse(br#"{"rising":99999999999}"#, CUR), Err(ConfigError::Syntax));
-        assert_eq!(parse(br#"{"v":2,"rising":1}"#, CUR), Err(ConfigError::Version));
-        assert_eq!(parse(br#"{"falling":100}"#, CUR), Err(ConfigError::Invalid(ThresholdError::FallingNotBelowRising)));
+        assert_eq!(
+            parse(br#"{"rising":99999999999}"#, CUR),
+            Err(ConfigError::Syntax)
+        );
+        assert_eq!(
+            parse(br#"{"v":2,"rising":1}"#, CUR),
+            Err(ConfigError::Version)
+        );
+        assert_eq!(
+            parse(br#"{"falling":100}"#, CUR),
+            Err(ConfigError::Invalid(ThresholdError::FallingNotBelowRising))
+        );
         assert_eq!(parse(br#"{"rising":1.5}"#, CUR), Err(ConfigError::Syntax));
         assert_eq!(parse(br#"{"rising":500"#, CUR), Err(ConfigError::Syntax));
         assert_eq!(parse(br#"{"rising":500,}"#, CUR), Err(ConfigError::Syntax));
         assert_eq!(parse(br#"{"rising":500} x"#, CUR), Err(ConfigError::Syntax));
-        assert_eq!(parse(br#"{"x":[1,{"a":"}"}],"rising":-}"#, CUR), Err(ConfigError::Syntax));
+        assert_eq!(
+            parse(br#"{"x":[1,{"a":"}"}],"rising":-}"#, CUR),
+            Err(ConfigError::Syntax)
+        );
         assert_eq!(parse(br#"[]"#, CUR), Err(ConfigError::Syntax));
         let deep = format!("{{\"x\":{}{}}}", "[".repeat(40), "]".repeat(40));
         assert_eq!(parse(deep.as_bytes(), CUR), Err(ConfigError::Syntax));

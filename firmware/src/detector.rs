@@ -108,7 +108,14 @@ pub struct Detector {
 impl Detector {
     pub fn new(cfg: Thresholds) -> Result<Self, ThresholdError> {
         cfg.validate()?;
-        Ok(Self { cfg, state: State::Unknown, zone: Zone::Band, run: 0, last_event_ms: None, known_since_ms: 0 })
+        Ok(Self {
+            cfg,
+            state: State::Unknown,
+            zone: Zone::Band,
+            run: 0,
+            last_event_ms: None,
+            known_since_ms: 0,
+        })
     }
 
     pub fn thresholds(&self) -> Thresholds {
@@ -159,8 +166,12 @@ impl Detector {
             return None;
         }
         let crossing = match (zone, self.state) {
-            (Zone::Above, State::Low | State::Mid) => Some((Direction::Rising, self.cfg.rising, State::High)),
-            (Zone::Below, State::High | State::Mid) => Some((Direction::Falling, self.cfg.falling, State::Low)),
+            (Zone::Above, State::Low | State::Mid) => {
+                Some((Direction::Rising, self.cfg.rising, State::High))
+            }
+            (Zone::Below, State::High | State::Mid) => {
+                Some((Direction::Falling, self.cfg.falling, State::Low))
+            }
             _ => None,
         };
         let since_last = now_ms.wrapping_sub(self.last_event_ms.unwrap_or(self.known_since_ms));
@@ -172,13 +183,25 @@ impl Detector {
             if stable && interval_ok {
                 self.state = next;
                 self.last_event_ms = Some(now_ms);
-                return Some(Detection { direction, value, threshold });
+                return Some(Detection {
+                    direction,
+                    value,
+                    threshold,
+                });
             }
         }
         if self.cfg.heartbeat_ms > 0 && since_last >= self.cfg.heartbeat_ms {
             self.last_event_ms = Some(now_ms);
-            let threshold = if self.state == State::High { self.cfg.falling } else { self.cfg.rising };
-            return Some(Detection { direction: Direction::Heartbeat, value, threshold });
+            let threshold = if self.state == State::High {
+                self.cfg.falling
+            } else {
+                self.cfg.rising
+            };
+            return Some(Detection {
+                direction: Direction::Heartbeat,
+                value,
+                threshold,
+            });
         }
         None
     }
@@ -190,7 +213,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn th(rising: i32, falling: i32, debounce: u8) -> Thresholds {
-        Thresholds { rising, falling, debounce, min_interval_ms: 0, heartbeat_ms: 0 }
+        Thresholds {
+            rising,
+            falling,
+            debounce,
+            min_interval_ms: 0,
+            heartbeat_ms: 0,
+        }
     }
 
     fn run(d: &mut Detector, values: &[i32]) -> std::vec::Vec<(usize, Direction)> {
@@ -206,7 +235,10 @@ mod tests {
         assert!(Detector::new(th(10, 10, 1)).is_err());
         assert!(Detector::new(th(10, 20, 1)).is_err());
         let mut d = Detector::new(th(10, 0, 1)).unwrap();
-        assert_eq!(d.set_thresholds(th(0, 5, 1)), Err(ThresholdError::FallingNotBelowRising));
+        assert_eq!(
+            d.set_thresholds(th(0, 5, 1)),
+            Err(ThresholdError::FallingNotBelowRising)
+        );
         assert_eq!(d.thresholds(), th(10, 0, 1));
     }
 
@@ -230,7 +262,14 @@ mod tests {
     fn hysteresis_band_suppresses_chatter() {
         let mut d = Detector::new(th(100, 0, 1)).unwrap();
         let ev = run(&mut d, &[-10, 120, 90, 120, 90, 120, 10, -10, 50, -20, 101]);
-        assert_eq!(ev, [(1, Direction::Rising), (7, Direction::Falling), (10, Direction::Rising)]);
+        assert_eq!(
+            ev,
+            [
+                (1, Direction::Rising),
+                (7, Direction::Falling),
+                (10, Direction::Rising)
+            ]
+        );
     }
 
     #[test]
@@ -246,18 +285,39 @@ mod tests {
     fn event_reports_value_and_threshold() {
         let mut d = Detector::new(th(100, 0, 1)).unwrap();
         d.update(-3, 0);
-        assert_eq!(d.update(123, 1), Some(Detection { direction: Direction::Rising, value: 123, threshold: 100 }));
-        assert_eq!(d.update(-7, 2), Some(Detection { direction: Direction::Falling, value: -7, threshold: 0 }));
+        assert_eq!(
+            d.update(123, 1),
+            Some(Detection {
+                direction: Direction::Rising,
+                value: 123,
+                threshold: 100
+            })
+        );
+        assert_eq!(
+            d.update(-7, 2),
+            Some(Detection {
+                direction: Direction::Falling,
+                value: -7,
+                threshold: 0
+            })
+        );
     }
 
     #[test]
     fn min_interval_defers_then_fires_if_still_crossed() {
-        let mut d = Detector::new(Thresholds { min_interval_ms: 1000, ..th(100, 0, 1) }).unwrap();
+        let mut d = Detector::new(Thresholds {
+            min_interval_ms: 1000,
+            ..th(100, 0, 1)
+        })
+        .unwrap();
         assert_eq!(d.update(-5, 0), None);
         assert!(d.update(150, 100).is_some()); // rising at t=100
         assert_eq!(d.update(-5, 200), None); // too soon
         assert_eq!(d.update(-5, 1099), None);
-        assert_eq!(d.update(-5, 1100).map(|e| e.direction), Some(Direction::Falling));
+        assert_eq!(
+            d.update(-5, 1100).map(|e| e.direction),
+            Some(Direction::Falling)
+        );
         // A crossing that goes away before the interval ends never fires.
         assert_eq!(d.update(150, 1200), None);
         assert_eq!(d.update(50, 2200), None);
@@ -266,15 +326,31 @@ mod tests {
 
     #[test]
     fn heartbeat_when_quiet() {
-        let mut d = Detector::new(Thresholds { heartbeat_ms: 1000, ..th(100, 0, 1) }).unwrap();
+        let mut d = Detector::new(Thresholds {
+            heartbeat_ms: 1000,
+            ..th(100, 0, 1)
+        })
+        .unwrap();
         assert_eq!(d.update(50, 0), None); // state known (Mid) at t=0
         assert_eq!(d.update(50, 999), None);
         let hb = d.update(60, 1000).unwrap();
-        assert_eq!(hb, Detection { direction: Direction::Heartbeat, value: 60, threshold: 100 });
+        assert_eq!(
+            hb,
+            Detection {
+                direction: Direction::Heartbeat,
+                value: 60,
+                threshold: 100
+            }
+        );
         assert_eq!(d.update(50, 1999), None);
-        assert!(d.update(150, 2000).is_some_and(|e| e.direction == Direction::Rising));
+        assert!(d
+            .update(150, 2000)
+            .is_some_and(|e| e.direction == Direction::Rising));
         assert_eq!(d.update(150, 2999), None);
-        assert_eq!(d.update(150, 3000).map(|e| (e.direction, e.threshold)), Some((Direction::Heartbeat, 0)));
+        assert_eq!(
+            d.update(150, 3000).map(|e| (e.direction, e.threshold)),
+            Some((Direction::Heartbeat, 0))
+        );
     }
 
     #[test]
@@ -282,12 +358,19 @@ mod tests {
         let mut d = Detector::new(th(100, 0, 1)).unwrap();
         assert_eq!(run(&mut d, &[50, 60]), []);
         d.set_thresholds(th(55, 10, 1)).unwrap();
-        assert_eq!(d.update(60, 5).map(|e| (e.direction, e.threshold)), Some((Direction::Rising, 55)));
+        assert_eq!(
+            d.update(60, 5).map(|e| (e.direction, e.threshold)),
+            Some((Direction::Rising, 55))
+        );
     }
 
     #[test]
     fn clock_wraps() {
-        let mut d = Detector::new(Thresholds { min_interval_ms: 100, ..th(100, 0, 1) }).unwrap();
+        let mut d = Detector::new(Thresholds {
+            min_interval_ms: 100,
+            ..th(100, 0, 1)
+        })
+        .unwrap();
         d.update(-5, u32::MAX - 500);
         assert!(d.update(150, u32::MAX - 50).is_some());
         assert_eq!(d.update(-5, 10), None); // 61 ms later

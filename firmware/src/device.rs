@@ -91,10 +91,11 @@ impl<S: Sensor, T: Transport, const N: usize> Device<S, T, N> {
     /// Takes a sample when one is due, then runs the client.
     pub fn poll(&mut self, now: u32) -> Activity {
         let mut act = Activity::default();
-        let due = self.sampling && match self.next_sample {
-            None => true,
-            Some(t) => (now.wrapping_sub(t) as i32) >= 0,
-        };
+        let due = self.sampling
+            && match self.next_sample {
+                None => true,
+                Some(t) => (now.wrapping_sub(t) as i32) >= 0,
+            };
         if due {
             self.next_sample = Some(now.wrapping_add(self.sample_period_ms));
             match self.sensor.read() {
@@ -126,7 +127,10 @@ impl<S: Sensor, T: Transport, const N: usize> Device<S, T, N> {
         };
         if let Some(r) = outcome {
             let applied = r.map_err(|e| e.as_str()).and_then(|t| {
-                self.detector.set_thresholds(t).map(|()| t).map_err(|e| e.as_str())
+                self.detector
+                    .set_thresholds(t)
+                    .map(|()| t)
+                    .map_err(|e| e.as_str())
             });
             self.client.report_config(match applied {
                 Ok(_) => ConfigReport::Applied,

@@ -51,7 +51,8 @@ pub struct EventDocument<'a> {
 /// needs no JSON escaping).
 pub(crate) fn valid_token(s: &str) -> bool {
     (1..=MAX_DEVICE_ID).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// Serialization failed: the buffer is too small (id or name too long for `MAX_EVENT_JSON`), or
@@ -112,17 +113,31 @@ impl Event {
             value: self.value,
             threshold: self.threshold,
             direction: self.direction,
-            dropped: if self.dropped > 0 { Some(self.dropped) } else { None },
+            dropped: if self.dropped > 0 {
+                Some(self.dropped)
+            } else {
+                None
+            },
         }
     }
 
     /// Writes the JSON document into `buf` and returns its length: the fields in the order of
     /// [`EventDocument`], no whitespace, `dropped` only when non-zero.
-    pub fn to_json(&self, device: &str, boot: u32, sensor: &str, buf: &mut [u8]) -> Result<usize, EventTooLarge> {
+    pub fn to_json(
+        &self,
+        device: &str,
+        boot: u32,
+        sensor: &str,
+        buf: &mut [u8],
+    ) -> Result<usize, EventTooLarge> {
         if !valid_token(device) || !valid_token(sensor) {
             return Err(EventTooLarge);
         }
-        let mut j = Json { buf, at: 0, ok: true };
+        let mut j = Json {
+            buf,
+            at: 0,
+            ok: true,
+        };
         j.raw(b"{\"v\":1,\"device\":\"");
         j.raw(device.as_bytes());
         j.num(b"\",\"boot\":", false, boot);
@@ -153,14 +168,26 @@ mod tests {
 
     #[test]
     fn exact_json() {
-        let e = Event { seq: 7, value: -1250, threshold: 0, direction: Direction::Falling, dropped: 0 };
+        let e = Event {
+            seq: 7,
+            value: -1250,
+            threshold: 0,
+            direction: Direction::Falling,
+            dropped: 0,
+        };
         let mut buf = [0u8; MAX_EVENT_JSON];
         let n = e.to_json("dev-1", 3, "temp", &mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
             r#"{"v":1,"device":"dev-1","boot":3,"seq":7,"sensor":"temp","value":-1250,"threshold":0,"direction":"falling"}"#
         );
-        let e = Event { seq: 8, value: 30001, threshold: 30000, direction: Direction::Rising, dropped: 2 };
+        let e = Event {
+            seq: 8,
+            value: 30001,
+            threshold: 30000,
+            direction: Direction::Rising,
+            dropped: 2,
+        };
         let n = e.to_json("dev-1", 3, "temp", &mut buf).unwrap();
         assert_eq!(
             core::str::from_utf8(&buf[..n]).unwrap(),
@@ -174,56 +201,116 @@ mod tests {
     #[test]
     fn same_as_serde_json() {
         use proptest::prelude::*;
-        let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(2000));
-        let values = (any::<u32>(), any::<u32>(), any::<i32>(), any::<i32>(), 0u8..3, prop_oneof![Just(0u32), any::<u32>()]);
+        let mut runner =
+            proptest::test_runner::TestRunner::new(proptest::test_runner::Config::with_cases(2000));
+        let values = (
+            any::<u32>(),
+            any::<u32>(),
+            any::<i32>(),
+            any::<i32>(),
+            0u8..3,
+            prop_oneof![Just(0u32), any::<u32>()],
+        );
         runner
-            .run(&("[A-Za-z0-9._-]{1,23}", "[A-Za-z0-9._-]{1,15}", values), |(id, name, (boot, seq, value, threshold, dir, dropped))| {
-                let direction = [Direction::Rising, Direction::Falling, Direction::Heartbeat][dir as usize];
-                let e = Event { seq, value, threshold, direction, dropped };
-                let mut buf = [0u8; MAX_EVENT_JSON];
-                let n = e.to_json(&id, boot, &name, &mut buf).unwrap();
-                let doc = e.document(&id, boot, &name);
-                let serde = serde_json::to_vec(&doc).unwrap();
-                prop_assert_eq!(core::str::from_utf8(&buf[..n]).unwrap(), core::str::from_utf8(&serde).unwrap());
-                let mut core_buf = [0u8; MAX_EVENT_JSON];
-                let m = serde_json_core::to_slice(&doc, &mut core_buf).unwrap();
-                prop_assert_eq!(&buf[..n], &core_buf[..m]);
-                let mut want = serde_json::json!({
-                    "v": 1, "device": id, "boot": boot, "seq": seq, "sensor": name,
-                    "value": value, "threshold": threshold, "direction": direction.as_str(),
-                });
-                if dropped > 0 {
-                    want["dropped"] = serde_json::json!(dropped);
-                }
-                let got: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
-                prop_assert_eq!(got, want);
-                Ok(())
-            })
+            .run(
+                &("[A-Za-z0-9._-]{1,23}", "[A-Za-z0-9._-]{1,15}", values),
+                |(id, name, (boot, seq, value, threshold, dir, dropped))| {
+                    let direction =
+                        [Direction::Rising, Direction::Falling, Direction::Heartbeat][dir as usize];
+                    let e = Event {
+                        seq,
+                        value,
+                        threshold,
+                        direction,
+                        dropped,
+                    };
+                    let mut buf = [0u8; MAX_EVENT_JSON];
+                    let n = e.to_json(&id, boot, &name, &mut buf).unwrap();
+                    let doc = e.document(&id, boot, &name);
+                    let serde = serde_json::to_vec(&doc).unwrap();
+                    prop_assert_eq!(
+                        core::str::from_utf8(&buf[..n]).unwrap(),
+                        core::str::from_utf8(&serde).unwrap()
+                    );
+                    let mut core_buf = [0u8; MAX_EVENT_JSON];
+                    let m = serde_json_core::to_slice(&doc, &mut core_buf).unwrap();
+                    prop_assert_eq!(&buf[..n], &core_buf[..m]);
+                    let mut want = serde_json::json!({
+                        "v": 1, "device": id, "boot": boot, "seq": seq, "sensor": name,
+                        "value": value, "threshold": threshold, "direction": direction.as_str(),
+                    });
+                    if dropped > 0 {
+                        want["dropped"] = serde_json::json!(dropped);
+                    }
+                    let got: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+                    prop_assert_eq!(got, want);
+                    Ok(())
+                },
+            )
             .unwrap();
-        let e = Event { seq: 1, value: 0, threshold: 0, direction: Direction::Rising, dropped: 0 };
+        let e = Event {
+            seq: 1,
+            value: 0,
+            threshold: 0,
+            direction: Direction::Rising,
+            dropped: 0,
+        };
         let mut buf = [0u8; MAX_EVENT_JSON];
-        for bad in ["", "a\"b", "a/b", "x y", "é", &"x".repeat(MAX_DEVICE_ID + 1)] {
-            assert_eq!(e.to_json(bad, 1, "temp", &mut buf), Err(EventTooLarge), "{bad:?}");
-            assert_eq!(e.to_json("dev", 1, bad, &mut buf), Err(EventTooLarge), "{bad:?}");
+        for bad in [
+            "",
+            "a\"b",
+            "a/b",
+            "x y",
+            "é",
+            &"x".repeat(MAX_DEVICE_ID + 1),
+        ] {
+            assert_eq!(
+                e.to_json(bad, 1, "temp", &mut buf),
+                Err(EventTooLarge),
+                "{bad:?}"
+            );
+            assert_eq!(
+                e.to_json("dev", 1, bad, &mut buf),
+                Err(EventTooLarge),
+                "{bad:?}"
+            );
         }
-        assert!(e.to_json(&"x".repeat(MAX_DEVICE_ID), 1, "temp", &mut buf).is_ok());
+        assert!(e
+            .to_json(&"x".repeat(MAX_DEVICE_ID), 1, "temp", &mut buf)
+            .is_ok());
     }
 
     /// Every buffer too small for the document is refused, never overrun or cut short.
     #[test]
     fn short_buffers_are_refused() {
-        let e = Event { seq: 8, value: -30001, threshold: 30000, direction: Direction::Rising, dropped: 2 };
+        let e = Event {
+            seq: 8,
+            value: -30001,
+            threshold: 30000,
+            direction: Direction::Rising,
+            dropped: 2,
+        };
         let mut full = [0u8; MAX_EVENT_JSON];
         let n = e.to_json("dev-1", 3, "temp", &mut full).unwrap();
         for len in 0..n {
             let mut buf = vec![0u8; len];
-            assert_eq!(e.to_json("dev-1", 3, "temp", &mut buf), Err(EventTooLarge), "{len}");
+            assert_eq!(
+                e.to_json("dev-1", 3, "temp", &mut buf),
+                Err(EventTooLarge),
+                "{len}"
+            );
         }
     }
 
     #[test]
     fn worst_case_fits() {
-        let e = Event { seq: u32::MAX, value: i32::MIN, threshold: i32::MIN, direction: Direction::Heartbeat, dropped: u32::MAX };
+        let e = Event {
+            seq: u32::MAX,
+            value: i32::MIN,
+            threshold: i32::MIN,
+            direction: Direction::Heartbeat,
+            dropped: u32::MAX,
+        };
         let mut buf = [0u8; MAX_EVENT_JSON];
         let id = "x".repeat(MAX_DEVICE_ID);
         let name = "y".repeat(MAX_SENSOR_NAME);

@@ -4,7 +4,10 @@
 //! `#![no_std]`, no allocator, no executor. Errors are values; nothing on a firmware path
 //! unwraps or formats with `{:?}`. The `std` feature adds [`sim`], simulated sensors over TCP.
 #![cfg_attr(not(any(test, feature = "std")), no_std)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod client;
 pub mod config;

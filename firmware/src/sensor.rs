@@ -34,20 +34,26 @@ impl<I: I2c> Tmp102<I> {
 
     /// A driver in normal (12-bit) mode; call [`Tmp102::set_extended`] to switch.
     pub fn new(i2c: I, address: u8) -> Self {
-        Self { i2c, address, extended: false }
+        Self {
+            i2c,
+            address,
+            extended: false,
+        }
     }
 
     /// Switches between 12-bit (-55..128 °C) and 13-bit extended (-55..150 °C) mode by writing
     /// the configuration register (read-modify-write, keeping the other bits).
     pub fn set_extended(&mut self, extended: bool) -> Result<(), I::Error> {
         let mut cfg = [0u8; 2];
-        self.i2c.write_read(self.address, &[tmp102_reg::CONFIG], &mut cfg)?;
+        self.i2c
+            .write_read(self.address, &[tmp102_reg::CONFIG], &mut cfg)?;
         if extended {
             cfg[1] |= TMP102_EM;
         } else {
             cfg[1] &= !TMP102_EM;
         }
-        self.i2c.write(self.address, &[tmp102_reg::CONFIG, cfg[0], cfg[1]])?;
+        self.i2c
+            .write(self.address, &[tmp102_reg::CONFIG, cfg[0], cfg[1]])?;
         self.extended = extended;
         Ok(())
     }
@@ -72,7 +78,8 @@ impl<I: I2c> Sensor for Tmp102<I> {
     type Error = I::Error;
     fn read(&mut self) -> Result<i32, I::Error> {
         let mut b = [0u8; 2];
-        self.i2c.write_read(self.address, &[tmp102_reg::TEMPERATURE], &mut b)?;
+        self.i2c
+            .write_read(self.address, &[tmp102_reg::TEMPERATURE], &mut b)?;
         // In extended mode the register's bit 0 (EM flag) is 1; trust the flag, not the state.
         let extended = b[1] & 1 == 1;
         Ok(tmp102_to_millicelsius(b, extended))
@@ -107,7 +114,15 @@ impl Waveform {
     /// 2..=[`Waveform::MAX_PERIOD`].
     pub fn new(shape: Shape, min: i32, max: i32, period: u32, phase: u32) -> Self {
         let period = period.clamp(2, Self::MAX_PERIOD);
-        Self { shape, min, max, period, noise: 0, step: phase % period, rng: 0x9e37_79b9 ^ phase }
+        Self {
+            shape,
+            min,
+            max,
+            period,
+            noise: 0,
+            step: phase % period,
+            rng: 0x9e37_79b9 ^ phase,
+        }
     }
 
     /// Longest period in readings: keeps [`Waveform::value_at`] in 32-bit arithmetic (the
@@ -205,7 +220,11 @@ mod tests {
             (0xC900, -55_000),
         ];
         for &(reg, mc) in normal {
-            assert_eq!(tmp102_to_millicelsius(reg.to_be_bytes(), false), mc, "{reg:#06x}");
+            assert_eq!(
+                tmp102_to_millicelsius(reg.to_be_bytes(), false),
+                mc,
+                "{reg:#06x}"
+            );
         }
         let extended: &[(u16, i32)] = &[
             (0x4B00 | 1, 150_000),
@@ -217,7 +236,11 @@ mod tests {
             (0xE480 | 1, -55_000),
         ];
         for &(reg, mc) in extended {
-            assert_eq!(tmp102_to_millicelsius(reg.to_be_bytes(), true), mc, "{reg:#06x}");
+            assert_eq!(
+                tmp102_to_millicelsius(reg.to_be_bytes(), true),
+                mc,
+                "{reg:#06x}"
+            );
         }
     }
 
@@ -268,15 +291,18 @@ mod tests {
         let mut runner = proptest::test_runner::TestRunner::default();
         let period = prop_oneof![2u32..50, 2u32..=Waveform::MAX_PERIOD];
         runner
-            .run(&(any::<i32>(), any::<i32>(), period, any::<u32>()), |(min, max, period, s)| {
-                let w = Waveform::new(Shape::Triangle, min, max, period, 0);
-                let (p, s) = (period as i64, (s % period) as i64);
-                let half = p / 2;
-                let pos = if s <= half { s } else { p - s };
-                let want = min as i64 + (max as i64 - min as i64) * pos / half;
-                prop_assert_eq!(w.value_at(s as u32) as i64, want);
-                Ok(())
-            })
+            .run(
+                &(any::<i32>(), any::<i32>(), period, any::<u32>()),
+                |(min, max, period, s)| {
+                    let w = Waveform::new(Shape::Triangle, min, max, period, 0);
+                    let (p, s) = (period as i64, (s % period) as i64);
+                    let half = p / 2;
+                    let pos = if s <= half { s } else { p - s };
+                    let want = min as i64 + (max as i64 - min as i64) * pos / half;
+                    prop_assert_eq!(w.value_at(s as u32) as i64, want);
+                    Ok(())
+                },
+            )
             .unwrap();
         let mut w = Waveform::new(Shape::Square, 0, 0, 2, 0).with_noise(i32::MAX, 3);
         for _ in 0..1000 {

@@ -125,7 +125,9 @@ impl std::error::Error for TcpError {}
 impl embedded_io::Error for TcpError {
     fn kind(&self) -> embedded_io::ErrorKind {
         match self.0 {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => embedded_io::ErrorKind::TimedOut,
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                embedded_io::ErrorKind::TimedOut
+            }
             k => k.into(),
         }
     }
@@ -150,7 +152,9 @@ impl TcpTransport {
         }
     }
     fn stream(&mut self) -> Result<&mut TcpStream, TcpError> {
-        self.stream.as_mut().ok_or(TcpError(std::io::ErrorKind::NotConnected))
+        self.stream
+            .as_mut()
+            .ok_or(TcpError(std::io::ErrorKind::NotConnected))
     }
 }
 
@@ -184,7 +188,12 @@ impl embedded_io::Write for TcpTransport {
         loop {
             match s.write(buf) {
                 Ok(n) => return Ok(n),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
                     if Instant::now() >= deadline {
                         return Err(TcpError(std::io::ErrorKind::TimedOut));
                     }
@@ -202,7 +211,10 @@ impl embedded_io::Write for TcpTransport {
 impl Transport for TcpTransport {
     fn open(&mut self) -> Result<(), TcpError> {
         self.stream = None;
-        let addrs = self.addr.to_socket_addrs().map_err(|e| TcpError(e.kind()))?;
+        let addrs = self
+            .addr
+            .to_socket_addrs()
+            .map_err(|e| TcpError(e.kind()))?;
         let mut last = TcpError(std::io::ErrorKind::AddrNotAvailable);
         for a in addrs {
             match TcpStream::connect_timeout(&a, self.connect_timeout) {
@@ -262,11 +274,15 @@ pub fn build_device(opts: &SimOptions, i: usize, boot: u32) -> Result<SimDevice,
             backoff_max_ms: opts.backoff_max_ms,
         },
     };
-    Device::new(wave, TcpTransport::new(&opts.broker), &cfg).map_err(|e| format!("device {id}: {e:?}"))
+    Device::new(wave, TcpTransport::new(&opts.broker), &cfg)
+        .map_err(|e| format!("device {id}: {e:?}"))
 }
 
 fn report(devices: &[SimDevice], boot: u32, elapsed: Duration) -> SimReport {
-    let mut r = SimReport { elapsed, ..Default::default() };
+    let mut r = SimReport {
+        elapsed,
+        ..Default::default()
+    };
     for d in devices {
         let s = d.client().stats();
         let dr = DeviceReport {
@@ -303,9 +319,14 @@ pub fn run(opts: &SimOptions, stop: &AtomicBool) -> Result<SimReport, String> {
         return Err("rate must be in (0, 200] events/s per sensor".into());
     }
     let boot = opts.boot.unwrap_or_else(|| {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as u32).unwrap_or(1)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as u32)
+            .unwrap_or(1)
     });
-    let mut devices = (0..opts.sensors).map(|i| build_device(opts, i, boot)).collect::<Result<Vec<_>, _>>()?;
+    let mut devices = (0..opts.sensors)
+        .map(|i| build_device(opts, i, boot))
+        .collect::<Result<Vec<_>, _>>()?;
     let start = Instant::now();
     let now_ms = || start.elapsed().as_millis() as u32;
     let mut last_progress = Instant::now();
@@ -332,7 +353,11 @@ pub fn run(opts: &SimOptions, stop: &AtomicBool) -> Result<SimReport, String> {
             if last_progress.elapsed() >= every {
                 last_progress = Instant::now();
                 let up = devices.iter().filter(|d| d.client().is_connected()).count();
-                println!("sim: connected {up}/{} | {}", devices.len(), report(&devices, boot, start.elapsed()));
+                println!(
+                    "sim: connected {up}/{} | {}",
+                    devices.len(),
+                    report(&devices, boot, start.elapsed())
+                );
             }
         }
         std::thread::sleep(Duration::from_millis(1));

@@ -79,7 +79,10 @@ pub struct HttpSection {
 
 impl Default for HttpSection {
     fn default() -> Self {
-        HttpSection { bind: SocketAddr::from(([127, 0, 0, 1], 8080)), enabled: true }
+        HttpSection {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            enabled: true,
+        }
     }
 }
 
@@ -238,11 +241,13 @@ impl Config {
             path: path.to_owned(),
             message,
         })?;
-        config.check_semantics().map_err(|(key, message)| ConfigError::Value {
-            path: path.to_owned(),
-            key,
-            message,
-        })?;
+        config
+            .check_semantics()
+            .map_err(|(key, message)| ConfigError::Value {
+                path: path.to_owned(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -255,17 +260,32 @@ impl Config {
     /// Reads the password and ACL files and decides anonymous access: what the broker
     /// enforces. Errors name the key, and the file and line at fault.
     pub fn security(&self, path: &Path) -> Result<(Security, AnonymousPolicy), ConfigError> {
-        let value = |key: &str, message: String| ConfigError::Value { path: path.to_owned(), key: key.into(), message };
+        let value = |key: &str, message: String| ConfigError::Value {
+            path: path.to_owned(),
+            key: key.into(),
+            message,
+        };
         let anonymous = self.anonymous_policy().map_err(|(k, m)| value(&k, m))?;
         let passwords = match &self.auth.password_file {
-            Some(file) => Some(std::sync::Arc::new(PasswordFile::load(file).map_err(|e| value("auth.password_file", e.to_string()))?)),
+            Some(file) => Some(std::sync::Arc::new(
+                PasswordFile::load(file).map_err(|e| value("auth.password_file", e.to_string()))?,
+            )),
             None => None,
         };
         let acl = match &self.acl.file {
-            Some(file) => Some(std::sync::Arc::new(Acl::load(file).map_err(|e| value("acl.file", e.to_string()))?)),
+            Some(file) => Some(std::sync::Arc::new(
+                Acl::load(file).map_err(|e| value("acl.file", e.to_string()))?,
+            )),
             None => None,
         };
-        Ok((Security { passwords, allow_anonymous: anonymous.allowed, acl }, anonymous))
+        Ok((
+            Security {
+                passwords,
+                allow_anonymous: anonymous.allowed,
+                acl,
+            },
+            anonymous,
+        ))
     }
 
     /// `allow_anonymous` unset: anonymous clients are allowed only with no password file
@@ -297,14 +317,20 @@ impl Config {
             }
             None => !has_passwords,
         };
-        let has_client_certs = self.listeners.iter().any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
+        let has_client_certs = self
+            .listeners
+            .iter()
+            .any(|l| l.tls.as_ref().is_some_and(|t| t.client_ca.is_some()));
         if !allowed && !has_passwords && !has_client_certs {
             return Err((
                 "auth.allow_anonymous".into(),
                 "false with no [auth] password_file and no listener requiring client certificates: no client could connect".into(),
             ));
         }
-        Ok(AnonymousPolicy { allowed, exposed: if allowed { network } else { Vec::new() } })
+        Ok(AnonymousPolicy {
+            allowed,
+            exposed: if allowed { network } else { Vec::new() },
+        })
     }
 
     fn check_semantics(&self) -> Result<(), (String, String)> {
@@ -313,21 +339,32 @@ impl Config {
         for listener in &self.listeners {
             if let Some(tls) = &listener.tls {
                 // Reads the files: a missing or mismatched certificate is a config error.
-                waystation_broker::tls::server_config(tls).map_err(|e| ("listener.tls".to_string(), format!("{}: {e}", listener.bind)))?;
+                waystation_broker::tls::server_config(tls).map_err(|e| {
+                    (
+                        "listener.tls".to_string(),
+                        format!("{}: {e}", listener.bind),
+                    )
+                })?;
             }
         }
         let mut names = std::collections::HashSet::new();
         for bridge in &self.bridges {
             bridge.validate()?;
             if !names.insert(bridge.name.as_str()) {
-                return Err(("bridge.name".into(), format!("{:?} is used by two bridges", bridge.name)));
+                return Err((
+                    "bridge.name".into(),
+                    format!("{:?} is used by two bridges", bridge.name),
+                ));
             }
         }
         if self.storage.max_bytes < 1024 {
             return Err(("storage.max_bytes".into(), "must be at least 1024".into()));
         }
         if self.storage.cache_bytes < 1 << 20 {
-            return Err(("storage.cache_bytes".into(), "must be at least 1 MiB".into()));
+            return Err((
+                "storage.cache_bytes".into(),
+                "must be at least 1 MiB".into(),
+            ));
         }
         Ok(())
     }
@@ -359,7 +396,10 @@ impl Config {
             return Err(("limits.connect_timeout", "must be at least 1 second".into()));
         }
         if l.max_topic_length == 0 || l.max_topic_length > 65535 {
-            return Err(("limits.max_topic_length", format!("{} is out of range 1..=65535", l.max_topic_length)));
+            return Err((
+                "limits.max_topic_length",
+                format!("{} is out of range 1..=65535", l.max_topic_length),
+            ));
         }
         if l.max_topic_levels == 0 {
             return Err(("limits.max_topic_levels", "must be at least 1".into()));
@@ -393,7 +433,10 @@ mod tests {
         assert_eq!(config.limits.max_packet_size, defaults.max_packet_size);
         assert_eq!(config.limits.max_inflight, defaults.max_inflight);
         assert_eq!(config.http.bind, HttpSection::default().bind);
-        assert_eq!(config.gateway.sys_interval, GatewaySection::default().sys_interval);
+        assert_eq!(
+            config.gateway.sys_interval,
+            GatewaySection::default().sys_interval
+        );
     }
 
     #[test]
@@ -402,7 +445,10 @@ mod tests {
         assert_eq!(config.http.bind, "127.0.0.1:8080".parse().unwrap());
         assert!(config.http.enabled);
         assert_eq!(config.gateway.sys_interval, 10);
-        let config = Config::parse("[gateway]\nsys_interval = 0\n[http]\nbind = \"0.0.0.0:9100\"\nenabled = false\n").unwrap();
+        let config = Config::parse(
+            "[gateway]\nsys_interval = 0\n[http]\nbind = \"0.0.0.0:9100\"\nenabled = false\n",
+        )
+        .unwrap();
         assert_eq!(config.http.bind, "0.0.0.0:9100".parse().unwrap());
         assert!(!config.http.enabled);
         assert_eq!(config.gateway.sys_interval, 0);
@@ -416,7 +462,13 @@ mod tests {
     fn anonymous_access_rule() {
         let policy = |text: &str| Config::parse(text).unwrap().anonymous_policy();
         // Loopback only, no password file: anonymous allowed (local-only mode).
-        assert_eq!(policy("").unwrap(), AnonymousPolicy { allowed: true, exposed: vec![] });
+        assert_eq!(
+            policy("").unwrap(),
+            AnonymousPolicy {
+                allowed: true,
+                exposed: vec![]
+            }
+        );
         // A password file turns anonymous access off unless asked for.
         assert!(!policy("[auth]\npassword_file = \"/p\"\n").unwrap().allowed);
         // Network listener, no password file, nothing said: refused, naming the key.
@@ -427,10 +479,25 @@ mod tests {
         assert!(Config::parse(net).unwrap().check_semantics().is_err());
         // ... unless written explicitly (then `run` warns about the exposed listener).
         let open = policy(&format!("{net}[auth]\nallow_anonymous = true\n")).unwrap();
-        assert_eq!(open, AnonymousPolicy { allowed: true, exposed: vec!["0.0.0.0:1883".parse().unwrap()] });
+        assert_eq!(
+            open,
+            AnonymousPolicy {
+                allowed: true,
+                exposed: vec!["0.0.0.0:1883".parse().unwrap()]
+            }
+        );
         let closed = policy(&format!("{net}[auth]\npassword_file = \"/p\"\n")).unwrap();
-        assert_eq!(closed, AnonymousPolicy { allowed: false, exposed: vec![] });
-        assert!(policy("[auth]\nallow_anonymous = false\n").is_err(), "nobody could connect");
+        assert_eq!(
+            closed,
+            AnonymousPolicy {
+                allowed: false,
+                exposed: vec![]
+            }
+        );
+        assert!(
+            policy("[auth]\nallow_anonymous = false\n").is_err(),
+            "nobody could connect"
+        );
     }
 
     #[test]
@@ -439,9 +506,15 @@ mod tests {
         let pw = dir.path().join("pw");
         std::fs::write(&pw, "alice:plain\n").unwrap();
         let cfg = dir.path().join("c.toml");
-        let config = Config::parse(&format!("[auth]\npassword_file = \"{}\"\n", pw.display())).unwrap();
+        let config =
+            Config::parse(&format!("[auth]\npassword_file = \"{}\"\n", pw.display())).unwrap();
         let err = config.security(&cfg).unwrap_err().to_string();
-        assert!(err.contains("auth.password_file") && err.contains("line 1") && err.contains(&pw.display().to_string()), "{err}");
+        assert!(
+            err.contains("auth.password_file")
+                && err.contains("line 1")
+                && err.contains(&pw.display().to_string()),
+            "{err}"
+        );
         let acl = dir.path().join("acl");
         std::fs::write(&acl, "user a\ntopic sometimes x\ntopic read a/#/b\n").unwrap();
         let config = Config::parse(&format!("[acl]\nfile = \"{}\"\n", acl.display())).unwrap();
@@ -454,7 +527,10 @@ mod tests {
         let text = "[[listener]]\nbind = \"127.0.0.1:8883\"\ntls = { cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\", client_ca = \"/nonexistent/ca.pem\", use_identity_as_username = true }\n";
         let config = Config::parse(text).unwrap();
         let tls = config.listeners[0].tls.as_ref().unwrap();
-        assert_eq!(tls.client_ca.as_deref(), Some(Path::new("/nonexistent/ca.pem")));
+        assert_eq!(
+            tls.client_ca.as_deref(),
+            Some(Path::new("/nonexistent/ca.pem"))
+        );
         assert!(tls.use_identity_as_username);
         let (key, message) = config.check_semantics().unwrap_err();
         assert_eq!(key, "listener.tls");
@@ -463,7 +539,12 @@ mod tests {
         assert!(err.contains("ca") && err.contains("line 3"), "{err}");
         // A listener that requires client certificates is not open to anonymous clients.
         let network = text.replace("127.0.0.1", "0.0.0.0");
-        assert!(Config::parse(&network).unwrap().anonymous_policy().unwrap().exposed.is_empty());
+        assert!(Config::parse(&network)
+            .unwrap()
+            .anonymous_policy()
+            .unwrap()
+            .exposed
+            .is_empty());
     }
 
     #[test]
@@ -471,8 +552,17 @@ mod tests {
         let base = "[[bridge]]\nname = \"cloud\"\naddress = \"example.com:8883\"\n";
         let config = Config::parse(&format!("{base}tls = true\n")).unwrap();
         assert_eq!(config.bridges[0].tls, Some(Default::default()));
-        assert_eq!(Config::parse(&format!("{base}tls = false\n")).unwrap().bridges[0].tls, None);
-        let config = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\", key = \"/k.pem\" }}\n")).unwrap();
+        assert_eq!(
+            Config::parse(&format!("{base}tls = false\n"))
+                .unwrap()
+                .bridges[0]
+                .tls,
+            None
+        );
+        let config = Config::parse(&format!(
+            "{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\", key = \"/k.pem\" }}\n"
+        ))
+        .unwrap();
         let tls = config.bridges[0].tls.clone().unwrap();
         assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/ca.pem")));
         assert_eq!(tls.key.as_deref(), Some(Path::new("/k.pem")));
@@ -482,35 +572,79 @@ mod tests {
         assert!(err.contains("cafile") && err.contains("line 4"), "{err}");
         let err = Config::parse(&format!("{base}tls = 3\n")).unwrap_err();
         assert!(err.contains("line 4"), "{err}");
-        let half = Config::parse(&format!("{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\" }}\n")).unwrap();
+        let half = Config::parse(&format!(
+            "{base}tls = {{ ca_file = \"/ca.pem\", cert = \"/c.pem\" }}\n"
+        ))
+        .unwrap();
         assert_eq!(half.check_semantics().unwrap_err().0, "bridge[cloud].tls");
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("upstream.pw");
         std::fs::write(&file, "s3cret-from-file\n").unwrap();
-        let config = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"{}\"\n", file.display())).unwrap();
+        let config = Config::parse(&format!(
+            "{base}username = \"u\"\npassword_file = \"{}\"\n",
+            file.display()
+        ))
+        .unwrap();
         assert!(config.check_semantics().is_ok());
-        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-file");
-        let missing = Config::parse(&format!("{base}username = \"u\"\npassword_file = \"/nonexistent/pw\"\n")).unwrap();
-        assert_eq!(missing.check_semantics().unwrap_err().0, "bridge[cloud].password_file");
+        assert_eq!(
+            config.bridges[0].password().unwrap().unwrap().expose(),
+            "s3cret-from-file"
+        );
+        let missing = Config::parse(&format!(
+            "{base}username = \"u\"\npassword_file = \"/nonexistent/pw\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            missing.check_semantics().unwrap_err().0,
+            "bridge[cloud].password_file"
+        );
         std::env::set_var("WAYSTATION_TEST_BRIDGE_PW", "s3cret-from-env");
-        let config = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_BRIDGE_PW\"\n")).unwrap();
+        let config = Config::parse(&format!(
+            "{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_BRIDGE_PW\"\n"
+        ))
+        .unwrap();
         assert!(config.check_semantics().is_ok());
-        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "s3cret-from-env");
-        let unset = Config::parse(&format!("{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_UNSET_VARIABLE\"\n")).unwrap();
-        assert_eq!(unset.check_semantics().unwrap_err().0, "bridge[cloud].password_env");
-        let two = Config::parse(&format!("{base}username = \"u\"\npassword = \"a\"\npassword_env = \"X\"\n")).unwrap();
-        assert_eq!(two.check_semantics().unwrap_err().0, "bridge[cloud].password");
+        assert_eq!(
+            config.bridges[0].password().unwrap().unwrap().expose(),
+            "s3cret-from-env"
+        );
+        let unset = Config::parse(&format!(
+            "{base}username = \"u\"\npassword_env = \"WAYSTATION_TEST_UNSET_VARIABLE\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            unset.check_semantics().unwrap_err().0,
+            "bridge[cloud].password_env"
+        );
+        let two = Config::parse(&format!(
+            "{base}username = \"u\"\npassword = \"a\"\npassword_env = \"X\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            two.check_semantics().unwrap_err().0,
+            "bridge[cloud].password"
+        );
         let no_user = Config::parse(&format!("{base}password = \"a\"\n")).unwrap();
-        assert_eq!(no_user.check_semantics().unwrap_err().0, "bridge[cloud].username");
+        assert_eq!(
+            no_user.check_semantics().unwrap_err().0,
+            "bridge[cloud].username"
+        );
     }
 
     #[test]
     fn bridge_password_never_printed() {
         let text = "[[bridge]]\nname = \"cloud\"\naddress = \"h:1\"\nusername = \"u\"\npassword = \"hunter2-secret\"\n";
         let config = Config::parse(text).unwrap();
-        assert_eq!(config.bridges[0].password().unwrap().unwrap().expose(), "hunter2-secret");
-        let printed = format!("{config:?} {:#?} {}", config.bridges[0], config.bridges[0].password.as_ref().unwrap());
+        assert_eq!(
+            config.bridges[0].password().unwrap().unwrap().expose(),
+            "hunter2-secret"
+        );
+        let printed = format!(
+            "{config:?} {:#?} {}",
+            config.bridges[0],
+            config.bridges[0].password.as_ref().unwrap()
+        );
         assert!(!printed.contains("hunter2"), "{printed}");
         assert!(printed.contains("***"), "{printed}");
     }
@@ -525,7 +659,10 @@ mod tests {
     #[test]
     fn wrong_type_and_bad_address_are_named() {
         let err = Config::parse("[limits]\nmax_inflight = \"many\"\n").unwrap_err();
-        assert!(err.contains("line 2") && err.contains("max_inflight"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("max_inflight"),
+            "{err}"
+        );
         let err = Config::parse("[[listener]]\nbind = \"localhost:99999\"\n").unwrap_err();
         assert!(err.contains("line 2") && err.contains("bind"), "{err}");
     }

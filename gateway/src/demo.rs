@@ -14,10 +14,10 @@
 //! cloud, none lost, duplicates counted. Exit 0 when the check passes, 1 when it does not.
 
 use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -53,11 +53,18 @@ pub struct DemoArgs {
 }
 
 pub fn main(args: DemoArgs) -> ExitCode {
-    if !(args.duration > 0.0 && args.duration.is_finite()) || args.sensors == 0 || !(args.rate > 0.0 && args.rate <= 200.0) {
+    if !(args.duration > 0.0 && args.duration.is_finite())
+        || args.sensors == 0
+        || !(args.rate > 0.0 && args.rate <= 200.0)
+    {
         eprintln!("error: need --duration > 0, --sensors >= 1 and 0 < --rate <= 200");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("demo").build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("demo")
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -88,7 +95,9 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let duration = Duration::from_secs_f64(args.duration);
     let outage_at = duration.mul_f64(0.3);
     let tty = std::io::stdout().is_terminal();
-    let data = tempfile::Builder::new().prefix("waystation-demo-").tempdir()?;
+    let data = tempfile::Builder::new()
+        .prefix("waystation-demo-")
+        .tempdir()?;
 
     // The cloud, its subscriber, and the relay the bridge reaches it through.
     let cloud = start_cloud().await?;
@@ -115,8 +124,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             max_inflight: 100,
             max_rate: None,
             ack_timeout: 5,
-            reconnect: ReconnectConfig { initial_ms: 250, max_ms: 1000 },
-            forward: vec![ForwardRule { local: FORWARD.into(), remote_prefix: REMOTE_PREFIX.into(), qos: 1 }],
+            reconnect: ReconnectConfig {
+                initial_ms: 250,
+                max_ms: 1000,
+            },
+            forward: vec![ForwardRule {
+                local: FORWARD.into(),
+                remote_prefix: REMOTE_PREFIX.into(),
+                qos: 1,
+            }],
             subscribe: vec![],
         }],
         security: Default::default(),
@@ -125,16 +141,45 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let edge = broker.local_addrs()[0];
     let handle = broker.status_handle();
     let (obs_stop, obs_stopped) = watch::channel(false);
-    let http = match crate::http::serve(args.http, handle.clone(), "demo".into(), obs_stopped.clone()).await {
+    let http = match crate::http::serve(
+        args.http,
+        handle.clone(),
+        "demo".into(),
+        obs_stopped.clone(),
+    )
+    .await
+    {
         Ok(h) => h,
-        Err(_) => crate::http::serve(SocketAddr::from(([127, 0, 0, 1], 0)), handle.clone(), "demo".into(), obs_stopped.clone()).await?,
+        Err(_) => {
+            crate::http::serve(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                handle.clone(),
+                "demo".into(),
+                obs_stopped.clone(),
+            )
+            .await?
+        }
     };
-    let sys = tokio::spawn(crate::sys::run(broker.publisher(), handle.clone(), Duration::from_secs(5), obs_stopped.clone()));
+    let sys = tokio::spawn(crate::sys::run(
+        broker.publisher(),
+        handle.clone(),
+        Duration::from_secs(5),
+        obs_stopped.clone(),
+    ));
 
-    println!("Waystation demo: {} simulated sensors x {} events/s for {:.0} s", args.sensors, args.rate, args.duration);
-    println!("  edge broker   mqtt://{edge}   (store in {})", data.path().display());
+    println!(
+        "Waystation demo: {} simulated sensors x {} events/s for {:.0} s",
+        args.sensors, args.rate, args.duration
+    );
+    println!(
+        "  edge broker   mqtt://{edge}   (store in {})",
+        data.path().display()
+    );
     println!("  cloud broker  mqtt://{cloud}   (rumqttd, in-process; reached through a relay the demo can cut)");
-    println!("  dashboard     http://{}/   (also /metrics, /healthz, /api/v1/status)", http.0);
+    println!(
+        "  dashboard     http://{}/   (also /metrics, /healthz, /api/v1/status)",
+        http.0
+    );
     if outage.is_zero() {
         println!("  no cloud outage (--outage 0)");
     } else {
@@ -163,7 +208,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     // Live progress while the sensors run; the outage on its schedule; Ctrl-C stops early.
     let started = Instant::now();
     let mut progress = Progress::new(tty);
-    let mut outage_state = if outage.is_zero() { OutageState::Done } else { OutageState::Before };
+    let mut outage_state = if outage.is_zero() {
+        OutageState::Done
+    } else {
+        OutageState::Before
+    };
     let mut peak_backlog = 0u64;
     let mut drained_after: Option<Duration> = None;
     let mut outage_lasted: Option<Duration> = None;
@@ -186,10 +235,15 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
                 progress.note(&format!("{:>5.1}s  CLOUD OUTAGE: the uplink is cut for {:.0} s; events keep being acknowledged and wait on disk", t.as_secs_f64(), outage.as_secs_f64()));
                 outage_state = OutageState::During(Instant::now());
             }
-            OutageState::During(since) if since.elapsed() >= outage || stop.load(Ordering::SeqCst) => {
+            OutageState::During(since)
+                if since.elapsed() >= outage || stop.load(Ordering::SeqCst) =>
+            {
                 cloud_down.send_replace(false);
                 outage_lasted = Some(since.elapsed());
-                progress.note(&format!("{:>5.1}s  cloud is back: the bridge reconnects and drains the backlog", t.as_secs_f64()));
+                progress.note(&format!(
+                    "{:>5.1}s  cloud is back: the bridge reconnects and drains the backlog",
+                    t.as_secs_f64()
+                ));
                 outage_state = OutageState::After(Instant::now());
             }
             _ => {}
@@ -208,7 +262,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     if let OutageState::During(since) = outage_state {
         outage_lasted = Some(since.elapsed());
         outage_state = OutageState::After(Instant::now());
-        progress.note(&format!("{:>5.1}s  cloud is back (the sensors are done): the bridge drains the backlog", started.elapsed().as_secs_f64()));
+        progress.note(&format!(
+            "{:>5.1}s  cloud is back (the sensors are done): the bridge drains the backlog",
+            started.elapsed().as_secs_f64()
+        ));
     }
     cloud_down.send_replace(false);
     let report: SimReport = match sim.join() {
@@ -232,7 +289,13 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             }
         }
         progress.line(&snap.line(started.elapsed(), args.sensors, false));
-        let complete = want.iter().all(|k| cloud_log.lock().unwrap_or_else(|p| p.into_inner()).unique.contains(k));
+        let complete = want.iter().all(|k| {
+            cloud_log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .unique
+                .contains(k)
+        });
         if (complete && snap.waiting == 0) || Instant::now() >= deadline {
             break;
         }
@@ -258,19 +321,38 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let produced = report.created;
     let forwarded: u64 = status.bridges.iter().map(|b| b.forwarded).sum();
     let reconnects: u64 = status.bridges.iter().map(|b| b.reconnects).sum();
-    let ok = lost == 0 && unexpected == 0 && log.unparsable == 0 && report.pending == 0 && report.dropped == 0 && produced > 0;
+    let ok = lost == 0
+        && unexpected == 0
+        && log.unparsable == 0
+        && report.pending == 0
+        && report.dropped == 0
+        && produced > 0;
 
     println!();
     println!("Summary ({:.1} s)", started.elapsed().as_secs_f64());
-    println!("  sensors                     {} (the firmware's device state machine, {} events/s each)", args.sensors, args.rate);
+    println!(
+        "  sensors                     {} (the firmware's device state machine, {} events/s each)",
+        args.sensors, args.rate
+    );
     println!("  events produced             {produced}");
-    println!("  acknowledged by the edge    {} (PUBACK only after the event is on disk)", report.acknowledged);
-    println!("  forwarded to the cloud      {forwarded} (PUBACKs from the cloud, resends included)");
-    println!("  received by the cloud       {} unique, {} in all", log.unique.len(), log.total);
+    println!(
+        "  acknowledged by the edge    {} (PUBACK only after the event is on disk)",
+        report.acknowledged
+    );
+    println!(
+        "  forwarded to the cloud      {forwarded} (PUBACKs from the cloud, resends included)"
+    );
+    println!(
+        "  received by the cloud       {} unique, {} in all",
+        log.unique.len(),
+        log.total
+    );
     println!("  duplicates                  {duplicates} (at-least-once: resent after the outage cut them in flight)");
     match outage_lasted {
         Some(lasted) => {
-            let drained = drained_after.map_or("not measured".to_string(), |d| format!("{:.1} s", d.as_secs_f64()));
+            let drained = drained_after.map_or("not measured".to_string(), |d| {
+                format!("{:.1} s", d.as_secs_f64())
+            });
             println!(
                 "  cloud outage                {:.1} s, backlog peaked at {peak_backlog} events on disk, drained in {drained}, bridge reconnects {reconnects}",
                 lasted.as_secs_f64()
@@ -279,7 +361,10 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         None if outage.is_zero() => println!("  cloud outage                none (--outage 0)"),
         None => println!("  cloud outage                none (stopped before it began)"),
     }
-    println!("  sensor resends / drops      {} / {}", report.resent, report.dropped);
+    println!(
+        "  sensor resends / drops      {} / {}",
+        report.resent, report.dropped
+    );
     println!("  lost                        {lost}");
     if ok {
         println!("  self-check                  PASS: produced = received by the cloud ({produced}), none lost, {duplicates} duplicates");
@@ -288,7 +373,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             "  self-check                  FAIL: {lost} lost, {unexpected} unexpected, {} unparsable, {} still pending and {} dropped on the sensors",
             log.unparsable, report.pending, report.dropped
         );
-        let mut missing: Vec<_> = want.iter().filter(|k| !log.unique.contains(*k)).take(10).collect();
+        let mut missing: Vec<_> = want
+            .iter()
+            .filter(|k| !log.unique.contains(*k))
+            .take(10)
+            .collect();
         missing.sort();
         if !missing.is_empty() {
             println!("  first missing (device, boot, seq): {missing:?}");
@@ -324,19 +413,33 @@ impl Snap {
         // What the bridge has not forwarded yet (the log may also hold forwarded entries
         // whose deletion is batched).
         let log_len = s.log.as_ref().map_or(0, |l| l.len);
-        let waiting = s.bridges.iter().map(|b| last_seq.saturating_sub(b.cursor)).max().unwrap_or(0).min(log_len);
+        let waiting = s
+            .bridges
+            .iter()
+            .map(|b| last_seq.saturating_sub(b.cursor))
+            .max()
+            .unwrap_or(0)
+            .min(log_len);
         let received = st.messages_received[1].load(Ordering::Relaxed);
         Snap {
             received,
 
             // Events written to the log: its newest seq (one per event; the log empties as it
             // drains, so the highest seen), and at least what was forwarded plus what waits.
-            persisted: PERSISTED.fetch_max(last_seq, Ordering::Relaxed).max(last_seq).max((forwarded + waiting).min(received)),
+            persisted: PERSISTED
+                .fetch_max(last_seq, Ordering::Relaxed)
+                .max(last_seq)
+                .max((forwarded + waiting).min(received)),
             forwarded,
             waiting,
             connected: s.bridges.iter().all(|b| b.connected),
             cloud_unique: cloud.lock().unwrap_or_else(|p| p.into_inner()).unique.len(),
-            sensors_up: s.router.clients.iter().filter(|c| c.client_id.starts_with("sensor-")).count(),
+            sensors_up: s
+                .router
+                .clients
+                .iter()
+                .filter(|c| c.client_id.starts_with("sensor-"))
+                .count(),
         }
     }
 
@@ -350,7 +453,11 @@ impl Snap {
             }
             let (t0, n0) = r[0];
             let dt = t0.elapsed().as_secs_f64();
-            if dt > 0.1 { self.received.saturating_sub(n0) as f64 / dt } else { 0.0 }
+            if dt > 0.1 {
+                self.received.saturating_sub(n0) as f64 / dt
+            } else {
+                0.0
+            }
         };
         format!(
             "{:>5.1}s  sensors {}/{}  {:>5.0}/s  acknowledged {:>6}  on disk {:>6}  forwarded {:>6}  waiting {:>5}  cloud {}  cloud has {:>6}",
@@ -381,7 +488,10 @@ struct Progress {
 
 impl Progress {
     fn new(tty: bool) -> Progress {
-        Progress { tty, last_print: None }
+        Progress {
+            tty,
+            last_print: None,
+        }
     }
 
     fn line(&mut self, text: &str) {
@@ -389,7 +499,10 @@ impl Progress {
         if self.tty {
             let _ = write!(out, "\r\x1b[K{text}");
             let _ = out.flush();
-        } else if self.last_print.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+        } else if self
+            .last_print
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
             self.last_print = Some(Instant::now());
             let _ = writeln!(out, "{text}");
         }
@@ -416,7 +529,9 @@ impl Progress {
 
 /// rumqttd on a free loopback port, in its own threads (they live until the process exits).
 async fn start_cloud() -> anyhow::Result<SocketAddr> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let server = rumqttd::ServerSettings {
         name: "cloud".into(),
@@ -445,13 +560,18 @@ async fn start_cloud() -> anyhow::Result<SocketAddr> {
         v4: Some([("1".to_string(), server)].into_iter().collect()),
         ..Default::default()
     };
-    std::thread::Builder::new().name("cloud".into()).spawn(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let _ = broker.start();
-    })?;
+    std::thread::Builder::new()
+        .name("cloud".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            let _ = broker.start();
+        })?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "the cloud broker (rumqttd) did not start on {addr}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cloud broker (rumqttd) did not start on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(addr)
@@ -459,13 +579,22 @@ async fn start_cloud() -> anyhow::Result<SocketAddr> {
 
 /// Subscribes to the forwarded events on the cloud (directly, not through the relay) and
 /// records each; returns once the subscription is acknowledged.
-async fn start_cloud_subscriber(cloud: SocketAddr, log: Arc<Mutex<CloudLog>>) -> anyhow::Result<()> {
+async fn start_cloud_subscriber(
+    cloud: SocketAddr,
+    log: Arc<Mutex<CloudLog>>,
+) -> anyhow::Result<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut options = MqttOptions::new("demo-cloud-subscriber", cloud.ip().to_string(), cloud.port());
+    let mut options = MqttOptions::new(
+        "demo-cloud-subscriber",
+        cloud.ip().to_string(),
+        cloud.port(),
+    );
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(256 * 1024, 256 * 1024);
     let (client, mut eventloop) = AsyncClient::new(options, 100);
-    client.subscribe(format!("{REMOTE_PREFIX}sensors/+/events"), QoS::AtLeastOnce).await?;
+    client
+        .subscribe(format!("{REMOTE_PREFIX}sensors/+/events"), QoS::AtLeastOnce)
+        .await?;
     let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let _client = client; // keeps the request channel open
@@ -478,9 +607,15 @@ async fn start_cloud_subscriber(cloud: SocketAddr, log: Arc<Mutex<CloudLog>>) ->
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let key = serde_json::from_slice::<serde_json::Value>(&p.payload).ok().and_then(|v| {
-                        Some((v["device"].as_str()?.to_string(), v["boot"].as_u64()?, v["seq"].as_u64()?))
-                    });
+                    let key = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                        .ok()
+                        .and_then(|v| {
+                            Some((
+                                v["device"].as_str()?.to_string(),
+                                v["boot"].as_u64()?,
+                                v["seq"].as_u64()?,
+                            ))
+                        });
                     let mut log = log.lock().unwrap_or_else(|p| p.into_inner());
                     log.total += 1;
                     match key {
@@ -512,14 +647,18 @@ async fn start_relay(target: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<watc
     let (down_tx, down_rx) = watch::channel(false);
     tokio::spawn(async move {
         loop {
-            let Ok((mut inbound, _)) = listener.accept().await else { continue };
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                continue;
+            };
             if *down_rx.borrow() {
                 drop(inbound);
                 continue;
             }
             let mut down = down_rx.clone();
             tokio::spawn(async move {
-                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
                 let _ = inbound.set_nodelay(true);
                 let _ = outbound.set_nodelay(true);
                 tokio::select! {

@@ -42,13 +42,22 @@ fn sample(status: &StatusHandle) -> [u64; 4] {
     let last_seq = s.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0);
     let backlog = match &s.log {
         Some(l) => l.len,
-        None => s.bridges.iter().map(|b| last_seq.saturating_sub(b.cursor)).sum(),
+        None => s
+            .bridges
+            .iter()
+            .map(|b| last_seq.saturating_sub(b.cursor))
+            .sum(),
     };
     [status::unix_ms(), received, forwarded, backlog]
 }
 
 fn app_state(status: StatusHandle, gateway_id: String) -> Arc<AppState> {
-    Arc::new(AppState { registry: metrics::registry(status.clone()), status, gateway_id, history: Mutex::new(VecDeque::new()) })
+    Arc::new(AppState {
+        registry: metrics::registry(status.clone()),
+        status,
+        gateway_id,
+        history: Mutex::new(VecDeque::new()),
+    })
 }
 
 fn router_with_state(state: Arc<AppState>) -> Router {
@@ -104,15 +113,33 @@ pub async fn serve(
 }
 
 async fn dashboard() -> Response {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DASHBOARD_HTML).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD_HTML,
+    )
+        .into_response()
 }
 
 async fn dashboard_js() -> Response {
-    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], DASHBOARD_JS).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD_JS,
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], metrics::encode(&state.registry)).into_response()
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        metrics::encode(&state.registry),
+    )
+        .into_response()
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
@@ -123,12 +150,32 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn api_history(State(state): State<Arc<AppState>>) -> Response {
-    let samples: Vec<[u64; 4]> = state.history.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+    let samples: Vec<[u64; 4]> = state
+        .history
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect();
     let body = serde_json::json!({ "fields": ["t_ms", "received", "forwarded", "backlog"], "samples": samples }).to_string();
-    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn api_status(State(state): State<Arc<AppState>>) -> Response {
     let body = status::status_json(&state.status, &state.gateway_id).to_string();
-    ([(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }

@@ -23,7 +23,11 @@ use config::Config;
 const EXIT_BAD_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "waystation", version, about = "MQTT edge gateway: keeps sensor events on disk and forwards them upstream")]
+#[command(
+    name = "waystation",
+    version,
+    about = "MQTT edge gateway: keeps sensor events on disk and forwards them upstream"
+)]
 struct Cli {
     /// Log line format on stderr: "text" for people, "json" (one object per line) for log shippers.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -103,27 +107,41 @@ fn main() -> ExitCode {
     match cli.command {
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::main(args),
-        Command::Passwd { file, user, delete, iterations } => passwd(&file, &user, delete, iterations),
-        Command::CheckConfig { config } => match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
-            Ok(_) => {
-                println!("{}: OK", config.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::from(EXIT_BAD_CONFIG)
-            }
-        },
-        #[cfg(feature = "demo")]
-        Command::Sim { broker, sensors, rate, id_prefix, duration } => run_sim(broker, sensors, rate, id_prefix, duration),
-        Command::Run { config } => {
-            let (config, security) = match Config::load(&config).and_then(|c| c.security(&config).map(|s| (c, s))) {
-                Ok(c) => c,
+        Command::Passwd {
+            file,
+            user,
+            delete,
+            iterations,
+        } => passwd(&file, &user, delete, iterations),
+        Command::CheckConfig { config } => {
+            match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
+                Ok(_) => {
+                    println!("{}: OK", config.display());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
+                    ExitCode::from(EXIT_BAD_CONFIG)
                 }
-            };
+            }
+        }
+        #[cfg(feature = "demo")]
+        Command::Sim {
+            broker,
+            sensors,
+            rate,
+            id_prefix,
+            duration,
+        } => run_sim(broker, sensors, rate, id_prefix, duration),
+        Command::Run { config } => {
+            let (config, security) =
+                match Config::load(&config).and_then(|c| c.security(&config).map(|s| (c, s))) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_BAD_CONFIG);
+                    }
+                };
             match run(config, security) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -138,13 +156,24 @@ fn main() -> ExitCode {
 /// `waystation sim`: blocks until `--duration` or Ctrl-C, then lets the outboxes drain.
 /// Exit 0 when every event was acknowledged, 1 when some were left pending, 2 on bad options.
 #[cfg(feature = "demo")]
-fn run_sim(broker: String, sensors: usize, rate: f64, id_prefix: String, duration: Option<f64>) -> ExitCode {
+fn run_sim(
+    broker: String,
+    sensors: usize,
+    rate: f64,
+    id_prefix: String,
+    duration: Option<f64>,
+) -> ExitCode {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
     let on_signal = stop.clone();
     std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
         runtime.block_on(async {
             if tokio::signal::ctrl_c().await.is_ok() {
                 on_signal.store(true, Ordering::SeqCst);
@@ -156,7 +185,9 @@ fn run_sim(broker: String, sensors: usize, rate: f64, id_prefix: String, duratio
         sensors,
         rate_hz: rate,
         id_prefix,
-        duration: duration.filter(|d| d.is_finite() && *d > 0.0).map(std::time::Duration::from_secs_f64),
+        duration: duration
+            .filter(|d| d.is_finite() && *d > 0.0)
+            .map(std::time::Duration::from_secs_f64),
         ..Default::default()
     };
     match waystation_firmware::sim::run(&options, &stop) {
@@ -182,12 +213,20 @@ fn init_logging(format: LogFormat, quiet: bool) {
     // rumqttd (the demo's cloud) logs every probe and cut connection as an error.
     let default = if quiet { "error,rumqttd=off" } else { "info" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         // One JSON object per line: timestamp, level, target, the event's fields (client,
         // topic, bridge... as the broker names them) flattened next to "message".
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
     }
 }
 
@@ -204,7 +243,12 @@ fn passwd(file: &std::path::Path, user: &str, delete: bool, iterations: u32) -> 
             return Ok(());
         }
         let password = read_new_password()?;
-        waystation_broker::auth::update_password_file(file, user, Some(password.as_bytes()), iterations)?;
+        waystation_broker::auth::update_password_file(
+            file,
+            user,
+            Some(password.as_bytes()),
+            iterations,
+        )?;
         Ok(())
     })();
     match result {
@@ -237,7 +281,10 @@ fn read_new_password() -> anyhow::Result<String> {
     Ok(password)
 }
 
-fn run(config: Config, (security, anonymous): (waystation_broker::Security, config::AnonymousPolicy)) -> anyhow::Result<()> {
+fn run(
+    config: Config,
+    (security, anonymous): (waystation_broker::Security, config::AnonymousPolicy),
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("waystation")
@@ -336,7 +383,9 @@ fn reload_certificates(broker: &waystation_broker::Broker) {
     for (listener, result) in results {
         match result {
             Ok(()) => info!(%listener, "SIGHUP: TLS certificates reloaded"),
-            Err(e) => error!(%listener, error = %e, "SIGHUP: TLS certificates not reloaded: keeping the ones in use"),
+            Err(e) => {
+                error!(%listener, error = %e, "SIGHUP: TLS certificates not reloaded: keeping the ones in use")
+            }
         }
     }
 }

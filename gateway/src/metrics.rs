@@ -30,7 +30,8 @@ pub fn registry(status: StatusHandle) -> Registry {
 /// Encodes every metric of `registry` in the Prometheus text format.
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut out, registry).expect("writing to a String cannot fail");
+    prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
+        .expect("writing to a String cannot fail");
     out
 }
 
@@ -46,7 +47,12 @@ impl std::fmt::Debug for BrokerCollector {
 
 type Labels = Vec<(&'static str, String)>;
 
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
     let c = ConstCounter::new(v);
     c.encode(e.encode_descriptor(name, help, None, c.metric_type())?)
 }
@@ -56,7 +62,12 @@ fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<()
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-fn gauge_f(e: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> Result<(), std::fmt::Error> {
+fn gauge_f(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: f64,
+) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(v);
     g.encode(e.encode_descriptor(name, help, None, g.metric_type())?)
 }
@@ -88,10 +99,20 @@ fn histogram(
     divisor: f64,
 ) -> Result<(), std::fmt::Error> {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    let mut buckets: Vec<(f64, u64)> = snap.bounds.iter().map(|b| *b as f64 / divisor).zip(snap.counts.iter().copied()).collect();
+    let mut buckets: Vec<(f64, u64)> = snap
+        .bounds
+        .iter()
+        .map(|b| *b as f64 / divisor)
+        .zip(snap.counts.iter().copied())
+        .collect();
     buckets.push((f64::INFINITY, snap.counts.last().copied().unwrap_or(0)));
     let count = snap.counts.iter().sum();
-    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(snap.sum as f64 / divisor, count, &buckets, None)
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+        snap.sum as f64 / divisor,
+        count,
+        &buckets,
+        None,
+    )
 }
 
 /// The broker's histogram snapshot type is not nameable from here, so it is copied.
@@ -106,7 +127,11 @@ mod waystation_broker_histogram {
 macro_rules! snap {
     ($s:expr) => {{
         let s = $s;
-        waystation_broker_histogram::Snapshot { bounds: s.bounds, counts: s.counts, sum: s.sum }
+        waystation_broker_histogram::Snapshot {
+            bounds: s.bounds,
+            counts: s.counts,
+            sum: s.sum,
+        }
     }};
 }
 
@@ -116,16 +141,48 @@ impl Collector for BrokerCollector {
         let status = self.status.status();
         let now = unix_ms();
         let qos_rows = |a: &[std::sync::atomic::AtomicU64; 3]| -> Vec<(Labels, f64)> {
-            (0..3).map(|q| (vec![("qos", q.to_string())], a[q].load(Relaxed) as f64)).collect()
+            (0..3)
+                .map(|q| (vec![("qos", q.to_string())], a[q].load(Relaxed) as f64))
+                .collect()
         };
 
-        gauge_f(&mut e, "waystation_uptime_seconds", "Seconds since the broker started", now.saturating_sub(status.started_at_ms) as f64 / 1000.0)?;
-        gauge(&mut e, "waystation_connections", "MQTT connections open now", st.connections.load(Relaxed) as i64)?;
-        counter(&mut e, "waystation_connections", "MQTT connections accepted", st.connections_total.load(Relaxed))?;
-        counter(&mut e, "waystation_connections_refused", "Connections refused at max_connections", st.refused_connections.load(Relaxed))?;
-        counter(&mut e, "waystation_protocol_errors", "Connections closed for a protocol violation", st.protocol_errors.load(Relaxed))?;
+        gauge_f(
+            &mut e,
+            "waystation_uptime_seconds",
+            "Seconds since the broker started",
+            now.saturating_sub(status.started_at_ms) as f64 / 1000.0,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_connections",
+            "MQTT connections open now",
+            st.connections.load(Relaxed) as i64,
+        )?;
+        counter(
+            &mut e,
+            "waystation_connections",
+            "MQTT connections accepted",
+            st.connections_total.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_connections_refused",
+            "Connections refused at max_connections",
+            st.refused_connections.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_protocol_errors",
+            "Connections closed for a protocol violation",
+            st.protocol_errors.load(Relaxed),
+        )?;
         // Security: authentication, ACL and per-client limits (docs/security.md).
-        counter(&mut e, "waystation_auth_failures", "CONNECTs refused for bad or missing credentials (CONNACK 4 or 5)", st.auth_failures.load(Relaxed))?;
+        counter(
+            &mut e,
+            "waystation_auth_failures",
+            "CONNECTs refused for bad or missing credentials (CONNACK 4 or 5)",
+            st.auth_failures.load(Relaxed),
+        )?;
         let acl: Vec<(Labels, f64)> = [
             ("publish", &st.acl_denied_publish),
             ("subscribe", &st.acl_denied_subscribe),
@@ -134,24 +191,109 @@ impl Collector for BrokerCollector {
         .iter()
         .map(|(k, c)| (vec![("action", k.to_string())], c.load(Relaxed) as f64))
         .collect();
-        family(&mut e, "waystation_acl_denied", "Publishes, subscriptions and deliveries refused by the ACL", MetricType::Counter, &acl)?;
-        counter(&mut e, "waystation_publish_rate_exceeded", "Connections closed for exceeding max_publish_rate", st.publish_rate_exceeded.load(Relaxed))?;
-        counter(&mut e, "waystation_limit_refusals", "Topics and filters refused by max_topic_length/levels and max_subscriptions", st.limit_refusals.load(Relaxed))?;
-        counter(&mut e, "waystation_connection_rate_refused", "Connections closed at accept by max_connection_rate", st.connection_rate_refused.load(Relaxed))?;
-        counter(&mut e, "waystation_connect_timeouts", "Connections closed for no CONNECT within connect_timeout", st.connect_timeouts.load(Relaxed))?;
-        counter(&mut e, "waystation_keep_alive_timeouts", "Connections closed for silence over 1.5x the keep-alive", st.keep_alive_timeouts.load(Relaxed))?;
-        gauge(&mut e, "waystation_clients_connected", "Clients past CONNECT", status.router.clients.len() as i64)?;
-        gauge(&mut e, "waystation_sessions", "Sessions (connected and offline persistent)", status.router.sessions as i64)?;
-        gauge(&mut e, "waystation_sessions_offline", "Offline persistent sessions", status.router.offline_sessions as i64)?;
-        gauge(&mut e, "waystation_session_queued_messages", "QoS 1/2 messages waiting in sessions", status.router.queued_messages as i64)?;
-        gauge(&mut e, "waystation_subscriptions", "Subscriptions", status.router.subscriptions as i64)?;
-        gauge(&mut e, "waystation_retained_messages", "Retained messages", status.router.retained as i64)?;
-        gauge(&mut e, "waystation_pending_acks", "Acknowledgements waiting for the disk", status.router.pending_acks as i64)?;
+        family(
+            &mut e,
+            "waystation_acl_denied",
+            "Publishes, subscriptions and deliveries refused by the ACL",
+            MetricType::Counter,
+            &acl,
+        )?;
+        counter(
+            &mut e,
+            "waystation_publish_rate_exceeded",
+            "Connections closed for exceeding max_publish_rate",
+            st.publish_rate_exceeded.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_limit_refusals",
+            "Topics and filters refused by max_topic_length/levels and max_subscriptions",
+            st.limit_refusals.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_connection_rate_refused",
+            "Connections closed at accept by max_connection_rate",
+            st.connection_rate_refused.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_connect_timeouts",
+            "Connections closed for no CONNECT within connect_timeout",
+            st.connect_timeouts.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
+            "waystation_keep_alive_timeouts",
+            "Connections closed for silence over 1.5x the keep-alive",
+            st.keep_alive_timeouts.load(Relaxed),
+        )?;
+        gauge(
+            &mut e,
+            "waystation_clients_connected",
+            "Clients past CONNECT",
+            status.router.clients.len() as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_sessions",
+            "Sessions (connected and offline persistent)",
+            status.router.sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_sessions_offline",
+            "Offline persistent sessions",
+            status.router.offline_sessions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_session_queued_messages",
+            "QoS 1/2 messages waiting in sessions",
+            status.router.queued_messages as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_subscriptions",
+            "Subscriptions",
+            status.router.subscriptions as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_retained_messages",
+            "Retained messages",
+            status.router.retained as i64,
+        )?;
+        gauge(
+            &mut e,
+            "waystation_pending_acks",
+            "Acknowledgements waiting for the disk",
+            status.router.pending_acks as i64,
+        )?;
         let received = crate::sys::received_by_qos(st);
-        let received: Vec<(Labels, f64)> = (0..3).map(|q| (vec![("qos", q.to_string())], received[q] as f64)).collect();
-        family(&mut e, "waystation_messages_received", "PUBLISH packets received from clients and bridges, by QoS", MetricType::Counter, &received)?;
-        family(&mut e, "waystation_messages_sent", "PUBLISH packets sent to clients, by QoS", MetricType::Counter, &qos_rows(&st.messages_sent))?;
-        counter(&mut e, "waystation_bytes_received", "Payload bytes received from clients", st.bytes_received.load(Relaxed))?;
+        let received: Vec<(Labels, f64)> = (0..3)
+            .map(|q| (vec![("qos", q.to_string())], received[q] as f64))
+            .collect();
+        family(
+            &mut e,
+            "waystation_messages_received",
+            "PUBLISH packets received from clients and bridges, by QoS",
+            MetricType::Counter,
+            &received,
+        )?;
+        family(
+            &mut e,
+            "waystation_messages_sent",
+            "PUBLISH packets sent to clients, by QoS",
+            MetricType::Counter,
+            &qos_rows(&st.messages_sent),
+        )?;
+        counter(
+            &mut e,
+            "waystation_bytes_received",
+            "Payload bytes received from clients",
+            st.bytes_received.load(Relaxed),
+        )?;
         let dropped: Vec<(Labels, f64)> = [
             ("queue_full", &st.dropped_queue_full),
             ("qos0_offline", &st.dropped_qos0_offline),
@@ -162,26 +304,85 @@ impl Collector for BrokerCollector {
         .iter()
         .map(|(r, c)| (vec![("reason", r.to_string())], c.load(Relaxed) as f64))
         .collect();
-        family(&mut e, "waystation_messages_dropped", "Messages dropped, by reason", MetricType::Counter, &dropped)?;
+        family(
+            &mut e,
+            "waystation_messages_dropped",
+            "Messages dropped, by reason",
+            MetricType::Counter,
+            &dropped,
+        )?;
 
         // The durable log (what the bridges still have to forward).
-        let storage_ok = status.router.storage_error.is_none() && status.durability.as_ref().is_none_or(|d| d.error.is_none());
-        gauge(&mut e, "waystation_storage_ok", "1 while the last commit succeeded", i64::from(storage_ok))?;
-        gauge(&mut e, "waystation_storage_full", "1 while on_full = reject_new holds publishers back", i64::from(status.router.storage_full))?;
-        let moved_aside = status.recovery.as_ref().is_some_and(|r| r.moved_aside.is_some());
-        gauge(&mut e, "waystation_store_moved_aside", "1 when the store was corrupt at start-up and was moved aside (alert on it)", i64::from(moved_aside))?;
+        let storage_ok = status.router.storage_error.is_none()
+            && status.durability.as_ref().is_none_or(|d| d.error.is_none());
+        gauge(
+            &mut e,
+            "waystation_storage_ok",
+            "1 while the last commit succeeded",
+            i64::from(storage_ok),
+        )?;
+        gauge(
+            &mut e,
+            "waystation_storage_full",
+            "1 while on_full = reject_new holds publishers back",
+            i64::from(status.router.storage_full),
+        )?;
+        let moved_aside = status
+            .recovery
+            .as_ref()
+            .is_some_and(|r| r.moved_aside.is_some());
+        gauge(
+            &mut e,
+            "waystation_store_moved_aside",
+            "1 when the store was corrupt at start-up and was moved aside (alert on it)",
+            i64::from(moved_aside),
+        )?;
         if let Some(log) = &status.log {
             gauge(&mut e, "waystation_log_messages", "Messages in the durable log: the slowest bridge's backlog plus forwarded entries not yet deleted (deleted in runs)", log.len as i64)?;
-            gauge(&mut e, "waystation_log_bytes", "Logical bytes in the durable log", log.bytes as i64)?;
-            let age = log.oldest_received_at_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
-            gauge_f(&mut e, "waystation_log_oldest_age_seconds", "Age of the oldest message in the log", age)?;
-            gauge(&mut e, "waystation_log_last_seq", "Sequence number of the newest log entry (grows by one per persisted message)", log.last_seq.unwrap_or(0) as i64)?;
+            gauge(
+                &mut e,
+                "waystation_log_bytes",
+                "Logical bytes in the durable log",
+                log.bytes as i64,
+            )?;
+            let age = log
+                .oldest_received_at_ms
+                .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+            gauge_f(
+                &mut e,
+                "waystation_log_oldest_age_seconds",
+                "Age of the oldest message in the log",
+                age,
+            )?;
+            gauge(
+                &mut e,
+                "waystation_log_last_seq",
+                "Sequence number of the newest log entry (grows by one per persisted message)",
+                log.last_seq.unwrap_or(0) as i64,
+            )?;
         }
         if let Some(d) = &status.durability {
-            counter(&mut e, "waystation_store_commits", "Group commits made durable", d.commits)?;
+            counter(
+                &mut e,
+                "waystation_store_commits",
+                "Group commits made durable",
+                d.commits,
+            )?;
         }
-        histogram(&mut e, "waystation_commit_batch_ops", "Operations per group commit", &snap!(st.commit_batch_ops()), 1.0)?;
-        histogram(&mut e, "waystation_commit_sync_seconds", "Time to make one group commit durable", &snap!(st.commit_sync_us()), 1e6)?;
+        histogram(
+            &mut e,
+            "waystation_commit_batch_ops",
+            "Operations per group commit",
+            &snap!(st.commit_batch_ops()),
+            1.0,
+        )?;
+        histogram(
+            &mut e,
+            "waystation_commit_sync_seconds",
+            "Time to make one group commit durable",
+            &snap!(st.commit_sync_us()),
+            1e6,
+        )?;
         histogram(
             &mut e,
             "waystation_forward_latency_seconds",
@@ -193,13 +394,47 @@ impl Collector for BrokerCollector {
         // Bridges.
         let last_seq = status.log.as_ref().and_then(|l| l.last_seq).unwrap_or(0);
         let b = |f: &dyn Fn(&waystation_broker::BridgeStatus) -> f64| -> Vec<(Labels, f64)> {
-            status.bridges.iter().map(|x| (vec![("bridge", x.name.clone())], f(x))).collect()
+            status
+                .bridges
+                .iter()
+                .map(|x| (vec![("bridge", x.name.clone())], f(x)))
+                .collect()
         };
-        family(&mut e, "waystation_bridge_connected", "1 while the upstream connection is up", MetricType::Gauge, &b(&|x| f64::from(u8::from(x.connected))))?;
-        family(&mut e, "waystation_bridge_forwarded", "Messages acknowledged by the upstream", MetricType::Counter, &b(&|x| x.forwarded as f64))?;
-        family(&mut e, "waystation_bridge_received", "Messages received from the upstream (commands)", MetricType::Counter, &b(&|x| x.received as f64))?;
-        family(&mut e, "waystation_bridge_reconnects", "Upstream connections lost", MetricType::Counter, &b(&|x| x.reconnects as f64))?;
-        family(&mut e, "waystation_bridge_inflight", "Messages sent upstream, not yet acknowledged", MetricType::Gauge, &b(&|x| x.inflight as f64))?;
+        family(
+            &mut e,
+            "waystation_bridge_connected",
+            "1 while the upstream connection is up",
+            MetricType::Gauge,
+            &b(&|x| f64::from(u8::from(x.connected))),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_forwarded",
+            "Messages acknowledged by the upstream",
+            MetricType::Counter,
+            &b(&|x| x.forwarded as f64),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_received",
+            "Messages received from the upstream (commands)",
+            MetricType::Counter,
+            &b(&|x| x.received as f64),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_reconnects",
+            "Upstream connections lost",
+            MetricType::Counter,
+            &b(&|x| x.reconnects as f64),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_inflight",
+            "Messages sent upstream, not yet acknowledged",
+            MetricType::Gauge,
+            &b(&|x| x.inflight as f64),
+        )?;
         family(
             &mut e,
             "waystation_bridge_backlog_messages",
@@ -210,9 +445,15 @@ impl Collector for BrokerCollector {
         // The log is shared: its bytes and oldest age are the slowest bridge's backlog.
         let min_cursor = status.bridges.iter().map(|x| x.cursor).min();
         let (log_bytes, oldest) = status.log.as_ref().map_or((0, 0.0), |l| {
-            (l.bytes, l.oldest_received_at_ms.map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0))
+            (
+                l.bytes,
+                l.oldest_received_at_ms
+                    .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0),
+            )
         });
-        let slowest = |x: &waystation_broker::BridgeStatus| Some(x.cursor) == min_cursor && x.cursor < last_seq;
+        let slowest = |x: &waystation_broker::BridgeStatus| {
+            Some(x.cursor) == min_cursor && x.cursor < last_seq
+        };
         family(
             &mut e,
             "waystation_bridge_backlog_bytes",

@@ -12,7 +12,10 @@ use waystation_broker::status::BrokerStatus;
 use waystation_broker::StatusHandle;
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Why the gateway is unhealthy, or `None` when listeners and storage are fine. Listeners are
@@ -25,7 +28,11 @@ pub fn unhealthy(status: &BrokerStatus) -> Option<String> {
     if let Some(e) = status.durability.as_ref().and_then(|d| d.error.as_ref()) {
         return Some(format!("storage: commits failing: {e}"));
     }
-    if let Some(aside) = status.recovery.as_ref().and_then(|r| r.moved_aside.as_ref()) {
+    if let Some(aside) = status
+        .recovery
+        .as_ref()
+        .and_then(|r| r.moved_aside.as_ref())
+    {
         // Raised until the operator restarts the daemon after looking at what was moved aside:
         // the messages in it were acknowledged and are not being forwarded.
         return Some(format!(
@@ -81,7 +88,8 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
             })
         })
         .collect();
-    let sum = |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|c| c.load(Relaxed)).sum::<u64>();
+    let sum =
+        |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|c| c.load(Relaxed)).sum::<u64>();
     let unhealthy = unhealthy(&status);
     json!({
         "gateway": gateway_id,

@@ -146,7 +146,10 @@ impl Waystation {
         let mut child = Command::new(waystation_bin())
             .args(["run", "--config"])
             .arg(self.config_path())
-            .env("RUST_LOG", std::env::var("WAYSTATION_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("WAYSTATION_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -178,7 +181,10 @@ impl Waystation {
         match addr_rx.recv_timeout(START_TIMEOUT) {
             Ok(addr) => self.addr = addr,
             Err(_) => {
-                let status = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                let status = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
                 self.kill();
                 panic!(
                     "waystation did not start listening within {START_TIMEOUT:?} (exit: {status:?}); logs:\n{}",
@@ -285,7 +291,10 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
-        let mut m = Mosquitto { child: None, port: free_port() };
+        let mut m = Mosquitto {
+            child: None,
+            port: free_port(),
+        };
         m.spawn();
         m
     }
@@ -304,7 +313,9 @@ impl Mosquitto {
             .expect("spawn mosquitto");
         self.child = Some(child);
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let up = wait_until(START_TIMEOUT, || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok());
+        let up = wait_until(START_TIMEOUT, || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        });
         assert!(up, "mosquitto did not listen on {addr}");
     }
 

@@ -155,7 +155,14 @@ impl Connect {
 }
 
 /// PUBLISH with explicit flags. `pid` must be Some for QoS > 0.
-pub fn publish(topic: &str, payload: &[u8], qos: u8, retain: bool, dup: bool, pid: Option<u16>) -> Vec<u8> {
+pub fn publish(
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+    dup: bool,
+    pid: Option<u16>,
+) -> Vec<u8> {
     let mut first = 0x30 | (qos << 1);
     if retain {
         first |= 0x01;
@@ -166,7 +173,10 @@ pub fn publish(topic: &str, payload: &[u8], qos: u8, retain: bool, dup: bool, pi
     let mut body = Vec::new();
     mqtt_str(topic.as_bytes(), &mut body);
     if qos > 0 {
-        body.extend_from_slice(&pid.expect("QoS > 0 PUBLISH needs a packet id").to_be_bytes());
+        body.extend_from_slice(
+            &pid.expect("QoS > 0 PUBLISH needs a packet id")
+                .to_be_bytes(),
+        );
     }
     body.extend_from_slice(payload);
     packet(first, &body)
@@ -213,7 +223,9 @@ pub fn from_hex(hex: &str) -> Vec<u8> {
     assert!(hex.len() % 2 == 0, "odd hex length: {hex}");
     (0..hex.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap_or_else(|e| panic!("bad hex {hex}: {e}")))
+        .map(|i| {
+            u8::from_str_radix(&hex[i..i + 2], 16).unwrap_or_else(|e| panic!("bad hex {hex}: {e}"))
+        })
         .collect()
 }
 
@@ -233,17 +245,26 @@ pub struct Publish {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pkt {
-    ConnAck { session_present: bool, code: u8 },
+    ConnAck {
+        session_present: bool,
+        code: u8,
+    },
     Publish(Publish),
     PubAck(u16),
     PubRec(u16),
     PubRel(u16),
     PubComp(u16),
-    SubAck { pid: u16, codes: Vec<u8> },
+    SubAck {
+        pid: u16,
+        codes: Vec<u8>,
+    },
     UnsubAck(u16),
     PingResp,
     /// Anything a server must not send a client (or a malformed packet): kept raw.
-    Other { first_byte: u8, body: Vec<u8> },
+    Other {
+        first_byte: u8,
+        body: Vec<u8>,
+    },
 }
 
 fn two(body: &[u8]) -> Option<u16> {
@@ -355,8 +376,14 @@ impl RawClient {
         let mut c = RawClient::tcp(addr);
         c.send(&connect.encode());
         match c.recv() {
-            Pkt::ConnAck { session_present, code } => (c, session_present, code),
-            other => panic!("expected CONNACK for {:?}, got {other:?}", connect.client_id),
+            Pkt::ConnAck {
+                session_present,
+                code,
+            } => (c, session_present, code),
+            other => panic!(
+                "expected CONNACK for {:?}, got {other:?}",
+                connect.client_id
+            ),
         }
     }
 
@@ -370,7 +397,10 @@ impl RawClient {
     /// A clean-session client with keep-alive 60 s, connected.
     pub fn connect(addr: SocketAddr, client_id: &str) -> RawClient {
         let (c, sp) = RawClient::connect_ok(addr, &Connect::new(client_id));
-        assert!(!sp, "clean session CONNACK must have session present 0 [MQTT-3.2.2-1]");
+        assert!(
+            !sp,
+            "clean session CONNACK must have session present 0 [MQTT-3.2.2-1]"
+        );
         c
     }
 
@@ -382,7 +412,8 @@ impl RawClient {
     }
 
     pub fn send(&mut self, bytes: &[u8]) {
-        self.try_send(bytes).unwrap_or_else(|e| panic!("send to broker: {e}"));
+        self.try_send(bytes)
+            .unwrap_or_else(|e| panic!("send to broker: {e}"));
     }
 
     /// Reads one packet within `timeout`.
@@ -430,7 +461,11 @@ impl RawClient {
             if b & 0x80 == 0 {
                 break;
             }
-            assert!(i <= 4, "broker sent a malformed remaining length: {:02x?}", &self.buf[..i]);
+            assert!(
+                i <= 4,
+                "broker sent a malformed remaining length: {:02x?}",
+                &self.buf[..i]
+            );
         }
         if self.buf.len() < i + len {
             return None;
@@ -502,7 +537,10 @@ impl RawClient {
         self.send(&subscribe(pid, filters));
         match self.recv() {
             Pkt::SubAck { pid: p, codes } => {
-                assert_eq!(p, pid, "SUBACK packet id must match the SUBSCRIBE's [MQTT-3.8.4-2]");
+                assert_eq!(
+                    p, pid,
+                    "SUBACK packet id must match the SUBSCRIBE's [MQTT-3.8.4-2]"
+                );
                 codes
             }
             other => panic!("expected SUBACK, got {other:?}"),
@@ -606,7 +644,9 @@ impl RawClient {
             match got {
                 Ok(p) if is_it(&p) => break p,
                 Ok(other) => held.push(other),
-                Err(e) => panic!("expected {what} within {RECV_TIMEOUT:?}: {e:?} (meanwhile {held:?})"),
+                Err(e) => {
+                    panic!("expected {what} within {RECV_TIMEOUT:?}: {e:?} (meanwhile {held:?})")
+                }
             }
         };
         self.pending.extend(held);
@@ -645,7 +685,16 @@ impl MosquittoSub {
         // stdbuf -oL: mosquitto_sub's stdout is a pipe here, so without it stdio would hold
         // the SUBACK debug line (and messages) in a buffer until exit.
         let mut child = Command::new("stdbuf")
-            .args(["-oL", "mosquitto_sub", "-d", "-v", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-d",
+                "-v",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -737,6 +786,7 @@ pub fn mosquitto_pub(port: u16, args: &[&str]) {
             .args(args),
         Duration::from_secs(10),
     );
-    let status = status.unwrap_or_else(|| panic!("mosquitto_pub {args:?} did not finish within 10 s"));
+    let status =
+        status.unwrap_or_else(|| panic!("mosquitto_pub {args:?} did not finish within 10 s"));
     assert!(status.success(), "mosquitto_pub {args:?}: {status}");
 }

@@ -41,7 +41,10 @@ impl Upstream {
     }
 
     pub fn start_on(port: u16) -> Upstream {
-        let dir = tempfile::Builder::new().prefix("ws-upstream-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("ws-upstream-")
+            .tempdir()
+            .expect("tempdir");
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
              autosave_interval 0\nmax_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n\
@@ -49,7 +52,11 @@ impl Upstream {
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
-        let mut u = Upstream { child: None, port, dir };
+        let mut u = Upstream {
+            child: None,
+            port,
+            dir,
+        };
         u.spawn();
         u
     }
@@ -159,7 +166,11 @@ impl Collector {
         let subacks = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         {
-            let (received, subacks, stop) = (Arc::clone(&received), Arc::clone(&subacks), Arc::clone(&stop));
+            let (received, subacks, stop) = (
+                Arc::clone(&received),
+                Arc::clone(&subacks),
+                Arc::clone(&stop),
+            );
             let client = client.clone();
             let filter = filter.to_string();
             std::thread::spawn(move || {
@@ -168,7 +179,8 @@ impl Collector {
                     match event {
                         Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(ack))) => {
                             if !ack.session_present {
-                                let _ = client.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce);
+                                let _ =
+                                    client.try_subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce);
                             } else {
                                 subacks.fetch_add(1, Ordering::SeqCst);
                             }
@@ -191,20 +203,32 @@ impl Collector {
                 }
             });
         }
-        let c = Collector { received, subacks, stop, client };
+        let c = Collector {
+            received,
+            subacks,
+            stop,
+            client,
+        };
         assert!(
-            wait_until(Duration::from_secs(10), || c.subacks.load(Ordering::SeqCst) > 0),
+            wait_until(Duration::from_secs(10), || c.subacks.load(Ordering::SeqCst)
+                > 0),
             "upstream subscriber got no SUBACK for {filter} within 10 s"
         );
         c
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn count(&self) -> usize {
-        self.received.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.received
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Times the subscription was confirmed (a SUBACK, or a CONNACK with session present).
@@ -215,7 +239,11 @@ impl Collector {
     /// Waits until the distinct `(publisher, seq)` ids received include all of `want`.
     pub fn wait_for_all(&self, want: &HashSet<(u32, u64)>, timeout: Duration) -> bool {
         wait_until(timeout, || {
-            let got: HashSet<(u32, u64)> = self.received().iter().filter_map(|r| parse_id(&r.payload)).collect();
+            let got: HashSet<(u32, u64)> = self
+                .received()
+                .iter()
+                .filter_map(|r| parse_id(&r.payload))
+                .collect();
             want.iter().all(|id| got.contains(id))
         })
     }
@@ -286,7 +314,14 @@ pub struct PublisherSpec {
 
 impl PublisherSpec {
     pub fn new(publisher: u32, count: u64) -> PublisherSpec {
-        PublisherSpec { publisher, count: Some(count), window: 10, payload_len: 24, pace: None, reconnect: false }
+        PublisherSpec {
+            publisher,
+            count: Some(count),
+            window: 10,
+            payload_len: 24,
+            pace: None,
+            reconnect: false,
+        }
     }
 }
 
@@ -323,7 +358,12 @@ impl Publisher {
             let (state, stop, spec) = (Arc::clone(&state), Arc::clone(&stop), spec.clone());
             std::thread::spawn(move || run_publisher(addr, spec, state, stop))
         };
-        Publisher { spec, state, stop, handle: Some(handle) }
+        Publisher {
+            spec,
+            state,
+            stop,
+            handle: Some(handle),
+        }
     }
 
     pub fn stop(&mut self) {
@@ -334,11 +374,19 @@ impl Publisher {
     }
 
     pub fn acked(&self) -> Vec<u64> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).acked.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acked
+            .clone()
     }
 
     pub fn acked_count(&self) -> usize {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).acked.len()
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .acked
+            .len()
     }
 
     pub fn done(&self) -> bool {
@@ -354,7 +402,11 @@ impl Publisher {
         let finished = wait_until(timeout, || self.done());
         self.stop();
         let state = std::mem::take(&mut *self.state.lock().unwrap_or_else(|e| e.into_inner()));
-        assert!(finished, "publisher {} did not finish within {timeout:?}: {state:?}", self.spec.publisher);
+        assert!(
+            finished,
+            "publisher {} did not finish within {timeout:?}: {state:?}",
+            self.spec.publisher
+        );
         state
     }
 }
@@ -375,7 +427,12 @@ fn connect_raw(addr: SocketAddr, client_id: &str) -> Option<RawClient> {
     }
 }
 
-fn run_publisher(addr: SocketAddr, spec: PublisherSpec, state: Arc<Mutex<PublisherState>>, stop: Arc<AtomicBool>) {
+fn run_publisher(
+    addr: SocketAddr,
+    spec: PublisherSpec,
+    state: Arc<Mutex<PublisherState>>,
+    stop: Arc<AtomicBool>,
+) {
     let lock = || state.lock().unwrap_or_else(|e| e.into_inner());
     let topic = topic_of(spec.publisher);
     let client_id = format!("fwd-pub-{}", spec.publisher);
@@ -384,7 +441,11 @@ fn run_publisher(addr: SocketAddr, spec: PublisherSpec, state: Arc<Mutex<Publish
     let finished = |next: u64| spec.count.is_some_and(|c| next >= c);
     'connection: while !stop.load(Ordering::SeqCst) {
         let Some(mut c) = connect_raw(addr, &client_id) else {
-            assert!(spec.reconnect, "publisher {} cannot connect to {addr}", spec.publisher);
+            assert!(
+                spec.reconnect,
+                "publisher {} cannot connect to {addr}",
+                spec.publisher
+            );
             std::thread::sleep(Duration::from_millis(30));
             continue;
         };
@@ -394,7 +455,14 @@ fn run_publisher(addr: SocketAddr, spec: PublisherSpec, state: Arc<Mutex<Publish
         loop {
             while inflight.len() < spec.window && !finished(next) && !stop.load(Ordering::SeqCst) {
                 pid = if pid == u16::MAX { 1 } else { pid + 1 };
-                let bytes = raw::publish(&topic, &payload(spec.publisher, next, spec.payload_len), 1, false, false, Some(pid));
+                let bytes = raw::publish(
+                    &topic,
+                    &payload(spec.publisher, next, spec.payload_len),
+                    1,
+                    false,
+                    false,
+                    Some(pid),
+                );
                 if c.try_send(&bytes).is_err() {
                     // Maybe never read by the broker: not acked, not counted as sent.
                     break;
@@ -416,16 +484,22 @@ fn run_publisher(addr: SocketAddr, spec: PublisherSpec, state: Arc<Mutex<Publish
                     match inflight.iter().position(|(q, _)| *q == p) {
                         Some(i) => {
                             if i != 0 {
-                                st.anomalies.push(format!("PUBACK {p} not for the oldest in flight (position {i})"));
+                                st.anomalies.push(format!(
+                                    "PUBACK {p} not for the oldest in flight (position {i})"
+                                ));
                             }
                             let (_, seq) = inflight.remove(i).expect("position exists");
                             st.acked.push(seq);
                             st.last_ack = Some(Instant::now());
                         }
-                        None => st.anomalies.push(format!("PUBACK for packet id {p} not in flight")),
+                        None => st
+                            .anomalies
+                            .push(format!("PUBACK for packet id {p} not in flight")),
                     }
                 }
-                Ok(other) => lock().anomalies.push(format!("unexpected packet {other:?}")),
+                Ok(other) => lock()
+                    .anomalies
+                    .push(format!("unexpected packet {other:?}")),
                 Err(RecvError::Timeout) => {
                     if stop.load(Ordering::SeqCst) {
                         lock().abandoned += inflight.len() as u64;
@@ -433,7 +507,11 @@ fn run_publisher(addr: SocketAddr, spec: PublisherSpec, state: Arc<Mutex<Publish
                     }
                 }
                 Err(RecvError::Closed) => {
-                    assert!(spec.reconnect, "publisher {}: connection closed by the broker", spec.publisher);
+                    assert!(
+                        spec.reconnect,
+                        "publisher {}: connection closed by the broker",
+                        spec.publisher
+                    );
                     lock().abandoned += inflight.len() as u64;
                     continue 'connection;
                 }
@@ -461,16 +539,26 @@ pub struct Analysis {
 /// Parses what the upstream received: ids, duplicates, and whether the first occurrence of
 /// each message per topic came in sequence order (at least once, in order per topic).
 pub fn analyze(received: &[Received], remote_prefix: &str) -> Analysis {
-    let mut a = Analysis { total: received.len(), ..Default::default() };
+    let mut a = Analysis {
+        total: received.len(),
+        ..Default::default()
+    };
     let mut last_first: HashMap<u32, u64> = HashMap::new();
     for r in received {
         let Some((p, s)) = parse_id(&r.payload) else {
-            a.malformed.push(format!("{}: {:?}", r.topic, String::from_utf8_lossy(&r.payload)));
+            a.malformed.push(format!(
+                "{}: {:?}",
+                r.topic,
+                String::from_utf8_lossy(&r.payload)
+            ));
             continue;
         };
         let want_topic = format!("{remote_prefix}{}", topic_of(p));
         if r.topic != want_topic {
-            a.malformed.push(format!("{p}:{s} arrived on {} (want {want_topic})", r.topic));
+            a.malformed.push(format!(
+                "{p}:{s} arrived on {} (want {want_topic})",
+                r.topic
+            ));
         }
         if !a.unique.insert((p, s)) {
             a.duplicates += 1;
@@ -478,7 +566,8 @@ pub fn analyze(received: &[Received], remote_prefix: &str) -> Analysis {
         }
         if let Some(prev) = last_first.insert(p, s) {
             if s < prev && a.order_violations.len() < 20 {
-                a.order_violations.push(format!("publisher {p}: seq {s} first arrived after {prev}"));
+                a.order_violations
+                    .push(format!("publisher {p}: seq {s} first arrived after {prev}"));
             }
         }
     }

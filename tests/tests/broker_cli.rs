@@ -32,8 +32,13 @@ fn run(args: &[&str]) -> (i32, String, String) {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let status = wait_with_timeout(&mut child, Duration::from_secs(10)).unwrap_or_else(|| panic!("waystation {args:?} did not exit within 10 s"));
-    (status.code().unwrap_or(-1), out_t.join().unwrap(), err_t.join().unwrap())
+    let status = wait_with_timeout(&mut child, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("waystation {args:?} did not exit within 10 s"));
+    (
+        status.code().unwrap_or(-1),
+        out_t.join().unwrap(),
+        err_t.join().unwrap(),
+    )
 }
 
 fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -69,7 +74,10 @@ fn assert_rejected(text: &str, needles: &[&str]) {
     let all = format!("{out}{err}");
     assert_eq!(code, 2, "want exit 2 for:\n{text}\ngot {code}: {all}");
     for n in needles {
-        assert!(all.contains(n), "the error must mention {n:?}; it says:\n{all}");
+        assert!(
+            all.contains(n),
+            "the error must mention {n:?}; it says:\n{all}"
+        );
     }
     // `run` refuses the same file with the same code.
     let (code, _, _) = run(&["run", "--config", path.to_str().unwrap()]);
@@ -79,22 +87,37 @@ fn assert_rejected(text: &str, needles: &[&str]) {
 // Issue: "an unknown key ... is a clear error naming the key and line, exit code 2".
 #[test]
 fn check_config_rejects_unknown_key_naming_key_and_line() {
-    assert_rejected("[gateway]\nid = \"x\"\n\n[limits]\nmax_inflight = 10\nmax_inflihgt = 5\n", &["max_inflihgt", "line 6"]);
-    assert_rejected("[gateway]\nid = \"x\"\n[gatway]\nid = \"y\"\n", &["gatway", "line 3"]);
+    assert_rejected(
+        "[gateway]\nid = \"x\"\n\n[limits]\nmax_inflight = 10\nmax_inflihgt = 5\n",
+        &["max_inflihgt", "line 6"],
+    );
+    assert_rejected(
+        "[gateway]\nid = \"x\"\n[gatway]\nid = \"y\"\n",
+        &["gatway", "line 3"],
+    );
 }
 
 // Issue: "a wrong type ... is a clear error naming the key and line, exit code 2".
 #[test]
 fn check_config_rejects_wrong_type_naming_key_and_line() {
-    assert_rejected("[limits]\nmax_connections = 10\nmax_inflight = \"lots\"\n", &["max_inflight", "line 3"]);
+    assert_rejected(
+        "[limits]\nmax_connections = 10\nmax_inflight = \"lots\"\n",
+        &["max_inflight", "line 3"],
+    );
     assert_rejected("[gateway]\nid = 42\n", &["id", "line 2"]);
 }
 
 // Issue: "a bad address is a clear error naming the key and line, exit code 2".
 #[test]
 fn check_config_rejects_bad_address_naming_key_and_line() {
-    assert_rejected("[gateway]\nid = \"x\"\n\n[[listener]]\nbind = \"not-an-address\"\n", &["bind", "line 5"]);
-    assert_rejected("[[listener]]\nbind = \"127.0.0.1:99999\"\n", &["bind", "line 2"]);
+    assert_rejected(
+        "[gateway]\nid = \"x\"\n\n[[listener]]\nbind = \"not-an-address\"\n",
+        &["bind", "line 5"],
+    );
+    assert_rejected(
+        "[[listener]]\nbind = \"127.0.0.1:99999\"\n",
+        &["bind", "line 2"],
+    );
 }
 
 // A value out of its documented range (max_packet_size 64..=122880) is refused, naming
@@ -108,15 +131,29 @@ fn check_config_rejects_out_of_range_limit() {
 // Issue: "`--help` on every command".
 #[test]
 fn help_works_for_every_command() {
-    for args in [vec!["--help"], vec!["run", "--help"], vec!["check-config", "--help"], vec!["help", "run"]] {
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["check-config", "--help"],
+        vec!["help", "run"],
+    ] {
         let (code, out, err) = run(&args);
         assert_eq!(code, 0, "waystation {args:?}: {out}{err}");
-        assert!(out.contains("Usage"), "waystation {args:?} prints usage: {out}");
+        assert!(
+            out.contains("Usage"),
+            "waystation {args:?} prints usage: {out}"
+        );
     }
     let (_, out, _) = run(&["--help"]);
-    assert!(out.contains("run") && out.contains("check-config"), "top-level help lists the commands: {out}");
+    assert!(
+        out.contains("run") && out.contains("check-config"),
+        "top-level help lists the commands: {out}"
+    );
     let (_, out, _) = run(&["run", "--help"]);
-    assert!(out.contains("--config"), "run --help documents --config: {out}");
+    assert!(
+        out.contains("--config"),
+        "run --help documents --config: {out}"
+    );
 }
 
 fn connect_refused(addr: SocketAddr) -> bool {
@@ -131,9 +168,14 @@ fn sigterm_shuts_down_cleanly_with_exit_0() {
     let addr = ws.addr;
     let mut client = RawClient::connect(addr, "sigterm-client");
     client.ping();
-    let status = ws.terminate().expect("waystation must exit within 15 s of SIGTERM");
+    let status = ws
+        .terminate()
+        .expect("waystation must exit within 15 s of SIGTERM");
     assert!(status.success(), "SIGTERM: exit status {status}");
-    assert!(client.closed_within(Duration::from_secs(2)), "client connection closed on shutdown");
+    assert!(
+        client.closed_within(Duration::from_secs(2)),
+        "client connection closed on shutdown"
+    );
     assert!(connect_refused(addr), "no longer accepting after shutdown");
 }
 
@@ -147,19 +189,30 @@ fn sigint_shuts_down_cleanly_with_exit_0() {
     unsafe {
         libc::kill(pid, libc::SIGINT);
     }
-    assert!(client.closed_within(Duration::from_secs(10)), "client connection closed on SIGINT");
-    assert!(wait_until(Duration::from_secs(10), || connect_refused(addr)), "still accepting after SIGINT");
+    assert!(
+        client.closed_within(Duration::from_secs(10)),
+        "client connection closed on SIGINT"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || connect_refused(addr)),
+        "still accepting after SIGINT"
+    );
     // terminate() only reaps it now (it has exited already): its status is SIGINT's.
     let status = ws.terminate().expect("exited");
     assert!(status.success(), "SIGINT: exit status {status}");
-    assert!(ws.logs().contains("stopped") || ws.logs().contains("shutting down"), "shutdown is logged");
+    assert!(
+        ws.logs().contains("stopped") || ws.logs().contains("shutting down"),
+        "shutdown is logged"
+    );
 }
 
 // Issue: "`[[listener]] bind` (one or more TCP listeners)": two listeners, one broker —
 // a subscriber on one receives what a publisher on the other sends.
 #[test]
 fn two_listeners_serve_one_broker() {
-    let ws = Waystation::start_with("[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n");
+    let ws = Waystation::start_with(
+        "[[listener]]\nbind = \"127.0.0.1:0\"\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n",
+    );
     assert!(
         ws.wait_for_log("waystation started", Duration::from_secs(10)),
         "daemon start not logged"

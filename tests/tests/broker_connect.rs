@@ -14,7 +14,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 fn assert_not_accepted(pkts: &[Pkt], what: &str) {
     for p in pkts {
         match p {
-            Pkt::ConnAck { code: 0, .. } => panic!("{what}: broker accepted the connection (CONNACK 0)"),
+            Pkt::ConnAck { code: 0, .. } => {
+                panic!("{what}: broker accepted the connection (CONNACK 0)")
+            }
             Pkt::ConnAck { .. } => {}
             other => panic!("{what}: broker sent {other:?} before closing"),
         }
@@ -28,17 +30,29 @@ fn assert_not_accepted(pkts: &[Pkt], what: &str) {
 fn connack_accepted_with_correct_session_present() {
     let ws = Waystation::start();
     let (c, sp) = RawClient::connect_ok(ws.addr, &Connect::new("cp-clean"));
-    assert!(!sp, "clean session 1 must give session present 0 [MQTT-3.2.2-1]");
+    assert!(
+        !sp,
+        "clean session 1 must give session present 0 [MQTT-3.2.2-1]"
+    );
     c.disconnect();
 
     let (c, sp) = RawClient::connect_ok(ws.addr, &Connect::new("cp-persist").clean(false));
-    assert!(!sp, "first clean session 0 connect has no stored session: session present 0 [MQTT-3.2.2-3]");
+    assert!(
+        !sp,
+        "first clean session 0 connect has no stored session: session present 0 [MQTT-3.2.2-3]"
+    );
     c.disconnect();
     let (c, sp) = RawClient::connect_ok(ws.addr, &Connect::new("cp-persist").clean(false));
-    assert!(sp, "reconnect with clean session 0 must give session present 1 [MQTT-3.2.2-2]");
+    assert!(
+        sp,
+        "reconnect with clean session 0 must give session present 1 [MQTT-3.2.2-2]"
+    );
     c.disconnect();
     let (c, sp) = RawClient::connect_ok(ws.addr, &Connect::new("cp-persist").clean(true));
-    assert!(!sp, "clean session 1 must give session present 0 even when a session existed [MQTT-3.2.2-1]");
+    assert!(
+        !sp,
+        "clean session 1 must give session present 0 even when a session existed [MQTT-3.2.2-1]"
+    );
     c.disconnect();
 }
 
@@ -61,7 +75,10 @@ fn unacceptable_protocol_level_gets_connack_1_then_close() {
         let got = c.expect_closed(CLOSE_WAIT);
         assert_eq!(
             got,
-            vec![Pkt::ConnAck { session_present: false, code: 1 }],
+            vec![Pkt::ConnAck {
+                session_present: false,
+                code: 1
+            }],
             "protocol level {level}: want exactly CONNACK(0x01) then close [MQTT-3.1.2-2]"
         );
     }
@@ -80,7 +97,10 @@ fn zero_length_client_id_with_clean_session_is_accepted() {
     a.subscribe_ok(1, &[("anon/t", 1)]);
     b.publish1("anon/t", b"hello", false, 9);
     let p = a.recv_publish();
-    assert_eq!((p.topic.as_str(), p.payload.as_slice()), ("anon/t", &b"hello"[..]));
+    assert_eq!(
+        (p.topic.as_str(), p.payload.as_slice()),
+        ("anon/t", &b"hello"[..])
+    );
     a.ack(&p);
     // Both still connected: generated ids are unique, so no takeover happened.
     a.ping();
@@ -98,7 +118,10 @@ fn zero_length_client_id_without_clean_session_is_refused_with_code_2() {
     let got = c.expect_closed(CLOSE_WAIT);
     assert_eq!(
         got,
-        vec![Pkt::ConnAck { session_present: false, code: 2 }],
+        vec![Pkt::ConnAck {
+            session_present: false,
+            code: 2
+        }],
         "want exactly CONNACK(0x02, session present 0 [MQTT-3.2.2-4]) then close [MQTT-3.1.3-8]"
     );
 }
@@ -111,12 +134,18 @@ fn second_connect_on_a_connection_closes_it() {
     let (mut c, _) = RawClient::connect_ok(ws.addr, &Connect::new("twice"));
     c.send(&Connect::new("twice").encode());
     let got = c.expect_closed(CLOSE_WAIT);
-    assert!(got.is_empty(), "nothing may answer a second CONNECT (no second CONNACK): {got:?}");
+    assert!(
+        got.is_empty(),
+        "nothing may answer a second CONNECT (no second CONNACK): {got:?}"
+    );
     // Also with a different client id.
     let (mut c, _) = RawClient::connect_ok(ws.addr, &Connect::new("twice-a"));
     c.send(&Connect::new("twice-b").encode());
     let got = c.expect_closed(CLOSE_WAIT);
-    assert!(got.is_empty(), "second CONNECT (other id) answered: {got:?}");
+    assert!(
+        got.is_empty(),
+        "second CONNECT (other id) answered: {got:?}"
+    );
 }
 
 // [MQTT-3.1.0-1] "After a Network Connection is established by a Client to a Server, the
@@ -127,8 +156,14 @@ fn first_packet_not_connect_closes() {
     let ws = Waystation::start();
     let firsts: Vec<(&str, Vec<u8>)> = vec![
         ("PINGREQ", raw::pingreq()),
-        ("PUBLISH qos0", raw::publish("a/b", b"x", 0, false, false, None)),
-        ("PUBLISH qos1", raw::publish("a/b", b"x", 1, false, false, Some(1))),
+        (
+            "PUBLISH qos0",
+            raw::publish("a/b", b"x", 0, false, false, None),
+        ),
+        (
+            "PUBLISH qos1",
+            raw::publish("a/b", b"x", 1, false, false, Some(1)),
+        ),
         ("SUBSCRIBE", raw::subscribe(1, &[("a/#", 0)])),
         ("UNSUBSCRIBE", raw::unsubscribe(1, &["a/#"])),
         ("DISCONNECT", raw::disconnect()),
@@ -138,7 +173,10 @@ fn first_packet_not_connect_closes() {
         let mut c = RawClient::tcp(ws.addr);
         let _ = c.try_send(&bytes);
         let got = c.expect_closed(CLOSE_WAIT);
-        assert!(got.is_empty(), "first packet {name}: broker answered {got:?} instead of closing");
+        assert!(
+            got.is_empty(),
+            "first packet {name}: broker answered {got:?} instead of closing"
+        );
     }
     // The broker still serves proper clients.
     RawClient::connect(ws.addr, "after-bad-firsts").ping();
@@ -162,7 +200,10 @@ fn no_connect_within_connect_timeout_closes() {
         elapsed >= Duration::from_millis(800),
         "closed after {elapsed:?}, before the 1 s connect_timeout"
     );
-    assert!(partial.closed_within(Duration::from_secs(3)), "a half-sent CONNECT must not keep the socket open");
+    assert!(
+        partial.closed_within(Duration::from_secs(3)),
+        "a half-sent CONNECT must not keep the socket open"
+    );
     // A client that connects in time is not affected.
     let mut ok = RawClient::connect(ws.addr, "in-time");
     std::thread::sleep(Duration::from_millis(1500));
@@ -229,15 +270,24 @@ fn same_client_id_takes_over_old_connection_and_publishes_its_will() {
     let mut watcher = RawClient::connect(ws.addr, "watcher");
     watcher.subscribe_ok(1, &[("will/+", 1)]);
 
-    let first = Connect::new("dup-id")
-        .clean(false)
-        .will(Will::new("will/dup-id", b"old connection gone", 1, false));
+    let first = Connect::new("dup-id").clean(false).will(Will::new(
+        "will/dup-id",
+        b"old connection gone",
+        1,
+        false,
+    ));
     let (mut old, _) = RawClient::connect_ok(ws.addr, &first);
     old.subscribe_ok(1, &[("takeover/t", 1)]);
 
     let (mut new, sp) = RawClient::connect_ok(ws.addr, &Connect::new("dup-id").clean(false));
-    assert!(sp, "takeover with clean session 0 continues the session: session present 1");
-    assert!(old.closed_within(CLOSE_WAIT), "old connection must be closed on takeover [MQTT-3.1.4-2]");
+    assert!(
+        sp,
+        "takeover with clean session 0 continues the session: session present 1"
+    );
+    assert!(
+        old.closed_within(CLOSE_WAIT),
+        "old connection must be closed on takeover [MQTT-3.1.4-2]"
+    );
 
     let will = watcher.recv_publish();
     assert_eq!(will.topic, "will/dup-id");
@@ -267,7 +317,9 @@ fn keep_alive_timeout_disconnects_silent_client_and_publishes_will() {
     let start = Instant::now();
     let (mut silent, _) = RawClient::connect_ok(
         ws.addr,
-        &Connect::new("ka-silent").keep_alive(1).will(Will::new("ka/will", b"timed out", 0, false)),
+        &Connect::new("ka-silent")
+            .keep_alive(1)
+            .will(Will::new("ka/will", b"timed out", 0, false)),
     );
     let got = silent.expect_closed(Duration::from_secs(4));
     let elapsed = start.elapsed();
@@ -281,7 +333,10 @@ fn keep_alive_timeout_disconnects_silent_client_and_publishes_will() {
         "disconnected only after {elapsed:?}; 1.5 x keep-alive is 1.5 s [MQTT-3.1.2-24]"
     );
     let will = watcher.recv_publish();
-    assert_eq!((will.topic.as_str(), will.payload.as_slice()), ("ka/will", &b"timed out"[..]));
+    assert_eq!(
+        (will.topic.as_str(), will.payload.as_slice()),
+        ("ka/will", &b"timed out"[..])
+    );
 }
 
 // [MQTT-3.12.4-1] "The Server MUST send a PINGRESP Packet in response to a PINGREQ Packet";
@@ -295,10 +350,14 @@ fn pingreq_gets_pingresp_and_keeps_connection_alive() {
     watcher.subscribe_ok(1, &[("ping/will", 0)]);
     let (mut pinger, _) = RawClient::connect_ok(
         ws.addr,
-        &Connect::new("pinger").keep_alive(1).will(Will::new("ping/will", b"dead", 0, false)),
+        &Connect::new("pinger")
+            .keep_alive(1)
+            .will(Will::new("ping/will", b"dead", 0, false)),
     );
-    let (mut publisher, _) = RawClient::connect_ok(ws.addr, &Connect::new("ka-publisher").keep_alive(1));
-    let (mut no_ka, _) = RawClient::connect_ok(ws.addr, &Connect::new("no-keepalive").keep_alive(0));
+    let (mut publisher, _) =
+        RawClient::connect_ok(ws.addr, &Connect::new("ka-publisher").keep_alive(1));
+    let (mut no_ka, _) =
+        RawClient::connect_ok(ws.addr, &Connect::new("no-keepalive").keep_alive(0));
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_millis(4000) {
@@ -320,7 +379,12 @@ fn pingreq_gets_pingresp_and_keeps_connection_alive() {
 #[test]
 fn client_ids_of_1_to_23_alphanumerics_are_accepted() {
     let ws = Waystation::start();
-    for id in ["a", "Z9", "abcdefghijklmnopqrstuvw", "0123456789ABCDEFGHIJKLM"] {
+    for id in [
+        "a",
+        "Z9",
+        "abcdefghijklmnopqrstuvw",
+        "0123456789ABCDEFGHIJKLM",
+    ] {
         let (mut c, _) = RawClient::connect_ok(ws.addr, &Connect::new(id));
         c.subscribe_ok(1, &[("own/t", 1)]);
         c.publish1("own/t", id.as_bytes(), false, 2);

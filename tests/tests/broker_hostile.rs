@@ -30,15 +30,24 @@ impl Witness {
         let mut sub = RawClient::connect(ws.addr, "witness-sub");
         sub.subscribe_ok(1, &[("witness/t", 1)]);
         let publisher = RawClient::connect(ws.addr, "witness-pub");
-        Witness { sub, publisher, seq: 0 }
+        Witness {
+            sub,
+            publisher,
+            seq: 0,
+        }
     }
 
     fn check(&mut self, after: &str) {
         self.seq = self.seq.wrapping_add(1).max(1);
         let payload = format!("after {after} #{}", self.seq);
-        self.publisher.publish1("witness/t", payload.as_bytes(), false, self.seq);
+        self.publisher
+            .publish1("witness/t", payload.as_bytes(), false, self.seq);
         let p = self.sub.recv_publish();
-        assert_eq!(String::from_utf8_lossy(&p.payload), payload, "witness message lost after {after}");
+        assert_eq!(
+            String::from_utf8_lossy(&p.payload),
+            payload,
+            "witness message lost after {after}"
+        );
         self.sub.ack(&p);
     }
 }
@@ -46,7 +55,12 @@ impl Witness {
 /// Sends `bytes` (as first packet, or after a valid CONNECT) and checks that the broker
 /// closes the connection, having sent nothing but possibly a refusing CONNACK. Returns the
 /// problem, if any, so that a test can report every failing case at once.
-fn check_cut_off(ws: &Waystation, name: &str, bytes: &[u8], after_connect: bool) -> Result<(), String> {
+fn check_cut_off(
+    ws: &Waystation,
+    name: &str,
+    bytes: &[u8],
+    after_connect: bool,
+) -> Result<(), String> {
     let mut c = if after_connect {
         RawClient::connect(ws.addr, "hostile")
     } else {
@@ -60,7 +74,9 @@ fn check_cut_off(ws: &Waystation, name: &str, bytes: &[u8], after_connect: bool)
             Ok(p) => got.push(p),
             Err(raw::RecvError::Closed) => break,
             Err(raw::RecvError::Timeout) => {
-                return Err(format!("{name}: connection still open after {CLOSE_WAIT:?} (broker sent {got:?})"))
+                return Err(format!(
+                    "{name}: connection still open after {CLOSE_WAIT:?} (broker sent {got:?})"
+                ))
             }
         }
     }
@@ -88,18 +104,29 @@ fn parse_error_vectors_close_only_their_connection() {
     let path = vectors_path();
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("the shared vectors must be at {}: {e}", path.display()));
-    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).expect("vectors are a JSON array");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&text).expect("vectors are a JSON array");
     let cases: Vec<(String, Vec<u8>)> = cases
         .iter()
-        .filter(|c| c["kind"] == "parse_error" && matches!(c["protocolVersion"].as_u64(), Some(3 | 4)))
+        .filter(|c| {
+            c["kind"] == "parse_error" && matches!(c["protocolVersion"].as_u64(), Some(3 | 4))
+        })
         .map(|c| {
             (
-                format!("{} (v{})", c["name"].as_str().unwrap_or("?"), c["protocolVersion"]),
+                format!(
+                    "{} (v{})",
+                    c["name"].as_str().unwrap_or("?"),
+                    c["protocolVersion"]
+                ),
                 raw::from_hex(c["hex"].as_str().expect("parse_error case has hex")),
             )
         })
         .collect();
-    assert!(cases.len() >= 40, "expected the 3.1.1 parse_error cases, found {}", cases.len());
+    assert!(
+        cases.len() >= 40,
+        "expected the 3.1.1 parse_error cases, found {}",
+        cases.len()
+    );
 
     let ws = Waystation::start();
     let mut witness = Witness::new(&ws);
@@ -111,7 +138,13 @@ fn parse_error_vectors_close_only_their_connection() {
         }
         witness.check(name);
     }
-    assert!(failures.is_empty(), "{} of {} parse_error cases not cut off:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} parse_error cases not cut off:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 // Protocol violations beyond the vectors, each closing only its connection:
@@ -134,19 +167,58 @@ fn protocol_violations_close_only_their_connection() {
         ("SUBACK from a client", vec![0x90, 0x03, 0x00, 0x01, 0x00]),
         ("UNSUBACK from a client", vec![0xB0, 0x02, 0x00, 0x01]),
         ("PINGRESP from a client", vec![0xD0, 0x00]),
-        ("QoS 1 PUBLISH with packet id 0", raw::publish("a/b", b"x", 1, false, false, Some(0))),
-        ("QoS 2 PUBLISH with packet id 0", raw::publish("a/b", b"x", 2, false, false, Some(0))),
-        ("SUBSCRIBE with packet id 0", raw::subscribe(0, &[("a/b", 0)])),
-        ("UNSUBSCRIBE with packet id 0", raw::unsubscribe(0, &["a/b"])),
-        ("PUBLISH topic with ill-formed UTF-8", raw::packet(0x30, &[topic_bytes(&[b'a', 0xC3, 0x28]), b"x".to_vec()].concat())),
-        ("PUBLISH topic with a surrogate (ED A0 80)", raw::packet(0x30, &[topic_bytes(&[0xED, 0xA0, 0x80]), b"x".to_vec()].concat())),
-        ("PUBLISH topic with U+0000", raw::packet(0x30, &[topic_bytes(b"a\0b"), b"x".to_vec()].concat())),
-        ("SUBSCRIBE filter with ill-formed UTF-8", raw::packet(0x82, &[vec![0, 1], topic_bytes(&[0xFF, 0xFE]), vec![0]].concat())),
+        (
+            "QoS 1 PUBLISH with packet id 0",
+            raw::publish("a/b", b"x", 1, false, false, Some(0)),
+        ),
+        (
+            "QoS 2 PUBLISH with packet id 0",
+            raw::publish("a/b", b"x", 2, false, false, Some(0)),
+        ),
+        (
+            "SUBSCRIBE with packet id 0",
+            raw::subscribe(0, &[("a/b", 0)]),
+        ),
+        (
+            "UNSUBSCRIBE with packet id 0",
+            raw::unsubscribe(0, &["a/b"]),
+        ),
+        (
+            "PUBLISH topic with ill-formed UTF-8",
+            raw::packet(
+                0x30,
+                &[topic_bytes(&[b'a', 0xC3, 0x28]), b"x".to_vec()].concat(),
+            ),
+        ),
+        (
+            "PUBLISH topic with a surrogate (ED A0 80)",
+            raw::packet(
+                0x30,
+                &[topic_bytes(&[0xED, 0xA0, 0x80]), b"x".to_vec()].concat(),
+            ),
+        ),
+        (
+            "PUBLISH topic with U+0000",
+            raw::packet(0x30, &[topic_bytes(b"a\0b"), b"x".to_vec()].concat()),
+        ),
+        (
+            "SUBSCRIBE filter with ill-formed UTF-8",
+            raw::packet(
+                0x82,
+                &[vec![0, 1], topic_bytes(&[0xFF, 0xFE]), vec![0]].concat(),
+            ),
+        ),
         ("SUBSCRIBE without filters", vec![0x82, 0x02, 0x00, 0x01]),
         ("UNSUBSCRIBE without filters", vec![0xA2, 0x02, 0x00, 0x01]),
-        ("SUBSCRIBE requesting QoS 3", raw::subscribe(1, &[("a/b", 3)])),
+        (
+            "SUBSCRIBE requesting QoS 3",
+            raw::subscribe(1, &[("a/b", 3)]),
+        ),
         ("PUBREL with flags 0000", vec![0x60, 0x02, 0x00, 0x01]),
-        ("PUBLISH QoS 3", vec![0x36, 0x07, 0x00, 0x01, b't', 0x00, 0x01, b'x', b'y']),
+        (
+            "PUBLISH QoS 3",
+            vec![0x36, 0x07, 0x00, 0x01, b't', 0x00, 0x01, b'x', b'y'],
+        ),
     ];
     let mut failures = Vec::new();
     for (name, bytes) in &cases {
@@ -163,11 +235,21 @@ fn protocol_violations_close_only_their_connection() {
     bytes[len - 2..].copy_from_slice(&[0x00, 0x02]);
     bytes.extend_from_slice(&[0xC3, 0x28]);
     bytes[1] += 2;
-    if let Err(e) = check_cut_off(&ws, "CONNECT with ill-formed UTF-8 client id", &bytes, false) {
+    if let Err(e) = check_cut_off(
+        &ws,
+        "CONNECT with ill-formed UTF-8 client id",
+        &bytes,
+        false,
+    ) {
         failures.push(e);
     }
     witness.check("bad client id");
-    assert!(failures.is_empty(), "{} violations not cut off:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} violations not cut off:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// A deterministic xorshift byte stream.
@@ -201,7 +283,12 @@ async fn publisher(port: u16, i: usize, progress: Arc<Progress>) -> Result<u32, 
     let sender = tokio::spawn(async move {
         for seq in 0..PER_PUBLISHER {
             client
-                .publish(format!("load/{i}"), QoS::AtLeastOnce, false, format!("{i}:{seq}"))
+                .publish(
+                    format!("load/{i}"),
+                    QoS::AtLeastOnce,
+                    false,
+                    format!("{i}:{seq}"),
+                )
                 .await
                 .map_err(|e| format!("publisher {i}: {e}"))?;
         }
@@ -248,7 +335,10 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
     let mut opts = MqttOptions::new("load-sub", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
     let (sub_client, mut sub_loop) = AsyncClient::new(opts, 64);
-    sub_client.subscribe("load/#", QoS::AtLeastOnce).await.unwrap();
+    sub_client
+        .subscribe("load/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let (suback_tx, suback_rx) = tokio::sync::oneshot::channel();
     let sub_progress = Arc::clone(&progress);
     let subscriber = tokio::spawn(async move {
@@ -257,8 +347,11 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
         let mut total = 0usize;
         let mut problems = Vec::new();
         while total < PUBLISHERS * PER_PUBLISHER as usize {
-            let Ok(polled) = tokio::time::timeout(Duration::from_secs(15), sub_loop.poll()).await else {
-                problems.push(format!("subscriber stalled: nothing for 15 s after {total} messages"));
+            let Ok(polled) = tokio::time::timeout(Duration::from_secs(15), sub_loop.poll()).await
+            else {
+                problems.push(format!(
+                    "subscriber stalled: nothing for 15 s after {total} messages"
+                ));
                 break;
             };
             match polled {
@@ -291,7 +384,9 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
             tokio::time::timeout(Duration::from_millis(500), async {
                 loop {
                     match sub_loop.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(p))) => return Ok(Event::Incoming(Packet::Publish(p))),
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            return Ok(Event::Incoming(Packet::Publish(p)))
+                        }
                         Ok(_) => {}
                         Err(e) => return Err(e),
                     }
@@ -312,7 +407,14 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
     let hostile = tokio::task::spawn_blocking(move || {
         let mut spray = RawClient::connect(addr, "load-garbage");
         let mut oversized = RawClient::connect(addr, "load-oversized");
-        let big = raw::publish("load/999", &vec![b'Z'; 200 * 1024], 1, false, false, Some(1));
+        let big = raw::publish(
+            "load/999",
+            &vec![b'Z'; 200 * 1024],
+            1,
+            false,
+            false,
+            Some(1),
+        );
         let _ = oversized.try_send(&big);
         let bytes = garbage(1 << 20, 0x5eed_1234_abcd_0001);
         for chunk in bytes.chunks(4096) {
@@ -327,7 +429,9 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
         (garbage_closed, oversized_closed)
     });
 
-    let publishers: Vec<_> = (0..PUBLISHERS).map(|i| tokio::spawn(publisher(port, i, Arc::clone(&progress)))).collect();
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|i| tokio::spawn(publisher(port, i, Arc::clone(&progress))))
+        .collect();
     let outcome = tokio::time::timeout(Duration::from_secs(120), async {
         let mut errors = Vec::new();
         for (i, p) in publishers.into_iter().enumerate() {
@@ -339,7 +443,14 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
         }
         let (garbage_closed, oversized_closed) = hostile.await.unwrap();
         let (total, next, problems) = subscriber.await.unwrap();
-        (errors, garbage_closed, oversized_closed, total, next, problems)
+        (
+            errors,
+            garbage_closed,
+            oversized_closed,
+            total,
+            next,
+            problems,
+        )
     })
     .await;
     let (errors, garbage_closed, oversized_closed, total, next, problems) =
@@ -354,10 +465,23 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
             )
         });
     assert!(errors.is_empty(), "publishers failed: {errors:?}");
-    assert!(garbage_closed, "the garbage-spraying client was not cut off");
-    assert!(oversized_closed, "the client with a 200 kB packet was not cut off");
+    assert!(
+        garbage_closed,
+        "the garbage-spraying client was not cut off"
+    );
+    assert!(
+        oversized_closed,
+        "the client with a 200 kB packet was not cut off"
+    );
     assert!(problems.is_empty(), "subscriber: {problems:?}");
-    assert_eq!(total, PUBLISHERS * PER_PUBLISHER as usize, "messages received");
+    assert_eq!(
+        total,
+        PUBLISHERS * PER_PUBLISHER as usize,
+        "messages received"
+    );
     assert_eq!(next.len(), PUBLISHERS);
-    assert!(next.values().all(|n| *n == PER_PUBLISHER), "every publisher's 50 messages, in order");
+    assert!(
+        next.values().all(|n| *n == PER_PUBLISHER),
+        "every publisher's 50 messages, in order"
+    );
 }

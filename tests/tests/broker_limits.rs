@@ -23,9 +23,19 @@ fn oversized_packet_closes_only_that_connection() {
     let mut neighbour = RawClient::connect(ws.addr, "big-neighbour");
 
     let mut big = RawClient::connect(ws.addr, "big-pub");
-    let _ = big.try_send(&raw::publish("big/t", &vec![b'x'; 4096], 1, false, false, Some(1)));
+    let _ = big.try_send(&raw::publish(
+        "big/t",
+        &vec![b'x'; 4096],
+        1,
+        false,
+        false,
+        Some(1),
+    ));
     let got = big.expect_closed(Duration::from_secs(3));
-    assert!(got.is_empty(), "oversized PUBLISH answered with {got:?} instead of a close");
+    assert!(
+        got.is_empty(),
+        "oversized PUBLISH answered with {got:?} instead of a close"
+    );
 
     // Only the header (and a little) of a 100 kB packet: closed without waiting for the rest.
     let mut announcer = RawClient::connect(ws.addr, "big-announcer");
@@ -42,7 +52,11 @@ fn oversized_packet_closes_only_that_connection() {
     // Under the limit is fine, for everyone else too.
     neighbour.publish1("big/ok", &vec![b'o'; 900], false, 2);
     let p = sub.recv_publish();
-    assert_eq!((p.topic.as_str(), p.payload.len()), ("big/ok", 900), "the oversized message was delivered?");
+    assert_eq!(
+        (p.topic.as_str(), p.payload.len()),
+        ("big/ok", 900),
+        "the oversized message was delivered?"
+    );
     sub.ack(&p);
     sub.expect_silence(SHORT);
     neighbour.ping();
@@ -96,12 +110,14 @@ fn max_connections_refuses_the_extra_client() {
     c.disconnect();
     let mut accepted = None;
     assert!(
-        wait_until(Duration::from_secs(5), || match try_mqtt_connect(ws.addr, "mc-e") {
-            Ok(c) => {
-                accepted = Some(c);
-                true
+        wait_until(Duration::from_secs(5), || {
+            match try_mqtt_connect(ws.addr, "mc-e") {
+                Ok(c) => {
+                    accepted = Some(c);
+                    true
+                }
+                Err(_) => false,
             }
-            Err(_) => false,
         }),
         "a slot freed by a leaving client must be usable again"
     );
@@ -121,10 +137,22 @@ fn malformed_packet_closes_only_that_connection_and_is_logged() {
     let mut publisher = RawClient::connect(ws.addr, "mal-pub");
 
     let bad: Vec<(&str, Vec<u8>)> = vec![
-        ("reserved packet type 0", vec![0x00, 0x04, 0xFF, 0xFE, 0xFD, 0x00]),
-        ("reserved packet type 15", vec![0xF0, 0x03, 0x13, 0x37, 0x42]),
-        ("remaining length over 4 bytes", vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
-        ("SUBSCRIBE with bad flags", vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00]),
+        (
+            "reserved packet type 0",
+            vec![0x00, 0x04, 0xFF, 0xFE, 0xFD, 0x00],
+        ),
+        (
+            "reserved packet type 15",
+            vec![0xF0, 0x03, 0x13, 0x37, 0x42],
+        ),
+        (
+            "remaining length over 4 bytes",
+            vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+        ),
+        (
+            "SUBSCRIBE with bad flags",
+            vec![0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x00],
+        ),
     ];
     let mut seq = 0u16;
     for (name, bytes) in bad {
@@ -149,7 +177,12 @@ fn malformed_packet_closes_only_that_connection_and_is_logged() {
     let start = Instant::now();
     for want in 1..=seq {
         let p = sub.recv_publish();
-        assert_eq!(p.payload, format!("{want}").as_bytes(), "lost or reordered after {:?}", start.elapsed());
+        assert_eq!(
+            p.payload,
+            format!("{want}").as_bytes(),
+            "lost or reordered after {:?}",
+            start.elapsed()
+        );
         sub.ack(&p);
     }
     sub.expect_silence(SHORT);

@@ -23,7 +23,17 @@ fn qos0_publish_is_delivered_at_qos0_without_ack() {
     let mut publisher = RawClient::connect(ws.addr, "q0-pub");
     publisher.publish0("q0/t", b"zero", false);
     let p = sub.recv_publish();
-    assert_eq!(p, raw::Publish { dup: false, qos: 0, retain: false, topic: "q0/t".into(), pid: None, payload: b"zero".to_vec() });
+    assert_eq!(
+        p,
+        raw::Publish {
+            dup: false,
+            qos: 0,
+            retain: false,
+            topic: "q0/t".into(),
+            pid: None,
+            payload: b"zero".to_vec()
+        }
+    );
     // The publisher gets no acknowledgement for QoS 0.
     publisher.expect_silence(SHORT);
     publisher.ping();
@@ -61,11 +71,18 @@ fn qos2_full_flow_in_both_directions() {
     let mut publisher = RawClient::connect(ws.addr, "q2-pub");
     publisher.publish2("q2/t", b"two", false, 77);
     let p = sub.recv_publish();
-    assert_eq!((p.qos, p.dup, p.payload.as_slice()), (2, false, &b"two"[..]));
+    assert_eq!(
+        (p.qos, p.dup, p.payload.as_slice()),
+        (2, false, &b"two"[..])
+    );
     let pid = p.pid.unwrap();
     assert_ne!(pid, 0, "[MQTT-2.3.1-1]");
     sub.send(&raw::pubrec(pid));
-    assert_eq!(sub.recv(), Pkt::PubRel(pid), "server must answer PUBREC with PUBREL [MQTT-4.3.3-1]");
+    assert_eq!(
+        sub.recv(),
+        Pkt::PubRel(pid),
+        "server must answer PUBREC with PUBREL [MQTT-4.3.3-1]"
+    );
     sub.send(&raw::pubcomp(pid));
     sub.expect_silence(SHORT);
     sub.ping();
@@ -85,7 +102,11 @@ fn qos2_inbound_duplicate_before_pubrel_is_delivered_once() {
     publisher.send(&raw::publish("eo/t", b"once", 2, false, false, Some(7)));
     assert_eq!(publisher.recv(), Pkt::PubRec(7));
     publisher.send(&raw::publish("eo/t", b"once", 2, false, true, Some(7)));
-    assert_eq!(publisher.recv(), Pkt::PubRec(7), "a duplicate before PUBREL is answered with PUBREC");
+    assert_eq!(
+        publisher.recv(),
+        Pkt::PubRec(7),
+        "a duplicate before PUBREL is answered with PUBREC"
+    );
     publisher.send(&raw::publish("eo/t", b"once", 2, false, true, Some(7)));
     assert_eq!(publisher.recv(), Pkt::PubRec(7));
     publisher.send(&raw::pubrel(7));
@@ -124,19 +145,41 @@ fn acks_and_deliveries_keep_publish_order() {
     let n = 60u16;
     let mut burst = Vec::new();
     for i in 1..=n {
-        burst.extend(raw::publish("ord/t", format!("m{i}").as_bytes(), 1, false, false, Some(i)));
+        burst.extend(raw::publish(
+            "ord/t",
+            format!("m{i}").as_bytes(),
+            1,
+            false,
+            false,
+            Some(i),
+        ));
     }
     publisher.send(&burst);
     for i in 1..=n {
-        assert_eq!(publisher.recv(), Pkt::PubAck(i), "PUBACKs out of order [MQTT-4.6.0-2]");
+        assert_eq!(
+            publisher.recv(),
+            Pkt::PubAck(i),
+            "PUBACKs out of order [MQTT-4.6.0-2]"
+        );
     }
     let mut burst = Vec::new();
     for i in 1..=n {
-        burst.extend(raw::publish("ord/t", format!("q{i}").as_bytes(), 2, false, false, Some(1000 + i)));
+        burst.extend(raw::publish(
+            "ord/t",
+            format!("q{i}").as_bytes(),
+            2,
+            false,
+            false,
+            Some(1000 + i),
+        ));
     }
     publisher.send(&burst);
     for i in 1..=n {
-        assert_eq!(publisher.recv(), Pkt::PubRec(1000 + i), "PUBRECs out of order [MQTT-4.6.0-3]");
+        assert_eq!(
+            publisher.recv(),
+            Pkt::PubRec(1000 + i),
+            "PUBRECs out of order [MQTT-4.6.0-3]"
+        );
     }
     let mut rels = Vec::new();
     for i in 1..=n {
@@ -144,13 +187,24 @@ fn acks_and_deliveries_keep_publish_order() {
     }
     publisher.send(&rels);
     for i in 1..=n {
-        assert_eq!(publisher.recv(), Pkt::PubComp(1000 + i), "PUBCOMPs out of order");
+        assert_eq!(
+            publisher.recv(),
+            Pkt::PubComp(1000 + i),
+            "PUBCOMPs out of order"
+        );
     }
     // The subscriber sees m1..mn then q1..qn, in order.
-    let want: Vec<String> = (1..=n).map(|i| format!("m{i}")).chain((1..=n).map(|i| format!("q{i}"))).collect();
+    let want: Vec<String> = (1..=n)
+        .map(|i| format!("m{i}"))
+        .chain((1..=n).map(|i| format!("q{i}")))
+        .collect();
     for w in want {
         let p = sub.recv_publish();
-        assert_eq!(String::from_utf8_lossy(&p.payload), w, "delivery order [MQTT-4.6.0-6]");
+        assert_eq!(
+            String::from_utf8_lossy(&p.payload),
+            w,
+            "delivery order [MQTT-4.6.0-6]"
+        );
         sub.ack(&p);
     }
 }
@@ -169,12 +223,22 @@ fn delivered_qos_is_min_of_publish_and_granted_qos() {
         .collect();
     let mut publisher = RawClient::connect(ws.addr, "min-pub");
     for q in 0..3u8 {
-        publisher.publish_qos("min/t", format!("pub-q{q}").as_bytes(), q, false, 10 + q as u16);
+        publisher.publish_qos(
+            "min/t",
+            format!("pub-q{q}").as_bytes(),
+            q,
+            false,
+            10 + q as u16,
+        );
         for (g, s) in subs.iter_mut().enumerate() {
             let p = s.recv_publish();
             assert_eq!(p.payload, format!("pub-q{q}").as_bytes());
             assert_eq!(p.qos, q.min(g as u8), "published at {q}, granted {g}");
-            assert_eq!(p.pid.is_some(), p.qos > 0, "packet id present iff QoS > 0 [MQTT-2.3.1-5]");
+            assert_eq!(
+                p.pid.is_some(),
+                p.qos > 0,
+                "packet id present iff QoS > 0 [MQTT-2.3.1-5]"
+            );
             s.ack(&p);
         }
     }
@@ -199,7 +263,11 @@ fn inflight_window_bounds_unacked_deliveries() {
     }
     sub.expect_silence(Duration::from_millis(800));
     let ids: HashSet<u16> = inflight.iter().map(|p| p.pid.unwrap()).collect();
-    assert_eq!(ids.len(), 3, "in-flight packet ids must be distinct [MQTT-2.3.1-2]");
+    assert_eq!(
+        ids.len(),
+        3,
+        "in-flight packet ids must be distinct [MQTT-2.3.1-2]"
+    );
     assert!(!ids.contains(&0));
 
     // One ack releases exactly one more.
@@ -260,7 +328,10 @@ fn inflight_window_counts_qos2_until_pubcomp() {
     sub.expect_silence(SHORT);
 }
 
-fn rumqttc_client(id: &str, port: u16) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+fn rumqttc_client(
+    id: &str,
+    port: u16,
+) -> (AsyncClient, tokio::sync::mpsc::UnboundedReceiver<Event>) {
     let mut opts = MqttOptions::new(id, "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(10));
     let (client, mut eventloop) = AsyncClient::new(opts, 100);
@@ -298,20 +369,37 @@ async fn qos2_interop_with_mosquitto_and_rumqttc() {
     sub.subscribe("interop/#", QoS::ExactlyOnce).await.unwrap();
     loop {
         if let Packet::SubAck(a) = next_incoming(&mut sub_rx, "suback").await {
-            assert_eq!(a.return_codes, vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
+            assert_eq!(
+                a.return_codes,
+                vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                    QoS::ExactlyOnce
+                )]
+            );
             break;
         }
     }
     tokio::task::spawn_blocking(move || {
         for i in 0..3 {
-            raw::mosquitto_pub(port, &["-q", "2", "-t", "interop/from-mosquitto", "-m", &format!("mq{i}")]);
+            raw::mosquitto_pub(
+                port,
+                &[
+                    "-q",
+                    "2",
+                    "-t",
+                    "interop/from-mosquitto",
+                    "-m",
+                    &format!("mq{i}"),
+                ],
+            );
         }
     })
     .await
     .unwrap();
     for i in 0..3 {
         loop {
-            if let Packet::Publish(p) = next_incoming(&mut sub_rx, "publish from mosquitto_pub").await {
+            if let Packet::Publish(p) =
+                next_incoming(&mut sub_rx, "publish from mosquitto_pub").await
+            {
                 assert_eq!(p.qos, QoS::ExactlyOnce);
                 assert_eq!(&p.payload[..], format!("mq{i}").as_bytes());
                 break;
@@ -319,12 +407,20 @@ async fn qos2_interop_with_mosquitto_and_rumqttc() {
         }
     }
 
-    let msub = tokio::task::spawn_blocking(move || MosquittoSub::start(port, &["-q", "2", "-t", "interop2/t", "-C", "3", "-W", "15"]))
-        .await
-        .unwrap();
+    let msub = tokio::task::spawn_blocking(move || {
+        MosquittoSub::start(
+            port,
+            &["-q", "2", "-t", "interop2/t", "-C", "3", "-W", "15"],
+        )
+    })
+    .await
+    .unwrap();
     let (publisher, mut pub_rx) = rumqttc_client("rq-pub", port);
     for i in 0..3 {
-        publisher.publish("interop2/t", QoS::ExactlyOnce, false, format!("rq{i}")).await.unwrap();
+        publisher
+            .publish("interop2/t", QoS::ExactlyOnce, false, format!("rq{i}"))
+            .await
+            .unwrap();
     }
     let mut comps = 0;
     while comps < 3 {
@@ -332,14 +428,18 @@ async fn qos2_interop_with_mosquitto_and_rumqttc() {
             comps += 1;
         }
     }
-    let (lines, debug) = tokio::task::spawn_blocking(move || msub.collect(3, Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let (lines, debug) =
+        tokio::task::spawn_blocking(move || msub.collect(3, Duration::from_secs(10)))
+            .await
+            .unwrap();
     assert_eq!(debug.len(), 3, "mosquitto_sub saw {debug:?}");
     for d in &debug {
         assert!(d.contains("q2"), "delivered at QoS 2: {d}");
     }
-    assert_eq!(lines, vec!["interop2/t rq0", "interop2/t rq1", "interop2/t rq2"]);
+    assert_eq!(
+        lines,
+        vec!["interop2/t rq0", "interop2/t rq1", "interop2/t rq2"]
+    );
     // The rumqttc subscriber (interop/#) must not have received anything more.
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(ev) = sub_rx.try_recv() {

@@ -20,24 +20,42 @@ fn retained_message_is_delivered_on_matching_subscribe_with_retain_flag() {
 
     let mut sub = RawClient::connect(ws.addr, "ret-sub");
     sub.send(&raw::subscribe(1, &[("ret/+/temp", 1)]));
-    assert_eq!(sub.recv(), Pkt::SubAck { pid: 1, codes: vec![1] });
+    assert_eq!(
+        sub.recv(),
+        Pkt::SubAck {
+            pid: 1,
+            codes: vec![1]
+        }
+    );
     let mut got = Vec::new();
     for _ in 0..2 {
         let p = sub.recv_publish();
-        assert!(p.retain, "retained message on subscribe must have RETAIN 1 [MQTT-3.3.1-6]: {p:?}");
+        assert!(
+            p.retain,
+            "retained message on subscribe must have RETAIN 1 [MQTT-3.3.1-6]: {p:?}"
+        );
         assert_eq!(p.qos, 1, "min(published QoS, granted 1)");
         sub.ack(&p);
         got.push((p.topic, p.payload));
     }
     got.sort();
-    assert_eq!(got, vec![("ret/a/temp".into(), b"21.5".to_vec()), ("ret/b/temp".into(), b"19.0".to_vec())]);
+    assert_eq!(
+        got,
+        vec![
+            ("ret/a/temp".into(), b"21.5".to_vec()),
+            ("ret/b/temp".into(), b"19.0".to_vec())
+        ]
+    );
     sub.expect_silence(SHORT);
 
     // A QoS 0 subscription gets it at QoS 0.
     let mut sub0 = RawClient::connect(ws.addr, "ret-sub0");
     sub0.subscribe_ok(1, &[("ret/a/temp", 0)]);
     let p = sub0.recv_publish();
-    assert_eq!((p.retain, p.qos, p.payload.as_slice()), (true, 0, &b"21.5"[..]));
+    assert_eq!(
+        (p.retain, p.qos, p.payload.as_slice()),
+        (true, 0, &b"21.5"[..])
+    );
 }
 
 // [MQTT-3.3.1-5] a new retained message replaces the one stored for that topic;
@@ -61,7 +79,10 @@ fn retained_message_is_replaced_per_topic() {
     let mut sub = RawClient::connect(ws.addr, "rep-sub2");
     sub.subscribe_ok(1, &[("rep/#", 1)]);
     let p = sub.recv_publish();
-    assert_eq!((p.payload.as_slice(), p.retain, p.qos), (&b"v3-qos0"[..], true, 0));
+    assert_eq!(
+        (p.payload.as_slice(), p.retain, p.qos),
+        (&b"v3-qos0"[..], true, 0)
+    );
     sub.expect_silence(SHORT);
 }
 
@@ -80,7 +101,10 @@ fn empty_retained_payload_clears_the_retained_message() {
 
     publisher.publish1("clr/t", b"", true, 2);
     let p = existing.recv_publish();
-    assert_eq!(p.payload, b"", "the empty retained PUBLISH is forwarded as normal [MQTT-3.3.1-10]");
+    assert_eq!(
+        p.payload, b"",
+        "the empty retained PUBLISH is forwarded as normal [MQTT-3.3.1-10]"
+    );
     existing.ack(&p);
 
     let mut later = RawClient::connect(ws.addr, "clr-later");
@@ -99,7 +123,10 @@ fn retain_flag_is_cleared_on_normal_forwarding() {
     for (q, pid) in [(0u8, 0u16), (1, 1), (2, 2)] {
         publisher.publish_qos("fwd/t", format!("q{q}").as_bytes(), q, true, pid);
         let p = sub.recv_publish();
-        assert!(!p.retain, "RETAIN must be 0 on normal forwarding [MQTT-3.3.1-9]: {p:?}");
+        assert!(
+            !p.retain,
+            "RETAIN must be 0 on normal forwarding [MQTT-3.3.1-9]: {p:?}"
+        );
         sub.ack(&p);
     }
 }
@@ -109,15 +136,32 @@ fn retain_flag_is_cleared_on_normal_forwarding() {
 #[test]
 fn retained_message_with_mosquitto_clients() {
     let ws = Waystation::start();
-    raw::mosquitto_pub(ws.port(), &["-r", "-q", "1", "-t", "mq/retained", "-m", "kept"]);
+    raw::mosquitto_pub(
+        ws.port(),
+        &["-r", "-q", "1", "-t", "mq/retained", "-m", "kept"],
+    );
     let msub = MosquittoSub::start(ws.port(), &["-q", "1", "-t", "mq/#", "-C", "1", "-W", "10"]);
     let (lines, debug) = msub.collect(1, Duration::from_secs(5));
     assert_eq!(lines, vec!["mq/retained kept"]);
-    assert!(debug[0].contains("r1"), "retained flag set on subscribe delivery: {debug:?}");
+    assert!(
+        debug[0].contains("r1"),
+        "retained flag set on subscribe delivery: {debug:?}"
+    );
 }
 
-fn will_client(ws: &Waystation, id: &str, topic: &str, payload: &[u8], qos: u8, retain: bool) -> RawClient {
-    RawClient::connect_ok(ws.addr, &Connect::new(id).will(Will::new(topic, payload, qos, retain))).0
+fn will_client(
+    ws: &Waystation,
+    id: &str,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    retain: bool,
+) -> RawClient {
+    RawClient::connect_ok(
+        ws.addr,
+        &Connect::new(id).will(Will::new(topic, payload, qos, retain)),
+    )
+    .0
 }
 
 // [MQTT-3.1.2-8] the will MUST be published when the network connection is closed
@@ -131,7 +175,10 @@ fn will_published_on_socket_drop() {
     let _ = c.stream.shutdown(std::net::Shutdown::Both);
     drop(c);
     let p = sub.recv_publish();
-    assert_eq!((p.topic.as_str(), p.payload.as_slice(), p.qos, p.retain), ("wills/drop", &b"lost power"[..], 1, false));
+    assert_eq!(
+        (p.topic.as_str(), p.payload.as_slice(), p.qos, p.retain),
+        ("wills/drop", &b"lost power"[..], 1, false)
+    );
     sub.ack(&p);
     sub.expect_silence(SHORT);
 }
@@ -145,16 +192,36 @@ fn will_published_on_protocol_error() {
     sub.subscribe_ok(1, &[("wills/#", 0)]);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("second CONNECT", Connect::new("w-err-0").encode()),
-        ("PUBLISH to a wildcard topic", raw::publish("a/#", b"x", 0, false, false, None)),
+        (
+            "PUBLISH to a wildcard topic",
+            raw::publish("a/#", b"x", 0, false, false, None),
+        ),
         ("reserved packet type 0", vec![0x00, 0x00]),
-        ("PUBLISH QoS 3", vec![0x36, 0x06, 0x00, 0x01, b't', 0x00, 0x01, b'x']),
+        (
+            "PUBLISH QoS 3",
+            vec![0x36, 0x06, 0x00, 0x01, b't', 0x00, 0x01, b'x'],
+        ),
     ];
     for (i, (name, bytes)) in cases.into_iter().enumerate() {
-        let mut c = will_client(&ws, &format!("w-err-{i}"), &format!("wills/err{i}"), name.as_bytes(), 0, false);
+        let mut c = will_client(
+            &ws,
+            &format!("w-err-{i}"),
+            &format!("wills/err{i}"),
+            name.as_bytes(),
+            0,
+            false,
+        );
         let _ = c.try_send(&bytes);
-        assert!(c.closed_within(Duration::from_secs(3)), "{name}: connection not closed");
+        assert!(
+            c.closed_within(Duration::from_secs(3)),
+            "{name}: connection not closed"
+        );
         let p = sub.recv_publish();
-        assert_eq!((p.topic, p.payload), (format!("wills/err{i}"), name.as_bytes().to_vec()), "{name}: will");
+        assert_eq!(
+            (p.topic, p.payload),
+            (format!("wills/err{i}"), name.as_bytes().to_vec()),
+            "{name}: will"
+        );
     }
 }
 
@@ -194,7 +261,10 @@ fn retained_will_is_stored_as_retained_message() {
         }
     }
     let p = got.expect("retained will delivered to a later subscriber");
-    assert_eq!((p.payload.as_slice(), p.retain, p.qos), (&b"offline"[..], true, 1));
+    assert_eq!(
+        (p.payload.as_slice(), p.retain, p.qos),
+        (&b"offline"[..], true, 1)
+    );
 }
 
 // [MQTT-3.1.2-8] will via a real client: mosquitto_sub sees the will of a client whose

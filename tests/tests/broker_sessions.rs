@@ -43,10 +43,16 @@ fn subscriptions_and_queued_qos1_qos2_messages_survive_disconnect() {
     let (mut c, sp) = RawClient::connect_ok(ws.addr, &persistent("ps-1"));
     assert!(sp, "stored session: session present 1 [MQTT-3.2.2-2]");
     let a = c.recv_publish();
-    assert_eq!((a.topic.as_str(), a.payload.as_slice(), a.qos), ("ps/a", &b"q1-while-away"[..], 1));
+    assert_eq!(
+        (a.topic.as_str(), a.payload.as_slice(), a.qos),
+        ("ps/a", &b"q1-while-away"[..], 1)
+    );
     c.ack(&a);
     let b = c.recv_publish();
-    assert_eq!((b.topic.as_str(), b.payload.as_slice(), b.qos), ("ps/b", &b"q2-while-away"[..], 2));
+    assert_eq!(
+        (b.topic.as_str(), b.payload.as_slice(), b.qos),
+        ("ps/b", &b"q2-while-away"[..], 2)
+    );
     c.ack(&b);
     let d = c.recv_publish();
     assert_eq!(d.payload, b"q1-again");
@@ -78,7 +84,10 @@ fn qos0_messages_are_not_queued_for_offline_clients() {
     let (mut c, sp) = RawClient::connect_ok(ws.addr, &persistent("ps-q0"));
     assert!(sp);
     let p = c.recv_publish();
-    assert_eq!(p.payload, b"qos1-kept", "a QoS 0 message was queued for an offline client");
+    assert_eq!(
+        p.payload, b"qos1-kept",
+        "a QoS 0 message was queued for an offline client"
+    );
     c.ack(&p);
     c.expect_silence(SHORT);
 }
@@ -97,7 +106,10 @@ fn unacked_qos1_is_redelivered_with_dup_and_same_id_on_reconnect() {
     publisher.publish1("rd/t", b"second", false, 2);
     let first = c.recv_publish();
     let second = c.recv_publish();
-    assert!(!first.dup && !second.dup, "first delivery has DUP 0 [MQTT-3.3.1-2]");
+    assert!(
+        !first.dup && !second.dup,
+        "first delivery has DUP 0 [MQTT-3.3.1-2]"
+    );
     // Ack only the second; the first stays unacknowledged.
     c.send(&raw::puback(second.pid.unwrap()));
     c.ping();
@@ -126,7 +138,10 @@ fn qos2_redelivery_resends_publish_with_dup_and_pubrel() {
     publisher.publish2("rd2/t", b"received", false, 2);
     let p1 = c.recv_publish();
     let p2 = c.recv_publish();
-    assert_eq!((p1.payload.as_slice(), p2.payload.as_slice()), (&b"not-received"[..], &b"received"[..]));
+    assert_eq!(
+        (p1.payload.as_slice(), p2.payload.as_slice()),
+        (&b"not-received"[..], &b"received"[..])
+    );
     c.send(&raw::pubrec(p2.pid.unwrap()));
     c.await_pubrel(p2.pid.unwrap());
     drop_connection(c); // no PUBREC for p1, no PUBCOMP for p2
@@ -142,14 +157,21 @@ fn qos2_redelivery_resends_publish_with_dup_and_pubrel() {
                 got_publish = Some(p);
             }
             Pkt::PubRel(id) => {
-                assert_eq!(id, p2.pid.unwrap(), "PUBREL with the original id [MQTT-4.4.0-1]");
+                assert_eq!(
+                    id,
+                    p2.pid.unwrap(),
+                    "PUBREL with the original id [MQTT-4.4.0-1]"
+                );
                 got_pubrel = true;
             }
             other => panic!("unexpected {other:?}"),
         }
     }
     let again = got_publish.expect("unacknowledged QoS 2 PUBLISH re-sent [MQTT-4.4.0-1]");
-    assert!(got_pubrel, "PUBREL re-sent for the PUBREC'd message [MQTT-4.4.0-1]");
+    assert!(
+        got_pubrel,
+        "PUBREL re-sent for the PUBREC'd message [MQTT-4.4.0-1]"
+    );
     assert_eq!(again.payload, b"not-received");
     assert!(again.dup, "DUP 1 on re-delivery [MQTT-3.3.1-1]");
     assert_eq!(again.pid, p1.pid);
@@ -169,7 +191,14 @@ fn inbound_qos2_state_survives_publisher_reconnect() {
     sub.subscribe_ok(1, &[("in2/#", 2)]);
 
     let (mut publisher, _) = RawClient::connect_ok(ws.addr, &persistent("in2-pub"));
-    publisher.send(&raw::publish("in2/a", b"via-pubrel", 2, false, false, Some(5)));
+    publisher.send(&raw::publish(
+        "in2/a",
+        b"via-pubrel",
+        2,
+        false,
+        false,
+        Some(5),
+    ));
     assert_eq!(publisher.recv(), Pkt::PubRec(5));
     publisher.send(&raw::publish("in2/b", b"via-dup", 2, false, false, Some(6)));
     assert_eq!(publisher.recv(), Pkt::PubRec(6));
@@ -219,7 +248,10 @@ fn clean_session_1_discards_the_old_session() {
 
     // The clean session's state (its subscription) did not outlive its connection.
     let (mut c, sp) = RawClient::connect_ok(ws.addr, &persistent("cs-discard"));
-    assert!(!sp, "no session may remain after a clean session ends [MQTT-3.1.2-6]");
+    assert!(
+        !sp,
+        "no session may remain after a clean session ends [MQTT-3.1.2-6]"
+    );
     publisher.publish1("cs/t", b"after-clean-2", false, 3);
     c.expect_silence(SHORT);
 }
@@ -250,7 +282,11 @@ fn max_queued_messages_bounds_the_offline_queue() {
             Err(e) => panic!("{e:?}"),
         }
     }
-    assert_eq!(got, vec!["m0", "m1", "m2", "m3", "m4"], "5 queued (oldest kept, newest dropped)");
+    assert_eq!(
+        got,
+        vec!["m0", "m1", "m2", "m3", "m4"],
+        "5 queued (oldest kept, newest dropped)"
+    );
     // The session works normally afterwards.
     publisher.publish1("mq/t", b"live", false, 99);
     assert_eq!(c.recv_publish().payload, b"live");

@@ -38,7 +38,10 @@ fn matches(ws: &Waystation, filter: &str, topics: &[&str]) -> Vec<String> {
 fn suback_grants_requested_qos_per_filter_in_order() {
     let ws = Waystation::start();
     let mut c = RawClient::connect(ws.addr, "suback");
-    assert_eq!(c.subscribe(0x0102, &[("s/two", 2), ("s/zero", 0), ("s/one", 1)]), vec![2, 0, 1]);
+    assert_eq!(
+        c.subscribe(0x0102, &[("s/two", 2), ("s/zero", 0), ("s/one", 1)]),
+        vec![2, 0, 1]
+    );
     assert_eq!(c.subscribe(0xFFFF, &[("s/+/x", 1)]), vec![1]);
     c.ping();
 }
@@ -54,7 +57,10 @@ fn resubscribe_replaces_the_subscription_qos() {
     let mut publisher = RawClient::connect(ws.addr, "resub-pub");
     publisher.publish2("rs/t", b"x", false, 1);
     let p = c.recv_publish();
-    assert_eq!(p.qos, 2, "the second SUBSCRIBE replaced the QoS [MQTT-3.8.4-3]");
+    assert_eq!(
+        p.qos, 2,
+        "the second SUBSCRIBE replaced the QoS [MQTT-3.8.4-3]"
+    );
     c.ack(&p);
     c.expect_silence(SHORT);
 }
@@ -94,7 +100,9 @@ fn plus_wildcard_matches_exactly_one_level() {
     let got = matches(
         &ws,
         "a/+/c",
-        &["a/b/c", "a//c", "a/x/c", "a/b/c/d", "a/c", "a/b/d", "A/b/c", "b/a/b/c"],
+        &[
+            "a/b/c", "a//c", "a/x/c", "a/b/c/d", "a/c", "a/b/d", "A/b/c", "b/a/b/c",
+        ],
     );
     assert_eq!(got, vec!["a/b/c", "a//c", "a/x/c"]);
     let got = matches(&ws, "sport/+", &["sport", "sport/", "sport/x", "sport/x/y"]);
@@ -141,7 +149,10 @@ fn dollar_topics_not_matched_by_leading_wildcards() {
     assert_eq!(got, vec!["$app/status", "$other/status", "$app"]);
     // The wildcard subscriber receives only the plain topic (once: overlapping filters).
     let p = wild.recv_publish();
-    assert_eq!(p.topic, "plain/status", "a $ topic matched a filter starting with a wildcard [MQTT-4.7.2-1]");
+    assert_eq!(
+        p.topic, "plain/status",
+        "a $ topic matched a filter starting with a wildcard [MQTT-4.7.2-1]"
+    );
     wild.expect_silence(SHORT);
 }
 
@@ -155,14 +166,27 @@ fn invalid_filters_get_0x80_and_connection_stays_open() {
     let mut c = RawClient::connect(ws.addr, "badfilter");
     let codes = c.subscribe(
         3,
-        &[("a/#/b", 1), ("ok/t", 1), ("a+", 0), ("a/b#", 2), ("+a/b", 1), ("#/", 0), ("x/++", 1), ("ok/+", 2)],
+        &[
+            ("a/#/b", 1),
+            ("ok/t", 1),
+            ("a+", 0),
+            ("a/b#", 2),
+            ("+a/b", 1),
+            ("#/", 0),
+            ("x/++", 1),
+            ("ok/+", 2),
+        ],
     );
     assert_eq!(codes, vec![0x80, 1, 0x80, 0x80, 0x80, 0x80, 0x80, 2]);
     c.ping();
     let mut publisher = RawClient::connect(ws.addr, "badfilter-pub");
     publisher.publish1("ok/t", b"works", false, 1);
     let p = c.recv_publish();
-    assert_eq!((p.payload.as_slice(), p.qos), (&b"works"[..], 1), "delivered once, at the highest granted QoS");
+    assert_eq!(
+        (p.payload.as_slice(), p.qos),
+        (&b"works"[..], 1),
+        "delivered once, at the highest granted QoS"
+    );
     c.ack(&p);
     c.expect_silence(SHORT);
 }
@@ -201,9 +225,19 @@ fn publish_to_topic_with_wildcards_closes_connection() {
     for (i, topic) in ["a/+", "a/#", "#", "+", "a/+/b", ""].iter().enumerate() {
         for qos in [0u8, 1] {
             let mut c = RawClient::connect(ws.addr, &format!("wild-pub-{i}-{qos}"));
-            c.send(&raw::publish(topic, b"bad", qos, false, false, (qos > 0).then_some(1)));
+            c.send(&raw::publish(
+                topic,
+                b"bad",
+                qos,
+                false,
+                false,
+                (qos > 0).then_some(1),
+            ));
             let got = c.expect_closed(Duration::from_secs(3));
-            assert!(got.is_empty(), "PUBLISH to {topic:?} (QoS {qos}) answered with {got:?} instead of a close");
+            assert!(
+                got.is_empty(),
+                "PUBLISH to {topic:?} (QoS {qos}) answered with {got:?} instead of a close"
+            );
         }
     }
     sub.expect_silence(SHORT);
@@ -214,11 +248,32 @@ fn publish_to_topic_with_wildcards_closes_connection() {
 #[test]
 fn mosquitto_sub_wildcards_receive_matching_topics() {
     let ws = Waystation::start();
-    let msub = MosquittoSub::start(ws.port(), &["-t", "house/+/temp", "-t", "garden/#", "-C", "3", "-W", "10"]);
+    let msub = MosquittoSub::start(
+        ws.port(),
+        &[
+            "-t",
+            "house/+/temp",
+            "-t",
+            "garden/#",
+            "-C",
+            "3",
+            "-W",
+            "10",
+        ],
+    );
     let mut publisher = RawClient::connect(ws.addr, "mq-wild-pub");
-    for t in ["house/kitchen/temp", "house/kitchen/hum", "garden", "house/temp", "garden/pond/level"] {
+    for t in [
+        "house/kitchen/temp",
+        "house/kitchen/hum",
+        "garden",
+        "house/temp",
+        "garden/pond/level",
+    ] {
         publisher.publish1(t, b"v", false, 1);
     }
     let (lines, _) = msub.collect(3, Duration::from_secs(5));
-    assert_eq!(lines, vec!["house/kitchen/temp v", "garden v", "garden/pond/level v"]);
+    assert_eq!(
+        lines,
+        vec!["house/kitchen/temp v", "garden v", "garden/pond/level v"]
+    );
 }

@@ -25,7 +25,11 @@ fn qemu_board_publishes_events_and_obeys_config() {
     let kernel = build_board();
     let broker = Broker::start();
     let sub = Subscriber::start(broker.port, "fw-qemu-sub", &format!("sensors/{ID}/#"));
-    let qemu = Qemu::boot(&kernel, broker.port, &[&format!("id={ID}"), "boot=42", "period=50", "run_ms=60000"]);
+    let qemu = Qemu::boot(
+        &kernel,
+        broker.port,
+        &[&format!("id={ID}"), "boot=42", "period=50", "run_ms=60000"],
+    );
     let dump = || qemu.console();
 
     // Events with the built-in thresholds (rising 30000, falling 20000 milli-°C).
@@ -56,25 +60,47 @@ fn qemu_board_publishes_events_and_obeys_config() {
     }
 
     // An invalid document is ignored and reported.
-    publish(broker.port, &format!("sensors/{ID}/config"), r#"{"rising":1000,"falling":5000}"#, false);
+    publish(
+        broker.port,
+        &format!("sensors/{ID}/config"),
+        r#"{"rising":1000,"falling":5000}"#,
+        false,
+    );
     assert!(
-        wait_until(Duration::from_secs(15), || statuses(&sub).iter().any(|s| s.contains("rejected"))),
+        wait_until(Duration::from_secs(15), || statuses(&sub)
+            .iter()
+            .any(|s| s.contains("rejected"))),
         "no rejection on the status topic: {:?}",
         statuses(&sub)
     );
 
     // A retained document changes the thresholds.
-    publish(broker.port, &format!("sensors/{ID}/config"), r#"{"rising":36000,"falling":14000}"#, true);
+    publish(
+        broker.port,
+        &format!("sensors/{ID}/config"),
+        r#"{"rising":36000,"falling":14000}"#,
+        true,
+    );
     assert!(
-        wait_until(Duration::from_secs(15), || statuses(&sub).iter().any(|s| s.contains("applied"))),
+        wait_until(Duration::from_secs(15), || statuses(&sub)
+            .iter()
+            .any(|s| s.contains("applied"))),
         "config not applied: {:?}; console:\n{}",
         statuses(&sub),
         dump()
     );
     let seq_before = events(&sub).len() as u64;
     let new_thresholds = |evs: &[serde_json::Value]| {
-        let r = evs.iter().any(|e| e["direction"] == "rising" && e["threshold"] == 36000 && e["value"].as_i64().unwrap() >= 36000);
-        let f = evs.iter().any(|e| e["direction"] == "falling" && e["threshold"] == 14000 && e["value"].as_i64().unwrap() <= 14000);
+        let r = evs.iter().any(|e| {
+            e["direction"] == "rising"
+                && e["threshold"] == 36000
+                && e["value"].as_i64().unwrap() >= 36000
+        });
+        let f = evs.iter().any(|e| {
+            e["direction"] == "falling"
+                && e["threshold"] == 14000
+                && e["value"].as_i64().unwrap() <= 14000
+        });
         r && f
     };
     assert!(
@@ -84,12 +110,26 @@ fn qemu_board_publishes_events_and_obeys_config() {
     );
     // Once the new thresholds are used, the old ones never come back.
     let all = events(&sub);
-    let first_new = all.iter().position(|e| e["threshold"] == 36000 || e["threshold"] == 14000).unwrap();
+    let first_new = all
+        .iter()
+        .position(|e| e["threshold"] == 36000 || e["threshold"] == 14000)
+        .unwrap();
     assert!(first_new as u64 <= seq_before + 1, "{all:?}");
-    assert!(all[first_new..].iter().all(|e| e["threshold"] == 36000 || e["threshold"] == 14000), "{all:?}");
-    assert!(dump().contains("config applied rising=36000 falling=14000"), "{}", dump());
+    assert!(
+        all[first_new..]
+            .iter()
+            .all(|e| e["threshold"] == 36000 || e["threshold"] == 14000),
+        "{all:?}"
+    );
+    assert!(
+        dump().contains("config applied rising=36000 falling=14000"),
+        "{}",
+        dump()
+    );
 
     // Stack use reported by the board (painted stack) stays well inside the RAM budget.
-    let stack = qemu.stack_high_water().expect("board reports its stack use");
+    let stack = qemu
+        .stack_high_water()
+        .expect("board reports its stack use");
     assert!(stack > 256 && stack < 4096, "stack {stack}");
 }

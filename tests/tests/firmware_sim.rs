@@ -32,7 +32,10 @@ fn simulated_sensors_through_mosquitto() {
     let sub = Subscriber::start(broker.port, "fw-sim-sub-1", "sensors/+/events");
     let status = Subscriber::start(broker.port, "fw-sim-status-1", "sensors/+/status");
     let report = run(&opts(broker.address(), 4, 3), &AtomicBool::new(false)).expect("sim runs");
-    assert!(report.created >= 4 * 20, "10 events/s x 4 sensors x 3 s: {report:?}");
+    assert!(
+        report.created >= 4 * 20,
+        "10 events/s x 4 sensors x 3 s: {report:?}"
+    );
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     assert_eq!((report.dropped, report.pending), (0, 0), "{report:?}");
     all_arrived(&sub, &report, 7);
@@ -41,7 +44,8 @@ fn simulated_sensors_through_mosquitto() {
         let m = status.snapshot();
         (0..4).all(|i| {
             let t = format!("sensors/fwsim-{i:04}/status");
-            m.iter().any(|x| x.topic == t && x.payload == b"online") && m.iter().any(|x| x.topic == t && x.payload == b"offline")
+            m.iter().any(|x| x.topic == t && x.payload == b"online")
+                && m.iter().any(|x| x.topic == t && x.payload == b"offline")
         })
     }));
 }
@@ -58,9 +62,16 @@ fn broker_restart_loses_no_acknowledged_event() {
     std::thread::sleep(Duration::from_millis(1500));
     broker.start_again();
     let report = sim.join().expect("sim thread").expect("sim runs");
-    assert!(report.connects >= 10, "every device reconnected: {report:?}");
+    assert!(
+        report.connects >= 10,
+        "every device reconnected: {report:?}"
+    );
     assert!(report.link_losses >= 5, "{report:?}");
-    assert_eq!((report.dropped, report.pending), (0, 0), "outboxes drained: {report:?}");
+    assert_eq!(
+        (report.dropped, report.pending),
+        (0, 0),
+        "outboxes drained: {report:?}"
+    );
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     // Events made during the outage were sent after the reconnect, so more than the first
     // connection could carry: and every one of them reached the subscriber.

@@ -39,8 +39,15 @@ fn simulated_sensors_through_waystation() {
     let ws = Waystation::start();
     let sub = Subscriber::start(ws.port(), "fw-ws-sub-1", "sensors/+/events");
     let status = Subscriber::start(ws.port(), "fw-ws-status-1", "sensors/+/status");
-    let report = run(&opts(ws.addr.to_string(), "fwws-", 4, 3), &AtomicBool::new(false)).expect("sim runs");
-    assert!(report.created >= 4 * 20, "10 events/s x 4 sensors x 3 s: {report:?}");
+    let report = run(
+        &opts(ws.addr.to_string(), "fwws-", 4, 3),
+        &AtomicBool::new(false),
+    )
+    .expect("sim runs");
+    assert!(
+        report.created >= 4 * 20,
+        "10 events/s x 4 sensors x 3 s: {report:?}"
+    );
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     assert_eq!((report.dropped, report.pending), (0, 0), "{report:?}");
     assert_eq!(report.link_losses, 0, "{report:?}");
@@ -65,7 +72,8 @@ fn waystation_killed_and_restarted_loses_no_acknowledged_event() {
     let mut ws = Waystation::start();
     let sub = Subscriber::start(ws.port(), "fw-ws-sub-2", "sensors/+/events");
     let address = ws.addr.to_string();
-    let sim = std::thread::spawn(move || run(&opts(address, "fwwsr-", 5, 8), &AtomicBool::new(false)));
+    let sim =
+        std::thread::spawn(move || run(&opts(address, "fwwsr-", 5, 8), &AtomicBool::new(false)));
     std::thread::sleep(Duration::from_secs(2));
     // SIGKILL: whatever waystation acknowledged must already be durable.
     ws.kill();
@@ -73,9 +81,16 @@ fn waystation_killed_and_restarted_loses_no_acknowledged_event() {
     std::thread::sleep(Duration::from_millis(1500));
     ws.restart();
     let report = sim.join().expect("sim thread").expect("sim runs");
-    assert!(report.connects >= 10, "every device reconnected: {report:?}");
+    assert!(
+        report.connects >= 10,
+        "every device reconnected: {report:?}"
+    );
     assert!(report.link_losses >= 5, "{report:?}");
-    assert_eq!((report.dropped, report.pending), (0, 0), "outboxes drained: {report:?}");
+    assert_eq!(
+        (report.dropped, report.pending),
+        (0, 0),
+        "outboxes drained: {report:?}"
+    );
     assert_eq!(report.acknowledged, report.created, "{report:?}");
     // Every event the daemon acknowledged, before the kill or after the restart, reaches the
     // subscriber (its persistent session survives in the data directory).
@@ -89,13 +104,28 @@ fn waystation_sim_subcommand_against_waystation() {
     let ws = Waystation::start();
     let sub = Subscriber::start(ws.port(), "fw-ws-sub-3", "sensors/+/events");
     let mut cmd = Command::new(waystation_bin());
-    cmd.args(["sim", "--broker", &ws.addr.to_string(), "--sensors", "3", "--rate", "10"])
-        .args(["--duration", "2", "--id-prefix", "fwcli-"]);
+    cmd.args([
+        "sim",
+        "--broker",
+        &ws.addr.to_string(),
+        "--sensors",
+        "3",
+        "--rate",
+        "10",
+    ])
+    .args(["--duration", "2", "--id-prefix", "fwcli-"]);
     let (status, out) = waystation_e2e::run_with_timeout(&mut cmd, Duration::from_secs(60));
-    assert!(status.is_some_and(|s| s.success()), "waystation sim failed: {status:?}\n{out}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "waystation sim failed: {status:?}\n{out}"
+    );
     // The final report (progress lines come before it):
     // "sensors 3 | events created N published N acknowledged N resent R dropped 0 pending 0 | ..."
-    let last = out.lines().rev().find(|l| l.contains("created")).unwrap_or("");
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| l.contains("created"))
+        .unwrap_or("");
     let field = |name: &str| -> u64 {
         last.split_whitespace()
             .skip_while(|w| *w != name)
@@ -114,7 +144,10 @@ fn waystation_sim_subcommand_against_waystation() {
             let mut seen = std::collections::HashSet::new();
             for e in &evs {
                 assert_eq!(e["v"], 1, "{e}");
-                seen.insert((e["device"].as_str().unwrap_or("").to_string(), e["seq"].as_u64().unwrap_or(u64::MAX)));
+                seen.insert((
+                    e["device"].as_str().unwrap_or("").to_string(),
+                    e["seq"].as_u64().unwrap_or(u64::MAX),
+                ));
             }
             seen.len() as u64 == created
                 && (0..3).all(|i| {
@@ -134,7 +167,11 @@ fn qemu_board_through_waystation() {
     let kernel = build_board();
     let ws = Waystation::start();
     let sub = Subscriber::start(ws.port(), "fw-ws-qemu-sub", &format!("sensors/{ID}/#"));
-    let qemu = Qemu::boot(&kernel, ws.port(), &[&format!("id={ID}"), "boot=5", "period=50", "run_ms=60000"]);
+    let qemu = Qemu::boot(
+        &kernel,
+        ws.port(),
+        &[&format!("id={ID}"), "boot=5", "period=50", "run_ms=60000"],
+    );
     let events = || sub.json_on(&format!("{ID}/events"));
 
     // Events with the built-in thresholds (rising 30000, falling 20000 milli-°C), in order.
@@ -143,31 +180,60 @@ fn qemu_board_through_waystation() {
         "no events from the board through waystation; console:\n{}",
         qemu.console()
     );
-    assert!(statuses(&sub, ID).iter().any(|s| s == "online"), "{:?}", statuses(&sub, ID));
+    assert!(
+        statuses(&sub, ID).iter().any(|s| s == "online"),
+        "{:?}",
+        statuses(&sub, ID)
+    );
     let first = events();
     for (i, e) in first.iter().enumerate() {
-        assert_eq!((e["v"].as_u64(), e["device"].as_str(), e["boot"].as_u64()), (Some(1), Some(ID), Some(5)), "{e}");
+        assert_eq!(
+            (e["v"].as_u64(), e["device"].as_str(), e["boot"].as_u64()),
+            (Some(1), Some(ID), Some(5)),
+            "{e}"
+        );
         assert_eq!(e["sensor"], "temp");
         assert_eq!(e["seq"], i as u64, "in order, none missing: {first:?}");
         match e["direction"].as_str() {
-            Some("rising") => assert!(e["threshold"] == 30000 && e["value"].as_i64().unwrap() >= 30000, "{e}"),
-            Some("falling") => assert!(e["threshold"] == 20000 && e["value"].as_i64().unwrap() <= 20000, "{e}"),
+            Some("rising") => assert!(
+                e["threshold"] == 30000 && e["value"].as_i64().unwrap() >= 30000,
+                "{e}"
+            ),
+            Some("falling") => assert!(
+                e["threshold"] == 20000 && e["value"].as_i64().unwrap() <= 20000,
+                "{e}"
+            ),
             other => panic!("direction {other:?}"),
         }
     }
 
     // A retained document on sensors/<id>/config, published through waystation, changes them.
-    publish(ws.port(), &format!("sensors/{ID}/config"), r#"{"rising":36000,"falling":14000}"#, true);
+    publish(
+        ws.port(),
+        &format!("sensors/{ID}/config"),
+        r#"{"rising":36000,"falling":14000}"#,
+        true,
+    );
     assert!(
-        wait_until(Duration::from_secs(15), || statuses(&sub, ID).iter().any(|s| s.contains("applied"))),
+        wait_until(Duration::from_secs(15), || statuses(&sub, ID)
+            .iter()
+            .any(|s| s.contains("applied"))),
         "config not applied: {:?}; console:\n{}",
         statuses(&sub, ID),
         qemu.console()
     );
     let seq_before = events().len();
     let used = |evs: &[serde_json::Value]| {
-        let r = evs.iter().any(|e| e["direction"] == "rising" && e["threshold"] == 36000 && e["value"].as_i64().unwrap() >= 36000);
-        let f = evs.iter().any(|e| e["direction"] == "falling" && e["threshold"] == 14000 && e["value"].as_i64().unwrap() <= 14000);
+        let r = evs.iter().any(|e| {
+            e["direction"] == "rising"
+                && e["threshold"] == 36000
+                && e["value"].as_i64().unwrap() >= 36000
+        });
+        let f = evs.iter().any(|e| {
+            e["direction"] == "falling"
+                && e["threshold"] == 14000
+                && e["value"].as_i64().unwrap() <= 14000
+        });
         r && f
     };
     assert!(
@@ -177,16 +243,39 @@ fn qemu_board_through_waystation() {
     );
     // Once the new thresholds are used, the old ones never come back, and no seq is missing.
     let all = events();
-    let first_new = all.iter().position(|e| e["threshold"] == 36000 || e["threshold"] == 14000).unwrap();
+    let first_new = all
+        .iter()
+        .position(|e| e["threshold"] == 36000 || e["threshold"] == 14000)
+        .unwrap();
     assert!(first_new <= seq_before + 1, "{all:?}");
-    assert!(all[first_new..].iter().all(|e| e["threshold"] == 36000 || e["threshold"] == 14000), "{all:?}");
-    assert!(all.iter().enumerate().all(|(i, e)| e["seq"] == i as u64), "{all:?}");
-    assert!(qemu.console().contains("config applied rising=36000 falling=14000"), "{}", qemu.console());
+    assert!(
+        all[first_new..]
+            .iter()
+            .all(|e| e["threshold"] == 36000 || e["threshold"] == 14000),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().enumerate().all(|(i, e)| e["seq"] == i as u64),
+        "{all:?}"
+    );
+    assert!(
+        qemu.console()
+            .contains("config applied rising=36000 falling=14000"),
+        "{}",
+        qemu.console()
+    );
 
     // The document is retained by waystation: a new subscriber gets it.
-    let late = Subscriber::start(ws.port(), "fw-ws-qemu-late", &format!("sensors/{ID}/config"));
+    let late = Subscriber::start(
+        ws.port(),
+        "fw-ws-qemu-late",
+        &format!("sensors/{ID}/config"),
+    );
     assert!(
-        wait_until(Duration::from_secs(10), || late.snapshot().iter().any(|m| m.payload == br#"{"rising":36000,"falling":14000}"#)),
+        wait_until(Duration::from_secs(10), || late
+            .snapshot()
+            .iter()
+            .any(|m| m.payload == br#"{"rising":36000,"falling":14000}"#)),
         "config not retained: {:?}",
         late.snapshot()
     );

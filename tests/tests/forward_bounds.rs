@@ -7,7 +7,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use waystation_e2e::upstream::{analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec, Upstream};
+use waystation_e2e::upstream::{
+    analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec, Upstream,
+};
 use waystation_e2e::{wait_until, Waystation};
 
 const MAX_BYTES: u64 = 20_000;
@@ -29,7 +31,14 @@ fn storage_toml(on_full: &str) -> String {
 fn logged_drops(logs: &str) -> u64 {
     logs.lines()
         .filter(|l| l.contains("store full (drop_oldest)"))
-        .filter_map(|l| l.split("dropped=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|l| {
+            l.split("dropped=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum()
 }
 
@@ -44,12 +53,20 @@ struct DropOutcome {
 fn drop_oldest_run(collector_id: &str) -> DropOutcome {
     const N: u64 = 1_000;
     let (mut upstream, collector) = absent_upstream(collector_id);
-    let ws = Waystation::start_with(&format!("{}{}", storage_toml("drop_oldest"), bridge_toml(&upstream.address(), "")));
+    let ws = Waystation::start_with(&format!(
+        "{}{}",
+        storage_toml("drop_oldest"),
+        bridge_toml(&upstream.address(), "")
+    ));
     // One publisher: its sequence order is the log order, so "the newest" is a seq suffix.
     let mut spec = PublisherSpec::new(0, N);
     spec.payload_len = 60;
     let st = Publisher::start(ws.addr, spec).join(Duration::from_secs(60));
-    assert_eq!(st.acked.len() as u64, N, "drop_oldest never blocks publishers");
+    assert_eq!(
+        st.acked.len() as u64,
+        N,
+        "drop_oldest never blocks publishers"
+    );
     // Let housekeeping settle the last trims, then read the count the daemon logged.
     std::thread::sleep(Duration::from_millis(1_000));
     let dropped = logged_drops(&ws.logs());
@@ -64,7 +81,10 @@ fn drop_oldest_run(collector_id: &str) -> DropOutcome {
         v
     };
     let kept = got.len() as u64;
-    let kept_bytes: usize = received.iter().map(|r| r.payload.len() + r.topic.len()).sum();
+    let kept_bytes: usize = received
+        .iter()
+        .map(|r| r.payload.len() + r.topic.len())
+        .sum();
     println!(
         "drop_oldest: {N} published of {} B payload, max_bytes {MAX_BYTES}: logged dropped {dropped}, \
          arrived {kept} (seq {:?}..={:?}, {} duplicates, ~{kept_bytes} B of topic+payload upstream), actually dropped {}",
@@ -74,11 +94,21 @@ fn drop_oldest_run(collector_id: &str) -> DropOutcome {
         a.duplicates,
         N - kept
     );
-    assert!(kept > 0 && kept < N, "the log must have been trimmed, not emptied: kept {kept} of {N}");
+    assert!(
+        kept > 0 && kept < N,
+        "the log must have been trimmed, not emptied: kept {kept} of {N}"
+    );
     let newest: Vec<u64> = (N - kept..N).collect();
-    assert_eq!(got, newest, "what survives must be exactly the newest {kept} messages");
+    assert_eq!(
+        got, newest,
+        "what survives must be exactly the newest {kept} messages"
+    );
     assert!(a.order_violations.is_empty(), "{:?}", a.order_violations);
-    DropOutcome { published: N, logged_dropped: dropped, kept }
+    DropOutcome {
+        published: N,
+        logged_dropped: dropped,
+        kept,
+    }
 }
 
 #[test]
@@ -92,7 +122,11 @@ fn drop_oldest_keeps_exactly_the_newest() {
 #[test]
 fn drop_oldest_counts_exactly_what_it_dropped() {
     let o = drop_oldest_run("bounds-dropcount-collector");
-    assert_eq!(o.logged_dropped, o.published - o.kept, "the logged drop count must equal what was actually dropped");
+    assert_eq!(
+        o.logged_dropped,
+        o.published - o.kept,
+        "the logged drop count must equal what was actually dropped"
+    );
 }
 
 #[test]
@@ -100,7 +134,11 @@ fn reject_new_blocks_publishers_while_full_and_loses_nothing() {
     const PUBLISHERS: u32 = 4;
     const EACH: u64 = 200;
     let (mut upstream, collector) = absent_upstream("bounds-reject-collector");
-    let ws = Waystation::start_with(&format!("{}{}", storage_toml("reject_new"), bridge_toml(&upstream.address(), "")));
+    let ws = Waystation::start_with(&format!(
+        "{}{}",
+        storage_toml("reject_new"),
+        bridge_toml(&upstream.address(), "")
+    ));
     let publishers: Vec<Publisher> = (0..PUBLISHERS)
         .map(|p| {
             let mut spec = PublisherSpec::new(p, EACH);
@@ -127,9 +165,18 @@ fn reject_new_blocks_publishers_while_full_and_loses_nothing() {
         still_since.elapsed() >= Duration::from_secs(2)
     });
     let acked_while_full = acked(&publishers);
-    println!("reject_new: {acked_while_full} of {} acked before the store filled", PUBLISHERS as u64 * EACH);
-    assert!(stalled, "PUBACKs kept coming while the store was full: {acked_while_full} acked");
-    assert!((acked_while_full as u64) < PUBLISHERS as u64 * EACH, "the publishers must be blocked before finishing");
+    println!(
+        "reject_new: {acked_while_full} of {} acked before the store filled",
+        PUBLISHERS as u64 * EACH
+    );
+    assert!(
+        stalled,
+        "PUBACKs kept coming while the store was full: {acked_while_full} acked"
+    );
+    assert!(
+        (acked_while_full as u64) < PUBLISHERS as u64 * EACH,
+        "the publishers must be blocked before finishing"
+    );
     assert!(publishers.iter().all(|p| !p.done()));
     assert_eq!(collector.count(), 0);
 
@@ -139,8 +186,16 @@ fn reject_new_blocks_publishers_while_full_and_loses_nothing() {
     for p in publishers {
         let id = p.spec.publisher;
         let st = p.join(Duration::from_secs(60));
-        assert!(st.anomalies.is_empty(), "publisher {id}: {:?}", st.anomalies);
-        assert_eq!(st.acked.len() as u64, EACH, "publisher {id} completes once there is room");
+        assert!(
+            st.anomalies.is_empty(),
+            "publisher {id}: {:?}",
+            st.anomalies
+        );
+        assert_eq!(
+            st.acked.len() as u64,
+            EACH,
+            "publisher {id} completes once there is room"
+        );
         want.extend(st.acked.iter().map(|s| (id, *s)));
     }
     let arrived = collector.wait_for_all(&want, Duration::from_secs(30));

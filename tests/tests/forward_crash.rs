@@ -11,7 +11,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use waystation_e2e::upstream::{analyze, bridge_toml, missing, parse_id, Collector, Publisher, PublisherSpec, Upstream};
+use waystation_e2e::upstream::{
+    analyze, bridge_toml, missing, parse_id, Collector, Publisher, PublisherSpec, Upstream,
+};
 use waystation_e2e::Waystation;
 
 const TRIALS: usize = 24;
@@ -29,7 +31,10 @@ impl Rng {
 }
 
 fn acked_ids(publishers: &[Publisher]) -> HashSet<(u32, u64)> {
-    publishers.iter().flat_map(|p| p.acked().into_iter().map(move |s| (p.spec.publisher, s))).collect()
+    publishers
+        .iter()
+        .flat_map(|p| p.acked().into_iter().map(move |s| (p.spec.publisher, s)))
+        .collect()
 }
 
 #[test]
@@ -37,7 +42,13 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
     let seed = std::env::var("CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1);
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
     println!("crash test seed {seed} (CRASH_SEED={seed} repeats the kill schedule)");
     let mut rng = Rng(seed);
     let started = Instant::now();
@@ -45,7 +56,11 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
     let upstream = Upstream::start();
     let collector = Collector::start(upstream.port, "crash-collector", "site1/#");
     let mut ws = Waystation::start_with(&bridge_toml(&upstream.address(), "max_inflight = 100"));
-    assert!(ws.wait_for_log("upstream connected", Duration::from_secs(10)), "{}", ws.logs());
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
 
     let mut publishers: Vec<Publisher> = (0..PUBLISHERS)
         .map(|p| {
@@ -73,7 +88,11 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         }
         // Acked but not (yet) seen upstream when the kill lands: the backlog at stake.
         let acked = acked_ids(&publishers);
-        let seen: HashSet<(u32, u64)> = collector.received().iter().filter_map(|r| parse_id(&r.payload)).collect();
+        let seen: HashSet<(u32, u64)> = collector
+            .received()
+            .iter()
+            .filter_map(|r| parse_id(&r.payload))
+            .collect();
         backlog_at_kills.push(acked.difference(&seen).count());
         ws.kill();
         received_at_kills.push(collector.count());
@@ -88,14 +107,15 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         p.stop();
     }
     let want = acked_ids(&publishers);
-    let (connections, abandoned, anomalies): (u64, u64, Vec<String>) = publishers.iter().fold((0, 0, vec![]), |mut acc, p| {
-        p.snapshot(|s| {
-            acc.0 += s.connections;
-            acc.1 += s.abandoned;
-            acc.2.extend(s.anomalies.iter().cloned());
+    let (connections, abandoned, anomalies): (u64, u64, Vec<String>) =
+        publishers.iter().fold((0, 0, vec![]), |mut acc, p| {
+            p.snapshot(|s| {
+                acc.0 += s.connections;
+                acc.1 += s.abandoned;
+                acc.2.extend(s.anomalies.iter().cloned());
+            });
+            acc
         });
-        acc
-    });
 
     let arrived = collector.wait_for_all(&want, Duration::from_secs(60));
     collector.wait_quiet(Duration::from_millis(500), Duration::from_secs(5));
@@ -115,7 +135,12 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         }
     }
     let acked_delivered = want.iter().filter(|id| a.unique.contains(id)).count();
-    let frozen_backlogs: Vec<usize> = backlog_at_kills.iter().skip(1).step_by(2).copied().collect();
+    let frozen_backlogs: Vec<usize> = backlog_at_kills
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .copied()
+        .collect();
     println!(
         "crash: trials {TRIALS} (SIGKILL + restart), acked {}, delivered {} unique ({} of them acked, {} never acked: \
          durable or forwarded before the ack was lost), received {} in all, duplicates {}; \
@@ -137,7 +162,14 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         .logs()
         .lines()
         .filter(|l| l.contains("store recovered"))
-        .filter_map(|l| l.split("log_messages=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split("log_messages=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect();
     println!("log entries recovered at each start: {recovered:?}");
     assert!(anomalies.is_empty(), "{anomalies:?}");
@@ -145,9 +177,17 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         frozen_backlogs.iter().filter(|b| **b >= 100).count() >= TRIALS / 4,
         "most frozen trials must hold a backlog at the kill, else the test proves nothing: {frozen_backlogs:?}"
     );
-    assert!(arrived, "acknowledged messages lost (first 20 per publisher): {:?}", missing(&want, &a.unique));
+    assert!(
+        arrived,
+        "acknowledged messages lost (first 20 per publisher): {:?}",
+        missing(&want, &a.unique)
+    );
     assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(a.order_violations.is_empty(), "per-topic order of first arrivals broken: {:?}", a.order_violations);
+    assert!(
+        a.order_violations.is_empty(),
+        "per-topic order of first arrivals broken: {:?}",
+        a.order_violations
+    );
 }
 
 /// Duplicates after one SIGKILL in the middle of draining a 60,000-message backlog stay
@@ -172,17 +212,33 @@ fn sigkill_mid_drain_duplicates_bounded_by_the_window() {
         .collect();
     for p in publishers {
         let id = p.spec.publisher;
-        want.extend(p.join(Duration::from_secs(120)).acked.iter().map(|s| (id, *s)));
+        want.extend(
+            p.join(Duration::from_secs(120))
+                .acked
+                .iter()
+                .map(|s| (id, *s)),
+        );
     }
     upstream.start_again();
-    assert!(wait_until_count(&collector, 5_000, Duration::from_secs(30)), "the drain started");
+    assert!(
+        wait_until_count(&collector, 5_000, Duration::from_secs(30)),
+        "the drain started"
+    );
     ws.kill();
     ws.restart();
     assert!(collector.wait_for_all(&want, Duration::from_secs(60)));
     collector.wait_quiet(Duration::from_millis(1_000), Duration::from_secs(10));
     let a = analyze(&collector.received(), "site1/");
-    println!("one SIGKILL mid-drain: {} unique, {} duplicates (bound {BOUND})", a.unique.len(), a.duplicates);
-    assert!(a.duplicates <= BOUND, "{} duplicates after one SIGKILL, bound {BOUND}", a.duplicates);
+    println!(
+        "one SIGKILL mid-drain: {} unique, {} duplicates (bound {BOUND})",
+        a.unique.len(),
+        a.duplicates
+    );
+    assert!(
+        a.duplicates <= BOUND,
+        "{} duplicates after one SIGKILL, bound {BOUND}",
+        a.duplicates
+    );
 }
 
 fn wait_until_count(c: &Collector, n: usize, timeout: Duration) -> bool {

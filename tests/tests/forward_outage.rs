@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use waystation_e2e::upstream::{analyze, bridge_toml, missing, parse_id, Collector, Publisher, PublisherSpec, Upstream};
+use waystation_e2e::upstream::{
+    analyze, bridge_toml, missing, parse_id, Collector, Publisher, PublisherSpec, Upstream,
+};
 use waystation_e2e::Waystation;
 
 /// The two tests measure time: never run them side by side on the two cores.
@@ -21,7 +23,11 @@ fn upstream_stopped_mid_stream_loses_nothing_keeps_order_and_drains() {
     let mut upstream = Upstream::start();
     let collector = Collector::start(upstream.port, "outage-collector", "site1/#");
     let ws = Waystation::start_with(&bridge_toml(&upstream.address(), ""));
-    assert!(ws.wait_for_log("upstream connected", Duration::from_secs(10)), "{}", ws.logs());
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
 
     // 5 publishers x 3,000 messages, paced to span the outage (~1,500 msgs/s in all).
     let publishers: Vec<Publisher> = (0..5)
@@ -37,7 +43,8 @@ fn upstream_stopped_mid_stream_loses_nothing_keeps_order_and_drains() {
     let outage_start = Instant::now();
     let acked_at_stop: usize = publishers.iter().map(Publisher::acked_count).sum();
     std::thread::sleep(Duration::from_secs(4));
-    let acked_during: usize = publishers.iter().map(Publisher::acked_count).sum::<usize>() - acked_at_stop;
+    let acked_during: usize =
+        publishers.iter().map(Publisher::acked_count).sum::<usize>() - acked_at_stop;
     upstream.start_again();
     let outage = outage_start.elapsed();
 
@@ -45,7 +52,11 @@ fn upstream_stopped_mid_stream_loses_nothing_keeps_order_and_drains() {
     for p in publishers {
         let id = p.spec.publisher;
         let st = p.join(Duration::from_secs(60));
-        assert!(st.anomalies.is_empty(), "publisher {id}: {:?}", st.anomalies);
+        assert!(
+            st.anomalies.is_empty(),
+            "publisher {id}: {:?}",
+            st.anomalies
+        );
         assert_eq!(st.acked.len(), 3_000);
         want.extend(st.acked.iter().map(|s| (id, *s)));
     }
@@ -62,12 +73,30 @@ fn upstream_stopped_mid_stream_loses_nothing_keeps_order_and_drains() {
         a.unique.len(),
         a.duplicates
     );
-    assert!(before_outage > 0, "the stream was flowing before the outage");
-    assert!(acked_during > 500, "publishers kept getting PUBACKs during the outage: {acked_during}");
-    assert!(ws.logs().contains("upstream connection lost"), "the bridge saw the outage:\n{}", ws.logs());
-    assert!(arrived, "lost upstream (first 20 per publisher): {:?}", missing(&want, &a.unique));
+    assert!(
+        before_outage > 0,
+        "the stream was flowing before the outage"
+    );
+    assert!(
+        acked_during > 500,
+        "publishers kept getting PUBACKs during the outage: {acked_during}"
+    );
+    assert!(
+        ws.logs().contains("upstream connection lost"),
+        "the bridge saw the outage:\n{}",
+        ws.logs()
+    );
+    assert!(
+        arrived,
+        "lost upstream (first 20 per publisher): {:?}",
+        missing(&want, &a.unique)
+    );
     assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(a.order_violations.is_empty(), "per-topic order broken: {:?}", a.order_violations);
+    assert!(
+        a.order_violations.is_empty(),
+        "per-topic order broken: {:?}",
+        a.order_violations
+    );
     assert_eq!(a.unique.len(), want.len());
 }
 
@@ -82,14 +111,20 @@ fn backlog_drains_after_an_outage_no_faster_than_max_rate() {
     // collector's subscription for when it comes back).
     upstream.stop();
     let ws = Waystation::start_with(&bridge_toml(&upstream.address(), "max_rate = 200"));
-    let publishers: Vec<Publisher> = (0..4).map(|p| Publisher::start(ws.addr, PublisherSpec::new(p, MESSAGES / 4))).collect();
+    let publishers: Vec<Publisher> = (0..4)
+        .map(|p| Publisher::start(ws.addr, PublisherSpec::new(p, MESSAGES / 4)))
+        .collect();
     let mut want = HashSet::new();
     for p in publishers {
         let id = p.spec.publisher;
         let st = p.join(Duration::from_secs(60));
         want.extend(st.acked.iter().map(|s| (id, *s)));
     }
-    assert_eq!(want.len() as u64, MESSAGES, "all acked from the log while the upstream is down");
+    assert_eq!(
+        want.len() as u64,
+        MESSAGES,
+        "all acked from the log while the upstream is down"
+    );
     assert_eq!(collector.count(), 0);
 
     upstream.start_again();
@@ -101,7 +136,11 @@ fn backlog_drains_after_an_outage_no_faster_than_max_rate() {
     assert!(arrived, "lost upstream: {:?}", missing(&want, &a.unique));
     assert!(a.order_violations.is_empty(), "{:?}", a.order_violations);
 
-    let times: Vec<Instant> = received.iter().filter(|r| parse_id(&r.payload).is_some()).map(|r| r.at).collect();
+    let times: Vec<Instant> = received
+        .iter()
+        .filter(|r| parse_id(&r.payload).is_some())
+        .map(|r| r.at)
+        .collect();
     let span = times.last().unwrap().duration_since(times[0]).as_secs_f64();
     let average = (times.len() - 1) as f64 / span;
     // Most messages in any one-second window.
@@ -120,7 +159,16 @@ fn backlog_drains_after_an_outage_no_faster_than_max_rate() {
         a.duplicates,
         times[0].duration_since(started)
     );
-    assert!(average <= RATE * 1.1, "average drain rate {average:.1}/s exceeds max_rate {RATE}");
-    assert!((peak as f64) <= RATE * 1.25, "{peak} messages in one second with max_rate {RATE}");
-    assert!(average >= RATE * 0.5, "the drain should run near max_rate, not crawl: {average:.1}/s");
+    assert!(
+        average <= RATE * 1.1,
+        "average drain rate {average:.1}/s exceeds max_rate {RATE}"
+    );
+    assert!(
+        (peak as f64) <= RATE * 1.25,
+        "{peak} messages in one second with max_rate {RATE}"
+    );
+    assert!(
+        average >= RATE * 0.5,
+        "the drain should run near max_rate, not crawl: {average:.1}/s"
+    );
 }

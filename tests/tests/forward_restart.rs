@@ -9,7 +9,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use waystation_e2e::raw::{Connect, Pkt, RawClient};
-use waystation_e2e::upstream::{analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec, Upstream};
+use waystation_e2e::upstream::{
+    analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec, Upstream,
+};
 use waystation_e2e::Waystation;
 
 #[derive(Clone, Copy, Debug)]
@@ -22,7 +24,11 @@ fn stop_and_restart(ws: &mut Waystation, how: Stop) {
     match how {
         Stop::Term => {
             let status = ws.terminate();
-            assert!(status.is_some_and(|s| s.success()), "SIGTERM exit: {status:?}\n{}", ws.logs());
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "SIGTERM exit: {status:?}\n{}",
+                ws.logs()
+            );
         }
         Stop::Kill => ws.kill(),
     }
@@ -39,16 +45,28 @@ fn persistent_session_survives(how: Stop) {
 
     let mut publisher = RawClient::connect(ws.addr, "restart-ps-pub");
     for i in 0..5u16 {
-        publisher.publish1(&format!("dev/{i}/cmd"), format!("queued-{i}").as_bytes(), false, i + 1);
+        publisher.publish1(
+            &format!("dev/{i}/cmd"),
+            format!("queued-{i}").as_bytes(),
+            false,
+            i + 1,
+        );
     }
     drop(publisher);
     stop_and_restart(&mut ws, how);
 
     let (mut c, sp) = RawClient::connect_ok(ws.addr, &Connect::new(&id).clean(false));
-    assert!(sp, "{how:?}: the persistent session must be present after the restart");
+    assert!(
+        sp,
+        "{how:?}: the persistent session must be present after the restart"
+    );
     for i in 0..5u16 {
         let p = c.recv_publish();
-        assert_eq!(p.topic, format!("dev/{i}/cmd"), "{how:?}: queued messages in order");
+        assert_eq!(
+            p.topic,
+            format!("dev/{i}/cmd"),
+            "{how:?}: queued messages in order"
+        );
         assert_eq!(p.payload, format!("queued-{i}").into_bytes());
         assert_eq!(p.qos, 1);
         c.ack(&p);
@@ -85,7 +103,11 @@ fn retained_message_survives_sigkill_and_sigterm() {
         let mut c = RawClient::connect(ws.addr, "restart-retain-sub");
         c.subscribe_ok(1, &[("cfg/#", 1)]);
         let p = c.recv_publish();
-        assert_eq!((p.topic.as_str(), p.payload.as_slice(), p.retain), ("cfg/interval", &b"30s"[..], true), "{how:?}");
+        assert_eq!(
+            (p.topic.as_str(), p.payload.as_slice(), p.retain),
+            ("cfg/interval", &b"30s"[..], true),
+            "{how:?}"
+        );
         c.ack(&p);
         c.expect_silence(Duration::from_millis(500));
         c.disconnect();
@@ -98,19 +120,35 @@ fn bridge_cursor_survives_restart_duplicates_bounded_by_the_window() {
     const BOUND: usize = MAX_INFLIGHT + 64;
     let upstream = Upstream::start();
     let collector = Collector::start(upstream.port, "restart-cursor-collector", "site1/#");
-    let mut ws = Waystation::start_with(&bridge_toml(&upstream.address(), &format!("max_inflight = {MAX_INFLIGHT}")));
-    assert!(ws.wait_for_log("upstream connected", Duration::from_secs(10)), "{}", ws.logs());
+    let mut ws = Waystation::start_with(&bridge_toml(
+        &upstream.address(),
+        &format!("max_inflight = {MAX_INFLIGHT}"),
+    ));
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
 
     let mut want = HashSet::new();
     let mut report = Vec::new();
     for (round, how) in [Stop::Kill, Stop::Term].into_iter().enumerate() {
-        let publishers: Vec<Publisher> =
-            (0..4).map(|p| Publisher::start(ws.addr, PublisherSpec::new(p + 10 * round as u32, 500))).collect();
+        let publishers: Vec<Publisher> = (0..4)
+            .map(|p| Publisher::start(ws.addr, PublisherSpec::new(p + 10 * round as u32, 500)))
+            .collect();
         for p in publishers {
             let id = p.spec.publisher;
-            want.extend(p.join(Duration::from_secs(60)).acked.iter().map(|s| (id, *s)));
+            want.extend(
+                p.join(Duration::from_secs(60))
+                    .acked
+                    .iter()
+                    .map(|s| (id, *s)),
+            );
         }
-        assert!(collector.wait_for_all(&want, Duration::from_secs(30)), "all forwarded before the restart");
+        assert!(
+            collector.wait_for_all(&want, Duration::from_secs(30)),
+            "all forwarded before the restart"
+        );
         std::thread::sleep(Duration::from_millis(300));
         let before = collector.count();
         stop_and_restart(&mut ws, how);
@@ -118,7 +156,10 @@ fn bridge_cursor_survives_restart_duplicates_bounded_by_the_window() {
         let reconnected = Instant::now();
         collector.wait_quiet(Duration::from_millis(1_500), Duration::from_secs(10));
         let resent = collector.count() - before;
-        report.push(format!("{how:?}: {resent} re-sent ({:?})", reconnected.elapsed()));
+        report.push(format!(
+            "{how:?}: {resent} re-sent ({:?})",
+            reconnected.elapsed()
+        ));
         assert!(resent <= BOUND, "{how:?}: {resent} messages forwarded before the restart were sent again (bound {BOUND})");
     }
     // And the bridge still forwards new messages after the restarts.
@@ -126,7 +167,11 @@ fn bridge_cursor_survives_restart_duplicates_bounded_by_the_window() {
     want.extend(st.acked.iter().map(|s| (99, *s)));
     let arrived = collector.wait_for_all(&want, Duration::from_secs(20));
     let a = analyze(&collector.received(), "site1/");
-    println!("bridge cursor: {} forwarded, {} duplicates; {report:?}", a.unique.len(), a.duplicates);
+    println!(
+        "bridge cursor: {} forwarded, {} duplicates; {report:?}",
+        a.unique.len(),
+        a.duplicates
+    );
     assert!(arrived, "{:?}", missing(&want, &a.unique));
 }
 
@@ -171,13 +216,23 @@ fn commands_from_the_upstream_reach_a_local_subscriber_also_after_a_restart() {
         while Instant::now() < deadline && got.is_none() {
             n += 1;
             cloud
-                .publish("site1/cmd/valve", rumqttc::QoS::AtLeastOnce, false, format!("r{round}-open-{n}"))
+                .publish(
+                    "site1/cmd/valve",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    format!("r{round}-open-{n}"),
+                )
                 .expect("queue a publish on the upstream");
             if let Ok(Pkt::Publish(p)) = local.recv_timeout(Duration::from_millis(300)) {
                 got = Some(p);
             }
         }
-        let p = got.unwrap_or_else(|| panic!("round {round}: no command reached the local subscriber\n{}", ws.logs()));
+        let p = got.unwrap_or_else(|| {
+            panic!(
+                "round {round}: no command reached the local subscriber\n{}",
+                ws.logs()
+            )
+        });
         assert_eq!(p.topic, "site1/cmd/valve");
         assert!(String::from_utf8_lossy(&p.payload).starts_with(&format!("r{round}-open-")));
         local.ack(&p);
@@ -192,6 +247,10 @@ fn commands_from_the_upstream_reach_a_local_subscriber_also_after_a_restart() {
     );
     std::thread::sleep(Duration::from_millis(300));
     let echoed: Vec<String> = echo.received().into_iter().map(|r| r.topic).collect();
-    assert_eq!(echoed, vec!["echo/site1/cmd/local".to_string()], "commands from the upstream must not go back up");
+    assert_eq!(
+        echoed,
+        vec!["echo/site1/cmd/local".to_string()],
+        "commands from the upstream must not go back up"
+    );
     let _ = cloud.try_disconnect();
 }

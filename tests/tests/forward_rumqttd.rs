@@ -8,7 +8,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use waystation_e2e::raw::{Pkt, RawClient};
-use waystation_e2e::upstream::{analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec};
+use waystation_e2e::upstream::{
+    analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec,
+};
 use waystation_e2e::{free_port, wait_until, Waystation, START_TIMEOUT};
 
 /// rumqttd 0.20 in-process on a free port: the second upstream implementation. Its
@@ -64,15 +66,25 @@ fn steady_flow_into_rumqttd_20_clients_x_1000_qos1_all_arrive_in_order() {
     let port = start_rumqttd();
     let collector = Collector::start(port, "rumqttd-collector", "site1/#");
     let ws = Waystation::start_with(&bridge_toml(&format!("127.0.0.1:{port}"), ""));
-    assert!(ws.wait_for_log("upstream connected", Duration::from_secs(10)), "bridge never connected:\n{}", ws.logs());
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "bridge never connected:\n{}",
+        ws.logs()
+    );
 
     let started = Instant::now();
-    let publishers: Vec<Publisher> = (0..20).map(|p| Publisher::start(ws.addr, PublisherSpec::new(p, 1_000))).collect();
+    let publishers: Vec<Publisher> = (0..20)
+        .map(|p| Publisher::start(ws.addr, PublisherSpec::new(p, 1_000)))
+        .collect();
     let mut want = HashSet::new();
     for p in publishers {
         let id = p.spec.publisher;
         let st = p.join(Duration::from_secs(90));
-        assert!(st.anomalies.is_empty(), "publisher {id}: {:?}", st.anomalies);
+        assert!(
+            st.anomalies.is_empty(),
+            "publisher {id}: {:?}",
+            st.anomalies
+        );
         assert_eq!(st.acked.len(), 1_000, "publisher {id} acked");
         want.extend(st.acked.iter().map(|s| (id, *s)));
     }
@@ -87,9 +99,17 @@ fn steady_flow_into_rumqttd_20_clients_x_1000_qos1_all_arrive_in_order() {
         a.duplicates,
         started.elapsed()
     );
-    assert!(arrived, "missing upstream (first 20 per publisher): {:?}", missing(&want, &a.unique));
+    assert!(
+        arrived,
+        "missing upstream (first 20 per publisher): {:?}",
+        missing(&want, &a.unique)
+    );
     assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(a.order_violations.is_empty(), "per-topic order broken: {:?}", a.order_violations);
+    assert!(
+        a.order_violations.is_empty(),
+        "per-topic order broken: {:?}",
+        a.order_violations
+    );
     assert_eq!(a.unique.len(), want.len());
     assert_eq!(a.duplicates, 0);
 }
@@ -104,7 +124,11 @@ fn commands_published_on_rumqttd_reach_a_local_subscriber() {
     let ws = Waystation::start_with(&extra);
     let mut local = RawClient::connect(ws.addr, "rumqttd-cmd-sub");
     local.subscribe_ok(1, &[("site1/cmd/#", 1)]);
-    assert!(ws.wait_for_log("upstream connected", Duration::from_secs(10)), "{}", ws.logs());
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
 
     let mut options = rumqttc::MqttOptions::new("rumqttd-cloud-app", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(30));
@@ -116,7 +140,14 @@ fn commands_published_on_rumqttd_reach_a_local_subscriber() {
     let mut n = 0;
     while Instant::now() < deadline && got.is_none() {
         n += 1;
-        client.publish("site1/cmd/valve", rumqttc::QoS::AtLeastOnce, false, format!("open-{n}")).unwrap();
+        client
+            .publish(
+                "site1/cmd/valve",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!("open-{n}"),
+            )
+            .unwrap();
         if let Ok(Pkt::Publish(p)) = local.recv_timeout(Duration::from_millis(500)) {
             got = Some(p);
         }

@@ -82,12 +82,18 @@ fn honest_publishers_survive_hostile_neighbours() {
         offenders.push(std::thread::spawn(move || {
             let mut c = RawClient::tcp(addr);
             let _ = c.try_send(&garbage(64 * 1024, 0x5eed + i));
-            (format!("random bytes #{i}"), c.closed_within(Duration::from_secs(10)))
+            (
+                format!("random bytes #{i}"),
+                c.closed_within(Duration::from_secs(10)),
+            )
         }));
         offenders.push(std::thread::spawn(move || {
             let mut c = RawClient::connect(addr, &format!("garbage-{i}"));
             let _ = c.try_send(&garbage(64 * 1024, 0xbad + i));
-            (format!("random bytes after CONNECT #{i}"), c.closed_within(Duration::from_secs(10)))
+            (
+                format!("random bytes after CONNECT #{i}"),
+                c.closed_within(Duration::from_secs(10)),
+            )
         }));
     }
     // Truncated packets left hanging: half a CONNECT (connect_timeout), and half a PUBLISH
@@ -96,19 +102,28 @@ fn honest_publishers_survive_hostile_neighbours() {
         let mut c = RawClient::tcp(addr);
         let connect = Connect::new("half").encode();
         let _ = c.try_send(&connect[..connect.len() / 2]);
-        ("truncated CONNECT".into(), c.closed_within(Duration::from_secs(10)))
+        (
+            "truncated CONNECT".into(),
+            c.closed_within(Duration::from_secs(10)),
+        )
     }));
     offenders.push(std::thread::spawn(move || {
         let (mut c, _) = RawClient::connect_ok(addr, &Connect::new("half-publish").keep_alive(1));
         let publish = raw::publish("x/y", &[7u8; 200], 1, false, false, Some(1));
         let _ = c.try_send(&publish[..40]);
-        ("truncated PUBLISH".into(), c.closed_within(Duration::from_secs(10)))
+        (
+            "truncated PUBLISH".into(),
+            c.closed_within(Duration::from_secs(10)),
+        )
     }));
     // A remaining length of 256 MB (the largest the encoding allows), after CONNECT.
     offenders.push(std::thread::spawn(move || {
         let mut c = RawClient::connect(addr, "huge");
         let _ = c.try_send(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F, 0, 3, b'a', b'/', b'b']);
-        ("256 MB remaining length".into(), c.closed_within(Duration::from_secs(10)))
+        (
+            "256 MB remaining length".into(),
+            c.closed_within(Duration::from_secs(10)),
+        )
     }));
     // Slowloris: 20 CONNECTs dribbled one byte every 300 ms.
     for i in 0..20 {
@@ -130,7 +145,10 @@ fn honest_publishers_survive_hostile_neighbours() {
                     return (format!("slowloris #{i}"), false);
                 }
             }
-            (format!("slowloris #{i} (cut after {:?})", started.elapsed()), started.elapsed() < Duration::from_secs(6))
+            (
+                format!("slowloris #{i} (cut after {:?})", started.elapsed()),
+                started.elapsed() < Duration::from_secs(6),
+            )
         }));
     }
     // 10,000 subscriptions in 100 SUBSCRIBE packets: the first 1000 are granted.
@@ -140,22 +158,37 @@ fn honest_publishers_survive_hostile_neighbours() {
         for packet in 0..100u16 {
             let names: Vec<String> = (0..100).map(|j| format!("hog/{packet}/{j}")).collect();
             let filters: Vec<(&str, u8)> = names.iter().map(|n| (n.as_str(), 1)).collect();
-            refused += c.subscribe(packet + 1, &filters).iter().filter(|code| **code == 0x80).count();
+            refused += c
+                .subscribe(packet + 1, &filters)
+                .iter()
+                .filter(|code| **code == 0x80)
+                .count();
         }
-        (format!("10,000 subscriptions ({refused} refused)"), refused == 9000)
+        (
+            format!("10,000 subscriptions ({refused} refused)"),
+            refused == 9000,
+        )
     }));
     // A QoS 0 publish flood.
     offenders.push(std::thread::spawn(move || {
         let mut c = RawClient::connect(addr, "flooder");
         let packet = raw::publish("flood/x", &[0u8; 100], 0, false, false, None);
-        let batch: Vec<u8> = packet.iter().copied().cycle().take(packet.len() * 1000).collect();
+        let batch: Vec<u8> = packet
+            .iter()
+            .copied()
+            .cycle()
+            .take(packet.len() * 1000)
+            .collect();
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
             if c.try_send(&batch).is_err() {
                 break;
             }
         }
-        ("publish flood".into(), c.closed_within(Duration::from_secs(10)))
+        (
+            "publish flood".into(),
+            c.closed_within(Duration::from_secs(10)),
+        )
     }));
 
     // The honest publishers: sequential QoS 1, each waiting for its PUBACK, paced so that
@@ -167,7 +200,12 @@ fn honest_publishers_survive_hostile_neighbours() {
             std::thread::spawn(move || {
                 let mut c = RawClient::connect(addr, &format!("honest-{i}"));
                 for seq in 0..PER_HONEST {
-                    c.publish1(&format!("honest/{i}"), format!("{i}:{seq}").as_bytes(), false, seq + 1);
+                    c.publish1(
+                        &format!("honest/{i}"),
+                        format!("{i}:{seq}").as_bytes(),
+                        false,
+                        seq + 1,
+                    );
                     std::thread::sleep(Duration::from_millis(40));
                 }
                 c.disconnect();
@@ -175,7 +213,8 @@ fn honest_publishers_survive_hostile_neighbours() {
         })
         .collect();
     for h in honest {
-        h.join().expect("an honest publisher failed (no PUBACK or cut off)");
+        h.join()
+            .expect("an honest publisher failed (no PUBACK or cut off)");
     }
     let publish_time = started.elapsed();
     let (seen, duplicates) = collecting.join().unwrap();
@@ -209,13 +248,30 @@ fn honest_publishers_survive_hostile_neighbours() {
         m("waystation_limit_refusals_total"),
     );
     eprintln!("hostile neighbours: {figures}");
-    assert!(failures.is_empty(), "offenders not cut off: {failures:?}\n{figures}");
-    assert_eq!(seen.len(), HONEST * PER_HONEST as usize, "honest messages lost\n{figures}");
+    assert!(
+        failures.is_empty(),
+        "offenders not cut off: {failures:?}\n{figures}"
+    );
+    assert_eq!(
+        seen.len(),
+        HONEST * PER_HONEST as usize,
+        "honest messages lost\n{figures}"
+    );
     assert!(peak_kib < 256 * 1024, "RSS peak {peak_kib} KiB\n{figures}");
     // 10 random-byte clients + the 256 MB header (the truncated PUBLISH runs into keep-alive).
     assert!(m("waystation_protocol_errors_total") >= 11.0, "{figures}");
-    assert!(m("waystation_connect_timeouts_total") >= 21.0, "slowloris + truncated CONNECT\n{figures}");
-    assert!(m("waystation_keep_alive_timeouts_total") >= 1.0, "{figures}");
-    assert_eq!(m("waystation_publish_rate_exceeded_total"), 1.0, "{figures}");
+    assert!(
+        m("waystation_connect_timeouts_total") >= 21.0,
+        "slowloris + truncated CONNECT\n{figures}"
+    );
+    assert!(
+        m("waystation_keep_alive_timeouts_total") >= 1.0,
+        "{figures}"
+    );
+    assert_eq!(
+        m("waystation_publish_rate_exceeded_total"),
+        1.0,
+        "{figures}"
+    );
     assert_eq!(m("waystation_limit_refusals_total"), 9000.0, "{figures}");
 }

@@ -52,7 +52,11 @@ fn chromium_command(profile: &std::path::Path) -> Command {
 /// kills whatever of the group is left.
 fn run_quiet(cmd: &mut Command, timeout: Duration) -> (Option<std::process::ExitStatus>, String) {
     use std::os::unix::process::CommandExt;
-    let mut child = cmd.stdout(Stdio::piped()).process_group(0).spawn().expect("spawn chromium");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("spawn chromium");
     let pgid = child.id() as i32;
     let mut stdout = child.stdout.take().expect("stdout");
     let reader = std::thread::spawn(move || {
@@ -101,7 +105,9 @@ fn dashboard_in_chromium_shows_sensors_and_charts_with_data() {
     let ready = wait_until(Duration::from_secs(30), || {
         let (_, _, body) = get(gw.http, "/api/v1/status");
         let s: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let publishing = s["clients"].as_array().map_or(0, |c| c.iter().filter(|c| !c["last_publish"].is_null()).count());
+        let publishing = s["clients"].as_array().map_or(0, |c| {
+            c.iter().filter(|c| !c["last_publish"].is_null()).count()
+        });
         publishing == SENSORS && s["bridges"][0]["forwarded"].as_u64().unwrap_or(0) > 0
     });
     assert!(ready, "sensors never all published through the bridge");
@@ -115,26 +121,52 @@ fn dashboard_in_chromium_shows_sensors_and_charts_with_data() {
 
     let profile = tempfile::tempdir().expect("profile dir");
     let url = gw.url("/");
-    let (status, dom) = run_quiet(chromium_command(profile.path()).arg("--dump-dom").arg(&url), Duration::from_secs(90));
-    assert!(status.is_some_and(|s| s.success()), "chromium --dump-dom failed: {status:?}\n{dom}");
+    let (status, dom) = run_quiet(
+        chromium_command(profile.path()).arg("--dump-dom").arg(&url),
+        Duration::from_secs(90),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "chromium --dump-dom failed: {status:?}\n{dom}"
+    );
     let sensors = attr(&dom, "<body", "data-sensor-count");
-    assert_eq!(sensors.as_deref(), Some(SENSORS.to_string().as_str()), "sensor count on the page:\n{dom}");
-    let polls: u32 = attr(&dom, "<body", "data-polls").and_then(|p| p.parse().ok()).unwrap_or(0);
-    assert!(polls >= 3, "the page polled the status API {polls} times:\n{dom}");
+    assert_eq!(
+        sensors.as_deref(),
+        Some(SENSORS.to_string().as_str()),
+        "sensor count on the page:\n{dom}"
+    );
+    let polls: u32 = attr(&dom, "<body", "data-polls")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        polls >= 3,
+        "the page polled the status API {polls} times:\n{dom}"
+    );
     for chart in ["chart-ingest", "chart-forward", "chart-backlog"] {
-        let points: u32 = attr(&dom, &format!("id=\"{chart}\""), "data-points").and_then(|p| p.parse().ok()).unwrap_or(0);
+        let points: u32 = attr(&dom, &format!("id=\"{chart}\""), "data-points")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         assert!(points >= 8, "{chart} has {points} points:\n{dom}");
     }
     for i in 0..SENSORS {
         let row = format!("data-client=\"dash-{i:04}\"");
         assert!(dom.contains(&row), "sensor row {row} missing:\n{dom}");
     }
-    assert!(dom.contains("sensors/dash-0000/"), "last event topic shown:\n{dom}");
-    assert!(dom.contains("data-bridge=\"cloud\"") && dom.contains("data-connected=\"true\""), "bridge row:\n{dom}");
+    assert!(
+        dom.contains("sensors/dash-0000/"),
+        "last event topic shown:\n{dom}"
+    );
+    assert!(
+        dom.contains("data-bridge=\"cloud\"") && dom.contains("data-connected=\"true\""),
+        "bridge row:\n{dom}"
+    );
     assert!(dom.contains("class=\"badge ok\""), "healthy badge:\n{dom}");
 
     // A screenshot to look at (kept under target/).
-    let shot_dir = waystation_bin().parent().expect("target/<profile>").join("observability");
+    let shot_dir = waystation_bin()
+        .parent()
+        .expect("target/<profile>")
+        .join("observability");
     std::fs::create_dir_all(&shot_dir).expect("screenshot dir");
     let shot = shot_dir.join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
@@ -145,9 +177,16 @@ fn dashboard_in_chromium_shows_sensors_and_charts_with_data() {
             .arg(&url),
         Duration::from_secs(90),
     );
-    assert!(status.is_some_and(|s| s.success()), "chromium --screenshot failed: {status:?}\n{out}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "chromium --screenshot failed: {status:?}\n{out}"
+    );
     let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real PNG ({} bytes)", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real PNG ({} bytes)",
+        png.len()
+    );
     println!("dashboard screenshot: {}", shot.display());
     eprintln!("dashboard screenshot: {}", shot.display());
 

@@ -38,7 +38,10 @@ fn start_with_acl() -> (Waystation, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("acl");
     std::fs::write(&file, ACL).unwrap();
-    (start(&format!("[acl]\nfile = \"{}\"\n", file.display())), dir)
+    (
+        start(&format!("[acl]\nfile = \"{}\"\n", file.display())),
+        dir,
+    )
 }
 
 fn client(ws: &Waystation, id: &str, user: Option<&str>) -> RawClient {
@@ -55,11 +58,28 @@ fn suback(c: &mut RawClient, pid: u16, filters: &[(&str, u8)]) -> Vec<u8> {
 fn denied_subscriptions_get_0x80() {
     let (ws, _dir) = start_with_acl();
     let mut alice = client(&ws, "alice-1", Some("alice"));
-    let codes = suback(&mut alice, 1, &[("alice/#", 1), ("bob/#", 1), ("alice/secret/#", 1), ("#", 0), ("commands/alice-1/+", 1), ("commands/other/+", 1)]);
+    let codes = suback(
+        &mut alice,
+        1,
+        &[
+            ("alice/#", 1),
+            ("bob/#", 1),
+            ("alice/secret/#", 1),
+            ("#", 0),
+            ("commands/alice-1/+", 1),
+            ("commands/other/+", 1),
+        ],
+    );
     assert_eq!(codes, vec![1, 0x80, 0x80, 0, 1, 0x80]);
     let mut anon = client(&ws, "anon-1", None);
-    assert_eq!(suback(&mut anon, 1, &[("public/#", 1), ("alice/#", 1)]), vec![1, 0x80]);
-    assert_eq!(metric(&ws, "waystation_acl_denied_total{action=\"subscribe\"}"), 4.0);
+    assert_eq!(
+        suback(&mut anon, 1, &[("public/#", 1), ("alice/#", 1)]),
+        vec![1, 0x80]
+    );
+    assert_eq!(
+        metric(&ws, "waystation_acl_denied_total{action=\"subscribe\"}"),
+        4.0
+    );
 }
 
 // A PUBLISH without write access: QoS 1 still gets its PUBACK (no negative ack in 3.1.1),
@@ -74,14 +94,21 @@ fn denied_publishes_are_acked_but_not_delivered_nor_retained() {
     alice.publish1("public/news", b"no write on public", false, 2);
     alice.publish1("alice/notes", b"allowed", false, 3);
     let p = root.recv_publish();
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("alice/notes", &b"allowed"[..]), "only the allowed message is delivered");
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("alice/notes", &b"allowed"[..]),
+        "only the allowed message is delivered"
+    );
     root.ack(&p);
     root.expect_silence(Duration::from_millis(300));
     // Not retained either: a new subscriber gets nothing for alice/secret/key.
     let mut root2 = client(&ws, "root-2", Some("root"));
     root2.subscribe_ok(1, &[("alice/secret/#", 1)]);
     root2.expect_silence(Duration::from_millis(300));
-    assert_eq!(metric(&ws, "waystation_acl_denied_total{action=\"publish\"}"), 2.0);
+    assert_eq!(
+        metric(&ws, "waystation_acl_denied_total{action=\"publish\"}"),
+        2.0
+    );
     assert!(ws.logs().contains("PUBLISH refused"), "{}", ws.logs());
 }
 
@@ -95,7 +122,10 @@ fn pattern_keeps_each_client_to_its_own_topics() {
     dev.publish1("sensors/dev-8/temp", b"spoofed", false, 1);
     dev.publish1("sensors/dev-7/temp", b"21.5", false, 2);
     let p = monitor.recv_publish();
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("sensors/dev-7/temp", &b"21.5"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("sensors/dev-7/temp", &b"21.5"[..])
+    );
     monitor.ack(&p);
     monitor.expect_silence(Duration::from_millis(300));
     // A client id with a '/' or wildcard gets no pattern grants (it could reach dev-8's topics).
@@ -117,7 +147,11 @@ fn wildcard_subscriptions_get_only_readable_topics_live_retained_and_queued() {
     let mut alice = client(&ws, "alice-1", Some("alice"));
     assert_eq!(alice.subscribe(1, &[("#", 1)]), vec![1]);
     let p = alice.recv_publish();
-    assert_eq!((p.topic.as_str(), p.retain), ("alice/r", true), "only the readable retained message");
+    assert_eq!(
+        (p.topic.as_str(), p.retain),
+        ("alice/r", true),
+        "only the readable retained message"
+    );
     alice.ack(&p);
     alice.expect_silence(Duration::from_millis(300));
 
@@ -131,11 +165,17 @@ fn wildcard_subscriptions_get_only_readable_topics_live_retained_and_queued() {
 
     // A persistent session queued while away, then taken by a client id reused by another
     // user: only what the new connection may read is delivered.
-    let (mut a2, _) = RawClient::connect_ok(ws.addr, &connect_packet("shared-id", Some("alice"), None).clean(false));
+    let (mut a2, _) = RawClient::connect_ok(
+        ws.addr,
+        &connect_packet("shared-id", Some("alice"), None).clean(false),
+    );
     a2.subscribe_ok(1, &[("alice/#", 1)]);
     a2.disconnect();
     root.publish1("alice/queued", b"q", false, 7);
-    let (mut anon, present) = RawClient::connect_ok(ws.addr, &connect_packet("shared-id", None, None).clean(false));
+    let (mut anon, present) = RawClient::connect_ok(
+        ws.addr,
+        &connect_packet("shared-id", None, None).clean(false),
+    );
     assert!(present);
     anon.expect_silence(Duration::from_millis(500));
     assert!(metric(&ws, "waystation_acl_denied_total{action=\"delivery\"}") >= 5.0);
@@ -148,13 +188,27 @@ fn wills_obey_the_acl() {
     let (ws, _dir) = start_with_acl();
     let mut root = client(&ws, "root-1", Some("root"));
     root.subscribe_ok(1, &[("#", 1)]);
-    let (bad, _) = RawClient::connect_ok(ws.addr, &connect_packet("dev-1", None, None).will(Will::new("alice/will", b"forged", 1, false)));
+    let (bad, _) = RawClient::connect_ok(
+        ws.addr,
+        &connect_packet("dev-1", None, None).will(Will::new("alice/will", b"forged", 1, false)),
+    );
     drop(bad);
     root.expect_silence(Duration::from_millis(500));
-    let (good, _) = RawClient::connect_ok(ws.addr, &connect_packet("dev-2", None, None).will(Will::new("sensors/dev-2/status", b"offline", 1, false)));
+    let (good, _) = RawClient::connect_ok(
+        ws.addr,
+        &connect_packet("dev-2", None, None).will(Will::new(
+            "sensors/dev-2/status",
+            b"offline",
+            1,
+            false,
+        )),
+    );
     drop(good);
     let p = root.recv_publish();
-    assert_eq!((p.topic.as_str(), &p.payload[..]), ("sensors/dev-2/status", &b"offline"[..]));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..]),
+        ("sensors/dev-2/status", &b"offline"[..])
+    );
     assert!(ws.logs().contains("will refused"), "{}", ws.logs());
 }
 
@@ -165,9 +219,26 @@ fn acl_errors_name_file_and_line() {
     let file = dir.path().join("acl");
     std::fs::write(&file, "user a\ntopic read a/#\ntopic read a/#/b\n").unwrap();
     let cfg = dir.path().join("c.toml");
-    std::fs::write(&cfg, format!("[gateway]\ndata_dir = \"{}\"\n[acl]\nfile = \"{}\"\n", dir.path().join("d").display(), file.display())).unwrap();
-    let out = std::process::Command::new(waystation_e2e::waystation_bin()).args(["check-config", "--config"]).arg(&cfg).output().unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[gateway]\ndata_dir = \"{}\"\n[acl]\nfile = \"{}\"\n",
+            dir.path().join("d").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(waystation_e2e::waystation_bin())
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("acl.file") && err.contains("line 3") && err.contains(&file.display().to_string()), "{err}");
+    assert!(
+        err.contains("acl.file")
+            && err.contains("line 3")
+            && err.contains(&file.display().to_string()),
+        "{err}"
+    );
 }

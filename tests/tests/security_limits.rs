@@ -18,9 +18,14 @@ fn publish_rate_over_the_limit_disconnects_only_the_flooder() {
     sub.subscribe_ok(1, &[("t/#", 1)]);
     let mut honest = RawClient::connect(ws.addr, "honest");
     let mut flood = RawClient::connect(ws.addr, "flood");
-    let burst: Vec<u8> = (0..500).flat_map(|i| raw::publish("t/flood", format!("{i}").as_bytes(), 0, false, false, None)).collect();
+    let burst: Vec<u8> = (0..500)
+        .flat_map(|i| raw::publish("t/flood", format!("{i}").as_bytes(), 0, false, false, None))
+        .collect();
     let _ = flood.try_send(&burst);
-    assert!(flood.closed_within(Duration::from_secs(5)), "flooder still connected");
+    assert!(
+        flood.closed_within(Duration::from_secs(5)),
+        "flooder still connected"
+    );
     for i in 0..20u16 {
         honest.publish1("t/honest", format!("{i}").as_bytes(), false, i + 1);
         std::thread::sleep(Duration::from_millis(25));
@@ -42,7 +47,10 @@ fn subscriptions_beyond_the_limit_get_0x80() {
     let ws = start("[limits]\nmax_subscriptions = 3\n");
     let mut c = RawClient::connect(ws.addr, "many");
     assert_eq!(c.subscribe(1, &[("a", 1), ("b", 1)]), vec![1, 1]);
-    assert_eq!(c.subscribe(2, &[("c", 0), ("d", 0), ("a", 0), ("e", 1)]), vec![0, 0x80, 0, 0x80]);
+    assert_eq!(
+        c.subscribe(2, &[("c", 0), ("d", 0), ("a", 0), ("e", 1)]),
+        vec![0, 0x80, 0, 0x80]
+    );
     c.unsubscribe(3, &["b"]);
     assert_eq!(c.subscribe(4, &[("d", 1)]), vec![1]);
     assert_eq!(metric(&ws, "waystation_limit_refusals_total"), 2.0);
@@ -54,7 +62,10 @@ fn subscriptions_beyond_the_limit_get_0x80() {
 fn over_long_topics_are_refused() {
     let ws = start("[limits]\nmax_topic_length = 32\nmax_topic_levels = 4\n");
     let mut sub = RawClient::connect(ws.addr, "sub");
-    assert_eq!(sub.subscribe(1, &[("#", 1), ("a/b/c/d/e", 1), (&"x".repeat(33), 1)]), vec![1, 0x80, 0x80]);
+    assert_eq!(
+        sub.subscribe(1, &[("#", 1), ("a/b/c/d/e", 1), (&"x".repeat(33), 1)]),
+        vec![1, 0x80, 0x80]
+    );
     let mut publisher = RawClient::connect(ws.addr, "pub");
     publisher.publish1(&"y".repeat(33), b"too long", false, 1);
     publisher.publish1("a/b/c/d/e", b"too deep", false, 2);
@@ -86,7 +97,13 @@ fn queued_bytes_bound_an_offline_session() {
         got += 1;
     }
     assert_eq!(got, 4, "4 x (1 + 1000) bytes fit in 4100");
-    assert_eq!(metric(&ws, "waystation_messages_dropped_total{reason=\"queue_full\"}"), 6.0);
+    assert_eq!(
+        metric(
+            &ws,
+            "waystation_messages_dropped_total{reason=\"queue_full\"}"
+        ),
+        6.0
+    );
 }
 
 // max_connection_rate: beyond the burst, new connections from one address are closed at
@@ -111,7 +128,10 @@ fn connection_rate_per_address() {
     }
     assert!((5..=6).contains(&accepted), "accepted {accepted}");
     assert_eq!(accepted + refused, 12);
-    assert_eq!(metric(&ws, "waystation_connection_rate_refused_total"), f64::from(refused));
+    assert_eq!(
+        metric(&ws, "waystation_connection_rate_refused_total"),
+        f64::from(refused)
+    );
     std::thread::sleep(Duration::from_millis(1100));
     RawClient::connect(ws.addr, "later");
 }

@@ -21,7 +21,12 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
-        Pki { dir: tempfile::Builder::new().prefix("waystation-pki-").tempdir().expect("tempdir") }
+        Pki {
+            dir: tempfile::Builder::new()
+                .prefix("waystation-pki-")
+                .tempdir()
+                .expect("tempdir"),
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -29,17 +34,40 @@ impl Pki {
     }
 
     fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl").args(args).current_dir(self.dir.path()).output().expect("run openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `<name>.crt` and `<name>.key`: a self-signed CA.
     fn ca(&self, name: &str) {
         self.openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"), "-days", "2",
-            "-subj", &format!("/CN={name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ]);
     }
 
@@ -47,8 +75,19 @@ impl Pki {
     /// and localhost, or a client certificate with subject CN `cn`.
     fn leaf(&self, name: &str, ca: &str, cn: &str, server: bool) {
         self.openssl(&[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"), "-subj", &format!("/O=Waystation tests/CN={cn}"),
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/O=Waystation tests/CN={cn}"),
         ]);
         let ext = if server {
             "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
@@ -57,8 +96,21 @@ impl Pki {
         };
         std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
         self.openssl(&[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"), "-CAkey", &format!("{ca}.key"),
-            "-CAcreateserial", "-out", &format!("{name}.crt"), "-days", "2", "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
         ]);
     }
 
@@ -73,21 +125,33 @@ impl Pki {
 
 fn http_addr(ws: &Waystation) -> SocketAddr {
     let marker = "/api/v1/status at http://";
-    assert!(ws.wait_for_log(marker, WAIT), "no HTTP server line in the logs");
+    assert!(
+        ws.wait_for_log(marker, WAIT),
+        "no HTTP server line in the logs"
+    );
     let logs = ws.logs();
     let rest = logs.split(marker).nth(1).unwrap();
-    rest[..rest.find('/').unwrap()].parse().expect("HTTP address")
+    rest[..rest.find('/').unwrap()]
+        .parse()
+        .expect("HTTP address")
 }
 
 /// GET /api/v1/status as JSON.
 fn status(http: SocketAddr) -> serde_json::Value {
     let mut s = TcpStream::connect_timeout(&http, Duration::from_secs(5)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /api/v1/status HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /api/v1/status HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read http");
     let (head, body) = raw.split_once("\r\n\r\n").expect("http head");
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((size, after)) = rest.split_once("\r\n") {
@@ -118,7 +182,9 @@ fn username_of(http: SocketAddr, client_id: &str) -> Option<Option<String>> {
 /// `mosquitto_pub` with `args`; true when it exited 0.
 fn mosquitto_pub(port: u16, args: &[&str]) -> bool {
     let (status, _) = run_with_timeout(
-        Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args),
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args),
         Duration::from_secs(15),
     );
     status.is_some_and(|s| s.success())
@@ -157,7 +223,10 @@ impl Sub {
                 }
             }
         });
-        Sub { _child: ChildGuard(child), lines }
+        Sub {
+            _child: ChildGuard(child),
+            lines,
+        }
     }
 
     fn has(&self, line: &str) -> bool {
@@ -177,7 +246,11 @@ fn plain_connect_is_refused(addr: SocketAddr) {
     s.write_all(&raw::Connect::new("plain").encode()).unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
-    assert_ne!(got.first(), Some(&0x20), "a plain CONNECT got a CONNACK on a TLS listener: {got:02x?}");
+    assert_ne!(
+        got.first(),
+        Some(&0x20),
+        "a plain CONNECT got a CONNACK on a TLS listener: {got:02x?}"
+    );
 }
 
 fn tls_listener(pki: &Pki, server: &str, extra: &str) -> String {
@@ -199,17 +272,67 @@ fn tls_listener_serves_trusting_clients_and_refuses_plain_tcp_and_other_cas() {
     let port = ws.port();
     let ca = pki.crt("ca");
 
-    assert!(mosquitto_pub(port, &["--cafile", &ca, "-t", "tls/retained", "-m", "over-tls", "-r", "-q", "1"]));
-    let sub = Sub::start(port, &["--cafile", &ca, "-t", "tls/#", "-C", "1", "-W", "10"]);
-    assert!(sub.wait_for("over-tls"), "a TLS subscriber did not get the message a TLS publisher sent");
+    assert!(mosquitto_pub(
+        port,
+        &[
+            "--cafile",
+            &ca,
+            "-t",
+            "tls/retained",
+            "-m",
+            "over-tls",
+            "-r",
+            "-q",
+            "1"
+        ]
+    ));
+    let sub = Sub::start(
+        port,
+        &["--cafile", &ca, "-t", "tls/#", "-C", "1", "-W", "10"],
+    );
+    assert!(
+        sub.wait_for("over-tls"),
+        "a TLS subscriber did not get the message a TLS publisher sent"
+    );
     // TLS 1.2 is accepted too (1.3 is what the clients above negotiated).
-    assert!(mosquitto_pub(port, &["--cafile", &ca, "--tls-version", "tlsv1.2", "-t", "tls/v12", "-m", "x"]));
+    assert!(mosquitto_pub(
+        port,
+        &[
+            "--cafile",
+            &ca,
+            "--tls-version",
+            "tlsv1.2",
+            "-t",
+            "tls/v12",
+            "-m",
+            "x"
+        ]
+    ));
 
     plain_connect_is_refused(ws.addr);
-    assert!(!mosquitto_pub(port, &["-t", "tls/plain", "-m", "x"]), "plain TCP client was served");
-    assert!(!mosquitto_pub(port, &["--cafile", &pki.crt("other-ca"), "-t", "tls/wrong-ca", "-m", "x"]), "client trusting another CA connected");
+    assert!(
+        !mosquitto_pub(port, &["-t", "tls/plain", "-m", "x"]),
+        "plain TCP client was served"
+    );
+    assert!(
+        !mosquitto_pub(
+            port,
+            &[
+                "--cafile",
+                &pki.crt("other-ca"),
+                "-t",
+                "tls/wrong-ca",
+                "-m",
+                "x"
+            ]
+        ),
+        "client trusting another CA connected"
+    );
     // The daemon is still fine after the refusals.
-    assert!(mosquitto_pub(port, &["--cafile", &ca, "-t", "tls/after", "-m", "x"]));
+    assert!(mosquitto_pub(
+        port,
+        &["--cafile", &ca, "-t", "tls/after", "-m", "x"]
+    ));
 }
 
 // Issue: "with client_ca, a client certificate is required and use_identity_as_username =
@@ -222,21 +345,55 @@ fn client_certificate_is_required_and_its_cn_is_the_username() {
     pki.leaf("server", "ca", "localhost", true);
     pki.leaf("sensor", "ca", "sensor-42", false);
     pki.leaf("rogue", "rogue-ca", "sensor-42", false);
-    let extra = format!(", client_ca = \"{}\", use_identity_as_username = true", pki.crt("ca"));
+    let extra = format!(
+        ", client_ca = \"{}\", use_identity_as_username = true",
+        pki.crt("ca")
+    );
     let ws = Waystation::start_with(&tls_listener(&pki, "server", &extra));
     let port = ws.port();
     let http = http_addr(&ws);
     let ca = pki.crt("ca");
 
-    assert!(!mosquitto_pub(port, &["--cafile", &ca, "-t", "id/none", "-m", "x"]), "a client without a certificate was served");
     assert!(
-        !mosquitto_pub(port, &["--cafile", &ca, "--cert", &pki.crt("rogue"), "--key", &pki.key("rogue"), "-t", "id/rogue", "-m", "x"]),
+        !mosquitto_pub(port, &["--cafile", &ca, "-t", "id/none", "-m", "x"]),
+        "a client without a certificate was served"
+    );
+    assert!(
+        !mosquitto_pub(
+            port,
+            &[
+                "--cafile",
+                &ca,
+                "--cert",
+                &pki.crt("rogue"),
+                "--key",
+                &pki.key("rogue"),
+                "-t",
+                "id/rogue",
+                "-m",
+                "x"
+            ]
+        ),
         "a certificate from another CA was accepted"
     );
 
     // The user name a client sends is replaced by its certificate's CN.
-    let cert = ["--cafile", ca.as_str(), "--cert", &pki.crt("sensor"), "--key", &pki.key("sensor")];
-    let sub = Sub::start(port, &[&cert[..], &["-i", "dev-42", "-u", "someone-else", "-t", "id/#"]].concat());
+    let cert = [
+        "--cafile",
+        ca.as_str(),
+        "--cert",
+        &pki.crt("sensor"),
+        "--key",
+        &pki.key("sensor"),
+    ];
+    let sub = Sub::start(
+        port,
+        &[
+            &cert[..],
+            &["-i", "dev-42", "-u", "someone-else", "-t", "id/#"],
+        ]
+        .concat(),
+    );
     let mut seen = None;
     let found = wait_until(WAIT, || {
         seen = username_of(http, "dev-42");
@@ -244,7 +401,10 @@ fn client_certificate_is_required_and_its_cn_is_the_username() {
     });
     assert!(found, "client dev-42 never showed up in /api/v1/status");
     assert_eq!(seen, Some(Some("sensor-42".to_string())));
-    assert!(mosquitto_pub(port, &[&cert[..], &["-t", "id/hello", "-m", "certified"]].concat()));
+    assert!(mosquitto_pub(
+        port,
+        &[&cert[..], &["-t", "id/hello", "-m", "certified"]].concat()
+    ));
     assert!(sub.wait_for("certified"));
 }
 
@@ -271,32 +431,71 @@ fn sighup_reloads_certificates_and_keeps_open_connections() {
     let (ca1, ca2) = (pki.crt("ca1"), pki.crt("ca2"));
 
     let keeper = Sub::start(port, &["--cafile", &ca1, "-i", "keeper", "-t", "reload/#"]);
-    assert!(wait_until(WAIT, || username_of(http, "keeper").is_some()), "keeper did not connect");
-    assert!(mosquitto_pub(port, &["--cafile", &ca1, "-t", "reload/x", "-m", "before"]));
+    assert!(
+        wait_until(WAIT, || username_of(http, "keeper").is_some()),
+        "keeper did not connect"
+    );
+    assert!(mosquitto_pub(
+        port,
+        &["--cafile", &ca1, "-t", "reload/x", "-m", "before"]
+    ));
     assert!(keeper.wait_for("before"));
 
     // A broken certificate: the reload fails, the old one stays in use.
     std::fs::write(pki.path("live.crt"), "not a certificate\n").unwrap();
     sighup(&ws);
-    assert!(ws.wait_for_log("TLS certificates not reloaded", WAIT), "a bad certificate was not reported");
-    assert!(mosquitto_pub(port, &["--cafile", &ca1, "-t", "reload/x", "-m", "still-old"]));
+    assert!(
+        ws.wait_for_log("TLS certificates not reloaded", WAIT),
+        "a bad certificate was not reported"
+    );
+    assert!(mosquitto_pub(
+        port,
+        &["--cafile", &ca1, "-t", "reload/x", "-m", "still-old"]
+    ));
     assert!(keeper.wait_for("still-old"));
 
     // The new certificate (another CA, so clients can tell which one they got).
     std::fs::copy(pki.path("server2.key"), pki.path("live.key")).unwrap();
     std::fs::copy(pki.path("server2.crt"), pki.path("live.crt")).unwrap();
     sighup(&ws);
-    assert!(ws.wait_for_log("SIGHUP: TLS certificates reloaded", WAIT), "no reload logged");
-    assert!(!mosquitto_pub(port, &["--cafile", &ca1, "-t", "reload/x", "-m", "old-ca"]), "the old certificate is still served");
-    assert!(mosquitto_pub(port, &["--cafile", &ca2, "-t", "reload/x", "-m", "after"]));
+    assert!(
+        ws.wait_for_log("SIGHUP: TLS certificates reloaded", WAIT),
+        "no reload logged"
+    );
+    assert!(
+        !mosquitto_pub(port, &["--cafile", &ca1, "-t", "reload/x", "-m", "old-ca"]),
+        "the old certificate is still served"
+    );
+    assert!(mosquitto_pub(
+        port,
+        &["--cafile", &ca2, "-t", "reload/x", "-m", "after"]
+    ));
     // The connection made before the reloads is still up and receiving.
-    assert!(keeper.wait_for("after"), "the connection opened before SIGHUP lost messages");
+    assert!(
+        keeper.wait_for("after"),
+        "the connection opened before SIGHUP lost messages"
+    );
     assert!(!keeper.has("old-ca"));
     // ...on its first connection (mosquitto_sub would reconnect silently).
     let logs = ws.logs();
-    let keeper_lines: Vec<&str> = logs.lines().filter(|l| l.contains("client_id=keeper")).collect();
-    assert_eq!(keeper_lines.iter().filter(|l| l.contains("client connected")).count(), 1, "{keeper_lines:#?}");
-    assert!(!keeper_lines.iter().any(|l| l.contains("closed") || l.contains("disconnected")), "{keeper_lines:#?}");
+    let keeper_lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("client_id=keeper"))
+        .collect();
+    assert_eq!(
+        keeper_lines
+            .iter()
+            .filter(|l| l.contains("client connected"))
+            .count(),
+        1,
+        "{keeper_lines:#?}"
+    );
+    assert!(
+        !keeper_lines
+            .iter()
+            .any(|l| l.contains("closed") || l.contains("disconnected")),
+        "{keeper_lines:#?}"
+    );
 }
 
 // Issue: "Bridges: TLS to the upstream with ... a CA file, client certificate and key (mutual
@@ -310,8 +509,17 @@ fn bridge_forwards_over_mutual_tls_to_mosquitto_with_a_password_file() {
     pki.leaf("gateway", "ca", "site1-gateway", false);
     let secret = "upstream-Secret-7f3a";
     let passwd = pki.path("upstream.passwd");
-    let out = Command::new("mosquitto_passwd").args(["-c", "-b"]).arg(&passwd).args(["site1", secret]).output().expect("mosquitto_passwd");
-    assert!(out.status.success(), "mosquitto_passwd: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["site1", secret])
+        .output()
+        .expect("mosquitto_passwd");
+    assert!(
+        out.status.success(),
+        "mosquitto_passwd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let password_file = pki.path("bridge.pw");
     std::fs::write(&password_file, format!("{secret}\n")).unwrap();
 
@@ -339,12 +547,31 @@ fn bridge_forwards_over_mutual_tls_to_mosquitto_with_a_password_file() {
         .expect("spawn mosquitto");
     let _mosquitto = ChildGuard(mosquitto);
     let upstream = SocketAddr::from(([127, 0, 0, 1], upstream_port));
-    assert!(wait_until(WAIT, || TcpStream::connect_timeout(&upstream, Duration::from_millis(200)).is_ok()), "mosquitto did not start");
+    assert!(
+        wait_until(WAIT, || TcpStream::connect_timeout(
+            &upstream,
+            Duration::from_millis(200)
+        )
+        .is_ok()),
+        "mosquitto did not start"
+    );
 
     let client = [
-        "--cafile", &pki.crt("ca"), "--cert", &pki.crt("gateway"), "--key", &pki.key("gateway"), "-u", "site1", "-P", secret,
+        "--cafile",
+        &pki.crt("ca"),
+        "--cert",
+        &pki.crt("gateway"),
+        "--key",
+        &pki.key("gateway"),
+        "-u",
+        "site1",
+        "-P",
+        secret,
     ];
-    let cloud = Sub::start(upstream_port, &[&client[..], &["-t", "site1/#", "-v"]].concat());
+    let cloud = Sub::start(
+        upstream_port,
+        &[&client[..], &["-t", "site1/#", "-v"]].concat(),
+    );
 
     let ws = Waystation::start_with(&format!(
         "[[bridge]]\nname = \"cloud\"\naddress = \"localhost:{upstream_port}\"\nusername = \"site1\"\npassword_file = \"{}\"\n\
@@ -364,17 +591,36 @@ fn bridge_forwards_over_mutual_tls_to_mosquitto_with_a_password_file() {
     );
     // A subscriber on mosquitto may need a moment: publish until the first one arrives.
     assert!(wait_until(WAIT, || {
-        mosquitto_pub(ws.port(), &["-t", "sensors/probe", "-m", "probe", "-q", "1"]);
+        mosquitto_pub(
+            ws.port(),
+            &["-t", "sensors/probe", "-m", "probe", "-q", "1"],
+        );
         cloud.has("site1/sensors/probe probe")
     }));
     for i in 0..20 {
-        assert!(mosquitto_pub(ws.port(), &["-t", &format!("sensors/t{i}"), "-m", &format!("m{i}"), "-q", "1"]));
+        assert!(mosquitto_pub(
+            ws.port(),
+            &[
+                "-t",
+                &format!("sensors/t{i}"),
+                "-m",
+                &format!("m{i}"),
+                "-q",
+                "1"
+            ]
+        ));
     }
     for i in 0..20 {
-        assert!(cloud.wait_for(&format!("site1/sensors/t{i} m{i}")), "message {i} did not arrive upstream");
+        assert!(
+            cloud.wait_for(&format!("site1/sensors/t{i} m{i}")),
+            "message {i} did not arrive upstream"
+        );
     }
 
     let status_text = status(http).to_string();
-    assert!(!status_text.contains(secret), "the password is in /api/v1/status");
+    assert!(
+        !status_text.contains(secret),
+        "the password is in /api/v1/status"
+    );
     assert!(!ws.logs().contains(secret), "the password is in the logs");
 }

@@ -19,7 +19,10 @@ fn bridge_config(upstream_port: u16, extra_storage: &str) -> String {
 fn sum_logged(logs: &str, needle: &str, key: &str) -> u64 {
     logs.lines()
         .filter(|l| l.contains(needle))
-        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        })
         .filter_map(|v| v.parse::<u64>().ok())
         .sum()
 }
@@ -36,17 +39,30 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
 
     let db = ws.data_dir().join("store").join("db");
     assert!(db.exists(), "store file {} missing", db.display());
-    let garbage: Vec<u8> = (0..64 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let garbage: Vec<u8> = (0..64 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&db, garbage).expect("overwrite db");
 
     ws.restart();
-    assert!(ws.wait_for_log("moved aside", Duration::from_secs(10)), "no alert in logs:\n{}", ws.logs());
+    assert!(
+        ws.wait_for_log("moved aside", Duration::from_secs(10)),
+        "no alert in logs:\n{}",
+        ws.logs()
+    );
     let aside: Vec<PathBuf> = std::fs::read_dir(ws.data_dir())
         .expect("read data dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("store.corrupt-")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("store.corrupt-"))
+        })
         .collect();
-    assert_eq!(aside.len(), 1, "expected one store.corrupt-* directory, found {aside:?}");
+    assert_eq!(
+        aside.len(),
+        1,
+        "expected one store.corrupt-* directory, found {aside:?}"
+    );
     // The alert stays visible: /healthz says why with 503, and a metric to alert on.
     let http = http_addr(&ws);
     let (code, body) = http_get(http, "/healthz");
@@ -54,13 +70,25 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
     assert!(body.contains("moved aside"), "{body}");
     let (code, metrics) = http_get(http, "/metrics");
     assert_eq!(code, 200);
-    assert!(metrics.lines().any(|l| l == "waystation_store_moved_aside 1"), "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "waystation_store_moved_aside 1"),
+        "{metrics}"
+    );
     // The daemon works on an empty store: publish and receive.
     let mut sub = RawClient::connect(ws.addr, "sub");
     sub.send(&raw::subscribe(1, &[("sensors/#", 1)]));
     assert!(matches!(sub.recv(), Pkt::SubAck { .. }));
     let mut pubc = RawClient::connect(ws.addr, "pub");
-    pubc.send(&raw::publish("sensors/x", b"after", 1, false, false, Some(7)));
+    pubc.send(&raw::publish(
+        "sensors/x",
+        b"after",
+        1,
+        false,
+        false,
+        Some(7),
+    ));
     assert_eq!(pubc.recv(), Pkt::PubAck(7));
     assert_eq!(sub.recv_publish().payload, b"after");
 }
@@ -69,27 +97,53 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
 fn http_addr(ws: &Waystation) -> std::net::SocketAddr {
     let starts = ws.logs().matches("store recovered").count();
     assert!(
-        wait_until(Duration::from_secs(10), || ws.logs().matches("/api/v1/status at http://").count() >= starts),
+        wait_until(Duration::from_secs(10), || ws
+            .logs()
+            .matches("/api/v1/status at http://")
+            .count()
+            >= starts),
         "{}",
         ws.logs()
     );
     let logs = ws.logs();
     // The last one: the logs hold every start of this daemon.
-    let line = logs.lines().filter(|l| l.contains("/api/v1/status at http://")).last().expect("http line");
-    let addr = line.split("at http://").nth(1).and_then(|r| r.split('/').next()).expect("address");
+    let line = logs
+        .lines()
+        .filter(|l| l.contains("/api/v1/status at http://"))
+        .last()
+        .expect("http line");
+    let addr = line
+        .split("at http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .expect("address");
     addr.parse().expect("socket address")
 }
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("write");
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read");
-    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -138,7 +192,10 @@ fn full_disk_stops_acks_without_crash_and_they_resume_when_space_returns() {
     let filler = data.join("filler");
     let status = Command::new("sh")
         .arg("-c")
-        .arg(format!("dd if=/dev/zero of={} bs=64k 2>/dev/null; true", filler.display()))
+        .arg(format!(
+            "dd if=/dev/zero of={} bs=64k 2>/dev/null; true",
+            filler.display()
+        ))
         .status()
         .expect("dd");
     assert!(status.success());
@@ -148,7 +205,14 @@ fn full_disk_stops_acks_without_crash_and_they_resume_when_space_returns() {
     let mut acked = 0u16;
     let mut unacked = None;
     for pid in 1..=400u16 {
-        client.send(&raw::publish("sensors/big", &payload, 1, false, false, Some(pid)));
+        client.send(&raw::publish(
+            "sensors/big",
+            &payload,
+            1,
+            false,
+            false,
+            Some(pid),
+        ));
         match client.recv_timeout(Duration::from_secs(3)) {
             Ok(Pkt::PubAck(p)) => {
                 assert_eq!(p, pid);
@@ -162,16 +226,34 @@ fn full_disk_stops_acks_without_crash_and_they_resume_when_space_returns() {
         }
     }
     let stuck = unacked.expect("the disk never filled up: every publish was acknowledged");
-    assert!(ws.wait_for_log("storage is failing", Duration::from_secs(5)), "no storage error logged:\n{}", ws.logs());
+    assert!(
+        ws.wait_for_log("storage is failing", Duration::from_secs(5)),
+        "no storage error logged:\n{}",
+        ws.logs()
+    );
 
     // Space returns: the withheld PUBACK arrives, and the daemon carries on.
     std::fs::remove_file(&filler).expect("remove filler");
     match client.recv_timeout(Duration::from_secs(15)) {
         Ok(Pkt::PubAck(p)) => assert_eq!(p, stuck),
-        other => panic!("PUBACK {stuck} did not arrive after space returned: {other:?}\n{}", ws.logs()),
+        other => panic!(
+            "PUBACK {stuck} did not arrive after space returned: {other:?}\n{}",
+            ws.logs()
+        ),
     }
-    assert!(ws.wait_for_log("storage recovered", Duration::from_secs(5)), "{}", ws.logs());
-    client.send(&raw::publish("sensors/big", b"small", 1, false, false, Some(stuck + 1)));
+    assert!(
+        ws.wait_for_log("storage recovered", Duration::from_secs(5)),
+        "{}",
+        ws.logs()
+    );
+    client.send(&raw::publish(
+        "sensors/big",
+        b"small",
+        1,
+        false,
+        false,
+        Some(stuck + 1),
+    ));
     assert_eq!(client.recv(), Pkt::PubAck(stuck + 1));
 
     // Nothing acknowledged was lost: after a restart, the log holds every acked message
@@ -184,7 +266,11 @@ fn full_disk_stops_acks_without_crash_and_they_resume_when_space_returns() {
     ws.restart();
     let upstream = MosquittoOn::start(dead_upstream);
     let received = upstream.count_within("up/sensors/big", total as usize, Duration::from_secs(30));
-    assert!(received >= total as usize, "upstream got {received} of {total} acknowledged messages\n{}", ws.logs());
+    assert!(
+        received >= total as usize,
+        "upstream got {received} of {total} acknowledged messages\n{}",
+        ws.logs()
+    );
 }
 
 /// A mosquitto started on a given port with a subscriber counting what arrives.
@@ -202,8 +288,13 @@ impl MosquittoOn {
             .spawn()
             .expect("spawn mosquitto");
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok()));
-        MosquittoOn { _broker: waystation_e2e::ChildGuard(child), port }
+        assert!(wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(addr).is_ok()
+        }));
+        MosquittoOn {
+            _broker: waystation_e2e::ChildGuard(child),
+            port,
+        }
     }
 
     /// Subscribes at QoS 1 and counts messages on `topic` until `want` arrived or `within` passed.
@@ -235,11 +326,22 @@ fn messages_older_than_max_age_are_dropped_and_counted() {
     let ws = Waystation::start_with(&bridge_config(upstream_port, "max_age = 1"));
     let mut client = RawClient::connect(ws.addr, "old-pub");
     for pid in 1..=5u16 {
-        client.send(&raw::publish("sensors/old", b"stale", 1, false, false, Some(pid)));
+        client.send(&raw::publish(
+            "sensors/old",
+            b"stale",
+            1,
+            false,
+            false,
+            Some(pid),
+        ));
         assert_eq!(client.recv(), Pkt::PubAck(pid));
     }
     assert!(
-        wait_until(Duration::from_secs(10), || sum_logged(&ws.logs(), "older than max_age", "dropped") >= 5),
+        wait_until(Duration::from_secs(10), || sum_logged(
+            &ws.logs(),
+            "older than max_age",
+            "dropped"
+        ) >= 5),
         "no max_age drop logged:\n{}",
         ws.logs()
     );
@@ -251,7 +353,14 @@ fn messages_older_than_max_age_are_dropped_and_counted() {
     let mut sub = RawClient::connect(addr, "fresh-counter");
     sub.send(&raw::subscribe(1, &[("up/#", 1)]));
     assert!(matches!(sub.recv(), Pkt::SubAck { .. }));
-    client.send(&raw::publish("sensors/old", b"fresh", 1, false, false, Some(6)));
+    client.send(&raw::publish(
+        "sensors/old",
+        b"fresh",
+        1,
+        false,
+        false,
+        Some(6),
+    ));
     assert_eq!(client.recv(), Pkt::PubAck(6));
     let mut payloads = Vec::new();
     while let Ok(pkt) = sub.recv_timeout(Duration::from_secs(3)) {
@@ -262,6 +371,13 @@ fn messages_older_than_max_age_are_dropped_and_counted() {
             payloads.push(String::from_utf8_lossy(&p.payload).to_string());
         }
     }
-    assert!(payloads.iter().any(|p| p == "fresh"), "fresh message not forwarded: {payloads:?}\n{}", ws.logs());
-    assert!(payloads.iter().all(|p| p == "fresh"), "stale messages forwarded: {payloads:?}");
+    assert!(
+        payloads.iter().any(|p| p == "fresh"),
+        "fresh message not forwarded: {payloads:?}\n{}",
+        ws.logs()
+    );
+    assert!(
+        payloads.iter().all(|p| p == "fresh"),
+        "stale messages forwarded: {payloads:?}"
+    );
 }

@@ -147,7 +147,11 @@ pub struct StoreConfig {
 
 impl StoreConfig {
     pub fn new(dir: impl Into<PathBuf>) -> StoreConfig {
-        StoreConfig { dir: dir.into(), cache_capacity_bytes: 16 * 1024 * 1024, max_batch_ops: 1024 }
+        StoreConfig {
+            dir: dir.into(),
+            cache_capacity_bytes: 16 * 1024 * 1024,
+            max_batch_ops: 1024,
+        }
     }
 }
 
@@ -210,7 +214,12 @@ impl Keyspace {
         k.extend_from_slice(key);
         k
     }
-    const ALL: [Keyspace; 4] = [Keyspace::Meta, Keyspace::Retained, Keyspace::Sessions, Keyspace::SessionQueue];
+    const ALL: [Keyspace; 4] = [
+        Keyspace::Meta,
+        Keyspace::Retained,
+        Keyspace::Sessions,
+        Keyspace::SessionQueue,
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,8 +231,15 @@ pub enum Op {
     /// Delete every log entry with seq `<=` this (including ones appended earlier in the same
     /// group commit).
     DeleteLogThrough(Seq),
-    Put { space: Keyspace, key: Vec<u8>, value: Vec<u8> },
-    Remove { space: Keyspace, key: Vec<u8> },
+    Put {
+        space: Keyspace,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        space: Keyspace,
+        key: Vec<u8>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,7 +247,11 @@ pub enum StoreError {
     #[error("storage engine: {0}")]
     Engine(#[from] sled::Error),
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("value of {len} bytes is larger than the store accepts ({max} bytes)")]
     ValueTooLarge { len: usize, max: usize },
     #[error("key of {len} bytes is larger than the store accepts ({max} bytes)")]
@@ -322,8 +342,11 @@ impl Store {
         let started = Instant::now();
         if let Some(parent) = cfg.dir.parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|source| StoreError::Io { what: "creating", path: parent.to_path_buf(), source })?;
+                std::fs::create_dir_all(parent).map_err(|source| StoreError::Io {
+                    what: "creating",
+                    path: parent.to_path_buf(),
+                    source,
+                })?;
             }
         }
         let mut moved_aside = None;
@@ -339,7 +362,9 @@ impl Store {
                     Ok(v) => v,
                     Err(OpenFailure::Fatal(e)) => return Err(e),
                     Err(OpenFailure::Corrupt(r)) => {
-                        return Err(StoreError::Corrupt(format!("fresh store is corrupt too: {r}")))
+                        return Err(StoreError::Corrupt(format!(
+                            "fresh store is corrupt too: {r}"
+                        )))
                     }
                 }
             }
@@ -374,13 +399,26 @@ impl Store {
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || writer::run(writer_shared, rx))
-            .map_err(|source| StoreError::Io { what: "spawning the writer thread for", path: cfg.dir.clone(), source })?;
+            .map_err(|source| StoreError::Io {
+                what: "spawning the writer thread for",
+                path: cfg.dir.clone(),
+                source,
+            })?;
         let inner = Inner {
             shared,
-            submit: Mutex::new(SubmitState { next_seq: scan.next_seq, next_ticket: 1, tx: Some(tx) }),
+            submit: Mutex::new(SubmitState {
+                next_seq: scan.next_seq,
+                next_ticket: 1,
+                tx: Some(tx),
+            }),
             writer: Mutex::new(Some(handle)),
         };
-        Ok((Store { inner: Arc::new(inner) }, recovery))
+        Ok((
+            Store {
+                inner: Arc::new(inner),
+            },
+            recovery,
+        ))
     }
 
     /// Queues operations for the next group commit and returns at once. Log appends get their
@@ -418,7 +456,11 @@ impl Store {
             })
             .collect();
         // Sent under the lock so that channel order == ticket order == seq order.
-        tx.send(Submission { ticket, ops: write_ops }).map_err(|_| StoreError::Closed)?;
+        tx.send(Submission {
+            ticket,
+            ops: write_ops,
+        })
+        .map_err(|_| StoreError::Closed)?;
         st.next_ticket += 1;
         st.next_seq = seq;
         Ok((ticket, seqs))
@@ -442,7 +484,11 @@ impl Store {
             if now >= deadline {
                 return Err(StoreError::Timeout(ticket));
             }
-            d = shared.durable_cv.wait_timeout(d, deadline - now).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+            d = shared
+                .durable_cv
+                .wait_timeout(d, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
         Ok(())
     }
@@ -456,7 +502,8 @@ impl Store {
                 break;
             }
             let (k, v) = item?;
-            let seq = parse_log_key(&k).ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
+            let seq = parse_log_key(&k)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
             out.push((seq, Bytes::copy_from_slice(&v)));
         }
         Ok(out)
@@ -482,8 +529,13 @@ impl Store {
     /// Log counters for the durable state.
     pub fn log_stats(&self) -> LogStats {
         let c = lock(&self.inner.shared.counters);
-        let mut stats =
-            LogStats { len: c.len, bytes: c.bytes, first_seq: c.first_seq, last_seq: c.last_seq, oldest_received_at_ms: None };
+        let mut stats = LogStats {
+            len: c.len,
+            bytes: c.bytes,
+            first_seq: c.first_seq,
+            last_seq: c.last_seq,
+            oldest_received_at_ms: None,
+        };
         drop(c);
         if let (Some(first), Ok(engine)) = (stats.first_seq, self.inner.shared.engine()) {
             if let Ok(Some(v)) = engine.tree.get(log_key(first)) {
@@ -514,7 +566,9 @@ impl Inner {
         let mut result = Ok(());
         if let Some(h) = handle {
             if h.join().is_err() {
-                result = Err(StoreError::Unavailable("the store writer thread panicked".into()));
+                result = Err(StoreError::Unavailable(
+                    "the store writer thread panicked".into(),
+                ));
             }
         }
         if result.is_ok() {
@@ -584,7 +638,13 @@ pub(crate) fn wait_until_unlocked(db_path: &Path, deadline: Instant) -> Result<(
     let file = match File::open(db_path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(StoreError::Io { what: "opening", path: db_path.to_path_buf(), source }),
+        Err(source) => {
+            return Err(StoreError::Io {
+                what: "opening",
+                path: db_path.to_path_buf(),
+                source,
+            })
+        }
     };
     let started = Instant::now();
     loop {
@@ -606,7 +666,13 @@ pub(crate) fn wait_until_unlocked(db_path: &Path, deadline: Instant) -> Result<(
                     started.elapsed().as_millis()
                 )))
             }
-            Err(source) => return Err(StoreError::Io { what: "probing the lock on", path: db_path.to_path_buf(), source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    what: "probing the lock on",
+                    path: db_path.to_path_buf(),
+                    source,
+                })
+            }
         }
     }
 }
@@ -676,7 +742,9 @@ impl Shared {
             if self.released.load(Ordering::SeqCst) {
                 StoreError::Closed
             } else {
-                StoreError::Unavailable("the storage engine is being reopened after a write error".into())
+                StoreError::Unavailable(
+                    "the storage engine is being reopened after a write error".into(),
+                )
             }
         })
     }
@@ -684,14 +752,20 @@ impl Shared {
 
 fn check_value(len: usize) -> Result<(), StoreError> {
     if len > MAX_VALUE_BYTES {
-        return Err(StoreError::ValueTooLarge { len, max: MAX_VALUE_BYTES });
+        return Err(StoreError::ValueTooLarge {
+            len,
+            max: MAX_VALUE_BYTES,
+        });
     }
     Ok(())
 }
 
 fn check_key(len: usize) -> Result<(), StoreError> {
     if len > MAX_KEY_BYTES {
-        return Err(StoreError::KeyTooLarge { len, max: MAX_KEY_BYTES });
+        return Err(StoreError::KeyTooLarge {
+            len,
+            max: MAX_KEY_BYTES,
+        });
     }
     Ok(())
 }
@@ -748,18 +822,27 @@ impl Engine {
             .open()?;
         let tree = db.open_tree(TREE_NAME)?;
         let db_path = cfg.dir.join("db");
-        let db_file =
-            File::open(&db_path).map_err(|source| StoreError::Io { what: "opening", path: db_path.clone(), source })?;
+        let db_file = File::open(&db_path).map_err(|source| StoreError::Io {
+            what: "opening",
+            path: db_path.clone(),
+            source,
+        })?;
         Ok(Engine { db, tree, db_file })
     }
 
     /// `flush()` + sync of new blob files + `fdatasync(<dir>/db)`.
-    pub(crate) fn make_durable(&self, dir: &Path, synced_blobs: &mut HashSet<std::ffi::OsString>) -> Result<(), StoreError> {
+    pub(crate) fn make_durable(
+        &self,
+        dir: &Path,
+        synced_blobs: &mut HashSet<std::ffi::OsString>,
+    ) -> Result<(), StoreError> {
         self.db.flush()?;
         sync_blobs(dir, synced_blobs)?;
-        self.db_file
-            .sync_data()
-            .map_err(|source| StoreError::Io { what: "syncing", path: dir.join("db"), source })
+        self.db_file.sync_data().map_err(|source| StoreError::Io {
+            what: "syncing",
+            path: dir.join("db"),
+            source,
+        })
     }
 }
 
@@ -793,37 +876,52 @@ fn sync_blobs(dir: &Path, synced: &mut HashSet<std::ffi::OsString>) -> Result<()
         present.insert(name);
     }
     if new {
-        File::open(&blobs).and_then(|d| d.sync_all()).map_err(io("syncing", &blobs))?;
+        File::open(&blobs)
+            .and_then(|d| d.sync_all())
+            .map_err(io("syncing", &blobs))?;
     }
     *synced = present;
     Ok(())
 }
 
 fn open_and_scan(cfg: &StoreConfig) -> Result<(Engine, Scan), OpenFailure> {
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<(Engine, Scan), OpenFailure> {
-        let db_path = cfg.dir.join("db");
-        let existed = std::fs::metadata(&db_path).map(|m| m.len() > 0).unwrap_or(false);
-        let engine = Engine::open(cfg).map_err(|e| match e {
-            StoreError::Engine(sled::Error::Corruption { .. })
-            | StoreError::Engine(sled::Error::ReportableBug(_))
-            | StoreError::Engine(sled::Error::Unsupported(_)) => OpenFailure::Corrupt(e.to_string()),
-            StoreError::Engine(sled::Error::Io(ref io)) if io.kind() == std::io::ErrorKind::InvalidData => {
-                OpenFailure::Corrupt(e.to_string())
-            }
-            other => OpenFailure::Fatal(other),
-        })?;
-        let scan = scan_all(&engine.tree).map_err(OpenFailure::Corrupt)?;
-        if !scan.has_marker {
-            if existed {
-                return Err(OpenFailure::Corrupt(
+    let result = catch_unwind(AssertUnwindSafe(
+        || -> Result<(Engine, Scan), OpenFailure> {
+            let db_path = cfg.dir.join("db");
+            let existed = std::fs::metadata(&db_path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
+            let engine = Engine::open(cfg).map_err(|e| match e {
+                StoreError::Engine(sled::Error::Corruption { .. })
+                | StoreError::Engine(sled::Error::ReportableBug(_))
+                | StoreError::Engine(sled::Error::Unsupported(_)) => {
+                    OpenFailure::Corrupt(e.to_string())
+                }
+                StoreError::Engine(sled::Error::Io(ref io))
+                    if io.kind() == std::io::ErrorKind::InvalidData =>
+                {
+                    OpenFailure::Corrupt(e.to_string())
+                }
+                other => OpenFailure::Fatal(other),
+            })?;
+            let scan = scan_all(&engine.tree).map_err(OpenFailure::Corrupt)?;
+            if !scan.has_marker {
+                if existed {
+                    return Err(OpenFailure::Corrupt(
                     "the database file holds data but sled recovered no Waystation store from it".into(),
                 ));
+                }
+                engine
+                    .tree
+                    .insert(KEY_MARKER, MARKER_VALUE)
+                    .map_err(|e| OpenFailure::Fatal(e.into()))?;
+                engine
+                    .make_durable(&cfg.dir, &mut HashSet::new())
+                    .map_err(OpenFailure::Fatal)?;
             }
-            engine.tree.insert(KEY_MARKER, MARKER_VALUE).map_err(|e| OpenFailure::Fatal(e.into()))?;
-            engine.make_durable(&cfg.dir, &mut HashSet::new()).map_err(OpenFailure::Fatal)?;
-        }
-        Ok((engine, scan))
-    }));
+            Ok((engine, scan))
+        },
+    ));
     let (engine, scan) = match result {
         Ok(r) => r?,
         Err(panic) => {
@@ -832,11 +930,16 @@ fn open_and_scan(cfg: &StoreConfig) -> Result<(Engine, Scan), OpenFailure> {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            return Err(OpenFailure::Corrupt(format!("sled panicked while opening: {msg}")));
+            return Err(OpenFailure::Corrupt(format!(
+                "sled panicked while opening: {msg}"
+            )));
         }
     };
     // Make the directory entries of a freshly created store durable.
-    for d in [Some(cfg.dir.as_path()), cfg.dir.parent()].into_iter().flatten() {
+    for d in [Some(cfg.dir.as_path()), cfg.dir.parent()]
+        .into_iter()
+        .flatten()
+    {
         if d.as_os_str().is_empty() {
             continue;
         }
@@ -856,14 +959,17 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
         let (k, v) = item.map_err(|e| format!("reading the store: {e}"))?;
         match k.first() {
             Some(&PREFIX_LOG) => {
-                let seq = parse_log_key(&k).ok_or_else(|| format!("log key of {} bytes", k.len()))?;
+                let seq =
+                    parse_log_key(&k).ok_or_else(|| format!("log key of {} bytes", k.len()))?;
                 c.len += 1;
                 c.bytes += v.len() as u64;
                 c.first_seq.get_or_insert(seq);
                 c.last_seq = Some(seq);
             }
             Some(&PREFIX_INTERNAL) if &k[..] == KEY_NEXT_SEQ => {
-                let raw: [u8; 8] = v[..].try_into().map_err(|_| format!("next_seq value of {} bytes", v.len()))?;
+                let raw: [u8; 8] = v[..]
+                    .try_into()
+                    .map_err(|_| format!("next_seq value of {} bytes", v.len()))?;
                 hwm = hwm.max(u64::from_be_bytes(raw));
             }
             Some(&PREFIX_INTERNAL) if &k[..] == KEY_MARKER => has_marker = true,
@@ -872,7 +978,11 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
         }
     }
     let next_seq = hwm.max(c.last_seq.map_or(1, |s| s + 1));
-    Ok(Scan { counters: c, next_seq, has_marker })
+    Ok(Scan {
+        counters: c,
+        next_seq,
+        has_marker,
+    })
 }
 
 /// Renames `dir` to `<dir>.corrupt-<UTC timestamp>` (with a numeric suffix if taken).
@@ -885,7 +995,11 @@ fn move_aside(dir: &Path) -> Result<PathBuf, StoreError> {
         target = PathBuf::from(format!("{base}-{n}"));
         n += 1;
     }
-    std::fs::rename(dir, &target).map_err(|source| StoreError::Io { what: "moving aside", path: dir.to_path_buf(), source })?;
+    std::fs::rename(dir, &target).map_err(|source| StoreError::Io {
+        what: "moving aside",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         let _ = File::open(parent).and_then(|f| f.sync_all());
     }
@@ -894,7 +1008,10 @@ fn move_aside(dir: &Path) -> Result<PathBuf, StoreError> {
 
 /// `YYYYMMDDTHHMMSSZ`.
 fn utc_stamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -906,7 +1023,12 @@ fn utc_stamp(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

@@ -51,7 +51,11 @@ pub enum RecordError {
     #[error("{0} trailing bytes after the payload")]
     TrailingBytes(usize),
     #[error("field {field} is {len} bytes, more than the format allows ({max})")]
-    TooLong { field: &'static str, len: usize, max: usize },
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("QoS {0} is not 0, 1 or 2")]
     InvalidQos(u8),
 }
@@ -110,7 +114,14 @@ impl StoredMessage {
         if r.pos != bytes.len() {
             return Err(RecordError::TrailingBytes(bytes.len() - r.pos));
         }
-        Ok(StoredMessage { topic, payload, qos, retain: flags & 1 == 1, received_at_ms, origin })
+        Ok(StoredMessage {
+            topic,
+            payload,
+            qos,
+            retain: flags & 1 == 1,
+            received_at_ms,
+            origin,
+        })
     }
 }
 
@@ -133,7 +144,9 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), RecordEr
 }
 
 fn utf8(b: &[u8], field: &'static str) -> Result<String, RecordError> {
-    std::str::from_utf8(b).map(str::to_owned).map_err(|_| RecordError::InvalidUtf8(field))
+    std::str::from_utf8(b)
+        .map(str::to_owned)
+        .map_err(|_| RecordError::InvalidUtf8(field))
 }
 
 struct Reader<'a> {
@@ -143,8 +156,14 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], RecordError> {
-        let end = self.pos.checked_add(n).ok_or(RecordError::Truncated(field))?;
-        let s = self.buf.get(self.pos..end).ok_or(RecordError::Truncated(field))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(RecordError::Truncated(field))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(RecordError::Truncated(field))?;
         self.pos = end;
         Ok(s)
     }
@@ -175,7 +194,11 @@ mod tests {
     fn record_roundtrip() {
         for qos in 0..=2 {
             for retain in [false, true] {
-                let m = StoredMessage { qos, retain, ..sample() };
+                let m = StoredMessage {
+                    qos,
+                    retain,
+                    ..sample()
+                };
                 let enc = m.encode().unwrap();
                 assert_eq!(enc.len(), m.encoded_len());
                 assert_eq!(enc[0], FORMAT_V1);
@@ -183,8 +206,16 @@ mod tests {
                 assert_eq!(peek_received_at_ms(&enc), Some(m.received_at_ms));
             }
         }
-        let empty = StoredMessage { topic: String::new(), payload: Bytes::new(), origin: String::new(), ..sample() };
-        assert_eq!(StoredMessage::decode(&empty.encode().unwrap()).unwrap(), empty);
+        let empty = StoredMessage {
+            topic: String::new(),
+            payload: Bytes::new(),
+            origin: String::new(),
+            ..sample()
+        };
+        assert_eq!(
+            StoredMessage::decode(&empty.encode().unwrap()).unwrap(),
+            empty
+        );
     }
 
     #[test]
@@ -192,23 +223,41 @@ mod tests {
         let enc = sample().encode().unwrap();
         // Every truncation is an error, never a panic.
         for n in 0..enc.len() {
-            assert!(StoredMessage::decode(&enc.slice(..n)).is_err(), "prefix of {n} bytes decoded");
+            assert!(
+                StoredMessage::decode(&enc.slice(..n)).is_err(),
+                "prefix of {n} bytes decoded"
+            );
         }
         let mut v = enc.to_vec();
         v.push(0);
-        assert_eq!(StoredMessage::decode(&Bytes::from(v)), Err(RecordError::TrailingBytes(1)));
+        assert_eq!(
+            StoredMessage::decode(&Bytes::from(v)),
+            Err(RecordError::TrailingBytes(1))
+        );
         let mut v = enc.to_vec();
         v[0] = 9;
-        assert_eq!(StoredMessage::decode(&Bytes::from(v)), Err(RecordError::UnknownVersion(9)));
+        assert_eq!(
+            StoredMessage::decode(&Bytes::from(v)),
+            Err(RecordError::UnknownVersion(9))
+        );
         let mut v = enc.to_vec();
         v[1] = 0b110; // QoS 3
-        assert_eq!(StoredMessage::decode(&Bytes::from(v)), Err(RecordError::InvalidQos(3)));
+        assert_eq!(
+            StoredMessage::decode(&Bytes::from(v)),
+            Err(RecordError::InvalidQos(3))
+        );
         let mut v = enc.to_vec();
         v[1] = 0x80;
-        assert_eq!(StoredMessage::decode(&Bytes::from(v)), Err(RecordError::InvalidFlags(0x80)));
+        assert_eq!(
+            StoredMessage::decode(&Bytes::from(v)),
+            Err(RecordError::InvalidFlags(0x80))
+        );
         let mut v = enc.to_vec();
         v[12] = 0xff; // first topic byte
-        assert_eq!(StoredMessage::decode(&Bytes::from(v)), Err(RecordError::InvalidUtf8("topic")));
+        assert_eq!(
+            StoredMessage::decode(&Bytes::from(v)),
+            Err(RecordError::InvalidUtf8("topic"))
+        );
         // Length fields pointing past the end.
         let mut v = enc.to_vec();
         v[10] = 0xff;

@@ -20,7 +20,9 @@ fn rec(n: usize) -> Bytes {
 }
 
 fn append(store: &Store, records: &[Bytes]) -> (Ticket, Vec<Seq>) {
-    store.submit(records.iter().cloned().map(Op::Append).collect()).expect("submit")
+    store
+        .submit(records.iter().cloned().map(Op::Append).collect())
+        .expect("submit")
 }
 
 fn commit(store: &Store, ops: Vec<Op>) -> (Ticket, Vec<Seq>) {
@@ -30,14 +32,28 @@ fn commit(store: &Store, ops: Vec<Op>) -> (Ticket, Vec<Seq>) {
 }
 
 fn all_seqs(store: &Store) -> Vec<Seq> {
-    store.read_log(0, usize::MAX).expect("read").into_iter().map(|(s, _)| s).collect()
+    store
+        .read_log(0, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
 }
 
 #[test]
 fn store_append_read_delete_put_get_scan() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, rec0) = open(tmp.path());
-    assert_eq!(rec0, Recovery { moved_aside: None, log_len: 0, log_bytes: 0, first_seq: None, last_seq: None });
+    assert_eq!(
+        rec0,
+        Recovery {
+            moved_aside: None,
+            log_len: 0,
+            log_bytes: 0,
+            first_seq: None,
+            last_seq: None
+        }
+    );
     let (t1, seqs) = append(&store, &[rec(10), rec(20), rec(30)]);
     assert_eq!(seqs, vec![1, 2, 3]);
     store.wait_durable(t1, WAIT).unwrap();
@@ -45,25 +61,52 @@ fn store_append_read_delete_put_get_scan() {
     assert_eq!(log, vec![(2, rec(20)), (3, rec(30))]);
     assert_eq!(store.read_log(0, 1).unwrap(), vec![(1, rec(10))]);
     let s = store.log_stats();
-    assert_eq!((s.len, s.bytes, s.first_seq, s.last_seq), (3, 60, Some(1), Some(3)));
+    assert_eq!(
+        (s.len, s.bytes, s.first_seq, s.last_seq),
+        (3, 60, Some(1), Some(3))
+    );
 
     commit(
         &store,
         vec![
-            Op::Put { space: Keyspace::Meta, key: b"bridge/a/cursor".to_vec(), value: b"2".to_vec() },
-            Op::Put { space: Keyspace::Meta, key: b"bridge/b/cursor".to_vec(), value: b"3".to_vec() },
-            Op::Put { space: Keyspace::Retained, key: b"bridge/a/cursor".to_vec(), value: b"other space".to_vec() },
+            Op::Put {
+                space: Keyspace::Meta,
+                key: b"bridge/a/cursor".to_vec(),
+                value: b"2".to_vec(),
+            },
+            Op::Put {
+                space: Keyspace::Meta,
+                key: b"bridge/b/cursor".to_vec(),
+                value: b"3".to_vec(),
+            },
+            Op::Put {
+                space: Keyspace::Retained,
+                key: b"bridge/a/cursor".to_vec(),
+                value: b"other space".to_vec(),
+            },
             Op::DeleteLogThrough(2),
         ],
     );
     assert_eq!(all_seqs(&store), vec![3]);
     let s = store.log_stats();
-    assert_eq!((s.len, s.bytes, s.first_seq, s.last_seq), (1, 30, Some(3), Some(3)));
-    assert_eq!(store.get(Keyspace::Meta, b"bridge/a/cursor").unwrap(), Some(b"2".to_vec()));
-    assert_eq!(store.get(Keyspace::Sessions, b"bridge/a/cursor").unwrap(), None);
+    assert_eq!(
+        (s.len, s.bytes, s.first_seq, s.last_seq),
+        (1, 30, Some(3), Some(3))
+    );
+    assert_eq!(
+        store.get(Keyspace::Meta, b"bridge/a/cursor").unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(
+        store.get(Keyspace::Sessions, b"bridge/a/cursor").unwrap(),
+        None
+    );
     assert_eq!(
         store.scan(Keyspace::Meta, b"bridge/").unwrap(),
-        vec![(b"bridge/a/cursor".to_vec(), b"2".to_vec()), (b"bridge/b/cursor".to_vec(), b"3".to_vec())]
+        vec![
+            (b"bridge/a/cursor".to_vec(), b"2".to_vec()),
+            (b"bridge/b/cursor".to_vec(), b"3".to_vec())
+        ]
     );
     assert_eq!(store.scan(Keyspace::Retained, b"").unwrap().len(), 1);
 
@@ -77,28 +120,46 @@ fn store_append_read_delete_put_get_scan() {
             Op::DeleteLog(5),
             Op::DeleteLog(5),
             Op::DeleteLogThrough(4),
-            Op::Remove { space: Keyspace::Meta, key: b"bridge/b/cursor".to_vec() },
+            Op::Remove {
+                space: Keyspace::Meta,
+                key: b"bridge/b/cursor".to_vec(),
+            },
             Op::DeleteLog(999),
         ],
     );
     assert_eq!(seqs, vec![4, 5, 6]);
     assert_eq!(all_seqs(&store), vec![6]);
     let s = store.log_stats();
-    assert_eq!((s.len, s.bytes, s.first_seq, s.last_seq), (1, 4, Some(6), Some(6)));
+    assert_eq!(
+        (s.len, s.bytes, s.first_seq, s.last_seq),
+        (1, 4, Some(6), Some(6))
+    );
     assert_eq!(store.get(Keyspace::Meta, b"bridge/b/cursor").unwrap(), None);
     store.shutdown().unwrap();
-    assert!(matches!(store.submit(vec![Op::Append(rec(1))]), Err(StoreError::Closed)));
+    assert!(matches!(
+        store.submit(vec![Op::Append(rec(1))]),
+        Err(StoreError::Closed)
+    ));
 }
 
 #[test]
 fn store_rejects_oversized_values_whole() {
     let tmp = tempfile::tempdir().unwrap();
     let (store, _) = open(tmp.path());
-    let err = store.submit(vec![Op::Append(rec(1)), Op::Append(rec(MAX_VALUE_BYTES + 1))]).unwrap_err();
+    let err = store
+        .submit(vec![
+            Op::Append(rec(1)),
+            Op::Append(rec(MAX_VALUE_BYTES + 1)),
+        ])
+        .unwrap_err();
     assert!(matches!(err, StoreError::ValueTooLarge { .. }), "{err}");
     assert!(err.to_string().contains("larger than the store accepts"));
     let err = store
-        .submit(vec![Op::Put { space: Keyspace::Meta, key: vec![0; MAX_KEY_BYTES + 1], value: vec![] }])
+        .submit(vec![Op::Put {
+            space: Keyspace::Meta,
+            key: vec![0; MAX_KEY_BYTES + 1],
+            value: vec![],
+        }])
         .unwrap_err();
     assert!(matches!(err, StoreError::KeyTooLarge { .. }));
     // Nothing was queued, no seq consumed.
@@ -118,7 +179,10 @@ fn store_seq_never_reused_across_reopen() {
         assert_eq!(store.log_stats().len, 0);
     }
     let (store, recovery) = open(tmp.path());
-    assert_eq!((recovery.log_len, recovery.first_seq, recovery.last_seq), (0, None, None));
+    assert_eq!(
+        (recovery.log_len, recovery.first_seq, recovery.last_seq),
+        (0, None, None)
+    );
     let (_, seqs) = commit(&store, vec![Op::Append(rec(8))]);
     assert_eq!(seqs, vec![6]);
     commit(&store, vec![Op::DeleteLog(6)]);
@@ -152,13 +216,26 @@ fn store_counters_rebuilt_on_reopen() {
         // 101 appended (msg + 1..=100 bytes), seqs 1..=10 and 50 deleted.
         let bytes: u64 = (10..=100).map(|n: u64| n).sum::<u64>() - 49;
         assert_eq!((expected.len, expected.bytes), (90, bytes));
-        assert_eq!((expected.first_seq, expected.last_seq), (Some(11), Some(101)));
+        assert_eq!(
+            (expected.first_seq, expected.last_seq),
+            (Some(11), Some(101))
+        );
         store.shutdown().unwrap();
     }
     let (store, recovery) = open(tmp.path());
     assert_eq!(
-        (recovery.log_len, recovery.log_bytes, recovery.first_seq, recovery.last_seq),
-        (expected.len, expected.bytes, expected.first_seq, expected.last_seq)
+        (
+            recovery.log_len,
+            recovery.log_bytes,
+            recovery.first_seq,
+            recovery.last_seq
+        ),
+        (
+            expected.len,
+            expected.bytes,
+            expected.first_seq,
+            expected.last_seq
+        )
     );
     assert_eq!(store.log_stats(), expected);
     // oldest_received_at_ms reads the first entry when it is a StoredMessage.
@@ -177,13 +254,21 @@ fn store_lone_append_is_durable_without_a_timer() {
     assert_eq!(rx.borrow_and_update().durable_through, 0);
     let (t, _) = append(&store, &[rec(100)]);
     // Through the async interface the router uses.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let d = rt
-        .block_on(async { tokio::time::timeout(WAIT, rx.wait_for(|d| d.durable_through >= t)).await })
+        .block_on(async {
+            tokio::time::timeout(WAIT, rx.wait_for(|d| d.durable_through >= t)).await
+        })
         .expect("lone append became durable")
         .expect("watch open")
         .clone();
-    assert_eq!((d.durable_through, d.commits, d.last_batch_ops, d.error), (1, 1, 1, None));
+    assert_eq!(
+        (d.durable_through, d.commits, d.last_batch_ops, d.error),
+        (1, 1, 1, None)
+    );
 }
 
 #[test]
@@ -204,17 +289,25 @@ fn store_durable_through_only_covers_applied_commits() {
             }
         })
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let mut last = 0;
     while last < 300 {
-        rt.block_on(async { tokio::time::timeout(WAIT, rx.changed()).await }).expect("progress").unwrap();
+        rt.block_on(async { tokio::time::timeout(WAIT, rx.changed()).await })
+            .expect("progress")
+            .unwrap();
         let d = rx.borrow_and_update().clone();
         assert!(d.durable_through >= last && d.error.is_none());
         last = d.durable_through;
         let present: BTreeSet<Seq> = all_seqs(&store).into_iter().collect();
         for (t, s) in lock(&submitted).iter() {
             if *t <= d.durable_through {
-                assert!(present.contains(s), "ticket {t} reported durable but seq {s} absent");
+                assert!(
+                    present.contains(s),
+                    "ticket {t} reported durable but seq {s} absent"
+                );
             }
         }
     }
@@ -231,7 +324,9 @@ fn store_concurrent_submitters_share_commits() {
     let watcher = {
         let max_batch = max_batch.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
             while rt.block_on(rx.changed()).is_ok() {
                 let ops = rx.borrow_and_update().last_batch_ops as u64;
                 max_batch.fetch_max(ops, Ordering::SeqCst);
@@ -257,9 +352,17 @@ fn store_concurrent_submitters_share_commits() {
     }
     let d = store.durability().borrow().clone();
     let submits = (THREADS * PER_THREAD) as u64;
-    println!("{submits} submits in {} commits, largest batch {} ops", d.commits, max_batch.load(Ordering::SeqCst));
+    println!(
+        "{submits} submits in {} commits, largest batch {} ops",
+        d.commits,
+        max_batch.load(Ordering::SeqCst)
+    );
     assert_eq!(d.durable_through, submits);
-    assert!(d.commits < submits, "{} commits for {submits} submits", d.commits);
+    assert!(
+        d.commits < submits,
+        "{} commits for {submits} submits",
+        d.commits
+    );
     assert_eq!(store.log_stats().len, submits);
     store.shutdown().unwrap();
     drop(store);
@@ -277,7 +380,11 @@ fn store_commit_failure_withholds_acks_and_retries_same_batch() {
         .submit(vec![
             Op::Append(rec(20)),
             Op::DeleteLog(1),
-            Op::Put { space: Keyspace::Sessions, key: b"s".to_vec(), value: b"v".to_vec() },
+            Op::Put {
+                space: Keyspace::Sessions,
+                key: b"s".to_vec(),
+                value: b"v".to_vec(),
+            },
         ])
         .unwrap();
     // The first attempt fails: error published, durable_through stays.
@@ -286,13 +393,20 @@ fn store_commit_failure_withholds_acks_and_retries_same_batch() {
         let d = store.durability().borrow().clone();
         if d.error.is_some() {
             assert!(d.durable_through < t);
-            assert!(d.error.as_deref().unwrap().contains("injected"), "{:?}", d.error);
+            assert!(
+                d.error.as_deref().unwrap().contains("injected"),
+                "{:?}",
+                d.error
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no error published");
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(matches!(store.wait_durable(t, Duration::from_millis(50)), Err(StoreError::Timeout(_))));
+    assert!(matches!(
+        store.wait_durable(t, Duration::from_millis(50)),
+        Err(StoreError::Timeout(_))
+    ));
     // Retries (with reopen) then succeed; counters applied exactly once.
     store.wait_durable(t, WAIT).unwrap();
     let d = store.durability().borrow().clone();
@@ -300,7 +414,10 @@ fn store_commit_failure_withholds_acks_and_retries_same_batch() {
     assert_eq!(all_seqs(&store), seqs);
     let s = store.log_stats();
     assert_eq!((s.len, s.bytes), (1, 20));
-    assert_eq!(store.get(Keyspace::Sessions, b"s").unwrap(), Some(b"v".to_vec()));
+    assert_eq!(
+        store.get(Keyspace::Sessions, b"s").unwrap(),
+        Some(b"v".to_vec())
+    );
     drop(store);
     let (_, recovery) = open(tmp.path());
     assert_eq!((recovery.log_len, recovery.log_bytes), (1, 20));
@@ -342,8 +459,14 @@ fn store_can_reopen_right_after_shutdown_or_drop() {
             let (reopened, _) = open(tmp.path());
             // The clone outlives the shutdown and sees a closed store.
             assert!(matches!(clone.read_log(0, 1), Err(StoreError::Closed)));
-            assert!(matches!(clone.submit(vec![Op::Append(rec(1))]), Err(StoreError::Closed)));
-            assert!(matches!(clone.shutdown(), Ok(())), "a second shutdown is a no-op");
+            assert!(matches!(
+                clone.submit(vec![Op::Append(rec(1))]),
+                Err(StoreError::Closed)
+            ));
+            assert!(
+                matches!(clone.shutdown(), Ok(())),
+                "a second shutdown is a no-op"
+            );
             drop((store, clone));
             drop(reopened);
         } else {
@@ -357,14 +480,18 @@ fn store_large_values_survive_reopen() {
     // Leaves of up to 17 values of ~100 KiB make sled write page images to blob files; those
     // are synced by the writer and must read back.
     let tmp = tempfile::tempdir().unwrap();
-    let big: Vec<Bytes> = (0..40u8).map(|i| Bytes::from(vec![i; 100 * 1024])).collect();
+    let big: Vec<Bytes> = (0..40u8)
+        .map(|i| Bytes::from(vec![i; 100 * 1024]))
+        .collect();
     {
         let (store, _) = open(tmp.path());
         for chunk in big.chunks(5) {
             let (t, _) = append(&store, chunk);
             store.wait_durable(t, WAIT).unwrap();
         }
-        let blobs = std::fs::read_dir(tmp.path().join("store/blobs")).map(|d| d.count()).unwrap_or(0);
+        let blobs = std::fs::read_dir(tmp.path().join("store/blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         println!("blob files after 40 values of 100 KiB: {blobs}");
     }
     let (store, recovery) = open(tmp.path());
@@ -386,7 +513,10 @@ fn assert_moved_aside(tmp: &Path) {
     let aside = recovery.moved_aside.clone().expect("moved aside");
     assert!(aside.exists(), "{aside:?}");
     let name = aside.file_name().unwrap().to_string_lossy().into_owned();
-    assert!(name.starts_with("store.corrupt-") && name.ends_with('Z'), "{name}");
+    assert!(
+        name.starts_with("store.corrupt-") && name.ends_with('Z'),
+        "{name}"
+    );
     assert_eq!(recovery.log_len, 0);
     assert!(store.read_log(0, 10).unwrap().is_empty());
     // And the fresh store works.
@@ -428,7 +558,10 @@ fn store_foreign_key_found_by_scan_is_moved_aside() {
     populated(tmp.path());
     {
         let db = sled::open(tmp.path().join("store")).unwrap();
-        db.open_tree(TREE_NAME).unwrap().insert(b"Lshort", b"x").unwrap();
+        db.open_tree(TREE_NAME)
+            .unwrap()
+            .insert(b"Lshort", b"x")
+            .unwrap();
         db.flush().unwrap();
     }
     // A dropped sled::Db may keep its lock for a moment (see `release_engine`).
@@ -439,7 +572,10 @@ fn store_foreign_key_found_by_scan_is_moved_aside() {
 #[test]
 fn store_utc_stamp_format() {
     assert_eq!(utc_stamp(UNIX_EPOCH), "19700101T000000Z");
-    assert_eq!(utc_stamp(UNIX_EPOCH + Duration::from_secs(1_709_251_199)), "20240229T235959Z");
+    assert_eq!(
+        utc_stamp(UNIX_EPOCH + Duration::from_secs(1_709_251_199)),
+        "20240229T235959Z"
+    );
 }
 
 // ---- crash (SIGKILL) ----------------------------------------------------------------------
@@ -466,12 +602,17 @@ fn crash_record(writer: u64, n: u64) -> Bytes {
 }
 
 fn check_crash_record(seq: Seq, bytes: &Bytes) {
-    let m = StoredMessage::decode(bytes).unwrap_or_else(|e| panic!("seq {seq}: torn or corrupt record: {e}"));
+    let m = StoredMessage::decode(bytes)
+        .unwrap_or_else(|e| panic!("seq {seq}: torn or corrupt record: {e}"));
     let p = &m.payload;
     assert!(p.len() > 16, "seq {seq}: short payload");
     let writer = u64::from_be_bytes(p[..8].try_into().unwrap());
     let n = u64::from_be_bytes(p[8..16].try_into().unwrap());
-    assert_eq!(crash_record(writer, n), *bytes, "seq {seq}: payload does not match its header");
+    assert_eq!(
+        crash_record(writer, n),
+        *bytes,
+        "seq {seq}: payload does not match its header"
+    );
 }
 
 /// The child side of `store_sigkill_loses_no_acked_entry`: does nothing unless re-executed
@@ -482,7 +623,9 @@ fn check_crash_record(seq: Seq, bytes: &Bytes) {
 /// take effect although the kill comes before its `D` line, so the parent must know about it.
 #[test]
 fn store_crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_ENV) else { return };
+    let Some(dir) = std::env::var_os(CRASH_ENV) else {
+        return;
+    };
     let (store, _) = Store::open(StoreConfig::new(PathBuf::from(dir))).expect("child open");
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let acked = Arc::new(AtomicU64::new(0));
@@ -498,16 +641,20 @@ fn store_crash_child() {
                         .collect();
                     let first_n = n;
                     n += k as u64;
-                    let delete = w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
+                    let delete =
+                        w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
                     let through = acked.load(Ordering::SeqCst).saturating_sub(300);
                     if delete {
                         ops.push(Op::DeleteLogThrough(through));
                         let mut o = lock(&out);
-                        o.write_all(format!("P {through} {first_n} {k}\n").as_bytes()).unwrap();
+                        o.write_all(format!("P {through} {first_n} {k}\n").as_bytes())
+                            .unwrap();
                         o.flush().unwrap();
                     }
                     let (t, seqs) = store.submit(ops).expect("submit");
-                    store.wait_durable(t, Duration::from_secs(60)).expect("durable");
+                    store
+                        .wait_durable(t, Duration::from_secs(60))
+                        .expect("durable");
                     let mut text = String::new();
                     for s in &seqs {
                         text.push_str(&format!("A {s}\n"));
@@ -537,7 +684,11 @@ fn store_sigkill_loses_no_acked_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let exe = std::env::current_exe().unwrap();
-    let mut rng = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let mut rng = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     let mut max_deleted: Seq = 0;
     let mut max_seq_seen: Seq = 0;
     let (mut total_acked, mut total_present) = (0usize, 0usize);
@@ -548,7 +699,12 @@ fn store_sigkill_loses_no_acked_entry() {
         rng ^= rng << 17;
         let run_ms = 100 + rng % 600;
         let mut child = Command::new(&exe)
-            .args(["store::tests::store_crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "store::tests::store_crash_child",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CRASH_ENV, &dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -579,7 +735,11 @@ fn store_sigkill_loses_no_acked_entry() {
                 (Some("A"), [s]) => acked.push(*s),
                 (Some("D"), [s]) => {
                     max_deleted = max_deleted.max(*s);
-                    assert_eq!(pending.take().map(|p| p.0), Some(*s), "trial {trial}: D {s} without its P line");
+                    assert_eq!(
+                        pending.take().map(|p| p.0),
+                        Some(*s),
+                        "trial {trial}: D {s} without its P line"
+                    );
                 }
                 (Some("P"), [through, n, k]) => {
                     assert!(pending.is_none(), "trial {trial}: two deletes in flight");
@@ -589,11 +749,18 @@ fn store_sigkill_loses_no_acked_entry() {
             }
         }
         if let Some(min) = acked.iter().min() {
-            assert!(*min > max_seq_seen, "trial {trial}: seq {min} reused (had seen {max_seq_seen})");
+            assert!(
+                *min > max_seq_seen,
+                "trial {trial}: seq {min} reused (had seen {max_seq_seen})"
+            );
         }
 
-        let (store, recovery) = Store::open(StoreConfig::new(dir.clone())).expect("reopen after SIGKILL");
-        assert_eq!(recovery.moved_aside, None, "trial {trial}: store was corrupt after SIGKILL");
+        let (store, recovery) =
+            Store::open(StoreConfig::new(dir.clone())).expect("reopen after SIGKILL");
+        assert_eq!(
+            recovery.moved_aside, None,
+            "trial {trial}: store was corrupt after SIGKILL"
+        );
         let log = store.read_log(0, usize::MAX).unwrap();
         let present: BTreeSet<Seq> = log.iter().map(|(s, _)| *s).collect();
         // The unacknowledged delete-through either took effect whole or not at all (the
@@ -620,7 +787,10 @@ fn store_sigkill_loses_no_acked_entry() {
         }
         for (seq, bytes) in &log {
             check_crash_record(*seq, bytes);
-            assert!(*seq > max_deleted, "trial {trial}: seq {seq} resurrected after delete-through {max_deleted}");
+            assert!(
+                *seq > max_deleted,
+                "trial {trial}: seq {seq} resurrected after delete-through {max_deleted}"
+            );
         }
         for s in &acked {
             if *s > max_deleted {
@@ -635,11 +805,20 @@ fn store_sigkill_loses_no_acked_entry() {
         }
         // No gaps: only prefixes are deleted, so the log is one contiguous range.
         if let (Some(first), Some(last)) = (present.first(), present.last()) {
-            assert_eq!(present.len() as u64, last - first + 1, "trial {trial}: gap in the log");
+            assert_eq!(
+                present.len() as u64,
+                last - first + 1,
+                "trial {trial}: gap in the log"
+            );
         }
         assert_eq!(recovery.log_len, log.len() as u64);
-        assert_eq!(recovery.log_bytes, log.iter().map(|(_, b)| b.len() as u64).sum::<u64>());
-        max_seq_seen = max_seq_seen.max(present.last().copied().unwrap_or(0)).max(acked.iter().copied().max().unwrap_or(0));
+        assert_eq!(
+            recovery.log_bytes,
+            log.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+        );
+        max_seq_seen = max_seq_seen
+            .max(present.last().copied().unwrap_or(0))
+            .max(acked.iter().copied().max().unwrap_or(0));
         total_acked += acked.len();
         total_present += log.len();
         println!(
@@ -716,18 +895,31 @@ fn store_disk_full_stops_acks_and_resumes() {
         assert!(Instant::now() < deadline, "disk never reported full");
     }
     let d = store.durability().borrow().clone();
-    println!("disk full after {} more appends: {:?}", submitted.len(), d.error);
+    println!(
+        "disk full after {} more appends: {:?}",
+        submitted.len(),
+        d.error
+    );
     assert!(d.durable_through < last_ticket);
     // Acks stay stopped while the disk is full.
     std::thread::sleep(Duration::from_millis(1500));
     let later = store.durability().borrow().clone();
     assert!(later.error.is_some());
-    assert!(later.durable_through < last_ticket, "acked {} while the disk was full", later.durable_through);
-    assert!(matches!(store.wait_durable(last_ticket, Duration::from_millis(10)), Err(StoreError::Timeout(_))));
+    assert!(
+        later.durable_through < last_ticket,
+        "acked {} while the disk was full",
+        later.durable_through
+    );
+    assert!(matches!(
+        store.wait_durable(last_ticket, Duration::from_millis(10)),
+        Err(StoreError::Timeout(_))
+    ));
 
     // Free space: the same batches commit, acks resume, the error clears.
     std::fs::remove_file(&filler).unwrap();
-    store.wait_durable(last_ticket, WAIT).expect("acks resume after space is freed");
+    store
+        .wait_durable(last_ticket, WAIT)
+        .expect("acks resume after space is freed");
     let d = store.durability().borrow().clone();
     assert_eq!((d.durable_through, d.error), (last_ticket, None));
     let present: BTreeSet<Seq> = all_seqs(&store).into_iter().collect();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::{
-    lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq, Shared, StoreError,
-    Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
+    lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq,
+    Shared, StoreError, Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
 };
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -54,7 +54,8 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<Submission>) {
                     lost += s.ops.len();
                 }
                 error!(ops = lost, %reason, "store writer stopping with operations that never became durable (none was acknowledged)");
-                *lock(&shared.writer_failure) = Some(StoreError::NotDurable(lost, reason).to_string());
+                *lock(&shared.writer_failure) =
+                    Some(StoreError::NotDurable(lost, reason).to_string());
                 shared.durable_cv.notify_all();
                 return;
             }
@@ -70,7 +71,11 @@ pub(super) fn run(shared: Arc<Shared>, rx: Receiver<Submission>) {
 }
 
 /// Commits one group, retrying until it succeeds. Returns `Err` only when shutting down.
-fn commit(shared: &Shared, group: &[Submission], synced_blobs: &mut HashSet<OsString>) -> Result<(), String> {
+fn commit(
+    shared: &Shared,
+    group: &[Submission],
+    synced_blobs: &mut HashSet<OsString>,
+) -> Result<(), String> {
     let mut backoff = BACKOFF_START;
     let mut failures: u32 = 0;
     let mut built: Option<Built> = None;
@@ -133,12 +138,13 @@ fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
     let mut overlay: BTreeMap<Seq, Option<u64>> = BTreeMap::new();
     let (mut d_len, mut d_bytes, mut ops, mut touched_log) = (0i64, 0i64, 0usize, false);
     let mut max_appended: Option<Seq> = None;
-    let current_len = |seq: Seq, overlay: &BTreeMap<Seq, Option<u64>>| -> Result<Option<u64>, StoreError> {
-        match overlay.get(&seq) {
-            Some(v) => Ok(*v),
-            None => Ok(engine.tree.get(log_key(seq))?.map(|v| v.len() as u64)),
-        }
-    };
+    let current_len =
+        |seq: Seq, overlay: &BTreeMap<Seq, Option<u64>>| -> Result<Option<u64>, StoreError> {
+            match overlay.get(&seq) {
+                Some(v) => Ok(*v),
+                None => Ok(engine.tree.get(log_key(seq))?.map(|v| v.len() as u64)),
+            }
+        };
     for sub in group {
         for op in &sub.ops {
             ops += 1;
@@ -164,13 +170,18 @@ fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
                     let mut doomed: Vec<(Seq, u64)> = Vec::new();
                     for item in engine.tree.range(log_key(0)..=log_key(*through)) {
                         let (k, v) = item?;
-                        let seq = parse_log_key(&k)
-                            .ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
+                        let seq = parse_log_key(&k).ok_or_else(|| {
+                            StoreError::Corrupt(format!("bad log key {:?}", &k[..]))
+                        })?;
                         if !overlay.contains_key(&seq) {
                             doomed.push((seq, v.len() as u64));
                         }
                     }
-                    doomed.extend(overlay.range(..=*through).filter_map(|(s, l)| l.map(|l| (*s, l))));
+                    doomed.extend(
+                        overlay
+                            .range(..=*through)
+                            .filter_map(|(s, l)| l.map(|l| (*s, l))),
+                    );
                     for (seq, len) in doomed {
                         batch.remove(&log_key(seq)[..]);
                         overlay.insert(seq, None);
@@ -190,15 +201,26 @@ fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
         batch.insert(KEY_NEXT_SEQ, &(max + 1).to_be_bytes()[..]);
     }
     let through = group.last().map_or(0, |s| s.ticket);
-    Ok(Built { batch, through, ops, d_len, d_bytes, touched_log })
+    Ok(Built {
+        batch,
+        through,
+        ops,
+        d_len,
+        d_bytes,
+        touched_log,
+    })
 }
 
 fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
     if b.touched_log {
         let first = engine.tree.range(log_key(0)..=log_key(Seq::MAX)).next();
-        let last = engine.tree.range(log_key(0)..=log_key(Seq::MAX)).next_back();
+        let last = engine
+            .tree
+            .range(log_key(0)..=log_key(Seq::MAX))
+            .next_back();
         let seq_of = |item: Option<sled::Result<(sled::IVec, sled::IVec)>>| {
-            item.and_then(|r| r.ok()).and_then(|(k, _)| parse_log_key(&k))
+            item.and_then(|r| r.ok())
+                .and_then(|(k, _)| parse_log_key(&k))
         };
         let mut c = lock(&shared.counters);
         c.len = (c.len as i64 + b.d_len).max(0) as u64;
@@ -207,7 +229,10 @@ fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
         c.last_seq = seq_of(last);
     }
     if failures > 0 {
-        info!(after_failures = failures, "store commit succeeded again; acknowledgements resume");
+        info!(
+            after_failures = failures,
+            "store commit succeeded again; acknowledgements resume"
+        );
     }
     // Watch first: whoever wakes from `wait_durable` sees the watch already updated.
     shared.watch_tx.send_modify(|d| {
@@ -232,7 +257,9 @@ fn reopen(shared: &Shared) -> Result<(), StoreError> {
     if let Some(engine) = slot.take() {
         if let Err(still_shared) = wait_unique(engine, deadline) {
             *slot = Some(still_shared);
-            return Err(StoreError::Unavailable("readers still hold the old engine".into()));
+            return Err(StoreError::Unavailable(
+                "readers still hold the old engine".into(),
+            ));
         }
     }
     wait_until_unlocked(&shared.cfg.dir.join("db"), deadline)?;

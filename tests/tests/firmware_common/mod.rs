@@ -31,7 +31,11 @@ impl Broker {
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
-        let mut b = Broker { child: None, port, dir };
+        let mut b = Broker {
+            child: None,
+            port,
+            dir,
+        };
         b.spawn();
         b
     }
@@ -110,7 +114,9 @@ impl Subscriber {
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, mut conn) = rumqttc::Client::new(opts, 1000);
-        client.subscribe(filter, rumqttc::QoS::AtLeastOnce).expect("subscribe");
+        client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .expect("subscribe");
         let msgs = Arc::new(Mutex::new(Vec::new()));
         let subscribed = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
@@ -118,9 +124,14 @@ impl Subscriber {
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 match conn.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => s.store(true, Ordering::SeqCst),
+                    Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_)))) => {
+                        s.store(true, Ordering::SeqCst)
+                    }
                     Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)))) => {
-                        m.lock().unwrap().push(Msg { topic: p.topic.clone(), payload: p.payload.to_vec() })
+                        m.lock().unwrap().push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                        })
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => {
@@ -132,9 +143,17 @@ impl Subscriber {
                 }
             }
         });
-        let sub = Subscriber { msgs, subscribed, stop, thread: Some(thread), client };
+        let sub = Subscriber {
+            msgs,
+            subscribed,
+            stop,
+            thread: Some(thread),
+            client,
+        };
         assert!(
-            wait_until(Duration::from_secs(10), || sub.subscribed.load(Ordering::SeqCst)),
+            wait_until(Duration::from_secs(10), || sub
+                .subscribed
+                .load(Ordering::SeqCst)),
             "subscriber got no SUBACK"
         );
         sub
@@ -173,7 +192,11 @@ pub fn workspace() -> PathBuf {
 /// report, all with schema version 1 and boot `boot`; returns how many duplicates it got (QoS 1
 /// allows them; `(device, boot, seq)` identifies them).
 pub fn all_arrived(sub: &Subscriber, report: &SimReport, boot: u64) -> usize {
-    let want: HashMap<String, u32> = report.devices.iter().map(|d| (d.id.clone(), d.created)).collect();
+    let want: HashMap<String, u32> = report
+        .devices
+        .iter()
+        .map(|d| (d.id.clone(), d.created))
+        .collect();
     let mut dups = 0;
     let ok = wait_until(Duration::from_secs(20), || {
         let mut seen: HashSet<(String, u64)> = HashSet::new();
@@ -181,12 +204,16 @@ pub fn all_arrived(sub: &Subscriber, report: &SimReport, boot: u64) -> usize {
         for e in sub.json_on("/events") {
             assert_eq!(e["v"], 1, "{e}");
             assert_eq!(e["boot"], boot, "{e}");
-            let key = (e["device"].as_str().unwrap_or("").to_string(), e["seq"].as_u64().unwrap_or(u64::MAX));
+            let key = (
+                e["device"].as_str().unwrap_or("").to_string(),
+                e["seq"].as_u64().unwrap_or(u64::MAX),
+            );
             if !seen.insert(key) {
                 dups += 1;
             }
         }
-        want.iter().all(|(id, &n)| (0..n as u64).all(|s| seen.contains(&(id.clone(), s))))
+        want.iter()
+            .all(|(id, &n)| (0..n as u64).all(|s| seen.contains(&(id.clone(), s))))
     });
     if !ok {
         let got = sub.json_on("/events").len();
@@ -227,7 +254,15 @@ impl Qemu {
             semihosting.push_str(a);
         }
         let mut child = Command::new("qemu-system-arm")
-            .args(["-cpu", "cortex-m3", "-machine", "lm3s6965evb", "-nographic", "-monitor", "none"])
+            .args([
+                "-cpu",
+                "cortex-m3",
+                "-machine",
+                "lm3s6965evb",
+                "-nographic",
+                "-monitor",
+                "none",
+            ])
             .args(["-semihosting-config", &semihosting])
             .args(["-serial", &format!("tcp:127.0.0.1:{port}")])
             .arg("-kernel")
@@ -245,7 +280,10 @@ impl Qemu {
                 c.lock().unwrap().push(line);
             }
         });
-        Qemu { _child: ChildGuard(child), console }
+        Qemu {
+            _child: ChildGuard(child),
+            console,
+        }
     }
 
     /// The console so far.
@@ -257,7 +295,10 @@ impl Qemu {
     pub fn stack_high_water(&self) -> Option<u32> {
         self.console()
             .lines()
-            .filter_map(|l| l.strip_prefix("stack-high-water ").and_then(|n| n.trim().parse::<u32>().ok()))
+            .filter_map(|l| {
+                l.strip_prefix("stack-high-water ")
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+            })
             .max()
     }
 }
@@ -265,7 +306,16 @@ impl Qemu {
 /// `mosquitto_pub -q 1` to the broker on `port` (any MQTT 3.1.1 broker: mosquitto or waystation).
 pub fn publish(port: u16, topic: &str, payload: &str, retain: bool) {
     let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
+    cmd.args([
+        "-p",
+        &port.to_string(),
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-m",
+        payload,
+    ]);
     if retain {
         cmd.arg("-r");
     }

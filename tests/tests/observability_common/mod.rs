@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use waystation_e2e::{free_port, waystation_bin, wait_until, START_TIMEOUT};
+use waystation_e2e::{free_port, wait_until, waystation_bin, START_TIMEOUT};
 
 pub struct Gateway {
     child: Child,
@@ -22,7 +22,10 @@ pub struct Gateway {
 /// The address after `marker` in a log line, text or JSON.
 fn addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = line.split(marker).nth(1)?;
-    let token: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+    let token: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
     token.parse().ok()
 }
 
@@ -30,7 +33,10 @@ impl Gateway {
     /// Starts `waystation [global_args] run` with an MQTT listener and the HTTP server on free
     /// ports, plus `extra` TOML (tables after `[gateway]`, which gets `gateway_keys`).
     pub fn start(global_args: &[&str], gateway_keys: &str, extra: &str) -> Gateway {
-        let dir = tempfile::Builder::new().prefix("waystation-obs-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("waystation-obs-")
+            .tempdir()
+            .expect("tempdir");
         let config = format!(
             "[gateway]\nid = \"obs\"\ndata_dir = \"{}\"\n{gateway_keys}\n\n[[listener]]\nbind = \"127.0.0.1:0\"\n\n[http]\nbind = \"127.0.0.1:0\"\n\n{extra}",
             dir.path().join("data").display()
@@ -72,7 +78,13 @@ impl Gateway {
             let _ = child.kill();
             panic!("waystation did not report its MQTT and HTTP addresses; logs:\n{logs_now}");
         }
-        Gateway { child, mqtt: found.0.unwrap(), http: found.1.unwrap(), logs, _dir: dir }
+        Gateway {
+            child,
+            mqtt: found.0.unwrap(),
+            http: found.1.unwrap(),
+            logs,
+            _dir: dir,
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -86,7 +98,8 @@ impl Gateway {
     /// SIGTERM; waits up to 15 s. Returns whether it exited 0.
     pub fn terminate(&mut self) -> bool {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        waystation_e2e::wait_with_timeout(&mut self.child, Duration::from_secs(15)).is_some_and(|s| s.success())
+        waystation_e2e::wait_with_timeout(&mut self.child, Duration::from_secs(15))
+            .is_some_and(|s| s.success())
     }
 }
 
@@ -104,18 +117,40 @@ impl Drop for Gateway {
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read http response");
     let text = String::from_utf8_lossy(&raw).to_string();
     let (head, body) = text.split_once("\r\n\r\n").expect("http head");
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
     let ctype = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
         .unwrap_or_default();
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    (status, ctype, if chunked { dechunk(body) } else { body.to_string() })
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    (
+        status,
+        ctype,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    )
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -133,7 +168,9 @@ fn dechunk(mut body: &str) -> String {
 
 /// The value of the sample `name` (full name with labels, e.g. `x_total{qos="1"}`).
 pub fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// rumqttd 0.20 in-process on a free port (its threads live until the test process exits).
@@ -170,7 +207,11 @@ pub fn start_rumqttd() -> u16 {
     });
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     assert!(
-        wait_until(START_TIMEOUT, || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()),
+        wait_until(START_TIMEOUT, || TcpStream::connect_timeout(
+            &addr,
+            Duration::from_millis(200)
+        )
+        .is_ok()),
         "rumqttd did not listen on {addr}"
     );
     port

@@ -16,10 +16,17 @@ pub fn start(extra: &str) -> Waystation {
 
 /// The HTTP server's address, from the daemon's log line.
 pub fn http_addr(ws: &Waystation) -> SocketAddr {
-    assert!(ws.wait_for_log("at http://", Duration::from_secs(10)), "no HTTP server in the logs:\n{}", ws.logs());
+    assert!(
+        ws.wait_for_log("at http://", Duration::from_secs(10)),
+        "no HTTP server in the logs:\n{}",
+        ws.logs()
+    );
     let logs = ws.logs();
     let rest = logs.split("at http://").nth(1).expect("http line");
-    rest.split(['/', ' ', '\n']).next().and_then(|a| a.parse().ok()).expect("http address")
+    rest.split(['/', ' ', '\n'])
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("http address")
 }
 
 /// The body of `GET /metrics`.
@@ -31,7 +38,9 @@ pub fn metrics(ws: &Waystation) -> String {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read /metrics");
     let text = String::from_utf8_lossy(&raw).to_string();
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// A sample of `/metrics` by its full name (labels included), 0 when absent.
@@ -51,7 +60,12 @@ pub fn connect_packet(id: &str, user: Option<&str>, password: Option<&str>) -> C
 }
 
 /// Connects and returns the client and the CONNACK return code.
-pub fn connect_as(ws: &Waystation, id: &str, user: Option<&str>, password: Option<&str>) -> (RawClient, u8) {
+pub fn connect_as(
+    ws: &Waystation,
+    id: &str,
+    user: Option<&str>,
+    password: Option<&str>,
+) -> (RawClient, u8) {
     let (c, _, code) = RawClient::connect_with(ws.addr, &connect_packet(id, user, password));
     (c, code)
 }
@@ -69,7 +83,9 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// `mosquitto_pub` with extra args; returns whether it exited 0.
 pub fn mosquitto_pub_ok(port: u16, args: &[&str]) -> bool {
     let (status, _) = waystation_e2e::run_with_timeout(
-        std::process::Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string()]).args(args),
+        std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args),
         Duration::from_secs(10),
     );
     status.is_some_and(|s| s.success())
