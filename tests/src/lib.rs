@@ -282,21 +282,44 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Debian's `mosquitto` on a free loopback port, as the upstream (cloud) broker in tests.
-/// Started with `-p PORT` only: local-only, anonymous, no persistence.
+/// Debian's `mosquitto` on a loopback port, as the upstream (cloud) broker or the devices'
+/// broker in tests, with a config suited to counting every
+/// message: no queue limit for a subscriber (Mosquitto's default of 1,000 queued messages
+/// drops QoS 1 messages for a slow subscriber while acking the publisher, FACTS.md), and
+/// persistence, so that the test's persistent subscriber session and its subscription
+/// survive `stop` + `start_again` (a graceful SIGTERM writes the database). Without that,
+/// a bridge reconnecting before the test's subscriber has subscribed again would have its
+/// messages acked and dropped by the upstream: a loss that is not Waystation's.
 pub struct Mosquitto {
     child: Option<Child>,
     pub port: u16,
+    dir: tempfile::TempDir,
 }
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
-        let mut m = Mosquitto {
+        Mosquitto::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::Builder::new()
+            .prefix("ws-upstream-")
+            .tempdir()
+            .expect("tempdir");
+        let conf = format!(
+            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+             autosave_interval 0\nmax_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n\
+             log_dest none\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+        let mut u = Mosquitto {
             child: None,
-            port: free_port(),
+            port,
+            dir,
         };
-        m.spawn();
-        m
+        u.spawn();
+        u
     }
 
     fn spawn(&mut self) {
@@ -305,7 +328,8 @@ impl Mosquitto {
             .find(|p| Path::new(p).exists())
             .expect("mosquitto is not installed (scripts/test.sh installs it)");
         let child = Command::new(bin)
-            .args(["-p", &self.port.to_string()])
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -316,36 +340,41 @@ impl Mosquitto {
         let up = wait_until(START_TIMEOUT, || {
             TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
         });
-        assert!(up, "mosquitto did not listen on {addr}");
+        assert!(up, "upstream mosquitto did not listen on {addr}");
     }
 
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// SIGSTOP: the upstream stays connected but answers nothing (a stalled cloud).
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
+    /// SIGSTOP: connections stay open, nothing is answered (a stalled cloud).
     pub fn freeze(&self) {
-        if let Some(c) = &self.child {
-            send_signal(c, libc::SIGSTOP);
-        }
+        self.signal(libc::SIGSTOP);
     }
 
-    /// SIGCONT after `freeze`.
     pub fn thaw(&self) {
-        if let Some(c) = &self.child {
-            send_signal(c, libc::SIGCONT);
-        }
+        self.signal(libc::SIGCONT);
     }
 
-    /// Stops the upstream (an outage); `start_again` brings it back on the same port.
+    /// An outage: SIGTERM (Mosquitto saves its sessions), waits for the exit.
     pub fn stop(&mut self) {
+        self.thaw();
+        self.signal(libc::SIGTERM);
         if let Some(mut c) = self.child.take() {
-            send_signal(&c, libc::SIGCONT);
-            let _ = c.kill();
-            let _ = c.wait();
+            wait_with_timeout(&mut c, Duration::from_secs(10));
         }
     }
 
+    /// Back on the same port with the saved sessions.
     pub fn start_again(&mut self) {
         self.stop();
         self.spawn();
@@ -354,6 +383,10 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        self.stop();
+        self.thaw();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

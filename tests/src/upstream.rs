@@ -8,127 +8,20 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::raw::{self, Connect, Pkt, RawClient, RecvError};
-use crate::{free_port, wait_until, wait_with_timeout, START_TIMEOUT};
+use crate::wait_until;
 
 // ---------------------------------------------------------------------------------------
 // Upstream Mosquitto
 // ---------------------------------------------------------------------------------------
 
-/// Debian's `mosquitto` as the upstream (cloud), with a config suited to counting every
-/// message: no queue limit for a subscriber (Mosquitto's default of 1,000 queued messages
-/// drops QoS 1 messages for a slow subscriber while acking the publisher, FACTS.md), and
-/// persistence, so that the test's persistent subscriber session and its subscription
-/// survive `stop` + `start_again` (a graceful SIGTERM writes the database). Without that,
-/// a bridge reconnecting before the test's subscriber has subscribed again would have its
-/// messages acked and dropped by the upstream: a loss that is not Waystation's.
-pub struct Upstream {
-    child: Option<Child>,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Upstream {
-    pub fn start() -> Upstream {
-        Upstream::start_on(free_port())
-    }
-
-    pub fn start_on(port: u16) -> Upstream {
-        let dir = tempfile::Builder::new()
-            .prefix("ws-upstream-")
-            .tempdir()
-            .expect("tempdir");
-        let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
-             autosave_interval 0\nmax_queued_messages 0\nmax_inflight_messages 100\nset_tcp_nodelay true\n\
-             log_dest none\n",
-            dir.path().display()
-        );
-        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write mosquitto.conf");
-        let mut u = Upstream {
-            child: None,
-            port,
-            dir,
-        };
-        u.spawn();
-        u
-    }
-
-    fn spawn(&mut self) {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed (scripts/test.sh installs it)");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let up = wait_until(START_TIMEOUT, || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        });
-        assert!(up, "upstream mosquitto did not listen on {addr}");
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on a child we spawned and have not reaped.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, signal);
-            }
-        }
-    }
-
-    /// SIGSTOP: connections stay open, nothing is answered (a stalled cloud).
-    pub fn freeze(&self) {
-        self.signal(libc::SIGSTOP);
-    }
-
-    pub fn thaw(&self) {
-        self.signal(libc::SIGCONT);
-    }
-
-    /// An outage: SIGTERM (Mosquitto saves its sessions), waits for the exit.
-    pub fn stop(&mut self) {
-        self.thaw();
-        self.signal(libc::SIGTERM);
-        if let Some(mut c) = self.child.take() {
-            wait_with_timeout(&mut c, Duration::from_secs(10));
-        }
-    }
-
-    /// Back on the same port with the saved sessions.
-    pub fn start_again(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.thaw();
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// The upstream (cloud) broker of these tests: the harness's [`crate::Mosquitto`].
+pub use crate::Mosquitto as Upstream;
 
 // ---------------------------------------------------------------------------------------
 // The upstream subscriber

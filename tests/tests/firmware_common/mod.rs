@@ -7,89 +7,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use waystation_e2e::{free_port, wait_until, ChildGuard};
+use waystation_e2e::{wait_until, ChildGuard};
 use waystation_firmware::sim::SimReport;
 
-pub struct Broker {
-    child: Option<Child>,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Broker {
-    pub fn start() -> Broker {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let conf = format!(
-            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 100000\n",
-            dir.path().display()
-        );
-        std::fs::write(dir.path().join("mosquitto.conf"), conf).expect("write conf");
-        let mut b = Broker {
-            child: None,
-            port,
-            dir,
-        };
-        b.spawn();
-        b
-    }
-
-    fn spawn(&mut self) {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .expect("mosquitto is not installed (scripts/test.sh installs it)");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        self.child = Some(child);
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let up = wait_until(Duration::from_secs(20), || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        });
-        assert!(up, "mosquitto did not listen on {addr}");
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// SIGTERM (mosquitto saves its persistence file) and wait, bounded, then SIGKILL.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            if waystation_e2e::wait_with_timeout(&mut c, Duration::from_secs(10)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-
-    pub fn start_again(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// Debian's mosquitto with persistence, stopped gracefully and started again on the same
+/// port: the harness's [`waystation_e2e::Mosquitto`].
+#[allow(unused_imports)] // not every firmware test binary starts a broker
+pub use waystation_e2e::Mosquitto as Broker;
 
 /// A received message.
 #[derive(Clone, Debug)]
