@@ -930,3 +930,328 @@ fn store_disk_full_stops_acks_and_resumes() {
     assert_eq!(recovery.log_len, 100 + submitted.len() as u64);
     drop(store);
 }
+
+// ---- chunks -----------------------------------------------------------------------------
+
+/// Log keys in sled (one per chunk), read after the store is shut down.
+fn log_keys_on_disk(dir: &Path) -> Vec<(Seq, usize)> {
+    wait_until_unlocked(&dir.join("store/db"), Instant::now() + WAIT).unwrap();
+    let db = sled::open(dir.join("store")).unwrap();
+    let keys = db
+        .open_tree(TREE_NAME)
+        .unwrap()
+        .range(log_key(0)..=log_key(Seq::MAX))
+        .map(|r| {
+            let (k, v) = r.unwrap();
+            (parse_log_key(&k).unwrap(), v.len())
+        })
+        .collect();
+    drop(db);
+    wait_until_unlocked(&dir.join("store/db"), Instant::now() + WAIT).unwrap();
+    keys
+}
+
+/// Memory follows the number of sled keys, so the log must pack entries: a burst and a trickle
+/// of lone commits (the low-rate case, where each group commit holds one message) both end up
+/// in few keys, none over the chunk target.
+#[test]
+fn store_log_packs_entries_into_few_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    commit(&store, (0..2_000).map(|_| Op::Append(rec(100))).collect());
+    for _ in 0..300 {
+        commit(&store, vec![Op::Append(rec(100))]);
+    }
+    assert_eq!(store.log_stats().len, 2_300);
+    store.shutdown().unwrap();
+    let keys = log_keys_on_disk(tmp.path());
+    // 2,300 x 102 B in chunks of at most 2 KiB (20 entries): 115 keys when full.
+    assert!(keys.len() <= 120, "{} keys", keys.len());
+    assert!(keys
+        .iter()
+        .all(|&(_, len)| len <= chunk::CHUNK_TARGET_BYTES));
+    // A record larger than the target still goes in whole, in a chunk of its own.
+    let (store, _) = open(tmp.path());
+    let (_, big) = commit(&store, vec![Op::Append(rec(20_000)), Op::Append(rec(10))]);
+    assert_eq!(store.read_log(big[0], 1).unwrap()[0].1.len(), 20_000);
+    store.shutdown().unwrap();
+    let keys = log_keys_on_disk(tmp.path());
+    assert!(keys.iter().any(|&(k, len)| k == big[0] && len > 20_000));
+}
+
+/// Deleting into the middle of a chunk keeps the rest readable under the new first seq, and
+/// reads that start inside a chunk return exactly the entries from there.
+#[test]
+fn store_partial_chunk_deletes_and_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let records: Vec<Bytes> = (0..200u32)
+        .map(|i| Bytes::from(i.to_be_bytes().repeat(10)))
+        .collect();
+    let (_, seqs) = commit(&store, records.iter().cloned().map(Op::Append).collect());
+    let read = store.read_log(seqs[57], 3).unwrap();
+    assert_eq!(
+        read,
+        vec![
+            (seqs[57], records[57].clone()),
+            (seqs[58], records[58].clone()),
+            (seqs[59], records[59].clone())
+        ]
+    );
+    commit(
+        &store,
+        vec![Op::DeleteLogThrough(seqs[29]), Op::DeleteLog(seqs[100])],
+    );
+    let stats = store.log_stats();
+    assert_eq!(
+        (stats.len, stats.first_seq, stats.last_seq),
+        (169, Some(seqs[30]), Some(seqs[199]))
+    );
+    assert_eq!(stats.bytes, 169 * 40);
+    let expect: Vec<(Seq, Bytes)> = (30..200)
+        .filter(|&i| i != 100)
+        .map(|i| (seqs[i], records[i].clone()))
+        .collect();
+    assert_eq!(store.read_log(0, usize::MAX).unwrap(), expect);
+    assert_eq!(
+        store.read_log(seqs[100], 1).unwrap(),
+        vec![expect[70].clone()]
+    );
+    store.shutdown().unwrap();
+    let (store, recovery) = open(tmp.path());
+    assert_eq!((recovery.log_len, recovery.log_bytes), (169, 169 * 40));
+    assert_eq!(store.read_log(0, usize::MAX).unwrap(), expect);
+}
+
+/// A store written before chunks (one raw record per key, no `_chunked_from`) opens with its
+/// entries intact; new entries go into chunks after them; both delete and survive reopening.
+#[test]
+fn store_opens_a_store_written_before_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    {
+        let db = sled::open(&dir).unwrap();
+        let tree = db.open_tree(TREE_NAME).unwrap();
+        tree.insert(KEY_MARKER, MARKER_VALUE).unwrap();
+        for seq in 3..=12u64 {
+            tree.insert(&log_key(seq)[..], rec(seq as usize).to_vec())
+                .unwrap();
+        }
+        tree.insert(KEY_NEXT_SEQ, &13u64.to_be_bytes()[..]).unwrap();
+        db.flush().unwrap();
+    }
+    wait_until_unlocked(&dir.join("db"), Instant::now() + WAIT).unwrap();
+    let (store, recovery) = open(tmp.path());
+    assert_eq!(recovery.moved_aside, None);
+    assert_eq!(
+        (recovery.log_len, recovery.first_seq, recovery.last_seq),
+        (10, Some(3), Some(12))
+    );
+    assert_eq!(recovery.log_bytes, (3..=12).sum::<u64>());
+    let (_, seqs) = commit(&store, (0..5).map(|_| Op::Append(rec(1))).collect());
+    assert_eq!(seqs, vec![13, 14, 15, 16, 17]);
+    commit(&store, vec![Op::DeleteLogThrough(7)]);
+    commit(&store, vec![Op::Append(rec(2))]);
+    let log = store.read_log(0, usize::MAX).unwrap();
+    let got: Vec<(Seq, usize)> = log.iter().map(|(s, v)| (*s, v.len())).collect();
+    let mut want: Vec<(Seq, usize)> = (8..=12).map(|s| (s, s as usize)).collect();
+    want.extend((13..=17).map(|s| (s, 1)));
+    want.push((18, 2));
+    assert_eq!(got, want);
+    store.shutdown().unwrap();
+    let keys = log_keys_on_disk(tmp.path());
+    // Five legacy keys, then one chunk holding 13..=18.
+    assert_eq!(
+        keys.iter().map(|k| k.0).collect::<Vec<_>>(),
+        vec![8, 9, 10, 11, 12, 13]
+    );
+    let (store, recovery) = open(tmp.path());
+    assert_eq!((recovery.log_len, recovery.last_seq), (11, Some(18)));
+    assert_eq!(
+        store
+            .read_log(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(s, v)| (*s, v.len()))
+            .collect::<Vec<_>>(),
+        want
+    );
+}
+
+/// A chunk whose bytes do not decode is corruption: the store is moved aside, never misread.
+#[test]
+fn store_undecodable_chunk_is_moved_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    populated(tmp.path());
+    let keys = log_keys_on_disk(tmp.path());
+    {
+        let db = sled::open(tmp.path().join("store")).unwrap();
+        db.open_tree(TREE_NAME)
+            .unwrap()
+            .insert(&log_key(keys[0].0)[..], &[chunk::CHUNK_V1, 0, 50, 1][..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    wait_until_unlocked(&tmp.path().join("store/db"), Instant::now() + WAIT).unwrap();
+    assert_moved_aside(tmp.path());
+}
+
+mod model {
+    //! The log against a model (a BTreeMap) under random appends, deletions and reopens.
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// One submission appending records of these sizes.
+        Append(Vec<usize>),
+        /// Several submissions queued before waiting (one group commit, usually).
+        Burst(Vec<Vec<usize>>),
+        /// Delete through the entry at this fraction of the live log (0..=100 %).
+        DeleteThrough(u8),
+        /// Delete the entry at this fraction of the live log.
+        DeleteOne(u8),
+        /// Read from the entry at this fraction, at most this many.
+        Read(u8, usize),
+        Reopen,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let sizes = || proptest::collection::vec(0usize..3_000, 1..40);
+        prop_oneof![
+            4 => sizes().prop_map(Step::Append),
+            2 => proptest::collection::vec(sizes(), 1..4).prop_map(Step::Burst),
+            2 => (0u8..=100).prop_map(Step::DeleteThrough),
+            1 => (0u8..=100).prop_map(Step::DeleteOne),
+            2 => ((0u8..=100), 1usize..300).prop_map(|(f, n)| Step::Read(f, n)),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    fn pick(model: &BTreeMap<Seq, Bytes>, frac: u8) -> Option<Seq> {
+        let n = model.len();
+        (n > 0).then(|| *model.keys().nth((n - 1) * frac as usize / 100).unwrap())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+        #[test]
+        fn store_log_matches_model(steps in proptest::collection::vec(step(), 1..30)) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (mut store, _) = open(tmp.path());
+            let mut model: BTreeMap<Seq, Bytes> = BTreeMap::new();
+            let mut counter = 0u32;
+            let mut records = |sizes: &[usize]| -> Vec<Bytes> {
+                sizes.iter().map(|&n| {
+                    counter += 1;
+                    let mut v = counter.to_be_bytes().to_vec();
+                    v.resize(n.max(4), b'a' + (counter % 26) as u8);
+                    Bytes::from(v)
+                }).collect()
+            };
+            for step in steps {
+                match step {
+                    Step::Append(sizes) => {
+                        let recs = records(&sizes);
+                        let (_, seqs) = commit(&store, recs.iter().cloned().map(Op::Append).collect());
+                        model.extend(seqs.into_iter().zip(recs));
+                    }
+                    Step::Burst(subs) => {
+                        let mut last = 0;
+                        for sizes in subs {
+                            let recs = records(&sizes);
+                            let (t, seqs) = store.submit(recs.iter().cloned().map(Op::Append).collect()).unwrap();
+                            model.extend(seqs.into_iter().zip(recs));
+                            last = t;
+                        }
+                        store.wait_durable(last, WAIT).unwrap();
+                    }
+                    Step::DeleteThrough(f) => {
+                        if let Some(s) = pick(&model, f) {
+                            commit(&store, vec![Op::DeleteLogThrough(s)]);
+                            model.retain(|k, _| *k > s);
+                        }
+                    }
+                    Step::DeleteOne(f) => {
+                        if let Some(s) = pick(&model, f) {
+                            commit(&store, vec![Op::DeleteLog(s)]);
+                            model.remove(&s);
+                        }
+                    }
+                    Step::Read(f, n) => {
+                        if let Some(s) = pick(&model, f) {
+                            let want: Vec<(Seq, Bytes)> = model.range(s..).take(n).map(|(k, v)| (*k, v.clone())).collect();
+                            prop_assert_eq!(store.read_log(s, n).unwrap(), want);
+                        }
+                    }
+                    Step::Reopen => {
+                        store.shutdown().unwrap();
+                        drop(store);
+                        let (s, recovery) = open(tmp.path());
+                        store = s;
+                        prop_assert_eq!(recovery.log_len, model.len() as u64);
+                    }
+                }
+                let stats = store.log_stats();
+                prop_assert_eq!(stats.len, model.len() as u64);
+                prop_assert_eq!(stats.bytes, model.values().map(|v| v.len() as u64).sum::<u64>());
+                prop_assert_eq!(stats.first_seq, model.keys().next().copied());
+                prop_assert_eq!(stats.last_seq, model.keys().next_back().copied());
+            }
+            let all: Vec<(Seq, Bytes)> = model.into_iter().collect();
+            prop_assert_eq!(store.read_log(0, usize::MAX).unwrap(), all);
+        }
+    }
+}
+
+/// Reads racing commits that re-key chunks (deletions into them) and grow the last chunk never
+/// return an entry twice, out of order, or one that was never deleted missing.
+#[test]
+fn store_reads_racing_partial_deletes_stay_ordered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let (_, seqs) = commit(&store, (0..20_000).map(|_| Op::Append(rec(50))).collect());
+    let last = *seqs.last().unwrap();
+    let deleted_through = std::sync::Arc::new(AtomicU64::new(0));
+    let reader = {
+        let store = store.clone();
+        let deleted_through = deleted_through.clone();
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while deleted_through.load(Ordering::SeqCst) < last - 1_000 {
+                let from = deleted_through.load(Ordering::SeqCst) + 1;
+                let got = store.read_log(from, 600).unwrap();
+                assert!(
+                    got.windows(2).all(|w| w[0].0 < w[1].0),
+                    "out of order or twice"
+                );
+                assert!(got.iter().all(|(s, _)| *s >= from));
+                // Entries above the announced watermark are never deleted, so the first one
+                // returned is at most the watermark (read after the read) + 1.
+                let now = deleted_through.load(Ordering::SeqCst);
+                assert!(
+                    got[0].0 <= now.max(from) + 1,
+                    "skipped entries: from {from}, got {}",
+                    got[0].0
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Delete in steps that land inside chunks (20 entries of 50 B per 2 KiB chunk, roughly),
+    // appending meanwhile so the last chunk is rewritten too.
+    let mut through = 0;
+    while through < last - 1_000 {
+        through += 7;
+        // Announced before the commit: nothing above the announced value is ever deleted.
+        deleted_through.store(through, Ordering::SeqCst);
+        commit(
+            &store,
+            vec![Op::DeleteLogThrough(through), Op::Append(rec(50))],
+        );
+    }
+    let reads = reader.join().unwrap();
+    assert!(reads > 10, "{reads} reads");
+}

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
+use super::chunk::{self, Entries};
 use super::{
     lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq,
     Shared, StoreError, Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
@@ -82,7 +83,7 @@ fn commit(
     loop {
         let attempt = shared.engine().and_then(|engine| {
             if built.is_none() {
-                built = Some(build(&engine, group)?);
+                built = Some(build(&engine, group, shared.chunked_from)?);
             }
             let b = built.as_ref().expect("built above");
             engine.tree.apply_batch(b.batch.clone())?;
@@ -131,68 +132,182 @@ fn commit(
     }
 }
 
-/// Turns a group into one sled batch; reads the current state only to size deletions.
-fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
+/// The log as this group commit sees it: sled's state with the group's own changes on top.
+/// Chunks are read from sled on demand (deletions touch the front of the log, appends its
+/// last chunk), so building a commit costs a few reads whatever the backlog.
+struct LogView<'a> {
+    tree: &'a sled::Tree,
+    chunked_from: Seq,
+    /// Chunks changed by this group, by key: `Some` = new contents, `None` = removed.
+    dirty: BTreeMap<Seq, Option<Entries>>,
+}
+
+impl LogView<'_> {
+    fn decode(&self, k: &[u8], v: sled::IVec) -> Result<(Seq, Entries), StoreError> {
+        super::decode_log_item(k, v, self.chunked_from)
+    }
+
+    /// The chunk with the highest key `<= max_key`: the one that holds `max_key` if any does.
+    fn last_chunk_through(&self, max_key: Seq) -> Result<Option<(Seq, Entries)>, StoreError> {
+        let from_dirty = self
+            .dirty
+            .range(..=max_key)
+            .rev()
+            .find_map(|(k, c)| c.as_ref().map(|c| (*k, c)));
+        let mut from_tree = None;
+        for item in self.tree.range(log_key(0)..=log_key(max_key)).rev() {
+            let (k, v) = item?;
+            let key = parse_log_key(&k)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad log key {:?}", &k[..])))?;
+            if from_dirty.is_some_and(|(dk, _)| dk > key) {
+                break;
+            }
+            if !self.dirty.contains_key(&key) {
+                from_tree = Some(self.decode(&k, v)?);
+                break;
+            }
+        }
+        Ok(match (from_dirty, from_tree) {
+            (Some((dk, d)), Some((tk, t))) => Some(if dk > tk { (dk, d.clone()) } else { (tk, t) }),
+            (Some((dk, d)), None) => Some((dk, d.clone())),
+            (None, t) => t,
+        })
+    }
+
+    /// The chunk stored under `key` in sled, ignoring this group's changes.
+    fn load_from_tree(&self, key: Seq) -> Result<Option<Entries>, StoreError> {
+        match self.tree.get(log_key(key))? {
+            Some(v) => Ok(Some(self.decode(&log_key(key), v)?.1)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every chunk whose key is `<= max_key`, ascending.
+    fn chunks_through(&self, max_key: Seq) -> Result<Vec<(Seq, Entries)>, StoreError> {
+        let mut out: BTreeMap<Seq, Entries> = BTreeMap::new();
+        for item in self.tree.range(log_key(0)..=log_key(max_key)) {
+            let (k, v) = item?;
+            let (key, entries) = self.decode(&k, v)?;
+            if !self.dirty.contains_key(&key) {
+                out.insert(key, entries);
+            }
+        }
+        for (k, c) in self.dirty.range(..=max_key) {
+            if let Some(c) = c {
+                out.insert(*k, c.clone());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Replaces chunk `key` by the `rest` of its entries (re-keyed to the first one).
+    fn replace(&mut self, key: Seq, rest: Entries) {
+        self.dirty.insert(key, None);
+        if let Some(&(first, _)) = rest.first() {
+            self.dirty.insert(first, Some(rest));
+        }
+    }
+}
+
+/// Turns a group into one sled batch. Reads the log only where the group changes it: the last
+/// chunk (appends join it while it has room) and the chunks that deletions reach.
+fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Built, StoreError> {
     let mut batch = sled::Batch::default();
-    // Log entries appended (Some(len)) or deleted (None) earlier in this group.
-    let mut overlay: BTreeMap<Seq, Option<u64>> = BTreeMap::new();
+    let mut view = LogView {
+        tree: &engine.tree,
+        chunked_from,
+        dirty: BTreeMap::new(),
+    };
     let (mut d_len, mut d_bytes, mut ops, mut touched_log) = (0i64, 0i64, 0usize, false);
     let mut max_appended: Option<Seq> = None;
-    let current_len =
-        |seq: Seq, overlay: &BTreeMap<Seq, Option<u64>>| -> Result<Option<u64>, StoreError> {
-            match overlay.get(&seq) {
-                Some(v) => Ok(*v),
-                None => Ok(engine.tree.get(log_key(seq))?.map(|v| v.len() as u64)),
-            }
-        };
+    // Key of the chunk appends go to, once looked up; `None` after a deletion (which may
+    // remove or re-key it).
+    let mut tail: Option<Option<Seq>> = None;
     for sub in group {
         for op in &sub.ops {
             ops += 1;
             match op {
                 WriteOp::Append(seq, v) => {
-                    batch.insert(&log_key(*seq)[..], &v[..]);
-                    overlay.insert(*seq, Some(v.len() as u64));
+                    if tail.is_none() {
+                        // Legacy entries are single raw records: never extend one.
+                        tail = Some(
+                            view.last_chunk_through(Seq::MAX)?
+                                .map(|(k, _)| k)
+                                .filter(|&k| k >= chunked_from),
+                        );
+                    }
+                    let fits = |chunk: &Entries| {
+                        chunk.last().is_some_and(|&(last, _)| {
+                            last < *seq
+                                && chunk::encoded_len(chunk) + chunk::entry_len(last, *seq, v.len())
+                                    <= chunk::CHUNK_TARGET_BYTES
+                        })
+                    };
+                    let mut joined = false;
+                    if let Some(Some(k)) = tail {
+                        if !view.dirty.contains_key(&k) {
+                            if let Some(chunk) = view.load_from_tree(k)? {
+                                if fits(&chunk) {
+                                    view.dirty.insert(k, Some(chunk));
+                                }
+                            }
+                        }
+                        if let Some(Some(chunk)) = view.dirty.get_mut(&k) {
+                            if fits(chunk) {
+                                chunk.push((*seq, v.clone()));
+                                joined = true;
+                            }
+                        }
+                    }
+                    if !joined {
+                        view.dirty.insert(*seq, Some(vec![(*seq, v.clone())]));
+                        tail = Some(Some(*seq));
+                    }
                     d_len += 1;
                     d_bytes += v.len() as i64;
                     max_appended = Some(*seq);
                     touched_log = true;
                 }
                 WriteOp::DeleteLog(seq) => {
-                    if let Some(len) = current_len(*seq, &overlay)? {
-                        batch.remove(&log_key(*seq)[..]);
-                        overlay.insert(*seq, None);
-                        d_len -= 1;
-                        d_bytes -= len as i64;
-                        touched_log = true;
+                    if let Some((key, entries)) = view.last_chunk_through(*seq)? {
+                        if let Some(i) = entries.iter().position(|(s, _)| s == seq) {
+                            let mut rest = entries;
+                            let (_, gone) = rest.remove(i);
+                            d_len -= 1;
+                            d_bytes -= gone.len() as i64;
+                            touched_log = true;
+                            if i == 0 {
+                                view.replace(key, rest);
+                            } else {
+                                view.dirty.insert(key, Some(rest));
+                            }
+                            tail = None;
+                        }
                     }
                 }
                 WriteOp::DeleteLogThrough(through) => {
-                    let mut doomed: Vec<(Seq, u64)> = Vec::new();
-                    for item in engine.tree.range(log_key(0)..=log_key(*through)) {
-                        let (k, v) = item?;
-                        let seq = parse_log_key(&k).ok_or_else(|| {
-                            StoreError::Corrupt(format!("bad log key {:?}", &k[..]))
-                        })?;
-                        if !overlay.contains_key(&seq) {
-                            doomed.push((seq, v.len() as u64));
+                    for (key, entries) in view.chunks_through(*through)? {
+                        let (gone, rest): (Entries, Entries) =
+                            entries.into_iter().partition(|(s, _)| s <= through);
+                        if gone.is_empty() {
+                            continue;
                         }
-                    }
-                    doomed.extend(
-                        overlay
-                            .range(..=*through)
-                            .filter_map(|(s, l)| l.map(|l| (*s, l))),
-                    );
-                    for (seq, len) in doomed {
-                        batch.remove(&log_key(seq)[..]);
-                        overlay.insert(seq, None);
-                        d_len -= 1;
-                        d_bytes -= len as i64;
+                        d_len -= gone.len() as i64;
+                        d_bytes -= gone.iter().map(|(_, v)| v.len() as i64).sum::<i64>();
                         touched_log = true;
+                        view.replace(key, rest);
+                        tail = None;
                     }
                 }
                 WriteOp::Put(k, v) => batch.insert(&k[..], &v[..]),
                 WriteOp::Remove(k) => batch.remove(&k[..]),
             }
+        }
+    }
+    for (key, chunk) in view.dirty {
+        match chunk {
+            Some(entries) => batch.insert(&log_key(key)[..], chunk::encode(&entries)),
+            None => batch.remove(&log_key(key)[..]),
         }
     }
     if let Some(max) = max_appended {
@@ -213,20 +328,12 @@ fn build(engine: &Engine, group: &[Submission]) -> Result<Built, StoreError> {
 
 fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
     if b.touched_log {
-        let first = engine.tree.range(log_key(0)..=log_key(Seq::MAX)).next();
-        let last = engine
-            .tree
-            .range(log_key(0)..=log_key(Seq::MAX))
-            .next_back();
-        let seq_of = |item: Option<sled::Result<(sled::IVec, sled::IVec)>>| {
-            item.and_then(|r| r.ok())
-                .and_then(|(k, _)| parse_log_key(&k))
-        };
+        let (first_seq, last_seq) = super::log_bounds(&engine.tree, shared.chunked_from);
         let mut c = lock(&shared.counters);
         c.len = (c.len as i64 + b.d_len).max(0) as u64;
         c.bytes = (c.bytes as i64 + b.d_bytes).max(0) as u64;
-        c.first_seq = seq_of(first);
-        c.last_seq = seq_of(last);
+        c.first_seq = first_seq;
+        c.last_seq = last_seq;
     }
     if failures > 0 {
         info!(
