@@ -5,7 +5,7 @@
 #   scripts/bench.sh                 # full run (fits in 10 minutes on the 2-core dev VM)
 #   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios
+#   scripts/bench.sh --only 1,4      # a subset of scenarios (6: RSS against the backlog)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -16,7 +16,7 @@ cd "$ROOT"
 
 MODE=full
 ROUNDS=3
-ONLY=1,2,3,4,5
+ONLY=1,2,3,4,5,6
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,11 +36,13 @@ if [ "$MODE" = full ]; then
   S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000
   S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
   S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
+  S6_STEP=250000; S6_STEPS=8
 else
   S1_MSGS=5000
   S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
   S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
   S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
+  S6_STEP=50000; S6_STEPS=4
 fi
 
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
@@ -370,6 +372,54 @@ if want 5; then
   done
 fi
 
+# 6. Memory against the backlog: one Waystation, upstream down, S6_STEP messages added per step;
+# VmRSS after each step, then after a restart (recovery of the whole log). Flat is the target.
+S6_ROWS=""
+if want 6; then
+  # Two bridges, both upstreams down; after the restart one drains while the other stays down,
+  # so the drain reads the whole backlog and deletes none of it.
+  free_port; p=$PORT; free_port; u1=$PORT; free_port; u2=$PORT
+  start_waystation "$p" "$u1" "$u2"; EPID=$BPID; EDIR=$DIR
+  sleep 1
+  read -r rss hwm < <("$WSB" mem --pid "$EPID")
+  S6_ROWS="| 0 | $(printf %.1f "$(echo "$rss / 1024" | bc -l)") | 0 |"
+  per=$((S6_STEP / 8))
+  for i in $(seq 1 "$S6_STEPS"); do
+    say "s6: backlog step $i of $S6_STEPS (+$S6_STEP)"
+    bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+      --client-prefix "s6-$i" --publisher-base "$(((i - 1) * 8))" --pid "$EPID" --scenario s6-step --broker waystation --round "$i" --out "$RES" >/dev/null 2>>"$LOG"
+    sleep 2
+    read -r rss hwm < <("$WSB" mem --pid "$EPID")
+    rss_mib=$(printf %.1f "$(echo "$rss / 1024" | bc -l)")
+    disk=$(du -sm "$EDIR/data" | cut -f1)
+    "$WSB" record --scenario s6-backlog --broker waystation --round "$i" --set "waiting=$((i * S6_STEP))" \
+      --set "rss_mib=$rss_mib" --set "store_disk_mib=$disk" --out "$RES" >/dev/null 2>>"$LOG"
+    S6_ROWS="$S6_ROWS
+| $((i * S6_STEP)) | $rss_mib | $disk |"
+  done
+  say "s6: restart with $((S6_STEPS * S6_STEP)) waiting"
+  stop_pid "$EPID"
+  "$WS" run --config "$EDIR/waystation.toml" 2> "$EDIR/stderr-restart.log" &
+  EPID=$!; PIDS+=("$EPID")
+  for _ in $(seq 1 2400); do grep -qs "listening on" "$EDIR/stderr-restart.log" && break; sleep 0.025; done
+  sleep 2
+  read -r rss hwm < <("$WSB" mem --pid "$EPID")
+  S6_ROWS="$S6_ROWS
+| $((S6_STEPS * S6_STEP)) after a restart | $(printf %.1f "$(echo "$rss / 1024" | bc -l)") (peak $(printf %.1f "$(echo "$hwm / 1024" | bc -l)")) | $(du -sm "$EDIR/data" | cut -f1) |"
+  say "s6: one bridge drains $((S6_STEPS * S6_STEP)) into Mosquitto, the other upstream stays down"
+  bench sub --addr "127.0.0.1:$u1" --expect "$((S6_STEPS * S6_STEP))" --idle-timeout 10 --pid "$EPID" \
+    --scenario s6-drain --broker waystation --round 1 --out "$RES" >/dev/null 2>>"$LOG" &
+  SUB=$!
+  sleep 0.2
+  start_mosquitto "$u1"; UPID=$BPID
+  wait "$SUB" || true
+  read -r rss hwm < <("$WSB" mem --pid "$EPID")
+  S6_ROWS="$S6_ROWS
+| $((S6_STEPS * S6_STEP)) after one bridge drained it all (the other still waits) | $(printf %.1f "$(echo "$rss / 1024" | bc -l)") (peak since the restart $(printf %.1f "$(echo "$hwm / 1024" | bc -l)")) | $(du -sm "$EDIR/data" | cut -f1) |"
+  stop_pid "$UPID"
+  stop_pid "$EPID"
+fi
+
 # Tables.
 {
   echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint: 1), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
@@ -402,6 +452,14 @@ fi
     --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s"
   want 5 && T --scenario s5-idle --title "5. Idle footprint (no clients)" \
     --metrics "rss_idle_mib:RSS MiB,binary_mib:binary MiB"
+  if want 6; then
+    echo "### 6. Edge RSS against the backlog (upstream down, +$S6_STEP x 64 B QoS 1 per step)"
+    echo
+    echo "| waiting | VmRSS MiB | store on disk MiB |"
+    echo "|---|---|---|"
+    echo "$S6_ROWS"
+    echo
+  fi
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
 say "done: $OUT/tables.md"

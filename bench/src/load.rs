@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// Payload bytes (at least 16: publisher id, sequence, timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Number of the first publisher (its id in payloads and `{p}` in the topic): runs that
+    /// add to the same backlog use different bases so a later drain can tell them apart.
+    #[arg(long, default_value_t = 0)]
+    pub publisher_base: u32,
     /// Messages per second per publisher; 0 = as fast as the in-flight window allows.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
@@ -590,7 +594,8 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let pubs_done = Arc::new(AtomicUsize::new(0));
     let mut pubs = JoinSet::new();
     for (i, c) in pub_conns.into_iter().enumerate() {
-        let topic = a.topic.replace("{p}", &i.to_string());
+        let idx = a.publisher_base + i as u32;
+        let topic = a.topic.replace("{p}", &idx.to_string());
         let offset = plan
             .period
             .map(|p| p.mul_f64(i as f64 / a.publishers as f64))
@@ -599,7 +604,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         let done = pubs_done.clone();
         let stop = stop_rx.clone();
         pubs.spawn(async move {
-            let r = publisher(i as u32, topic, c, plan, t0, offset, done.clone(), stop).await;
+            let r = publisher(idx, topic, c, plan, t0, offset, done.clone(), stop).await;
             if r.is_err() {
                 // A failed publisher is done too (its error is reported).
                 done.fetch_add(1, Ordering::SeqCst);
