@@ -248,19 +248,21 @@ fn no_will_after_disconnect() {
 #[test]
 fn retained_will_is_stored_as_retained_message() {
     let ws = Waystation::start();
+    // A watcher subscribed beforehand sees the will when it is published (live, so RETAIN 0);
+    // only then is the later subscriber's RETAIN 1 copy a test of the retained store, not of
+    // which of the two arrived first.
+    let mut watcher = RawClient::connect(ws.addr, "w-ret-watcher");
+    watcher.subscribe_ok(1, &[("wills/status", 1)]);
     let c = will_client(&ws, "w-ret", "wills/status", b"offline", 1, true);
     drop(c);
+    let live = watcher.recv_publish();
+    assert_eq!(
+        (live.payload.as_slice(), live.retain),
+        (&b"offline"[..], false)
+    );
     let mut later = RawClient::connect(ws.addr, "w-ret-later");
-    let mut got = None;
-    // Allow the broker a moment to notice the drop; re-subscribe until the retained will shows.
-    for attempt in 0..10u16 {
-        later.subscribe_ok(attempt + 1, &[("wills/status", 1)]);
-        if let Ok(Pkt::Publish(p)) = later.recv_timeout(Duration::from_millis(300)) {
-            got = Some(p);
-            break;
-        }
-    }
-    let p = got.expect("retained will delivered to a later subscriber");
+    later.subscribe_ok(1, &[("wills/status", 1)]);
+    let p = later.recv_publish();
     assert_eq!(
         (p.payload.as_slice(), p.retain, p.qos),
         (&b"offline"[..], true, 1)
