@@ -10,12 +10,12 @@
 //! Invariants:
 //! - Never skip: the cursor only advances over a contiguous run of acknowledged entries,
 //!   so a crash or reconnect resends from the first unacknowledged one.
-//! - Bounded duplicates: after a crash the bridge resends from its last *durable* cursor.
-//!   It never lets the acknowledged-but-not-yet-durable part of its cursor grow beyond
-//!   `MAX_UNPERSISTED_ACKS` entries (it stops sending until the store catches up), so a
-//!   crash duplicates at most `max_inflight + MAX_UNPERSISTED_ACKS` messages. (Waiting for
-//!   each cursor write before sending more would bound it by the window alone, but would
-//!   cap the drain at one window per disk sync.)
+//! - Bounded duplicates: after a crash the bridge resends from its last *durable* cursor,
+//!   so what it may send twice is what is in flight plus what was acknowledged upstream but
+//!   whose cursor write is not durable yet. Both share the `max_inflight` window: a forwarded
+//!   entry frees its slot only once a cursor past it is on disk, so a crash duplicates at
+//!   most `max_inflight` messages. Cursor writes ride the store's group commit and are
+//!   pipelined (up to two outstanding), so the window refills one commit after the acks.
 //! - Never drop for slowness: an upstream that is away, refuses us or stalls (connected
 //!   but not acknowledging for `ack_timeout`) is reconnected with capped, jittered
 //!   exponential back-off while the log holds everything.
@@ -37,9 +37,6 @@ use crate::router::RouterCmd;
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Op, Seq, Store};
 use crate::topic::{filter_matches, valid_filter};
-
-/// Log entries acknowledged upstream whose cursor update is not yet durable, at most.
-pub const MAX_UNPERSISTED_ACKS: u64 = 1024;
 
 /// Log entries read per range scan.
 const READ_AHEAD: usize = 1024;
@@ -477,6 +474,9 @@ struct Sent {
     sent_at: Instant,
     /// When the broker received it (Unix ms), for the forward latency histogram.
     received_at_ms: u64,
+    /// Published upstream (not passed over as not for this bridge): may be duplicated after
+    /// a crash until a cursor past it is durable.
+    forwarded: bool,
 }
 
 impl Bridge {
@@ -560,6 +560,9 @@ impl Bridge {
         // Cursor writes submitted and not yet durable, and the cursor the disk surely has.
         let mut unconfirmed: VecDeque<(crate::store::Ticket, Seq)> = VecDeque::new();
         let mut durable_cursor = *cursor;
+        // Forwarded entries behind the cursor but not behind the durable cursor: they hold
+        // window slots (see "Bounded duplicates").
+        let mut forwarded_unpersisted: VecDeque<Seq> = VecDeque::new();
         let mut skip_rounds = 0;
         let mut last_persist = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -577,10 +580,16 @@ impl Bridge {
                     durable_cursor = seq;
                 }
             }
-            let within_duplicate_bound = *cursor - durable_cursor < MAX_UNPERSISTED_ACKS;
+            while forwarded_unpersisted
+                .front()
+                .is_some_and(|seq| *seq <= durable_cursor)
+            {
+                forwarded_unpersisted.pop_front();
+            }
+            let occupied = sent.len() + forwarded_unpersisted.len();
             // Fill the window from the log.
-            if connected && sent.len() < max_inflight && within_duplicate_bound {
-                let budget = max_inflight - sent.len();
+            if connected && occupied < max_inflight {
+                let budget = max_inflight - occupied;
                 let budget = match &mut rate {
                     Some(r) => r.available(budget),
                     None => budget,
@@ -607,6 +616,7 @@ impl Bridge {
                                     acked: true,
                                     sent_at: Instant::now(),
                                     received_at_ms: 0,
+                                    forwarded: false,
                                 });
                                 continue;
                             }
@@ -625,6 +635,7 @@ impl Bridge {
                                 acked: true,
                                 sent_at: Instant::now(),
                                 received_at_ms: 0,
+                                forwarded: false,
                             });
                             continue;
                         };
@@ -647,6 +658,7 @@ impl Bridge {
                             acked: false,
                             sent_at: Instant::now(),
                             received_at_ms: record.received_at_ms,
+                            forwarded: true,
                         });
                     }
                 }
@@ -656,6 +668,9 @@ impl Bridge {
             while sent.front().is_some_and(|s| s.acked) {
                 if let Some(done) = sent.pop_front() {
                     *cursor = done.seq;
+                    if done.forwarded {
+                        forwarded_unpersisted.push_back(done.seq);
+                    }
                     advanced += 1;
                 }
             }
@@ -666,8 +681,11 @@ impl Bridge {
                     s.inflight = sent.len();
                 });
             }
+            // Persist at once while fewer than two writes are outstanding (the window waits for
+            // them), else in runs.
             if *cursor > persisted
-                && (*cursor - persisted >= CURSOR_PERSIST_EVERY
+                && (unconfirmed.len() < 2
+                    || *cursor - persisted >= CURSOR_PERSIST_EVERY
                     || last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL)
             {
                 if let Some(ticket) = self.persist_cursor(*cursor, false) {
