@@ -5,7 +5,8 @@
 #   scripts/bench.sh                 # full run (fits in 10 minutes on the 2-core dev VM)
 #   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios (6: RSS against the backlog)
+#   scripts/bench.sh --only 1,4      # a subset of scenarios (6: RSS against the backlog;
+#                                    # S6_STEP=500000 S6_STEPS=8 for 4 M)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -24,7 +25,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -36,13 +37,13 @@ if [ "$MODE" = full ]; then
   S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000
   S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
   S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
-  S6_STEP=250000; S6_STEPS=8
+  S6_STEP=${S6_STEP:-250000}; S6_STEPS=${S6_STEPS:-8}
 else
   S1_MSGS=5000
   S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
   S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
   S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
-  S6_STEP=50000; S6_STEPS=4
+  S6_STEP=${S6_STEP:-50000}; S6_STEPS=${S6_STEPS:-4}
 fi
 
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}

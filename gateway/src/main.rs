@@ -6,6 +6,7 @@ mod config;
 #[cfg(feature = "demo")]
 mod demo;
 mod http;
+mod malloc;
 mod metrics;
 mod status;
 mod sys;
@@ -98,6 +99,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    malloc::limit_arenas();
     let cli = Cli::parse();
     #[cfg(feature = "demo")]
     let quiet = matches!(cli.command, Command::Demo(_));
