@@ -123,7 +123,10 @@ max_bytes = 4294967296
 [[bridge]]
 name = "cloud"
 address = "127.0.0.1:$up"
-# Also the bound on duplicates after a crash; 100 (the default) drains ~37 k msg/s here.
+# Also the bound on duplicates after a crash. The window paces a drain (each slot waits one
+# round trip + one disk sync): into Mosquitto 100 (the default) gave 37 k msg/s here, 300
+# ~0.64x of Mosquitto's own one-client ceiling, 1000 ~0.7-0.8x but half the ingest while
+# forwarding (the bridge takes the CPU). See docs/BENCHMARKS.md.
 max_inflight = 300
 reconnect = { initial_ms = 500, max_ms = 5000 }
 [[bridge.forward]]
