@@ -479,6 +479,20 @@ struct Sent {
     forwarded: bool,
 }
 
+impl Sent {
+    /// An entry this bridge does not send (not for it, or undecodable): done with at once.
+    fn passed_over(seq: Seq) -> Sent {
+        Sent {
+            seq,
+            pkid: None,
+            acked: true,
+            sent_at: Instant::now(),
+            received_at_ms: 0,
+            forwarded: false,
+        }
+    }
+}
+
 impl Bridge {
     fn set_status(&self, f: impl FnOnce(&mut BridgeStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -610,14 +624,7 @@ impl Bridge {
                             Ok(r) => r,
                             Err(e) => {
                                 warn!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
-                                sent.push_back(Sent {
-                                    seq,
-                                    pkid: None,
-                                    acked: true,
-                                    sent_at: Instant::now(),
-                                    received_at_ms: 0,
-                                    forwarded: false,
-                                });
+                                sent.push_back(Sent::passed_over(seq));
                                 continue;
                             }
                         };
@@ -629,14 +636,7 @@ impl Bridge {
                         };
                         let Some(rule) = rule else {
                             // Not for this bridge (or its own command coming back): done for it.
-                            sent.push_back(Sent {
-                                seq,
-                                pkid: None,
-                                acked: true,
-                                sent_at: Instant::now(),
-                                received_at_ms: 0,
-                                forwarded: false,
-                            });
+                            sent.push_back(Sent::passed_over(seq));
                             continue;
                         };
                         let topic = format!("{}{}", rule.remote_prefix, record.topic);
