@@ -91,9 +91,10 @@ function render(s) {
   $("error").style.display = "none";
   $("gateway").textContent = s.gateway + " · v" + s.version;
   const health = $("health");
-  health.textContent = s.healthy ? "healthy" : "unhealthy";
-  health.className = "badge " + (s.healthy ? "ok" : "bad");
-  health.title = s.unhealthy_reason || "";
+  const degraded = s.healthy && (s.degraded || []).length > 0;
+  health.textContent = !s.healthy ? "unhealthy" : degraded ? "degraded" : "healthy";
+  health.className = "badge " + (!s.healthy ? "bad" : degraded ? "warn" : "ok");
+  health.title = s.unhealthy_reason || (s.degraded || []).join("\n");
   $("uptime").textContent = "up " + age(s.uptime_s);
 
   const sensors = s.clients.filter((c) => c.last_publish);
@@ -134,17 +135,19 @@ function render(s) {
     const dot = document.createElement("span");
     dot.className = "dot" + (b.connected ? " up" : "");
     name.append(dot, b.name);
-    cell(tr, b.connected ? "connected" : "down");
+    cell(tr, b.connected ? "connected" : (b.down_for_s != null ? "down " + b.down_for_s + " s" : "down"));
     cell(tr, fmt(b.forwarded), "num");
     cell(tr, fmt(b.backlog), "num");
     cell(tr, fmt(b.inflight), "num");
     cell(tr, fmt(b.reconnects), "num");
+    const reasons = Object.entries(b.failures || {}).map(([k, v]) => k + " " + fmt(v)).join(", ");
+    cell(tr, reasons, "muted");
     cell(tr, b.last_error || "", "muted");
     bt.appendChild(tr);
   }
   if (s.bridges.length === 0) {
     const tr = document.createElement("tr");
-    cell(tr, "no bridges configured", "muted").colSpan = 7;
+    cell(tr, "no bridges configured", "muted").colSpan = 8;
     bt.appendChild(tr);
   }
 

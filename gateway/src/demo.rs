@@ -121,6 +121,8 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
             password_env: None,
             tls: None,
             keep_alive: 5,
+            clean_session: false,
+            connect_timeout: 5,
             max_inflight: 100,
             max_rate: None,
             ack_timeout: 5,

@@ -143,9 +143,21 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {
-    match status::unhealthy(&state.status.status()) {
-        None => (StatusCode::OK, "ok\n").into_response(),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    let s = state.status.status();
+    if let Some(reason) = status::unhealthy(&s) {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
+    }
+    let degraded = status::degraded(&s, status::unix_ms());
+    if degraded.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        // Degraded, not failing: the gateway keeps every message while the uplink is away,
+        // so a load balancer or systemd watchdog must not restart it for this.
+        (
+            StatusCode::OK,
+            format!("degraded: {}\n", degraded.join("; ")),
+        )
+            .into_response()
     }
 }
 

@@ -430,6 +430,63 @@ impl Collector for BrokerCollector {
         )?;
         family(
             &mut e,
+            "waystation_bridge_connect_attempts",
+            "Upstream connection attempts started",
+            MetricType::Counter,
+            &b(&|x| x.connect_attempts as f64),
+        )?;
+        let failures: Vec<(Labels, f64)> = status
+            .bridges
+            .iter()
+            .flat_map(|x| {
+                waystation_broker::bridge::LinkError::REASONS
+                    .iter()
+                    .chain(["config", "store", "shutdown"].iter())
+                    .map(move |reason| {
+                        (
+                            vec![("bridge", x.name.clone()), ("reason", reason.to_string())],
+                            x.failures.get(reason).copied().unwrap_or(0) as f64,
+                        )
+                    })
+            })
+            .collect();
+        family(
+            &mut e,
+            "waystation_bridge_connection_failures",
+            "Upstream connections lost or attempts failed, by reason",
+            MetricType::Counter,
+            &failures,
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_down_seconds",
+            "How long the upstream link has been down (0 while connected)",
+            MetricType::Gauge,
+            &b(&|x| {
+                x.down_since_ms
+                    .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0)
+            }),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_sent_bytes",
+            "Bytes written to the upstream, MQTT framing and TLS included",
+            MetricType::Counter,
+            &b(&|x| x.wire.bytes_sent.load(std::sync::atomic::Ordering::Relaxed) as f64),
+        )?;
+        family(
+            &mut e,
+            "waystation_bridge_received_bytes",
+            "Bytes read from the upstream",
+            MetricType::Counter,
+            &b(&|x| {
+                x.wire
+                    .bytes_received
+                    .load(std::sync::atomic::Ordering::Relaxed) as f64
+            }),
+        )?;
+        family(
+            &mut e,
             "waystation_bridge_inflight",
             "Messages sent upstream, not yet acknowledged",
             MetricType::Gauge,

@@ -46,6 +46,31 @@ pub fn unhealthy(status: &BrokerStatus) -> Option<String> {
     None
 }
 
+/// A bridge down this long is reported as degraded on `/healthz` (still 200: the log holds
+/// everything and publishers are served; an operator should look at the uplink).
+pub const BRIDGE_DEGRADED_AFTER_MS: u64 = 30_000;
+
+/// What works but needs an operator's eye: bridges that have been trying to reach their
+/// upstream for a while, each with how long and the last error.
+pub fn degraded(status: &BrokerStatus, now_ms: u64) -> Vec<String> {
+    status
+        .bridges
+        .iter()
+        .filter_map(|b| {
+            let down_for = now_ms.saturating_sub(b.down_since_ms?);
+            (down_for >= BRIDGE_DEGRADED_AFTER_MS).then(|| {
+                format!(
+                    "bridge {}: upstream unreachable for {} s ({} attempts; last error: {})",
+                    b.name,
+                    down_for / 1000,
+                    b.connect_attempts,
+                    b.last_error.as_deref().unwrap_or("none yet")
+                )
+            })
+        })
+        .collect()
+}
+
 pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
     let status = handle.status();
     let st = handle.stats();
@@ -84,6 +109,13 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
                 "forwarded": b.forwarded,
                 "received": b.received,
                 "reconnects": b.reconnects,
+                "connect_attempts": b.connect_attempts,
+                "failures": b.failures,
+                "connected_since_ms": b.connected_since_ms,
+                "down_since_ms": b.down_since_ms,
+                "down_for_s": b.down_since_ms.map(|t| now.saturating_sub(t) / 1000),
+                "bytes_sent": b.wire.bytes_sent.load(Relaxed),
+                "bytes_received": b.wire.bytes_received.load(Relaxed),
                 "inflight": b.inflight,
             })
         })
@@ -91,6 +123,7 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
     let sum =
         |a: &[std::sync::atomic::AtomicU64; 3]| a.iter().map(|c| c.load(Relaxed)).sum::<u64>();
     let unhealthy = unhealthy(&status);
+    let degraded = degraded(&status, now);
     json!({
         "gateway": gateway_id,
         "version": env!("CARGO_PKG_VERSION"),
@@ -99,6 +132,7 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
         "uptime_s": now.saturating_sub(status.started_at_ms) / 1000,
         "healthy": unhealthy.is_none(),
         "unhealthy_reason": unhealthy,
+        "degraded": degraded,
         "totals": {
             "connections": st.connections.load(Relaxed),
             "connections_total": st.connections_total.load(Relaxed),

@@ -1,0 +1,807 @@
+//! One bridge's task: connect (with back-off), then run the forwarding session over the
+//! link until it ends, and again, until shutdown.
+//!
+//! The session is a single loop that owns every piece of forwarding state — the window of
+//! PUBLISHes sent and not yet acknowledged, the cursor and its durable copy, keep-alive
+//! deadlines — and waits in one `select!` on things that are all cancel-safe: the link's
+//! incoming queue, the store's durability watch, a tick and shutdown. It never awaits the
+//! network itself: connection attempts run in a task of their own (`link::connect`) and
+//! bytes go out through the link's writer task.
+//!
+//! The [`Window`] outlives a connection: after a reconnect the PUBLISHes still unacknowledged
+//! are sent again first, with their packet ids and DUP set (MQTT-4.4.0-1 for a persistent
+//! session), and entries already acknowledged are not sent again.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::{v4, QoS as WireQoS};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::link::{self, Link, LinkError, LinkParams};
+use super::{cursor_key, load_cursor, unix_ms, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
+use crate::message::{Message, QoS};
+use crate::router::RouterCmd;
+use crate::store::record::StoredMessage;
+use crate::store::{Keyspace, Op, Seq, Ticket};
+use crate::topic::filter_matches;
+
+/// Log entries read per range scan.
+const READ_AHEAD: usize = 1024;
+
+/// Persist the cursor after this many newly acknowledged entries...
+const CURSOR_PERSIST_EVERY: u64 = 64;
+/// ...or this long after the last persisted advance, whichever comes first.
+const CURSOR_PERSIST_INTERVAL: Duration = Duration::from_millis(20);
+
+/// How long a graceful shutdown waits for queued bytes and DISCONNECT to leave.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Why a session or an attempt ended: a fixed label for metrics and a message for people.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl From<LinkError> for Failure {
+    fn from(e: LinkError) -> Failure {
+        Failure {
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Failure {
+    fn new(reason: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A log entry the window holds: sent and not yet acknowledged, acknowledged but behind an
+/// entry that is not, or passed over (not for this bridge) behind one that is not.
+struct Sent {
+    seq: Seq,
+    /// 0 for QoS 0 and passed-over entries.
+    pkid: u16,
+    acked: bool,
+    sent_at: Instant,
+    /// When the broker received it (Unix ms), for the forward latency histogram.
+    received_at_ms: u64,
+    /// Published upstream: may be duplicated after a crash until a cursor past it is durable.
+    forwarded: bool,
+    /// The encoded QoS 1 PUBLISH, kept until acknowledged to send again after a reconnect.
+    frame: Option<Bytes>,
+}
+
+impl Sent {
+    /// An entry this bridge does not send (not for it, or undecodable): done with at once.
+    fn passed_over(seq: Seq) -> Sent {
+        Sent {
+            seq,
+            pkid: 0,
+            acked: true,
+            sent_at: Instant::now(),
+            received_at_ms: 0,
+            forwarded: false,
+            frame: None,
+        }
+    }
+}
+
+/// Forwarding state that survives reconnects (not restarts: those start at the durable
+/// cursor, see the module docs of `bridge`).
+struct Window {
+    /// Every entry `<=` cursor is done for this bridge (in memory; see `durable_cursor`).
+    cursor: Seq,
+    /// The cursor last submitted to the store, and the one the disk surely has.
+    persisted: Seq,
+    durable_cursor: Seq,
+    /// Cursor writes submitted and not yet durable.
+    unconfirmed: VecDeque<(Ticket, Seq)>,
+    last_persist: Instant,
+    /// Forwarded entries behind `cursor` but not behind `durable_cursor`: they would be sent
+    /// again after a crash, so they are bounded by `max_inflight` like `sent`.
+    forwarded_unpersisted: VecDeque<Seq>,
+    /// Entries after `cursor` that were read from the log, in log order.
+    sent: VecDeque<Sent>,
+    by_pkid: HashMap<u16, Seq>,
+    next_pkid: u16,
+    /// Entries read from the log ahead of the window: one range scan per READ_AHEAD.
+    read_ahead: VecDeque<(Seq, Bytes)>,
+    next_read: Seq,
+}
+
+impl Window {
+    fn new(cursor: Seq) -> Window {
+        Window {
+            cursor,
+            persisted: cursor,
+            durable_cursor: cursor,
+            unconfirmed: VecDeque::new(),
+            last_persist: Instant::now(),
+            forwarded_unpersisted: VecDeque::new(),
+            sent: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            next_pkid: 1,
+            read_ahead: VecDeque::new(),
+            next_read: cursor + 1,
+        }
+    }
+
+    /// A packet id not in use (the window is far smaller than 65,535).
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.by_pkid.contains_key(&pkid) {
+                return pkid;
+            }
+        }
+    }
+
+    fn unacked(&self) -> usize {
+        self.by_pkid.len()
+    }
+
+    /// Takes in what the store made durable since the last call.
+    fn absorb_durability(&mut self, durable_through: Ticket) {
+        while let Some((ticket, seq)) = self.unconfirmed.front().copied() {
+            if ticket > durable_through {
+                break;
+            }
+            self.unconfirmed.pop_front();
+            self.durable_cursor = seq;
+        }
+        let durable = self.durable_cursor;
+        while self
+            .forwarded_unpersisted
+            .front()
+            .is_some_and(|s| *s <= durable)
+        {
+            self.forwarded_unpersisted.pop_front();
+        }
+    }
+
+    /// Moves the cursor over the acknowledged prefix; returns how many entries it passed.
+    fn advance(&mut self) -> u64 {
+        let mut advanced = 0;
+        while self.sent.front().is_some_and(|s| s.acked) {
+            if let Some(done) = self.sent.pop_front() {
+                self.cursor = done.seq;
+                if done.forwarded {
+                    self.forwarded_unpersisted.push_back(done.seq);
+                }
+                advanced += 1;
+            }
+        }
+        advanced
+    }
+
+    /// Slots free for new PUBLISHes: both what is in the window and what is acknowledged
+    /// but not yet durably behind the cursor are bounded by `max_inflight`.
+    fn room(&self, max_inflight: usize) -> usize {
+        max_inflight
+            .saturating_sub(self.sent.len())
+            .min(max_inflight.saturating_sub(self.forwarded_unpersisted.len()))
+    }
+}
+
+/// Keep-alive bookkeeping for one connection.
+struct KeepAlive {
+    interval: Duration,
+    last_sent: Instant,
+    last_heard: Instant,
+    ping_sent_at: Option<Instant>,
+}
+
+impl KeepAlive {
+    fn new(interval: Duration) -> KeepAlive {
+        let now = Instant::now();
+        KeepAlive {
+            interval,
+            last_sent: now,
+            last_heard: now,
+            ping_sent_at: None,
+        }
+    }
+
+    /// Whether to send a PINGREQ now: after `interval` without sending (the MQTT keep-alive
+    /// contract), or without hearing anything (`interval / 2` of that while messages wait
+    /// for acknowledgement, so a dead link under load is found within one `interval`).
+    fn ping_due(&self, waiting_for_acks: bool) -> bool {
+        if self.ping_sent_at.is_some() {
+            return false;
+        }
+        let heard_limit = if waiting_for_acks {
+            self.interval / 2
+        } else {
+            self.interval
+        };
+        self.last_sent.elapsed() >= self.interval || self.last_heard.elapsed() >= heard_limit
+    }
+
+    /// Anything from the upstream shows the link is alive, and answers a PINGREQ.
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.ping_sent_at = None;
+    }
+
+    /// A PINGREQ unanswered for `interval / 2` means the connection is dead: nothing heard
+    /// for at most 1.5 x `interval` (1 x while messages wait).
+    fn dead(&self) -> Option<LinkError> {
+        let grace = self.interval / 2;
+        self.ping_sent_at
+            .filter(|at| at.elapsed() >= grace)
+            .map(|_| LinkError::PingTimeout(grace))
+    }
+}
+
+impl Bridge {
+    pub(super) fn set_status(&self, f: impl FnOnce(&mut BridgeStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut status);
+    }
+
+    /// The bridge's task: runs until shutdown.
+    pub async fn run(mut self) {
+        let mut backoff = Backoff::new(&self.config.reconnect);
+        let mut window = Window::new(load_cursor(&self.store, &self.config.name));
+        let wire = self
+            .status
+            .lock()
+            .map(|s| s.wire.clone())
+            .unwrap_or_default();
+        self.set_status(|s| {
+            s.name = self.config.name.clone();
+            s.cursor = window.cursor;
+            s.down_since_ms = Some(unix_ms());
+        });
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let stopping = *shutdown.borrow();
+            if stopping {
+                return;
+            }
+            self.set_status(|s| s.connect_attempts += 1);
+            let failure = match self.link_params() {
+                Err(e) => Failure::new("config", e),
+                Ok(params) => {
+                    debug!(bridge = %self.config.name, address = %self.config.address, "connecting upstream");
+                    let mut attempt = tokio::spawn(link::connect(params, wire.clone()));
+                    // Cancel safety: the attempt lives in its own task; this select waits on
+                    // its JoinHandle (dropping a JoinHandle cancels nothing) and aborts the
+                    // task itself on shutdown.
+                    let attempted = tokio::select! {
+                        joined = &mut attempt => joined,
+                        _ = stopped(&mut shutdown) => {
+                            attempt.abort();
+                            return;
+                        }
+                    };
+                    match attempted {
+                        Ok(Ok(link)) => {
+                            backoff.reset();
+                            match self.session(link, &mut window).await {
+                                Ok(()) => return, // shutdown
+                                Err(f) => f,
+                            }
+                        }
+                        Ok(Err(e)) => e.into(),
+                        Err(e) => Failure::new("io_error", format!("connection task: {e}")),
+                    }
+                }
+            };
+            warn!(bridge = %self.config.name, address = %self.config.address, reason = failure.reason, error = %failure.message, "upstream connection lost or refused; retrying");
+            self.set_status(|s| {
+                if s.connected {
+                    s.down_since_ms = Some(unix_ms());
+                }
+                s.connected = false;
+                s.inflight = 0;
+                s.last_error = Some(failure.message.clone());
+                s.reconnects += 1;
+                *s.failures.entry(failure.reason).or_insert(0) += 1;
+            });
+            let wait = backoff.next();
+            debug!(bridge = %self.config.name, ?wait, "reconnecting after back-off");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+
+    fn link_params(&self) -> Result<LinkParams, String> {
+        let (host, port) =
+            super::config::split_host_port(&self.config.address).ok_or("bad address")?;
+        let keep_alive = u16::try_from(self.config.keep_alive).unwrap_or(u16::MAX);
+        let mut connect = v4::Connect::new(self.client_id.clone());
+        connect.keep_alive = keep_alive;
+        connect.clean_session = self.config.clean_session;
+        if let Some(user) = &self.config.username {
+            let password = self.config.password()?;
+            connect.set_login(user.clone(), password.as_ref().map_or("", Secret::expose));
+        }
+        Ok(LinkParams {
+            host,
+            port,
+            tls: self.config.tls_config()?,
+            connect,
+            step_timeout: Duration::from_secs(self.config.connect_timeout),
+            tcp_user_timeout: Duration::from_secs(self.config.keep_alive) * 3 / 2,
+        })
+    }
+
+    /// One connected session, until the link fails (`Err`) or shutdown (`Ok`).
+    async fn session(&mut self, mut link: Link, window: &mut Window) -> Result<(), Failure> {
+        info!(bridge = %self.config.name, address = %self.config.address, session_present = link.session_present, "upstream connected");
+        self.set_status(|s| {
+            s.connected = true;
+            s.last_error = None;
+            s.down_since_ms = None;
+            s.connected_since_ms = Some(unix_ms());
+        });
+        let max_inflight = usize::from(self.config.max_inflight);
+        let ack_timeout = Duration::from_secs(self.config.ack_timeout);
+        let mut keep_alive = KeepAlive::new(Duration::from_secs(self.config.keep_alive));
+        let mut rate = self.config.max_rate.map(RateLimiter::new);
+        let mut durable = self.store.durability();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shutdown.clone();
+        let own_origin = crate::router::bridge_origin(&self.config.name);
+        let mut out = BytesMut::with_capacity(4096);
+
+        // Commands are acknowledged upstream in the order they came (MQTT-4.6.0-2), each once
+        // the router has accepted it: a task per connection awaits them in turn.
+        let (command_acks, command_acks_rx) = mpsc::unbounded_channel();
+        let acker = link
+            .sender()
+            .map(|tx| tokio::spawn(acknowledge_commands(command_acks_rx, tx)));
+        let _acker = AbortOnDrop(acker);
+
+        if !self.config.subscribe.is_empty() {
+            let filters = self.config.subscribe.iter().map(|rule| {
+                let qos = if rule.qos == 0 {
+                    WireQoS::AtMostOnce
+                } else {
+                    WireQoS::AtLeastOnce
+                };
+                v4::SubscribeFilter::new(rule.remote.clone(), qos)
+            });
+            let mut subscribe = v4::Subscribe::new_many(filters);
+            subscribe.pkid = window.allocate_pkid();
+            // Not in by_pkid: a SUBACK is matched by its id only to report a refusal.
+            encode(&mut out, |b| subscribe.write(b))?;
+        }
+        // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
+        for entry in window.sent.iter_mut() {
+            if let Some(frame) = &entry.frame {
+                let mut again = BytesMut::from(&frame[..]);
+                again[0] |= 0x08;
+                out.extend_from_slice(&again);
+                entry.sent_at = Instant::now();
+            }
+        }
+
+        let mut skip_rounds = 0;
+        loop {
+            let durable_through = durable.borrow().durable_through;
+            window.absorb_durability(durable_through);
+            let added = self.fill_window(window, &mut out, max_inflight, &mut rate, &own_origin)?;
+            let advanced = window.advance();
+            if advanced > 0 || added > 0 {
+                let (cursor, inflight) = (window.cursor, window.unacked());
+                self.set_status(|s| {
+                    s.cursor = cursor;
+                    s.inflight = inflight;
+                });
+            }
+            self.persist_or_delete(window);
+
+            if let Some(oldest) = window.sent.iter().find(|s| !s.acked) {
+                if oldest.sent_at.elapsed() > ack_timeout {
+                    return Err(LinkError::AckTimeout(ack_timeout.as_secs()).into());
+                }
+            }
+            if let Some(dead) = keep_alive.dead() {
+                return Err(dead.into());
+            }
+            if keep_alive.ping_due(window.unacked() > 0) {
+                encode(&mut out, |b| v4::PingReq.write(b))?;
+                keep_alive.ping_sent_at = Some(Instant::now());
+            }
+            if !out.is_empty() {
+                link.send(out.split().freeze());
+                keep_alive.last_sent = Instant::now();
+            }
+
+            // Entries that were not for this bridge were passed over without sending: read
+            // on at once rather than after the next wake-up (a few rounds, then wait).
+            if advanced > 0 && added == 0 && window.room(max_inflight) > 0 && skip_rounds < 8 {
+                skip_rounds += 1;
+                continue;
+            }
+            skip_rounds = 0;
+
+            // Cancel safety: every branch is cancel-safe. `link.incoming()` is an mpsc
+            // receive (the reader task owns the socket and any partly read packet),
+            // `changed()` and `tick()` keep no data, and writes never happen here: they are
+            // queued to the link's writer task above.
+            tokio::select! {
+                packet = link.incoming() => {
+                    let packet = packet?;
+                    keep_alive.heard();
+                    self.on_packet(packet, window, &command_acks).await?;
+                }
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        return Err(Failure::new("store", "store closed"));
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = stopped(&mut shutdown) => {
+                    window.advance();
+                    if window.cursor > window.persisted {
+                        self.persist_cursor(window.cursor, true);
+                    }
+                    link.close(CLOSE_GRACE).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Reads log entries into free window slots and encodes the PUBLISHes into `out`.
+    /// Returns how many entries were sent upstream.
+    fn fill_window(
+        &self,
+        window: &mut Window,
+        out: &mut BytesMut,
+        max_inflight: usize,
+        rate: &mut Option<RateLimiter>,
+        own_origin: &str,
+    ) -> Result<usize, Failure> {
+        let room = window.room(max_inflight);
+        let budget = match rate {
+            Some(r) => r.available(room),
+            None => room,
+        };
+        if budget == 0 {
+            return Ok(0);
+        }
+        if window.read_ahead.len() < budget {
+            let from = window
+                .read_ahead
+                .back()
+                .map_or(window.next_read, |(seq, _)| seq + 1);
+            let more = self
+                .store
+                .read_log(from, READ_AHEAD.max(budget))
+                .map_err(|e| Failure::new("store", format!("reading log: {e}")))?;
+            window.read_ahead.extend(more);
+        }
+        let mut sent = 0;
+        let take = budget.min(window.read_ahead.len());
+        for _ in 0..take {
+            let Some((seq, bytes)) = window.read_ahead.pop_front() else {
+                break;
+            };
+            window.next_read = seq + 1;
+            let record = match StoredMessage::decode(&bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
+                    window.sent.push_back(Sent::passed_over(seq));
+                    continue;
+                }
+            };
+            let rule = if record.origin == own_origin {
+                None // its own command coming back
+            } else {
+                self.config.forward_rule(&record.topic)
+            };
+            let Some(rule) = rule else {
+                window.sent.push_back(Sent::passed_over(seq));
+                continue;
+            };
+            let qos = if rule.qos == 0 || record.qos == 0 {
+                WireQoS::AtMostOnce
+            } else {
+                WireQoS::AtLeastOnce
+            };
+            let mut publish = v4::Publish::from_bytes(
+                format!("{}{}", rule.remote_prefix, record.topic),
+                qos,
+                record.payload,
+            );
+            publish.retain = record.retain;
+            let pkid = if qos == WireQoS::AtLeastOnce {
+                window.allocate_pkid()
+            } else {
+                0
+            };
+            publish.pkid = pkid;
+            let start = out.len();
+            encode(out, |b| publish.write(b))?;
+            let frame = (pkid != 0).then(|| Bytes::copy_from_slice(&out[start..]));
+            if pkid != 0 {
+                window.by_pkid.insert(pkid, seq);
+            }
+            if let Some(r) = rate.as_mut() {
+                r.take();
+            }
+            window.sent.push_back(Sent {
+                seq,
+                pkid,
+                acked: pkid == 0, // QoS 0: done once handed to the writer
+                sent_at: Instant::now(),
+                received_at_ms: record.received_at_ms,
+                forwarded: true,
+                frame,
+            });
+            sent += 1;
+        }
+        Ok(sent)
+    }
+
+    async fn on_packet(
+        &self,
+        packet: v4::Packet,
+        window: &mut Window,
+        command_acks: &mpsc::UnboundedSender<(Bytes, oneshot::Receiver<()>)>,
+    ) -> Result<(), Failure> {
+        match packet {
+            v4::Packet::PubAck(ack) => {
+                let Some(seq) = window.by_pkid.remove(&ack.pkid) else {
+                    debug!(bridge = %self.config.name, pkid = ack.pkid, "PUBACK for no message in flight");
+                    return Ok(());
+                };
+                if let Ok(i) = window.sent.binary_search_by_key(&seq, |s| s.seq) {
+                    if let Some(entry) = window.sent.get_mut(i) {
+                        if entry.pkid == ack.pkid && !entry.acked {
+                            entry.acked = true;
+                            entry.frame = None;
+                            crate::stats::FORWARD_LATENCY_MS
+                                .observe(unix_ms().saturating_sub(entry.received_at_ms));
+                            self.set_status(|s| s.forwarded += 1);
+                        }
+                    }
+                }
+            }
+            v4::Packet::PingResp => {}
+            v4::Packet::Publish(publish) => self.deliver_locally(publish, command_acks).await?,
+            v4::Packet::PubRel(rel) => {
+                // QoS 2 from an upstream that ignored our granted QoS: finish its handshake.
+                let mut frame = BytesMut::new();
+                encode(&mut frame, |b| v4::PubComp::new(rel.pkid).write(b))?;
+                let (done, ready) = oneshot::channel();
+                let _ = done.send(());
+                let _ = command_acks.send((frame.freeze(), ready));
+            }
+            v4::Packet::SubAck(suback) => {
+                if suback
+                    .return_codes
+                    .iter()
+                    .any(|c| matches!(c, v4::SubscribeReasonCode::Failure))
+                {
+                    warn!(bridge = %self.config.name, "upstream refused a subscription");
+                }
+            }
+            other => {
+                return Err(Failure::new(
+                    "protocol_error",
+                    format!("unexpected packet from upstream: {other:?}"),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the cursor when it is worth a write (at once while fewer than two writes are
+    /// outstanding — the window waits for them — else in runs), or a deletion held back.
+    fn persist_or_delete(&self, window: &mut Window) {
+        if window.cursor > window.persisted
+            && (window.unconfirmed.len() < 2
+                || window.cursor - window.persisted >= CURSOR_PERSIST_EVERY
+                || window.last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL)
+        {
+            if let Some(ticket) = self.persist_cursor(window.cursor, false) {
+                window.unconfirmed.push_back((ticket, window.cursor));
+            }
+            window.persisted = window.cursor;
+            window.last_persist = Instant::now();
+        } else if let Some(min) = self.cursors.delete_due() {
+            // Idle, but a delete was held back to make a longer run: do it now, or a log
+            // kept full by `reject_new` would never make room.
+            if let Err(e) = self.store.submit(vec![Op::DeleteLogThrough(min)]) {
+                warn!(bridge = %self.config.name, error = %e, "cannot delete forwarded log entries");
+            }
+        }
+    }
+
+    /// Submits the cursor (and the deletion of entries every bridge is done with); returns
+    /// the ticket that becomes durable with it.
+    fn persist_cursor(&self, cursor: Seq, force_delete: bool) -> Option<Ticket> {
+        let mut ops = vec![Op::Put {
+            space: Keyspace::Meta,
+            key: cursor_key(&self.config.name),
+            value: cursor.to_be_bytes().to_vec(),
+        }];
+        if let Some(min) = self.cursors.advance(self.index, cursor, force_delete) {
+            ops.push(Op::DeleteLogThrough(min));
+        }
+        match self.store.submit(ops) {
+            Ok((ticket, _)) => Some(ticket),
+            Err(e) => {
+                warn!(bridge = %self.config.name, error = %e, "cannot persist bridge cursor");
+                None
+            }
+        }
+    }
+
+    /// A command from the cloud: publish it locally, and acknowledge it upstream once the
+    /// router has accepted it (durably, where it had to be written).
+    async fn deliver_locally(
+        &self,
+        publish: v4::Publish,
+        command_acks: &mpsc::UnboundedSender<(Bytes, oneshot::Receiver<()>)>,
+    ) -> Result<(), Failure> {
+        let mut ack = BytesMut::new();
+        match publish.qos {
+            WireQoS::AtMostOnce => {}
+            WireQoS::AtLeastOnce => encode(&mut ack, |b| v4::PubAck::new(publish.pkid).write(b))?,
+            WireQoS::ExactlyOnce => encode(&mut ack, |b| v4::PubRec::new(publish.pkid).write(b))?,
+        }
+        let (accepted_tx, accepted_rx) = oneshot::channel();
+        match self
+            .config
+            .subscribe
+            .iter()
+            .find(|r| filter_matches(&r.remote, &publish.topic))
+        {
+            None => {
+                let _ = accepted_tx.send(()); // not ours to deliver: just acknowledge it
+            }
+            Some(rule) => {
+                self.set_status(|s| s.received += 1);
+                let qos = match publish.qos {
+                    WireQoS::AtMostOnce => QoS::AtMostOnce,
+                    WireQoS::AtLeastOnce => QoS::AtLeastOnce,
+                    WireQoS::ExactlyOnce => QoS::ExactlyOnce,
+                };
+                let topic = format!("{}{}", rule.local_prefix, publish.topic);
+                let message = Message::new(topic, publish.payload, qos, publish.retain);
+                self.router
+                    .send(RouterCmd::Inject {
+                        message,
+                        origin_bridge: Some(self.index),
+                        accepted: Some(accepted_tx),
+                    })
+                    .await
+                    .map_err(|_| Failure::new("shutdown", "broker stopping"))?;
+            }
+        }
+        if !ack.is_empty() {
+            let _ = command_acks.send((ack.freeze(), accepted_rx));
+        }
+        Ok(())
+    }
+}
+
+/// Sends each command's acknowledgement once the router accepted it, in arrival order. A
+/// command the router never accepts is never acknowledged: the upstream sends it again.
+async fn acknowledge_commands(
+    mut pending: mpsc::UnboundedReceiver<(Bytes, oneshot::Receiver<()>)>,
+    link: mpsc::UnboundedSender<Bytes>,
+) {
+    while let Some((ack, accepted)) = pending.recv().await {
+        if accepted.await.is_err() || link.send(ack).is_err() {
+            return;
+        }
+    }
+}
+
+/// Resolves once shutdown is signalled (holding no borrow of the watch afterwards).
+async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+fn encode(
+    out: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
+) -> Result<(), Failure> {
+    write(out)
+        .map(|_| ())
+        .map_err(|e| Failure::new("protocol_error", format!("encoding: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_room_bounds_both_in_flight_and_undurable() {
+        let mut w = Window::new(0);
+        for seq in 1..=3 {
+            let pkid = w.allocate_pkid();
+            w.by_pkid.insert(pkid, seq);
+            w.sent.push_back(Sent {
+                seq,
+                pkid,
+                acked: false,
+                sent_at: Instant::now(),
+                received_at_ms: 0,
+                forwarded: true,
+                frame: None,
+            });
+        }
+        assert_eq!(w.room(4), 1);
+        w.sent[0].acked = true;
+        w.sent[1].acked = true;
+        assert_eq!(w.advance(), 2);
+        assert_eq!(w.cursor, 2);
+        // Acknowledged but not durable: still bounded by max_inflight.
+        assert_eq!(w.forwarded_unpersisted.len(), 2);
+        assert_eq!(
+            w.room(2),
+            0,
+            "two undurable forwarded entries fill a window of 2"
+        );
+        assert_eq!(w.room(4), 2);
+        w.unconfirmed.push_back((7, 2));
+        w.absorb_durability(6);
+        assert_eq!(w.forwarded_unpersisted.len(), 2, "ticket 7 not durable yet");
+        w.absorb_durability(7);
+        assert_eq!(w.durable_cursor, 2);
+        assert!(w.forwarded_unpersisted.is_empty());
+        assert_eq!(w.room(2), 1);
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_use_and_wrap_past_zero() {
+        let mut w = Window::new(0);
+        w.next_pkid = u16::MAX;
+        w.by_pkid.insert(1, 10);
+        assert_eq!(w.allocate_pkid(), u16::MAX);
+        assert_eq!(w.allocate_pkid(), 2, "0 is never an id and 1 is in use");
+    }
+
+    #[test]
+    fn keep_alive_pings_sooner_under_load_and_declares_death_after_half_an_interval() {
+        let mut k = KeepAlive::new(Duration::from_millis(200));
+        assert!(!k.ping_due(false));
+        k.last_heard = Instant::now() - Duration::from_millis(120);
+        assert!(
+            !k.ping_due(false),
+            "idle: nothing heard for 120 of 200 ms is fine"
+        );
+        assert!(
+            k.ping_due(true),
+            "waiting for acks: 120 ms of silence > 100"
+        );
+        k.ping_sent_at = Some(Instant::now() - Duration::from_millis(150));
+        assert!(!k.ping_due(true), "one ping at a time");
+        assert!(k.dead().is_some(), "no answer 150 ms after the ping");
+        k.heard();
+        assert!(k.dead().is_none(), "something heard after the ping");
+        assert!(!k.ping_due(true));
+    }
+}
