@@ -4,6 +4,9 @@
 //!   a subscriber on it that records every event it receives;
 //! - a TCP relay in front of the cloud that the demo can cut (the outage: connections are
 //!   closed and new ones refused, as when the site's uplink goes away);
+//! - with `--uplink-latency` or `--flaky`, the test kit's link simulator between the bridge
+//!   and the relay: a WAN link's latency, and resets and silent "zombie" connections every
+//!   4-9 s that the bridge must notice and survive;
 //! - the edge broker with its durable store in a temporary directory and a bridge that
 //!   forwards `sensors/+/events` to the cloud through the relay;
 //! - the observability server (dashboard, /metrics) and `$SYS` topics;
@@ -47,6 +50,12 @@ pub struct DemoArgs {
     /// Default: a quarter of the duration.
     #[arg(long)]
     pub outage: Option<f64>,
+    /// One-way latency of the simulated uplink in milliseconds (0: a direct loopback link).
+    #[arg(long, default_value_t = 0)]
+    pub uplink_latency: u64,
+    /// A flaky uplink: a connection reset or a silent zombie connection every 4-9 s.
+    #[arg(long)]
+    pub flaky: bool,
     /// Address of the dashboard and /metrics (falls back to a free port if taken).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
@@ -104,6 +113,31 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
     let cloud_log = Arc::new(Mutex::new(CloudLog::default()));
     start_cloud_subscriber(cloud, cloud_log.clone()).await?;
     let (relay_addr, cloud_down) = start_relay(cloud).await?;
+    // The simulated WAN link, when asked for: between the bridge and the relay.
+    let seed = fault_seed();
+    let (uplink, link_sim) = if args.uplink_latency > 0 || args.flaky {
+        let latency = Duration::from_millis(args.uplink_latency);
+        let sim = waystation_linksim::LinkSim::start(waystation_linksim::LinkConfig {
+            up_latency: latency,
+            down_latency: latency,
+            jitter: latency / 10,
+            ..waystation_linksim::LinkConfig::new(relay_addr.to_string())
+        })?;
+        let chaos = args.flaky.then(|| {
+            sim.handle().start_chaos(waystation_linksim::Chaos {
+                seed,
+                min_interval: Duration::from_secs(4),
+                max_interval: Duration::from_secs(9),
+                kinds: vec![
+                    waystation_linksim::Fault::Reset,
+                    waystation_linksim::Fault::Zombie,
+                ],
+            })
+        });
+        (sim.local_addr(), Some((sim, chaos)))
+    } else {
+        (relay_addr, None)
+    };
 
     let broker_config = BrokerConfig {
         gateway_id: "demo".into(),
@@ -113,7 +147,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         storage: StorageLimits::default(),
         bridges: vec![BridgeConfig {
             name: "cloud".into(),
-            address: relay_addr.to_string(),
+            address: uplink.to_string(),
             client_id: None,
             username: None,
             password: None,
@@ -182,6 +216,17 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         "  dashboard     http://{}/   (also /metrics, /healthz, /api/v1/status)",
         http.0
     );
+    if link_sim.is_some() {
+        println!(
+            "  uplink        simulated: {} ms each way{}",
+            args.uplink_latency,
+            if args.flaky {
+                format!(", a reset or a zombie connection every 4-9 s (seed {seed})")
+            } else {
+                String::new()
+            }
+        );
+    }
     if outage.is_zero() {
         println!("  no cloud outage (--outage 0)");
     } else {
@@ -362,6 +407,22 @@ async fn demo(args: DemoArgs) -> anyhow::Result<bool> {
         }
         None if outage.is_zero() => println!("  cloud outage                none (--outage 0)"),
         None => println!("  cloud outage                none (stopped before it began)"),
+    }
+    if let Some((sim, _)) = &link_sim {
+        let st = sim.handle().stats();
+        let mut reasons: Vec<String> = status
+            .bridges
+            .iter()
+            .flat_map(|b| b.failures.iter().map(|(k, v)| format!("{k} {v}")))
+            .collect();
+        reasons.sort();
+        println!(
+            "  simulated uplink            {} resets and {} zombie connections survived; bridge failures by reason: {}; {:.0} bytes up per forwarded event",
+            st.resets,
+            st.zombies,
+            if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") },
+            st.bytes_up as f64 / forwarded.max(1) as f64
+        );
     }
     println!(
         "  sensor resends / drops      {} / {}",
@@ -643,6 +704,14 @@ async fn start_cloud_subscriber(
 
 /// A TCP relay to `target`. While the returned flag is true, every relayed connection is
 /// closed and new ones are accepted and closed at once: the cloud is unreachable.
+/// A different fault schedule each run (printed, so a run can be replayed).
+fn fault_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
 async fn start_relay(target: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<watch::Sender<bool>>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -82,3 +82,52 @@ fn demo_rejects_bad_options() {
     );
     assert_eq!(status.and_then(|s| s.code()), Some(2));
 }
+
+/// `--uplink-latency 100 --flaky`: the demo's bridge crosses the link simulator (100 ms each
+/// way, a reset or a zombie connection every 4-9 s) and still loses nothing; the summary says
+/// which faults it survived.
+#[test]
+fn demo_over_a_flaky_100ms_uplink_loses_nothing() {
+    let (status, out) = run_with_timeout(
+        Command::new(waystation_bin()).args([
+            "demo",
+            "--duration",
+            "20",
+            "--sensors",
+            "4",
+            "--rate",
+            "5",
+            "--outage",
+            "0",
+            "--uplink-latency",
+            "100",
+            "--flaky",
+            "--http",
+            "127.0.0.1:0",
+        ]),
+        Duration::from_secs(150),
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "demo exited {status:?}:\n{out}"
+    );
+    assert!(
+        out.contains("uplink        simulated: 100 ms each way, a reset or a zombie"),
+        "{out}"
+    );
+    assert_eq!(field(&out, "lost"), Some(0), "{out}");
+    assert!(out.contains("self-check                  PASS"), "{out}");
+    let faults = out
+        .lines()
+        .find(|l| l.contains("simulated uplink"))
+        .expect("simulated uplink line");
+    let survived: u64 = faults
+        .split_whitespace()
+        .filter_map(|w| w.parse::<u64>().ok())
+        .take(2)
+        .sum();
+    assert!(
+        survived >= 1,
+        "20 s with a fault every 4-9 s must apply some: {faults}"
+    );
+}
