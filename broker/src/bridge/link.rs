@@ -382,15 +382,26 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 ) {
     let mut gathered = BytesMut::new();
     while let Some(first) = rx.recv().await {
-        gathered.extend_from_slice(&first);
+        // One queued buffer (the usual case: the session queues one per turn) is written as
+        // it is; several are gathered into one write.
+        let mut single = Some(first);
         while gathered.len() < WRITE_GATHER {
             match rx.try_recv() {
-                Ok(more) => gathered.extend_from_slice(&more),
+                Ok(more) => {
+                    if let Some(first) = single.take() {
+                        gathered.extend_from_slice(&first);
+                    }
+                    gathered.extend_from_slice(&more);
+                }
                 Err(_) => break,
             }
         }
+        let bytes: &[u8] = match &single {
+            Some(first) => first,
+            None => &gathered,
+        };
         let result = async {
-            write_half.write_all(&gathered).await?;
+            write_half.write_all(bytes).await?;
             write_half.flush().await
         }
         .await;
@@ -400,7 +411,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         }
         counters
             .bytes_sent
-            .fetch_add(gathered.len() as u64, Ordering::Relaxed);
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         gathered.clear();
         if gathered.capacity() > 4 * WRITE_GATHER {
             gathered = BytesMut::new();

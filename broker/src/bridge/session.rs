@@ -116,6 +116,12 @@ struct Window {
     /// Entries read from the log ahead of the window: one range scan per READ_AHEAD.
     read_ahead: VecDeque<(Seq, Bytes)>,
     next_read: Seq,
+    /// PUBLISHes encoded this turn: where each lies in the turn's output buffer.
+    unframed: Vec<(Seq, std::ops::Range<usize>)>,
+    /// PUBACKs not yet counted in the shared status (it is updated once per turn).
+    acked_since_status: u64,
+    /// Encoded and not yet queued to the writer (kept across a failed session).
+    out: BytesMut,
 }
 
 impl Window {
@@ -132,6 +138,23 @@ impl Window {
             next_pkid: 1,
             read_ahead: VecDeque::new(),
             next_read: cursor + 1,
+            unframed: Vec::new(),
+            acked_since_status: 0,
+            out: BytesMut::new(),
+        }
+    }
+
+    /// Keeps each QoS 1 PUBLISH encoded this turn as a slice of `written` (no copy), to send
+    /// again after a reconnect if it is still unacknowledged then.
+    fn keep_frames(&mut self, written: &Bytes) {
+        for (seq, range) in self.unframed.drain(..) {
+            if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq) {
+                if let Some(entry) = self.sent.get_mut(i) {
+                    if !entry.acked {
+                        entry.frame = Some(written.slice(range));
+                    }
+                }
+            }
         }
     }
 
@@ -348,16 +371,42 @@ impl Bridge {
             s.down_since_ms = None;
             s.connected_since_ms = Some(unix_ms());
         });
+        let mut keep_alive = KeepAlive::new(Duration::from_secs(self.config.keep_alive));
+        // Encoded this turn and not yet queued to the writer. A session that failed before
+        // queuing them left their frames behind: keep them to send now with the others.
+        let mut out = std::mem::take(&mut window.out);
+        if !out.is_empty() {
+            let never_written = out.split().freeze();
+            window.keep_frames(&never_written);
+        }
+        let result = self
+            .run_session(&mut link, window, &mut out, &mut keep_alive)
+            .await;
+        window.out = out;
+        match result {
+            Ok(()) => {
+                link.close(CLOSE_GRACE).await;
+                Ok(())
+            }
+            Err(f) => Err(f),
+        }
+    }
+
+    async fn run_session(
+        &self,
+        link: &mut Link,
+        window: &mut Window,
+        out: &mut BytesMut,
+        keep_alive: &mut KeepAlive,
+    ) -> Result<(), Failure> {
         let max_inflight = usize::from(self.config.max_inflight);
         let ack_timeout = Duration::from_secs(self.config.ack_timeout);
-        let mut keep_alive = KeepAlive::new(Duration::from_secs(self.config.keep_alive));
         let mut rate = self.config.max_rate.map(RateLimiter::new);
         let mut durable = self.store.durability();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
         let own_origin = crate::router::bridge_origin(&self.config.name);
-        let mut out = BytesMut::with_capacity(4096);
 
         // Commands are acknowledged upstream in the order they came (MQTT-4.6.0-2), each once
         // the router has accepted it: a task per connection awaits them in turn.
@@ -379,14 +428,20 @@ impl Bridge {
             let mut subscribe = v4::Subscribe::new_many(filters);
             subscribe.pkid = window.allocate_pkid();
             // Not in by_pkid: a SUBACK is matched by its id only to report a refusal.
-            encode(&mut out, |b| subscribe.write(b))?;
+            encode(out, |b| subscribe.write(b))?;
         }
         // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
+        window.unframed.clear();
+        let resent = window.sent.iter().filter(|e| e.frame.is_some()).count();
+        if resent > 0 {
+            info!(bridge = %self.config.name, resent, "sending unacknowledged messages again (DUP)");
+        }
         for entry in window.sent.iter_mut() {
             if let Some(frame) = &entry.frame {
-                let mut again = BytesMut::from(&frame[..]);
-                again[0] |= 0x08;
-                out.extend_from_slice(&again);
+                let start = out.len();
+                out.extend_from_slice(frame);
+                out[start] |= 0x08; // DUP
+                window.unframed.push((entry.seq, start..out.len()));
                 entry.sent_at = Instant::now();
             }
         }
@@ -395,13 +450,15 @@ impl Bridge {
         loop {
             let durable_through = durable.borrow().durable_through;
             window.absorb_durability(durable_through);
-            let added = self.fill_window(window, &mut out, max_inflight, &mut rate, &own_origin)?;
+            let added = self.fill_window(window, out, max_inflight, &mut rate, &own_origin)?;
             let advanced = window.advance();
             if advanced > 0 || added > 0 {
                 let (cursor, inflight) = (window.cursor, window.unacked());
+                let acked = std::mem::take(&mut window.acked_since_status);
                 self.set_status(|s| {
                     s.cursor = cursor;
                     s.inflight = inflight;
+                    s.forwarded += acked;
                 });
             }
             self.persist_or_delete(window);
@@ -415,11 +472,13 @@ impl Bridge {
                 return Err(dead.into());
             }
             if keep_alive.ping_due(window.unacked() > 0) {
-                encode(&mut out, |b| v4::PingReq.write(b))?;
+                encode(out, |b| v4::PingReq.write(b))?;
                 keep_alive.ping_sent_at = Some(Instant::now());
             }
             if !out.is_empty() {
-                link.send(out.split().freeze());
+                let written = out.split().freeze();
+                window.keep_frames(&written);
+                link.send(written);
                 keep_alive.last_sent = Instant::now();
             }
 
@@ -452,8 +511,7 @@ impl Bridge {
                     if window.cursor > window.persisted {
                         self.persist_cursor(window.cursor, true);
                     }
-                    link.close(CLOSE_GRACE).await;
-                    return Ok(());
+                    return Ok(()); // the caller closes the link
                 }
             }
         }
@@ -531,9 +589,10 @@ impl Bridge {
             publish.pkid = pkid;
             let start = out.len();
             encode(out, |b| publish.write(b))?;
-            let frame = (pkid != 0).then(|| Bytes::copy_from_slice(&out[start..]));
             if pkid != 0 {
                 window.by_pkid.insert(pkid, seq);
+                // Kept as a slice of the buffer this turn writes (see `keep_frames`).
+                window.unframed.push((seq, start..out.len()));
             }
             if let Some(r) = rate.as_mut() {
                 r.take();
@@ -545,7 +604,7 @@ impl Bridge {
                 sent_at: Instant::now(),
                 received_at_ms: record.received_at_ms,
                 forwarded: true,
-                frame,
+                frame: None,
             });
             sent += 1;
         }
@@ -571,7 +630,7 @@ impl Bridge {
                             entry.frame = None;
                             crate::stats::FORWARD_LATENCY_MS
                                 .observe(unix_ms().saturating_sub(entry.received_at_ms));
-                            self.set_status(|s| s.forwarded += 1);
+                            window.acked_since_status += 1;
                         }
                     }
                 }
