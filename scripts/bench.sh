@@ -2,11 +2,14 @@
 # Waystation beside Mosquitto 2.0 and rumqttd 0.20: every scenario of issue 6, interleaved over
 # rounds, one table per scenario (median, min-max, ratio to Waystation). See docs/BENCHMARKS.md.
 #
-#   scripts/bench.sh                 # full run (fits in 10 minutes on the 2-core dev VM)
-#   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes)
+#   scripts/bench.sh                 # full run (1-6 fit in 10 minutes on the 2-core dev VM,
+#                                    # 7 adds about 3)
+#   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes, 7 adds 1)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios (6: RSS against the backlog;
-#                                    # S6_STEP=500000 S6_STEPS=8 for 4 M)
+#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-7 (6: RSS against the backlog;
+#                                    # S6_STEP=500000 S6_STEPS=8 for 4 M; 7: the uplink over a
+#                                    # simulated WAN link, S7_INFLIGHT=N the bridges' window,
+#                                    # S7_WIDE=N a wide-window Waystation drain, 0: none)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -17,7 +20,7 @@ cd "$ROOT"
 
 MODE=full
 ROUNDS=3
-ONLY=1,2,3,4,5,6
+ONLY=1,2,3,4,5,6,7
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,7 +28,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -38,22 +41,29 @@ if [ "$MODE" = full ]; then
   S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
   S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
   S6_STEP=${S6_STEP:-250000}; S6_STEPS=${S6_STEPS:-8}
+  S7_DRAIN=100000; S7_LAT_SECS=15; S7_SUB_MAX=120; S7_ROUNDS=${S7_ROUNDS:-2}
 else
   S1_MSGS=5000
   S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
   S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
   S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
   S6_STEP=${S6_STEP:-50000}; S6_STEPS=${S6_STEPS:-4}
+  S7_DRAIN=20000; S7_LAT_SECS=5; S7_SUB_MAX=60; S7_ROUNDS=${S7_ROUNDS:-1}
 fi
+# 7: one-way delay of the simulated link for the drain and for the latency runs; the window
+# (unacknowledged QoS 1 PUBLISHes) of both edges' bridges, see scenario 7.
+S7_DRAIN_MS=150; S7_LAT_MS=50; S7_INFLIGHT=${S7_INFLIGHT:-1000}; S7_WIDE=${S7_WIDE:-20000}
 
 MOSQUITTO=${MOSQUITTO:-/usr/sbin/mosquitto}
 [ -x "$MOSQUITTO" ] || { echo "needs $MOSQUITTO (apt-get install mosquitto)" >&2; exit 1; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
-  cargo build --release -p waystation -p waystation-bench
+  cargo build --release -p waystation -p waystation-bench -p waystation-linksim
 fi
 WS=$CARGO_TARGET_DIR/release/waystation
 WSB=$CARGO_TARGET_DIR/release/wsbench
+LINKSIM=$CARGO_TARGET_DIR/release/linksim
+if want 7 && [ ! -x "$LINKSIM" ]; then echo "needs $LINKSIM (cargo build --release -p waystation-linksim)" >&2; exit 1; fi
 
 # 10,000 idle clients: the tool and the brokers (children of this shell) need the descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -101,7 +111,8 @@ newdir() { N=$((N + 1)); DIR=$OUT/run-$N-$1; mkdir -p "$DIR"; }
 
 # start_waystation PORT [UPSTREAM_PORT [UPSTREAM2_PORT]]: durable acks (a bridge forwards
 # sensors/#, so every message is on disk before its PUBACK); without an upstream port the bridge
-# points at a closed port (messages wait on disk). Sets BPID.
+# points at a closed port (messages wait on disk). EDGE_INFLIGHT=N sets the bridges' window
+# (default 300). Sets BPID.
 start_waystation() {
   local port=$1 up=${2:-} up2=${3:-}
   newdir waystation
@@ -126,8 +137,8 @@ address = "127.0.0.1:$up"
 # Also the bound on duplicates after a crash. The window paces a drain (each slot waits one
 # round trip + one disk sync): into Mosquitto 100 (the default) gave 37 k msg/s here, 300
 # ~0.64x of Mosquitto's own one-client ceiling, 1000 ~0.7-0.8x but half the ingest while
-# forwarding (the bridge takes the CPU). See docs/BENCHMARKS.md.
-max_inflight = 300
+# forwarding (the bridge takes the CPU). See docs/BENCHMARKS.md. Scenario 7 sets its own.
+max_inflight = ${EDGE_INFLIGHT:-300}
 reconnect = { initial_ms = 500, max_ms = 5000 }
 [[bridge.forward]]
 local = "sensors/#"
@@ -139,7 +150,7 @@ EOF
 [[bridge]]
 name = "alt"
 address = "127.0.0.1:$up2"
-max_inflight = 300
+max_inflight = ${EDGE_INFLIGHT:-300}
 reconnect = { initial_ms = 500, max_ms = 5000 }
 [[bridge.forward]]
 local = "sensors/#"
@@ -155,7 +166,11 @@ EOF
 }
 
 # start_mosquitto PORT [BRIDGE_UPSTREAM_PORT] [persist]: Debian's mosquitto tuned not to drop
-# (max_queued_messages 0 = unlimited), 100 in flight; optionally a bridge or persistence.
+# (max_queued_messages 0 = unlimited), 100 in flight (EDGE_INFLIGHT=N: N); optionally a bridge
+# or persistence. Mosquitto 2.0 has no window of a bridge's own: a bridge's context takes the
+# global max_inflight_messages (context__init in src/context.c; with bridge_protocol_version
+# mqttv50 the upstream's Receive Maximum replaces it), which also bounds what it sends to its
+# own local subscribers.
 start_mosquitto() {
   local port=$1 up=${2:-} persist=${3:-}
   newdir mosquitto
@@ -164,7 +179,7 @@ start_mosquitto() {
 listener $port 127.0.0.1
 allow_anonymous true
 max_queued_messages 0
-max_inflight_messages 100
+max_inflight_messages ${EDGE_INFLIGHT:-100}
 log_dest stderr
 log_type error
 log_type warning
@@ -192,6 +207,33 @@ start_rumqttd() {
   BPID=$!
   PIDS+=("$BPID")
   wait_port "$1"
+}
+
+# start_linksim PORT TARGET_PORT [linksim flags...]: the link simulator (tests/linksim) listening
+# on PORT, forwarding each connection to TARGET_PORT. Sets LPID and LOUT (its stdout).
+start_linksim() {
+  local port=$1 target=$2
+  shift 2
+  newdir linksim
+  LOUT=$DIR/linksim.out
+  "$LINKSIM" --listen "127.0.0.1:$port" --target "127.0.0.1:$target" "$@" > "$LOUT" 2> "$DIR/stderr.log" &
+  LPID=$!
+  PIDS+=("$LPID")
+  for _ in $(seq 1 400); do grep -qs "^linksim listening on" "$LOUT" && return 0; sleep 0.025; done
+  echo "linksim did not start:" >&2; cat "$DIR/stderr.log" >&2; return 1
+}
+
+# stop_linksim: SIGTERM, then its counters (printed as it exits) into LINK_ACCEPTED, LINK_UP
+# (bytes delivered to the upstream), LINK_DOWN (bytes delivered to the edge), LINK_RESETS,
+# LINK_ZOMBIES; all empty if it printed none (killed).
+stop_linksim() {
+  stop_pid "$LPID"
+  local line k
+  line=$(grep -s "^linksim stats:" "$LOUT" | tail -1 || true)
+  for k in accepted bytes_up bytes_down resets zombies; do
+    printf -v "LINK_${k^^}" '%s' "$(sed -n "s/.* $k=\([0-9]*\).*/\1/p" <<<"$line")"
+  done
+  LINK_UP=$LINK_BYTES_UP; LINK_DOWN=$LINK_BYTES_DOWN
 }
 
 # start_broker NAME PORT
@@ -260,7 +302,8 @@ if want 2; then
   done
 fi
 
-# start_edge NAME PORT UPSTREAM_PORT: Waystation's bridge or Mosquitto configured as a bridge.
+# start_edge NAME PORT UPSTREAM_PORT: Waystation's bridge or Mosquitto configured as a bridge
+# (EDGE_INFLIGHT=N start_edge ...: both with a window of N).
 start_edge() {
   case "$1" in
     waystation) start_waystation "$2" "$3" ;;
@@ -425,9 +468,100 @@ if want 6; then
   stop_pid "$EPID"
 fi
 
+# 7. The uplink over a simulated WAN link: edge (Waystation's bridge, or Mosquitto as a bridge)
+# -> linksim -> upstream Mosquitto; the subscriber sits on the upstream (loopback), publishers on
+# the edge. Both edges are given the same bridge window, S7_INFLIGHT (default 1000):
+# Waystation's [[bridge]] max_inflight, Mosquitto's global max_inflight_messages (the only
+# in-flight limit a Mosquitto 2.0 bridge has, see start_mosquitto). A QoS 1 drain over a long
+# link is paced by window / round trip: 1000 over 2 x 150 ms allows at most ~3,300 msg/s (300,
+# the other scenarios' window, ~1,000 msg/s: 100 s per edge for the full drain).
+# But Mosquitto 2.0.11 does not hold that window for a backlog: each in-order PUBACK moves up
+# to max_inflight_messages more queued messages into flight (db__message_delete_outgoing counts
+# the acked message's position, not what is in flight; fixed in 2.0.13, mosquitto #2306), so
+# its drain runs with, in effect, no window at all. Hence a third drain: Waystation with a
+# window of S7_WIDE (default 20000, 0 = skip), as broker waystation-w<S7_WIDE>.
+if want 7; then
+  # a) Drain: S7_DRAIN messages buffered while the link is down (linksim not started: the edge's
+  # bridge points at a closed port), then the link comes up with S7_DRAIN_MS each way. The
+  # subscriber times the drain (first to last arrival, so reconnect back-off is not counted).
+  # linksim only runs for the drain, so the bytes it carried are the drain's (plus CONNECT and
+  # pings); it is stopped a little after the last message so the last PUBACKs are counted.
+  per=$((S7_DRAIN / 8))
+  s7_drains="waystation:$S7_INFLIGHT mosquitto-bridge:$S7_INFLIGHT"
+  if [ "$S7_WIDE" -gt 0 ]; then s7_drains="$s7_drains waystation-w$S7_WIDE:$S7_WIDE"; fi
+  for e in $s7_drains; do
+    b=${e%%:*}; win=${e##*:}
+    free_port; up=$PORT; free_port; lp=$PORT; free_port; p=$PORT
+    start_mosquitto "$up"; UPID=$BPID
+    if [ "$b" = mosquitto-bridge ]; then
+      EDGE_INFLIGHT=$win start_mosquitto "$p" "$lp"
+    else
+      EDGE_INFLIGHT=$win start_waystation "$p" "$lp"
+    fi
+    EPID=$BPID
+    say "s7 $b: buffering $S7_DRAIN messages (link down), window $win"
+    bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$per" --qos 1 --payload 64 --subscribers 0 \
+      --client-prefix s7buf --pid "$EPID" --scenario s7-buffer --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+    newdir s7-drain-sub; SUBOUT=$DIR/sub.json
+    bench sub --addr "127.0.0.1:$up" --expect "$S7_DRAIN" --idle-timeout 10 --max-time "$S7_SUB_MAX" --pid "$EPID" \
+      --client-id s7-drain --scenario s7-drain --broker "$b" --round 1 --out "$RES" >"$SUBOUT" 2>>"$LOG" &
+    SUB=$!
+    sleep 0.5   # the subscriber is connected (loopback) before anything can arrive
+    say "s7 $b: link up (${S7_DRAIN_MS} ms each way), draining $S7_DRAIN into mosquitto"
+    start_linksim "$lp" "$up" --latency-ms "$S7_DRAIN_MS"
+    wait "$SUB" || true
+    sleep "$(echo "2 * $S7_DRAIN_MS / 1000 + 1" | bc -l)"   # the last PUBACKs cross back
+    stop_linksim
+    delivered=$(grep -o '"unique":[0-9.e+]*' "$SUBOUT" | head -1 | cut -d: -f2 || true)
+    if [ -n "$LINK_UP" ] && [ -n "$delivered" ] && [ "$(echo "$delivered > 0" | bc -l)" = 1 ]; then
+      "$WSB" record --scenario s7-wire --broker "$b" --round 1 \
+        --set "bytes_up_per_msg=$(echo "$LINK_UP / $delivered" | bc -l)" \
+        --set "bytes_down_per_msg=$(echo "$LINK_DOWN / $delivered" | bc -l)" \
+        --set "bytes_up=$LINK_UP" --set "bytes_down=$LINK_DOWN" --set "delivered=$delivered" \
+        --set "connections=$LINK_ACCEPTED" --set "resets=$LINK_RESETS" --out "$RES" >/dev/null 2>>"$LOG"
+    else
+      say "s7 $b: no byte counts (linksim bytes_up '${LINK_UP:-none}', delivered '${delivered:-none}')"
+    fi
+    stop_pid "$EPID"; stop_pid "$UPID"
+  done
+
+  # b) Forwarding latency at 4 x 250 msg/s (QoS 1, 64 B) for S7_LAT_SECS, from publish on the
+  # edge to arrival at the upstream's subscriber: over loopback, and through linksim at
+  # S7_LAT_MS each way; S7_ROUNDS rounds, the edges' order alternating. A short warm-up first,
+  # unrecorded, so the bridge is connected when the clock starts.
+  for r in $(seq 1 "$S7_ROUNDS"); do
+    for link in loopback wan; do
+      w=0; [ "$link" = wan ] && w=1
+      if (( (r + w) % 2 )); then edges="waystation mosquitto-bridge"; else edges="mosquitto-bridge waystation"; fi
+      for b in $edges; do
+        free_port; up=$PORT; free_port; p=$PORT
+        start_mosquitto "$up"; UPID=$BPID
+        if [ "$link" = wan ]; then
+          free_port; lp=$PORT
+          start_linksim "$lp" "$up" --latency-ms "$S7_LAT_MS"
+          target=$lp; scen=s7-latency-wan$S7_LAT_MS
+        else
+          target=$up; scen=s7-latency-loopback
+        fi
+        EDGE_INFLIGHT=$S7_INFLIGHT start_edge "$b" "$p" "$target"; EPID=$BPID
+        "$WSB" run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 1 --messages 20 --qos 1 --payload 64 \
+          --subscribers 1 --client-prefix s7warm --idle-timeout 5 --max-time 30 --scenario s7-warmup --broker "$b" >/dev/null 2>>"$LOG" \
+          || say "s7 $b $link: warm-up failed (see $LOG)"
+        say "s7 latency $b over $link: 4 x 250 msg/s for ${S7_LAT_SECS} s, round $r"
+        bench run --addr "127.0.0.1:$p" --sub-addr "127.0.0.1:$up" --publishers 4 --rate 250 --duration "$S7_LAT_SECS" \
+          --qos 1 --payload 64 --subscribers 1 --client-prefix s7lat --pid "$EPID" --idle-timeout 10 \
+          --scenario "$scen" --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
+        stop_pid "$EPID"
+        if [ "$link" = wan ]; then stop_linksim; fi
+        stop_pid "$UPID"
+      done
+    done
+  done
+fi
+
 # Tables.
 {
-  echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint: 1), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
+  echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint, WAN drain: 1; WAN latency: $S7_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
   echo "Ratio: the broker's median divided by Waystation's (for msg/s higher is better; for ms and MiB lower is better)."
   echo
   T() { "$WSB" table --in "$RES" "$@"; }
@@ -465,6 +599,16 @@ fi
     echo "$S6_ROWS"
     echo
   fi
+  want 7 && T --scenario s7-buffer --title "7. WAN link: backlog of $S7_DRAIN QoS 1 messages published while the link is down" \
+    --metrics "pub_rate:acked msg/s,rss_max_mib:edge peak RSS MiB"
+  want 7 && T --scenario s7-drain --title "7. WAN link: drain of $S7_DRAIN over $S7_DRAIN_MS ms each way into upstream Mosquitto, bridge window $S7_INFLIGHT (Mosquitto 2.0.11 does not hold it; waystation-w: window $S7_WIDE)" \
+    --metrics "drain_rate:msg/s,drain_s:seconds,unique:delivered,lost:lost:sum,dup:dup:sum,rss_max_mib:edge RSS MiB during drain"
+  want 7 && T --scenario s7-wire --title "7. WAN link: bytes on the wire per message delivered in that drain (counted by linksim)" \
+    --metrics "bytes_up_per_msg:edge->upstream B/msg,bytes_down_per_msg:upstream->edge B/msg,connections:link connections:sum"
+  want 7 && T --scenario s7-latency-loopback --title "7. Forwarding latency, 4 x 250 msg/s QoS 1 64 B for $S7_LAT_SECS s, edge -> upstream over loopback" \
+    --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,max_ms:max ms,unique:delivered,lost:lost:sum,dup:dup:sum"
+  want 7 && T --scenario "s7-latency-wan$S7_LAT_MS" --title "7. Forwarding latency, 4 x 250 msg/s QoS 1 64 B for $S7_LAT_SECS s, edge -> upstream over $S7_LAT_MS ms each way" \
+    --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,max_ms:max ms,unique:delivered,lost:lost:sum,dup:dup:sum"
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
 say "done: $OUT/tables.md"
