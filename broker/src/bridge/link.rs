@@ -148,6 +148,11 @@ impl Link {
         }
     }
 
+    /// The next packet if one is already queued (to handle a burst of PUBACKs in one turn).
+    pub fn try_incoming(&mut self) -> Option<Result<v4::Packet, LinkError>> {
+        self.incoming.try_recv().ok()
+    }
+
     /// Queues ready-encoded packets for the writer task. Never waits: what may be queued
     /// is bounded by the session's window (PUBLISHes) and by its control packets.
     pub fn send(&self, frames: Bytes) {

@@ -31,10 +31,17 @@ use crate::topic::filter_matches;
 /// Log entries read per range scan.
 const READ_AHEAD: usize = 1024;
 
-/// Persist the cursor after this many newly acknowledged entries...
-const CURSOR_PERSIST_EVERY: u64 = 64;
-/// ...or this long after the last persisted advance, whichever comes first.
+/// With no cursor write outstanding, persist an advanced cursor once this long has passed
+/// since the last write (at once after a quiet spell, so a trickle is on disk promptly).
 const CURSOR_PERSIST_INTERVAL: Duration = Duration::from_millis(20);
+
+/// While PUBACKs are on their way, the window is refilled in runs of at least
+/// max_inflight / this, or after REFILL_HOLD (see `fill_window`).
+const REFILL_RUN_DIVISOR: usize = 8;
+const REFILL_HOLD: Duration = Duration::from_millis(1);
+
+/// Most packets from the upstream handled in one turn of the session loop.
+const INCOMING_PER_TURN: usize = 1024;
 
 /// How long a graceful shutdown waits for queued bytes and DISCONNECT to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -122,6 +129,8 @@ struct Window {
     acked_since_status: u64,
     /// Encoded and not yet queued to the writer (kept across a failed session).
     out: BytesMut,
+    /// When the window was last refilled.
+    last_fill: Instant,
 }
 
 impl Window {
@@ -141,6 +150,7 @@ impl Window {
             unframed: Vec::new(),
             acked_since_status: 0,
             out: BytesMut::new(),
+            last_fill: Instant::now(),
         }
     }
 
@@ -416,6 +426,8 @@ impl Bridge {
             .map(|tx| tokio::spawn(acknowledge_commands(command_acks_rx, tx)));
         let _acker = AbortOnDrop(acker);
 
+        // A SUBSCRIBE of an earlier connection that never got its SUBACK holds no id now.
+        window.by_pkid.retain(|_, seq| *seq != 0);
         if !self.config.subscribe.is_empty() {
             let filters = self.config.subscribe.iter().map(|rule| {
                 let qos = if rule.qos == 0 {
@@ -427,7 +439,9 @@ impl Bridge {
             });
             let mut subscribe = v4::Subscribe::new_many(filters);
             subscribe.pkid = window.allocate_pkid();
-            // Not in by_pkid: a SUBACK is matched by its id only to report a refusal.
+            // Held (as seq 0, which no log entry has) until the SUBACK, so no PUBLISH
+            // reuses the id meanwhile.
+            window.by_pkid.insert(subscribe.pkid, 0);
             encode(out, |b| subscribe.write(b))?;
         }
         // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
@@ -461,7 +475,7 @@ impl Bridge {
                     s.forwarded += acked;
                 });
             }
-            self.persist_or_delete(window);
+            self.persist_or_delete(window, max_inflight);
 
             if let Some(oldest) = window.sent.iter().find(|s| !s.acked) {
                 if oldest.sent_at.elapsed() > ack_timeout {
@@ -496,9 +510,22 @@ impl Bridge {
             // queued to the link's writer task above.
             tokio::select! {
                 packet = link.incoming() => {
-                    let packet = packet?;
+                    let mut packet = packet?;
                     keep_alive.heard();
-                    self.on_packet(packet, window, &command_acks).await?;
+                    // Everything already queued in the same turn: a burst of PUBACKs frees
+                    // its slots together and the refill goes out in one write.
+                    let mut handled = 0;
+                    loop {
+                        self.on_packet(packet, window, &command_acks).await?;
+                        handled += 1;
+                        if handled == INCOMING_PER_TURN {
+                            break; // the rest waits for the next turn, still queued
+                        }
+                        match link.try_incoming() {
+                            Some(next) => packet = next?,
+                            None => break,
+                        }
+                    }
                 }
                 changed = durable.changed() => {
                     if changed.is_err() {
@@ -528,6 +555,18 @@ impl Bridge {
         own_origin: &str,
     ) -> Result<usize, Failure> {
         let room = window.room(max_inflight);
+        // While acknowledgements are on their way, refill in runs of an eighth of the window
+        // rather than a slot or two per PUBACK: one write (one syscall, one wake-up of the
+        // writer) per run instead of per message. Measured draining into Mosquitto, which
+        // acknowledges in small bursts: 35 k -> 47-53 k msg/s. A window with nothing waiting
+        // refills at once, and no slot waits longer than REFILL_HOLD (an upstream that
+        // acknowledges in large, spaced bursts, as rumqttd does, lost 40% without it).
+        if room < (max_inflight / REFILL_RUN_DIVISOR).max(1)
+            && window.unacked() > 0
+            && window.last_fill.elapsed() < REFILL_HOLD
+        {
+            return Ok(0);
+        }
         let budget = match rate {
             Some(r) => r.available(room),
             None => room,
@@ -547,6 +586,7 @@ impl Bridge {
             window.read_ahead.extend(more);
         }
         let mut sent = 0;
+        window.last_fill = Instant::now();
         let take = budget.min(window.read_ahead.len());
         for _ in 0..take {
             let Some((seq, bytes)) = window.read_ahead.pop_front() else {
@@ -646,6 +686,7 @@ impl Bridge {
                 let _ = command_acks.send((frame.freeze(), ready));
             }
             v4::Packet::SubAck(suback) => {
+                window.by_pkid.remove(&suback.pkid);
                 if suback
                     .return_codes
                     .iter()
@@ -664,14 +705,16 @@ impl Bridge {
         Ok(())
     }
 
-    /// Submits the cursor when it is worth a write (at once while fewer than two writes are
-    /// outstanding — the window waits for them — else in runs), or a deletion held back.
-    fn persist_or_delete(&self, window: &mut Window) {
-        if window.cursor > window.persisted
-            && (window.unconfirmed.len() < 2
-                || window.cursor - window.persisted >= CURSOR_PERSIST_EVERY
-                || window.last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL)
-        {
+    /// Submits the cursor when it is worth a write, or a deletion held back. Each write is a
+    /// group commit with an fsync, so under load they go out in runs: when half the window's
+    /// worth of forwarded entries waits to be durably behind the cursor (the window closes at
+    /// a whole one; up to two writes outstanding), or every `CURSOR_PERSIST_INTERVAL`.
+    fn persist_or_delete(&self, window: &mut Window, max_inflight: usize) {
+        let filling =
+            window.forwarded_unpersisted.len() * 2 >= max_inflight && window.unconfirmed.len() < 2;
+        let stale = window.unconfirmed.is_empty()
+            && window.last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL;
+        if window.cursor > window.persisted && (filling || stale) {
             if let Some(ticket) = self.persist_cursor(window.cursor, false) {
                 window.unconfirmed.push_back((ticket, window.cursor));
             }
@@ -762,7 +805,12 @@ async fn acknowledge_commands(
     link: mpsc::UnboundedSender<Bytes>,
 ) {
     while let Some((ack, accepted)) = pending.recv().await {
-        if accepted.await.is_err() || link.send(ack).is_err() {
+        if accepted.await.is_err() {
+            // Not accepted (the router could not keep it): left unacknowledged, so the
+            // upstream sends it again after the next reconnect. Later commands go on.
+            continue;
+        }
+        if link.send(ack).is_err() {
             return;
         }
     }
