@@ -134,10 +134,9 @@ max_bytes = 4294967296
 [[bridge]]
 name = "cloud"
 address = "127.0.0.1:$up"
-# Also the bound on duplicates after a crash. The window paces a drain (each slot waits one
-# round trip + one disk sync): into Mosquitto 100 (the default) gave 37 k msg/s here, 300
-# ~0.64x of Mosquitto's own one-client ceiling, 1000 ~0.7-0.8x but half the ingest while
-# forwarding (the bridge takes the CPU). See docs/BENCHMARKS.md. Scenario 7 sets its own.
+# The window (QoS 1 in flight; a crash duplicates at most twice it). On loopback a slot is
+# free again at its PUBACK, so 300 drains into Mosquitto at about its own one-client ceiling
+# (docs/BENCHMARKS.md, issue 11). Scenario 7 sets its own.
 max_inflight = ${EDGE_INFLIGHT:-300}
 reconnect = { initial_ms = 500, max_ms = 5000 }
 [[bridge.forward]]
