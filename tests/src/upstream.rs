@@ -429,6 +429,29 @@ pub struct Analysis {
     pub malformed: Vec<String>,
 }
 
+impl Analysis {
+    /// Every wanted message arrived (`arrived`: what the caller's bounded wait returned), none
+    /// malformed, and the first arrivals kept per-topic order. `what` names the case.
+    pub fn assert_all_arrived_in_order(
+        &self,
+        arrived: bool,
+        want: &HashSet<(u32, u64)>,
+        what: &str,
+    ) {
+        assert!(
+            arrived,
+            "{what}: acknowledged messages missing upstream (first 20 per publisher): {:?}",
+            missing(want, &self.unique)
+        );
+        assert!(self.malformed.is_empty(), "{what}: {:?}", self.malformed);
+        assert!(
+            self.order_violations.is_empty(),
+            "{what}: per-topic order of first arrivals broken: {:?}",
+            self.order_violations
+        );
+    }
+}
+
 /// Parses what the upstream received: ids, duplicates, and whether the first occurrence of
 /// each message per topic came in sequence order (at least once, in order per topic).
 pub fn analyze(received: &[Received], remote_prefix: &str) -> Analysis {

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use waystation_e2e::upstream::{
-    analyze, bridge_toml, missing, parse_id, Collector, Publisher, PublisherSpec, Upstream,
+    analyze, bridge_toml, parse_id, Collector, Publisher, PublisherSpec, Upstream,
 };
 use waystation_e2e::Waystation;
 
@@ -177,17 +177,7 @@ fn sigkill_under_load_20_plus_times_loses_no_acknowledged_message() {
         frozen_backlogs.iter().filter(|b| **b >= 100).count() >= TRIALS / 4,
         "most frozen trials must hold a backlog at the kill, else the test proves nothing: {frozen_backlogs:?}"
     );
-    assert!(
-        arrived,
-        "acknowledged messages lost (first 20 per publisher): {:?}",
-        missing(&want, &a.unique)
-    );
-    assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(
-        a.order_violations.is_empty(),
-        "per-topic order of first arrivals broken: {:?}",
-        a.order_violations
-    );
+    a.assert_all_arrived_in_order(arrived, &want, "SIGKILLs under load");
 }
 
 /// Duplicates after one SIGKILL in the middle of draining a 60,000-message backlog stay

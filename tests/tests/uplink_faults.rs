@@ -37,7 +37,7 @@ use uplink_common::{
 };
 use waystation_e2e::raw::{Connect, Pkt, RawClient, RecvError};
 use waystation_e2e::upstream::{
-    analyze, missing, parse_id, Collector, Publisher, PublisherSpec, Received, Upstream,
+    analyze, parse_id, Collector, Publisher, PublisherSpec, Received, Upstream,
 };
 use waystation_e2e::{free_port, wait_until, Waystation};
 use waystation_linksim::{Chaos, Fault};
@@ -212,16 +212,10 @@ fn sensor_at_200_msg_s_through_resets_and_zombies_loses_nothing() {
         failed >= 1 && reconnects >= 1,
         "the bridge never noticed a fault:\n{logs}"
     );
-    assert!(
+    a.assert_all_arrived_in_order(
         arrived,
-        "acknowledged messages missing upstream 30 s after the last publish (first 20): {:?}",
-        missing(&want, &a.unique)
-    );
-    assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(
-        a.order_violations.is_empty(),
-        "per-topic order of first arrivals broken: {:?}",
-        a.order_violations
+        &want,
+        "resets and zombies, 30 s after the last publish",
     );
     // Each fault ends at most one bridge connection (the simulator hits the one that is
     // open), and a lost connection resends at most its unacknowledged window, so at most
@@ -424,17 +418,7 @@ fn backlog_built_during_a_30_s_partition_arrives_complete_and_in_order() {
         during["connected"], false,
         "the bridge must notice the dead link during a 30 s partition: {during}"
     );
-    assert!(
-        arrived,
-        "acknowledged messages missing (first 20 per publisher): {:?}",
-        missing(&want, &a.unique)
-    );
-    assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(
-        a.order_violations.is_empty(),
-        "per-topic order of first arrivals broken: {:?}",
-        a.order_violations
-    );
+    a.assert_all_arrived_in_order(arrived, &want, "30 s partition");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -635,17 +619,7 @@ fn sigkill_while_forwarding_over_a_150_ms_link_loses_no_acknowledged_message() {
         backlogs.iter().all(|b| *b >= MAX_INFLIGHT),
         "each kill must find at least a window's worth acknowledged and not yet upstream: {backlogs:?}"
     );
-    assert!(
-        arrived,
-        "acknowledged messages lost (first 20 per publisher): {:?}",
-        missing(&want, &a.unique)
-    );
-    assert!(a.malformed.is_empty(), "{:?}", a.malformed);
-    assert!(
-        a.order_violations.is_empty(),
-        "per-topic order of first arrivals broken: {:?}",
-        a.order_violations
-    );
+    a.assert_all_arrived_in_order(arrived, &want, "SIGKILLs over 150 ms");
     // A crash resends what was in flight and what was acknowledged but not yet durably
     // behind the cursor, each held to max_inflight (bridge/mod.rs, "Bounded duplicates").
     assert!(
