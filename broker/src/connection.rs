@@ -120,6 +120,14 @@ pub async fn handle<S>(
             .await;
             return;
         }
+        Ok(Err(DecodeError::Closed)) if buf.is_empty() => {
+            // A port probe or a health check, not a client gone wrong.
+            ctx.stats
+                .closed_before_connect
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "connection closed before CONNECT");
+            return;
+        }
         Ok(Err(e)) => {
             log_bad_input(&peer, "", &e);
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -142,6 +150,16 @@ pub async fn handle<S>(
     } else {
         connect.client_id.into()
     };
+    if !connect.clean_session && client_id.len() > crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES {
+        // Its session could not be stored: refuse it here, for this client alone.
+        info!(%peer, len = client_id.len(), max = crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES, "client id too long for a persistent session: CONNACK 0x02");
+        let _ = write_now(
+            &mut writer,
+            Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
+        )
+        .await;
+        return;
+    }
     if let Some(will) = &connect.last_will {
         if !valid_topic_name(&will.topic) {
             warn!(%peer, client_id = %client_id, "will topic is not a valid topic name: closing");
@@ -305,7 +323,7 @@ async fn read_packet(
             other => return other,
         }
         match reader.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(DecodeError::Violation("connection closed")),
+            Ok(0) | Err(_) => return Err(DecodeError::Closed),
             Ok(_) => {}
         }
     }

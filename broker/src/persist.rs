@@ -18,6 +18,11 @@ use crate::message::{Message, QoS};
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Store, StoreError};
 
+/// The longest client id a persistent session may have: its queue keys (`queue_key`: 2 bytes
+/// of length, the id, 8 of queue id) must fit the store's key limit. A longer id with
+/// clean session 0 is refused at CONNECT (CONNACK 0x02) rather than failing its writes.
+pub const MAX_PERSISTENT_CLIENT_ID_BYTES: usize = crate::store::MAX_KEY_BYTES - 2 - 8;
+
 pub fn queue_prefix(client_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + client_id.len() + 8);
     key.extend_from_slice(&(client_id.len() as u16).to_be_bytes());

@@ -39,6 +39,9 @@ pub struct Stats {
     pub connection_rate_refused: AtomicU64,
     /// Connections closed for sending no (whole) CONNECT within `connect_timeout`.
     pub connect_timeouts: AtomicU64,
+    /// TCP connections closed before sending a single byte (port probes, load balancers'
+    /// health checks): not protocol errors.
+    pub closed_before_connect: AtomicU64,
     /// Connections closed because nothing came within 1.5x the client's keep-alive.
     pub keep_alive_timeouts: AtomicU64,
 }

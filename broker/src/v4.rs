@@ -39,6 +39,9 @@ pub enum DecodeError {
     Malformed(String),
     #[error("protocol violation: {0}")]
     Violation(&'static str),
+    /// The peer closed the connection (or it failed) before a whole packet arrived.
+    #[error("connection closed")]
+    Closed,
 }
 
 fn malformed(e: impl std::fmt::Display) -> DecodeError {

@@ -224,6 +224,12 @@ impl Collector for BrokerCollector {
         )?;
         counter(
             &mut e,
+            "waystation_closed_before_connect",
+            "TCP connections closed before sending anything (port probes, health checks); not protocol errors",
+            st.closed_before_connect.load(Relaxed),
+        )?;
+        counter(
+            &mut e,
             "waystation_keep_alive_timeouts",
             "Connections closed for silence over 1.5x the keep-alive",
             st.keep_alive_timeouts.load(Relaxed),

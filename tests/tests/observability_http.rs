@@ -318,3 +318,29 @@ fn json_logs_are_one_object_per_line_and_name_the_client() {
         "{logs}"
     );
 }
+
+/// Issue 17: a TCP connection closed before sending anything (a port probe, a load
+/// balancer's health check) is counted apart and is not a protocol error operators alert on.
+#[test]
+fn connections_closed_before_connect_are_not_protocol_errors() {
+    let gw = Gateway::start(&[], "", "");
+    for _ in 0..3 {
+        drop(std::net::TcpStream::connect(gw.mqtt).expect("connect"));
+    }
+    let counted = waystation_e2e::wait_until(Duration::from_secs(10), || {
+        let (_, _, metrics) = get(gw.http, "/metrics");
+        sample(&metrics, "waystation_closed_before_connect_total") == Some(3.0)
+    });
+    let (_, _, metrics) = get(gw.http, "/metrics");
+    assert!(counted, "3 probes counted: {metrics}");
+    assert_eq!(
+        sample(&metrics, "waystation_protocol_errors_total"),
+        Some(0.0),
+        "probes are not protocol errors"
+    );
+    assert!(
+        !gw.logs().contains("bad packet"),
+        "no WARN for a probe:\n{}",
+        gw.logs()
+    );
+}
