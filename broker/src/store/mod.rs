@@ -927,6 +927,7 @@ impl Engine {
             .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree(TREE_NAME)?;
+        sync_sled_conf(&cfg.dir)?;
         let db_path = cfg.dir.join("db");
         let db_file = File::open(&db_path).map_err(|source| StoreError::Io {
             what: "opening",
@@ -950,6 +951,27 @@ impl Engine {
             source,
         })
     }
+}
+
+/// sled 0.34.7 writes `<dir>/conf` at open and never syncs it (config.rs `write_config`):
+/// after a power cut it finds the file empty and logs `empty/corrupt configuration file found`
+/// at every start. Synced here, with the directory entry that names it.
+fn sync_sled_conf(dir: &Path) -> Result<(), StoreError> {
+    let conf = dir.join("conf");
+    File::open(&conf)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| StoreError::Io {
+            what: "syncing",
+            path: conf,
+            source,
+        })?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| StoreError::Io {
+            what: "syncing",
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// sled writes large page images to `<dir>/blobs/<lsn>` and never syncs them.
