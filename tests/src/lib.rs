@@ -5,6 +5,7 @@
 //! (`target/<profile>/waystation`), or `$WAYSTATION_BIN`. Every wait here is bounded; every
 //! process is killed when its guard drops, also when a test panics.
 
+pub mod pki;
 pub mod raw;
 pub mod upstream;
 
@@ -89,6 +90,8 @@ pub struct Waystation {
     dir: tempfile::TempDir,
     extra_config: String,
     logs: Arc<Mutex<String>>,
+    /// Processes started so far (each logs its HTTP address once).
+    starts: usize,
 }
 
 impl Waystation {
@@ -110,6 +113,7 @@ impl Waystation {
             dir,
             extra_config: extra.to_string(),
             logs: Arc::new(Mutex::new(String::new())),
+            starts: 0,
         };
         ws.spawn(0);
         ws
@@ -178,6 +182,7 @@ impl Waystation {
             }
         });
         self.child = Some(child);
+        self.starts += 1;
         match addr_rx.recv_timeout(START_TIMEOUT) {
             Ok(addr) => self.addr = addr,
             Err(_) => {
@@ -192,6 +197,29 @@ impl Waystation {
                 );
             }
         }
+    }
+
+    /// The current process's HTTP address (`[http] bind`, a free port unless the test set
+    /// one), from its log line: the logs hold one such line per start, so the last one, once
+    /// this start has written it.
+    pub fn http_addr(&self) -> SocketAddr {
+        const MARKER: &str = "/api/v1/status at http://";
+        assert!(
+            wait_until(Duration::from_secs(10), || self
+                .logs()
+                .matches(MARKER)
+                .count()
+                >= self.starts),
+            "no HTTP server line for start {} in the logs:\n{}",
+            self.starts,
+            self.logs()
+        );
+        let logs = self.logs();
+        let rest = logs.rsplit(MARKER).next().unwrap_or_default();
+        rest.split(['/', ' ', '\n'])
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP address after {MARKER:?} in:\n{logs}"))
     }
 
     /// Everything the daemon wrote to stderr so far.

@@ -5,136 +5,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use waystation_e2e::pki::Pki;
 use waystation_e2e::{free_port, raw, run_with_timeout, wait_until, ChildGuard, Waystation};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A scratch PKI made with the `openssl` command line: EC P-256 keys, X.509 v3.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        Pki {
-            dir: tempfile::Builder::new()
-                .prefix("waystation-pki-")
-                .tempdir()
-                .expect("tempdir"),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `<name>.crt` and `<name>.key`: a self-signed CA.
-    fn ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-    }
-
-    /// `<name>.crt` and `<name>.key` signed by CA `ca`: a server certificate for 127.0.0.1
-    /// and localhost, or a client certificate with subject CN `cn`.
-    fn leaf(&self, name: &str, ca: &str, cn: &str, server: bool) {
-        self.openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/O=Waystation tests/CN={cn}"),
-        ]);
-        let ext = if server {
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-        } else {
-            "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
-        };
-        std::fs::write(self.path(&format!("{name}.ext")), ext).unwrap();
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            &format!("{ca}.crt"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.crt"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ]);
-    }
-
-    fn crt(&self, name: &str) -> String {
-        self.path(&format!("{name}.crt")).display().to_string()
-    }
-
-    fn key(&self, name: &str) -> String {
-        self.path(&format!("{name}.key")).display().to_string()
-    }
-}
-
-fn http_addr(ws: &Waystation) -> SocketAddr {
-    let marker = "/api/v1/status at http://";
-    assert!(
-        ws.wait_for_log(marker, WAIT),
-        "no HTTP server line in the logs"
-    );
-    let logs = ws.logs();
-    let rest = logs.split(marker).nth(1).unwrap();
-    rest[..rest.find('/').unwrap()]
-        .parse()
-        .expect("HTTP address")
-}
 
 /// GET /api/v1/status as JSON.
 fn status(http: SocketAddr) -> serde_json::Value {
@@ -351,7 +229,7 @@ fn client_certificate_is_required_and_its_cn_is_the_username() {
     );
     let ws = Waystation::start_with(&tls_listener(&pki, "server", &extra));
     let port = ws.port();
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
     let ca = pki.crt("ca");
 
     assert!(
@@ -427,7 +305,7 @@ fn sighup_reloads_certificates_and_keeps_open_connections() {
     std::fs::copy(pki.path("server1.key"), pki.path("live.key")).unwrap();
     let ws = Waystation::start_with(&tls_listener(&pki, "live", ""));
     let port = ws.port();
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
     let (ca1, ca2) = (pki.crt("ca1"), pki.crt("ca2"));
 
     let keeper = Sub::start(port, &["--cafile", &ca1, "-i", "keeper", "-t", "reload/#"]);
@@ -582,7 +460,7 @@ fn bridge_forwards_over_mutual_tls_to_mosquitto_with_a_password_file() {
         pki.crt("gateway"),
         pki.key("gateway"),
     ));
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
     // "localhost": rumqttc sends it as SNI and checks it against the certificate's DNS name.
     assert!(
         wait_until(WAIT, || status(http)["bridges"][0]["connected"] == true),

@@ -64,7 +64,7 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
         "expected one store.corrupt-* directory, found {aside:?}"
     );
     // The alert stays visible: /healthz says why with 503, and a metric to alert on.
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
     let (code, body) = http_get(http, "/healthz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("moved aside"), "{body}");
@@ -91,33 +91,6 @@ fn corrupt_store_is_moved_aside_and_the_daemon_serves() {
     ));
     assert_eq!(pubc.recv(), Pkt::PubAck(7));
     assert_eq!(sub.recv_publish().payload, b"after");
-}
-
-/// The daemon's HTTP address, from its log line.
-fn http_addr(ws: &Waystation) -> std::net::SocketAddr {
-    let starts = ws.logs().matches("store recovered").count();
-    assert!(
-        wait_until(Duration::from_secs(10), || ws
-            .logs()
-            .matches("/api/v1/status at http://")
-            .count()
-            >= starts),
-        "{}",
-        ws.logs()
-    );
-    let logs = ws.logs();
-    // The last one: the logs hold every start of this daemon.
-    let line = logs
-        .lines()
-        .filter(|l| l.contains("/api/v1/status at http://"))
-        .last()
-        .expect("http line");
-    let addr = line
-        .split("at http://")
-        .nth(1)
-        .and_then(|r| r.split('/').next())
-        .expect("address");
-    addr.parse().expect("socket address")
 }
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.

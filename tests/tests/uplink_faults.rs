@@ -32,8 +32,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use uplink_common::{
-    bridge, bridge_status, count_in_log, failures_in_log, get, http_addr, link, metric, seed,
-    sim_address, CONNECTED, LOST,
+    bridge, bridge_status, count_in_log, failures_in_log, get, link, metric, seed, sim_address,
+    CONNECTED, LOST,
 };
 use waystation_e2e::raw::{Connect, Pkt, RawClient, RecvError};
 use waystation_e2e::upstream::{
@@ -127,7 +127,7 @@ fn sensor_at_200_msg_s_through_resets_and_zombies_loses_nothing() {
         &format!("max_inflight = {MAX_INFLIGHT}\nconnect_timeout = 3"),
     ));
     wait_connected(&ws, 1, Duration::from_secs(10));
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
 
     let chaos = handle.start_chaos(Chaos {
         seed,
@@ -337,7 +337,7 @@ fn backlog_built_during_a_30_s_partition_arrives_complete_and_in_order() {
         &format!("max_inflight = {MAX_INFLIGHT}"),
     ));
     wait_connected(&ws, 1, Duration::from_secs(10));
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
 
     // Four sensors at up to 50 msg/s each, publishing before, during and after the partition.
     let mut publishers: Vec<Publisher> = (0..4)
@@ -590,7 +590,7 @@ fn sigkill_while_forwarding_over_a_150_ms_link_loses_no_acknowledged_message() {
         let acked = acked_ids(&publishers);
         let seen = seen_ids(&collector);
         backlogs.push(acked.difference(&seen).count());
-        let status = bridge_status(http_addr(&ws));
+        let status = bridge_status(ws.http_addr());
         inflight.push(status["inflight"].as_u64().unwrap_or(0));
         ws.kill();
         ws.restart();
@@ -640,7 +640,7 @@ fn healthz_degraded_after_30_s_unreachable_then_ok_once_connected() {
     let port = free_port();
     let started = Instant::now();
     let ws = Waystation::start_with(&bridge(&format!("127.0.0.1:{port}"), 5, ""));
-    let http = http_addr(&ws);
+    let http = ws.http_addr();
     let (code, body) = get(http, "/healthz");
     assert_eq!(
         (code, body.as_str()),

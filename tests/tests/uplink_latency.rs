@@ -18,11 +18,11 @@
 mod uplink_common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uplink_common::{bridge, link, sim_address, CONNECTED};
+use waystation_e2e::pki::Pki;
 use waystation_e2e::upstream::{analyze, missing, Collector, Publisher, PublisherSpec, Upstream};
 use waystation_e2e::{free_port, wait_until, ChildGuard, Waystation};
 
@@ -39,91 +39,12 @@ const SLACK: Duration = Duration::from_secs(3);
 // TLS listener (for the bridge, through the simulator) and a plain one (for the collector).
 // ---------------------------------------------------------------------------------------
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    /// `ca.crt` and `server.crt`/`server.key` for 127.0.0.1 and localhost, EC P-256.
-    fn new() -> Pki {
-        let pki = Pki {
-            dir: tempfile::Builder::new()
-                .prefix("waystation-uplink-pki-")
-                .tempdir()
-                .expect("tempdir"),
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=uplink-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        pki.openssl(&ca);
-        let mut csr = vec!["req", "-new"];
-        csr.extend(ec);
-        csr.extend([
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/O=Waystation tests/CN=localhost",
-        ]);
-        pki.openssl(&csr);
-        std::fs::write(
-            pki.path("server.ext"),
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("write server.ext");
-        pki.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        pki
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+/// `ca.crt` and `server.crt`/`server.key` for 127.0.0.1 and localhost.
+fn make_pki() -> Pki {
+    let pki = Pki::new();
+    pki.ca("ca");
+    pki.leaf("server", "ca", "localhost", true);
+    pki
 }
 
 /// Debian's Mosquitto with a plain listener on `plain_port` and a TLS one on `tls_port`,
@@ -195,7 +116,7 @@ fn forward_over(one_way_ms: u64, tls: bool) {
     );
 
     // The upstream, its subscriber (directly, as in the cloud), and the simulated link.
-    let pki = tls.then(Pki::new);
+    let pki = tls.then(make_pki);
     let plain_upstream = (!tls).then(Upstream::start);
     let tls_upstream = pki.as_ref().map(TlsUpstream::start);
     let (collector_port, bridge_target) = match (&plain_upstream, &tls_upstream) {

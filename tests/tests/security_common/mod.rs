@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
 use waystation_e2e::raw::{Connect, RawClient};
@@ -14,24 +14,9 @@ pub fn start(extra: &str) -> Waystation {
     Waystation::start_with(&format!("[http]\nbind = \"127.0.0.1:0\"\n\n{extra}"))
 }
 
-/// The HTTP server's address, from the daemon's log line.
-pub fn http_addr(ws: &Waystation) -> SocketAddr {
-    assert!(
-        ws.wait_for_log("at http://", Duration::from_secs(10)),
-        "no HTTP server in the logs:\n{}",
-        ws.logs()
-    );
-    let logs = ws.logs();
-    let rest = logs.split("at http://").nth(1).expect("http line");
-    rest.split(['/', ' ', '\n'])
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("http address")
-}
-
 /// The body of `GET /metrics`.
 pub fn metrics(ws: &Waystation) -> String {
-    let addr = http_addr(ws);
+    let addr = ws.http_addr();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();

@@ -53,22 +53,6 @@ pub fn sim_address(sim: &LinkSim) -> String {
     sim.local_addr().to_string()
 }
 
-/// The daemon's HTTP address, from its log line (`... at http://ADDR/`): the last one, as
-/// each restart binds a new free port.
-pub fn http_addr(ws: &Waystation) -> SocketAddr {
-    assert!(
-        ws.wait_for_log("at http://", Duration::from_secs(10)),
-        "no HTTP server in the logs:\n{}",
-        ws.logs()
-    );
-    let logs = ws.logs();
-    let rest = logs.rsplit("at http://").next().expect("http line");
-    rest.split(['/', ' ', '\n'])
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("http address")
-}
-
 /// `GET path` over HTTP/1.0: (status code, body).
 pub fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
