@@ -49,10 +49,21 @@ pub struct Collector {
 impl Collector {
     /// Connects and waits (bounded) for the SUBACK of `filter`.
     pub fn start(port: u16, client_id: &str, filter: &str) -> Collector {
+        Collector::start_sized(port, client_id, filter, 256 * 1024)
+    }
+
+    /// As [`Collector::start`], accepting packets of up to `max_packet_size` bytes (rumqttc
+    /// closes the connection on a larger one), e.g. for large-message tests.
+    pub fn start_sized(
+        port: u16,
+        client_id: &str,
+        filter: &str,
+        max_packet_size: usize,
+    ) -> Collector {
         let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
         options.set_clean_session(false);
         options.set_keep_alive(Duration::from_secs(30));
-        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        options.set_max_packet_size(max_packet_size, max_packet_size);
         options.set_inflight(100);
         let (client, mut connection) = rumqttc::Client::new(options, 1000);
         let received = Arc::new(Mutex::new(Vec::new()));
