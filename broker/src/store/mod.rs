@@ -31,6 +31,22 @@
 //!   and a page cache that only evicts once one of its 256 shard queues has seen 64 accesses,
 //!   which a sequential reader never causes (hence [`touch_for_eviction`] on every chunk read).
 //!   Measured with `scripts/bench.sh --only 6`: VmRSS flat at ~30 MiB from 250 k to 2 M waiting.
+//!   Two costs scale with what one commit writes or deletes, not with the backlog: sled holds
+//!   a batch's values several times over until it is applied (hence `max_batch_bytes`; a
+//!   single 16 MiB record is still one batch: peak RSS ~230 MB streaming them), and to delete
+//!   a key sled loads the leaf that holds it and keeps what it loaded until the batch is
+//!   applied: deleting 16 MiB of records in one commit took 21 ms and no extra memory, 64 MiB
+//!   ~0.2-0.3 s and +70 MB, 256 MiB 1.5-7 s and +1.1 GB (small records cost as much per byte:
+//!   75 MiB of 100-byte records, +450 MB). Callers should delete in steps of a few MiB to a
+//!   few tens of MiB of records per commit.
+//! - **Large values**: a log record or keyspace value longer than [`MAX_INLINE_VALUE_BYTES`]
+//!   (7 KiB) is stored as parts of that size under their own keys (prefix `P`, in sled leaves
+//!   of their own; see `parts.rs` for the format and why 7 KiB), named by a small marker entry
+//!   in its log chunk or a descriptor under its keyspace key. Values up to [`MAX_VALUE_BYTES`]
+//!   (17 MiB: a 16 MiB MQTT packet and the stored message's header) are accepted. Reads join
+//!   the parts transparently and [`LogStats::bytes`] counts the record's length, as for any
+//!   record. A 16 MiB record is necessarily 16 MiB in memory when read, so
+//!   [`Store::read_log_budget`] bounds the bytes one read returns.
 //! - All of it lives in **one sled tree**, each key prefixed by one byte naming its keyspace
 //!   (`L` for the log). This is deliberate: sled recovers an
 //!   `apply_batch` atomically *per tree*, so with a single tree one group commit is one atomic
@@ -42,22 +58,24 @@
 //!
 //! [`Store::submit`] only validates, assigns a [`Ticket`] and seqs, and queues the operations
 //! on a channel; it never waits for the disk. One writer thread blocks for the first queued
-//! submission, then drains whatever else is already queued (up to `max_batch_ops` operations)
-//! without waiting on any timer: a lone message is committed at once, and under load the
-//! submissions that arrive while one sync runs form the next batch. For each batch it builds one
-//! `sled::Batch`, applies it, calls `Db::flush()`, `sync_data()` on any new blob files, then
-//! `sync_data()` on `<dir>/db`, and only then publishes the batch's highest ticket as
-//! [`Durability::durable_through`]. Within a batch operations take effect in submission order
-//! (a later op on the same key wins).
+//! submission, then drains whatever else is already queued (up to `max_batch_ops` operations
+//! and `max_batch_bytes` bytes) without waiting on any timer: a lone message is committed at
+//! once, and under load the submissions that arrive while one sync runs form the next batch.
+//! For each batch it builds one `sled::Batch`, applies it, calls `Db::flush()`, `sync_data()`
+//! on any new blob files, then `sync_data()` on `<dir>/db`, and only then publishes the
+//! batch's highest ticket as [`Durability::durable_through`]. Within a batch operations take
+//! effect in submission order (a later op on the same key wins).
 //!
 //! ## Durability contract
 //!
 //! - **Durable** means: sled's `flush()` returned *and* `fdatasync` on `<dir>/db` returned.
 //!   `flush()` alone uses `sync_file_range`, which flushes neither the device cache nor file
-//!   metadata (sled #1452, #1351), so it is not power-loss safe. sled writes values too large
-//!   for a log segment (and page rewrites of nodes holding several large values) to separate
-//!   blob files that it never syncs; the writer syncs every blob file it has not synced yet, and
-//!   the `blobs/` directory, before the ack. Records are capped at [`MAX_VALUE_BYTES`].
+//!   metadata (sled #1452, #1351), so it is not power-loss safe. sled writes values and page
+//!   images larger than ~128 KiB to separate blob files that it never syncs. Large values are
+//!   split into 7 KiB parts so that neither a value nor a leaf image of parts or chunks gets
+//!   there; the writer still syncs every blob file it has not synced yet (an index page full
+//!   of long keys could be one), and the `blobs/` directory, before the ack. Values are capped
+//!   at [`MAX_VALUE_BYTES`], keys at [`MAX_KEY_BYTES`].
 //!   `flush_async` is never called (it deadlocks when called concurrently: sled #1308, #1241).
 //! - **An ack**: a ticket `t` with `durable_through >= t` was on disk in the sense above.
 //!   Every operation of every submission with a ticket `<= durable_through` survives a crash
@@ -82,6 +100,15 @@
 //!   applied, which can include the batch being synced right now, i.e. not yet durable. A
 //!   bridge may forward such an entry upstream before it is durable; if the process then dies,
 //!   the entry was never acked to its publisher, so this is at worst a duplicate, never a loss.
+//! - **Large values** are no exception to any of this: a value's parts are inserted in the same
+//!   `sled::Batch` as the chunk marker or keyspace descriptor that names them, and removed in
+//!   the same batch as the `DeleteLog`, `DeleteLogThrough`, `Remove` or overwriting `Put` that
+//!   ends the value. So a large value is acknowledged only once all its parts are synced, a
+//!   crash keeps all of it or none, and the log reads back in seq order whatever the sizes.
+//!   Reads are not snapshots: a reader that finds a value's parts incomplete looks at its
+//!   marker or descriptor again; if the entry was deleted (or the key given a new value) in
+//!   the meantime it skips the entry (or reads the new value), otherwise the store is corrupt
+//!   and the read returns [`StoreError::Corrupt`].
 //! - **Chunk rewrites**: appending to the last chunk or deleting part of a chunk replaces a
 //!   value that already held acknowledged entries. That is safe because the new value is
 //!   written in the same atomic batch as everything else in the commit and sled recovers a
@@ -92,9 +119,11 @@
 //!   scan at open. They never use file sizes (sled's files are 2-2.5x the live data and do not
 //!   shrink while open).
 //! - **Corruption at open**: if sled fails to open with a corruption error (or panics), the
-//!   scan at open finds an entry this module did not write, or the db file holds data but the
-//!   marker key written at creation is missing (sled opens a garbage file as an *empty*
-//!   database, silently), the directory is moved aside to
+//!   scan at open finds an entry this module did not write (including parts that no marker or
+//!   descriptor names, and a marker or descriptor whose parts are missing, in excess or of
+//!   the wrong total length: sled recovers batches whole, so either means damage), or the db
+//!   file holds data but the marker key written at creation is missing (sled opens a garbage
+//!   file as an *empty* database, silently), the directory is moved aside to
 //!   `<dir>.corrupt-<UTC timestamp>`, an error is logged, an empty store is opened, and
 //!   [`Recovery::moved_aside`] says where the old data went. Plain I/O errors at open (a lock
 //!   held by another process, permissions, disk full) are returned as errors instead: moving a
@@ -108,18 +137,27 @@
 //!   drops the engine and returns only once sled's `flock` on `<dir>/db` is released, so the
 //!   directory can be reopened at once (a restart, the crash tests). Dropping a `sled::Db` is
 //!   not enough: jobs on sled's I/O thread pool hold the locked file a little longer.
+//! - **A dead writer is never silent**: if the writer thread panics (a bug here or in sled),
+//!   [`Durability::fatal`] (and `error`) are published, [`Store::wait_durable`] and later
+//!   [`Store::submit`]s fail with [`StoreError::Unavailable`], and nothing is acknowledged
+//!   again. The process should then exit non-zero so its supervisor restarts it; what was
+//!   acknowledged is on disk and the next open recovers as after a crash. The same holds if the
+//!   writer ever stopped with operations it could not make durable other than at shutdown.
 //! - **Backpressure**: the submit queue is unbounded; callers bound it by waiting for acks
-//!   (publishers' in-flight windows). While the disk is full, nothing is acked.
+//!   (publishers' in-flight windows) and by [`Store::pending_bytes`]: the bytes of keys and
+//!   values submitted and not yet durable, lowered before the [`Store::durability`] update
+//!   that publishes their commit. While the disk is full, nothing is acked.
 
 mod chunk;
+mod parts;
 pub mod record;
 mod writer;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -136,10 +174,15 @@ pub type KeyValue = (Vec<u8>, Vec<u8>);
 /// Group-commit ticket: strictly increasing per [`Store::submit`]. The first ticket is 1.
 pub type Ticket = u64;
 
-/// Largest value (log record or keyspace value) accepted by [`Store::submit`]. sled moves
-/// larger log messages to blob files; keeping records well below a segment's inline limit
-/// (128 KiB with the default 512 KiB segments) keeps single values inline.
-pub const MAX_VALUE_BYTES: usize = 120 * 1024;
+/// Largest value (log record or keyspace value) accepted by [`Store::submit`]: a 16 MiB MQTT
+/// packet (the protocol's largest is 256 MiB, but no client of an edge broker needs that) and
+/// the stored message's header and topic. Values above [`MAX_INLINE_VALUE_BYTES`] are stored
+/// as parts (see `parts.rs`).
+pub const MAX_VALUE_BYTES: usize = 17 * 1024 * 1024;
+/// Largest value stored under a single sled key; larger ones are split into parts of this size.
+pub const MAX_INLINE_VALUE_BYTES: usize = parts::PART_BYTES;
+/// The byte budget of [`Store::read_log`] (see [`Store::read_log_budget`]).
+pub const READ_LOG_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Largest key accepted in a keyspace.
 pub const MAX_KEY_BYTES: usize = 4 * 1024;
 
@@ -165,6 +208,11 @@ pub struct StoreConfig {
     /// Most operations in one group commit (a single submission larger than this is still
     /// committed whole).
     pub max_batch_ops: usize,
+    /// Most bytes of keys and values in one group commit, likewise. Bounds the writer's memory
+    /// when large values arrive together: sled holds a commit's values several times over
+    /// until it is applied (measured, 1 MiB records: peak RSS ~60 MiB with 1 MiB commits, ~100
+    /// with 4 MiB, ~130 with 8-16 MiB, for 119, 138 and ~150 MiB/s).
+    pub max_batch_bytes: usize,
 }
 
 impl StoreConfig {
@@ -173,6 +221,7 @@ impl StoreConfig {
             dir: dir.into(),
             cache_capacity_bytes: 16 * 1024 * 1024,
             max_batch_ops: 1024,
+            max_batch_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -195,6 +244,10 @@ pub struct Durability {
     pub durable_through: Ticket,
     /// Set while the last commit attempt failed (e.g. disk full); cleared by the next success.
     pub error: Option<String>,
+    /// Set for good when the writer thread died (it panicked, or stopped with operations it
+    /// could not make durable other than at shutdown): nothing will be acknowledged again
+    /// until the process restarts. A daemon should exit non-zero when it sees this.
+    pub fatal: Option<String>,
     /// Successful group commits since open.
     pub commits: u64,
     /// Operations in the last successful group commit.
@@ -303,6 +356,8 @@ pub(crate) enum WriteOp {
 pub(crate) struct Submission {
     ticket: Ticket,
     ops: Vec<WriteOp>,
+    /// Counted in [`Shared::pending_bytes`] until published durable or dropped.
+    bytes: u64,
 }
 
 /// The open sled database and the file we fsync.
@@ -335,9 +390,16 @@ pub(crate) struct Shared {
     released: AtomicBool,
     /// Set by the writer if it exits with operations it could not commit.
     writer_failure: Mutex<Option<String>>,
+    /// See [`Store::pending_bytes`].
+    pending_bytes: AtomicU64,
+    /// Seqs, tickets and the channel to the writer, which takes `tx` away if it dies.
+    submit: Mutex<SubmitState>,
     /// Test hook: the next N commit attempts fail as if the disk were full.
     #[cfg(test)]
     fail_commits: std::sync::atomic::AtomicU32,
+    /// Test hook: the writer panics at its next commit.
+    #[cfg(test)]
+    panic_writer: AtomicBool,
 }
 
 struct SubmitState {
@@ -348,7 +410,6 @@ struct SubmitState {
 
 struct Inner {
     shared: Arc<Shared>,
-    submit: Mutex<SubmitState>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -405,6 +466,7 @@ impl Store {
             elapsed_ms = started.elapsed().as_millis() as u64, "store opened");
 
         let (watch_tx, _) = watch::channel(Durability::default());
+        let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             cfg: cfg.clone(),
             chunked_from: scan.chunked_from,
@@ -416,14 +478,25 @@ impl Store {
             closing: AtomicBool::new(false),
             released: AtomicBool::new(false),
             writer_failure: Mutex::new(None),
+            pending_bytes: AtomicU64::new(0),
+            submit: Mutex::new(SubmitState {
+                next_seq: scan.next_seq,
+                next_ticket: 1,
+                tx: Some(tx),
+            }),
             #[cfg(test)]
             fail_commits: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            panic_writer: AtomicBool::new(false),
         });
-        let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
+        let large = writer::LargeValues {
+            keyspace: scan.large,
+            next_gen: scan.next_gen,
+        };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer::run(writer_shared, rx))
+            .spawn(move || writer::run(writer_shared, rx, large))
             .map_err(|source| StoreError::Io {
                 what: "spawning the writer thread for",
                 path: cfg.dir.clone(),
@@ -431,11 +504,6 @@ impl Store {
             })?;
         let inner = Inner {
             shared,
-            submit: Mutex::new(SubmitState {
-                next_seq: scan.next_seq,
-                next_ticket: 1,
-                tx: Some(tx),
-            }),
             writer: Mutex::new(Some(handle)),
         };
         Ok((
@@ -448,21 +516,38 @@ impl Store {
 
     /// Queues operations for the next group commit and returns at once. Log appends get their
     /// seqs here, in submission order (one per [`Op::Append`], in order). Rejects the whole
-    /// submission if a value or key is too large.
+    /// submission if a value is larger than [`MAX_VALUE_BYTES`] or a key than
+    /// [`MAX_KEY_BYTES`]; fails with [`StoreError::Unavailable`] once the writer has died (see
+    /// [`Durability::fatal`]) and [`StoreError::Closed`] after shutdown.
     pub fn submit(&self, ops: Vec<Op>) -> Result<(Ticket, Vec<Seq>), StoreError> {
+        let mut bytes = 0u64;
         for op in &ops {
-            match op {
-                Op::Append(v) => check_value(v.len())?,
+            let n = match op {
+                Op::Append(v) => {
+                    check_value(v.len())?;
+                    v.len()
+                }
                 Op::Put { key, value, .. } => {
                     check_key(key.len())?;
                     check_value(value.len())?;
+                    key.len() + value.len()
                 }
-                Op::Remove { key, .. } => check_key(key.len())?,
-                Op::DeleteLog(_) | Op::DeleteLogThrough(_) => {}
-            }
+                Op::Remove { key, .. } => {
+                    check_key(key.len())?;
+                    key.len()
+                }
+                Op::DeleteLog(_) | Op::DeleteLogThrough(_) => 0,
+            };
+            bytes += n as u64;
         }
-        let mut st = lock(&self.inner.submit);
-        let tx = st.tx.as_ref().ok_or(StoreError::Closed)?.clone();
+        let shared = &self.inner.shared;
+        let mut st = lock(&shared.submit);
+        let Some(tx) = st.tx.clone() else {
+            return Err(match lock(&shared.writer_failure).clone() {
+                Some(f) if !shared.closing.load(Ordering::SeqCst) => StoreError::Unavailable(f),
+                _ => StoreError::Closed,
+            });
+        };
         let ticket = st.next_ticket;
         let mut seq = st.next_seq;
         let mut seqs = Vec::new();
@@ -480,15 +565,30 @@ impl Store {
                 Op::Remove { space, key } => WriteOp::Remove(space.key(&key)),
             })
             .collect();
+        // Counted before the writer can see it (it subtracts once the batch is durable).
+        shared.pending_bytes.fetch_add(bytes, Ordering::SeqCst);
         // Sent under the lock so that channel order == ticket order == seq order.
-        tx.send(Submission {
-            ticket,
-            ops: write_ops,
-        })
-        .map_err(|_| StoreError::Closed)?;
+        if tx
+            .send(Submission {
+                ticket,
+                ops: write_ops,
+                bytes,
+            })
+            .is_err()
+        {
+            shared.pending_bytes.fetch_sub(bytes, Ordering::SeqCst);
+            return Err(StoreError::Closed);
+        }
         st.next_ticket += 1;
         st.next_seq = seq;
         Ok((ticket, seqs))
+    }
+
+    /// Bytes of keys and values submitted but not yet durable (queued or being committed).
+    /// Lowered by the writer before it publishes the [`Durability`] update for their commit,
+    /// so whoever wakes on that update sees the lowered value. A cheap atomic load.
+    pub fn pending_bytes(&self) -> u64 {
+        self.inner.shared.pending_bytes.load(Ordering::SeqCst)
     }
 
     /// Progress of the group commit.
@@ -518,14 +618,31 @@ impl Store {
         Ok(())
     }
 
-    /// Log entries with seq `>= from`, ascending, at most `max`.
+    /// Log entries with seq `>= from`, ascending, at most `max`, and at most
+    /// [`READ_LOG_MAX_BYTES`] of records (but always at least one entry if there is one): see
+    /// [`Store::read_log_budget`]. An empty result means there is no entry at or after `from`.
     pub fn read_log(&self, from: Seq, max: usize) -> Result<Vec<(Seq, Bytes)>, StoreError> {
+        self.read_log_budget(from, max, READ_LOG_MAX_BYTES)
+    }
+
+    /// Log entries with seq `>= from`, ascending: at most `max_entries`, and no more entries
+    /// than fit in `max_bytes` of records, except that the first entry found is always
+    /// returned whatever its size (so a caller always makes progress, and memory is bounded by
+    /// `max(max_bytes, MAX_VALUE_BYTES)`). An empty result means there is no entry at or after
+    /// `from` (or `max_entries` is 0). A large record's parts are read only if it is returned.
+    pub fn read_log_budget(
+        &self,
+        from: Seq,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(Seq, Bytes)>, StoreError> {
         let shared = &self.inner.shared;
         let engine = shared.engine()?;
-        let mut out = Vec::with_capacity(max.min(1024));
-        if max == 0 {
+        let mut out = Vec::with_capacity(max_entries.min(1024));
+        if max_entries == 0 {
             return Ok(out);
         }
+        let mut bytes: u64 = 0;
         // The chunk holding `from` starts at or before it.
         let start = match engine.tree.range(log_key(0)..=log_key(from)).next_back() {
             Some(item) => {
@@ -543,12 +660,20 @@ impl Store {
             touch_for_eviction(&engine.tree, &k);
             let (_, entries) = decode_log_item(&k, v, shared.chunked_from)?;
             for (seq, v) in entries {
-                if seq >= next {
-                    next = seq.saturating_add(1);
-                    out.push((seq, v));
-                    if out.len() >= max {
-                        return Ok(out);
-                    }
+                if seq < next {
+                    continue;
+                }
+                next = seq.saturating_add(1);
+                if !out.is_empty() && bytes.saturating_add(v.len()) > max_bytes as u64 {
+                    return Ok(out);
+                }
+                let Some(record) = log_record(&engine.tree, shared.chunked_from, seq, v)? else {
+                    continue; // deleted while we read it
+                };
+                bytes += record.len() as u64;
+                out.push((seq, record));
+                if out.len() >= max_entries || bytes >= max_bytes as u64 {
+                    return Ok(out);
                 }
             }
         }
@@ -557,7 +682,11 @@ impl Store {
 
     pub fn get(&self, space: Keyspace, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let engine = self.inner.shared.engine()?;
-        Ok(engine.tree.get(space.key(key))?.map(|v| v.to_vec()))
+        let key = space.key(key);
+        match engine.tree.get(&key)? {
+            Some(stored) => keyspace_value(&engine.tree, &key, stored),
+            None => Ok(None),
+        }
     }
 
     /// Every key/value pair in `space` whose key starts with `prefix`, in key order. Keys are
@@ -566,8 +695,10 @@ impl Store {
         let engine = self.inner.shared.engine()?;
         let mut out = Vec::new();
         for item in engine.tree.scan_prefix(space.key(prefix)) {
-            let (k, v) = item?;
-            out.push((k[1..].to_vec(), v.to_vec()));
+            let (k, stored) = item?;
+            if let Some(v) = keyspace_value(&engine.tree, &k, stored)? {
+                out.push((k[1..].to_vec(), v));
+            }
         }
         Ok(out)
     }
@@ -589,9 +720,17 @@ impl Store {
                     decode_log_item(&log_key(first), v, self.inner.shared.chunked_from)
                         .ok()
                         .and_then(|(_, entries)| entries.into_iter().next());
-                if let Some((_, record)) = first_entry {
-                    stats.oldest_received_at_ms = record::peek_received_at_ms(&record);
-                }
+                stats.oldest_received_at_ms = match first_entry {
+                    Some((_, chunk::Value::Inline(record))) => record::peek_received_at_ms(&record),
+                    // The header is in the first part.
+                    Some((seq, chunk::Value::Parts { .. })) => engine
+                        .tree
+                        .get(parts::part_key(&log_key(seq), 0, 0))
+                        .ok()
+                        .flatten()
+                        .and_then(|part| record::peek_received_at_ms(&part)),
+                    None => None,
+                };
             }
         }
         stats
@@ -612,7 +751,7 @@ impl Store {
 impl Inner {
     fn close(&self) -> Result<(), StoreError> {
         // Dropping the only sender ends the writer's loop once it has drained the channel.
-        lock(&self.submit).tx = None;
+        lock(&self.shared.submit).tx = None;
         self.shared.closing.store(true, Ordering::SeqCst);
         let handle = lock(&self.writer).take();
         let mut result = Ok(());
@@ -871,6 +1010,82 @@ pub(crate) fn decode_log_item(
     Ok((key, entries))
 }
 
+/// The record of log entry `seq`, whose chunk entry is `v`: its bytes, joined from its parts
+/// if it is large. `None` if the entry was deleted while we read its parts.
+pub(crate) fn log_record(
+    tree: &sled::Tree,
+    chunked_from: Seq,
+    seq: Seq,
+    v: chunk::Value,
+) -> Result<Option<Bytes>, StoreError> {
+    let (len, parts) = match v {
+        chunk::Value::Inline(b) => return Ok(Some(b)),
+        chunk::Value::Parts { len, parts } => (len, parts),
+    };
+    let owner = log_key(seq);
+    let large = parts::Large { gen: 0, len, parts };
+    match parts::fetch(tree, &owner, large)? {
+        Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+        Err(why) => {
+            // A deletion commit removes the marker and the parts together (and readers never
+            // see half a batch): if the marker is still there, the parts are damaged.
+            let still_there = match tree.range(log_key(0)..=owner).next_back() {
+                Some(item) => {
+                    let (k, v) = item?;
+                    decode_log_item(&k, v, chunked_from)?
+                        .1
+                        .iter()
+                        .any(|(s, v)| *s == seq && *v == chunk::Value::Parts { len, parts })
+                }
+                None => false,
+            };
+            if still_there {
+                Err(StoreError::Corrupt(format!("log record {seq}: {why}")))
+            } else {
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// How often a read of a large keyspace value starts over because the value was replaced
+/// while it read the parts, before it gives up.
+const RESOLVE_ATTEMPTS: usize = 100;
+
+/// The value of keyspace key `key` (with its prefix) stored as `stored`: unescaped, or joined
+/// from its parts. `None` if the key was removed while we read its parts.
+pub(crate) fn keyspace_value(
+    tree: &sled::Tree,
+    key: &[u8],
+    mut stored: sled::IVec,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let name = || String::from_utf8_lossy(&key[..key.len().min(80)]).into_owned();
+    for _ in 0..RESOLVE_ATTEMPTS {
+        let large = match parts::decode_value(&stored)
+            .map_err(|e| StoreError::Corrupt(format!("key {:?}: {e}", name())))?
+        {
+            parts::Stored::Small(v) => return Ok(Some(v.to_vec())),
+            parts::Stored::Large(large) => large,
+        };
+        match parts::fetch(tree, key, large)? {
+            Ok(v) => return Ok(Some(v)),
+            // Replaced or removed meanwhile (each value's parts have a gen of their own, so
+            // what we read is all of the old value or not), or damaged if it is unchanged.
+            Err(why) => match tree.get(key)? {
+                Some(now) if now == stored => {
+                    return Err(StoreError::Corrupt(format!("key {:?}: {why}", name())))
+                }
+                Some(now) => stored = now,
+                None => return Ok(None),
+            },
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "key {:?} was replaced {RESOLVE_ATTEMPTS} times while being read",
+        name()
+    )))
+}
+
 /// Seqs of the first and the last log entry. A chunk's key is its first entry's seq, so only
 /// the last chunk is decoded.
 pub(crate) fn log_bounds(tree: &sled::Tree, chunked_from: Seq) -> (Option<Seq>, Option<Seq>) {
@@ -914,6 +1129,10 @@ struct Scan {
     chunked_from: Seq,
     /// `false` for a new store and for one written before chunks: the key is written at open.
     chunked_from_stored: bool,
+    /// Keyspace keys (with prefix) whose values are stored in parts.
+    large: HashMap<Vec<u8>, parts::Large>,
+    /// Gen for the next large keyspace value: above every gen in the store.
+    next_gen: u64,
 }
 
 impl Engine {
@@ -1103,6 +1322,18 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
     };
     // A store without the key predates chunks: every log key in it is a raw record.
     let chunked_from = stored_chunked_from.unwrap_or(Seq::MAX);
+    // Large values, by their parts' key without the index (owner and gen): what markers and
+    // descriptors name, and what parts are present (count, bytes). Compared at the end (the
+    // parts' `P` keys sort between the log and the keyspaces).
+    let id = |owner: &[u8], gen: u64| {
+        let mut k = parts::part_key(owner, gen, 0);
+        k.truncate(k.len() - 4);
+        k
+    };
+    let mut named: HashMap<Vec<u8>, parts::Large> = HashMap::new();
+    let mut found: HashMap<Vec<u8>, (u32, u64)> = HashMap::new();
+    let mut large: HashMap<Vec<u8>, parts::Large> = HashMap::new();
+    let mut max_gen = 0u64;
     for item in tree.iter() {
         let (k, v) = item.map_err(|e| format!("reading the store: {e}"))?;
         match k.first() {
@@ -1115,10 +1346,34 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
                         return Err(format!("log entry {seq} is out of order"));
                     }
                     c.len += 1;
-                    c.bytes += record.len() as u64;
+                    c.bytes += record.len();
                     c.first_seq.get_or_insert(*seq);
                     c.last_seq = Some(*seq);
+                    if let chunk::Value::Parts { len, parts } = *record {
+                        named.insert(id(&log_key(*seq), 0), parts::Large { gen: 0, len, parts });
+                    }
                 }
+            }
+            Some(&parts::PREFIX_PART) => {
+                touch_for_eviction(tree, &k);
+                let Some((_, _, index)) = parts::parse_part_key(&k) else {
+                    return Err(format!("bad part key {:?}", &k[..k.len().min(24)]));
+                };
+                let value_id = &k[..k.len() - 4];
+                let seen = match found.get_mut(value_id) {
+                    Some(seen) => seen,
+                    None => found.entry(value_id.to_vec()).or_insert((0, 0)),
+                };
+                if index != seen.0 || v.is_empty() {
+                    return Err(format!(
+                        "part {index} ({} bytes) of {:?} where part {} was expected",
+                        v.len(),
+                        &value_id[..value_id.len().min(24)],
+                        seen.0
+                    ));
+                }
+                seen.0 += 1;
+                seen.1 += v.len() as u64;
             }
             Some(&PREFIX_INTERNAL) if &k[..] == KEY_NEXT_SEQ => {
                 let raw: [u8; 8] = v[..]
@@ -1128,9 +1383,42 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
             }
             Some(&PREFIX_INTERNAL) if &k[..] == KEY_MARKER => has_marker = true,
             Some(&PREFIX_INTERNAL) if &k[..] == KEY_CHUNKED_FROM => {}
-            Some(p) if Keyspace::ALL.iter().any(|s| s.prefix() == *p) => {}
+            Some(p) if Keyspace::ALL.iter().any(|s| s.prefix() == *p) => {
+                match parts::decode_value(&v) {
+                    Ok(parts::Stored::Small(_)) => {}
+                    Ok(parts::Stored::Large(l)) => {
+                        named.insert(id(&k, l.gen), l);
+                        large.insert(k.to_vec(), l);
+                        max_gen = max_gen.max(l.gen);
+                    }
+                    Err(e) => return Err(format!("key {:?}: {e}", &k[..k.len().min(24)])),
+                }
+            }
             _ => return Err(format!("unknown key {:?}", &k[..k.len().min(16)])),
         }
+    }
+    for (value_id, l) in &named {
+        match found.remove(value_id) {
+            Some((n, bytes)) if n == l.parts && bytes == l.len => {}
+            seen => {
+                let (n, bytes) = seen.unwrap_or((0, 0));
+                return Err(format!(
+                    "large value {:?}: {n} parts of {bytes} bytes where {} parts of {} bytes \
+                     were written",
+                    &value_id[..value_id.len().min(24)],
+                    l.parts,
+                    l.len
+                ));
+            }
+        }
+    }
+    if let Some((value_id, (n, bytes))) = found.iter().next() {
+        return Err(format!(
+            "{} large values' parts belong to no log entry or key, e.g. {n} parts of {bytes} \
+             bytes under {:?}",
+            found.len(),
+            &value_id[..value_id.len().min(24)]
+        ));
     }
     let next_seq = hwm.max(c.last_seq.map_or(1, |s| s + 1));
     Ok(Scan {
@@ -1140,6 +1428,8 @@ fn scan_all(tree: &sled::Tree) -> Result<Scan, String> {
         // Everything from the next append on is written in chunks.
         chunked_from: stored_chunked_from.unwrap_or(next_seq),
         chunked_from_stored: stored_chunked_from.is_some(),
+        large,
+        next_gen: max_gen + 1,
     })
 }
 

@@ -33,7 +33,7 @@ fn commit(store: &Store, ops: Vec<Op>) -> (Ticket, Vec<Seq>) {
 
 fn all_seqs(store: &Store) -> Vec<Seq> {
     store
-        .read_log(0, usize::MAX)
+        .read_log_budget(0, usize::MAX, usize::MAX)
         .expect("read")
         .into_iter()
         .map(|(s, _)| s)
@@ -581,13 +581,25 @@ fn store_utc_stamp_format() {
 // ---- crash (SIGKILL) ----------------------------------------------------------------------
 
 const CRASH_ENV: &str = "WAYSTATION_STORE_CRASH_DIR";
+/// Set to 1 for a child that also writes large records.
+const CRASH_LARGE_ENV: &str = "WAYSTATION_STORE_CRASH_LARGE";
+
+/// Payload length of record `n`: small, or with `large` every sixth one stored in parts
+/// (up to 1.5 MB, so its batch spans several sled segments).
+fn crash_len(n: u64, large: bool) -> usize {
+    if large && n.is_multiple_of(6) {
+        [9_000, 40_000, 200_000, 1_500_000][(n / 6 % 4) as usize]
+    } else {
+        (n % 64) as usize + 1
+    }
+}
 
 /// A record whose payload can be checked on its own: (writer, counter) and a pattern.
-fn crash_record(writer: u64, n: u64) -> Bytes {
-    let mut payload = Vec::with_capacity(16 + 64);
+fn crash_record(writer: u64, n: u64, large: bool) -> Bytes {
+    let len = crash_len(n, large);
+    let mut payload = Vec::with_capacity(16 + len);
     payload.extend_from_slice(&writer.to_be_bytes());
     payload.extend_from_slice(&n.to_be_bytes());
-    let len = (n % 64) as usize + 1;
     payload.extend((0..len).map(|i| (writer as u8).wrapping_add(n as u8).wrapping_add(i as u8)));
     StoredMessage {
         topic: format!("crash/{writer}"),
@@ -601,7 +613,7 @@ fn crash_record(writer: u64, n: u64) -> Bytes {
     .unwrap()
 }
 
-fn check_crash_record(seq: Seq, bytes: &Bytes) {
+fn check_crash_record(seq: Seq, bytes: &Bytes, large: bool) {
     let m = StoredMessage::decode(bytes)
         .unwrap_or_else(|e| panic!("seq {seq}: torn or corrupt record: {e}"));
     let p = &m.payload;
@@ -609,7 +621,7 @@ fn check_crash_record(seq: Seq, bytes: &Bytes) {
     let writer = u64::from_be_bytes(p[..8].try_into().unwrap());
     let n = u64::from_be_bytes(p[8..16].try_into().unwrap());
     assert_eq!(
-        crash_record(writer, n),
+        crash_record(writer, n, large),
         *bytes,
         "seq {seq}: payload does not match its header"
     );
@@ -626,6 +638,7 @@ fn store_crash_child() {
     let Some(dir) = std::env::var_os(CRASH_ENV) else {
         return;
     };
+    let large = std::env::var_os(CRASH_LARGE_ENV).is_some_and(|v| v == "1");
     let (store, _) = Store::open(StoreConfig::new(PathBuf::from(dir))).expect("child open");
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let acked = Arc::new(AtomicU64::new(0));
@@ -637,13 +650,16 @@ fn store_crash_child() {
                 loop {
                     let k = (n % 17 + 1) as usize;
                     let mut ops: Vec<Op> = (0..k)
-                        .map(|i| Op::Append(crash_record(w, n + i as u64)))
+                        .map(|i| Op::Append(crash_record(w, n + i as u64, large)))
                         .collect();
                     let first_n = n;
                     n += k as u64;
-                    let delete =
-                        w == 0 && n.is_multiple_of(10) && acked.load(Ordering::SeqCst) > 300;
-                    let through = acked.load(Ordering::SeqCst).saturating_sub(300);
+                    // Large records make commits slower: delete more often, closer behind.
+                    let lag = if large { 40 } else { 300 };
+                    let delete = w == 0
+                        && (large || n.is_multiple_of(10))
+                        && acked.load(Ordering::SeqCst) > lag;
+                    let through = acked.load(Ordering::SeqCst).saturating_sub(lag);
                     if delete {
                         ops.push(Op::DeleteLogThrough(through));
                         let mut o = lock(&out);
@@ -677,10 +693,22 @@ fn store_crash_child() {
 
 #[test]
 fn store_sigkill_loses_no_acked_entry() {
+    sigkill_trials(12, false);
+}
+
+/// The same with large records among the small ones: their parts are in the same atomic batch
+/// as their markers, so after a SIGKILL every acknowledged record is whole, no record is torn
+/// (the scan at open would report parts without a marker or a marker without all its parts,
+/// and move the store aside) and the log is still contiguous and in order.
+#[test]
+fn store_sigkill_large_records_stay_whole() {
+    sigkill_trials(10, true);
+}
+
+fn sigkill_trials(trials: usize, large: bool) {
     if std::env::var_os(CRASH_ENV).is_some() {
         return;
     }
-    const TRIALS: usize = 12;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("store");
     let exe = std::env::current_exe().unwrap();
@@ -691,9 +719,9 @@ fn store_sigkill_loses_no_acked_entry() {
         | 1;
     let mut max_deleted: Seq = 0;
     let mut max_seq_seen: Seq = 0;
-    let (mut total_acked, mut total_present) = (0usize, 0usize);
+    let (mut total_acked, mut total_present, mut total_large) = (0usize, 0usize, 0usize);
     let started = Instant::now();
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -706,6 +734,7 @@ fn store_sigkill_loses_no_acked_entry() {
                 "--test-threads=1",
             ])
             .env(CRASH_ENV, &dir)
+            .env(CRASH_LARGE_ENV, if large { "1" } else { "" })
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -761,7 +790,7 @@ fn store_sigkill_loses_no_acked_entry() {
             recovery.moved_aside, None,
             "trial {trial}: store was corrupt after SIGKILL"
         );
-        let log = store.read_log(0, usize::MAX).unwrap();
+        let log = store.read_log_budget(0, usize::MAX, usize::MAX).unwrap();
         let present: BTreeSet<Seq> = log.iter().map(|(s, _)| *s).collect();
         // The unacknowledged delete-through either took effect whole or not at all (the
         // contract: unacknowledged submissions may be lost, never torn). It took effect iff
@@ -778,7 +807,7 @@ fn store_sigkill_loses_no_acked_entry() {
                 let records: BTreeSet<Bytes> = log.iter().map(|(_, b)| b.clone()).collect();
                 for n in first_n..first_n + k {
                     assert!(
-                        records.contains(&crash_record(0, n)),
+                        records.contains(&crash_record(0, n, large)),
                         "trial {trial}: unacked delete-through {through} took effect but record (0, {n}) of the \
                          same submission is missing: torn batch"
                     );
@@ -786,7 +815,7 @@ fn store_sigkill_loses_no_acked_entry() {
             }
         }
         for (seq, bytes) in &log {
-            check_crash_record(*seq, bytes);
+            check_crash_record(*seq, bytes, large);
             assert!(
                 *seq > max_deleted,
                 "trial {trial}: seq {seq} resurrected after delete-through {max_deleted}"
@@ -816,6 +845,10 @@ fn store_sigkill_loses_no_acked_entry() {
             recovery.log_bytes,
             log.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
         );
+        total_large += log
+            .iter()
+            .filter(|(_, b)| b.len() > MAX_INLINE_VALUE_BYTES)
+            .count();
         max_seq_seen = max_seq_seen
             .max(present.last().copied().unwrap_or(0))
             .max(acked.iter().copied().max().unwrap_or(0));
@@ -837,10 +870,17 @@ fn store_sigkill_loses_no_acked_entry() {
         store.shutdown().unwrap();
     }
     println!(
-        "{TRIALS} SIGKILL trials in {:.1} s: {total_acked} acked appends, none lost; {total_present} entries checked",
+        "{trials} SIGKILL trials{} in {:.1} s: {total_acked} acked appends, none lost; {total_present} entries \
+         checked ({total_large} of them in parts)",
+        if large { " with large records" } else { "" },
         started.elapsed().as_secs_f64()
     );
     assert!(total_acked > 0, "the child never acknowledged anything");
+    assert_eq!(
+        large,
+        total_large > 0,
+        "{total_large} large records checked"
+    );
 }
 
 // ---- disk full ----------------------------------------------------------------------------
@@ -970,13 +1010,29 @@ fn store_log_packs_entries_into_few_keys() {
     assert!(keys
         .iter()
         .all(|&(_, len)| len <= chunk::CHUNK_TARGET_BYTES));
-    // A record larger than the target still goes in whole, in a chunk of its own.
+    // A record larger than the target (but inline) still goes in whole, in a chunk of its
+    // own; a large one leaves only a small marker in its chunk.
     let (store, _) = open(tmp.path());
-    let (_, big) = commit(&store, vec![Op::Append(rec(20_000)), Op::Append(rec(10))]);
-    assert_eq!(store.read_log(big[0], 1).unwrap()[0].1.len(), 20_000);
+    let (_, big) = commit(
+        &store,
+        vec![
+            Op::Append(rec(5_000)),
+            Op::Append(rec(20_000)),
+            Op::Append(rec(10)),
+        ],
+    );
+    let read = store.read_log(big[0], 3).unwrap();
+    assert_eq!(
+        read.iter().map(|(_, r)| r.len()).collect::<Vec<_>>(),
+        vec![5_000, 20_000, 10]
+    );
     store.shutdown().unwrap();
     let keys = log_keys_on_disk(tmp.path());
-    assert!(keys.iter().any(|&(k, len)| k == big[0] && len > 20_000));
+    assert!(keys.iter().any(|&(k, len)| k == big[0] && len > 5_000));
+    assert!(keys.iter().any(|&(k, len)| k == big[1] && len < 16));
+    assert!(keys
+        .iter()
+        .all(|&(_, len)| len <= MAX_INLINE_VALUE_BYTES + 16));
 }
 
 /// Deleting into the middle of a chunk keeps the rest readable under the new first seq, and
@@ -1254,4 +1310,711 @@ fn store_reads_racing_partial_deletes_stay_ordered() {
     }
     let reads = reader.join().unwrap();
     assert!(reads > 10, "{reads} reads");
+}
+
+// ---- large values ------------------------------------------------------------------------
+
+/// A record of `n` bytes whose content depends on `tag` and on the position (so a part in the
+/// wrong place, or of another record, shows).
+fn big(n: usize, tag: u8) -> Bytes {
+    Bytes::from(
+        (0..n)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ tag)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Part keys in the open store's tree.
+fn part_keys(store: &Store) -> usize {
+    let engine = store.inner.shared.engine().unwrap();
+    engine.tree.scan_prefix([parts::PREFIX_PART]).count()
+}
+
+fn lens(log: &[(Seq, Bytes)]) -> Vec<usize> {
+    log.iter().map(|(_, b)| b.len()).collect()
+}
+
+const MIB16: usize = 16 * 1024 * 1024;
+
+#[test]
+fn store_large_log_records_round_trip_and_delete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let records = [
+        rec(100),
+        big(500_000, 1),
+        rec(3),
+        big(MIB16, 2),
+        big(MAX_INLINE_VALUE_BYTES, 3),
+        big(MAX_INLINE_VALUE_BYTES + 1, 4),
+        rec(7),
+    ];
+    let (_, seqs) = commit(&store, records.iter().cloned().map(Op::Append).collect());
+    let total: u64 = records.iter().map(|r| r.len() as u64).sum();
+    let stats = store.log_stats();
+    assert_eq!((stats.len, stats.bytes), (7, total));
+    let all = store.read_log_budget(0, usize::MAX, usize::MAX).unwrap();
+    assert_eq!(
+        all,
+        seqs.iter()
+            .copied()
+            .zip(records.iter().cloned())
+            .collect::<Vec<_>>()
+    );
+    // Parts: 500,000 B and 16 MiB and 7 KiB + 1 in 7 KiB parts.
+    let expected_parts =
+        500_000usize.div_ceil(MAX_INLINE_VALUE_BYTES) + MIB16.div_ceil(MAX_INLINE_VALUE_BYTES) + 2;
+    assert_eq!(part_keys(&store), expected_parts);
+    // Reads that start at a large record, or inside the log.
+    assert_eq!(
+        store.read_log(seqs[3], 1).unwrap(),
+        vec![(seqs[3], records[3].clone())]
+    );
+    assert_eq!(
+        lens(&store.read_log_budget(seqs[2], 3, usize::MAX).unwrap()),
+        vec![3, MIB16, MAX_INLINE_VALUE_BYTES]
+    );
+    // read_log's default budget stops before the 16 MiB record, then returns it alone.
+    assert_eq!(lens(&store.read_log(seqs[2], 3).unwrap()), vec![3]);
+    assert_eq!(lens(&store.read_log(seqs[3], 3).unwrap()), vec![MIB16]);
+
+    // Survives a reopen (the scan at open checks every part).
+    store.shutdown().unwrap();
+    drop(store);
+    let (store, recovery) = open(tmp.path());
+    assert_eq!(
+        (recovery.moved_aside, recovery.log_len, recovery.log_bytes),
+        (None, 7, total)
+    );
+    assert_eq!(
+        store.read_log_budget(0, usize::MAX, usize::MAX).unwrap(),
+        seqs.iter()
+            .copied()
+            .zip(records.iter().cloned())
+            .collect::<Vec<_>>()
+    );
+
+    // DeleteLog of one large record, then DeleteLogThrough past another: their parts go.
+    commit(&store, vec![Op::DeleteLog(seqs[1])]);
+    assert_eq!(
+        part_keys(&store),
+        expected_parts - 500_000usize.div_ceil(MAX_INLINE_VALUE_BYTES)
+    );
+    commit(&store, vec![Op::DeleteLogThrough(seqs[3])]);
+    assert_eq!(part_keys(&store), 2);
+    assert_eq!(
+        lens(&store.read_log(0, usize::MAX).unwrap()),
+        vec![MAX_INLINE_VALUE_BYTES, MAX_INLINE_VALUE_BYTES + 1, 7]
+    );
+    let stats = store.log_stats();
+    assert_eq!(
+        (stats.len, stats.bytes),
+        (3, MAX_INLINE_VALUE_BYTES as u64 * 2 + 8)
+    );
+    // Appended and deleted in the same group commit: nothing of it remains.
+    let (_, s2) = commit(
+        &store,
+        vec![
+            Op::Append(big(100_000, 5)),
+            Op::Append(rec(1)),
+            Op::DeleteLogThrough(seqs[6] + 1),
+        ],
+    );
+    assert_eq!(part_keys(&store), 0);
+    assert_eq!(all_seqs(&store), vec![s2[1]]);
+    assert_eq!(store.log_stats().bytes, 1);
+    store.shutdown().unwrap();
+    drop(store);
+    let (_, recovery) = open(tmp.path());
+    assert_eq!(
+        (recovery.moved_aside, recovery.log_len, recovery.log_bytes),
+        (None, 1, 1)
+    );
+}
+
+#[test]
+fn store_large_records_pack_with_small_ones_in_order() {
+    // Small records before and after a large one keep joining chunks; the large one's marker
+    // sits in a chunk of its own, and everything reads back in seq order across commits.
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let mut want = Vec::new();
+    for round in 0..20u8 {
+        let recs = vec![rec(50), big(8_000 + round as usize * 3_000, round), rec(60)];
+        let (_, seqs) = commit(&store, recs.iter().cloned().map(Op::Append).collect());
+        want.extend(seqs.into_iter().zip(recs));
+        let (_, seqs) = commit(&store, vec![Op::Append(rec(70))]);
+        want.push((seqs[0], rec(70)));
+    }
+    assert_eq!(store.read_log(0, usize::MAX).unwrap(), want);
+    // From inside, in small budgets.
+    let mut from = 0;
+    let mut got = Vec::new();
+    loop {
+        let page = store.read_log_budget(from, 5, 10_000).unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.0 + 1;
+        got.extend(page);
+    }
+    assert_eq!(got, want);
+    let stats = store.log_stats();
+    assert_eq!(
+        stats.bytes,
+        want.iter().map(|(_, b)| b.len() as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn store_read_log_budget_bounds_bytes_but_always_progresses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let sizes = [300_000usize, 300_000, 10, 1_000_000, 20, 20];
+    let (_, seqs) = commit(
+        &store,
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Op::Append(big(n, i as u8)))
+            .collect(),
+    );
+    // A budget smaller than the first record still returns it, alone.
+    assert_eq!(
+        lens(&store.read_log_budget(0, 100, 1).unwrap()),
+        vec![300_000]
+    );
+    // Stops before the record that would exceed the budget.
+    assert_eq!(
+        lens(&store.read_log_budget(0, 100, 650_000).unwrap()),
+        vec![300_000, 300_000, 10]
+    );
+    assert_eq!(
+        lens(&store.read_log_budget(seqs[2], 100, 100).unwrap()),
+        vec![10]
+    );
+    assert_eq!(
+        lens(&store.read_log_budget(seqs[3], 100, 2_000_000).unwrap()),
+        vec![1_000_000, 20, 20]
+    );
+    // Entry count still bounds.
+    assert_eq!(
+        lens(&store.read_log_budget(0, 2, usize::MAX).unwrap()),
+        vec![300_000, 300_000]
+    );
+    assert!(store.read_log_budget(0, 0, usize::MAX).unwrap().is_empty());
+    assert!(store
+        .read_log_budget(seqs[5] + 1, 10, 10)
+        .unwrap()
+        .is_empty());
+    // read_log has a default budget.
+    let (_, more) = commit(&store, (0..3).map(|i| Op::Append(big(MIB16, i))).collect());
+    assert_eq!(
+        lens(&store.read_log(seqs[5], usize::MAX).unwrap()),
+        vec![20]
+    );
+    assert_eq!(
+        lens(&store.read_log(more[1], usize::MAX).unwrap()),
+        vec![MIB16]
+    );
+}
+
+#[test]
+fn store_large_keyspace_values_round_trip_overwrite_and_remove() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let put = |key: &[u8], value: Bytes| Op::Put {
+        space: Keyspace::Retained,
+        key: key.to_vec(),
+        value: value.to_vec(),
+    };
+    let get = |store: &Store, key: &[u8]| store.get(Keyspace::Retained, key).unwrap();
+    commit(
+        &store,
+        vec![
+            put(b"a", big(500_000, 1)),
+            put(b"b", rec(10)),
+            put(b"c", big(MIB16, 2)),
+            // Values that start with the tag byte are escaped, small and large.
+            put(
+                b"d",
+                Bytes::from_static(b"\xff\x01 looks like a descriptor"),
+            ),
+            put(b"e", Bytes::from(vec![0xff; 9_000])),
+        ],
+    );
+    assert_eq!(get(&store, b"a").unwrap(), big(500_000, 1));
+    assert_eq!(get(&store, b"c").unwrap(), big(MIB16, 2));
+    assert_eq!(
+        get(&store, b"d").unwrap(),
+        b"\xff\x01 looks like a descriptor"
+    );
+    assert_eq!(get(&store, b"e").unwrap(), vec![0xff; 9_000]);
+    assert_eq!(get(&store, b"zz"), None);
+    let scanned = store.scan(Keyspace::Retained, b"").unwrap();
+    assert_eq!(
+        scanned
+            .iter()
+            .map(|(k, v)| (k.clone(), v.len()))
+            .collect::<Vec<_>>(),
+        vec![
+            (b"a".to_vec(), 500_000),
+            (b"b".to_vec(), 10),
+            (b"c".to_vec(), MIB16),
+            (b"d".to_vec(), 26),
+            (b"e".to_vec(), 9_000)
+        ]
+    );
+    assert_eq!(scanned[2].1, big(MIB16, 2));
+    // Another keyspace with the same key does not see them.
+    assert_eq!(store.get(Keyspace::Meta, b"a").unwrap(), None);
+    let parts_now = part_keys(&store);
+    assert_eq!(
+        parts_now,
+        500_000usize.div_ceil(MAX_INLINE_VALUE_BYTES) + MIB16.div_ceil(MAX_INLINE_VALUE_BYTES) + 2
+    );
+    // Large -> small, small -> large, large -> large, large -> removed, twice in one group.
+    commit(
+        &store,
+        vec![
+            put(b"a", rec(5)),
+            put(b"b", big(100_000, 3)),
+            put(b"c", big(20_000, 4)),
+            put(b"c", big(30_000, 5)),
+            Op::Remove {
+                space: Keyspace::Retained,
+                key: b"e".to_vec(),
+            },
+        ],
+    );
+    assert_eq!(get(&store, b"a").unwrap(), rec(5));
+    assert_eq!(get(&store, b"b").unwrap(), big(100_000, 3));
+    assert_eq!(get(&store, b"c").unwrap(), big(30_000, 5));
+    assert_eq!(get(&store, b"e"), None);
+    assert_eq!(
+        part_keys(&store),
+        100_000usize.div_ceil(MAX_INLINE_VALUE_BYTES)
+            + 30_000usize.div_ceil(MAX_INLINE_VALUE_BYTES)
+    );
+    // Reopen: values, and the writer's knowledge of which keys are large, survive.
+    store.shutdown().unwrap();
+    drop(store);
+    let (store, recovery) = open(tmp.path());
+    assert_eq!(recovery.moved_aside, None);
+    assert_eq!(get(&store, b"b").unwrap(), big(100_000, 3));
+    assert_eq!(
+        get(&store, b"d").unwrap(),
+        b"\xff\x01 looks like a descriptor"
+    );
+    commit(
+        &store,
+        vec![
+            put(b"b", rec(1)),
+            Op::Remove {
+                space: Keyspace::Retained,
+                key: b"c".to_vec(),
+            },
+            put(b"f", big(50_000, 6)),
+            Op::Remove {
+                space: Keyspace::Retained,
+                key: b"f".to_vec(),
+            },
+        ],
+    );
+    assert_eq!(part_keys(&store), 0);
+    assert_eq!(get(&store, b"c"), None);
+    assert_eq!(get(&store, b"f"), None);
+    assert_eq!(store.scan(Keyspace::Retained, b"").unwrap().len(), 3);
+    store.shutdown().unwrap();
+    drop(store);
+    let (_, recovery) = open(tmp.path());
+    assert_eq!(recovery.moved_aside, None);
+}
+
+/// Writes to the tree of a closed store directly, as damage would.
+fn tamper(dir: &Path, f: impl FnOnce(&sled::Tree)) {
+    wait_until_unlocked(&dir.join("store/db"), Instant::now() + WAIT).unwrap();
+    {
+        let db = sled::open(dir.join("store")).unwrap();
+        f(&db.open_tree(TREE_NAME).unwrap());
+        db.flush().unwrap();
+    }
+    wait_until_unlocked(&dir.join("store/db"), Instant::now() + WAIT).unwrap();
+}
+
+fn with_large_values(dir: &Path) -> Seq {
+    let (store, _) = open(dir);
+    let (_, seqs) = commit(
+        &store,
+        vec![Op::Append(rec(10)), Op::Append(big(50_000, 1))],
+    );
+    commit(
+        &store,
+        vec![Op::Put {
+            space: Keyspace::Sessions,
+            key: b"k".to_vec(),
+            value: big(30_000, 2).to_vec(),
+        }],
+    );
+    store.shutdown().unwrap();
+    seqs[1]
+}
+
+#[test]
+fn store_orphan_part_is_moved_aside() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seq = with_large_values(tmp.path());
+    tamper(tmp.path(), |t| {
+        t.insert(parts::part_key(&log_key(seq + 5), 0, 0), &b"x"[..])
+            .unwrap();
+    });
+    assert_moved_aside(tmp.path());
+}
+
+#[test]
+fn store_missing_or_bad_parts_are_moved_aside() {
+    // A log record missing one of its parts (50,000 B: parts 0..=6).
+    let tmp = tempfile::tempdir().unwrap();
+    let seq = with_large_values(tmp.path());
+    tamper(tmp.path(), |t| {
+        assert!(t
+            .remove(parts::part_key(&log_key(seq), 0, 3))
+            .unwrap()
+            .is_some());
+    });
+    assert_moved_aside(tmp.path());
+    // A keyspace value with a part too short.
+    let tmp = tempfile::tempdir().unwrap();
+    with_large_values(tmp.path());
+    tamper(tmp.path(), |t| {
+        let owner = Keyspace::Sessions.key(b"k");
+        let gen = match parts::decode_value(&t.get(&owner).unwrap().unwrap()).unwrap() {
+            parts::Stored::Large(l) => l.gen,
+            other => panic!("{other:?}"),
+        };
+        t.insert(parts::part_key(&owner, gen, 1), &b"short"[..])
+            .unwrap();
+    });
+    assert_moved_aside(tmp.path());
+    // A keyspace value with a tag that is neither escape nor descriptor.
+    let tmp = tempfile::tempdir().unwrap();
+    with_large_values(tmp.path());
+    tamper(tmp.path(), |t| {
+        t.insert(Keyspace::Meta.key(b"x"), &b"\xff\x07"[..])
+            .unwrap();
+    });
+    assert_moved_aside(tmp.path());
+}
+
+#[test]
+fn store_damaged_parts_read_as_corrupt_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seq = with_large_values(tmp.path());
+    let (store, _) = open(tmp.path());
+    {
+        let engine = store.inner.shared.engine().unwrap();
+        engine
+            .tree
+            .remove(parts::part_key(&log_key(seq), 0, 2))
+            .unwrap();
+        let owner = Keyspace::Sessions.key(b"k");
+        let gen = match parts::decode_value(&engine.tree.get(&owner).unwrap().unwrap()).unwrap() {
+            parts::Stored::Large(l) => l.gen,
+            other => panic!("{other:?}"),
+        };
+        engine
+            .tree
+            .insert(parts::part_key(&owner, gen, 4), vec![0u8; 100_000])
+            .unwrap();
+    }
+    let err = store.read_log(0, 10).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(
+        err.to_string().contains(&format!("log record {seq}")),
+        "{err}"
+    );
+    // The entry before it still reads.
+    assert_eq!(lens(&store.read_log(0, 1).unwrap()), vec![10]);
+    let err = store.get(Keyspace::Sessions, b"k").unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(store.scan(Keyspace::Sessions, b"").is_err());
+    // Deleting the damaged record and key still works and removes what is left of them.
+    commit(
+        &store,
+        vec![
+            Op::DeleteLog(seq),
+            Op::Remove {
+                space: Keyspace::Sessions,
+                key: b"k".to_vec(),
+            },
+        ],
+    );
+    assert_eq!(part_keys(&store), 0);
+    assert_eq!(lens(&store.read_log(0, 10).unwrap()), vec![10]);
+}
+
+/// Readers racing commits that delete large records and replace large values never see a torn
+/// value or a spurious corruption: a value read is whole (old or new), a deleted one is absent.
+#[test]
+fn store_reads_racing_large_deletes_and_overwrites() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    for (_, r) in store.read_log(0, 50).unwrap() {
+                        let tag = r[0] ^ big(1, 0)[0];
+                        assert_eq!(r, big(r.len(), tag), "torn log record");
+                    }
+                    if let Some(v) = store.get(Keyspace::Retained, b"t").unwrap() {
+                        let tag = v[0] ^ big(1, 0)[0];
+                        assert_eq!(v, big(v.len(), tag).to_vec(), "torn value");
+                    }
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for i in 0..60u8 {
+        let (_, seqs) = commit(
+            &store,
+            vec![
+                Op::Append(big(20_000 + i as usize * 500, i)),
+                Op::Put {
+                    space: Keyspace::Retained,
+                    key: b"t".to_vec(),
+                    value: big(if i % 3 == 0 { 100 } else { 40_000 + i as usize }, i).to_vec(),
+                },
+            ],
+        );
+        if i % 2 == 1 {
+            commit(&store, vec![Op::DeleteLogThrough(seqs[0] - 1)]);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        assert!(r.join().unwrap() > 0);
+    }
+}
+
+// ---- pending bytes and a dead writer -------------------------------------------------------
+
+#[test]
+fn store_pending_bytes_count_until_durable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    assert_eq!(store.pending_bytes(), 0);
+    // Hold the commit back (its first attempt fails) to see the bytes pending.
+    store.inner.shared.fail_commits.store(1, Ordering::SeqCst);
+    let (t, _) = store
+        .submit(vec![
+            Op::Append(rec(1_000)),
+            Op::Put {
+                space: Keyspace::Meta,
+                key: b"key".to_vec(),
+                value: vec![1; 200],
+            },
+            Op::Remove {
+                space: Keyspace::Meta,
+                key: b"other".to_vec(),
+            },
+            Op::DeleteLog(99),
+        ])
+        .unwrap();
+    assert_eq!(store.pending_bytes(), 1_000 + 3 + 200 + 5);
+    store.wait_durable(t, WAIT).unwrap();
+    assert_eq!(store.pending_bytes(), 0);
+
+    // Whoever wakes on a durability update already sees the bytes of that commit gone.
+    let mut rx = store.durability();
+    let submitter = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let mut last = 0;
+            for i in 0..40 {
+                let (t, _) = store.submit(vec![Op::Append(big(200_000, i))]).unwrap();
+                last = t;
+            }
+            last
+        })
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let last = submitter.join().unwrap();
+    loop {
+        let d = rt
+            .block_on(async { tokio::time::timeout(WAIT, rx.changed()).await })
+            .expect("progress");
+        d.unwrap();
+        let through = rx.borrow_and_update().durable_through;
+        let pending = store.pending_bytes();
+        // Everything after `through` is at most 200,000 B per ticket.
+        assert!(
+            pending <= (last - through.min(last)) * 200_000,
+            "{pending} bytes pending with {through} of {last} durable"
+        );
+        if through >= last {
+            assert_eq!(pending, 0);
+            break;
+        }
+    }
+}
+
+#[test]
+fn store_writer_panic_is_fatal_and_never_silent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, _) = open(tmp.path());
+    commit(&store, vec![Op::Append(rec(10))]);
+    let mut rx = store.durability();
+    assert_eq!(rx.borrow_and_update().fatal, None);
+    store
+        .inner
+        .shared
+        .panic_writer
+        .store(true, Ordering::SeqCst);
+    let (t, _) = store.submit(vec![Op::Append(rec(20))]).unwrap();
+    let err = store.wait_durable(t, WAIT).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let d = rt
+        .block_on(async { tokio::time::timeout(WAIT, rx.wait_for(|d| d.fatal.is_some())).await })
+        .expect("fatal published")
+        .unwrap()
+        .clone();
+    assert!(
+        d.fatal
+            .as_deref()
+            .unwrap()
+            .contains("injected store writer panic"),
+        "{d:?}"
+    );
+    assert!(d.error.is_some());
+    assert!(d.durable_through < t);
+    // Nothing is queued into the dead writer, and nothing stays counted as pending.
+    let err = store.submit(vec![Op::Append(rec(1))]).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert_eq!(store.pending_bytes(), 0);
+    assert!(store.shutdown().is_err());
+    drop(store);
+    // What was acknowledged is there after a restart.
+    let (store, recovery) = open(tmp.path());
+    assert_eq!((recovery.moved_aside, recovery.log_len), (None, 1));
+    commit(&store, vec![Op::Append(rec(1))]);
+}
+
+/// Throughput of a stream of appends of 1 MiB records (one per submission, up to 8 waiting at
+/// a time, as from a few publishers), then of reading them back and deleting them 8 per commit,
+/// with the process's RSS after each. A report, not a test (it asserts no time):
+/// `cargo test -p waystation-broker --release --lib store_large_append_report -- --ignored
+/// --nocapture`; `WS_REC_KIB`, `WS_N`, `WS_BATCH_MB` and `WS_CACHE_MB` change the record size,
+/// their number, `max_batch_bytes` and the cache.
+#[test]
+#[ignore]
+fn store_large_append_report() {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = StoreConfig::new(tmp.path().join("store"));
+    if let Some(mb) = env("WS_CACHE_MB") {
+        cfg.cache_capacity_bytes = (mb << 20) as u64;
+    }
+    if let Some(mb) = env("WS_BATCH_MB") {
+        cfg.max_batch_bytes = mb << 20;
+    }
+    let kib = env("WS_REC_KIB").unwrap_or(1024);
+    let n = env("WS_N").unwrap_or(256);
+    println!("start: {}", rss());
+    let (store, _) = Store::open(cfg).unwrap();
+    let record = big(kib << 10, 9);
+    let mib = |records: usize| (records * kib) as f64 / 1024.0;
+    let started = Instant::now();
+    let mut waiting = std::collections::VecDeque::new();
+    for _ in 0..n {
+        let (t, _) = store.submit(vec![Op::Append(record.clone())]).unwrap();
+        waiting.push_back(t);
+        if waiting.len() >= 8 {
+            store
+                .wait_durable(waiting.pop_front().unwrap(), WAIT)
+                .unwrap();
+        }
+    }
+    store.wait_durable(n as Ticket, WAIT).unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let commits = store.durability().borrow().commits;
+    let blobs = std::fs::read_dir(tmp.path().join("store/blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    println!(
+        "{n} x {kib} KiB appends: {:.1} MiB/s, {:.1} ms per record, {commits} commits, {blobs} blob files, {}",
+        mib(n) / secs,
+        secs * 1000.0 / n as f64,
+        rss()
+    );
+    let started = Instant::now();
+    let (mut from, mut read) = (0, 0);
+    loop {
+        let page = store.read_log_budget(from, 64, 8 << 20).unwrap();
+        let Some(last) = page.last() else { break };
+        from = last.0 + 1;
+        read += page.len();
+    }
+    println!(
+        "read back {read} in {:.1} MiB/s, {}",
+        mib(read) / started.elapsed().as_secs_f64(),
+        rss()
+    );
+    let started = Instant::now();
+    for through in (8..=n as Seq).step_by(8) {
+        commit(&store, vec![Op::DeleteLogThrough(through)]);
+    }
+    println!(
+        "deleted all, 8 per commit, in {:.0} ms, {}",
+        started.elapsed().as_secs_f64() * 1000.0,
+        rss()
+    );
+}
+
+/// What deleting much of the log in one commit costs (sled loads every leaf it deletes from
+/// and holds it until the batch is applied): a report, as above.
+#[test]
+#[ignore]
+fn store_delete_in_one_commit_report() {
+    let cases: [(usize, usize); 4] = [(16, 1 << 20), (64, 1 << 20), (256, 1 << 20), (75, 100)];
+    for (mib, size) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = open(tmp.path());
+        let record = big(size, 9);
+        let count = (mib << 20) / size;
+        let per_commit = (8 << 20) / size;
+        for start in (0..count).step_by(per_commit) {
+            let k = per_commit.min(count - start);
+            commit(&store, (0..k).map(|_| Op::Append(record.clone())).collect());
+        }
+        let before = rss();
+        let started = Instant::now();
+        commit(&store, vec![Op::DeleteLogThrough(Seq::MAX)]);
+        println!(
+            "{mib} MiB of {size}-byte records deleted in one commit: {:.0} ms; before: {before}; after: {}",
+            started.elapsed().as_secs_f64() * 1000.0,
+            rss()
+        );
+    }
+}
+
+fn rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

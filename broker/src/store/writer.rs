@@ -1,6 +1,6 @@
 //! The group-commit writer thread (see the module docs of `store`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
-use super::chunk::{self, Entries};
+use super::chunk::{self, Entries, Value};
+use super::parts::{self, Large};
 use super::{
     lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq,
     Shared, StoreError, Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
@@ -21,6 +22,16 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// never acknowledged (instead of blocking shutdown forever on a full disk).
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 
+/// The keyspace values stored in parts (see [`super::parts`]), as of the last durable commit:
+/// a `Put` or `Remove` must remove the parts of the value it replaces, in the same batch, and
+/// looking them up here costs no read per operation.
+pub(crate) struct LargeValues {
+    /// Keyspace key (with prefix) -> where its value's parts are.
+    pub keyspace: HashMap<Vec<u8>, Large>,
+    /// Gen of the next large keyspace value (unique within this run, above every gen on disk).
+    pub next_gen: u64,
+}
+
 /// A group commit ready to apply: idempotent, so it can be applied again after a failure.
 struct Built {
     batch: sled::Batch,
@@ -29,61 +40,104 @@ struct Built {
     d_len: i64,
     d_bytes: i64,
     touched_log: bool,
+    /// Changes to [`LargeValues::keyspace`], applied once the batch is durable.
+    large: HashMap<Vec<u8>, Option<Large>>,
+    next_gen: u64,
 }
 
-pub(super) fn run(shared: Arc<Shared>, rx: Receiver<Submission>) {
+/// The writer thread's state besides the channel.
+pub(crate) struct WriterState {
+    synced_blobs: HashSet<OsString>,
+    large: LargeValues,
+    /// Pending bytes (see [`Shared::pending_bytes`]) of the group in hand: released when it
+    /// is published durable, or dropped.
+    in_hand: u64,
+}
+
+pub(super) fn run(shared: Arc<Shared>, rx: Receiver<Submission>, large: LargeValues) {
     let max_ops = shared.cfg.max_batch_ops.max(1);
-    let mut synced_blobs: HashSet<OsString> = HashSet::new();
+    let max_bytes = shared.cfg.max_batch_bytes.max(1) as u64;
+    let mut st = WriterState {
+        synced_blobs: HashSet::new(),
+        large,
+        in_hand: 0,
+    };
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // recv() fails only once every sender is gone and the channel is drained.
         while let Ok(first) = rx.recv() {
             let mut group = vec![first];
             let mut n = group[0].ops.len();
-            while n < max_ops {
+            let mut bytes = group[0].bytes;
+            while n < max_ops && bytes < max_bytes {
                 match rx.try_recv() {
                     Ok(s) => {
                         n += s.ops.len();
+                        bytes += s.bytes;
                         group.push(s);
                     }
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            if let Err(reason) = commit(&shared, &group, &mut synced_blobs) {
+            st.in_hand = bytes;
+            if let Err(reason) = commit(&shared, &group, &mut st) {
                 // Only while shutting down: count what is left and stop.
                 let mut lost: usize = group.iter().map(|s| s.ops.len()).sum();
+                let mut lost_bytes = std::mem::take(&mut st.in_hand);
                 while let Ok(s) = rx.try_recv() {
                     lost += s.ops.len();
+                    lost_bytes += s.bytes;
                 }
+                shared.pending_bytes.fetch_sub(lost_bytes, Ordering::SeqCst);
                 error!(ops = lost, %reason, "store writer stopping with operations that never became durable (none was acknowledged)");
-                *lock(&shared.writer_failure) =
-                    Some(StoreError::NotDurable(lost, reason).to_string());
+                let msg = StoreError::NotDurable(lost, reason).to_string();
+                *lock(&shared.writer_failure) = Some(msg.clone());
+                if !shared.closing.load(Ordering::SeqCst) {
+                    shared.watch_tx.send_modify(|d| d.fatal = Some(msg));
+                }
                 shared.durable_cv.notify_all();
                 return;
             }
         }
     }));
-    if result.is_err() {
-        let msg = "the store writer thread panicked; nothing more will become durable".to_string();
+    if let Err(panic) = result {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let msg =
+            format!("the store writer thread panicked ({what}); nothing more will become durable");
         error!("{msg}");
         *lock(&shared.writer_failure) = Some(msg.clone());
-        shared.watch_tx.send_modify(|d| d.error = Some(msg));
+        // Nothing can be submitted any more (`submit` fails with this message); then nothing
+        // queued will ever be committed: release its pending bytes.
+        lock(&shared.submit).tx = None;
+        let mut dropped = std::mem::take(&mut st.in_hand);
+        while let Ok(s) = rx.try_recv() {
+            dropped += s.bytes;
+        }
+        shared.pending_bytes.fetch_sub(dropped, Ordering::SeqCst);
+        shared.watch_tx.send_modify(|d| {
+            d.error = Some(msg.clone());
+            d.fatal = Some(msg);
+        });
         shared.durable_cv.notify_all();
     }
 }
 
 /// Commits one group, retrying until it succeeds. Returns `Err` only when shutting down.
-fn commit(
-    shared: &Shared,
-    group: &[Submission],
-    synced_blobs: &mut HashSet<OsString>,
-) -> Result<(), String> {
+fn commit(shared: &Shared, group: &[Submission], st: &mut WriterState) -> Result<(), String> {
+    #[cfg(test)]
+    if shared.panic_writer.swap(false, Ordering::SeqCst) {
+        panic!("injected store writer panic");
+    }
     let mut backoff = BACKOFF_START;
     let mut failures: u32 = 0;
     let mut built: Option<Built> = None;
     loop {
         let attempt = shared.engine().and_then(|engine| {
             if built.is_none() {
-                built = Some(build(&engine, group, shared.chunked_from)?);
+                built = Some(build(&engine, group, shared.chunked_from, &st.large)?);
             }
             let b = built.as_ref().expect("built above");
             engine.tree.apply_batch(b.batch.clone())?;
@@ -100,7 +154,7 @@ fn commit(
                 });
             }
             let syncing = Instant::now();
-            engine.make_durable(&shared.cfg.dir, synced_blobs)?;
+            engine.make_durable(&shared.cfg.dir, &mut st.synced_blobs)?;
             crate::stats::COMMIT_SYNC_US.observe(syncing.elapsed().as_micros() as u64);
             crate::stats::COMMIT_BATCH_OPS.observe(b.ops as u64);
             Ok(engine)
@@ -108,7 +162,14 @@ fn commit(
         match attempt {
             Ok(engine) => {
                 let b = built.take().expect("built before a successful apply");
-                publish(shared, &engine, &b, failures);
+                for (k, l) in b.large.iter() {
+                    match l {
+                        Some(l) => st.large.keyspace.insert(k.clone(), *l),
+                        None => st.large.keyspace.remove(k),
+                    };
+                }
+                st.large.next_gen = b.next_gen;
+                publish(shared, &engine, &b, failures, &mut st.in_hand);
                 return Ok(());
             }
             Err(e) => {
@@ -209,10 +270,28 @@ impl LogView<'_> {
     }
 }
 
+/// Removes the parts of the large records among `gone` (log entries being deleted).
+fn remove_log_parts(batch: &mut sled::Batch, gone: &[(Seq, Value)]) {
+    for (seq, v) in gone {
+        if let Value::Parts { parts, .. } = v {
+            parts::remove_parts(batch, &log_key(*seq), 0, *parts);
+        }
+    }
+}
+
 /// Turns a group into one sled batch. Reads the log only where the group changes it: the last
-/// chunk (appends join it while it has room) and the chunks that deletions reach.
-fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Built, StoreError> {
+/// chunk (appends join it while it has room) and the chunks that deletions reach. Large values
+/// go to parts in the same batch (see [`super::parts`]); the parts of what a deletion, `Put` or
+/// `Remove` ends are removed in it.
+fn build(
+    engine: &Engine,
+    group: &[Submission],
+    chunked_from: Seq,
+    large: &LargeValues,
+) -> Result<Built, StoreError> {
     let mut batch = sled::Batch::default();
+    let mut large_changes: HashMap<Vec<u8>, Option<Large>> = HashMap::new();
+    let mut next_gen = large.next_gen;
     let mut view = LogView {
         tree: &engine.tree,
         chunked_from,
@@ -227,6 +306,21 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
         for op in &sub.ops {
             ops += 1;
             match op {
+                WriteOp::Append(seq, v) if parts::is_large(v.len()) => {
+                    // Parts under their own keys; a marker in a chunk of its own, which
+                    // `fits` below never extends.
+                    let n = parts::insert_parts(&mut batch, &log_key(*seq), 0, v);
+                    let marker = Value::Parts {
+                        len: v.len() as u64,
+                        parts: n,
+                    };
+                    view.dirty.insert(*seq, Some(vec![(*seq, marker)]));
+                    tail = Some(Some(*seq));
+                    d_len += 1;
+                    d_bytes += v.len() as i64;
+                    max_appended = Some(*seq);
+                    touched_log = true;
+                }
                 WriteOp::Append(seq, v) => {
                     if tail.is_none() {
                         // Legacy entries are single raw records: never extend one.
@@ -239,6 +333,7 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
                     let fits = |chunk: &Entries| {
                         chunk.last().is_some_and(|&(last, _)| {
                             last < *seq
+                                && chunk.iter().all(|(_, v)| v.is_inline())
                                 && chunk::encoded_len(chunk) + chunk::entry_len(last, *seq, v.len())
                                     <= chunk::CHUNK_TARGET_BYTES
                         })
@@ -254,13 +349,14 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
                         }
                         if let Some(Some(chunk)) = view.dirty.get_mut(&k) {
                             if fits(chunk) {
-                                chunk.push((*seq, v.clone()));
+                                chunk.push((*seq, Value::Inline(v.clone())));
                                 joined = true;
                             }
                         }
                     }
                     if !joined {
-                        view.dirty.insert(*seq, Some(vec![(*seq, v.clone())]));
+                        view.dirty
+                            .insert(*seq, Some(vec![(*seq, Value::Inline(v.clone()))]));
                         tail = Some(Some(*seq));
                     }
                     d_len += 1;
@@ -272,9 +368,10 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
                     if let Some((key, entries)) = view.last_chunk_through(*seq)? {
                         if let Some(i) = entries.iter().position(|(s, _)| s == seq) {
                             let mut rest = entries;
-                            let (_, gone) = rest.remove(i);
+                            let gone = rest.remove(i);
                             d_len -= 1;
-                            d_bytes -= gone.len() as i64;
+                            d_bytes -= gone.1.len() as i64;
+                            remove_log_parts(&mut batch, std::slice::from_ref(&gone));
                             touched_log = true;
                             if i == 0 {
                                 view.replace(key, rest);
@@ -294,13 +391,50 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
                         }
                         d_len -= gone.len() as i64;
                         d_bytes -= gone.iter().map(|(_, v)| v.len() as i64).sum::<i64>();
+                        remove_log_parts(&mut batch, &gone);
                         touched_log = true;
                         view.replace(key, rest);
                         tail = None;
                     }
                 }
-                WriteOp::Put(k, v) => batch.insert(&k[..], &v[..]),
-                WriteOp::Remove(k) => batch.remove(&k[..]),
+                WriteOp::Put(k, v) => {
+                    let old = match large_changes.get(k) {
+                        Some(change) => *change,
+                        None => large.keyspace.get(k).copied(),
+                    };
+                    if let Some(old) = old {
+                        parts::remove_parts(&mut batch, k, old.gen, old.parts);
+                    }
+                    let new = if parts::is_large(v.len()) {
+                        let gen = next_gen;
+                        next_gen += 1;
+                        let parts = parts::insert_parts(&mut batch, k, gen, v);
+                        let l = Large {
+                            gen,
+                            len: v.len() as u64,
+                            parts,
+                        };
+                        batch.insert(&k[..], parts::encode_descriptor(l));
+                        Some(l)
+                    } else {
+                        batch.insert(&k[..], &*parts::encode_small(v));
+                        None
+                    };
+                    if old.is_some() || new.is_some() {
+                        large_changes.insert(k.clone(), new);
+                    }
+                }
+                WriteOp::Remove(k) => {
+                    let old = match large_changes.get(k) {
+                        Some(change) => *change,
+                        None => large.keyspace.get(k).copied(),
+                    };
+                    if let Some(old) = old {
+                        parts::remove_parts(&mut batch, k, old.gen, old.parts);
+                        large_changes.insert(k.clone(), None);
+                    }
+                    batch.remove(&k[..]);
+                }
             }
         }
     }
@@ -323,10 +457,12 @@ fn build(engine: &Engine, group: &[Submission], chunked_from: Seq) -> Result<Bui
         d_len,
         d_bytes,
         touched_log,
+        large: large_changes,
+        next_gen,
     })
 }
 
-fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
+fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32, in_hand: &mut u64) {
     if b.touched_log {
         let (first_seq, last_seq) = super::log_bounds(&engine.tree, shared.chunked_from);
         let mut c = lock(&shared.counters);
@@ -341,6 +477,10 @@ fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32) {
             "store commit succeeded again; acknowledgements resume"
         );
     }
+    // Before the watch: a router woken by this update sees the bytes gone.
+    shared
+        .pending_bytes
+        .fetch_sub(std::mem::take(in_hand), Ordering::SeqCst);
     // Watch first: whoever wakes from `wait_durable` sees the watch already updated.
     shared.watch_tx.send_modify(|d| {
         d.durable_through = b.through;
