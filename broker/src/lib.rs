@@ -41,7 +41,7 @@ use std::time::Duration;
 pub use auth::Security;
 pub use bridge::{BridgeConfig, BridgeStatus};
 pub use server::{Broker, BrokerStopping, InternalPublisher, StatusHandle};
-pub use stats::Stats;
+pub use stats::{Stats, StoreFault, StoreFaults};
 pub use tls::{ListenerConfig, TlsConfig};
 
 /// Bounds that protect the broker from any one client; all are config keys.
@@ -78,7 +78,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_packet_size: 64 * 1024,
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: 10_000,
             max_inflight: 100,
             max_queued_messages: 1000,
@@ -121,6 +121,17 @@ pub enum OnFull {
     RejectNew,
 }
 
+/// Default `max_packet_size`: 1 MiB, room for camera stills and log bundles; devices that
+/// send less lose nothing by it (buffers grow only as packets need).
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
+/// Largest `max_packet_size` that may be configured: a 16 MiB payload with its topic and
+/// header. Every record such a packet makes fits the store ([`store::MAX_VALUE_BYTES`]).
+pub const MAX_PACKET_SIZE_LIMIT: usize = (16 << 20) + (64 << 10);
+
+/// Default [`StorageLimits::max_pending_bytes`]: a few group commits' worth of small messages
+/// (~50 k sensor readings), and room for a few large ones.
+pub const DEFAULT_MAX_PENDING_BYTES: u64 = 8 << 20;
+
 /// `[storage]`: bounds of the durable log.
 #[derive(Debug, Clone)]
 pub struct StorageLimits {
@@ -131,6 +142,10 @@ pub struct StorageLimits {
     pub on_full: OnFull,
     /// sled's page cache.
     pub cache_bytes: u64,
+    /// Bytes submitted to the store and not yet durable above which publishers are no longer
+    /// read from (their sockets back-pressure them) until the disk catches up to half of it.
+    /// Bounds the daemon's memory under a QoS 0 flood, which no ack ever slows down.
+    pub max_pending_bytes: u64,
 }
 
 impl Default for StorageLimits {
@@ -140,6 +155,7 @@ impl Default for StorageLimits {
             max_age: None,
             on_full: OnFull::RejectNew,
             cache_bytes: 16 << 20,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
         }
     }
 }

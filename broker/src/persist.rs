@@ -42,6 +42,17 @@ fn queue_id_of(key: &[u8]) -> Option<u64> {
 }
 
 /// Subscriptions as `[qos u8][len u16][filter]...`.
+/// Largest session record (a persistent session's subscriptions, rewritten whole at every
+/// SUBSCRIBE and UNSUBSCRIBE). Filters that would make it larger get 0x80 in SUBACK, for
+/// that client alone. 120 KiB stays one value inline in a sled segment: ~1,000 filters of
+/// 100 bytes, more than `max_subscriptions`' default allows of typical filters.
+pub const MAX_SESSION_RECORD_BYTES: usize = 120 * 1024;
+
+/// Bytes one filter takes in the session record ([`encode_subscriptions`]).
+pub fn subscription_record_len(filter: &str) -> usize {
+    3 + filter.len()
+}
+
 pub fn encode_subscriptions(subscriptions: &HashMap<String, QoS>) -> Vec<u8> {
     let mut out = Vec::new();
     for (filter, qos) in subscriptions {

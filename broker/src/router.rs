@@ -13,6 +13,22 @@
 //! of that burst waits in `pending_acks` until the store reports the ticket durable. Acks
 //! are released strictly in the order the PUBLISHes arrived [MQTT-4.6.0-2], also those that
 //! needed no write. With no store (tests), acks go out at the end of the burst.
+//!
+//! The same holds for every answer that tells a client something is kept: SUBACK and
+//! UNSUBACK wait for the session record, and a CONNACK for what its CONNECT wrote (a new
+//! persistent session's record, a discarded one); the connection's outbox holds everything
+//! else until that CONNACK goes out, so it is still the first packet the client sees.
+//!
+//! Admission is per message, never per burst: whatever a client can make the store refuse
+//! (a record too large, a retained topic too long for a key, a session record outgrowing
+//! its limit, a client id too long for a session key) is checked when its packet is
+//! accepted and refused for that packet alone, so a burst's submission cannot fail for
+//! one client's sake. If it fails anyway (the store is shutting down), none of its acks go
+//! out, the connections waiting for them are closed, and its QoS 2 receipts are forgotten,
+//! so nothing is acknowledged or marked received that was not stored.
+//!
+//! Bounded ingest: while more than `max_pending_bytes` wait to be made durable, the
+//! connections stop reading from publishers (the `ingest_paused` watch).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -36,6 +52,13 @@ use crate::{OnFull, StorageLimits};
 
 /// Commands handled per wake-up before the batch is submitted (bounds ack latency).
 const MAX_BURST: usize = 1024;
+
+/// Most log bytes one retention pass (`max_bytes` drop_oldest, `max_age`) deletes; the rest
+/// goes at the next housekeeping tick (every 200 ms, so up to 80 MiB/s). sled loads every
+/// leaf a batch deletes from and keeps it until the batch is applied: one commit deleting
+/// 256 MiB of the log cost ~1.1 GB of memory here, after a long outage `max_age` could reach
+/// that much at once.
+const RETENTION_DELETE_MAX_BYTES: u64 = 16 << 20;
 
 /// Commands from connections and bridges to the router.
 #[derive(Debug)]
@@ -111,19 +134,36 @@ impl std::fmt::Debug for OutboxHandle {
     }
 }
 
-/// Someone waiting for a message to be accepted.
+/// An answer that waits for what its request wrote to be durable: released in arrival
+/// order by [`Router::release`].
 enum AckTarget {
+    /// PUBACK, PUBREC, UNSUBACK.
     Client(Outbox, Outbound),
+    /// A broker-internal publish (a bridge's command) was accepted.
     Internal(oneshot::Sender<()>),
+    /// The CONNACK of a CONNECT that changed the stored session: the outbox holds every
+    /// other packet for this connection until it goes out ([`Outbox::hold`]).
+    ConnAck(Outbox, Outbound),
+    /// SUBACK, then the retained messages matching the filters it granted (so a client sees
+    /// its SUBACK before them, as it would without the wait).
+    SubAck {
+        conn: ConnId,
+        outbox: Outbox,
+        packet: Outbound,
+        granted: Vec<(String, QoS)>,
+    },
 }
 
 impl AckTarget {
-    fn release(self) {
+    /// Its request could not be stored: nothing is acknowledged. A client's connection is
+    /// closed so that it reconnects and sends again (MQTT 3.1.1 has no negative ack); an
+    /// internal waiter sees its sender dropped.
+    fn refuse(self) {
         match self {
-            AckTarget::Client(outbox, packet) => outbox.send(packet),
-            AckTarget::Internal(tx) => {
-                let _ = tx.send(());
-            }
+            AckTarget::Client(outbox, _)
+            | AckTarget::ConnAck(outbox, _)
+            | AckTarget::SubAck { outbox, .. } => outbox.send(Outbound::Close),
+            AckTarget::Internal(_) => {}
         }
     }
 }
@@ -152,12 +192,18 @@ pub struct Router {
     /// Writes and acks of the burst being handled.
     batch_ops: Vec<Op>,
     batch_acks: Vec<AckTarget>,
+    /// QoS 2 packet ids first received in this burst, forgotten again if the burst cannot be
+    /// stored: a resend must then be routed (and stored), not just answered with PUBREC.
+    batch_qos2: Vec<(ClientKey, u16)>,
     /// Acks waiting for their ticket to be durable, in arrival order.
     pending_acks: VecDeque<(Ticket, AckTarget)>,
     durable_through: Ticket,
     next_queue_id: u64,
     storage_error: Option<String>,
     storage_full: bool,
+    /// More than `max_pending_bytes` submitted and not yet durable: publishers are not read
+    /// from until it drops to half of that (see [`Router::check_pending_bytes`]).
+    ingest_backlog: bool,
     clients: HashMap<ConnId, ClientInfo>,
     /// ACL rules of each session's latest connection (empty when no ACL is configured).
     /// A session restored from disk has none until its client connects again; its queue
@@ -189,11 +235,13 @@ impl Router {
             durable,
             batch_ops: Vec::new(),
             batch_acks: Vec::new(),
+            batch_qos2: Vec::new(),
             pending_acks: VecDeque::new(),
             durable_through: 0,
             next_queue_id: 1,
             storage_error: None,
             storage_full: false,
+            ingest_backlog: false,
             clients: HashMap::new(),
             perms: HashMap::new(),
             snapshot,
@@ -236,7 +284,14 @@ impl Router {
                     }
                     self.end_burst();
                 }
-                Some(state) = durable_changed(&mut durability) => self.on_durable(state),
+                Some(state) = durable_changed(&mut durability) => {
+                    self.on_durable(state);
+                    // Released SUBACKs deliver retained messages, which a persistent
+                    // session writes to its queue: submit those now, not at the next burst.
+                    while !self.batch_ops.is_empty() {
+                        self.end_burst();
+                    }
+                }
                 _ = housekeeping.tick() => self.housekeeping(),
             }
         }
@@ -330,9 +385,12 @@ impl Router {
             } => {
                 self.stats
                     .message_received(message.qos, message.payload.len());
-                self.accept_publish(message, "", origin_bridge);
-                if let Some(tx) = accepted {
-                    self.batch_acks.push(AckTarget::Internal(tx));
+                // Refused (logged and counted inside): `accepted` is dropped unanswered, so
+                // the bridge does not acknowledge the command upstream.
+                if self.accept_publish(message, "", origin_bridge).is_ok() {
+                    if let Some(tx) = accepted {
+                        self.batch_acks.push(AckTarget::Internal(tx));
+                    }
                 }
             }
         }
@@ -350,6 +408,9 @@ impl Router {
 
     fn connect(&mut self, conn: ConnId, request: ConnectRequest, outbox: Outbox) {
         let client = request.client_id.clone();
+        // Whatever this CONNECT writes (a new session record, a discarded one, a will)
+        // must be durable before the CONNACK says "session present" or not.
+        let ops_before = self.batch_ops.len();
         // Take over a live connection with the same client id [MQTT-3.1.4-2]: close it and
         // publish its will, as for any connection the server closes.
         let previous_will = self.sessions.get_mut(&client).and_then(|s| {
@@ -362,7 +423,8 @@ impl Router {
             old.will
         });
         if let Some(will) = previous_will {
-            self.accept_publish(will, &client, None);
+            // A will that cannot be stored is logged and counted by accept_publish.
+            let _ = self.accept_publish(will, &client, None);
         }
         // A clean session ends with its connection [MQTT-3.1.2-6], also a taken-over one.
         if self.sessions.get(&client).is_some_and(|s| s.clean) {
@@ -391,9 +453,14 @@ impl Router {
             Some(acl) => session.retain_waiting(|m| acl.may_read(&m.topic)),
             None => Vec::new(),
         };
-        outbox.send(Outbound::ConnAck(ConnectOutcome::Accepted {
-            session_present,
-        }));
+        let connack = Outbound::ConnAck(ConnectOutcome::Accepted { session_present });
+        if self.durable.is_some() && self.batch_ops.len() > ops_before {
+            outbox.hold();
+            self.batch_acks
+                .push(AckTarget::ConnAck(outbox.clone(), connack));
+        } else {
+            outbox.send(connack);
+        }
         session.online = Some(Online {
             conn,
             outbox,
@@ -486,7 +553,8 @@ impl Router {
         if !graceful {
             if let Some(will) = will {
                 debug!(client_id = %client, topic = %will.topic, "publishing will");
-                self.accept_publish(will, &client, None);
+                // A will that cannot be stored is logged and counted by accept_publish.
+                let _ = self.accept_publish(will, &client, None);
             }
         }
     }
@@ -523,8 +591,23 @@ impl Router {
         let qos = message.qos;
         // A resend of a QoS 2 message routed already is acknowledged, not delivered again.
         let first_receipt = qos != QoS::ExactlyOnce || session.first_qos2_receipt(pkid);
+        if qos == QoS::ExactlyOnce && first_receipt {
+            self.batch_qos2.push((client.clone(), pkid));
+        }
         if first_receipt {
-            self.accept_publish(message, &client, None);
+            if let Err(reason) = self.accept_publish(message, &client, None) {
+                // Nothing was stored or delivered: no ack, and the connection ends as for
+                // a packet over max_packet_size (3.1.1 cannot say why).
+                if qos == QoS::ExactlyOnce {
+                    self.batch_qos2.pop();
+                    if let Some(s) = self.sessions.get_mut(&client) {
+                        s.pubrel(pkid);
+                    }
+                }
+                warn!(client_id = %client, %reason, "publish cannot be stored: closing the connection");
+                outbox.send(Outbound::Close);
+                return;
+            }
         }
         match qos {
             QoS::AtMostOnce => {}
@@ -539,41 +622,83 @@ impl Router {
 
     /// The one place every accepted PUBLISH (client's, will, or bridge's) goes through:
     /// durable writes first (collected for this burst's commit), then delivery.
-    fn accept_publish(&mut self, message: Message, origin: &str, origin_bridge: Option<usize>) {
+    ///
+    /// Admission: everything this message would write is checked here, for this message
+    /// alone, so that the burst's submission cannot be refused for its sake. A message that
+    /// cannot be stored is neither stored nor delivered (`Err`, counted and logged); its
+    /// sender decides what that means (a client's connection is closed).
+    fn accept_publish(
+        &mut self,
+        message: Message,
+        origin: &str,
+        origin_bridge: Option<usize>,
+    ) -> Result<(), String> {
         if let Some(durable) = &self.durable {
             let now = unix_ms();
-            if message.retain {
-                if message.payload.is_empty() {
-                    self.batch_ops.push(Op::Remove {
-                        space: Keyspace::Retained,
-                        key: message.topic.as_bytes().to_vec(),
+            let forwarded =
+                durable.bridges.iter().enumerate().any(|(i, b)| {
+                    Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some()
+                });
+            let stored_origin = match origin_bridge {
+                Some(i) => bridge_origin(&durable.bridges[i].name),
+                None => origin.to_string(),
+            };
+            let mut ops = Vec::new();
+            if message.retain && message.payload.is_empty() {
+                ops.push(Op::Remove {
+                    space: Keyspace::Retained,
+                    key: message.topic.as_bytes().to_vec(),
+                });
+            } else if message.retain || forwarded {
+                let record = persist::to_stored(&message, &stored_origin, now)
+                    .encode()
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        if bytes.len() > crate::store::MAX_VALUE_BYTES {
+                            Err(format!(
+                                "record of {} bytes is larger than the store accepts ({} bytes)",
+                                bytes.len(),
+                                crate::store::MAX_VALUE_BYTES
+                            ))
+                        } else if message.retain
+                            && message.topic.len() > crate::store::MAX_KEY_BYTES
+                        {
+                            Err(format!(
+                                "retained topic of {} bytes is longer than the store's key limit ({} bytes)",
+                                message.topic.len(),
+                                crate::store::MAX_KEY_BYTES
+                            ))
+                        } else {
+                            Ok(bytes)
+                        }
                     });
-                } else if let Ok(bytes) = persist::to_stored(&message, origin, now).encode() {
-                    self.batch_ops.push(Op::Put {
+                let bytes = match record {
+                    Ok(bytes) => bytes,
+                    Err(reason) => {
+                        error!(client_id = %stored_origin, topic = %message.topic, %reason,
+                            "message cannot be stored: refused (neither stored nor delivered)");
+                        crate::stats::STORE_FAULTS.record(
+                            crate::stats::StoreFault::RecordRefused,
+                            format!("message on {} from {stored_origin}: {reason}", message.topic),
+                        );
+                        return Err(reason);
+                    }
+                };
+                if message.retain {
+                    ops.push(Op::Put {
                         space: Keyspace::Retained,
                         key: message.topic.as_bytes().to_vec(),
                         value: bytes.to_vec(),
                     });
                 }
-            }
-            let forwarded =
-                durable.bridges.iter().enumerate().any(|(i, b)| {
-                    Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some()
-                });
-            if forwarded {
-                let origin = match origin_bridge {
-                    Some(i) => bridge_origin(&durable.bridges[i].name),
-                    None => origin.to_string(),
-                };
-                match persist::to_stored(&message, &origin, now).encode() {
-                    Ok(bytes) => self.batch_ops.push(Op::Append(bytes)),
-                    Err(e) => {
-                        error!(client_id = %origin, topic = %message.topic, error = %e, "message cannot be stored: not forwarded")
-                    }
+                if forwarded {
+                    ops.push(Op::Append(bytes));
                 }
             }
+            self.batch_ops.append(&mut ops);
         }
         self.route(message);
+        Ok(())
     }
 
     /// Updates the retained store and delivers to every matching subscription, once per
@@ -643,7 +768,11 @@ impl Router {
                     stored = Some(id);
                 }
                 Err(e) => {
-                    error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session")
+                    error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session: kept in memory only");
+                    crate::stats::STORE_FAULTS.record(
+                        crate::stats::StoreFault::RecordRefused,
+                        format!("queued message on {} for {client}: {e}", message.topic),
+                    );
                 }
             }
         }
@@ -659,24 +788,53 @@ impl Router {
         }
     }
 
+    /// SUBACK goes out once the session record (for a persistent session) is durable, like
+    /// a PUBACK, so a subscription the client was told about survives a crash; the retained
+    /// messages for the new filters follow it ([`Router::release`]). Live messages may reach
+    /// the client before its SUBACK, which MQTT 3.1.1 allows (3.8.4).
     fn subscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter>) {
         let max_subscriptions = self.limits.max_subscriptions;
+        let stored = self.durable.is_some();
         let Some((client, session)) = self.session_of(conn) else {
             return;
         };
+        let persistent = stored && !session.clean;
+        // Admission: the session record is rewritten whole and must stay within
+        // MAX_SESSION_RECORD_BYTES; filters that would outgrow it are refused for this
+        // client alone, never by failing the burst's commit.
+        let mut record_bytes: usize = if persistent {
+            session
+                .subscriptions
+                .keys()
+                .map(|f| persist::subscription_record_len(f))
+                .sum()
+        } else {
+            0
+        };
         let mut granted = Vec::with_capacity(filters.len());
         let mut new_filters = Vec::new();
-        let mut over_limit = 0u64;
+        let (mut over_limit, mut record_full) = (0u64, 0u64);
         for f in filters {
+            let known = session.subscriptions.contains_key(&f.filter);
             let full = max_subscriptions > 0
                 && session.subscriptions.len() >= max_subscriptions
-                && !session.subscriptions.contains_key(&f.filter);
+                && !known;
+            let grows = if persistent && !known {
+                persist::subscription_record_len(&f.filter)
+            } else {
+                0
+            };
             match f.requested {
                 Some(_) if full => {
                     over_limit += 1;
                     granted.push(None);
                 }
+                Some(_) if record_bytes + grows > persist::MAX_SESSION_RECORD_BYTES => {
+                    record_full += 1;
+                    granted.push(None);
+                }
                 Some(qos) => {
+                    record_bytes += grows;
                     session.subscriptions.insert(f.filter.clone(), qos);
                     granted.push(Some(qos));
                     new_filters.push((f.filter, qos));
@@ -684,10 +842,7 @@ impl Router {
                 None => granted.push(None),
             }
         }
-        if let Some(online) = &session.online {
-            online.outbox.send(Outbound::SubAck { pkid, granted });
-        }
-        let persistent = !session.clean;
+        let outbox = session.online.as_ref().map(|o| o.outbox.clone());
         let record = persistent.then(|| session.subscriptions.clone());
         if over_limit > 0 {
             self.stats
@@ -695,15 +850,37 @@ impl Router {
                 .fetch_add(over_limit, Ordering::Relaxed);
             warn!(client_id = %client, refused = over_limit, max_subscriptions, "max_subscriptions reached: filters refused in SUBACK");
         }
+        if record_full > 0 {
+            self.stats
+                .session_record_full
+                .fetch_add(record_full, Ordering::Relaxed);
+            warn!(client_id = %client, refused = record_full, max_record_bytes = persist::MAX_SESSION_RECORD_BYTES,
+                "session record full: filters refused in SUBACK (0x80)");
+        }
         for (filter, qos) in &new_filters {
             self.subscriptions.insert(filter, client.clone(), *qos);
         }
         if let Some(subscriptions) = record {
             self.save_session_record(&client, &subscriptions);
         }
-        // Retained messages matching a new subscription, with the retain flag set [MQTT-3.3.1-6].
+        if let Some(outbox) = outbox {
+            self.batch_acks.push(AckTarget::SubAck {
+                conn,
+                outbox,
+                packet: Outbound::SubAck { pkid, granted },
+                granted: new_filters,
+            });
+        }
+    }
+
+    /// Retained messages matching newly granted filters, with the retain flag set
+    /// [MQTT-3.3.1-6], to the session of `conn` if it is still connected.
+    fn send_retained(&mut self, conn: ConnId, granted: &[(String, QoS)]) {
+        let Some((client, _)) = self.session_of(conn) else {
+            return;
+        };
         let mut retained: Vec<Message> = Vec::new();
-        for (filter, qos) in &new_filters {
+        for (filter, qos) in granted {
             for message in self.retained.values() {
                 if filter_matches(filter, &message.topic) {
                     let mut copy = message.clone();
@@ -718,6 +895,7 @@ impl Router {
         }
     }
 
+    /// UNSUBACK, like SUBACK, once the shrunk session record is durable.
     fn unsubscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<String>) {
         let Some((client, session)) = self.session_of(conn) else {
             return;
@@ -725,9 +903,7 @@ impl Router {
         for filter in &filters {
             session.subscriptions.remove(filter);
         }
-        if let Some(online) = &session.online {
-            online.outbox.send(Outbound::UnsubAck(pkid));
-        }
+        let outbox = session.online.as_ref().map(|o| o.outbox.clone());
         let record = (!session.clean).then(|| session.subscriptions.clone());
         for filter in &filters {
             self.subscriptions.remove(filter, &client);
@@ -735,28 +911,70 @@ impl Router {
         if let Some(subscriptions) = record {
             self.save_session_record(&client, &subscriptions);
         }
+        if let Some(outbox) = outbox {
+            self.batch_acks
+                .push(AckTarget::Client(outbox, Outbound::UnsubAck(pkid)));
+        }
+    }
+
+    /// Sends an answer whose writes are durable (or that needed none).
+    fn release(&mut self, ack: AckTarget) {
+        match ack {
+            AckTarget::Client(outbox, packet) => outbox.send(packet),
+            AckTarget::Internal(tx) => {
+                let _ = tx.send(());
+            }
+            AckTarget::ConnAck(outbox, packet) => outbox.release_hold(packet),
+            AckTarget::SubAck {
+                conn,
+                outbox,
+                packet,
+                granted,
+            } => {
+                outbox.send(packet);
+                self.send_retained(conn, &granted);
+            }
+        }
     }
 
     /// Submits the burst's writes as one ticket and queues its acks behind it.
     fn end_burst(&mut self) {
         let ops = std::mem::take(&mut self.batch_ops);
         let acks = std::mem::take(&mut self.batch_acks);
+        let qos2 = std::mem::take(&mut self.batch_qos2);
         let mut ticket = None;
         if !ops.is_empty() {
             if let Some(durable) = &self.durable {
                 match durable.store.submit(ops) {
                     Ok((t, _)) => ticket = Some(t),
                     Err(e) => {
-                        // Nothing of this burst is durable: withhold its acks, so publishers
-                        // resend after reconnecting. Never ack what is not on disk.
-                        error!(error = %e, withheld_acks = acks.len(), "store refused a batch");
+                        // Admission (accept_publish, subscribe, connect) keeps sizes within
+                        // the store's limits, so this is the store shutting down or broken.
+                        // Nothing of this burst is durable: acknowledge none of it, close
+                        // the connections that wait for an ack so they resend, and forget
+                        // its QoS 2 receipts so a resend is stored, not just PUBREC'd.
+                        error!(error = %e, withheld_acks = acks.len(), "store refused a burst: its acknowledgements are withheld and those connections closed");
+                        crate::stats::STORE_FAULTS.record(
+                            crate::stats::StoreFault::BurstRefused,
+                            e.to_string(),
+                        );
+                        for (client, pkid) in qos2 {
+                            if let Some(session) = self.sessions.get_mut(&client) {
+                                session.pubrel(pkid);
+                            }
+                        }
+                        acks.into_iter().for_each(AckTarget::refuse);
                         return;
                     }
                 }
             }
         }
         match ticket {
-            None if self.pending_acks.is_empty() => acks.into_iter().for_each(AckTarget::release),
+            None if self.pending_acks.is_empty() => {
+                for ack in acks {
+                    self.release(ack);
+                }
+            }
             // Behind earlier acks still waiting for the disk: keep arrival order.
             None => {
                 let behind = self.pending_acks.back().map_or(0, |(t, _)| *t);
@@ -767,18 +985,48 @@ impl Router {
         }
         if ticket.is_some() {
             self.check_storage_limits();
+            self.check_pending_bytes();
+        }
+    }
+
+    /// Bounded ingest: QoS 0 publishers never wait for an ack, and a pipelining QoS 1
+    /// client need not, so without this a flood would queue without bound in front of the
+    /// disk. Over `max_pending_bytes` the connections stop reading from publishers (the
+    /// socket back-pressures them, as for a full store); at half of it they resume. Checked
+    /// after each submission and each commit.
+    fn check_pending_bytes(&mut self) {
+        let Some(durable) = &self.durable else { return };
+        let pending = durable.store.pending_bytes();
+        let cap = durable.storage.max_pending_bytes;
+        let backlog = if self.ingest_backlog {
+            pending > cap / 2
+        } else {
+            pending > cap
+        };
+        if backlog != self.ingest_backlog {
+            self.ingest_backlog = backlog;
+            if backlog {
+                self.stats.ingest_pauses.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    pending_bytes = pending,
+                    max_pending_bytes = cap,
+                    "writes pending over max_pending_bytes: publishers paused"
+                );
+            }
+            self.update_ingest_gate();
         }
     }
 
     fn on_durable(&mut self, state: Durability) {
         self.durable_through = state.durable_through;
+        self.check_pending_bytes();
         while self
             .pending_acks
             .front()
             .is_some_and(|(t, _)| *t <= self.durable_through)
         {
             if let Some((_, ack)) = self.pending_acks.pop_front() {
-                ack.release();
+                self.release(ack);
             }
         }
         if state.error != self.storage_error {
@@ -795,7 +1043,10 @@ impl Router {
 
     fn update_ingest_gate(&self) {
         if let Some(durable) = &self.durable {
-            let paused = self.storage_error.is_some() || self.storage_full;
+            let paused = self.storage_error.is_some() || self.storage_full || self.ingest_backlog;
+            self.stats
+                .ingest_paused
+                .store(u64::from(paused), Ordering::Relaxed);
             durable
                 .ingest_paused
                 .send_if_modified(|p| std::mem::replace(p, paused) != paused);
@@ -864,10 +1115,14 @@ impl Router {
                 let mut last = None;
                 let mut dropped = 0u64;
                 let mut freed = 0u64;
-                while excess > 0 {
+                while excess > 0 && freed < RETENTION_DELETE_MAX_BYTES {
                     let entries = match store.read_log(from, 1024) {
                         Ok(e) if !e.is_empty() => e,
-                        _ => break,
+                        Ok(_) => break,
+                        Err(e) => {
+                            retention_read_failed("on_full = drop_oldest", &e);
+                            break;
+                        }
                     };
                     for (seq, record) in entries {
                         from = seq + 1;
@@ -937,21 +1192,32 @@ impl Router {
         let mut last = None;
         let mut dropped = 0u64;
         let mut freed = 0u64;
-        'scan: loop {
+        'scan: while freed < RETENTION_DELETE_MAX_BYTES {
             let entries = match store.read_log(from, 1024) {
                 Ok(e) if !e.is_empty() => e,
-                _ => break,
+                Ok(_) => break,
+                Err(e) => {
+                    retention_read_failed("max_age", &e);
+                    break;
+                }
             };
             for (seq, bytes) in entries {
                 from = seq + 1;
                 match StoredMessage::decode(&bytes) {
                     Ok(m) if m.received_at_ms >= cutoff => break 'scan,
-                    _ => {
-                        last = Some(seq);
-                        dropped += 1;
-                        freed += bytes.len() as u64;
+                    Ok(_) => dropped += 1,
+                    Err(e) => {
+                        // Its age is unknown and no bridge could forward it either: dropped
+                        // with the expired ones, but as what it is.
+                        error!(seq, len = bytes.len(), error = %e, "log record does not decode: dropped");
+                        crate::stats::STORE_FAULTS.record(
+                            crate::stats::StoreFault::CorruptRecord,
+                            format!("log record {seq} ({} bytes): {e}", bytes.len()),
+                        );
                     }
                 }
+                last = Some(seq);
+                freed += bytes.len() as u64;
             }
         }
         if let Some(last) = last {
@@ -968,6 +1234,16 @@ impl Router {
             }
         }
     }
+}
+
+/// A retention scan could not read the log: it stops here and runs again at the next
+/// housekeeping tick (200 ms); the operator hears of it.
+fn retention_read_failed(scan: &str, e: &crate::store::StoreError) {
+    error!(scan, error = %e, "reading the log for a retention scan failed; retrying at the next tick");
+    crate::stats::STORE_FAULTS.record(
+        crate::stats::StoreFault::ReadError,
+        format!("{scan} scan: {e}"),
+    );
 }
 
 /// The `origin` a bridge's own messages carry in the log, so it never forwards them back.

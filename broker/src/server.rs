@@ -21,7 +21,7 @@ use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::status::{BrokerStatus, RouterSnapshot};
-use crate::store::{Recovery, Store, StoreConfig};
+use crate::store::{Recovery, Seq, Store, StoreConfig};
 use crate::tls::{TlsError, TlsListener};
 use crate::{persist, BrokerConfig, BrokerError, Stats};
 
@@ -128,6 +128,10 @@ impl Broker {
                     .iter()
                     .map(|b| bridge::load_cursor(store, &b.name))
                     .collect(),
+                store
+                    .log_stats()
+                    .first_seq
+                    .map_or(Seq::MAX, |first| first.saturating_sub(1)),
             );
             for (index, bridge_config) in config.bridges.iter().enumerate() {
                 let status = Arc::new(Mutex::new(BridgeStatus {
@@ -368,6 +372,8 @@ impl StatusHandle {
             log: self.store.as_ref().map(Store::log_stats),
             durability: self.store.as_ref().map(|s| s.durability().borrow().clone()),
             recovery: self.recovery.clone(),
+            pending_bytes: self.store.as_ref().map(Store::pending_bytes),
+            last_store_fault: crate::stats::STORE_FAULTS.last(),
         }
     }
 

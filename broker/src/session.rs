@@ -6,8 +6,8 @@
 //! router owns every session; the connection task only moves bytes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -22,6 +22,9 @@ pub const MAX_PENDING_QOS0: usize = 10_000;
 pub struct Outbox {
     tx: mpsc::UnboundedSender<Outbound>,
     pending: Arc<AtomicUsize>,
+    /// Packets held back until the CONNACK may go out (see [`Outbox::hold`]).
+    held: Arc<Mutex<Option<Vec<Outbound>>>>,
+    holding: Arc<AtomicBool>,
 }
 
 impl Outbox {
@@ -32,6 +35,8 @@ impl Outbox {
             Outbox {
                 tx,
                 pending: pending.clone(),
+                held: Arc::new(Mutex::new(None)),
+                holding: Arc::new(AtomicBool::new(false)),
             },
             OutboxReceiver { rx, pending },
         )
@@ -39,9 +44,36 @@ impl Outbox {
 
     pub fn send(&self, packet: Outbound) {
         self.pending.fetch_add(1, Ordering::Relaxed);
+        // Close is never held: a connection taken over before its CONNACK must still end.
+        if self.holding.load(Ordering::Acquire) && !matches!(packet, Outbound::Close) {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(held) = held.as_mut() {
+                held.push(packet);
+                return;
+            }
+        }
         // A closed channel means the connection is going away; the router learns that
         // from its Disconnected command, so there is nothing to do here.
         let _ = self.tx.send(packet);
+    }
+
+    /// Holds back everything sent from now on until [`Outbox::release_hold`]: a new
+    /// persistent session's CONNACK waits for its session record to be durable, and the
+    /// CONNACK must be the first packet the client sees [MQTT-3.2.0-1].
+    pub fn hold(&self) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        self.holding.store(true, Ordering::Release);
+    }
+
+    /// Sends `first` (the CONNACK), then everything held since [`Outbox::hold`], in order.
+    pub fn release_hold(&self, first: Outbound) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.send(first);
+        for packet in held.take().unwrap_or_default() {
+            let _ = self.tx.send(packet);
+        }
+        self.holding.store(false, Ordering::Release);
     }
 
     pub fn pending(&self) -> usize {
@@ -487,6 +519,35 @@ mod tests {
             s.deliver(msg(6, QoS::AtLeastOnce), None, &limits),
             Err(Dropped::QueueFull)
         );
+    }
+
+    #[test]
+    fn held_outbox_sends_connack_first_then_what_was_held_and_never_holds_close() {
+        let (outbox, mut rx) = Outbox::new();
+        outbox.hold();
+        outbox.send(Outbound::PingResp);
+        outbox.send(Outbound::Close);
+        outbox.send(Outbound::PubAck(3));
+        // Only Close got through while held.
+        assert!(matches!(drain(&mut rx)[..], [Outbound::Close]));
+        outbox.release_hold(Outbound::ConnAck(crate::message::ConnectOutcome::Accepted {
+            session_present: false,
+        }));
+        outbox.send(Outbound::PubAck(4));
+        let sent = drain(&mut rx);
+        assert!(
+            matches!(
+                sent[..],
+                [
+                    Outbound::ConnAck(_),
+                    Outbound::PingResp,
+                    Outbound::PubAck(3),
+                    Outbound::PubAck(4)
+                ]
+            ),
+            "{sent:?}"
+        );
+        assert_eq!(outbox.pending(), 5);
     }
 
     #[test]

@@ -44,6 +44,14 @@ pub struct Stats {
     pub closed_before_connect: AtomicU64,
     /// Connections closed because nothing came within 1.5x the client's keep-alive.
     pub keep_alive_timeouts: AtomicU64,
+    /// SUBSCRIBE filters refused (0x80) because the session record would outgrow
+    /// `persist::MAX_SESSION_RECORD_BYTES`.
+    pub session_record_full: AtomicU64,
+    /// Times reading from publishers was paused because more than `max_pending_bytes` were
+    /// waiting to be written to disk.
+    pub ingest_pauses: AtomicU64,
+    /// 1 while publishers are not read from (pending bytes, store full or failing).
+    pub ingest_paused: AtomicU64,
 }
 
 impl Stats {
@@ -139,7 +147,87 @@ pub static FORWARD_LATENCY_MS: Histogram = Histogram::new(&[
     900_000, 3_600_000,
 ]);
 
+/// Storage faults that the daemon survives but an operator must hear about: each is logged
+/// at ERROR where it happens, counted here (`waystation_store_faults_total{kind}`), and the
+/// latest is reported as degraded on `/healthz` for a while ([`StoreFaults::last`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFault {
+    /// Reading the log failed during a retention scan (`max_bytes` drop_oldest, `max_age`):
+    /// the scan stopped early and is retried at the next housekeeping tick.
+    ReadError,
+    /// A log record that does not decode was found by the `max_age` scan: it is dropped
+    /// (it could never be forwarded either) and counted.
+    CorruptRecord,
+    /// A message that cannot be encoded as a record: its publisher's connection is closed
+    /// (nothing acknowledged), as for a packet over `max_packet_size`.
+    RecordRefused,
+    /// A bridge could not submit its cursor: it is submitted again at its next turn.
+    CursorNotSaved,
+    /// The store refused a whole burst (it was shutting down): its acks were withheld and
+    /// the connections waiting for them closed, so their clients resend.
+    BurstRefused,
+}
+
+impl StoreFault {
+    pub const ALL: [StoreFault; 5] = [
+        StoreFault::ReadError,
+        StoreFault::CorruptRecord,
+        StoreFault::RecordRefused,
+        StoreFault::CursorNotSaved,
+        StoreFault::BurstRefused,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreFault::ReadError => "read_error",
+            StoreFault::CorruptRecord => "corrupt_record",
+            StoreFault::RecordRefused => "record_refused",
+            StoreFault::CursorNotSaved => "cursor_not_saved",
+            StoreFault::BurstRefused => "burst_refused",
+        }
+    }
+}
+
+/// See [`StoreFault`]. Process-wide: one broker per process.
+#[derive(Debug)]
+pub struct StoreFaults {
+    counts: [AtomicU64; StoreFault::ALL.len()],
+    last: std::sync::Mutex<Option<(u64, StoreFault, String)>>,
+}
+
+impl StoreFaults {
+    const fn new() -> StoreFaults {
+        StoreFaults {
+            counts: [const { AtomicU64::new(0) }; StoreFault::ALL.len()],
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts `fault` and remembers it (with `detail`) as the latest. The caller logs it.
+    pub fn record(&self, fault: StoreFault, detail: impl Into<String>) {
+        self.counts[fault as usize].fetch_add(1, Relaxed);
+        let now = crate::bridge::unix_ms();
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, fault, detail.into()));
+    }
+
+    pub fn count(&self, fault: StoreFault) -> u64 {
+        self.counts[fault as usize].load(Relaxed)
+    }
+
+    /// The latest fault: (Unix ms, kind, detail).
+    pub fn last(&self) -> Option<(u64, StoreFault, String)> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+pub static STORE_FAULTS: StoreFaults = StoreFaults::new();
+
 impl Stats {
+    /// [`STORE_FAULTS`].
+    pub fn store_faults(&self) -> &'static StoreFaults {
+        &STORE_FAULTS
+    }
+
     /// [`COMMIT_BATCH_OPS`] (reachable from outside the crate through `Stats`).
     pub fn commit_batch_ops(&self) -> HistogramSnapshot {
         COMMIT_BATCH_OPS.snapshot()

@@ -57,4 +57,8 @@ pub struct BrokerStatus {
     pub log: Option<LogStats>,
     pub durability: Option<Durability>,
     pub recovery: Option<Recovery>,
+    /// Bytes submitted to the store and not yet durable (`max_pending_bytes`).
+    pub pending_bytes: Option<u64>,
+    /// The latest storage fault survived: (Unix ms, kind, detail). See `stats::StoreFault`.
+    pub last_store_fault: Option<(u64, crate::stats::StoreFault, String)>,
 }

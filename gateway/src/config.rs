@@ -14,9 +14,9 @@ use waystation_broker::acl::Acl;
 use waystation_broker::auth::PasswordFile;
 use waystation_broker::{BridgeConfig, Limits, OnFull, Security, StorageLimits, TlsConfig};
 
-/// Sled stores values larger than about 128 KiB in blob files that it never syncs
-/// (FACTS.md), so a packet that large could be acknowledged without being durable.
-pub const MAX_PACKET_SIZE_CEILING: usize = 120 * 1024;
+/// A 16 MiB payload with its topic: the store splits large records into parts written in
+/// the same atomic commit, so any packet up to this is acknowledged only once durable.
+pub const MAX_PACKET_SIZE_CEILING: usize = waystation_broker::MAX_PACKET_SIZE_LIMIT;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +96,8 @@ pub struct StorageSection {
     pub on_full: OnFull,
     /// sled's page cache, bytes.
     pub cache_bytes: u64,
+    /// Bytes submitted to the store and not yet durable above which publishers are paused.
+    pub max_pending_bytes: u64,
 }
 
 impl Default for StorageSection {
@@ -106,6 +108,7 @@ impl Default for StorageSection {
             max_age: d.max_age.map_or(0, |a| a.as_secs()),
             on_full: d.on_full,
             cache_bytes: d.cache_bytes,
+            max_pending_bytes: d.max_pending_bytes,
         }
     }
 }
@@ -117,6 +120,7 @@ impl StorageSection {
             max_age: (self.max_age > 0).then(|| Duration::from_secs(self.max_age)),
             on_full: self.on_full,
             cache_bytes: self.cache_bytes,
+            max_pending_bytes: self.max_pending_bytes,
         }
     }
 }
@@ -366,6 +370,12 @@ impl Config {
                 "must be at least 1 MiB".into(),
             ));
         }
+        if self.storage.max_pending_bytes < 64 << 10 {
+            return Err((
+                "storage.max_pending_bytes".into(),
+                "must be at least 65536".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -381,7 +391,7 @@ impl Config {
             return Err((
                 "limits.max_packet_size",
                 format!(
-                    "{} is out of range 64..={MAX_PACKET_SIZE_CEILING} (larger records would not be synced to disk by sled)",
+                    "{} is out of range 64..={MAX_PACKET_SIZE_CEILING} (a 16 MiB payload with its topic)",
                     l.max_packet_size
                 ),
             ));
@@ -669,7 +679,7 @@ mod tests {
 
     #[test]
     fn oversized_packet_limit_is_refused() {
-        let config = Config::parse("[limits]\nmax_packet_size = 1000000\n").unwrap();
+        let config = Config::parse("[limits]\nmax_packet_size = 20000000\n").unwrap();
         let (key, _) = config.check_semantics().unwrap_err();
         assert_eq!(key, "limits.max_packet_size");
     }

@@ -335,15 +335,27 @@ fn run(
             tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stopped.clone()))
         });
         info!(gateway = %config.gateway.id, "waystation started");
-        signals.wait_for_shutdown(&broker).await;
+        let stop = signals.wait_for_shutdown(&broker).await;
         info!("shutting down");
         let _ = obs_stop.send(true);
         for task in [http_task, sys_task].into_iter().flatten() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
         }
-        broker.shutdown().await;
-        info!("stopped");
-        Ok(())
+        match stop {
+            Stop::Signal => {
+                broker.shutdown().await;
+                info!("stopped");
+                Ok(())
+            }
+            Stop::StoreFailed(reason) => {
+                // Bounded: the writer is gone, and nothing must keep a daemon that no longer
+                // acknowledges anything from exiting.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(10), broker.shutdown()).await;
+                Err(anyhow::anyhow!(
+                    "the store can no longer make anything durable ({reason}); exiting so that the service manager restarts the daemon (nothing unacknowledged was lost: publishers resend)"
+                ))
+            }
+        }
     })
 }
 
@@ -364,15 +376,43 @@ impl Signals {
         })
     }
 
-    async fn wait_for_shutdown(&mut self, broker: &waystation_broker::Broker) {
+    /// Also returns when the store's writer is dead (`Durability::fatal`): a daemon that
+    /// can no longer acknowledge anything must not look alive.
+    async fn wait_for_shutdown(&mut self, broker: &waystation_broker::Broker) -> Stop {
+        let mut durability = broker.store().map(|s| s.durability());
         loop {
+            // Every branch is cancel-safe: signal streams and a watch receiver.
             tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
+                _ = self.term.recv() => return Stop::Signal,
+                _ = self.int.recv() => return Stop::Signal,
                 _ = self.hup.recv() => reload_certificates(broker),
+                reason = store_failed(&mut durability) => {
+                    error!(%reason, "the store's writer is dead: stopping");
+                    return Stop::StoreFailed(reason);
+                }
             }
         }
     }
+}
+
+/// Why the daemon stops.
+enum Stop {
+    Signal,
+    StoreFailed(String),
+}
+
+/// Resolves once the store reports a fatal failure; never without a store.
+async fn store_failed(
+    durability: &mut Option<tokio::sync::watch::Receiver<waystation_broker::store::Durability>>,
+) -> String {
+    if let Some(rx) = durability {
+        if let Ok(d) = rx.wait_for(|d| d.fatal.is_some()).await {
+            return d.fatal.clone().unwrap_or_default();
+        }
+        // The store was dropped: shutdown is under way elsewhere.
+        *durability = None;
+    }
+    std::future::pending().await
 }
 
 /// SIGHUP: new TLS connections use the certificate files as they are now; open ones keep

@@ -343,6 +343,44 @@ impl Collector for BrokerCollector {
             "1 when the store was corrupt at start-up and was moved aside (alert on it)",
             i64::from(moved_aside),
         )?;
+        if let Some(pending) = status.pending_bytes {
+            gauge(
+                &mut e,
+                "waystation_store_pending_bytes",
+                "Bytes submitted to the store and not yet durable (publishers pause over storage.max_pending_bytes)",
+                pending as i64,
+            )?;
+        }
+        gauge(
+            &mut e,
+            "waystation_ingest_paused",
+            "1 while publishers are not read from (writes pending over max_pending_bytes, store full or failing)",
+            st.ingest_paused.load(Relaxed) as i64,
+        )?;
+        counter(
+            &mut e,
+            "waystation_ingest_pauses",
+            "Times publishers were paused because more than storage.max_pending_bytes waited for the disk",
+            st.ingest_pauses.load(Relaxed),
+        )?;
+        let faults = st.store_faults();
+        let fault_counts: Vec<(Labels, f64)> = waystation_broker::StoreFault::ALL
+            .iter()
+            .map(|f| (vec![("kind", f.label().to_string())], faults.count(*f) as f64))
+            .collect();
+        family(
+            &mut e,
+            "waystation_store_faults",
+            "Storage faults survived (each logged at ERROR): read_error, corrupt_record, record_refused, cursor_not_saved, burst_refused",
+            MetricType::Counter,
+            &fault_counts,
+        )?;
+        counter(
+            &mut e,
+            "waystation_session_record_full",
+            "SUBSCRIBE filters refused (0x80) because the persistent session's record would outgrow its limit",
+            st.session_record_full.load(Relaxed),
+        )?;
         if let Some(log) = &status.log {
             gauge(&mut e, "waystation_log_messages", "Messages in the durable log: the slowest bridge's backlog plus forwarded entries not yet deleted (deleted in runs)", log.len as i64)?;
             gauge(

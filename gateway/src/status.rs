@@ -50,10 +50,25 @@ pub fn unhealthy(status: &BrokerStatus) -> Option<String> {
 /// everything and publishers are served; an operator should look at the uplink).
 pub const BRIDGE_DEGRADED_AFTER_MS: u64 = 30_000;
 
-/// What works but needs an operator's eye: bridges that have been trying to reach their
-/// upstream for a while, each with how long and the last error.
+/// A storage fault the daemon survived (`StoreFault`: a failed read, a corrupt record, a
+/// refused record or cursor) keeps `/healthz` degraded this long after it happened.
+pub const STORE_FAULT_DEGRADED_FOR_MS: u64 = 10 * 60_000;
+
+/// What works but needs an operator's eye: a recent storage fault, and bridges that have
+/// been trying to reach their upstream for a while, each with how long and the last error.
 pub fn degraded(status: &BrokerStatus, now_ms: u64) -> Vec<String> {
-    status
+    let mut reasons: Vec<String> = Vec::new();
+    if let Some((at_ms, fault, detail)) = &status.last_store_fault {
+        let ago = now_ms.saturating_sub(*at_ms);
+        if ago < STORE_FAULT_DEGRADED_FOR_MS {
+            reasons.push(format!(
+                "storage fault {} s ago ({}): {detail} (see waystation_store_faults_total and the log)",
+                ago / 1000,
+                fault.label()
+            ));
+        }
+    }
+    let bridges = status
         .bridges
         .iter()
         .filter_map(|b| {
@@ -67,8 +82,9 @@ pub fn degraded(status: &BrokerStatus, now_ms: u64) -> Vec<String> {
                     b.last_error.as_deref().unwrap_or("none yet")
                 )
             })
-        })
-        .collect()
+        });
+    reasons.extend(bridges);
+    reasons
 }
 
 pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
@@ -167,6 +183,14 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
             "error": status.router.storage_error.clone().or_else(|| status.durability.as_ref().and_then(|d| d.error.clone())),
             "full": r.storage_full,
             "pending_acks": r.pending_acks,
+            "pending_bytes": status.pending_bytes,
+            "ingest_paused": st.ingest_paused.load(Relaxed) == 1,
+            "faults": waystation_broker::StoreFault::ALL.iter()
+                .map(|f| (f.label().to_string(), json!(st.store_faults().count(*f))))
+                .collect::<serde_json::Map<String, Value>>(),
+            "last_fault": status.last_store_fault.as_ref().map(|(at_ms, f, detail)| json!({
+                "at_ms": at_ms, "kind": f.label(), "detail": detail,
+            })),
             "moved_aside": status.recovery.as_ref().and_then(|rc| rc.moved_aside.as_ref()).map(|p| p.display().to_string()),
         },
     })

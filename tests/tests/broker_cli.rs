@@ -120,12 +120,12 @@ fn check_config_rejects_bad_address_naming_key_and_line() {
     );
 }
 
-// A value out of its documented range (max_packet_size 64..=122880) is refused, naming
+// A value out of its documented range (max_packet_size 64..=16842752) is refused, naming
 // the key.
 #[test]
 fn check_config_rejects_out_of_range_limit() {
     assert_rejected("[limits]\nmax_packet_size = 10\n", &["max_packet_size"]);
-    assert_rejected("[limits]\nmax_packet_size = 200000\n", &["max_packet_size"]);
+    assert_rejected("[limits]\nmax_packet_size = 20000000\n", &["max_packet_size"]);
 }
 
 // Issue: "`--help` on every command".

@@ -318,7 +318,7 @@ async fn publisher(port: u16, i: usize, progress: Arc<Progress>) -> Result<u32, 
 
 // The load test: 200 concurrent rumqttc clients publish 50 QoS 1 messages each to
 // their own topic while one client sprays garbage after its CONNECT and another sends a
-// 200 kB PUBLISH (over the 64 KiB default max_packet_size). The two bad connections are
+// 2 MiB PUBLISH (over the 1 MiB default max_packet_size). The two bad connections are
 // closed; every good publisher gets all 50 PUBACKs ([MQTT-4.3.2-2]); the subscriber
 // (rumqttc, `load/#` at QoS 1) receives all 10,000 messages exactly once and, per
 // publisher, in order ([MQTT-4.6.0-6]).
@@ -409,7 +409,7 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
         let mut oversized = RawClient::connect(addr, "load-oversized");
         let big = raw::publish(
             "load/999",
-            &vec![b'Z'; 200 * 1024],
+            &vec![b'Z'; 2 << 20],
             1,
             false,
             false,
@@ -471,7 +471,7 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
     );
     assert!(
         oversized_closed,
-        "the client with a 200 kB packet was not cut off"
+        "the client with a 2 MiB packet was not cut off"
     );
     assert!(problems.is_empty(), "subscriber: {problems:?}");
     assert_eq!(

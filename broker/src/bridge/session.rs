@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::{v4, QoS as WireQoS};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::link::{self, Link, LinkError, LinkParams};
 use super::{cursor_key, load_cursor, unix_ms, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
@@ -30,6 +30,13 @@ use crate::topic::filter_matches;
 
 /// Log entries read per range scan.
 const READ_AHEAD: usize = 1024;
+/// Bytes of log records read per range scan (at least one record): 1,024 sensor readings
+/// are ~100 KiB, but records may be 16 MiB each.
+const READ_AHEAD_BYTES: usize = 4 << 20;
+/// Bytes of QoS 1 PUBLISHes sent upstream and not yet acknowledged (kept to send again after
+/// a reconnect), on top of the `max_inflight` count: at least one message is always in
+/// flight, so a 16 MiB one goes alone, and memory stays bounded whatever the record sizes.
+const MAX_WINDOW_BYTES: usize = 8 << 20;
 
 /// With no cursor write outstanding, persist an advanced cursor once this long has passed
 /// since the last write (at once after a quiet spell, so a trickle is on disk promptly).
@@ -85,6 +92,8 @@ struct Sent {
     forwarded: bool,
     /// The encoded QoS 1 PUBLISH, kept until acknowledged to send again after a reconnect.
     frame: Option<Bytes>,
+    /// Encoded length of a QoS 1 PUBLISH while unacknowledged (`Window::unacked_bytes`).
+    size: usize,
 }
 
 impl Sent {
@@ -98,6 +107,7 @@ impl Sent {
             received_at_ms: 0,
             forwarded: false,
             frame: None,
+            size: 0,
         }
     }
 }
@@ -125,6 +135,8 @@ struct Window {
     next_read: Seq,
     /// PUBLISHes encoded this turn: where each lies in the turn's output buffer.
     unframed: Vec<(Seq, std::ops::Range<usize>)>,
+    /// Encoded bytes of the QoS 1 PUBLISHes not yet acknowledged (`MAX_WINDOW_BYTES`).
+    unacked_bytes: usize,
     /// PUBACKs not yet counted in the shared status (it is updated once per turn).
     acked_since_status: u64,
     /// Encoded and not yet queued to the writer (kept across a failed session).
@@ -148,6 +160,7 @@ impl Window {
             read_ahead: VecDeque::new(),
             next_read: cursor + 1,
             unframed: Vec::new(),
+            unacked_bytes: 0,
             acked_since_status: 0,
             out: BytesMut::new(),
             last_fill: Instant::now(),
@@ -581,7 +594,7 @@ impl Bridge {
                 .map_or(window.next_read, |(seq, _)| seq + 1);
             let more = self
                 .store
-                .read_log(from, READ_AHEAD.max(budget))
+                .read_log_budget(from, READ_AHEAD.max(budget), READ_AHEAD_BYTES)
                 .map_err(|e| Failure::new("store", format!("reading log: {e}")))?;
             window.read_ahead.extend(more);
         }
@@ -589,6 +602,9 @@ impl Bridge {
         window.last_fill = Instant::now();
         let take = budget.min(window.read_ahead.len());
         for _ in 0..take {
+            if window.unacked_bytes >= MAX_WINDOW_BYTES || out.len() >= MAX_WINDOW_BYTES {
+                break; // large records: the rest waits for acknowledgements
+            }
             let Some((seq, bytes)) = window.read_ahead.pop_front() else {
                 break;
             };
@@ -629,6 +645,8 @@ impl Bridge {
             publish.pkid = pkid;
             let start = out.len();
             encode(out, |b| publish.write(b))?;
+            let size = if pkid != 0 { out.len() - start } else { 0 };
+            window.unacked_bytes += size;
             if pkid != 0 {
                 window.by_pkid.insert(pkid, seq);
                 // Kept as a slice of the buffer this turn writes (see `keep_frames`).
@@ -645,6 +663,7 @@ impl Bridge {
                 received_at_ms: record.received_at_ms,
                 forwarded: true,
                 frame: None,
+                size,
             });
             sent += 1;
         }
@@ -668,6 +687,8 @@ impl Bridge {
                         if entry.pkid == ack.pkid && !entry.acked {
                             entry.acked = true;
                             entry.frame = None;
+                            window.unacked_bytes =
+                                window.unacked_bytes.saturating_sub(entry.size);
                             crate::stats::FORWARD_LATENCY_MS
                                 .observe(unix_ms().saturating_sub(entry.received_at_ms));
                             window.acked_since_status += 1;
@@ -715,16 +736,21 @@ impl Bridge {
         let stale = window.unconfirmed.is_empty()
             && window.last_persist.elapsed() >= CURSOR_PERSIST_INTERVAL;
         if window.cursor > window.persisted && (filling || stale) {
+            // Not submitted: `persisted` stays behind, so the next turn tries again.
             if let Some(ticket) = self.persist_cursor(window.cursor, false) {
                 window.unconfirmed.push_back((ticket, window.cursor));
+                window.persisted = window.cursor;
             }
-            window.persisted = window.cursor;
             window.last_persist = Instant::now();
         } else if let Some(min) = self.cursors.delete_due() {
             // Idle, but a delete was held back to make a longer run: do it now, or a log
             // kept full by `reject_new` would never make room.
             if let Err(e) = self.store.submit(vec![Op::DeleteLogThrough(min)]) {
-                warn!(bridge = %self.config.name, error = %e, "cannot delete forwarded log entries");
+                error!(bridge = %self.config.name, error = %e, "cannot delete forwarded log entries; retrying at the next turn");
+                crate::stats::STORE_FAULTS.record(
+                    crate::stats::StoreFault::CursorNotSaved,
+                    format!("bridge {}: deleting forwarded entries: {e}", self.config.name),
+                );
             }
         }
     }
@@ -743,7 +769,13 @@ impl Bridge {
         match self.store.submit(ops) {
             Ok((ticket, _)) => Some(ticket),
             Err(e) => {
-                warn!(bridge = %self.config.name, error = %e, "cannot persist bridge cursor");
+                // After a crash the entries behind the unsaved cursor would be forwarded
+                // again (duplicates, never a loss); the next turn submits it again.
+                error!(bridge = %self.config.name, error = %e, cursor, "cannot persist bridge cursor; retrying at the next turn");
+                crate::stats::STORE_FAULTS.record(
+                    crate::stats::StoreFault::CursorNotSaved,
+                    format!("bridge {}: cursor {cursor}: {e}", self.config.name),
+                );
                 None
             }
         }
@@ -858,6 +890,7 @@ mod tests {
                 received_at_ms: 0,
                 forwarded: true,
                 frame: None,
+                size: 0,
             });
         }
         assert_eq!(w.room(4), 1);
