@@ -119,6 +119,28 @@ impl Waystation {
         ws
     }
 
+    /// Like [`Waystation::start_with`], with the data directory at `data_dir` (e.g. on a test
+    /// file system such as the power-cut one) instead of inside the daemon's own temporary
+    /// directory: `data_dir()` is a symlink to it. `data_dir` must exist.
+    pub fn start_with_data_dir(extra: &str, data_dir: &Path) -> Waystation {
+        let dir = tempfile::Builder::new()
+            .prefix("waystation-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        std::os::unix::fs::symlink(data_dir, dir.path().join("data"))
+            .expect("symlink the data directory");
+        let mut ws = Waystation {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            extra_config: extra.to_string(),
+            logs: Arc::new(Mutex::new(String::new())),
+            starts: 0,
+        };
+        ws.spawn(0);
+        ws
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
