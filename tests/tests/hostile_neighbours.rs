@@ -89,7 +89,10 @@ fn honest_publishers_survive_hostile_neighbours() {
         }));
         offenders.push(std::thread::spawn(move || {
             let mut c = RawClient::connect(addr, &format!("garbage-{i}"));
-            let _ = c.try_send(&garbage(64 * 1024, 0xbad + i));
+            // More than max_packet_size (1 MiB): whatever length the random bytes announce
+            // is either over the limit or arrives whole and fails to parse; less could leave
+            // a valid-looking packet legitimately waiting for its rest until keep-alive.
+            let _ = c.try_send(&garbage(2 << 20, 0xbad + i));
             (
                 format!("random bytes after CONNECT #{i}"),
                 c.closed_within(Duration::from_secs(10)),
