@@ -3,13 +3,15 @@
 # rounds, one table per scenario (median, min-max, ratio to Waystation). See docs/BENCHMARKS.md.
 #
 #   scripts/bench.sh                 # full run (1-6 fit in 10 minutes on the 2-core dev VM,
-#                                    # 7 adds about 3)
+#                                    # 7 adds about 3, 8 and 9 under 1)
 #   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes, 7 adds 1)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-7 (6: RSS against the backlog;
+#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-9 (6: RSS against the backlog;
 #                                    # S6_STEP=500000 S6_STEPS=8 for 4 M; 7: the uplink over a
 #                                    # simulated WAN link, S7_INFLIGHT=N the bridges' window,
-#                                    # S7_WIDE=N a wide-window Waystation drain, 0: none)
+#                                    # S7_WIDE=N a wide-window Waystation drain, 0: none;
+#                                    # 8: QoS 0 flood to a frozen upstream, peak RSS, S8_ROUNDS=N;
+#                                    # 9: 1 MiB QoS 1 messages, MiB/s, S9_INFLIGHT=N the window)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -20,7 +22,7 @@ cd "$ROOT"
 
 MODE=full
 ROUNDS=3
-ONLY=1,2,3,4,5,6,7
+ONLY=1,2,3,4,5,6,7,8,9
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -42,6 +44,8 @@ if [ "$MODE" = full ]; then
   S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
   S6_STEP=${S6_STEP:-250000}; S6_STEPS=${S6_STEPS:-8}
   S7_DRAIN=100000; S7_LAT_SECS=15; S7_SUB_MAX=120; S7_ROUNDS=${S7_ROUNDS:-2}
+  S8_PER=250000            # per publisher, 8 publishers (issue 17)
+  S9_MSGS=300              # 1 MiB each
 else
   S1_MSGS=5000
   S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
@@ -49,7 +53,13 @@ else
   S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
   S6_STEP=${S6_STEP:-50000}; S6_STEPS=${S6_STEPS:-4}
   S7_DRAIN=20000; S7_LAT_SECS=5; S7_SUB_MAX=60; S7_ROUNDS=${S7_ROUNDS:-1}
+  S8_PER=50000
+  S9_MSGS=100
 fi
+# 8: flooders and rounds; 9: QoS 1 messages of 1 MiB unacknowledged at once (the publisher's
+# window) and Waystation's max_packet_size (the largest it accepts: 16 MiB payload + topic).
+S8_PUBS=8; S8_ROUNDS=${S8_ROUNDS:-1}
+S9_PAYLOAD=1048576; S9_INFLIGHT=${S9_INFLIGHT:-10}; S9_MAX_PACKET=16842752
 # 7: one-way delay of the simulated link for the drain and for the latency runs; the window
 # (unacknowledged QoS 1 PUBLISHes) of both edges' bridges, see scenario 7.
 S7_DRAIN_MS=150; S7_LAT_MS=50; S7_INFLIGHT=${S7_INFLIGHT:-1000}; S7_WIDE=${S7_WIDE:-20000}
@@ -112,7 +122,8 @@ newdir() { N=$((N + 1)); DIR=$OUT/run-$N-$1; mkdir -p "$DIR"; }
 # start_waystation PORT [UPSTREAM_PORT [UPSTREAM2_PORT]]: durable acks (a bridge forwards
 # sensors/#, so every message is on disk before its PUBACK); without an upstream port the bridge
 # points at a closed port (messages wait on disk). EDGE_INFLIGHT=N sets the bridges' window
-# (default 300). Sets BPID.
+# (default 300); WS_MAX_PACKET=N its [limits] max_packet_size (default: the daemon's, 1 MiB);
+# WS_HTTP_PORT=N its HTTP server's port (default: the daemon's, 8080). Sets BPID.
 start_waystation() {
   local port=$1 up=${2:-} up2=${3:-}
   newdir waystation
@@ -129,6 +140,7 @@ max_queued_messages = 100000000
 max_queued_bytes = 17179869184
 # Every benchmark client comes from 127.0.0.1 (the default allows 20/s, burst 1000, per address).
 max_connection_rate = 0
+${WS_MAX_PACKET:+max_packet_size = $WS_MAX_PACKET}
 [storage]
 max_bytes = 4294967296
 [[bridge]]
@@ -156,6 +168,9 @@ local = "sensors/#"
 remote_prefix = ""
 qos = 1
 EOF
+  fi
+  if [ -n "${WS_HTTP_PORT:-}" ]; then
+    printf '[http]\nbind = "127.0.0.1:%s"\n' "$WS_HTTP_PORT" >> "$DIR/waystation.toml"
   fi
   "$WS" run --config "$DIR/waystation.toml" 2> "$DIR/stderr.log" &
   BPID=$!
@@ -558,6 +573,99 @@ if want 7; then
   done
 fi
 
+# A sample of Waystation's /metrics on 127.0.0.1:PORT by its full name (empty if absent).
+ws_metric() {
+  local body
+  body=$(curl -s --max-time 5 "http://127.0.0.1:$1/metrics" || true)
+  awk -v m="$2" '$1 == m { print $2; exit }' <<<"$body"
+}
+
+# 8. QoS 0 flood (issue 17): S8_PUBS publishers x S8_PER QoS 0 x 64 B, as fast as each can write,
+# to a forwarded topic while the upstream is frozen (SIGSTOP once the edge's bridge is connected:
+# connections stay open, nothing is answered). Memory is what is at stake: QoS 0 never waits for
+# an ack, so only the edge itself can bound what piles up in front of its disk (Waystation:
+# [storage] max_pending_bytes, default 8 MiB, then it stops reading from publishers).
+# - flooder msg/s: messages / time for the publishers to write them all into their sockets (for
+#   Waystation set by its disk through back-pressure; the last few MB still sit in socket
+#   buffers when the flooders finish);
+# - peak RSS: VmRSS sampled every 50 ms during the flood, and VmHWM read 2 s after it;
+# - Waystation: ingested msg/s (all S8_PUBS x S8_PER read and stored:
+#   waystation_messages_received_total{qos="0"}, per second from the start) and
+#   waystation_ingest_pauses_total. (Not the log's length: the bridge counts a QoS 0 entry done
+#   once handed to its writer, frozen upstream or not.)
+# Mosquitto for reference: persistence on (written at exit or autosave, not per message), its own
+# bridge (`topic sensors/# out 1`) to a frozen upstream: the queue for the bridge is in memory.
+if want 8; then
+  total=$((S8_PUBS * S8_PER))
+  for r in $(seq 1 "$S8_ROUNDS"); do
+    for b in waystation mosquitto-bridge; do
+      free_port; up=$PORT; free_port; p=$PORT; free_port; hp=$PORT
+      start_mosquitto "$up"; UPID=$BPID
+      if [ "$b" = waystation ]; then
+        WS_HTTP_PORT=$hp start_waystation "$p" "$up"
+      else
+        newdir mosquitto-persist; persist=$DIR; chmod 777 "$persist"
+        start_mosquitto "$p" "$up" "$persist"
+      fi
+      EPID=$BPID
+      sleep 1   # the edge's bridge connects
+      kill -STOP "$UPID"
+      say "s8 QoS 0 flood $b: $S8_PUBS x $S8_PER x 64 B, upstream frozen, round $r"
+      t0=$(date +%s.%N)
+      bench run --addr "127.0.0.1:$p" --publishers "$S8_PUBS" --messages "$S8_PER" --qos 0 --payload 64 \
+        --subscribers 0 --client-prefix s8 --pid "$EPID" --scenario s8-flood --broker "$b" --round "$r" \
+        --out "$RES" >/dev/null 2>>"$LOG"
+      extra=()
+      if [ "$b" = waystation ]; then
+        ingested=""
+        for _ in $(seq 1 1200); do
+          n=$(ws_metric "$hp" 'waystation_messages_received_total{qos="0"}')
+          if [ -n "$n" ] && [ "$(echo "$n >= $total" | bc -l)" = 1 ]; then ingested=$(date +%s.%N); break; fi
+          sleep 0.1
+        done
+        if [ -n "$ingested" ]; then
+          extra+=(--set "ingest_rate=$(echo "$total / ($ingested - $t0)" | bc -l)")
+        else
+          say "s8 $b: not all $total messages ingested after 120 s (waystation_messages_received_total{qos=\"0\"} ${n:-none})"
+        fi
+        pauses=$(ws_metric "$hp" waystation_ingest_pauses_total)
+        [ -n "$pauses" ] && extra+=(--set "ingest_pauses=$pauses")
+      fi
+      sleep 2
+      read -r rss hwm < <("$WSB" mem --pid "$EPID")
+      "$WSB" record --scenario s8-memory --broker "$b" --round "$r" --set "hwm_mib=$(echo "$hwm / 1024" | bc -l)" \
+        --set "rss_after_mib=$(echo "$rss / 1024" | bc -l)" "${extra[@]}" --out "$RES" >/dev/null 2>>"$LOG"
+      stop_pid "$EPID"
+      kill -CONT "$UPID" 2>/dev/null || true
+      stop_pid "$UPID"
+    done
+  done
+fi
+
+# 9. Large messages (issue 17): one publisher, S9_MSGS QoS 1 messages of 1 MiB, at most
+# S9_INFLIGHT unacknowledged, one QoS 1 subscriber on sensors/#; MiB/s of payload acknowledged
+# (PUBACKs) and delivered. Waystation (max_packet_size 16842752) writes each message (in 7 KiB
+# parts, one atomic batch) and fsyncs before its PUBACK; its bridge points at a closed port, as in
+# 1, so every message is kept. Mosquitto acknowledges from memory. rumqttd is left out (its
+# max_payload_size here is 256 KiB and it keeps nothing).
+if want 9; then
+  for r in $(seq 1 "$ROUNDS"); do
+    for b in $( ((r % 2)) && echo waystation mosquitto || echo mosquitto waystation); do
+      free_port; p=$PORT
+      if [ "$b" = waystation ]; then
+        WS_MAX_PACKET=$S9_MAX_PACKET start_waystation "$p"
+      else
+        start_mosquitto "$p"
+      fi
+      say "s9 large messages $b: $S9_MSGS x $S9_PAYLOAD B QoS 1, window $S9_INFLIGHT, round $r"
+      bench run --addr "127.0.0.1:$p" --publishers 1 --messages "$S9_MSGS" --qos 1 --payload "$S9_PAYLOAD" \
+        --inflight "$S9_INFLIGHT" --subscribers 1 --client-prefix s9 --pid "$BPID" --scenario s9-large \
+        --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
+      stop_pid "$BPID"
+    done
+  done
+fi
+
 # Tables.
 {
   echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint, WAN drain: 1; WAN latency: $S7_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
@@ -608,6 +716,12 @@ fi
     --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,max_ms:max ms,unique:delivered,lost:lost:sum,dup:dup:sum"
   want 7 && T --scenario "s7-latency-wan$S7_LAT_MS" --title "7. Forwarding latency, 4 x 250 msg/s QoS 1 64 B for $S7_LAT_SECS s, edge -> upstream over $S7_LAT_MS ms each way" \
     --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,max_ms:max ms,unique:delivered,lost:lost:sum,dup:dup:sum"
+  want 8 && T --scenario s8-flood --title "8. QoS 0 flood: $S8_PUBS x $S8_PER x 64 B to a forwarded topic, upstream frozen (Mosquitto: persistence on, its own bridge)" \
+    --metrics "pub_rate:flooder msg/s,rss_max_mib:peak RSS MiB (sampled)"
+  want 8 && T --scenario s8-memory --title "8. QoS 0 flood: the edge's memory, and Waystation's ingest" \
+    --metrics "hwm_mib:VmHWM MiB,rss_after_mib:RSS MiB 2 s after,ingest_rate:ingested msg/s,ingest_pauses:ingest pauses"
+  want 9 && T --scenario s9-large --title "9. Large messages: 1 publisher x $S9_MSGS x 1 MiB QoS 1 (window $S9_INFLIGHT), one subscriber" \
+    --metrics "pub_mib_s:acked MiB/s,e2e_mib_s:delivered MiB/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:peak RSS MiB,lost:lost:sum,dup:dup:sum"
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
 say "done: $OUT/tables.md"

@@ -419,6 +419,11 @@ pub async fn subscriber(
                 }
                 acks.clear();
             }
+            // Room for a large read: `read_buf` on a full BytesMut would grow it (and read)
+            // 64 bytes at a time, which large payloads would feel.
+            if rbuf.capacity() - rbuf.len() < 64 * 1024 {
+                rbuf.reserve(256 * 1024);
+            }
             tokio::select! {
                 biased;
                 _ = stop.changed() => break 'outer,
@@ -692,15 +697,19 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     if a.sub_reconnect {
         f.insert("sub_reconnects".into(), reconnects as f64);
     }
+    // Payload MiB/s beside msg/s (for large payloads the figure that matters).
+    let mib = a.payload as f64 / (1024.0 * 1024.0);
     if let Some(t) = last_ack {
         let s = t.duration_since(t0).as_secs_f64();
         f.insert("pub_s".into(), s);
         f.insert("pub_rate".into(), acked as f64 / s);
+        f.insert("pub_mib_s".into(), acked as f64 * mib / s);
     }
     if let Some(t) = last {
         let s = t.duration_since(t0).as_secs_f64();
         f.insert("e2e_s".into(), s);
         f.insert("e2e_rate".into(), unique as f64 / s);
+        f.insert("e2e_mib_s".into(), unique as f64 * mib / s);
     }
     latency_fields(f, &hist);
     if let Some(r) = rss_start {

@@ -12,8 +12,9 @@ use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Largest packet the tool accepts from a broker.
-pub const MAX_PACKET: usize = 1 << 20;
+/// Largest packet the tool accepts from a broker: a 16 MiB payload with its topic and header
+/// (Waystation's largest `max_packet_size`), so large-message runs can be received.
+pub const MAX_PACKET: usize = 17 << 20;
 /// Bytes at the start of every payload: publisher id, sequence number, send time.
 pub const HEADER_LEN: usize = 16;
 
