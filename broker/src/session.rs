@@ -17,6 +17,12 @@ use crate::message::{Message, Outbound, QoS};
 /// which QoS 0 messages for that client are dropped rather than buffered without bound.
 pub const MAX_PENDING_QOS0: usize = 10_000;
 
+/// Topic + payload bytes of the QoS 1/2 messages sent to one client and not yet acknowledged,
+/// on top of the `max_inflight` count (at least one message is always in flight). With
+/// 16 MiB messages allowed, 100 in flight per subscriber would hold 1.6 GiB; beyond this
+/// they wait in the queue (bounded by `max_queued_bytes`) like any message over the window.
+pub const MAX_INFLIGHT_BYTES: usize = 4 << 20;
+
 /// The sending side of one connection: the router's handle to its writer task.
 #[derive(Clone)]
 pub struct Outbox {
@@ -134,6 +140,8 @@ pub struct Session {
     pub subscriptions: HashMap<String, QoS>,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
+    /// Topic + payload bytes of `inflight` ([`MAX_INFLIGHT_BYTES`]).
+    inflight_bytes: usize,
     queue: VecDeque<Queued>,
     /// Topic + payload bytes of `queue` (`max_queued_bytes`).
     queued_bytes: usize,
@@ -148,6 +156,7 @@ impl Session {
             subscriptions: HashMap::new(),
             online: None,
             inflight: VecDeque::new(),
+            inflight_bytes: 0,
             queue: VecDeque::new(),
             queued_bytes: 0,
             incoming_qos2: HashSet::new(),
@@ -173,10 +182,15 @@ impl Session {
     /// Whether a QoS 1/2 message for this session would be kept (not dropped as QueueFull):
     /// the router writes it to disk first for a persistent session.
     pub fn would_keep(&self, limits: &SessionLimits) -> bool {
-        (self.online.is_some()
-            && self.queue.is_empty()
-            && self.inflight.len() < limits.max_inflight)
+        (self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits))
             || self.queue_has_room(0, limits)
+    }
+
+    /// Room for one more PUBLISH in flight: fewer than `max_inflight`, and under
+    /// [`MAX_INFLIGHT_BYTES`] unless nothing is in flight.
+    fn window_has_room(&self, limits: &SessionLimits) -> bool {
+        self.inflight.len() < limits.max_inflight
+            && (self.inflight.is_empty() || self.inflight_bytes < MAX_INFLIGHT_BYTES)
     }
 
     fn queue_has_room(&self, bytes: usize, limits: &SessionLimits) -> bool {
@@ -206,9 +220,7 @@ impl Session {
                 Ok(())
             }
             _ => {
-                if self.online.is_some()
-                    && self.queue.is_empty()
-                    && self.inflight.len() < limits.max_inflight
+                if self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits)
                 {
                     self.send_new(message, stored);
                     return Ok(());
@@ -233,6 +245,7 @@ impl Session {
                 dup: false,
             });
         }
+        self.inflight_bytes += message_bytes(&message);
         self.inflight.push_back(Inflight {
             pkid,
             message,
@@ -267,6 +280,7 @@ impl Session {
             k
         });
         self.queued_bytes = self.queue.iter().map(|(m, _)| message_bytes(m)).sum();
+        self.inflight_bytes = self.inflight.iter().map(|f| message_bytes(&f.message)).sum();
         dropped
     }
 
@@ -293,7 +307,7 @@ impl Session {
         if self.online.is_none() {
             return;
         }
-        while self.inflight.len() < limits.max_inflight {
+        while self.window_has_room(limits) {
             let Some((message, stored)) = self.queue.pop_front() else {
                 break;
             };
@@ -328,6 +342,7 @@ impl Session {
             .iter()
             .position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
         let done = self.inflight.remove(i)?;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(message_bytes(&done.message));
         self.fill_window(limits);
         done.stored
     }
@@ -353,6 +368,7 @@ impl Session {
             .iter()
             .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
         let done = self.inflight.remove(i)?;
+        self.inflight_bytes = self.inflight_bytes.saturating_sub(message_bytes(&done.message));
         self.fill_window(limits);
         done.stored
     }
@@ -548,6 +564,36 @@ mod tests {
             "{sent:?}"
         );
         assert_eq!(outbox.pending(), 5);
+    }
+
+    #[test]
+    fn inflight_window_is_bounded_in_bytes_but_always_takes_one() {
+        let limits = SessionLimits {
+            max_inflight: 100,
+            max_queued: 100,
+            max_queued_bytes: usize::MAX,
+            max_subscriptions: 0,
+        };
+        let big = |n: u8| Message::new("t", vec![n; 3 << 20], QoS::AtLeastOnce, false);
+        let mut s = Session::new(false);
+        let mut rx = online(&mut s);
+        for n in 0..3 {
+            s.deliver(big(n), None, &limits).unwrap();
+        }
+        // 3 MiB in flight is under 4 MiB: a second goes; 6 MiB is over: the third waits.
+        let sent = drain(&mut rx);
+        assert_eq!((sent.len(), s.inflight(), s.queued()), (2, 2, 1));
+        let Outbound::Publish { pkid, .. } = sent[0] else {
+            panic!()
+        };
+        s.puback(pkid, &limits);
+        assert_eq!(drain(&mut rx).len(), 1);
+        // One larger than the whole bound still goes when nothing else is in flight.
+        let mut s = Session::new(false);
+        let mut rx = online(&mut s);
+        s.deliver(Message::new("t", vec![0; 5 << 20], QoS::AtLeastOnce, false), None, &limits)
+            .unwrap();
+        assert_eq!(drain(&mut rx).len(), 1);
     }
 
     #[test]

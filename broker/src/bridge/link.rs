@@ -20,7 +20,7 @@
 //!   session loop (`session.rs`) owns those and reads [`Link::incoming`] and writes
 //!   [`Link::send`], both of which are safe to use from a `select!`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -129,10 +129,31 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// A connected upstream: CONNACK received and accepted.
+/// Queues frames for a link's writer task, counting the bytes queued and not yet written
+/// ([`Link::queued_bytes`]): the channel never blocks its sender, so the session bounds it
+/// by not refilling while a stalled upstream leaves too much queued.
+#[derive(Clone)]
+pub struct LinkSender {
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl LinkSender {
+    /// `Err` once the writer is gone (the connection is ending).
+    pub fn send(&self, frames: Bytes) -> Result<(), ()> {
+        let len = frames.len();
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        self.tx.send(frames).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        })
+    }
+}
+
 pub struct Link {
     pub session_present: bool,
     incoming: mpsc::Receiver<Result<v4::Packet, LinkError>>,
-    outgoing: Option<mpsc::UnboundedSender<Bytes>>,
+    outgoing: Option<LinkSender>,
+    queued: Arc<AtomicUsize>,
     reader: JoinHandle<()>,
     writer: Option<JoinHandle<()>>,
 }
@@ -154,7 +175,8 @@ impl Link {
     }
 
     /// Queues ready-encoded packets for the writer task. Never waits: what may be queued
-    /// is bounded by the session's window (PUBLISHes) and by its control packets.
+    /// is bounded by the session's window (QoS 1 PUBLISHes), by [`Link::queued_bytes`]
+    /// (QoS 0 ones, which take no window slot) and by its control packets.
     pub fn send(&self, frames: Bytes) {
         if let Some(tx) = &self.outgoing {
             // A closed writer means the connection is ending; the reader reports why.
@@ -163,8 +185,13 @@ impl Link {
     }
 
     /// A handle that queues frames from another task (command acknowledgements).
-    pub fn sender(&self) -> Option<mpsc::UnboundedSender<Bytes>> {
+    pub fn sender(&self) -> Option<LinkSender> {
         self.outgoing.clone()
+    }
+
+    /// Bytes queued for the writer and not yet written to the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Sends what is queued plus DISCONNECT, then closes, waiting at most `grace`.
@@ -304,11 +331,22 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
         in_tx.clone(),
         counters.clone(),
     ));
-    let writer = tokio::spawn(write_frames(write_half, out_rx, in_tx, counters));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_frames(
+        write_half,
+        out_rx,
+        in_tx,
+        counters,
+        queued.clone(),
+    ));
     Ok(Link {
         session_present,
         incoming: in_rx,
-        outgoing: Some(out_tx),
+        outgoing: Some(LinkSender {
+            tx: out_tx,
+            queued: queued.clone(),
+        }),
+        queued,
         reader,
         writer: Some(writer),
     })
@@ -384,6 +422,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     errors: mpsc::Sender<Result<v4::Packet, LinkError>>,
     counters: Arc<WireCounters>,
+    queued: Arc<AtomicUsize>,
 ) {
     let mut gathered = BytesMut::new();
     while let Some(first) = rx.recv().await {
@@ -417,6 +456,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         counters
             .bytes_sent
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        queued.fetch_sub(bytes.len(), Ordering::Relaxed);
         gathered.clear();
         if gathered.capacity() > 4 * WRITE_GATHER {
             gathered = BytesMut::new();

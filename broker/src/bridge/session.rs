@@ -20,7 +20,7 @@ use rumqttc::mqttbytes::{v4, QoS as WireQoS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::link::{self, Link, LinkError, LinkParams};
+use super::link::{self, Link, LinkError, LinkParams, LinkSender};
 use super::{cursor_key, load_cursor, unix_ms, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
 use crate::message::{Message, QoS};
 use crate::router::RouterCmd;
@@ -477,7 +477,14 @@ impl Bridge {
         loop {
             let durable_through = durable.borrow().durable_through;
             window.absorb_durability(durable_through);
-            let added = self.fill_window(window, out, max_inflight, &mut rate, &own_origin)?;
+            // QoS 0 forwards take no window slot: while a stalled upstream leaves a window's
+            // worth of bytes unwritten, nothing more is read from the log (the 10 ms tick
+            // looks again), or a QoS 0 backlog would move from disk into memory.
+            let added = if link.queued_bytes() < MAX_WINDOW_BYTES {
+                self.fill_window(window, out, max_inflight, &mut rate, &own_origin)?
+            } else {
+                0
+            };
             let advanced = window.advance();
             if advanced > 0 || added > 0 {
                 let (cursor, inflight) = (window.cursor, window.unacked());
@@ -834,7 +841,7 @@ impl Bridge {
 /// command the router never accepts is never acknowledged: the upstream sends it again.
 async fn acknowledge_commands(
     mut pending: mpsc::UnboundedReceiver<(Bytes, oneshot::Receiver<()>)>,
-    link: mpsc::UnboundedSender<Bytes>,
+    link: LinkSender,
 ) {
     while let Some((ack, accepted)) = pending.recv().await {
         if accepted.await.is_err() {
