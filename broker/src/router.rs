@@ -1260,3 +1260,77 @@ async fn durable_changed(rx: &mut Option<watch::Receiver<Durability>>) -> Option
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{StoreFault, STORE_FAULTS};
+    use crate::store::StoreConfig;
+
+    fn record(received_at_ms: u64) -> bytes::Bytes {
+        StoredMessage {
+            topic: "sensors/t".into(),
+            payload: bytes::Bytes::from_static(b"21.5"),
+            qos: 1,
+            retain: false,
+            received_at_ms,
+            origin: "dev".into(),
+        }
+        .encode()
+        .expect("encodes")
+    }
+
+    fn router_on(store: &Store, max_age: Duration) -> Router {
+        let (ingest_paused, _) = watch::channel(false);
+        let durable = Durable {
+            store: store.clone(),
+            bridges: Vec::new(),
+            storage: StorageLimits {
+                max_age: Some(max_age),
+                ..StorageLimits::default()
+            },
+            ingest_paused,
+        };
+        let limits = SessionLimits {
+            max_inflight: 10,
+            max_queued: 10,
+            max_queued_bytes: 1 << 20,
+            max_subscriptions: 0,
+        };
+        Router::new(
+            limits,
+            Arc::new(Stats::default()),
+            Some(durable),
+            Arc::new(Mutex::new(RouterSnapshot::default())),
+        )
+    }
+
+    // A record that does not decode, met by the max_age scan, used to be deleted as if it had
+    // expired, silently. It is still dropped (no bridge could forward it), but logged and
+    // counted as a store fault; the expired records around it are counted as expired, and
+    // the fresh one after them is kept.
+    #[test]
+    fn max_age_scan_counts_an_undecodable_record_as_a_fault_not_as_expired() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(StoreConfig::new(tmp.path().join("store"))).expect("open");
+        let old = unix_ms() - 60_000;
+        let (ticket, _) = store
+            .submit(vec![
+                Op::Append(record(old)),
+                Op::Append(bytes::Bytes::from_static(b"\x07not a record")),
+                Op::Append(record(old)),
+                Op::Append(record(unix_ms() + 60_000)),
+            ])
+            .expect("submit");
+        store
+            .wait_durable(ticket, Duration::from_secs(10))
+            .expect("durable");
+        let faults_before = STORE_FAULTS.count(StoreFault::CorruptRecord);
+        let mut router = router_on(&store, Duration::from_secs(1));
+        router.expire_old_messages();
+        assert_eq!(router.stats.dropped_expired.load(Ordering::Relaxed), 2);
+        assert!(STORE_FAULTS.count(StoreFault::CorruptRecord) > faults_before);
+        let (through, _) = router.pending_drop.expect("a delete was submitted");
+        assert_eq!(through, 3, "the fresh record (seq 4) is kept");
+    }
+}

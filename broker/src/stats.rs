@@ -155,8 +155,8 @@ pub enum StoreFault {
     /// Reading the log failed during a retention scan (`max_bytes` drop_oldest, `max_age`):
     /// the scan stopped early and is retried at the next housekeeping tick.
     ReadError,
-    /// A log record that does not decode was found by the `max_age` scan: it is dropped
-    /// (it could never be forwarded either) and counted.
+    /// A log record that does not decode was found by the `max_age` scan or a bridge: it is
+    /// dropped or passed over (it could never be forwarded) and counted.
     CorruptRecord,
     /// A message that cannot be encoded as a record: its publisher's connection is closed
     /// (nothing acknowledged), as for a packet over `max_packet_size`.

@@ -431,3 +431,28 @@ fn reload_certificates(broker: &waystation_broker::Broker) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waystation_broker::store::Durability;
+
+    // A dead store writer must stop the daemon (non-zero exit, for systemd to restart it):
+    // `store_failed` is what `wait_for_shutdown` selects on. Commit errors that clear again
+    // (a full disk) must not.
+    #[tokio::test]
+    async fn a_fatal_store_failure_ends_the_wait_and_a_passing_error_does_not() {
+        let (tx, rx) = tokio::sync::watch::channel(Durability::default());
+        let mut durability = Some(rx);
+        let waiter = tokio::spawn(async move { store_failed(&mut durability).await });
+        tx.send_modify(|d| d.error = Some("disk full".into()));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "a commit error alone is not fatal");
+        tx.send_modify(|d| d.fatal = Some("the store writer thread panicked".into()));
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("resolves once fatal is set")
+            .expect("task");
+        assert!(reason.contains("panicked"), "{reason}");
+    }
+}

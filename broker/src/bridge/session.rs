@@ -619,7 +619,13 @@ impl Bridge {
             let record = match StoredMessage::decode(&bytes) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
+                    // It could never be forwarded: passed over (and deleted with the rest
+                    // behind the cursor), but as the fault it is.
+                    error!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
+                    crate::stats::STORE_FAULTS.record(
+                        crate::stats::StoreFault::CorruptRecord,
+                        format!("bridge {}: log record {seq}: {e}", self.config.name),
+                    );
                     window.sent.push_back(Sent::passed_over(seq));
                     continue;
                 }
