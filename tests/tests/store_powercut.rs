@@ -28,17 +28,23 @@
 //! `<store>/db`, the daemon is killed while it waits there (a group commit written, not yet
 //! synced, so not yet acknowledged), and that commit is dropped.
 //!
+//! A second test takes large messages (up to 16 MiB, stored in parts) through 6 such cuts,
+//! 4 of them aimed, and checks them byte for byte upstream, at an offline persistent session
+//! and as a retained message (see its own comment).
+//!
 //! Needs /dev/fuse and fusermount3 (Debian `fuse3`, installed by scripts/test.sh): without
 //! them the test fails, it does not skip. `POWERCUT_SEED=<n>` repeats a cut schedule.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use waystation_e2e::raw::{Connect, Pkt, RawClient, RecvError};
+use waystation_e2e::raw::{self, Connect, Pkt, RawClient, RecvError};
 use waystation_e2e::upstream::{
     analyze, bridge_toml, parse_id, Collector, Publisher, PublisherSpec, Upstream,
 };
-use waystation_e2e::Waystation;
+use waystation_e2e::{wait_until, Waystation};
 use waystation_powercut::PowerCutFs;
 
 const CUTS: usize = 12;
@@ -57,6 +63,20 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0 % n
     }
+}
+
+/// `POWERCUT_SEED`, or one from the clock.
+fn seed() -> u64 {
+    std::env::var("POWERCUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
 }
 
 fn acked_ids(publishers: &[Publisher]) -> HashSet<(u32, u64)> {
@@ -132,16 +152,7 @@ fn power_cuts_under_load_lose_no_acknowledged_message_session_or_retained_messag
              machine without fuse3 cannot pass it silently."
         );
     }
-    let seed = std::env::var("POWERCUT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        });
+    let seed = seed();
     println!("power-cut test seed {seed} (POWERCUT_SEED={seed} repeats the cut schedule)");
     let mut rng = Rng(seed);
     let started = Instant::now();
@@ -409,5 +420,686 @@ fn power_cuts_under_load_lose_no_acknowledged_message_session_or_retained_messag
     assert!(
         aimed.iter().filter(|files| **files > 0).count() + 1 >= aimed.len(),
         "the cuts held at an fsync found no unsynced data to drop: {dropped:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Large messages through power cuts
+// ---------------------------------------------------------------------------------------
+
+/// `[limits] max_packet_size` of the daemon: a 16 MiB payload with its topic, the largest
+/// the config accepts.
+const LARGE_MAX_PACKET: usize = 16_842_752;
+const MIB: usize = 1 << 20;
+/// rumqttc's packet limits in the upstream collector: a 16 MiB payload, its topic and header
+/// fit (rumqttc closes the connection on anything larger).
+const LARGE_CLIENT_MAX_PACKET: usize = 17 * MIB;
+/// `[limits] max_queued_bytes`: the offline session is meant to get every acknowledged message
+/// (about 40 MiB here); the default 16 MiB would rightly drop some as "queue full".
+const LARGE_MAX_QUEUED_BYTES: usize = 128 * MIB;
+const LARGE_CUTS: usize = 6;
+const LARGE_SESSION_ID: &str = "powercut-large-session";
+/// A PUBACK for a 16 MiB message needs it read, stored in parts and fsynced: seconds on a
+/// busy debug build.
+const LARGE_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Everything expected upstream or at the session arrives within this after the last thaw.
+const LARGE_ARRIVAL_TIMEOUT: Duration = Duration::from_secs(40);
+/// Bridged (`sensors/#` -> `site1/sensors/#`) and queued for the offline session.
+const TOPIC_A: &str = "sensors/big/a";
+const TOPIC_B: &str = "sensors/big/b";
+/// Retained, neither bridged nor subscribed by the session.
+const TOPIC_RETAINED: &str = "cfg/blob";
+
+/// One message of the large-message test: its payload is `big_payload(seq, len)`. Seqs are
+/// unique over the run and increase in publish order (on every topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Msg {
+    seq: u64,
+    len: usize,
+    topic: &'static str,
+    retain: bool,
+}
+
+/// `"big:<seq>:<len>:"` then a xorshift stream seeded from `seq`, `len` bytes in all (as in
+/// large_messages.rs): every payload distinct, every byte checkable.
+fn big_payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut p = format!("big:{seq}:{len}:").into_bytes();
+    assert!(
+        p.len() <= len,
+        "payload of {len} bytes too short for its header"
+    );
+    p.reserve(len - p.len());
+    let mut x =
+        0x9E37_79B9_7F4A_7C15u64 ^ (seq.wrapping_add(1)).wrapping_mul(0xD1B5_4A32_D192_ED03);
+    while p.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = (len - p.len()).min(8);
+        p.extend_from_slice(&x.to_le_bytes()[..n]);
+    }
+    p
+}
+
+/// `(seq, len)` from a payload's header.
+fn parse_header(payload: &[u8]) -> Option<(u64, usize)> {
+    let head = &payload[..payload.len().min(48)];
+    let mut it = head.split(|b| *b == b':');
+    if it.next()? != b"big" {
+        return None;
+    }
+    let seq = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
+    let len = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
+    Some((seq, len))
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
+}
+
+/// Checks one received copy of a message against what was sent: `Err` says what is wrong
+/// (lengths, first differing byte, hashes; never megabytes of bytes).
+fn check_copy(
+    what: &str,
+    sent: &BTreeMap<u64, Msg>,
+    topic: &str,
+    remote_prefix: &str,
+    payload: &[u8],
+) -> Result<Msg, String> {
+    let (seq, len) = parse_header(payload).ok_or_else(|| {
+        format!(
+            "{what}: a payload of {} bytes on {topic} without its header",
+            payload.len()
+        )
+    })?;
+    let m = sent
+        .get(&seq)
+        .filter(|m| m.len == len)
+        .ok_or_else(|| format!("{what}: message {seq} ({len} B) on {topic} was never sent"))?;
+    if topic != format!("{remote_prefix}{}", m.topic) {
+        return Err(format!(
+            "{what}: message {seq} arrived on {topic}, sent on {}",
+            m.topic
+        ));
+    }
+    let want = big_payload(seq, len);
+    if payload != want.as_slice() {
+        let first_diff = payload
+            .iter()
+            .zip(want.iter())
+            .position(|(a, b)| a != b)
+            .unwrap_or(payload.len().min(want.len()));
+        return Err(format!(
+            "{what}: message {seq} on {topic} corrupted: {} bytes received, {} sent; first \
+             difference at byte {first_diff}; hash {:016x} received, {:016x} sent",
+            payload.len(),
+            want.len(),
+            hash(payload),
+            hash(&want)
+        ));
+    }
+    Ok(m.clone())
+}
+
+/// What arrived at one receiver: first arrivals per topic in arrival order, duplicates, and
+/// every problem found (corruption, unknown message, order).
+#[derive(Debug, Default)]
+struct Arrivals {
+    firsts: BTreeMap<&'static str, Vec<u64>>,
+    unique: HashSet<u64>,
+    duplicates: usize,
+    problems: Vec<String>,
+}
+
+impl Arrivals {
+    fn add(
+        &mut self,
+        what: &str,
+        sent: &BTreeMap<u64, Msg>,
+        topic: &str,
+        prefix: &str,
+        payload: &[u8],
+    ) {
+        match check_copy(what, sent, topic, prefix, payload) {
+            Ok(m) => {
+                if !self.unique.insert(m.seq) {
+                    self.duplicates += 1;
+                    return;
+                }
+                let firsts = self.firsts.entry(m.topic).or_default();
+                if let Some(&last) = firsts.last() {
+                    if m.seq < last {
+                        self.problems.push(format!(
+                            "{what}: on {}, message {} first arrived after {last} (per-topic \
+                             order of first arrivals broken)",
+                            m.topic, m.seq
+                        ));
+                    }
+                }
+                firsts.push(m.seq);
+            }
+            Err(e) => self.problems.push(e),
+        }
+    }
+
+    /// The acknowledged messages (seqs) that never arrived.
+    fn missing(&self, want: &BTreeSet<u64>) -> Vec<u64> {
+        want.iter()
+            .filter(|s| !self.unique.contains(s))
+            .copied()
+            .collect()
+    }
+}
+
+/// One publisher connection sending `msgs` as pipelined QoS 1 PUBLISHes (packet ids 1, 2,
+/// ...) from a thread of its own, while another thread reads the PUBACKs: an acknowledgement
+/// is recorded the moment it arrives, also while the sending thread is blocked on a daemon
+/// that stopped reading (its store held at an fsync), and before a SIGKILL can reset the
+/// connection and throw away what the socket had received.
+struct LargePublisher {
+    msgs: Vec<Msg>,
+    acked: Arc<Mutex<Vec<Msg>>>,
+    anomalies: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    stream: std::net::TcpStream,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl LargePublisher {
+    /// Connects (clean session), runs `before_sending` (e.g. arming a held fsync: the
+    /// CONNACK may itself wait for a commit), then starts sending.
+    fn start(
+        addr: std::net::SocketAddr,
+        client_id: &str,
+        msgs: Vec<Msg>,
+        before_sending: impl FnOnce(),
+    ) -> LargePublisher {
+        let mut writer = RawClient::connect(addr, client_id);
+        let stream = writer
+            .stream
+            .try_clone()
+            .expect("clone the publisher's socket");
+        let mut reader = RawClient::tcp_from(stream.try_clone().expect("clone the socket"));
+        // After tcp_from (which sets 5 s on the shared socket): a 16 MiB PUBLISH may wait for
+        // a daemon that pauses reading while it makes the previous ones durable.
+        writer
+            .stream
+            .set_write_timeout(Some(LARGE_ACK_TIMEOUT))
+            .ok();
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let anomalies = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        before_sending();
+        let sender = {
+            let (msgs, stop) = (msgs.clone(), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                for (i, m) in msgs.iter().enumerate() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let pkt = raw::publish(
+                        m.topic,
+                        &big_payload(m.seq, m.len),
+                        1,
+                        m.retain,
+                        false,
+                        Some(i as u16 + 1),
+                    );
+                    // A connection closed by the daemon's death: the rest is never sent.
+                    if writer.try_send(&pkt).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let receiver = {
+            let (msgs, acked, anomalies, stop) = (
+                msgs.clone(),
+                Arc::clone(&acked),
+                Arc::clone(&anomalies),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || {
+                let mut next = 0usize;
+                while next < msgs.len() {
+                    match reader.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Pkt::PubAck(pid)) => {
+                            let i = usize::from(pid).wrapping_sub(1);
+                            if i != next {
+                                anomalies.lock().unwrap().push(format!(
+                                    "PUBACK({pid}) where PUBACK({}) was due [MQTT-4.6.0-2]",
+                                    next + 1
+                                ));
+                            }
+                            match msgs.get(i) {
+                                Some(m) => acked.lock().unwrap().push(m.clone()),
+                                None => anomalies
+                                    .lock()
+                                    .unwrap()
+                                    .push(format!("PUBACK({pid}) for no PUBLISH sent")),
+                            }
+                            next += 1;
+                        }
+                        Ok(other) => anomalies
+                            .lock()
+                            .unwrap()
+                            .push(format!("publisher got {other:?}")),
+                        Err(RecvError::Timeout) if stop.load(Ordering::SeqCst) => break,
+                        Err(RecvError::Timeout) => {}
+                        Err(RecvError::Closed) => break,
+                    }
+                }
+            })
+        };
+        LargePublisher {
+            msgs,
+            acked,
+            anomalies,
+            stop,
+            stream,
+            threads: vec![sender, receiver],
+        }
+    }
+
+    fn wait_all_acked(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.acked.lock().unwrap().len() == self.msgs.len()
+        })
+    }
+
+    /// Closes the connection (if the daemon has not), joins the threads; returns the
+    /// messages acknowledged and any protocol anomaly seen.
+    fn finish(mut self) -> (Vec<Msg>, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        for t in self.threads.drain(..) {
+            t.join().expect("publisher thread");
+        }
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        let anomalies = std::mem::take(&mut *self.anomalies.lock().unwrap());
+        (acked, anomalies)
+    }
+}
+
+/// Lines of the daemon's log that say the store was found corrupt, was moved aside, lost a
+/// record or that something panicked.
+fn bad_log_lines(logs: &str) -> Vec<String> {
+    const BAD: &[&str] = &[
+        "corrupt",
+        "moved it aside",
+        "moved aside",
+        "panicked",
+        "does not decode",
+        "cannot be stored",
+    ];
+    logs.lines()
+        .filter(|l| BAD.iter().any(|b| l.contains(b)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The retained message on [`TOPIC_RETAINED`], through a fresh clean session.
+fn retained_blob(ws: &Waystation, client_id: &str) -> Option<raw::Publish> {
+    let mut c = RawClient::connect(ws.addr, client_id);
+    c.subscribe_ok(1, &[(TOPIC_RETAINED, 1)]);
+    let got = match c.recv_timeout(Duration::from_secs(10)) {
+        Ok(Pkt::Publish(p)) => {
+            c.ack(&p);
+            Some(p)
+        }
+        Ok(other) => panic!("retained check: unexpected packet {other:?}"),
+        Err(_) => None,
+    };
+    c.disconnect();
+    got
+}
+
+/// Issue 17, large messages through power cuts: the daemon (`max_packet_size` 16842752,
+/// data_dir on the power-cut file system, bridged to a real Mosquitto) takes QoS 1 messages
+/// of mixed sizes (64 B to 2 MiB, one of 16 MiB, a 1 MiB retained one, 7 KiB + 1 just over
+/// one store part) through 6 power cuts, the upstream frozen in every other trial, while a
+/// persistent session (clean session 0) subscribed to them is offline. In each trial one
+/// publisher's messages are all acknowledged, then a second burst is cut short:
+///
+/// - aimed (4 trials): the file system holds the next fsync of `<store>/db` after the burst
+///   starts, the daemon is SIGKILLed while it waits there and every unsynced byte dropped;
+/// - at a random moment (2 trials): SIGKILL during the burst, then the unsynced bytes
+///   dropped.
+///
+/// Every PUBACK received counts: its message must then arrive upstream byte for byte (first
+/// arrivals in publish order per topic, duplicates allowed), be delivered byte for byte to
+/// the session when it reconnects, and the retained message must be the last acknowledged
+/// one (or a later one sent, never an older one) after every restart. The log must never
+/// show a corrupt store, a store moved aside, an undecodable record or a panic.
+///
+/// Why it fails if large records were not durable when acknowledged: the file system keeps
+/// every write since the file's last fsync in memory and throws it away at the cut, so only
+/// what was fsynced before its PUBACK survives. In an aimed trial the held fsync is the
+/// first one after the burst starts (with the upstream frozen nothing else, such as a bridge
+/// cursor, is being committed): a correct daemon acknowledges nothing of the burst, while one
+/// that acknowledged a large record before syncing it has sent that PUBACK by the time it
+/// reaches the held fsync, and the record is dropped. Such a record is then missing
+/// upstream and at the session, or the retained message is an older one, or the held fsync
+/// never comes (a daemon that never syncs large records); a record whose marker survived
+/// without its parts (or the reverse) would be caught by the store's scan at open, which
+/// the log check turns into a failure ("corrupt", "moved it aside"). Checked by hand, not committed: with the store writer calling only sled's
+/// `flush()` (which no fsync follows) instead of `make_durable` for groups holding a record
+/// over 7 KiB, this test failed at the first cut (the acknowledged 1 MiB retained message
+/// gone); with that assertion and the held-fsync one relaxed, 15 acknowledged messages were
+/// missing upstream (the 16 MiB one among them), 26 at the session, and the retained message
+/// was older than the last acknowledged one after 3 of the 6 cuts.
+#[test]
+fn large_messages_through_power_cuts_arrive_intact_upstream_and_to_the_offline_session() {
+    if let Err(e) = waystation_powercut::check_available() {
+        panic!(
+            "the power-cut test needs FUSE: {e}. It fails instead of skipping so that a CI \
+             machine without fuse3 cannot pass it silently."
+        );
+    }
+    let seed = seed();
+    println!("large-message power-cut test seed {seed} (POWERCUT_SEED={seed} repeats it)");
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+
+    // Declaration order is drop order reversed: the daemon dies before the mount goes.
+    let backing = backing_dir();
+    let fs = PowerCutFs::mount_backed_by(backing.path()).expect("mount the power-cut file system");
+    let data = fs.path().join("data");
+    std::fs::create_dir(&data).expect("create the data directory on the mount");
+    let upstream = Upstream::start();
+    let collector = Collector::start_sized(
+        upstream.port,
+        "powercut-large-collector",
+        "site1/#",
+        LARGE_CLIENT_MAX_PACKET,
+    );
+    let config = format!(
+        "[limits]\nmax_packet_size = {LARGE_MAX_PACKET}\nmax_queued_bytes = {LARGE_MAX_QUEUED_BYTES}\n\n{}",
+        bridge_toml(&upstream.address(), &format!("max_inflight = {MAX_INFLIGHT}"))
+    );
+    let mut ws = Waystation::start_with_data_dir(&config, &data);
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
+
+    // The persistent session, offline from here to the end.
+    let (mut s, present) =
+        RawClient::connect_ok(ws.addr, &Connect::new(LARGE_SESSION_ID).clean(false));
+    assert!(!present);
+    s.subscribe_ok(1, &[("sensors/big/#", 1)]);
+    s.disconnect();
+
+    let mut next_seq = 0u64;
+    let mut msg = |topic: &'static str, len: usize| {
+        next_seq += 1;
+        Msg {
+            seq: next_seq,
+            len,
+            topic,
+            retain: topic == TOPIC_RETAINED,
+        }
+    };
+    // Every message sent (acknowledged or not), and the seqs acknowledged.
+    let mut sent: BTreeMap<u64, Msg> = BTreeMap::new();
+    let mut acked: BTreeSet<u64> = BTreeSet::new();
+    let mut anomalies: Vec<String> = Vec::new();
+    // Per cut: burst messages acknowledged, (files, bytes) of unsynced data dropped.
+    let mut burst_acked = Vec::new();
+    let mut dropped: Vec<(usize, u64)> = Vec::new();
+    let mut retained_seen = Vec::new();
+    for cut in 0..LARGE_CUTS {
+        let frozen = cut % 2 == 1;
+        let aimed = cut % 3 != 2;
+        if frozen {
+            upstream.freeze();
+        }
+        // Acknowledged before the cut: small ones between large ones, so that the parts of
+        // one record are never mistaken for the next entry.
+        let mut msgs = vec![
+            msg(TOPIC_A, 64),
+            msg(TOPIC_A, 500_000),
+            msg(TOPIC_B, 300),
+            msg(TOPIC_B, 2 * MIB + cut),
+            msg(TOPIC_A, 7 * 1024 + 1),
+        ];
+        if cut == 1 {
+            // Acknowledged with the upstream frozen: when the power goes it exists only in
+            // Waystation's store.
+            msgs.push(msg(TOPIC_A, 16 * MIB));
+        }
+        msgs.push(msg(TOPIC_RETAINED, MIB + cut));
+        msgs.push(msg(TOPIC_B, 100));
+        sent.extend(msgs.iter().map(|m| (m.seq, m.clone())));
+        let p = LargePublisher::start(ws.addr, &format!("powercut-large-pub-{cut}"), msgs, || {});
+        let all = p.wait_all_acked(LARGE_ACK_TIMEOUT);
+        let (got, a) = p.finish();
+        acked.extend(got.iter().map(|m| m.seq));
+        anomalies.extend(a);
+        assert!(
+            all,
+            "trial {cut}: not every PUBLISH acknowledged within {LARGE_ACK_TIMEOUT:?} ({} were)\n\
+             --- daemon log ---\n{}",
+            got.len(),
+            ws.logs()
+        );
+
+        // The power cut, during a second burst.
+        let burst = vec![
+            msg(TOPIC_A, 500_000 + cut),
+            msg(TOPIC_B, 64),
+            msg(TOPIC_A, 2 * MIB),
+            msg(TOPIC_RETAINED, MIB + 100 + cut),
+            msg(TOPIC_B, 200),
+        ];
+        sent.extend(burst.iter().map(|m| (m.seq, m.clone())));
+        let p = LargePublisher::start(
+            ws.addr,
+            &format!("powercut-large-burst-{cut}"),
+            burst,
+            || {
+                if aimed {
+                    fs.hold_next_fsync("data/store/db");
+                }
+            },
+        );
+        let mut lost = (0, 0);
+        if aimed {
+            let held = fs.wait_for_held_fsync(Duration::from_secs(10));
+            assert!(
+                held,
+                "trial {cut}: no fsync of data/store/db within 10 s of a burst"
+            );
+            // Time for any PUBACK the daemon would (wrongly) send for a record not synced.
+            std::thread::sleep(Duration::from_millis(300));
+            let pid = ws.pid().expect("the daemon runs") as libc::pid_t;
+            // SAFETY: kill(2) on our child, not yet reaped (it cannot exit while its fsync
+            // is held).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let c = fs.drop_unsynced(); // and fails the held fsync
+            lost = (c.files, c.bytes);
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.below(400)));
+        }
+        ws.kill();
+        let c = fs.drop_unsynced();
+        dropped.push((lost.0 + c.files, lost.1 + c.bytes));
+        let (got, a) = p.finish();
+        burst_acked.push(got.len());
+        acked.extend(got.iter().map(|m| m.seq));
+        anomalies.extend(a);
+
+        ws.restart();
+        let bad = bad_log_lines(&ws.logs());
+        assert!(
+            bad.is_empty(),
+            "after power cut {cut} the store did not open cleanly: {bad:#?}\n--- daemon log ---\n{}",
+            ws.logs()
+        );
+        // The retained message: the last acknowledged one, or one sent after it.
+        let last_acked = sent
+            .values()
+            .filter(|m| m.retain && acked.contains(&m.seq))
+            .map(|m| m.seq)
+            .max()
+            .expect("a retained message is acknowledged in every trial");
+        let r =
+            retained_blob(&ws, &format!("powercut-large-retained-{cut}")).unwrap_or_else(|| {
+                panic!(
+                    "after power cut {cut} no retained message on {TOPIC_RETAINED} (last \
+                 acknowledged: {last_acked})\n--- daemon log ---\n{}",
+                    ws.logs()
+                )
+            });
+        assert!(
+            r.retain,
+            "a retained message is sent with RETAIN 1 to a new subscription"
+        );
+        let m = check_copy("retained", &sent, &r.topic, "", &r.payload)
+            .unwrap_or_else(|e| panic!("after power cut {cut}: {e}"));
+        assert!(
+            m.retain && m.seq >= last_acked,
+            "after power cut {cut} the retained message is {} ({} B), older than the last \
+             acknowledged one, {last_acked}",
+            m.seq,
+            m.len
+        );
+        retained_seen.push((m.seq, last_acked));
+        if frozen {
+            upstream.thaw();
+        }
+    }
+
+    let sensors_acked: BTreeSet<u64> = acked
+        .iter()
+        .filter(|s| sent[s].topic.starts_with("sensors/"))
+        .copied()
+        .collect();
+
+    // Upstream: every acknowledged message, intact. Copies of 16 MiB payloads are taken only
+    // when something new arrived.
+    let deadline = Instant::now() + LARGE_ARRIVAL_TIMEOUT;
+    let mut checked = usize::MAX;
+    loop {
+        let n = collector.count();
+        if n != checked {
+            checked = n;
+            let got: HashSet<u64> = collector
+                .received()
+                .iter()
+                .filter_map(|r| parse_header(&r.payload).map(|(s, _)| s))
+                .collect();
+            if sensors_acked.iter().all(|s| got.contains(s)) {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    collector.wait_quiet(Duration::from_millis(500), Duration::from_secs(5));
+    let mut up = Arrivals::default();
+    for r in collector.received() {
+        up.add("upstream", &sent, &r.topic, "site1/", &r.payload);
+    }
+
+    // The persistent session, offline through every cut: every acknowledged message, intact.
+    let (mut s, present) =
+        RawClient::connect_ok(ws.addr, &Connect::new(LARGE_SESSION_ID).clean(false));
+    assert!(
+        present,
+        "the persistent session must survive {LARGE_CUTS} power cuts\n--- daemon log ---\n{}",
+        ws.logs()
+    );
+    let mut session = Arrivals::default();
+    let deadline = Instant::now() + LARGE_ARRIVAL_TIMEOUT;
+    loop {
+        let complete = sensors_acked.iter().all(|q| session.unique.contains(q));
+        if Instant::now() >= deadline {
+            break;
+        }
+        let wait = if complete {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(2)
+        };
+        match s.recv_timeout(wait) {
+            Ok(Pkt::Publish(p)) => {
+                s.ack(&p);
+                session.add("persistent session", &sent, &p.topic, "", &p.payload);
+            }
+            Ok(other) => panic!("unexpected packet for the session: {other:?}"),
+            Err(RecvError::Timeout) if complete => break,
+            Err(RecvError::Timeout) => {}
+            Err(RecvError::Closed) => panic!("the daemon closed the persistent session"),
+        }
+    }
+    s.disconnect();
+
+    let up_missing = up.missing(&sensors_acked);
+    let session_missing = session.missing(&sensors_acked);
+    let bytes = |seqs: &mut dyn Iterator<Item = &u64>| -> usize { seqs.map(|s| sent[s].len).sum() };
+    let stats = fs.stats();
+    let bad = bad_log_lines(&ws.logs());
+    println!(
+        "large messages through power cuts: {LARGE_CUTS} cuts (aimed at an fsync of the db: \
+         0, 1, 3, 4; upstream frozen: 1, 3, 5); sent {} messages ({} MiB), acknowledged {} \
+         ({} MiB; {} bridged ones, {} MiB), of the cut bursts {burst_acked:?}; upstream: {} \
+         unique ({} acknowledged ones lost), {} duplicates; session: {} unique ({} lost), {} \
+         duplicates; retained (got, last acknowledged) after each cut {retained_seen:?}; \
+         unsynced data dropped at each cut (files, bytes) {dropped:?}; file system: {} fsyncs \
+         ({} MiB synced); {:?}",
+        sent.len(),
+        bytes(&mut sent.keys()) >> 20,
+        acked.len(),
+        bytes(&mut acked.iter()) >> 20,
+        sensors_acked.len(),
+        bytes(&mut sensors_acked.iter()) >> 20,
+        up.unique.len(),
+        up_missing.len(),
+        up.duplicates,
+        session.unique.len(),
+        session_missing.len(),
+        session.duplicates,
+        stats.fsyncs,
+        stats.synced_bytes >> 20,
+        started.elapsed()
+    );
+
+    assert!(anomalies.is_empty(), "publishers: {anomalies:?}");
+    assert!(
+        up_missing.is_empty(),
+        "acknowledged messages missing upstream after the power cuts: {:?}\n--- daemon log ---\n{}",
+        up_missing.iter().map(|s| &sent[s]).collect::<Vec<_>>(),
+        ws.logs()
+    );
+    assert!(up.problems.is_empty(), "upstream: {:#?}", up.problems);
+    assert!(
+        session_missing.is_empty(),
+        "acknowledged messages the offline persistent session never got: {:?}\n--- daemon log ---\n{}",
+        session_missing.iter().map(|s| &sent[s]).collect::<Vec<_>>(),
+        ws.logs()
+    );
+    assert!(
+        session.problems.is_empty(),
+        "session: {:#?}",
+        session.problems
+    );
+    assert!(bad.is_empty(), "the daemon's log: {bad:#?}");
+    // The aimed cuts must find a large record between its write and its fsync (a held fsync
+    // with less behind it, e.g. a bridge cursor's commit, proves less).
+    let aimed_large = dropped
+        .iter()
+        .enumerate()
+        .filter(|(cut, (_, bytes))| cut % 3 != 2 && *bytes >= 500_000)
+        .count();
+    assert!(
+        aimed_large >= 2,
+        "the cuts held at an fsync found no large record unsynced: {dropped:?}"
     );
 }
