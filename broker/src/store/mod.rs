@@ -30,6 +30,9 @@
 //!   would otherwise make memory follow the backlog: per-page metadata (hence chunks, above)
 //!   and a page cache that only evicts once one of its 256 shard queues has seen 64 accesses,
 //!   which a sequential reader never causes (hence [`touch_for_eviction`] on every chunk read).
+//!   Nor do writes: pages created by writing many new part keys were never evicted (300
+//!   records of 1 MiB: RSS 319 MiB, 229 once the writer touches every part it wrote after
+//!   `apply_batch`, ~125 with the daemon's fixed mmap threshold as well; `bench.sh --only 9`).
 //!   Measured with `scripts/bench.sh --only 6`: VmRSS flat at ~30 MiB from 250 k to 2 M waiting.
 //!   Two costs scale with what one commit writes or deletes, not with the backlog: sled holds
 //!   a batch's values several times over until it is applied (hence `max_batch_bytes`; a

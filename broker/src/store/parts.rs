@@ -130,6 +130,13 @@ pub(crate) fn insert_parts(batch: &mut sled::Batch, owner: &[u8], gen: u64, valu
     n
 }
 
+/// Makes sled account for the parts just written, as reads do (see [`touch_for_eviction`]).
+pub(crate) fn touch_written(tree: &sled::Tree, owner: &[u8], gen: u64, parts: u32) {
+    for i in 0..parts {
+        touch_for_eviction(tree, &part_key(owner, gen, i));
+    }
+}
+
 pub(crate) fn remove_parts(batch: &mut sled::Batch, owner: &[u8], gen: u64, parts: u32) {
     for i in 0..parts {
         batch.remove(part_key(owner, gen, i));

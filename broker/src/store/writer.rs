@@ -43,6 +43,9 @@ struct Built {
     /// Changes to [`LargeValues::keyspace`], applied once the batch is durable.
     large: HashMap<Vec<u8>, Option<Large>>,
     next_gen: u64,
+    /// Parts written by this batch: `(owner, gen, count)`, touched once applied (see
+    /// [`parts::touch_written`]).
+    written_parts: Vec<(Vec<u8>, u64, u32)>,
 }
 
 /// The writer thread's state besides the channel.
@@ -141,6 +144,9 @@ fn commit(shared: &Shared, group: &[Submission], st: &mut WriterState) -> Result
             }
             let b = built.as_ref().expect("built above");
             engine.tree.apply_batch(b.batch.clone())?;
+            for (owner, gen, n) in &b.written_parts {
+                parts::touch_written(&engine.tree, owner, *gen, *n);
+            }
             #[cfg(test)]
             if shared
                 .fail_commits
@@ -292,6 +298,7 @@ fn build(
     let mut batch = sled::Batch::default();
     let mut large_changes: HashMap<Vec<u8>, Option<Large>> = HashMap::new();
     let mut next_gen = large.next_gen;
+    let mut written_parts = Vec::new();
     let mut view = LogView {
         tree: &engine.tree,
         chunked_from,
@@ -310,6 +317,7 @@ fn build(
                     // Parts under their own keys; a marker in a chunk of its own, which
                     // `fits` below never extends.
                     let n = parts::insert_parts(&mut batch, &log_key(*seq), 0, v);
+                    written_parts.push((log_key(*seq).to_vec(), 0, n));
                     let marker = Value::Parts {
                         len: v.len() as u64,
                         parts: n,
@@ -409,6 +417,7 @@ fn build(
                         let gen = next_gen;
                         next_gen += 1;
                         let parts = parts::insert_parts(&mut batch, k, gen, v);
+                        written_parts.push((k.clone(), gen, parts));
                         let l = Large {
                             gen,
                             len: v.len() as u64,
@@ -459,6 +468,7 @@ fn build(
         touched_log,
         large: large_changes,
         next_gen,
+        written_parts,
     })
 }
 
