@@ -1918,7 +1918,7 @@ fn store_writer_panic_is_fatal_and_never_silent() {
 /// --nocapture`; `WS_REC_KIB`, `WS_N`, `WS_BATCH_MB` and `WS_CACHE_MB` change the record size,
 /// their number, `max_batch_bytes` and the cache.
 #[test]
-#[ignore]
+#[ignore = "a measurement report (prints MiB/s and RSS, asserts no time): run with --ignored --nocapture"]
 fn store_large_append_report() {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok());
     let tmp = tempfile::tempdir().unwrap();
@@ -1985,7 +1985,7 @@ fn store_large_append_report() {
 /// What deleting much of the log in one commit costs (sled loads every leaf it deletes from
 /// and holds it until the batch is applied): a report, as above.
 #[test]
-#[ignore]
+#[ignore = "a measurement report (prints time and RSS per delete size): run with --ignored --nocapture"]
 fn store_delete_in_one_commit_report() {
     let cases: [(usize, usize); 4] = [(16, 1 << 20), (64, 1 << 20), (256, 1 << 20), (75, 100)];
     for (mib, size) in cases {
