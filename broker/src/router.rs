@@ -679,7 +679,10 @@ impl Router {
                             "message cannot be stored: refused (neither stored nor delivered)");
                         crate::stats::STORE_FAULTS.record(
                             crate::stats::StoreFault::RecordRefused,
-                            format!("message on {} from {stored_origin}: {reason}", message.topic),
+                            format!(
+                                "message on {} from {stored_origin}: {reason}",
+                                message.topic
+                            ),
                         );
                         return Err(reason);
                     }
@@ -816,9 +819,8 @@ impl Router {
         let (mut over_limit, mut record_full) = (0u64, 0u64);
         for f in filters {
             let known = session.subscriptions.contains_key(&f.filter);
-            let full = max_subscriptions > 0
-                && session.subscriptions.len() >= max_subscriptions
-                && !known;
+            let full =
+                max_subscriptions > 0 && session.subscriptions.len() >= max_subscriptions && !known;
             let grows = if persistent && !known {
                 persist::subscription_record_len(&f.filter)
             } else {
@@ -954,10 +956,8 @@ impl Router {
                         // the connections that wait for an ack so they resend, and forget
                         // its QoS 2 receipts so a resend is stored, not just PUBREC'd.
                         error!(error = %e, withheld_acks = acks.len(), "store refused a burst: its acknowledgements are withheld and those connections closed");
-                        crate::stats::STORE_FAULTS.record(
-                            crate::stats::StoreFault::BurstRefused,
-                            e.to_string(),
-                        );
+                        crate::stats::STORE_FAULTS
+                            .record(crate::stats::StoreFault::BurstRefused, e.to_string());
                         for (client, pkid) in qos2 {
                             if let Some(session) = self.sessions.get_mut(&client) {
                                 session.pubrel(pkid);
@@ -1305,7 +1305,11 @@ mod tests {
         )
     }
 
-    fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::session::OutboxReceiver {
+    fn connect(
+        router: &mut Router,
+        conn: ConnId,
+        client_id: &str,
+    ) -> crate::session::OutboxReceiver {
         let (outbox, rx) = Outbox::new();
         router.handle(RouterCmd::Connect {
             conn,

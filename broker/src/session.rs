@@ -220,8 +220,7 @@ impl Session {
                 Ok(())
             }
             _ => {
-                if self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits)
-                {
+                if self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits) {
                     self.send_new(message, stored);
                     return Ok(());
                 }
@@ -280,7 +279,11 @@ impl Session {
             k
         });
         self.queued_bytes = self.queue.iter().map(|(m, _)| message_bytes(m)).sum();
-        self.inflight_bytes = self.inflight.iter().map(|f| message_bytes(&f.message)).sum();
+        self.inflight_bytes = self
+            .inflight
+            .iter()
+            .map(|f| message_bytes(&f.message))
+            .sum();
         dropped
     }
 
@@ -342,7 +345,9 @@ impl Session {
             .iter()
             .position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
         let done = self.inflight.remove(i)?;
-        self.inflight_bytes = self.inflight_bytes.saturating_sub(message_bytes(&done.message));
+        self.inflight_bytes = self
+            .inflight_bytes
+            .saturating_sub(message_bytes(&done.message));
         self.fill_window(limits);
         done.stored
     }
@@ -368,7 +373,9 @@ impl Session {
             .iter()
             .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
         let done = self.inflight.remove(i)?;
-        self.inflight_bytes = self.inflight_bytes.saturating_sub(message_bytes(&done.message));
+        self.inflight_bytes = self
+            .inflight_bytes
+            .saturating_sub(message_bytes(&done.message));
         self.fill_window(limits);
         done.stored
     }
@@ -546,9 +553,11 @@ mod tests {
         outbox.send(Outbound::PubAck(3));
         // Only Close got through while held.
         assert!(matches!(drain(&mut rx)[..], [Outbound::Close]));
-        outbox.release_hold(Outbound::ConnAck(crate::message::ConnectOutcome::Accepted {
-            session_present: false,
-        }));
+        outbox.release_hold(Outbound::ConnAck(
+            crate::message::ConnectOutcome::Accepted {
+                session_present: false,
+            },
+        ));
         outbox.send(Outbound::PubAck(4));
         let sent = drain(&mut rx);
         assert!(
@@ -591,8 +600,12 @@ mod tests {
         // One larger than the whole bound still goes when nothing else is in flight.
         let mut s = Session::new(false);
         let mut rx = online(&mut s);
-        s.deliver(Message::new("t", vec![0; 5 << 20], QoS::AtLeastOnce, false), None, &limits)
-            .unwrap();
+        s.deliver(
+            Message::new("t", vec![0; 5 << 20], QoS::AtLeastOnce, false),
+            None,
+            &limits,
+        )
+        .unwrap();
         assert_eq!(drain(&mut rx).len(), 1);
     }
 

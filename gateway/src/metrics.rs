@@ -366,7 +366,12 @@ impl Collector for BrokerCollector {
         let faults = st.store_faults();
         let fault_counts: Vec<(Labels, f64)> = waystation_broker::StoreFault::ALL
             .iter()
-            .map(|f| (vec![("kind", f.label().to_string())], faults.count(*f) as f64))
+            .map(|f| {
+                (
+                    vec![("kind", f.label().to_string())],
+                    faults.count(*f) as f64,
+                )
+            })
             .collect();
         family(
             &mut e,

@@ -68,21 +68,18 @@ pub fn degraded(status: &BrokerStatus, now_ms: u64) -> Vec<String> {
             ));
         }
     }
-    let bridges = status
-        .bridges
-        .iter()
-        .filter_map(|b| {
-            let down_for = now_ms.saturating_sub(b.down_since_ms?);
-            (down_for >= BRIDGE_DEGRADED_AFTER_MS).then(|| {
-                format!(
-                    "bridge {}: upstream unreachable for {} s ({} attempts; last error: {})",
-                    b.name,
-                    down_for / 1000,
-                    b.connect_attempts,
-                    b.last_error.as_deref().unwrap_or("none yet")
-                )
-            })
-        });
+    let bridges = status.bridges.iter().filter_map(|b| {
+        let down_for = now_ms.saturating_sub(b.down_since_ms?);
+        (down_for >= BRIDGE_DEGRADED_AFTER_MS).then(|| {
+            format!(
+                "bridge {}: upstream unreachable for {} s ({} attempts; last error: {})",
+                b.name,
+                down_for / 1000,
+                b.connect_attempts,
+                b.last_error.as_deref().unwrap_or("none yet")
+            )
+        })
+    });
     reasons.extend(bridges);
     reasons
 }

@@ -125,7 +125,10 @@ fn check_config_rejects_bad_address_naming_key_and_line() {
 #[test]
 fn check_config_rejects_out_of_range_limit() {
     assert_rejected("[limits]\nmax_packet_size = 10\n", &["max_packet_size"]);
-    assert_rejected("[limits]\nmax_packet_size = 20000000\n", &["max_packet_size"]);
+    assert_rejected(
+        "[limits]\nmax_packet_size = 20000000\n",
+        &["max_packet_size"],
+    );
 }
 
 // Issue: "`--help` on every command".

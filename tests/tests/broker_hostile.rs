@@ -407,14 +407,7 @@ async fn two_hundred_qos1_publishers_next_to_garbage_and_oversized_clients() {
     let hostile = tokio::task::spawn_blocking(move || {
         let mut spray = RawClient::connect(addr, "load-garbage");
         let mut oversized = RawClient::connect(addr, "load-oversized");
-        let big = raw::publish(
-            "load/999",
-            &vec![b'Z'; 2 << 20],
-            1,
-            false,
-            false,
-            Some(1),
-        );
+        let big = raw::publish("load/999", &vec![b'Z'; 2 << 20], 1, false, false, Some(1));
         let _ = oversized.try_send(&big);
         let bytes = garbage(1 << 20, 0x5eed_1234_abcd_0001);
         for chunk in bytes.chunks(4096) {

@@ -131,8 +131,7 @@ impl Cursors {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let min = state.positions.iter().copied().min()?;
         let behind = min.saturating_sub(state.deleted_through);
-        if behind == 0 || (behind < DELETE_EVERY && state.last_delete.elapsed() < DELETE_INTERVAL)
-        {
+        if behind == 0 || (behind < DELETE_EVERY && state.last_delete.elapsed() < DELETE_INTERVAL) {
             return None;
         }
         Some(state.take_run(min))

@@ -700,8 +700,7 @@ impl Bridge {
                         if entry.pkid == ack.pkid && !entry.acked {
                             entry.acked = true;
                             entry.frame = None;
-                            window.unacked_bytes =
-                                window.unacked_bytes.saturating_sub(entry.size);
+                            window.unacked_bytes = window.unacked_bytes.saturating_sub(entry.size);
                             crate::stats::FORWARD_LATENCY_MS
                                 .observe(unix_ms().saturating_sub(entry.received_at_ms));
                             window.acked_since_status += 1;
@@ -762,7 +761,10 @@ impl Bridge {
                 error!(bridge = %self.config.name, error = %e, "cannot delete forwarded log entries; retrying at the next turn");
                 crate::stats::STORE_FAULTS.record(
                     crate::stats::StoreFault::CursorNotSaved,
-                    format!("bridge {}: deleting forwarded entries: {e}", self.config.name),
+                    format!(
+                        "bridge {}: deleting forwarded entries: {e}",
+                        self.config.name
+                    ),
                 );
             }
         }
@@ -888,6 +890,49 @@ fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A cursor the store refused used to be logged at WARN and then forgotten: the window
+    // counted it as submitted, so it was not written again until the cursor moved. It is now
+    // an ERROR, a counted store fault, and submitted again at the next turn.
+    #[test]
+    fn a_cursor_the_store_refuses_is_a_counted_fault_and_is_submitted_again() {
+        use serde::de::value::{Error, MapDeserializer};
+        use serde::Deserialize;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (store, _) =
+            crate::store::Store::open(crate::store::StoreConfig::new(tmp.path().join("store")))
+                .expect("open");
+        let config = super::super::BridgeConfig::deserialize(MapDeserializer::<_, Error>::new(
+            [("name", "cloud"), ("address", "127.0.0.1:1")].into_iter(),
+        ))
+        .expect("config");
+        let (router, _router_rx) = mpsc::channel(1);
+        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let bridge = Bridge {
+            config,
+            client_id: "gw-cloud".into(),
+            index: 0,
+            store: store.clone(),
+            cursors: super::super::Cursors::new(vec![0], 0),
+            router,
+            status: Default::default(),
+            shutdown,
+        };
+        store.shutdown().expect("shutdown");
+        let before = crate::stats::STORE_FAULTS.count(crate::stats::StoreFault::CursorNotSaved);
+        let mut window = Window::new(0);
+        window.cursor = 5;
+        std::thread::sleep(CURSOR_PERSIST_INTERVAL * 2);
+        bridge.persist_or_delete(&mut window, 100);
+        assert!(
+            crate::stats::STORE_FAULTS.count(crate::stats::StoreFault::CursorNotSaved) > before
+        );
+        assert_eq!(
+            window.persisted, 0,
+            "not submitted: tried again at the next turn"
+        );
+        assert!(window.unconfirmed.is_empty());
+    }
 
     #[test]
     fn window_room_bounds_both_in_flight_and_undurable() {
