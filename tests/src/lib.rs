@@ -5,6 +5,7 @@
 //! (`target/<profile>/waystation`), or `$WAYSTATION_BIN`. Every wait here is bounded; every
 //! process is killed when its guard drops, also when a test panics.
 
+pub mod payload;
 pub mod pki;
 pub mod raw;
 pub mod upstream;
@@ -103,32 +104,25 @@ impl Waystation {
     /// Starts with `extra` TOML added to the generated config (e.g. a `[limits]` table).
     /// Unless `extra` has its own `[[listener]]`, one listener on a free port is added.
     pub fn start_with(extra: &str) -> Waystation {
-        let dir = tempfile::Builder::new()
-            .prefix("waystation-e2e-")
-            .tempdir()
-            .expect("tempdir");
-        let mut ws = Waystation {
-            child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir,
-            extra_config: extra.to_string(),
-            logs: Arc::new(Mutex::new(String::new())),
-            starts: 0,
-        };
-        ws.spawn(0);
-        ws
+        Waystation::start_in(extra, None)
     }
 
     /// Like [`Waystation::start_with`], with the data directory at `data_dir` (e.g. on a test
     /// file system such as the power-cut one) instead of inside the daemon's own temporary
     /// directory: `data_dir()` is a symlink to it. `data_dir` must exist.
     pub fn start_with_data_dir(extra: &str, data_dir: &Path) -> Waystation {
+        Waystation::start_in(extra, Some(data_dir))
+    }
+
+    fn start_in(extra: &str, data_dir: Option<&Path>) -> Waystation {
         let dir = tempfile::Builder::new()
             .prefix("waystation-e2e-")
             .tempdir()
             .expect("tempdir");
-        std::os::unix::fs::symlink(data_dir, dir.path().join("data"))
-            .expect("symlink the data directory");
+        if let Some(data_dir) = data_dir {
+            std::os::unix::fs::symlink(data_dir, dir.path().join("data"))
+                .expect("symlink the data directory");
+        }
         let mut ws = Waystation {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),

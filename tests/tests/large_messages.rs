@@ -13,10 +13,9 @@
 //! The clients' own packet limits are raised: rumqttc's (`set_max_packet_size`) in the
 //! collectors; the raw client has none.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::Hasher;
 use std::time::{Duration, Instant};
 
+use waystation_e2e::payload::{big_payload, hash, parse_header};
 use waystation_e2e::raw::{self, Connect, Pkt, RawClient, RecvError};
 use waystation_e2e::upstream::{bridge_toml, Collector, Received, Upstream};
 use waystation_e2e::Waystation;
@@ -37,44 +36,6 @@ const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(40);
 // ---------------------------------------------------------------------------------------
 // Payloads
 // ---------------------------------------------------------------------------------------
-
-/// `"big:<seq>:<len>:"` then pseudo-random bytes seeded from `seq`, `len` bytes in all.
-fn big_payload(seq: u64, len: usize) -> Vec<u8> {
-    let mut p = format!("big:{seq}:{len}:").into_bytes();
-    assert!(
-        p.len() <= len,
-        "payload of {len} bytes too short for its header"
-    );
-    p.reserve(len - p.len());
-    let mut x =
-        0x9E37_79B9_7F4A_7C15u64 ^ (seq.wrapping_add(1)).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    while p.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let n = (len - p.len()).min(8);
-        p.extend_from_slice(&x.to_le_bytes()[..n]);
-    }
-    p
-}
-
-/// `(seq, len)` from a payload's header.
-fn parse_header(payload: &[u8]) -> Option<(u64, usize)> {
-    let head = &payload[..payload.len().min(48)];
-    let mut it = head.split(|b| *b == b':');
-    if it.next()? != b"big" {
-        return None;
-    }
-    let seq = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
-    let len = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
-    Some((seq, len))
-}
-
-fn hash(bytes: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    h.write(bytes);
-    h.finish()
-}
 
 /// Panics unless `got` is exactly `big_payload(seq, len)`, with a short description.
 fn assert_intact(what: &str, got: &[u8], seq: u64, len: usize) {

@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use waystation_e2e::payload::{big_payload, hash, parse_header};
 use waystation_e2e::raw::{self, Connect, Pkt, RawClient, RecvError};
 use waystation_e2e::upstream::{
     analyze, bridge_toml, parse_id, Collector, Publisher, PublisherSpec, Upstream,
@@ -458,46 +459,6 @@ struct Msg {
     len: usize,
     topic: &'static str,
     retain: bool,
-}
-
-/// `"big:<seq>:<len>:"` then a xorshift stream seeded from `seq`, `len` bytes in all (as in
-/// large_messages.rs): every payload distinct, every byte checkable.
-fn big_payload(seq: u64, len: usize) -> Vec<u8> {
-    let mut p = format!("big:{seq}:{len}:").into_bytes();
-    assert!(
-        p.len() <= len,
-        "payload of {len} bytes too short for its header"
-    );
-    p.reserve(len - p.len());
-    let mut x =
-        0x9E37_79B9_7F4A_7C15u64 ^ (seq.wrapping_add(1)).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    while p.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let n = (len - p.len()).min(8);
-        p.extend_from_slice(&x.to_le_bytes()[..n]);
-    }
-    p
-}
-
-/// `(seq, len)` from a payload's header.
-fn parse_header(payload: &[u8]) -> Option<(u64, usize)> {
-    let head = &payload[..payload.len().min(48)];
-    let mut it = head.split(|b| *b == b':');
-    if it.next()? != b"big" {
-        return None;
-    }
-    let seq = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
-    let len = std::str::from_utf8(it.next()?).ok()?.parse().ok()?;
-    Some((seq, len))
-}
-
-fn hash(bytes: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    h.write(bytes);
-    h.finish()
 }
 
 /// Checks one received copy of a message against what was sent: `Err` says what is wrong
