@@ -27,6 +27,7 @@ mod ratelimit;
 mod router;
 mod server;
 mod session;
+pub mod shutdown;
 mod stats;
 pub mod status;
 pub mod store;
@@ -41,6 +42,7 @@ use std::time::Duration;
 pub use auth::Security;
 pub use bridge::{BridgeConfig, BridgeStatus};
 pub use server::{Broker, BrokerStopping, InternalPublisher, StatusHandle};
+pub use shutdown::Shutdown;
 pub use stats::{Stats, StoreFault, StoreFaults};
 pub use tls::{ListenerConfig, TlsConfig};
 
