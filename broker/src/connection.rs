@@ -20,13 +20,15 @@ use tracing::{debug, info, warn};
 
 use crate::acl::ClientAcl;
 use crate::auth::{Authenticator, Refusal};
-use crate::message::{ConnectOutcome, ConnectRequest, Outbound, QoS, SubscribeFilter};
+use crate::config::Limits;
+use crate::message::{ConnectOutcome, Outbound, QoS, SubscribeFilter};
 use crate::ratelimit::TokenBucket;
+use crate::router::ConnectRequest;
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox, OutboxReceiver};
+use crate::stats::Stats;
 use crate::topic::{valid_filter, valid_topic_name};
 use crate::v4::{self, DecodeError, Inbound};
-use crate::{Limits, Stats};
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -43,7 +45,7 @@ pub struct ConnectionContext {
     pub ingest_paused: watch::Receiver<bool>,
     /// Password check and ACL rules, shared by every connection.
     pub auth: Arc<Authenticator>,
-    /// The listener's TLS settings and certificates (`None`: plain TCP); see `tls::serve`.
+    /// The listener's TLS settings and certificates (`None`: plain TCP); see `server::serve`.
     pub tls: Option<Arc<crate::tls::TlsListener>>,
 }
 
@@ -80,7 +82,7 @@ enum End {
     Abrupt(String),
 }
 
-/// Serves one client over any byte stream (TCP, or TLS over TCP: `tls::serve` accepts).
+/// Serves one client over any byte stream (TCP, or TLS over TCP: `server::serve` accepts).
 /// `identity`: the user name a verified client certificate gives (`use_identity_as_username`).
 pub async fn handle<S>(
     stream: S,

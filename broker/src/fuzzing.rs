@@ -17,14 +17,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::acl::Acl;
+use crate::auth::Security;
+use crate::config::Limits;
 use crate::connection::{self, ConnectionContext};
 use crate::message::Outbound;
 use crate::router::Router;
 use crate::session::SessionLimits;
+use crate::stats::Stats;
 use crate::status::RouterSnapshot;
 use crate::topic::{valid_filter, valid_topic_name};
 use crate::v4::{self, DecodeError, Inbound};
-use crate::{Limits, Security, Stats};
 
 /// Packets larger than this are refused, as with a small `max_packet_size`.
 pub const MAX_PACKET_SIZE: usize = 8 * 1024;

@@ -52,21 +52,6 @@ impl Message {
     }
 }
 
-/// What a client asked for when it connected, after the adapter validated it.
-#[derive(Debug, Clone)]
-pub struct ConnectRequest {
-    /// Never empty: the adapter assigns an id to a clean session that sent none.
-    pub client_id: Arc<str>,
-    pub clean_session: bool,
-    pub keep_alive_secs: u16,
-    pub will: Option<Message>,
-    pub username: Option<String>,
-    pub peer: Option<std::net::SocketAddr>,
-    /// The ACL rules for this client (`None`: no ACL configured, everything allowed). The
-    /// router checks read access with them for every message it delivers.
-    pub acl: Option<Arc<crate::acl::ClientAcl>>,
-}
-
 /// One filter of a SUBSCRIBE; `None` when the filter is not valid (answered with a failure
 /// return code rather than a dropped connection).
 #[derive(Debug, Clone)]

@@ -8,22 +8,43 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::auth::Authenticator;
 use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
+use crate::config::BrokerConfig;
+use crate::connection;
 use crate::connection::ConnectionContext;
 use crate::message::Message;
+use crate::persist;
 use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
+use crate::stats::Stats;
 use crate::status::{BrokerStatus, RouterSnapshot};
 use crate::store::{Recovery, Seq, Store, StoreConfig};
-use crate::tls::{TlsError, TlsListener};
-use crate::{persist, BrokerConfig, BrokerError, Stats};
+use crate::tls::{self, TlsError, TlsListener};
+use std::path::PathBuf;
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS listener {addr}: {source}")]
+    Tls { addr: SocketAddr, source: TlsError },
+    #[error("cannot open the store in {dir}: {source}")]
+    Store {
+        dir: PathBuf,
+        source: crate::store::StoreError,
+    },
+}
 
 /// Commands queued for the router before connections wait (back-pressure).
 const ROUTER_QUEUE: usize = 8192;
@@ -219,7 +240,7 @@ impl Broker {
             recovery,
             bridges,
             snapshot,
-            started_at_ms: bridge::unix_ms(),
+            started_at_ms: crate::time::unix_ms(),
             router_tx: Some(router_tx),
         })
     }
@@ -439,9 +460,49 @@ async fn accept_loop(
         };
         let done = done.clone();
         tokio::spawn(async move {
-            crate::tls::serve(stream, peer, conn_ctx).await;
+            serve(stream, peer, conn_ctx).await;
             drop(permit);
             drop(done);
         });
     }
+}
+
+/// Runs one accepted connection: the TLS handshake first on a TLS listener (within
+/// `connect_timeout`), then the MQTT connection.
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
+    let _ = stream.set_nodelay(true);
+    let Some(tls) = ctx.tls.clone() else {
+        connection::handle(stream, peer, ctx, None).await;
+        return;
+    };
+    let stream =
+        match tokio::time::timeout(ctx.limits.connect_timeout, tls.acceptor().accept(stream)).await
+        {
+            Err(_) => {
+                debug!(%peer, "no TLS handshake within connect_timeout: closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "TLS handshake failed: closing");
+                return;
+            }
+            Ok(Ok(stream)) => stream,
+        };
+    let mut identity = None;
+    if tls.settings().use_identity_as_username {
+        let cn = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| tls::common_name(cert));
+        match cn {
+            Some(cn) if !cn.is_empty() => identity = Some(cn),
+            _ => {
+                warn!(%peer, "client certificate has no subject CN (use_identity_as_username): closing");
+                return;
+            }
+        }
+    }
+    connection::handle(stream, peer, ctx, identity).await;
 }

@@ -206,7 +206,7 @@ impl StoreFaults {
     /// Counts `fault` and remembers it (with `detail`) as the latest. The caller logs it.
     pub fn record(&self, fault: StoreFault, detail: impl Into<String>) {
         self.counts[fault as usize].fetch_add(1, Relaxed);
-        let now = crate::bridge::unix_ms();
+        let now = crate::time::unix_ms();
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((now, fault, detail.into()));
     }
 
@@ -242,6 +242,13 @@ impl Stats {
     pub fn forward_latency_ms(&self) -> HistogramSnapshot {
         FORWARD_LATENCY_MS.snapshot()
     }
+}
+
+/// Bytes on the wire, both ways, for one bridge across its connections.
+#[derive(Debug, Default)]
+pub struct WireCounters {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
 }
 
 #[cfg(test)]

@@ -1,12 +1,14 @@
 //! What the broker shows of itself: a snapshot the router refreshes a few times a second,
 //! read by the observability endpoints without touching the router's hot path.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::bridge::BridgeStatus;
-use crate::store::{Durability, LogStats, Recovery};
+use crate::stats::WireCounters;
+use crate::store::{Durability, LogStats, Recovery, Seq};
 
 /// Payload bytes kept per client's last publish (for the dashboard).
 pub const LAST_PAYLOAD_PREVIEW: usize = 256;
@@ -61,4 +63,30 @@ pub struct BrokerStatus {
     pub pending_bytes: Option<u64>,
     /// The latest storage fault survived: (Unix ms, kind, detail). See `stats::StoreFault`.
     pub last_store_fault: Option<(u64, crate::stats::StoreFault, String)>,
+}
+
+/// What a bridge shows of itself (for status endpoints and tests).
+#[derive(Debug, Clone, Default)]
+pub struct BridgeStatus {
+    pub name: String,
+    pub connected: bool,
+    pub last_error: Option<String>,
+    /// Every log entry with seq <= cursor is done for this bridge.
+    pub cursor: Seq,
+    pub forwarded: u64,
+    pub received: u64,
+    /// Connections lost and attempts failed, in all...
+    pub reconnects: u64,
+    /// ...and by reason (`LinkError::reason`: "ping_timeout", "connect_refused", ...).
+    pub failures: BTreeMap<&'static str, u64>,
+    /// Connection attempts started.
+    pub connect_attempts: u64,
+    /// Unix ms since when the link has been down (None while connected).
+    pub down_since_ms: Option<u64>,
+    /// Unix ms of the current connection's CONNACK.
+    pub connected_since_ms: Option<u64>,
+    /// QoS 1 PUBLISHes sent upstream and not yet acknowledged.
+    pub inflight: usize,
+    /// Bytes on the wire both ways, over every connection (shared with the link's tasks).
+    pub wire: Arc<WireCounters>,
 }

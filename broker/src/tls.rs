@@ -19,17 +19,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use tokio::net::TcpStream;
-use tokio::time::timeout;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
-
-use crate::connection::{self, ConnectionContext};
 
 /// `tls = { ... }` of a `[[listener]]`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -206,7 +201,7 @@ impl TlsListener {
         &self.settings
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         self.current
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -220,44 +215,6 @@ impl TlsListener {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = TlsAcceptor::from(config);
         Ok(())
     }
-}
-
-/// Runs one accepted connection: the TLS handshake first on a TLS listener (within
-/// `connect_timeout`), then the MQTT connection.
-pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
-    let _ = stream.set_nodelay(true);
-    let Some(tls) = ctx.tls.clone() else {
-        connection::handle(stream, peer, ctx, None).await;
-        return;
-    };
-    let stream = match timeout(ctx.limits.connect_timeout, tls.acceptor().accept(stream)).await {
-        Err(_) => {
-            debug!(%peer, "no TLS handshake within connect_timeout: closing");
-            return;
-        }
-        Ok(Err(e)) => {
-            info!(%peer, error = %e, "TLS handshake failed: closing");
-            return;
-        }
-        Ok(Ok(stream)) => stream,
-    };
-    let mut identity = None;
-    if tls.settings.use_identity_as_username {
-        let cn = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|cert| common_name(cert));
-        match cn {
-            Some(cn) if !cn.is_empty() => identity = Some(cn),
-            _ => {
-                warn!(%peer, "client certificate has no subject CN (use_identity_as_username): closing");
-                return;
-            }
-        }
-    }
-    connection::handle(stream, peer, ctx, identity).await;
 }
 
 /// The first common name (OID 2.5.4.3) in the subject of a DER X.509 certificate. Only

@@ -20,7 +20,7 @@
 //!   session loop (`session.rs`) owns those and reads [`Link::incoming`] and writes
 //!   [`Link::send`], both of which are safe to use from a `select!`.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +33,8 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::ClientConfig;
+
+use crate::stats::WireCounters;
 
 /// Largest packet accepted from the upstream (the log's records are smaller).
 pub const MAX_INCOMING_PACKET: usize = 256 * 1024;
@@ -116,13 +118,6 @@ impl LinkError {
         "ping_timeout",
         "ack_timeout",
     ];
-}
-
-/// Bytes on the wire, both ways, for one bridge across its connections.
-#[derive(Debug, Default)]
-pub struct WireCounters {
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}

@@ -30,47 +30,23 @@
 //!   where they must be kept), in the order they came; with `clean_session = false` (the
 //!   default) the upstream keeps what arrives for the site while the link is down.
 
-mod config;
 pub mod link;
 mod session;
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
-pub use config::{BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule};
-pub use link::{LinkError, WireCounters};
+pub use crate::config::bridge::{
+    BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule,
+};
+pub use crate::stats::WireCounters;
+pub use crate::status::BridgeStatus;
+pub use link::LinkError;
 
 use crate::router::RouterCmd;
 use crate::store::{Keyspace, Seq, Store};
-
-/// What a bridge shows of itself (for status endpoints and tests).
-#[derive(Debug, Clone, Default)]
-pub struct BridgeStatus {
-    pub name: String,
-    pub connected: bool,
-    pub last_error: Option<String>,
-    /// Every log entry with seq <= cursor is done for this bridge.
-    pub cursor: Seq,
-    pub forwarded: u64,
-    pub received: u64,
-    /// Connections lost and attempts failed, in all...
-    pub reconnects: u64,
-    /// ...and by reason (`LinkError::reason`: "ping_timeout", "connect_refused", ...).
-    pub failures: BTreeMap<&'static str, u64>,
-    /// Connection attempts started.
-    pub connect_attempts: u64,
-    /// Unix ms since when the link has been down (None while connected).
-    pub down_since_ms: Option<u64>,
-    /// Unix ms of the current connection's CONNACK.
-    pub connected_since_ms: Option<u64>,
-    /// QoS 1 PUBLISHes sent upstream and not yet acknowledged.
-    pub inflight: usize,
-    /// Bytes on the wire both ways, over every connection (shared with the link's tasks).
-    pub wire: Arc<WireCounters>,
-}
 
 /// The cursors of every bridge: the log is deleted up to the slowest.
 pub struct Cursors {
@@ -180,13 +156,6 @@ pub struct Bridge {
     pub shutdown: watch::Receiver<bool>,
 }
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Capped exponential back-off with +-25% jitter.
 struct Backoff {
     initial: Duration,
@@ -202,7 +171,7 @@ impl Backoff {
             initial,
             max: Duration::from_millis(config.max_ms),
             current: initial,
-            rng: unix_ms() | 1,
+            rng: crate::time::unix_ms() | 1,
         }
     }
 

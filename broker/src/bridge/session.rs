@@ -21,11 +21,12 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use super::link::{self, Link, LinkError, LinkParams, LinkSender};
-use super::{cursor_key, load_cursor, unix_ms, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
+use super::{cursor_key, load_cursor, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
 use crate::message::{Message, QoS};
 use crate::router::RouterCmd;
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Op, Seq, Ticket};
+use crate::time::unix_ms;
 use crate::topic::filter_matches;
 
 /// Log entries read per range scan.
@@ -366,7 +367,7 @@ impl Bridge {
 
     fn link_params(&self) -> Result<LinkParams, String> {
         let (host, port) =
-            super::config::split_host_port(&self.config.address).ok_or("bad address")?;
+            crate::config::bridge::split_host_port(&self.config.address).ok_or("bad address")?;
         let keep_alive = u16::try_from(self.config.keep_alive).unwrap_or(u16::MAX);
         let mut connect = v4::Connect::new(self.client_id.clone());
         connect.keep_alive = keep_alive;

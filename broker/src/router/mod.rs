@@ -39,16 +39,17 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::acl::ClientAcl;
-use crate::bridge::{unix_ms, BridgeConfig};
-use crate::message::{ConnectOutcome, ConnectRequest, Message, Outbound, QoS, SubscribeFilter};
+use crate::bridge::BridgeConfig;
+use crate::config::{OnFull, StorageLimits};
+use crate::message::{ConnectOutcome, Message, Outbound, QoS, SubscribeFilter};
 use crate::persist::{self, Restored};
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
 use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};
 use crate::store::record::StoredMessage;
 use crate::store::{Durability, Keyspace, Op, Store, Ticket};
+use crate::time::unix_ms;
 use crate::topic::{filter_matches, ClientKey, SubscriptionTable};
-use crate::{OnFull, StorageLimits};
 
 /// Commands handled per wake-up before the batch is submitted (bounds ack latency).
 const MAX_BURST: usize = 1024;
@@ -59,6 +60,21 @@ const MAX_BURST: usize = 1024;
 /// 256 MiB of the log cost ~1.1 GB of memory here, after a long outage `max_age` could reach
 /// that much at once.
 const RETENTION_DELETE_MAX_BYTES: u64 = 16 << 20;
+
+/// What a client asked for when it connected, after the adapter validated it.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// Never empty: the adapter assigns an id to a clean session that sent none.
+    pub client_id: Arc<str>,
+    pub clean_session: bool,
+    pub keep_alive_secs: u16,
+    pub will: Option<Message>,
+    pub username: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
+    /// The ACL rules for this client (`None`: no ACL configured, everything allowed). The
+    /// router checks read access with them for every message it delivers.
+    pub acl: Option<Arc<ClientAcl>>,
+}
 
 /// Commands from connections and bridges to the router.
 #[derive(Debug)]
