@@ -1,0 +1,99 @@
+//! What the router is told: the commands connections and bridges send it, one queue for all,
+//! so the order of events is the order of this queue.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::acl::ClientAcl;
+use crate::message::{Message, QoS, SubscribeFilter};
+use crate::session::{ConnId, Outbox};
+
+/// What a client asked for when it connected, after the adapter validated it.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// Never empty: the adapter assigns an id to a clean session that sent none.
+    pub client_id: Arc<str>,
+    pub clean_session: bool,
+    pub keep_alive_secs: u16,
+    pub will: Option<Message>,
+    pub username: Option<String>,
+    pub peer: Option<std::net::SocketAddr>,
+    /// The ACL rules for this client (`None`: no ACL configured, everything allowed). The
+    /// router checks read access with them for every message it delivers.
+    pub acl: Option<Arc<ClientAcl>>,
+}
+
+/// Commands from connections and bridges to the router.
+#[derive(Debug)]
+pub enum RouterCmd {
+    Connect {
+        conn: ConnId,
+        request: ConnectRequest,
+        outbox: OutboxHandle,
+    },
+    Publish {
+        conn: ConnId,
+        pkid: u16,
+        message: Message,
+    },
+    /// A PUBLISH the connection refused (ACL, topic limits): acknowledged in its turn
+    /// (MQTT 3.1.1 has no negative acknowledgement), neither stored nor delivered.
+    Refused {
+        conn: ConnId,
+        pkid: u16,
+        qos: QoS,
+    },
+    PubAck {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubRec {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubRel {
+        conn: ConnId,
+        pkid: u16,
+    },
+    PubComp {
+        conn: ConnId,
+        pkid: u16,
+    },
+    Subscribe {
+        conn: ConnId,
+        pkid: u16,
+        filters: Vec<SubscribeFilter>,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    /// PINGREQ: answered here rather than by the connection, so that a PINGREQ sent right
+    /// behind the CONNECT is answered after the CONNACK [MQTT-3.2.0-1].
+    Ping {
+        conn: ConnId,
+    },
+    /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
+    Disconnected {
+        conn: ConnId,
+        graceful: bool,
+    },
+    /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
+    /// fires once it is accepted, durably where it had to be written.
+    Inject {
+        message: Message,
+        origin_bridge: Option<usize>,
+        accepted: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// `Outbox` wrapped so that `RouterCmd` can derive Debug.
+pub struct OutboxHandle(pub Outbox);
+
+impl std::fmt::Debug for OutboxHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Outbox")
+    }
+}

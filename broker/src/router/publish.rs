@@ -1,0 +1,240 @@
+//! The publish path: a client's PUBLISH (or a bridge's command) accepted once, its writes
+//! (log append for bridges, persistent sessions' queues, the retained store) added to the
+//! burst's batch, then routed to every matching subscriber. `accept_publish` is the single
+//! place a message is admitted; see the router's module doc for the ack contract.
+
+use super::*;
+
+impl Router {
+    pub(super) fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
+        self.stats
+            .message_received(message.qos, message.payload.len());
+        if let Some(info) = self.clients.get_mut(&conn) {
+            info.messages_in += 1;
+            let preview = message
+                .payload
+                .slice(..message.payload.len().min(LAST_PAYLOAD_PREVIEW));
+            match &mut info.last_publish {
+                // Reuse the topic allocation when a sensor publishes to the same topic again.
+                Some(last) if *last.topic == *message.topic => {
+                    last.payload = preview;
+                    last.at_ms = unix_ms();
+                }
+                last => {
+                    *last = Some(LastPublish {
+                        topic: message.topic.to_string(),
+                        payload: preview,
+                        at_ms: unix_ms(),
+                    })
+                }
+            }
+        }
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
+        let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else {
+            return;
+        };
+        let qos = message.qos;
+        // A resend of a QoS 2 message routed already is acknowledged, not delivered again.
+        let first_receipt = qos != QoS::ExactlyOnce || session.first_qos2_receipt(pkid);
+        if qos == QoS::ExactlyOnce && first_receipt {
+            self.batch_qos2.push((client.clone(), pkid));
+        }
+        if first_receipt {
+            if let Err(reason) = self.accept_publish(message, &client, None) {
+                // Nothing was stored or delivered: no ack, and the connection ends as for
+                // a packet over max_packet_size (3.1.1 cannot say why).
+                if qos == QoS::ExactlyOnce {
+                    self.batch_qos2.pop();
+                    if let Some(s) = self.sessions.get_mut(&client) {
+                        s.pubrel(pkid);
+                    }
+                }
+                warn!(client_id = %client, %reason, "publish cannot be stored: closing the connection");
+                outbox.send(Outbound::Close);
+                return;
+            }
+        }
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self
+                .batch_acks
+                .push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
+            QoS::ExactlyOnce => self
+                .batch_acks
+                .push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
+        }
+    }
+
+    /// The one place every accepted PUBLISH (client's, will, or bridge's) goes through:
+    /// durable writes first (collected for this burst's commit), then delivery.
+    ///
+    /// Admission: everything this message would write is checked here, for this message
+    /// alone, so that the burst's submission cannot be refused for its sake. A message that
+    /// cannot be stored is neither stored nor delivered (`Err`, counted and logged); its
+    /// sender decides what that means (a client's connection is closed).
+    pub(super) fn accept_publish(
+        &mut self,
+        message: Message,
+        origin: &str,
+        origin_bridge: Option<usize>,
+    ) -> Result<(), String> {
+        if let Some(durable) = &self.durable {
+            let now = unix_ms();
+            let forwarded =
+                durable.bridges.iter().enumerate().any(|(i, b)| {
+                    Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some()
+                });
+            let stored_origin = match origin_bridge {
+                Some(i) => bridge_origin(&durable.bridges[i].name),
+                None => origin.to_string(),
+            };
+            let mut ops = Vec::new();
+            if message.retain && message.payload.is_empty() {
+                ops.push(Op::Remove {
+                    space: Keyspace::Retained,
+                    key: message.topic.as_bytes().to_vec(),
+                });
+            } else if message.retain || forwarded {
+                let record = persist::to_stored(&message, &stored_origin, now)
+                    .encode()
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        if bytes.len() > crate::store::MAX_VALUE_BYTES {
+                            Err(format!(
+                                "record of {} bytes is larger than the store accepts ({} bytes)",
+                                bytes.len(),
+                                crate::store::MAX_VALUE_BYTES
+                            ))
+                        } else if message.retain
+                            && message.topic.len() > crate::store::MAX_KEY_BYTES
+                        {
+                            Err(format!(
+                                "retained topic of {} bytes is longer than the store's key limit ({} bytes)",
+                                message.topic.len(),
+                                crate::store::MAX_KEY_BYTES
+                            ))
+                        } else {
+                            Ok(bytes)
+                        }
+                    });
+                let bytes = match record {
+                    Ok(bytes) => bytes,
+                    Err(reason) => {
+                        error!(client_id = %stored_origin, topic = %message.topic, %reason,
+                            "message cannot be stored: refused (neither stored nor delivered)");
+                        crate::stats::STORE_FAULTS.record(
+                            crate::stats::StoreFault::RecordRefused,
+                            format!(
+                                "message on {} from {stored_origin}: {reason}",
+                                message.topic
+                            ),
+                        );
+                        return Err(reason);
+                    }
+                };
+                if message.retain {
+                    ops.push(Op::Put {
+                        space: Keyspace::Retained,
+                        key: message.topic.as_bytes().to_vec(),
+                        value: bytes.to_vec(),
+                    });
+                }
+                if forwarded {
+                    ops.push(Op::Append(bytes));
+                }
+            }
+            self.batch_ops.append(&mut ops);
+        }
+        self.route(message);
+        Ok(())
+    }
+
+    /// Updates the retained store and delivers to every matching subscription, once per
+    /// client at the highest QoS it was granted [MQTT-3.3.5-1].
+    pub(super) fn route(&mut self, message: Message) {
+        if message.retain {
+            if message.payload.is_empty() {
+                self.retained.remove(&message.topic);
+            } else {
+                self.retained.insert(message.topic.clone(), message.clone());
+            }
+        }
+        let mut matched = std::mem::take(&mut self.matched);
+        self.subscriptions
+            .for_each_match(&message.topic, |client, qos| {
+                let best = matched.entry(client.clone()).or_insert(qos);
+                *best = (*best).max(qos);
+            });
+        for (client, granted) in matched.drain() {
+            let copy = Message {
+                topic: message.topic.clone(),
+                payload: message.payload.clone(),
+                qos: message.qos.min(granted),
+                // The retain flag is only set on messages sent because of a new subscription [MQTT-3.3.1-9].
+                retain: false,
+            };
+            self.deliver_to(&client, copy);
+        }
+        self.matched = matched;
+    }
+
+    /// Hands one message to one session, writing it to disk first when the session is
+    /// persistent and the message QoS 1/2 (so that it survives a restart until acked).
+    pub(super) fn deliver_to(&mut self, client: &ClientKey, message: Message) {
+        // ACL: read access to this very topic (a wildcard subscription may reach further).
+        if !self.perms.is_empty()
+            && self
+                .perms
+                .get(client)
+                .is_some_and(|acl| !acl.may_read(&message.topic))
+        {
+            self.stats
+                .acl_denied_deliveries
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(client_id = %client, topic = %message.topic, "not delivered: no read access (ACL)");
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
+        let qos = message.qos;
+        let mut stored = None;
+        if self.durable.is_some()
+            && !session.clean
+            && qos != QoS::AtMostOnce
+            && session.would_keep(&self.limits)
+        {
+            let id = self.next_queue_id;
+            match persist::to_stored(&message, "", unix_ms()).encode() {
+                Ok(bytes) => {
+                    self.next_queue_id += 1;
+                    self.batch_ops.push(Op::Put {
+                        space: Keyspace::SessionQueue,
+                        key: persist::queue_key(client, id),
+                        value: bytes.to_vec(),
+                    });
+                    stored = Some(id);
+                }
+                Err(e) => {
+                    error!(client_id = %client, topic = %message.topic, error = %e, "message cannot be stored for the session: kept in memory only");
+                    crate::stats::STORE_FAULTS.record(
+                        crate::stats::StoreFault::RecordRefused,
+                        format!("queued message on {} for {client}: {e}", message.topic),
+                    );
+                }
+            }
+        }
+        let topic = message.topic.clone();
+        match session.deliver(message, stored, &self.limits) {
+            Ok(()) => self.stats.message_sent(qos),
+            Err(reason) => {
+                self.stats.message_dropped(reason);
+                if reason == Dropped::QueueFull {
+                    warn!(client_id = %client, topic = %topic, "queue full (max_queued_messages): message dropped for this client");
+                }
+            }
+        }
+    }
+}

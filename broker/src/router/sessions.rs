@@ -1,0 +1,304 @@
+//! Sessions and subscriptions as the router keeps them: CONNECT (new, resumed, taken over,
+//! discarded), the end of a connection (its will), SUBSCRIBE and UNSUBSCRIBE with their
+//! per-session admission, and the retained messages a new subscription is owed. Every write
+//! goes into the burst's batch and every answer through the ack pipeline (`acks.rs`), so a
+//! client is told only what is durable.
+
+use super::*;
+
+impl Router {
+    /// The session of a live connection; `None` for a connection that was taken over.
+    pub(super) fn session_of(&mut self, conn: ConnId) -> Option<(ClientKey, &mut Session)> {
+        let client = self.connections.get(&conn)?;
+        let session = self.sessions.get_mut(client)?;
+        match &session.online {
+            Some(online) if online.conn == conn => Some((client.clone(), session)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn connect(&mut self, conn: ConnId, request: ConnectRequest, outbox: Outbox) {
+        let client = request.client_id.clone();
+        // Whatever this CONNECT writes (a new session record, a discarded one, a will)
+        // must be durable before the CONNACK says "session present" or not.
+        let ops_before = self.batch_ops.len();
+        // Take over a live connection with the same client id [MQTT-3.1.4-2]: close it and
+        // publish its will, as for any connection the server closes.
+        let previous_will = self.sessions.get_mut(&client).and_then(|s| {
+            let old = s.online.take()?;
+            info!(client_id = %client, "session taken over by a new connection");
+            old.outbox.send(Outbound::Close);
+            self.connections.remove(&old.conn);
+            self.clients.remove(&old.conn);
+            self.stats.connection_closed();
+            old.will
+        });
+        if let Some(will) = previous_will {
+            // A will that cannot be stored is logged and counted by accept_publish.
+            let _ = self.accept_publish(will, &client, None);
+        }
+        // A clean session ends with its connection [MQTT-3.1.2-6], also a taken-over one.
+        if self.sessions.get(&client).is_some_and(|s| s.clean) {
+            self.discard_session(&client);
+        }
+        let session_present = match self.sessions.get(&client) {
+            Some(_) if request.clean_session => {
+                self.discard_session(&client);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if !request.clean_session && !session_present {
+            // Written now so that "session present" is true after a restart too.
+            self.save_session_record(&client, &std::collections::HashMap::new());
+        }
+        let session = self
+            .sessions
+            .entry(client.clone())
+            .or_insert_with(|| Session::new(request.clean_session));
+        session.clean = request.clean_session;
+        // What waits for this client id was checked against the previous connection's
+        // rules (or none, after a restart): keep only what this one may read.
+        let unreadable = match &request.acl {
+            Some(acl) => session.retain_waiting(|m| acl.may_read(&m.topic)),
+            None => Vec::new(),
+        };
+        let connack = Outbound::ConnAck(ConnectOutcome::Accepted { session_present });
+        if self.durable.is_some() && self.batch_ops.len() > ops_before {
+            outbox.hold();
+            self.batch_acks
+                .push(AckTarget::ConnAck(outbox.clone(), connack));
+        } else {
+            outbox.send(connack);
+        }
+        session.online = Some(Online {
+            conn,
+            outbox,
+            will: request.will,
+        });
+        session.resume(&self.limits);
+        if !unreadable.is_empty() {
+            self.stats
+                .acl_denied_deliveries
+                .fetch_add(unreadable.len() as u64, Ordering::Relaxed);
+            info!(client_id = %client, dropped = unreadable.len(), "queued messages this client may not read (ACL) dropped");
+        }
+        for id in unreadable {
+            self.batch_ops.push(Op::Remove {
+                space: Keyspace::SessionQueue,
+                key: persist::queue_key(&client, id),
+            });
+        }
+        match request.acl {
+            Some(acl) => self.perms.insert(client.clone(), acl),
+            None => self.perms.remove(&client),
+        };
+        self.clients.insert(
+            conn,
+            ClientInfo {
+                client_id: client.to_string(),
+                peer: request.peer,
+                username: request.username,
+                connected_at_ms: unix_ms(),
+                clean_session: request.clean_session,
+                messages_in: 0,
+                last_publish: None,
+            },
+        );
+        self.connections.insert(conn, client);
+        self.stats.connection_opened();
+    }
+
+    pub(super) fn save_session_record(
+        &mut self,
+        client: &str,
+        subscriptions: &HashMap<String, QoS>,
+    ) {
+        if self.durable.is_some() {
+            self.batch_ops.push(Op::Put {
+                space: Keyspace::Sessions,
+                key: client.as_bytes().to_vec(),
+                value: persist::encode_subscriptions(subscriptions),
+            });
+        }
+    }
+
+    pub(super) fn discard_session(&mut self, client: &ClientKey) {
+        self.perms.remove(client);
+        let Some(session) = self.sessions.remove(client) else {
+            return;
+        };
+        for filter in session.subscriptions.keys() {
+            self.subscriptions.remove(filter, client);
+        }
+        if !session.clean && self.durable.is_some() {
+            for id in session.stored_ids() {
+                self.batch_ops.push(Op::Remove {
+                    space: Keyspace::SessionQueue,
+                    key: persist::queue_key(client, id),
+                });
+            }
+            self.batch_ops.push(Op::Remove {
+                space: Keyspace::Sessions,
+                key: client.as_bytes().to_vec(),
+            });
+        }
+    }
+
+    pub(super) fn disconnected(&mut self, conn: ConnId, graceful: bool) {
+        self.clients.remove(&conn);
+        let Some(client) = self.connections.remove(&conn) else {
+            return; // taken over earlier: its will was handled then
+        };
+        self.stats.connection_closed();
+        let Some(session) = self.sessions.get_mut(&client) else {
+            return;
+        };
+        let will = match session.online.take() {
+            Some(online) if online.conn == conn => online.will,
+            other => {
+                session.online = other;
+                return;
+            }
+        };
+        if session.clean {
+            self.discard_session(&client);
+        }
+        if !graceful {
+            if let Some(will) = will {
+                debug!(client_id = %client, topic = %will.topic, "publishing will");
+                // A will that cannot be stored is logged and counted by accept_publish.
+                let _ = self.accept_publish(will, &client, None);
+            }
+        }
+    }
+
+    /// SUBACK goes out once the session record (for a persistent session) is durable, like
+    /// a PUBACK, so a subscription the client was told about survives a crash; the retained
+    /// messages for the new filters follow it ([`Router::release`]). Live messages may reach
+    /// the client before its SUBACK, which MQTT 3.1.1 allows (3.8.4).
+    pub(super) fn subscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<SubscribeFilter>) {
+        let max_subscriptions = self.limits.max_subscriptions;
+        let stored = self.durable.is_some();
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
+        let persistent = stored && !session.clean;
+        // Admission: the session record is rewritten whole and must stay within
+        // MAX_SESSION_RECORD_BYTES; filters that would outgrow it are refused for this
+        // client alone, never by failing the burst's commit.
+        let mut record_bytes: usize = if persistent {
+            session
+                .subscriptions
+                .keys()
+                .map(|f| persist::subscription_record_len(f))
+                .sum()
+        } else {
+            0
+        };
+        let mut granted = Vec::with_capacity(filters.len());
+        let mut new_filters = Vec::new();
+        let (mut over_limit, mut record_full) = (0u64, 0u64);
+        for f in filters {
+            let known = session.subscriptions.contains_key(&f.filter);
+            let full =
+                max_subscriptions > 0 && session.subscriptions.len() >= max_subscriptions && !known;
+            let grows = if persistent && !known {
+                persist::subscription_record_len(&f.filter)
+            } else {
+                0
+            };
+            match f.requested {
+                Some(_) if full => {
+                    over_limit += 1;
+                    granted.push(None);
+                }
+                Some(_) if record_bytes + grows > persist::MAX_SESSION_RECORD_BYTES => {
+                    record_full += 1;
+                    granted.push(None);
+                }
+                Some(qos) => {
+                    record_bytes += grows;
+                    session.subscriptions.insert(f.filter.clone(), qos);
+                    granted.push(Some(qos));
+                    new_filters.push((f.filter, qos));
+                }
+                None => granted.push(None),
+            }
+        }
+        let outbox = session.online.as_ref().map(|o| o.outbox.clone());
+        let record = persistent.then(|| session.subscriptions.clone());
+        if over_limit > 0 {
+            self.stats
+                .limit_refusals
+                .fetch_add(over_limit, Ordering::Relaxed);
+            warn!(client_id = %client, refused = over_limit, max_subscriptions, "max_subscriptions reached: filters refused in SUBACK");
+        }
+        if record_full > 0 {
+            self.stats
+                .session_record_full
+                .fetch_add(record_full, Ordering::Relaxed);
+            warn!(client_id = %client, refused = record_full, max_record_bytes = persist::MAX_SESSION_RECORD_BYTES,
+                "session record full: filters refused in SUBACK (0x80)");
+        }
+        for (filter, qos) in &new_filters {
+            self.subscriptions.insert(filter, client.clone(), *qos);
+        }
+        if let Some(subscriptions) = record {
+            self.save_session_record(&client, &subscriptions);
+        }
+        if let Some(outbox) = outbox {
+            self.batch_acks.push(AckTarget::SubAck {
+                conn,
+                outbox,
+                packet: Outbound::SubAck { pkid, granted },
+                granted: new_filters,
+            });
+        }
+    }
+
+    /// Retained messages matching newly granted filters, with the retain flag set
+    /// [MQTT-3.3.1-6], to the session of `conn` if it is still connected.
+    pub(super) fn send_retained(&mut self, conn: ConnId, granted: &[(String, QoS)]) {
+        let Some((client, _)) = self.session_of(conn) else {
+            return;
+        };
+        let mut retained: Vec<Message> = Vec::new();
+        for (filter, qos) in granted {
+            for message in self.retained.values() {
+                if filter_matches(filter, &message.topic) {
+                    let mut copy = message.clone();
+                    copy.qos = copy.qos.min(*qos);
+                    copy.retain = true;
+                    retained.push(copy);
+                }
+            }
+        }
+        for message in retained {
+            self.deliver_to(&client, message);
+        }
+    }
+
+    /// UNSUBACK, like SUBACK, once the shrunk session record is durable.
+    pub(super) fn unsubscribe(&mut self, conn: ConnId, pkid: u16, filters: Vec<String>) {
+        let Some((client, session)) = self.session_of(conn) else {
+            return;
+        };
+        for filter in &filters {
+            session.subscriptions.remove(filter);
+        }
+        let outbox = session.online.as_ref().map(|o| o.outbox.clone());
+        let record = (!session.clean).then(|| session.subscriptions.clone());
+        for filter in &filters {
+            self.subscriptions.remove(filter, &client);
+        }
+        if let Some(subscriptions) = record {
+            self.save_session_record(&client, &subscriptions);
+        }
+        if let Some(outbox) = outbox {
+            self.batch_acks
+                .push(AckTarget::Client(outbox, Outbound::UnsubAck(pkid)));
+        }
+    }
+}
