@@ -210,10 +210,9 @@ impl Drop for Link {
     }
 }
 
-/// One connection attempt, from name lookup to an accepted CONNACK. Meant to run as a task
-/// of its own (see the module docs): dropping it half-way leaves nothing behind, but a
-/// caller that keeps dropping it would never connect.
-pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<Link, LinkError> {
+/// Name lookup, TCP connect (each address in turn) and the TLS handshake, each step within
+/// `step_timeout`: the byte stream the CONNECT goes over.
+async fn open_stream(params: &LinkParams) -> Result<Box<dyn Stream>, LinkError> {
     let step = params.step_timeout;
     let secs = step.as_secs().max(1);
     let addrs = timeout(
@@ -247,7 +246,7 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
     let tcp = tcp.ok_or(last_error)?;
     tune_socket(&tcp, params.tcp_user_timeout);
 
-    let mut stream: Box<dyn Stream> = match &params.tls {
+    let stream: Box<dyn Stream> = match &params.tls {
         None => Box::new(tcp),
         Some(config) => {
             let name = ServerName::try_from(params.host.clone())
@@ -263,6 +262,16 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
             Box::new(tls)
         }
     };
+    Ok(stream)
+}
+
+/// One connection attempt, from name lookup to an accepted CONNACK. Meant to run as a task
+/// of its own (see the module docs): dropping it half-way leaves nothing behind, but a
+/// caller that keeps dropping it would never connect.
+pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<Link, LinkError> {
+    let step = params.step_timeout;
+    let secs = step.as_secs().max(1);
+    let mut stream = open_stream(&params).await?;
 
     let mut frame = BytesMut::with_capacity(params.connect.size());
     params

@@ -30,8 +30,11 @@
 //!   where they must be kept), in the order they came; with `clean_session = false` (the
 //!   default) the upstream keeps what arrives for the site while the link is down.
 
+mod failure;
+mod inbound;
 pub mod link;
 mod session;
+mod window;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

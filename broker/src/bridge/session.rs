@@ -12,7 +12,6 @@
 //! are sent again first, with their packet ids and DUP set (MQTT-4.4.0-1 for a persistent
 //! session), and entries already acknowledged are not sent again.
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -20,14 +19,14 @@ use rumqttc::mqttbytes::{v4, QoS as WireQoS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::link::{self, Link, LinkError, LinkParams, LinkSender};
+use super::failure::{encode, Failure};
+use super::inbound::{acknowledge_commands, AbortOnDrop};
+use super::link::{self, Link, LinkError, LinkParams};
+use super::window::{KeepAlive, Sent, Window};
 use super::{cursor_key, load_cursor, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
-use crate::message::{Message, QoS};
-use crate::router::RouterCmd;
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Op, Seq, Ticket};
 use crate::time::unix_ms;
-use crate::topic::filter_matches;
 
 /// Log entries read per range scan.
 const READ_AHEAD: usize = 1024;
@@ -53,242 +52,6 @@ const INCOMING_PER_TURN: usize = 1024;
 
 /// How long a graceful shutdown waits for queued bytes and DISCONNECT to leave.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Why a session or an attempt ended: a fixed label for metrics and a message for people.
-#[derive(Debug, Clone)]
-pub struct Failure {
-    pub reason: &'static str,
-    pub message: String,
-}
-
-impl From<LinkError> for Failure {
-    fn from(e: LinkError) -> Failure {
-        Failure {
-            reason: e.reason(),
-            message: e.to_string(),
-        }
-    }
-}
-
-impl Failure {
-    fn new(reason: &'static str, message: impl Into<String>) -> Failure {
-        Failure {
-            reason,
-            message: message.into(),
-        }
-    }
-}
-
-/// A log entry the window holds: sent and not yet acknowledged, acknowledged but behind an
-/// entry that is not, or passed over (not for this bridge) behind one that is not.
-struct Sent {
-    seq: Seq,
-    /// 0 for QoS 0 and passed-over entries.
-    pkid: u16,
-    acked: bool,
-    sent_at: Instant,
-    /// When the broker received it (Unix ms), for the forward latency histogram.
-    received_at_ms: u64,
-    /// Published upstream: may be duplicated after a crash until a cursor past it is durable.
-    forwarded: bool,
-    /// The encoded QoS 1 PUBLISH, kept until acknowledged to send again after a reconnect.
-    frame: Option<Bytes>,
-    /// Encoded length of a QoS 1 PUBLISH while unacknowledged (`Window::unacked_bytes`).
-    size: usize,
-}
-
-impl Sent {
-    /// An entry this bridge does not send (not for it, or undecodable): done with at once.
-    fn passed_over(seq: Seq) -> Sent {
-        Sent {
-            seq,
-            pkid: 0,
-            acked: true,
-            sent_at: Instant::now(),
-            received_at_ms: 0,
-            forwarded: false,
-            frame: None,
-            size: 0,
-        }
-    }
-}
-
-/// Forwarding state that survives reconnects (not restarts: those start at the durable
-/// cursor, see the module docs of `bridge`).
-struct Window {
-    /// Every entry `<=` cursor is done for this bridge (in memory; see `durable_cursor`).
-    cursor: Seq,
-    /// The cursor last submitted to the store, and the one the disk surely has.
-    persisted: Seq,
-    durable_cursor: Seq,
-    /// Cursor writes submitted and not yet durable.
-    unconfirmed: VecDeque<(Ticket, Seq)>,
-    last_persist: Instant,
-    /// Forwarded entries behind `cursor` but not behind `durable_cursor`: they would be sent
-    /// again after a crash, so they are bounded by `max_inflight` like `sent`.
-    forwarded_unpersisted: VecDeque<Seq>,
-    /// Entries after `cursor` that were read from the log, in log order.
-    sent: VecDeque<Sent>,
-    by_pkid: HashMap<u16, Seq>,
-    next_pkid: u16,
-    /// Entries read from the log ahead of the window: one range scan per READ_AHEAD.
-    read_ahead: VecDeque<(Seq, Bytes)>,
-    next_read: Seq,
-    /// PUBLISHes encoded this turn: where each lies in the turn's output buffer.
-    unframed: Vec<(Seq, std::ops::Range<usize>)>,
-    /// Encoded bytes of the QoS 1 PUBLISHes not yet acknowledged (`MAX_WINDOW_BYTES`).
-    unacked_bytes: usize,
-    /// PUBACKs not yet counted in the shared status (it is updated once per turn).
-    acked_since_status: u64,
-    /// Encoded and not yet queued to the writer (kept across a failed session).
-    out: BytesMut,
-    /// When the window was last refilled.
-    last_fill: Instant,
-}
-
-impl Window {
-    fn new(cursor: Seq) -> Window {
-        Window {
-            cursor,
-            persisted: cursor,
-            durable_cursor: cursor,
-            unconfirmed: VecDeque::new(),
-            last_persist: Instant::now(),
-            forwarded_unpersisted: VecDeque::new(),
-            sent: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            next_pkid: 1,
-            read_ahead: VecDeque::new(),
-            next_read: cursor + 1,
-            unframed: Vec::new(),
-            unacked_bytes: 0,
-            acked_since_status: 0,
-            out: BytesMut::new(),
-            last_fill: Instant::now(),
-        }
-    }
-
-    /// Keeps each QoS 1 PUBLISH encoded this turn as a slice of `written` (no copy), to send
-    /// again after a reconnect if it is still unacknowledged then.
-    fn keep_frames(&mut self, written: &Bytes) {
-        for (seq, range) in self.unframed.drain(..) {
-            if let Ok(i) = self.sent.binary_search_by_key(&seq, |s| s.seq) {
-                if let Some(entry) = self.sent.get_mut(i) {
-                    if !entry.acked {
-                        entry.frame = Some(written.slice(range));
-                    }
-                }
-            }
-        }
-    }
-
-    /// A packet id not in use (the window is far smaller than 65,535).
-    fn allocate_pkid(&mut self) -> u16 {
-        loop {
-            let pkid = self.next_pkid;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.by_pkid.contains_key(&pkid) {
-                return pkid;
-            }
-        }
-    }
-
-    fn unacked(&self) -> usize {
-        self.by_pkid.len()
-    }
-
-    /// Takes in what the store made durable since the last call.
-    fn absorb_durability(&mut self, durable_through: Ticket) {
-        while let Some((ticket, seq)) = self.unconfirmed.front().copied() {
-            if ticket > durable_through {
-                break;
-            }
-            self.unconfirmed.pop_front();
-            self.durable_cursor = seq;
-        }
-        let durable = self.durable_cursor;
-        while self
-            .forwarded_unpersisted
-            .front()
-            .is_some_and(|s| *s <= durable)
-        {
-            self.forwarded_unpersisted.pop_front();
-        }
-    }
-
-    /// Moves the cursor over the acknowledged prefix; returns how many entries it passed.
-    fn advance(&mut self) -> u64 {
-        let mut advanced = 0;
-        while self.sent.front().is_some_and(|s| s.acked) {
-            if let Some(done) = self.sent.pop_front() {
-                self.cursor = done.seq;
-                if done.forwarded {
-                    self.forwarded_unpersisted.push_back(done.seq);
-                }
-                advanced += 1;
-            }
-        }
-        advanced
-    }
-
-    /// Slots free for new PUBLISHes: both what is in the window and what is acknowledged
-    /// but not yet durably behind the cursor are bounded by `max_inflight`.
-    fn room(&self, max_inflight: usize) -> usize {
-        max_inflight
-            .saturating_sub(self.sent.len())
-            .min(max_inflight.saturating_sub(self.forwarded_unpersisted.len()))
-    }
-}
-
-/// Keep-alive bookkeeping for one connection.
-struct KeepAlive {
-    interval: Duration,
-    last_sent: Instant,
-    last_heard: Instant,
-    ping_sent_at: Option<Instant>,
-}
-
-impl KeepAlive {
-    fn new(interval: Duration) -> KeepAlive {
-        let now = Instant::now();
-        KeepAlive {
-            interval,
-            last_sent: now,
-            last_heard: now,
-            ping_sent_at: None,
-        }
-    }
-
-    /// Whether to send a PINGREQ now: after `interval` without sending (the MQTT keep-alive
-    /// contract), or without hearing anything (`interval / 2` of that while messages wait
-    /// for acknowledgement, so a dead link under load is found within one `interval`).
-    fn ping_due(&self, waiting_for_acks: bool) -> bool {
-        if self.ping_sent_at.is_some() {
-            return false;
-        }
-        let heard_limit = if waiting_for_acks {
-            self.interval / 2
-        } else {
-            self.interval
-        };
-        self.last_sent.elapsed() >= self.interval || self.last_heard.elapsed() >= heard_limit
-    }
-
-    /// Anything from the upstream shows the link is alive, and answers a PINGREQ.
-    fn heard(&mut self) {
-        self.last_heard = Instant::now();
-        self.ping_sent_at = None;
-    }
-
-    /// A PINGREQ unanswered for `interval / 2` means the connection is dead: nothing heard
-    /// for at most 1.5 x `interval` (1 x while messages wait).
-    fn dead(&self) -> Option<LinkError> {
-        let grace = self.interval / 2;
-        self.ping_sent_at
-            .filter(|at| at.elapsed() >= grace)
-            .map(|_| LinkError::PingTimeout(grace))
-    }
-}
 
 impl Bridge {
     pub(super) fn set_status(&self, f: impl FnOnce(&mut BridgeStatus)) {
@@ -440,39 +203,7 @@ impl Bridge {
             .map(|tx| tokio::spawn(acknowledge_commands(command_acks_rx, tx)));
         let _acker = AbortOnDrop(acker);
 
-        // A SUBSCRIBE of an earlier connection that never got its SUBACK holds no id now.
-        window.by_pkid.retain(|_, seq| *seq != 0);
-        if !self.config.subscribe.is_empty() {
-            let filters = self.config.subscribe.iter().map(|rule| {
-                let qos = if rule.qos == 0 {
-                    WireQoS::AtMostOnce
-                } else {
-                    WireQoS::AtLeastOnce
-                };
-                v4::SubscribeFilter::new(rule.remote.clone(), qos)
-            });
-            let mut subscribe = v4::Subscribe::new_many(filters);
-            subscribe.pkid = window.allocate_pkid();
-            // Held (as seq 0, which no log entry has) until the SUBACK, so no PUBLISH
-            // reuses the id meanwhile.
-            window.by_pkid.insert(subscribe.pkid, 0);
-            encode(out, |b| subscribe.write(b))?;
-        }
-        // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
-        window.unframed.clear();
-        let resent = window.sent.iter().filter(|e| e.frame.is_some()).count();
-        if resent > 0 {
-            info!(bridge = %self.config.name, resent, "sending unacknowledged messages again (DUP)");
-        }
-        for entry in window.sent.iter_mut() {
-            if let Some(frame) = &entry.frame {
-                let start = out.len();
-                out.extend_from_slice(frame);
-                out[start] |= 0x08; // DUP
-                window.unframed.push((entry.seq, start..out.len()));
-                entry.sent_at = Instant::now();
-            }
-        }
+        self.resume(window, out)?;
 
         let mut skip_rounds = 0;
         loop {
@@ -563,6 +294,45 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// What a new connection sends first: the SUBSCRIBE for the command topics, then every
+    /// PUBLISH the last connection left unacknowledged, with its packet id and DUP set.
+    fn resume(&self, window: &mut Window, out: &mut BytesMut) -> Result<(), Failure> {
+        // A SUBSCRIBE of an earlier connection that never got its SUBACK holds no id now.
+        window.by_pkid.retain(|_, seq| *seq != 0);
+        if !self.config.subscribe.is_empty() {
+            let filters = self.config.subscribe.iter().map(|rule| {
+                let qos = if rule.qos == 0 {
+                    WireQoS::AtMostOnce
+                } else {
+                    WireQoS::AtLeastOnce
+                };
+                v4::SubscribeFilter::new(rule.remote.clone(), qos)
+            });
+            let mut subscribe = v4::Subscribe::new_many(filters);
+            subscribe.pkid = window.allocate_pkid();
+            // Held (as seq 0, which no log entry has) until the SUBACK, so no PUBLISH
+            // reuses the id meanwhile.
+            window.by_pkid.insert(subscribe.pkid, 0);
+            encode(out, |b| subscribe.write(b))?;
+        }
+        // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
+        window.unframed.clear();
+        let resent = window.sent.iter().filter(|e| e.frame.is_some()).count();
+        if resent > 0 {
+            info!(bridge = %self.config.name, resent, "sending unacknowledged messages again (DUP)");
+        }
+        for entry in window.sent.iter_mut() {
+            if let Some(frame) = &entry.frame {
+                let start = out.len();
+                out.extend_from_slice(frame);
+                out[start] |= 0x08; // DUP
+                window.unframed.push((entry.seq, start..out.len()));
+                entry.sent_at = Instant::now();
+            }
+        }
+        Ok(())
     }
 
     /// Reads log entries into free window slots and encodes the PUBLISHes into `out`.
@@ -796,96 +566,11 @@ impl Bridge {
             }
         }
     }
-
-    /// A command from the cloud: publish it locally, and acknowledge it upstream once the
-    /// router has accepted it (durably, where it had to be written).
-    async fn deliver_locally(
-        &self,
-        publish: v4::Publish,
-        command_acks: &mpsc::UnboundedSender<(Bytes, oneshot::Receiver<()>)>,
-    ) -> Result<(), Failure> {
-        let mut ack = BytesMut::new();
-        match publish.qos {
-            WireQoS::AtMostOnce => {}
-            WireQoS::AtLeastOnce => encode(&mut ack, |b| v4::PubAck::new(publish.pkid).write(b))?,
-            WireQoS::ExactlyOnce => encode(&mut ack, |b| v4::PubRec::new(publish.pkid).write(b))?,
-        }
-        let (accepted_tx, accepted_rx) = oneshot::channel();
-        match self
-            .config
-            .subscribe
-            .iter()
-            .find(|r| filter_matches(&r.remote, &publish.topic))
-        {
-            None => {
-                let _ = accepted_tx.send(()); // not ours to deliver: just acknowledge it
-            }
-            Some(rule) => {
-                self.set_status(|s| s.received += 1);
-                let qos = match publish.qos {
-                    WireQoS::AtMostOnce => QoS::AtMostOnce,
-                    WireQoS::AtLeastOnce => QoS::AtLeastOnce,
-                    WireQoS::ExactlyOnce => QoS::ExactlyOnce,
-                };
-                let topic = format!("{}{}", rule.local_prefix, publish.topic);
-                let message = Message::new(topic, publish.payload, qos, publish.retain);
-                self.router
-                    .send(RouterCmd::Inject {
-                        message,
-                        origin_bridge: Some(self.index),
-                        accepted: Some(accepted_tx),
-                    })
-                    .await
-                    .map_err(|_| Failure::new("shutdown", "broker stopping"))?;
-            }
-        }
-        if !ack.is_empty() {
-            let _ = command_acks.send((ack.freeze(), accepted_rx));
-        }
-        Ok(())
-    }
-}
-
-/// Sends each command's acknowledgement once the router accepted it, in arrival order. A
-/// command the router never accepts is never acknowledged: the upstream sends it again.
-async fn acknowledge_commands(
-    mut pending: mpsc::UnboundedReceiver<(Bytes, oneshot::Receiver<()>)>,
-    link: LinkSender,
-) {
-    while let Some((ack, accepted)) = pending.recv().await {
-        if accepted.await.is_err() {
-            // Not accepted (the router could not keep it): left unacknowledged, so the
-            // upstream sends it again after the next reconnect. Later commands go on.
-            continue;
-        }
-        if link.send(ack).is_err() {
-            return;
-        }
-    }
 }
 
 /// Resolves once shutdown is signalled (holding no borrow of the watch afterwards).
 async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
-}
-
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
-    }
-}
-
-fn encode(
-    out: &mut BytesMut,
-    write: impl FnOnce(&mut BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
-) -> Result<(), Failure> {
-    write(out)
-        .map(|_| ())
-        .map_err(|e| Failure::new("protocol_error", format!("encoding: {e}")))
 }
 
 #[cfg(test)]
