@@ -43,11 +43,18 @@ fn router_on(store: &Store, max_age: Duration) -> Router {
 
 fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::session::OutboxReceiver {
     let (outbox, rx) = Outbox::new();
+    connect_on(router, conn, client_id, true, outbox);
+    rx
+}
+
+/// CONNECT on `conn` with the given clean_session flag, answered through `outbox` (which
+/// may be shared by several connections, to see one order across them); ends the burst.
+fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, outbox: Outbox) {
     router.handle(RouterCmd::Connect {
         conn,
         request: ConnectRequest {
             client_id: client_id.into(),
-            clean_session: true,
+            clean_session: clean,
             keep_alive_secs: 60,
             will: None,
             username: None,
@@ -57,7 +64,6 @@ fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::session
         outbox: OutboxHandle(outbox),
     });
     router.end_burst();
-    rx
 }
 
 fn drain(rx: &mut crate::session::OutboxReceiver) -> Vec<Outbound> {
@@ -67,6 +73,90 @@ fn drain(rx: &mut crate::session::OutboxReceiver) -> Vec<Outbound> {
     }
     out
 }
+
+fn open_store(tmp: &tempfile::TempDir) -> Store {
+    Store::open(StoreConfig::new(tmp.path().join("store")))
+        .expect("open")
+        .0
+}
+
+fn publish(router: &mut Router, conn: ConnId, pkid: u16, topic: &str, payload: &str, qos: QoS) {
+    router.handle(RouterCmd::Publish {
+        conn,
+        pkid,
+        message: Message::new(topic, payload.to_string(), qos, false),
+    });
+}
+
+fn publish_retained(router: &mut Router, conn: ConnId, pkid: u16, topic: &str, payload: &str) {
+    router.handle(RouterCmd::Publish {
+        conn,
+        pkid,
+        message: Message::new(topic, payload.to_string(), QoS::AtLeastOnce, true),
+    });
+}
+
+fn subscribe(router: &mut Router, conn: ConnId, pkid: u16, filter: &str, qos: QoS) {
+    router.handle(RouterCmd::Subscribe {
+        conn,
+        pkid,
+        filters: vec![SubscribeFilter {
+            filter: filter.into(),
+            requested: Some(qos),
+        }],
+    });
+}
+
+/// The ticket the last waiting ack is queued behind.
+fn last_pending_ticket(router: &Router) -> Ticket {
+    router.pending_acks.back().expect("an ack is waiting").0
+}
+
+/// Waits (bounded) until the store has made durable everything the waiting acks depend
+/// on and tells the router, as its run loop does on a durability update, submitting what
+/// released SUBACKs wrote and repeating for that.
+fn settle(router: &mut Router, store: &Store) {
+    for _ in 0..10 {
+        let Some((ticket, _)) = router.pending_acks.back() else {
+            return;
+        };
+        let ticket = *ticket;
+        store
+            .wait_durable(ticket, Duration::from_secs(10))
+            .expect("durable in time");
+        router.on_durable(Durability {
+            durable_through: ticket,
+            ..Durability::default()
+        });
+        while !router.batch_ops.is_empty() {
+            router.end_burst();
+        }
+    }
+    panic!("acks still waiting after 10 rounds of durability updates");
+}
+
+/// One packet as a short string, so whole sequences can be compared with `assert_eq!`.
+fn show(packet: &Outbound) -> String {
+    match packet {
+        Outbound::Publish { pkid, message, dup } => format!(
+            "Publish({pkid} {} {:?} q{}{}{})",
+            message.topic,
+            String::from_utf8_lossy(&message.payload),
+            message.qos as u8,
+            if message.retain { " retain" } else { "" },
+            if *dup { " dup" } else { "" },
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+/// What the connection behind `rx` has been sent since the last call.
+fn packets(rx: &mut crate::session::OutboxReceiver) -> Vec<String> {
+    drain(rx).iter().map(show).collect()
+}
+
+const CONNACK_NEW: &str = "ConnAck(Accepted { session_present: false })";
+const CONNACK_PRESENT: &str = "ConnAck(Accepted { session_present: true })";
 
 // A burst the store refuses (here: shut down under it) acknowledges nothing: the QoS 2
 // publisher gets its connection closed instead of a PUBREC, and its packet id is not
@@ -150,4 +240,254 @@ fn max_age_scan_counts_an_undecodable_record_as_a_fault_not_as_expired() {
     assert!(STORE_FAULTS.count(StoreFault::CorruptRecord) > faults_before);
     let (through, _) = router.pending_drop.expect("a delete was submitted");
     assert_eq!(through, 3, "the fresh record (seq 4) is kept");
+}
+
+// PUBACKs wait for the store to report their burst durable and leave in the order the
+// PUBLISHes arrived, across clients and bursts: those of the second burst (including one
+// that wrote nothing, in a third burst) stay behind the first burst's until the router
+// hears that the second burst is durable too, even if the disk already has it.
+#[test]
+fn qos1_pubacks_wait_for_durability_and_keep_arrival_order_across_bursts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    // One outbox for both connections: its receiver sees the order acks are released in.
+    let (outbox, mut rx) = Outbox::new();
+    connect_on(&mut router, 1, "a", true, outbox.clone());
+    connect_on(&mut router, 2, "b", true, outbox);
+    assert_eq!(packets(&mut rx), [CONNACK_NEW, CONNACK_NEW]);
+
+    // Burst 1: retained messages are written; "n/a" writes nothing but is behind them.
+    publish_retained(&mut router, 1, 1, "r/a", "a1");
+    publish_retained(&mut router, 2, 10, "r/b", "b10");
+    publish(&mut router, 1, 2, "n/a", "a2", QoS::AtLeastOnce);
+    router.end_burst();
+    let first = last_pending_ticket(&router);
+    assert_eq!(
+        packets(&mut rx),
+        Vec::<String>::new(),
+        "no PUBACK before durable"
+    );
+
+    // Burst 2, written; burst 3 writes nothing but must wait behind burst 2.
+    publish_retained(&mut router, 2, 11, "r/b", "b11");
+    publish_retained(&mut router, 1, 3, "r/a", "a3");
+    router.end_burst();
+    let second = last_pending_ticket(&router);
+    assert!(second > first, "the second burst has its own ticket");
+    publish(&mut router, 1, 4, "n/a", "a4", QoS::AtLeastOnce);
+    router.end_burst();
+    assert_eq!(last_pending_ticket(&router), second);
+    assert_eq!(router.pending_acks.len(), 6);
+    assert_eq!(
+        packets(&mut rx),
+        Vec::<String>::new(),
+        "no PUBACK before durable"
+    );
+
+    // On disk already, but the router has not been told: still nothing.
+    store
+        .wait_durable(second, Duration::from_secs(10))
+        .expect("durable in time");
+    assert_eq!(packets(&mut rx), Vec::<String>::new());
+
+    router.on_durable(Durability {
+        durable_through: first,
+        ..Durability::default()
+    });
+    assert_eq!(
+        packets(&mut rx),
+        ["PubAck(1)", "PubAck(10)", "PubAck(2)"],
+        "only the first burst, in arrival order"
+    );
+    router.on_durable(Durability {
+        durable_through: second,
+        ..Durability::default()
+    });
+    assert_eq!(packets(&mut rx), ["PubAck(11)", "PubAck(3)", "PubAck(4)"]);
+    assert!(router.pending_acks.is_empty());
+}
+
+// A QoS 2 PUBLISH resent before PUBREL (before or after its PUBREC) is answered with PUBREC
+// again, in its turn, but routed and written once: the subscriber gets one copy and its
+// persistent queue holds one entry. After PUBREL (answered with PUBCOMP) the packet id is
+// free, and a new PUBLISH with it is a new message.
+#[test]
+fn qos2_resend_before_pubrel_is_pubrecd_again_but_stored_and_routed_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut publisher = connect(&mut router, 1, "pub");
+    // Persistent: every message it is owed is written to its queue in the store.
+    let (outbox, mut sub) = Outbox::new();
+    connect_on(&mut router, 2, "sub", false, outbox);
+    subscribe(&mut router, 2, 1, "q/#", QoS::ExactlyOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), [CONNACK_NEW]);
+    assert_eq!(
+        packets(&mut sub),
+        [
+            CONNACK_NEW,
+            "SubAck { pkid: 1, granted: [Some(ExactlyOnce)] }"
+        ]
+    );
+    let queued = |store: &Store| {
+        store
+            .scan(Keyspace::SessionQueue, &persist::queue_prefix("sub"))
+            .expect("scan")
+            .len()
+    };
+
+    publish(&mut router, 1, 5, "q/x", "once", QoS::ExactlyOnce);
+    router.end_burst();
+    assert_eq!(
+        packets(&mut publisher),
+        Vec::<String>::new(),
+        "PUBREC waits"
+    );
+    assert_eq!(packets(&mut sub), ["Publish(1 q/x \"once\" q2)"]);
+    // Resent while its PUBREC is still waiting for the disk.
+    publish(&mut router, 1, 5, "q/x", "once", QoS::ExactlyOnce);
+    router.end_burst();
+    assert_eq!(
+        packets(&mut publisher),
+        Vec::<String>::new(),
+        "PUBREC waits"
+    );
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubRec(5)", "PubRec(5)"]);
+    // Resent after its PUBREC, before PUBREL.
+    publish(&mut router, 1, 5, "q/x", "once", QoS::ExactlyOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubRec(5)"]);
+    assert_eq!(packets(&mut sub), Vec::<String>::new(), "routed once");
+    assert_eq!(queued(&store), 1, "written to the subscriber's queue once");
+
+    router.handle(RouterCmd::PubRel { conn: 1, pkid: 5 });
+    router.end_burst();
+    assert_eq!(packets(&mut publisher), ["PubComp(5)"]);
+    // The id is free again: the same id now carries a new message.
+    publish(&mut router, 1, 5, "q/x", "next", QoS::ExactlyOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubRec(5)"]);
+    assert_eq!(packets(&mut sub), ["Publish(2 q/x \"next\" q2)"]);
+    assert_eq!(queued(&store), 2);
+}
+
+// A second CONNECT with the same client id takes the session over: the old connection is
+// told to close (and what it sends on its way out, up to its Disconnected, is ignored), the
+// new one gets CONNACK with session present, and the subscriptions of the persistent
+// session deliver to the new connection only.
+#[test]
+fn takeover_closes_the_old_connection_and_the_session_continues_on_the_new_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut publisher = connect(&mut router, 3, "p");
+    let (outbox, mut old) = Outbox::new();
+    connect_on(&mut router, 1, "a", false, outbox);
+    subscribe(&mut router, 1, 1, "t/#", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), [CONNACK_NEW]);
+    assert_eq!(
+        packets(&mut old),
+        [
+            CONNACK_NEW,
+            "SubAck { pkid: 1, granted: [Some(AtLeastOnce)] }"
+        ]
+    );
+
+    let (outbox, mut new) = Outbox::new();
+    connect_on(&mut router, 2, "a", false, outbox);
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut old), ["Close"]);
+    assert_eq!(packets(&mut new), [CONNACK_PRESENT]);
+    // The old connection's last words, then its end: no answer, and no effect on "a".
+    router.handle(RouterCmd::Ping { conn: 1 });
+    router.handle(RouterCmd::Disconnected {
+        conn: 1,
+        graceful: false,
+    });
+    router.end_burst();
+    assert!(router.session_of(1).is_none());
+    let (_, session) = router
+        .session_of(2)
+        .expect("the session lives on connection 2");
+    assert_eq!(
+        session.subscriptions.get("t/#"),
+        Some(&QoS::AtLeastOnce),
+        "the subscription came along"
+    );
+
+    publish(&mut router, 3, 7, "t/x", "after", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubAck(7)"]);
+    assert_eq!(packets(&mut new), ["Publish(1 t/x \"after\" q1)"]);
+    assert_eq!(packets(&mut old), Vec::<String>::new());
+}
+
+// A retained message replaces the one before it on its topic: a new subscriber gets exactly
+// the latest, with the retain flag, right behind its SUBACK (which waits for its session
+// record). An empty retained payload is delivered to live subscribers as usual and
+// clears the topic, in memory and in the store: a later subscriber gets nothing retained.
+#[test]
+fn a_new_subscriber_gets_only_the_latest_retained_message_and_none_once_cleared() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut publisher = connect(&mut router, 1, "p");
+    assert_eq!(packets(&mut publisher), [CONNACK_NEW]);
+    publish_retained(&mut router, 1, 1, "cfg/t", "v1");
+    router.end_burst();
+    settle(&mut router, &store);
+    publish_retained(&mut router, 1, 2, "cfg/t", "v2");
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubAck(1)", "PubAck(2)"]);
+    let stored = store
+        .get(Keyspace::Retained, b"cfg/t")
+        .expect("get")
+        .expect("retained message stored");
+    let stored = StoredMessage::decode(&bytes::Bytes::from(stored)).expect("decodes");
+    assert_eq!(&stored.payload[..], b"v2");
+
+    let (outbox, mut sub) = Outbox::new();
+    connect_on(&mut router, 2, "s", false, outbox);
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut sub), [CONNACK_NEW]);
+    subscribe(&mut router, 2, 4, "cfg/t", QoS::AtLeastOnce);
+    router.end_burst();
+    assert_eq!(packets(&mut sub), Vec::<String>::new(), "SUBACK waits");
+    settle(&mut router, &store);
+    assert_eq!(
+        packets(&mut sub),
+        [
+            "SubAck { pkid: 4, granted: [Some(AtLeastOnce)] }",
+            "Publish(1 cfg/t \"v2\" q1 retain)"
+        ]
+    );
+
+    publish_retained(&mut router, 1, 3, "cfg/t", "");
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher), ["PubAck(3)"]);
+    assert_eq!(packets(&mut sub), ["Publish(2 cfg/t \"\" q1)"]);
+    assert_eq!(store.get(Keyspace::Retained, b"cfg/t").expect("get"), None);
+
+    let mut late = connect(&mut router, 3, "late");
+    subscribe(&mut router, 3, 5, "cfg/t", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(
+        packets(&mut late),
+        [
+            CONNACK_NEW,
+            "SubAck { pkid: 5, granted: [Some(AtLeastOnce)] }"
+        ]
+    );
 }
