@@ -9,69 +9,29 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::acl::ClientAcl;
-use crate::auth::{Authenticator, Refusal};
-use crate::config::Limits;
-use crate::message::{ConnectOutcome, Outbound, QoS, SubscribeFilter};
-use crate::ratelimit::TokenBucket;
-use crate::router::ConnectRequest;
+use crate::message::{QoS, SubscribeFilter};
 use crate::router::{OutboxHandle, RouterCmd};
-use crate::session::{ConnId, Outbox, OutboxReceiver};
-use crate::stats::Stats;
+use crate::session::{ConnId, Outbox};
 use crate::topic::{valid_filter, valid_topic_name};
 use crate::v4::{self, DecodeError, Inbound};
 
+mod context;
+mod framing;
+mod handshake;
+
+pub use context::ConnectionContext;
+use context::{topic_within_limits, Guard};
+use framing::write_loop;
+use handshake::{admit, read_connect};
+
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Write at most this much per socket write when draining the outbox.
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
-
-pub struct ConnectionContext {
-    pub limits: Limits,
-    pub router: mpsc::Sender<RouterCmd>,
-    pub stats: Arc<Stats>,
-    pub shutdown: watch::Receiver<bool>,
-    /// True while the store cannot take more (reject_new, disk failing): publishers are
-    /// not read from, so their unacknowledged messages stay with them.
-    pub ingest_paused: watch::Receiver<bool>,
-    /// Password check and ACL rules, shared by every connection.
-    pub auth: Arc<Authenticator>,
-    /// The listener's TLS settings and certificates (`None`: plain TCP); see `server::serve`.
-    pub tls: Option<Arc<crate::tls::TlsListener>>,
-}
-
-/// What one connection enforces on its own client after CONNECT.
-struct Guard {
-    /// `None`: no ACL configured.
-    acl: Option<Arc<ClientAcl>>,
-    /// `max_publish_rate`.
-    publish_rate: Option<TokenBucket>,
-    /// Refusals logged so far (the first few, then one in 1000: a client publishing to a
-    /// forbidden topic in a loop must not flood the log).
-    refusals: u64,
-}
-
-impl Guard {
-    fn should_log_refusal(&mut self) -> bool {
-        self.refusals += 1;
-        self.refusals <= 10 || self.refusals % 1000 == 0
-    }
-}
-
-/// `max_topic_length` and `max_topic_levels`, for a topic name or filter.
-fn topic_within_limits(topic: &str, limits: &Limits) -> bool {
-    topic.len() <= limits.max_topic_length
-        && topic.bytes().filter(|b| *b == b'/').count() < limits.max_topic_levels
-}
 
 /// Why the reader stopped.
 enum End {
@@ -95,153 +55,15 @@ pub async fn handle<S>(
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(1024);
 
-    // The first packet must be a CONNECT, within connect_timeout [MQTT-3.1.0-1].
-    let first = timeout(
-        ctx.limits.connect_timeout,
-        read_packet(&mut reader, &mut buf, ctx.limits.max_packet_size),
-    )
-    .await;
-    let connect = match first {
-        Err(_) => {
-            ctx.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "no CONNECT within connect_timeout: closing");
-            return;
-        }
-        Ok(Ok(Inbound::Connect(c))) => c,
-        Ok(Ok(_)) => {
-            warn!(%peer, "first packet is not CONNECT: closing");
-            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        Ok(Err(DecodeError::UnsupportedProtocol(level))) => {
-            info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
-            let _ = write_now(
-                &mut writer,
-                Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol),
-            )
-            .await;
-            return;
-        }
-        Ok(Err(DecodeError::Closed)) if buf.is_empty() => {
-            // A port probe or a health check, not a client gone wrong.
-            ctx.stats
-                .closed_before_connect
-                .fetch_add(1, Ordering::Relaxed);
-            debug!(%peer, "connection closed before CONNECT");
-            return;
-        }
-        Ok(Err(e)) => {
-            log_bad_input(&peer, "", &e);
-            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-    };
-
-    let client_id: Arc<str> = if connect.client_id.is_empty() {
-        if !connect.clean_session {
-            // A persistent session needs a name to be found again [MQTT-3.1.3-8].
-            info!(%peer, "empty client id with clean session 0: CONNACK 0x02");
-            let _ = write_now(
-                &mut writer,
-                Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
-            )
-            .await;
-            return;
-        }
-        generated_client_id().into()
-    } else {
-        connect.client_id.into()
-    };
-    if !connect.clean_session && client_id.len() > crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES {
-        // Its session could not be stored: refuse it here, for this client alone.
-        info!(%peer, len = client_id.len(), max = crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES, "client id too long for a persistent session: CONNACK 0x02");
-        let _ = write_now(
-            &mut writer,
-            Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
-        )
-        .await;
+    let Some(connect) = read_connect(&mut reader, &mut writer, &mut buf, &peer, &ctx).await else {
         return;
-    }
-    if let Some(will) = &connect.last_will {
-        if !valid_topic_name(&will.topic) {
-            warn!(%peer, client_id = %client_id, "will topic is not a valid topic name: closing");
-            return;
-        }
-    }
-
-    // Authentication (slow hashing runs off the runtime). The password is never logged.
-    let (username, password) = match connect.login {
-        Some(l) => (Some(l.username), l.password),
-        None => (None, String::new()),
     };
-    // A verified client certificate is the credential: its CN replaces any user name sent
-    // and no password is checked (Mosquitto's use_identity_as_username).
-    let certified = identity.is_some();
-    let username = identity.or(username);
-    let checked = if certified {
-        Ok(())
-    } else {
-        ctx.auth
-            .check(username.as_deref(), password.as_bytes())
-            .await
-    };
-    if let Err(refusal) = checked {
-        drop(password);
-        ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-        let outcome = match refusal {
-            Refusal::AnonymousNotAllowed => ConnectOutcome::NotAuthorized,
-            Refusal::BadCredentials => ConnectOutcome::BadCredentials,
-        };
-        warn!(%peer, client_id = %client_id, username = username.as_deref().unwrap_or(""), reason = refusal.reason(), "authentication failed: connection refused");
-        let _ = write_now(&mut writer, Outbound::ConnAck(outcome)).await;
+    let clean_session = connect.clean_session;
+    let Some((request, mut guard)) = admit(connect, &mut writer, &peer, &ctx, identity).await
+    else {
         return;
-    }
-    drop(password);
-    let mut guard = Guard {
-        acl: ctx.auth.client_acl(&client_id, username.as_deref()),
-        publish_rate: (ctx.limits.max_publish_rate > 0).then(|| {
-            TokenBucket::new(
-                ctx.limits.max_publish_rate,
-                ctx.limits.max_publish_rate,
-                Instant::now(),
-            )
-        }),
-        refusals: 0,
     };
-    let mut will = connect.last_will.map(v4::will_from_v4);
-    if let Some(w) = &will {
-        let within = topic_within_limits(&w.topic, &ctx.limits);
-        let writable = guard
-            .acl
-            .as_ref()
-            .is_none_or(|acl| acl.may_publish(&w.topic));
-        if !within || !writable {
-            let counter = if within {
-                &ctx.stats.acl_denied_publish
-            } else {
-                &ctx.stats.limit_refusals
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            let reason = if within {
-                "no write access (ACL)"
-            } else {
-                "topic over max_topic_length/max_topic_levels"
-            };
-            warn!(%peer, client_id = %client_id, topic = %w.topic, reason, "will refused: it will not be published");
-            will = None;
-        }
-    }
-
-    let keep_alive = connect.keep_alive;
-    let request = ConnectRequest {
-        client_id: client_id.clone(),
-        clean_session: connect.clean_session,
-        keep_alive_secs: keep_alive,
-        will,
-        username,
-        peer: Some(peer),
-        acl: guard.acl.clone(),
-    };
+    let (client_id, keep_alive) = (request.client_id.clone(), request.keep_alive_secs);
 
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (outbox, outbox_rx) = Outbox::new();
@@ -258,7 +80,7 @@ pub async fn handle<S>(
     {
         return; // broker stopping
     }
-    info!(%peer, client_id = %client_id, keep_alive, clean_session = connect.clean_session, "client connected");
+    info!(%peer, client_id = %client_id, keep_alive, clean_session, "client connected");
 
     let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx, client_id.clone()));
     let keep_alive_limit =
@@ -293,41 +115,6 @@ async fn own_close(writer_task: &mut tokio::task::JoinHandle<()>) {
         .is_err()
     {
         writer_task.abort();
-    }
-}
-
-fn generated_client_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!(
-        "auto-{:x}-{}",
-        nanos,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
-    warn!(%peer, client_id, error = %error, "bad packet: closing connection");
-}
-
-/// Reads until one whole packet is decoded.
-async fn read_packet(
-    reader: &mut (impl AsyncRead + Unpin),
-    buf: &mut BytesMut,
-    max_packet_size: usize,
-) -> Result<Inbound, DecodeError> {
-    loop {
-        match v4::decode(buf, max_packet_size) {
-            Err(DecodeError::Incomplete) => {}
-            other => return other,
-        }
-        match reader.read_buf(buf).await {
-            Ok(0) | Err(_) => return Err(DecodeError::Closed),
-            Ok(_) => {}
-        }
     }
 }
 
@@ -507,56 +294,4 @@ async fn dispatch(
     // A full router queue makes this wait: back-pressure on every publisher alike.
     ctx.router.send(cmd).await.map_err(|_| "broker stopping")?;
     Ok(true)
-}
-
-async fn write_now(
-    writer: &mut (impl AsyncWrite + Unpin),
-    packet: Outbound,
-) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    v4::encode(&packet, &mut buf).map_err(std::io::Error::other)?;
-    writer.write_all(&buf).await?;
-    writer.flush().await
-}
-
-async fn write_loop(
-    mut writer: impl AsyncWrite + Unpin,
-    mut outbox: OutboxReceiver,
-    client_id: Arc<str>,
-) {
-    // Starts small and grows with the traffic: an idle sensor connection should cost a few
-    // KiB, not a 64 KiB batch buffer (10,000 idle clients measured 19 KiB each with it).
-    let mut buf = BytesMut::with_capacity(512);
-    while let Some(first) = outbox.rx.recv().await {
-        let mut count = 0;
-        let mut next = Some(first);
-        let mut close = false;
-        while let Some(packet) = next.take() {
-            count += 1;
-            if matches!(packet, Outbound::Close) {
-                close = true;
-                break;
-            }
-            if let Err(e) = v4::encode(&packet, &mut buf) {
-                match &packet {
-                    Outbound::Publish { message, .. } => {
-                        warn!(client_id = %client_id, topic = %message.topic, error = %e, "cannot encode outgoing PUBLISH: dropped")
-                    }
-                    _ => {
-                        warn!(client_id = %client_id, error = %e, "cannot encode outgoing packet: dropped")
-                    }
-                }
-            }
-            if buf.len() < WRITE_BATCH_BYTES {
-                next = outbox.rx.try_recv().ok();
-            }
-        }
-        let written = writer.write_all(&buf).await;
-        buf.clear();
-        outbox.written(count);
-        if written.is_err() || close {
-            let _ = writer.shutdown().await;
-            return;
-        }
-    }
 }

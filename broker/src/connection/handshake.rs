@@ -1,0 +1,219 @@
+//! The CONNECT handshake: the first packet within `connect_timeout`, then everything checked
+//! before the router sees the client (its id, credentials or certificate identity, ACL,
+//! will). Refusals answer with the CONNACK code Mosquitto would send.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::auth::Refusal;
+use crate::message::{ConnectOutcome, Outbound};
+use crate::ratelimit::TokenBucket;
+use crate::router::ConnectRequest;
+use crate::topic::valid_topic_name;
+use crate::v4::{self, DecodeError, Inbound};
+
+use super::context::{topic_within_limits, ConnectionContext, Guard};
+use super::framing::{log_bad_input, read_packet, write_now};
+
+/// The first packet, which must be a CONNECT within `connect_timeout` [MQTT-3.1.0-1];
+/// `None` (after answering or counting what came instead) when the connection is to close.
+pub(super) async fn read_connect(
+    reader: &mut (impl AsyncRead + Unpin),
+    writer: &mut (impl AsyncWrite + Unpin),
+    buf: &mut BytesMut,
+    peer: &SocketAddr,
+    ctx: &ConnectionContext,
+) -> Option<rumqttc::mqttbytes::v4::Connect> {
+    let first = timeout(
+        ctx.limits.connect_timeout,
+        read_packet(reader, buf, ctx.limits.max_packet_size),
+    )
+    .await;
+    match first {
+        Err(_) => {
+            ctx.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "no CONNECT within connect_timeout: closing");
+            return None;
+        }
+        Ok(Ok(Inbound::Connect(c))) => Some(c),
+        Ok(Ok(_)) => {
+            warn!(%peer, "first packet is not CONNECT: closing");
+            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Ok(Err(DecodeError::UnsupportedProtocol(level))) => {
+            info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
+            let _ = write_now(
+                writer,
+                Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol),
+            )
+            .await;
+            return None;
+        }
+        Ok(Err(DecodeError::Closed)) if buf.is_empty() => {
+            // A port probe or a health check, not a client gone wrong.
+            ctx.stats
+                .closed_before_connect
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%peer, "connection closed before CONNECT");
+            return None;
+        }
+        Ok(Err(e)) => {
+            log_bad_input(peer, "", &e);
+            ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+    }
+}
+/// Everything the broker checks of a CONNECT before the router sees it: the client id, the
+/// credentials (or the certificate's identity), the ACL and the will. `None` when the
+/// connection was refused (the CONNACK saying why is written) or is to close.
+pub(super) async fn admit(
+    connect: rumqttc::mqttbytes::v4::Connect,
+    writer: &mut (impl AsyncWrite + Unpin),
+    peer: &SocketAddr,
+    ctx: &ConnectionContext,
+    identity: Option<String>,
+) -> Option<(ConnectRequest, Guard)> {
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        if !connect.clean_session {
+            // A persistent session needs a name to be found again [MQTT-3.1.3-8].
+            info!(%peer, "empty client id with clean session 0: CONNACK 0x02");
+            let _ = write_now(
+                writer,
+                Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
+            )
+            .await;
+            return None;
+        }
+        generated_client_id().into()
+    } else {
+        connect.client_id.into()
+    };
+    if !connect.clean_session && client_id.len() > crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES {
+        // Its session could not be stored: refuse it here, for this client alone.
+        info!(%peer, len = client_id.len(), max = crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES, "client id too long for a persistent session: CONNACK 0x02");
+        let _ = write_now(
+            writer,
+            Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
+        )
+        .await;
+        return None;
+    }
+    if let Some(will) = &connect.last_will {
+        if !valid_topic_name(&will.topic) {
+            warn!(%peer, client_id = %client_id, "will topic is not a valid topic name: closing");
+            return None;
+        }
+    }
+
+    // Authentication (slow hashing runs off the runtime). The password is never logged.
+    let (username, password) = match connect.login {
+        Some(l) => (Some(l.username), l.password),
+        None => (None, String::new()),
+    };
+    // A verified client certificate is the credential: its CN replaces any user name sent
+    // and no password is checked (Mosquitto's use_identity_as_username).
+    let certified = identity.is_some();
+    let username = identity.or(username);
+    let checked = if certified {
+        Ok(())
+    } else {
+        ctx.auth
+            .check(username.as_deref(), password.as_bytes())
+            .await
+    };
+    if let Err(refusal) = checked {
+        drop(password);
+        ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let outcome = match refusal {
+            Refusal::AnonymousNotAllowed => ConnectOutcome::NotAuthorized,
+            Refusal::BadCredentials => ConnectOutcome::BadCredentials,
+        };
+        warn!(%peer, client_id = %client_id, username = username.as_deref().unwrap_or(""), reason = refusal.reason(), "authentication failed: connection refused");
+        let _ = write_now(writer, Outbound::ConnAck(outcome)).await;
+        return None;
+    }
+    drop(password);
+    let guard = Guard {
+        acl: ctx.auth.client_acl(&client_id, username.as_deref()),
+        publish_rate: (ctx.limits.max_publish_rate > 0).then(|| {
+            TokenBucket::new(
+                ctx.limits.max_publish_rate,
+                ctx.limits.max_publish_rate,
+                Instant::now(),
+            )
+        }),
+        refusals: 0,
+    };
+    let will = vet_will(
+        connect.last_will.map(v4::will_from_v4),
+        &guard,
+        peer,
+        &client_id,
+        ctx,
+    );
+    let request = ConnectRequest {
+        client_id: client_id.clone(),
+        clean_session: connect.clean_session,
+        keep_alive_secs: connect.keep_alive,
+        will,
+        username,
+        peer: Some(*peer),
+        acl: guard.acl.clone(),
+    };
+
+    Some((request, guard))
+}
+/// The will, if it may be published: within the topic limits and writable under the ACL.
+/// A refused will is logged and counted, and the connection goes on without one.
+pub(super) fn vet_will(
+    mut will: Option<crate::message::Message>,
+    guard: &Guard,
+    peer: &SocketAddr,
+    client_id: &str,
+    ctx: &ConnectionContext,
+) -> Option<crate::message::Message> {
+    if let Some(w) = &will {
+        let within = topic_within_limits(&w.topic, &ctx.limits);
+        let writable = guard
+            .acl
+            .as_ref()
+            .is_none_or(|acl| acl.may_publish(&w.topic));
+        if !within || !writable {
+            let counter = if within {
+                &ctx.stats.acl_denied_publish
+            } else {
+                &ctx.stats.limit_refusals
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let reason = if within {
+                "no write access (ACL)"
+            } else {
+                "topic over max_topic_length/max_topic_levels"
+            };
+            warn!(%peer, client_id = %client_id, topic = %w.topic, reason, "will refused: it will not be published");
+            will = None;
+        }
+    }
+
+    will
+}
+pub(super) fn generated_client_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!(
+        "auto-{:x}-{}",
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
