@@ -19,7 +19,7 @@ use crate::config::BrokerConfig;
 use crate::connection;
 use crate::connection::ConnectionContext;
 use crate::message::Message;
-use crate::persist;
+use crate::persist::{self, Restored};
 use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
@@ -90,42 +90,7 @@ impl Broker {
             config.limits.max_connection_burst,
         )));
 
-        let mut store = None;
-        let mut recovery = None;
-        let mut restored = None;
-        if let Some(dir) = &config.data_dir {
-            let mut store_config = StoreConfig::new(dir.join("store"));
-            store_config.cache_capacity_bytes = config.storage.cache_bytes;
-            let dir = dir.clone();
-            let opened = tokio::task::spawn_blocking(move || {
-                let (store, recovery) = Store::open(store_config)?;
-                let restored = persist::restore(&store)?;
-                Ok((store, recovery, restored))
-            })
-            .await
-            .map_err(|e| BrokerError::Store {
-                dir: dir.clone(),
-                source: crate::store::StoreError::Unavailable(e.to_string()),
-            })?
-            .map_err(|source| BrokerError::Store {
-                dir: dir.clone(),
-                source,
-            })?;
-            let (s, r, state) = opened;
-            if let Some(aside) = &r.moved_aside {
-                error!(moved_to = %aside.display(), "the store was corrupt: it was moved aside and an empty store opened");
-            }
-            info!(
-                log_messages = r.log_len,
-                log_bytes = r.log_bytes,
-                sessions = state.sessions.len(),
-                retained = state.retained.len(),
-                "store recovered"
-            );
-            store = Some(s);
-            recovery = Some(r);
-            restored = Some(state);
-        }
+        let (store, recovery, restored) = open_store(&config).await?;
 
         let durable = store.clone().map(|store| Durable {
             store,
@@ -140,45 +105,8 @@ impl Broker {
         }
         let router_task = tokio::spawn(router.run(router_rx));
 
-        let mut bridges = Vec::new();
-        let mut bridge_tasks = Vec::new();
-        if let Some(store) = &store {
-            let cursors = Cursors::new(
-                config
-                    .bridges
-                    .iter()
-                    .map(|b| bridge::load_cursor(store, &b.name))
-                    .collect(),
-                store
-                    .log_stats()
-                    .first_seq
-                    .map_or(Seq::MAX, |first| first.saturating_sub(1)),
-            );
-            for (index, bridge_config) in config.bridges.iter().enumerate() {
-                let status = Arc::new(Mutex::new(BridgeStatus {
-                    name: bridge_config.name.clone(),
-                    ..Default::default()
-                }));
-                bridges.push(status.clone());
-                let client_id = bridge_config
-                    .client_id
-                    .clone()
-                    .unwrap_or_else(|| format!("{}-{}", config.gateway_id, bridge_config.name));
-                let bridge = Bridge {
-                    config: bridge_config.clone(),
-                    client_id,
-                    index,
-                    store: store.clone(),
-                    cursors: cursors.clone(),
-                    router: router_tx.clone(),
-                    status,
-                    shutdown: shutdown_rx.clone(),
-                };
-                bridge_tasks.push(tokio::spawn(bridge.run()));
-            }
-        } else if !config.bridges.is_empty() {
-            warn!("bridges need a data_dir: none started");
-        }
+        let (bridges, bridge_tasks) =
+            start_bridges(&config, store.as_ref(), &router_tx, &shutdown_rx);
 
         let (done_tx, connections_done) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -465,6 +393,100 @@ async fn accept_loop(
             drop(done);
         });
     }
+}
+
+/// Opens the store and reads back what it holds (sessions, queues, retained messages) off
+/// the runtime; with no `data_dir` there is nothing to open.
+async fn open_store(
+    config: &BrokerConfig,
+) -> Result<(Option<Store>, Option<Recovery>, Option<Restored>), BrokerError> {
+    let mut store = None;
+    let mut recovery = None;
+    let mut restored = None;
+    if let Some(dir) = &config.data_dir {
+        let mut store_config = StoreConfig::new(dir.join("store"));
+        store_config.cache_capacity_bytes = config.storage.cache_bytes;
+        let dir = dir.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            let (store, recovery) = Store::open(store_config)?;
+            let restored = persist::restore(&store)?;
+            Ok((store, recovery, restored))
+        })
+        .await
+        .map_err(|e| BrokerError::Store {
+            dir: dir.clone(),
+            source: crate::store::StoreError::Unavailable(e.to_string()),
+        })?
+        .map_err(|source| BrokerError::Store {
+            dir: dir.clone(),
+            source,
+        })?;
+        let (s, r, state) = opened;
+        if let Some(aside) = &r.moved_aside {
+            error!(moved_to = %aside.display(), "the store was corrupt: it was moved aside and an empty store opened");
+        }
+        info!(
+            log_messages = r.log_len,
+            log_bytes = r.log_bytes,
+            sessions = state.sessions.len(),
+            retained = state.retained.len(),
+            "store recovered"
+        );
+        store = Some(s);
+        recovery = Some(r);
+        restored = Some(state);
+    }
+    Ok((store, recovery, restored))
+}
+
+/// One task per `[[bridge]]`, each starting from its durable cursor; the log is deleted
+/// behind the slowest (`Cursors`). Bridges need the store: without one none start.
+fn start_bridges(
+    config: &BrokerConfig,
+    store: Option<&Store>,
+    router_tx: &mpsc::Sender<RouterCmd>,
+    shutdown_rx: &watch::Receiver<bool>,
+) -> (Vec<Arc<Mutex<BridgeStatus>>>, Vec<JoinHandle<()>>) {
+    let mut bridges = Vec::new();
+    let mut bridge_tasks = Vec::new();
+    if let Some(store) = store {
+        let cursors = Cursors::new(
+            config
+                .bridges
+                .iter()
+                .map(|b| bridge::load_cursor(store, &b.name))
+                .collect(),
+            store
+                .log_stats()
+                .first_seq
+                .map_or(Seq::MAX, |first| first.saturating_sub(1)),
+        );
+        for (index, bridge_config) in config.bridges.iter().enumerate() {
+            let status = Arc::new(Mutex::new(BridgeStatus {
+                name: bridge_config.name.clone(),
+                ..Default::default()
+            }));
+            bridges.push(status.clone());
+            let client_id = bridge_config
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{}", config.gateway_id, bridge_config.name));
+            let bridge = Bridge {
+                config: bridge_config.clone(),
+                client_id,
+                index,
+                store: store.clone(),
+                cursors: cursors.clone(),
+                router: router_tx.clone(),
+                status,
+                shutdown: shutdown_rx.clone(),
+            };
+            bridge_tasks.push(tokio::spawn(bridge.run()));
+        }
+    } else if !config.bridges.is_empty() {
+        warn!("bridges need a data_dir: none started");
+    }
+    (bridges, bridge_tasks)
 }
 
 /// Runs one accepted connection: the TLS handshake first on a TLS listener (within
