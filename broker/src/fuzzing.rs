@@ -146,7 +146,6 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
     );
     let (router_tx, router_rx) = mpsc::channel(64);
     let router_task = tokio::spawn(router.run(router_rx));
-    let (_shutdown_tx, shutdown_rx) = watch::channel(false);
     let (_ingest_tx, ingest_rx) = watch::channel(false);
     let mut security = Security::default();
     if acl {
@@ -156,7 +155,7 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
         limits,
         router: router_tx,
         stats,
-        shutdown: shutdown_rx,
+        shutdown: crate::shutdown::Shutdown::new(),
         ingest_paused: ingest_rx,
         auth: Arc::new(crate::auth::Authenticator::new(security)),
         tls: None,

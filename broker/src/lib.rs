@@ -20,6 +20,8 @@ pub mod auth;
 pub mod bridge;
 pub mod config;
 mod connection;
+/// Entry points for cargo-fuzz (fuzz/) and their regression tests; not part of the API.
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
@@ -43,6 +45,7 @@ pub use config::{
     BridgeConfig, BrokerConfig, Limits, OnFull, StorageLimits, DEFAULT_MAX_PACKET_SIZE,
     DEFAULT_MAX_PENDING_BYTES, MAX_PACKET_SIZE_LIMIT,
 };
+pub use persist::MAX_SESSION_RECORD_BYTES;
 pub use server::{Broker, BrokerError, BrokerStopping, InternalPublisher, StatusHandle};
 pub use shutdown::Shutdown;
 pub use stats::{Stats, StoreFault, StoreFaults};

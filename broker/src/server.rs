@@ -23,6 +23,7 @@ use crate::persist::{self, Restored};
 use crate::ratelimit::{Admit, ConnectionRate};
 use crate::router::{Durable, Router, RouterCmd};
 use crate::session::SessionLimits;
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::status::{BrokerStatus, RouterSnapshot};
 use crate::store::{Recovery, Seq, Store, StoreConfig};
@@ -54,7 +55,7 @@ pub struct Broker {
     local_addrs: Vec<SocketAddr>,
     /// TLS listeners by local address, for `reload_tls`.
     tls_listeners: Vec<(SocketAddr, Arc<TlsListener>)>,
-    shutdown_tx: watch::Sender<bool>,
+    shutdown: Shutdown,
     accept_tasks: Vec<JoinHandle<()>>,
     bridge_tasks: Vec<JoinHandle<()>>,
     router_task: JoinHandle<()>,
@@ -76,7 +77,7 @@ impl Broker {
     pub async fn start(config: BrokerConfig) -> Result<Broker, BrokerError> {
         let stats = Arc::new(Stats::default());
         let (router_tx, router_rx) = mpsc::channel(ROUTER_QUEUE);
-        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shutdown = Shutdown::new();
         let (ingest_tx, ingest_rx) = watch::channel(false);
         let limits = SessionLimits {
             max_inflight: usize::from(config.limits.max_inflight),
@@ -105,8 +106,7 @@ impl Broker {
         }
         let router_task = tokio::spawn(router.run(router_rx));
 
-        let (bridges, bridge_tasks) =
-            start_bridges(&config, store.as_ref(), &router_tx, &shutdown_rx);
+        let (bridges, bridge_tasks) = start_bridges(&config, store.as_ref(), &router_tx, &shutdown);
 
         let (done_tx, connections_done) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -142,7 +142,7 @@ impl Broker {
                 limits: config.limits.clone(),
                 router: router_tx.clone(),
                 stats: stats.clone(),
-                shutdown: shutdown_rx.clone(),
+                shutdown: shutdown.clone(),
                 ingest_paused: ingest_rx.clone(),
                 auth: auth.clone(),
                 tls,
@@ -158,7 +158,7 @@ impl Broker {
         Ok(Broker {
             local_addrs,
             tls_listeners,
-            shutdown_tx,
+            shutdown,
             accept_tasks,
             bridge_tasks,
             router_task,
@@ -229,7 +229,7 @@ impl Broker {
     /// Stops accepting, closes every connection, stops the bridges (persisting their
     /// cursors), lets the router submit its last batch, then commits and closes the store.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown_tx.send(true);
+        self.shutdown.signal();
         self.router_tx = None;
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;
@@ -339,11 +339,11 @@ async fn accept_loop(
     done: mpsc::Sender<()>,
     connection_rate: Arc<Mutex<ConnectionRate>>,
 ) {
-    let mut shutdown = ctx.shutdown.clone();
+    let shutdown = ctx.shutdown.clone();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.signalled() => return,
         };
         let (stream, peer) = match accepted {
             Ok(a) => a,
@@ -445,7 +445,7 @@ fn start_bridges(
     config: &BrokerConfig,
     store: Option<&Store>,
     router_tx: &mpsc::Sender<RouterCmd>,
-    shutdown_rx: &watch::Receiver<bool>,
+    shutdown: &Shutdown,
 ) -> (Vec<Arc<Mutex<BridgeStatus>>>, Vec<JoinHandle<()>>) {
     let mut bridges = Vec::new();
     let mut bridge_tasks = Vec::new();
@@ -479,7 +479,7 @@ fn start_bridges(
                 cursors: cursors.clone(),
                 router: router_tx.clone(),
                 status,
-                shutdown: shutdown_rx.clone(),
+                shutdown: shutdown.clone(),
             };
             bridge_tasks.push(tokio::spawn(bridge.run()));
         }

@@ -39,7 +39,7 @@ mod window;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 pub use crate::config::bridge::{
     BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule,
@@ -156,7 +156,7 @@ pub struct Bridge {
     pub cursors: Arc<Cursors>,
     pub router: mpsc::Sender<RouterCmd>,
     pub status: Arc<Mutex<BridgeStatus>>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// Capped exponential back-off with +-25% jitter.

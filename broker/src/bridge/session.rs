@@ -73,10 +73,9 @@ impl Bridge {
             s.cursor = window.cursor;
             s.down_since_ms = Some(unix_ms());
         });
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         loop {
-            let stopping = *shutdown.borrow();
-            if stopping {
+            if shutdown.is_signalled() {
                 return;
             }
             self.set_status(|s| s.connect_attempts += 1);
@@ -90,7 +89,7 @@ impl Bridge {
                     // task itself on shutdown.
                     let attempted = tokio::select! {
                         joined = &mut attempt => joined,
-                        _ = stopped(&mut shutdown) => {
+                        _ = shutdown.signalled() => {
                             attempt.abort();
                             return;
                         }
@@ -123,7 +122,7 @@ impl Bridge {
             debug!(bridge = %self.config.name, ?wait, "reconnecting after back-off");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = stopped(&mut shutdown) => return,
+                _ = shutdown.signalled() => return,
             }
         }
     }
@@ -192,7 +191,7 @@ impl Bridge {
         let mut durable = self.store.durability();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         let own_origin = crate::router::bridge_origin(&self.config.name);
 
         // Commands are acknowledged upstream in the order they came (MQTT-4.6.0-2), each once
@@ -285,7 +284,7 @@ impl Bridge {
                     }
                 }
                 _ = tick.tick() => {}
-                _ = stopped(&mut shutdown) => {
+                _ = shutdown.signalled() => {
                     window.advance();
                     if window.cursor > window.persisted {
                         self.persist_cursor(window.cursor, true);
@@ -568,11 +567,6 @@ impl Bridge {
     }
 }
 
-/// Resolves once shutdown is signalled (holding no borrow of the watch afterwards).
-async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,7 +587,7 @@ mod tests {
         ))
         .expect("config");
         let (router, _router_rx) = mpsc::channel(1);
-        let (_shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
+        let shutdown = crate::shutdown::Shutdown::new();
         let bridge = Bridge {
             config,
             client_id: "gw-cloud".into(),

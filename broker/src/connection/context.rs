@@ -16,7 +16,7 @@ pub struct ConnectionContext {
     pub limits: Limits,
     pub router: mpsc::Sender<RouterCmd>,
     pub stats: Arc<Stats>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: crate::shutdown::Shutdown,
     /// True while the store cannot take more (reject_new, disk failing): publishers are
     /// not read from, so their unacknowledged messages stay with them.
     pub ingest_paused: watch::Receiver<bool>,

@@ -85,11 +85,10 @@ pub async fn handle<S>(
     let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx, client_id.clone()));
     let keep_alive_limit =
         (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    let mut shutdown = ctx.shutdown.clone();
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, keep_alive_limit, &mut guard) => end,
         _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
-        _ = shutdown.wait_for(|stop| *stop) => End::Abrupt("broker shutting down".into()),
+        _ = ctx.shutdown.signalled() => End::Abrupt("broker shutting down".into()),
     };
     let graceful = matches!(end, End::Graceful);
     match &end {

@@ -158,8 +158,9 @@ fn offend_once(addr: SocketAddr, id: &str) -> Result<(), String> {
     }
 }
 
-/// `persist::MAX_SESSION_RECORD_BYTES`: the largest persistent session record.
-pub const MAX_SESSION_RECORD_BYTES: usize = 120 * 1024;
+/// The largest persistent session record, as the broker defines it.
+#[allow(unused_imports)] // not every test that includes this module uses it
+pub use waystation_broker::MAX_SESSION_RECORD_BYTES;
 
 /// What one filter costs in that record (`persist::subscription_record_len`).
 pub fn record_cost(filter: &str) -> usize {
