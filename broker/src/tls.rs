@@ -42,10 +42,13 @@ pub struct TlsConfig {
     pub use_identity_as_username: bool,
 }
 
-/// One listener: where to bind, and TLS settings if it speaks MQTT over TLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One listener (`[[listener]]`): where to bind, and TLS settings if it speaks MQTT over TLS
+/// (`tls = { cert, key, client_ca, use_identity_as_username }`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub bind: SocketAddr,
+    #[serde(default)]
     pub tls: Option<TlsConfig>,
 }
 

@@ -11,8 +11,6 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(config) = config::Config::parse(text) else { return };
     let _ = config.anonymous_policy();
-    let _ = config.limits.to_limits();
-    let _ = config.storage.to_limits();
     for bridge in &config.bridges {
         // validate() reads password and certificate files: only for bridges naming none.
         if bridge.password_file.is_none() && bridge.password_env.is_none() && bridge.tls.is_none() {

@@ -7,12 +7,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
 use waystation_broker::acl::Acl;
 use waystation_broker::auth::PasswordFile;
-use waystation_broker::{BridgeConfig, Limits, OnFull, Security, StorageLimits, TlsConfig};
+use waystation_broker::{BridgeConfig, Limits, ListenerConfig, Security, StorageLimits};
 
 /// A 16 MiB payload with its topic: the store splits large records into parts written in
 /// the same atomic commit, so any packet up to this is acknowledged only once durable.
@@ -24,11 +23,11 @@ pub struct Config {
     #[serde(default)]
     pub gateway: GatewaySection,
     #[serde(default = "default_listeners", rename = "listener")]
-    pub listeners: Vec<ListenerSection>,
+    pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
-    pub limits: LimitsSection,
+    pub limits: Limits,
     #[serde(default)]
-    pub storage: StorageSection,
+    pub storage: StorageLimits,
     #[serde(default, rename = "bridge")]
     pub bridges: Vec<BridgeConfig>,
     #[serde(default)]
@@ -88,45 +87,6 @@ impl Default for HttpSection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct StorageSection {
-    /// Logical bytes of messages waiting to be forwarded.
-    pub max_bytes: u64,
-    /// Seconds; 0 keeps messages until forwarded.
-    pub max_age: u64,
-    pub on_full: OnFull,
-    /// sled's page cache, bytes.
-    pub cache_bytes: u64,
-    /// Bytes submitted to the store and not yet durable above which publishers are paused.
-    pub max_pending_bytes: u64,
-}
-
-impl Default for StorageSection {
-    fn default() -> Self {
-        let d = StorageLimits::default();
-        StorageSection {
-            max_bytes: d.max_bytes,
-            max_age: d.max_age.map_or(0, |a| a.as_secs()),
-            on_full: d.on_full,
-            cache_bytes: d.cache_bytes,
-            max_pending_bytes: d.max_pending_bytes,
-        }
-    }
-}
-
-impl StorageSection {
-    pub fn to_limits(&self) -> StorageLimits {
-        StorageLimits {
-            max_bytes: self.max_bytes,
-            max_age: (self.max_age > 0).then(|| Duration::from_secs(self.max_age)),
-            on_full: self.on_full,
-            cache_bytes: self.cache_bytes,
-            max_pending_bytes: self.max_pending_bytes,
-        }
-    }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     pub id: String,
     pub data_dir: PathBuf,
@@ -144,77 +104,8 @@ impl Default for GatewaySection {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerSection {
-    pub bind: SocketAddr,
-    /// `tls = { cert, key, client_ca, use_identity_as_username }`: MQTT over TLS.
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
-}
-
-fn default_listeners() -> Vec<ListenerSection> {
-    vec![ListenerSection {
-        bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
-        tls: None,
-    }]
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsSection {
-    pub max_packet_size: usize,
-    pub max_connections: usize,
-    pub max_inflight: u16,
-    pub max_queued_messages: usize,
-    /// Seconds a new connection has to send its CONNECT.
-    pub connect_timeout: u64,
-    pub max_publish_rate: u32,
-    pub max_subscriptions: usize,
-    pub max_topic_length: usize,
-    pub max_topic_levels: usize,
-    pub max_queued_bytes: usize,
-    pub max_connection_rate: u32,
-    pub max_connection_burst: u32,
-}
-
-impl Default for LimitsSection {
-    fn default() -> Self {
-        let limits = Limits::default();
-        LimitsSection {
-            max_packet_size: limits.max_packet_size,
-            max_connections: limits.max_connections,
-            max_inflight: limits.max_inflight,
-            max_queued_messages: limits.max_queued_messages,
-            connect_timeout: limits.connect_timeout.as_secs(),
-            max_publish_rate: limits.max_publish_rate,
-            max_subscriptions: limits.max_subscriptions,
-            max_topic_length: limits.max_topic_length,
-            max_topic_levels: limits.max_topic_levels,
-            max_queued_bytes: limits.max_queued_bytes,
-            max_connection_rate: limits.max_connection_rate,
-            max_connection_burst: limits.max_connection_burst,
-        }
-    }
-}
-
-impl LimitsSection {
-    pub fn to_limits(&self) -> Limits {
-        Limits {
-            max_packet_size: self.max_packet_size,
-            max_connections: self.max_connections,
-            max_inflight: self.max_inflight,
-            max_queued_messages: self.max_queued_messages,
-            connect_timeout: Duration::from_secs(self.connect_timeout),
-            max_publish_rate: self.max_publish_rate,
-            max_subscriptions: self.max_subscriptions,
-            max_topic_length: self.max_topic_length,
-            max_topic_levels: self.max_topic_levels,
-            max_queued_bytes: self.max_queued_bytes,
-            max_connection_rate: self.max_connection_rate,
-            max_connection_burst: self.max_connection_burst,
-        }
-    }
+fn default_listeners() -> Vec<ListenerConfig> {
+    vec![SocketAddr::from(([127, 0, 0, 1], 1883)).into()]
 }
 
 /// A config that could not be used; the message is meant for the operator as it stands.
@@ -402,7 +293,7 @@ impl Config {
         if l.max_inflight == 0 {
             return Err(("limits.max_inflight", "must be at least 1".into()));
         }
-        if l.connect_timeout == 0 {
+        if l.connect_timeout.is_zero() {
             return Err(("limits.connect_timeout", "must be at least 1 second".into()));
         }
         if l.max_topic_length == 0 || l.max_topic_length > 65535 {
@@ -424,6 +315,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use waystation_broker::OnFull;
 
     #[test]
     fn empty_file_gives_defaults_on_loopback() {
@@ -439,7 +331,7 @@ mod tests {
         let text = include_str!("../../config/waystation.toml");
         let config = Config::parse(text).expect("config/waystation.toml parses");
         assert!(config.check_semantics().is_ok());
-        let defaults = LimitsSection::default();
+        let defaults = Limits::default();
         assert_eq!(config.limits.max_packet_size, defaults.max_packet_size);
         assert_eq!(config.limits.max_inflight, defaults.max_inflight);
         assert_eq!(config.http.bind, HttpSection::default().bind);

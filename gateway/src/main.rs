@@ -297,10 +297,10 @@ fn run(
         let mut signals = Signals::install()?;
         let broker_config = waystation_broker::BrokerConfig {
             gateway_id: config.gateway.id.clone(),
-            listeners: config.listeners.iter().map(|l| waystation_broker::ListenerConfig { bind: l.bind, tls: l.tls.clone() }).collect(),
-            limits: config.limits.to_limits(),
+            listeners: config.listeners.clone(),
+            limits: config.limits.clone(),
             data_dir: Some(config.gateway.data_dir.clone()),
-            storage: config.storage.to_limits(),
+            storage: config.storage.clone(),
             bridges: config.bridges.clone(),
             security,
         };

@@ -8,13 +8,17 @@ pub mod bridge;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer};
+
 use crate::auth::Security;
 use crate::tls::ListenerConfig;
 
 pub use bridge::{BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule};
 
-/// Bounds that protect the broker from any one client; all are config keys.
-#[derive(Debug, Clone)]
+/// Bounds that protect the broker from any one client: `[limits]` in the daemon's config,
+/// each field a key of the same name (unset keys keep their defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Largest packet accepted (remaining length, bytes); a larger one closes that connection.
     pub max_packet_size: usize,
@@ -24,7 +28,8 @@ pub struct Limits {
     pub max_inflight: u16,
     /// QoS 1/2 messages waiting for one client (offline, or window full).
     pub max_queued_messages: usize,
-    /// Time a new connection has to send CONNECT.
+    /// Time a new connection has to send CONNECT (seconds in the config file).
+    #[serde(deserialize_with = "seconds")]
     pub connect_timeout: Duration,
     /// PUBLISH packets per second one connection may send (token bucket holding one
     /// second's worth); a connection that exceeds it is closed. 0: no limit.
@@ -81,7 +86,7 @@ pub struct BrokerConfig {
 }
 
 /// What to do when the log holds `max_bytes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFull {
     /// Drop the oldest unforwarded messages (counted and logged) to make room.
@@ -103,12 +108,15 @@ pub const MAX_PACKET_SIZE_LIMIT: usize = (16 << 20) + (64 << 10);
 /// was 62 MiB at 8 MiB, 41 MiB at 1 MiB.
 pub const DEFAULT_MAX_PENDING_BYTES: u64 = 4 << 20;
 
-/// `[storage]`: bounds of the durable log.
-#[derive(Debug, Clone)]
+/// `[storage]`: bounds of the durable log (unset keys keep their defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct StorageLimits {
     /// Logical bytes of log records (counted by the store itself, never the file size).
     pub max_bytes: u64,
-    /// Unforwarded messages older than this are dropped; `None` keeps them forever.
+    /// Unforwarded messages older than this are dropped; `None` keeps them forever (seconds
+    /// in the config file, 0 for forever).
+    #[serde(deserialize_with = "seconds_or_forever")]
     pub max_age: Option<Duration>,
     pub on_full: OnFull,
     /// sled's page cache.
@@ -129,4 +137,14 @@ impl Default for StorageLimits {
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
         }
     }
+}
+
+/// A duration given in whole seconds, as every duration in the config file is.
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    u64::deserialize(d).map(Duration::from_secs)
+}
+
+/// Whole seconds where 0 means "no limit".
+fn seconds_or_forever<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    u64::deserialize(d).map(|secs| (secs > 0).then(|| Duration::from_secs(secs)))
 }
