@@ -16,17 +16,17 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use crate::acl::Acl;
-use crate::auth::Security;
 use crate::config::Limits;
-use crate::connection::{self, ConnectionContext};
-use crate::message::Outbound;
+use crate::net::connection::{self, ConnectionContext};
+use crate::policy::acl::Acl;
+use crate::policy::auth::Security;
+use crate::protocol::message::Outbound;
+use crate::protocol::v4::{self, DecodeError, Inbound};
 use crate::router::Router;
 use crate::session::SessionLimits;
 use crate::stats::Stats;
 use crate::status::RouterSnapshot;
 use crate::topic::{valid_filter, valid_topic_name};
-use crate::v4::{self, DecodeError, Inbound};
 
 /// Packets larger than this are refused, as with a small `max_packet_size`.
 pub const MAX_PACKET_SIZE: usize = 8 * 1024;
@@ -157,7 +157,7 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
         stats,
         shutdown: crate::shutdown::Shutdown::new(),
         ingest_paused: ingest_rx,
-        auth: Arc::new(crate::auth::Authenticator::new(security)),
+        auth: Arc::new(crate::policy::auth::Authenticator::new(security)),
         tls: None,
     };
     let (client, server) = tokio::io::duplex(64 * 1024);

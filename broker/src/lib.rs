@@ -1,34 +1,48 @@
-//! Waystation's edge broker: an MQTT 3.1.1 server for the devices on a site.
+//! Waystation's edge broker: an MQTT 3.1.1 server for the devices on a site that keeps what
+//! it acknowledges on disk and forwards it upstream.
 //!
-//! How the parts fit:
-//! - `server`: listeners, the accept loop, `max_connections`, ordered shutdown.
-//! - `connection`: one task pair per client: CONNECT handshake, keep-alive, reading and
-//!   writing packets; it never touches shared state.
-//! - `v4`: the MQTT 3.1.1 adapter over rumqttc's codec (a v5 adapter would sit beside it).
-//! - `router`: the single owner of sessions, subscriptions and retained messages; every
-//!   accepted PUBLISH goes through its `accept_publish`.
-//! - `session`: one client's state: subscriptions, in-flight window, queue, QoS 2 ids.
-//! - `auth`, `acl`: who may connect (password files) and which topics each client may
-//!   publish to and read (ACL files); `docs/security.md` has the threat model.
-//! - `topic`: topic/filter rules and the subscription trie. `message`: the neutral types.
-//! - `store`: the durable log and keyspaces on sled, with group commit (the durability
-//!   contract is documented there). `persist`: how sessions and retained messages are laid
-//!   out in it. `bridge`: forwarding the log upstream and commands back.
+//! # The map: one PUBLISH from a device's socket to the cloud's PUBACK
+//!
+//! 1. `net::server` accepts the TCP connection (within `max_connections` and the per-address
+//!    rate of `policy::ratelimit`), runs the TLS handshake with `tls`'s config, and hands
+//!    the stream to `net::connection`.
+//! 2. `net::connection` admits the CONNECT (`handshake`: client id, `policy::auth`,
+//!    `policy::acl`, the will), then its reader decodes each packet with `protocol::v4` into
+//!    the neutral types of `protocol::message` and sends the PUBLISH to the router as a
+//!    `router::RouterCmd`; its writer task writes whatever the router puts in the
+//!    connection's `session::Outbox`.
+//! 3. `router` is the one task that owns sessions, subscriptions and retained messages.
+//!    `router::publish` admits the message (once, per message), adds what must be kept to the
+//!    burst's batch — a log append when a `[[bridge]]` forward rule (`config::bridge`) matches,
+//!    an entry in each persistent session's queue (`persist` lays them out), the retained
+//!    record — and delivers it to the online subscribers found in the `topic` trie.
+//! 4. At the end of the burst the router submits the batch to `store` as one ticket;
+//!    `store`'s writer thread commits and fsyncs it (group commit). The PUBACK waits as a
+//!    `router::acks` target until the store reports the ticket durable, then goes out in
+//!    arrival order. Only then has the device been told its message is kept.
+//! 5. `bridge` (one task per `[[bridge]]`) reads the log from its durable cursor, sends each
+//!    entry upstream over its own `bridge::link`, keeps what is in flight in
+//!    `bridge::window`, and on the upstream's PUBACK moves and persists its cursor; the log is
+//!    deleted behind the slowest bridge. Commands from the cloud come back through
+//!    `bridge::inbound` as router commands.
+//!
+//! Beside the path: `config` (every config type, deserialized once), `shutdown` (the one
+//! stop signal), `stats` (counters and histograms) and `status` (snapshots for the daemon's
+//! HTTP endpoints and `$SYS`), `time`. Arrows point down only (`scripts/layout.py` checks):
+//! `protocol` and `store` know nothing of the router, the router nothing of `net`, and the
+//! bridge talks to the router only through `RouterCmd`.
 
-pub mod acl;
-pub mod auth;
 pub mod bridge;
 pub mod config;
-mod connection;
 /// Entry points for cargo-fuzz (fuzz/) and their regression tests; not part of the API.
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod message;
+pub mod net;
 mod persist;
-mod ratelimit;
+pub mod policy;
+pub mod protocol;
 mod router;
-mod server;
 mod session;
 pub mod shutdown;
 mod stats;
@@ -37,16 +51,19 @@ pub mod store;
 pub mod time;
 pub mod tls;
 pub mod topic;
-mod v4;
 
-pub use auth::Security;
 pub use bridge::BridgeStatus;
 pub use config::{
     BridgeConfig, BrokerConfig, Limits, OnFull, StorageLimits, DEFAULT_MAX_PACKET_SIZE,
     DEFAULT_MAX_PENDING_BYTES, MAX_PACKET_SIZE_LIMIT,
 };
+pub use net::server::{Broker, BrokerError, BrokerStopping, InternalPublisher, StatusHandle};
 pub use persist::MAX_SESSION_RECORD_BYTES;
-pub use server::{Broker, BrokerError, BrokerStopping, InternalPublisher, StatusHandle};
+pub use policy::auth::Security;
 pub use shutdown::Shutdown;
 pub use stats::{Stats, StoreFault, StoreFaults};
 pub use tls::{ListenerConfig, TlsConfig};
+
+// The paths the gateway, the bench and the fuzz targets have always used.
+pub use policy::{acl, auth};
+pub use protocol::message;

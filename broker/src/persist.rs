@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::message::{Message, QoS};
+use crate::protocol::message::{Message, QoS};
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Store, StoreError};
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::message::{Message, Outbound, QoS};
+use crate::protocol::message::{Message, Outbound, QoS};
 
 /// Messages written to a connection's channel and not yet written to its socket, above
 /// which QoS 0 messages for that client are dropped rather than buffered without bound.
@@ -554,7 +554,7 @@ mod tests {
         // Only Close got through while held.
         assert!(matches!(drain(&mut rx)[..], [Outbound::Close]));
         outbox.release_hold(Outbound::ConnAck(
-            crate::message::ConnectOutcome::Accepted {
+            crate::protocol::message::ConnectOutcome::Accepted {
                 session_present: false,
             },
         ));

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::message::QoS;
+use crate::protocol::message::QoS;
 use crate::session::Dropped;
 
 #[derive(Debug, Default)]

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::message::QoS;
+use crate::protocol::message::QoS;
 
 /// A topic a client may publish to: non-empty, no wildcards, no NUL [MQTT-3.3.2-2], [MQTT-4.7.3-1], [MQTT-4.7.3-2].
 pub fn valid_topic_name(topic: &str) -> bool {

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::failure::{encode, Failure};
 use super::link::LinkSender;
 use super::Bridge;
-use crate::message::{Message, QoS};
+use crate::protocol::message::{Message, QoS};
 use crate::router::RouterCmd;
 use crate::topic::filter_matches;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::auth::Security;
+use crate::policy::auth::Security;
 use crate::tls::ListenerConfig;
 
 pub use bridge::{BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule};

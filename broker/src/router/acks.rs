@@ -6,7 +6,7 @@
 
 use tokio::sync::oneshot;
 
-use crate::message::{Outbound, QoS};
+use crate::protocol::message::{Outbound, QoS};
 use crate::session::{ConnId, Outbox};
 
 /// An answer that waits for what its request wrote to be durable: released in arrival

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use crate::acl::ClientAcl;
-use crate::message::{Message, QoS, SubscribeFilter};
+use crate::policy::acl::ClientAcl;
+use crate::protocol::message::{Message, QoS, SubscribeFilter};
 use crate::session::{ConnId, Outbox};
 
 /// What a client asked for when it connected, after the adapter validated it.

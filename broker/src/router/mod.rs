@@ -38,11 +38,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::acl::ClientAcl;
 use crate::bridge::BridgeConfig;
 use crate::config::{OnFull, StorageLimits};
-use crate::message::{ConnectOutcome, Message, Outbound, QoS, SubscribeFilter};
 use crate::persist::{self, Restored};
+use crate::policy::acl::ClientAcl;
+use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS, SubscribeFilter};
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
 use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};

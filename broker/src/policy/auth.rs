@@ -23,7 +23,7 @@ use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 
-use crate::acl::{Acl, ClientAcl};
+use crate::policy::acl::{Acl, ClientAcl};
 
 /// Iterations `waystation passwd` uses for new `$7$` entries. Mosquitto 2.0 writes 101,
 /// far below current advice; 20,000 keeps a CONNECT check near 10 ms on a Raspberry Pi 4

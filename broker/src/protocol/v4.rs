@@ -7,7 +7,7 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4};
 
-use crate::message::{ConnectOutcome, Message, Outbound, QoS};
+use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS};
 
 /// A decoded client packet, or why the connection must be closed.
 #[derive(Debug)]

@@ -16,11 +16,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::message::{QoS, SubscribeFilter};
+use crate::protocol::message::{QoS, SubscribeFilter};
+use crate::protocol::v4::{self, DecodeError, Inbound};
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox};
 use crate::topic::{valid_filter, valid_topic_name};
-use crate::v4::{self, DecodeError, Inbound};
 
 mod context;
 mod framing;

@@ -9,9 +9,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
-use crate::message::Outbound;
+use crate::protocol::message::Outbound;
+use crate::protocol::v4::{self, DecodeError, Inbound};
 use crate::session::OutboxReceiver;
-use crate::v4::{self, DecodeError, Inbound};
 
 /// Write at most this much per socket write when draining the outbox.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;

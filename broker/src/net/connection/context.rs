@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::acl::ClientAcl;
-use crate::auth::Authenticator;
 use crate::config::Limits;
-use crate::ratelimit::TokenBucket;
+use crate::policy::acl::ClientAcl;
+use crate::policy::auth::Authenticator;
+use crate::policy::ratelimit::TokenBucket;
 use crate::router::RouterCmd;
 use crate::stats::Stats;
 

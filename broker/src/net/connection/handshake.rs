@@ -11,12 +11,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::auth::Refusal;
-use crate::message::{ConnectOutcome, Outbound};
-use crate::ratelimit::TokenBucket;
+use crate::policy::auth::Refusal;
+use crate::policy::ratelimit::TokenBucket;
+use crate::protocol::message::{ConnectOutcome, Outbound};
+use crate::protocol::v4::{self, DecodeError, Inbound};
 use crate::router::ConnectRequest;
 use crate::topic::valid_topic_name;
-use crate::v4::{self, DecodeError, Inbound};
 
 use super::context::{topic_within_limits, ConnectionContext, Guard};
 use super::framing::{log_bad_input, read_packet, write_now};
@@ -174,12 +174,12 @@ pub(super) async fn admit(
 /// The will, if it may be published: within the topic limits and writable under the ACL.
 /// A refused will is logged and counted, and the connection goes on without one.
 pub(super) fn vet_will(
-    mut will: Option<crate::message::Message>,
+    mut will: Option<crate::protocol::message::Message>,
     guard: &Guard,
     peer: &SocketAddr,
     client_id: &str,
     ctx: &ConnectionContext,
-) -> Option<crate::message::Message> {
+) -> Option<crate::protocol::message::Message> {
     if let Some(w) = &will {
         let within = topic_within_limits(&w.topic, &ctx.limits);
         let writable = guard
