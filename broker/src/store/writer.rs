@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use tracing::{error, info, warn};
 
 use super::chunk::{self, Entries, Value};
-use super::parts::{self, Large};
-use super::{
-    lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq,
-    Shared, StoreError, Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
+use super::engine::{
+    log_key, parse_log_key, wait_unique, wait_until_unlocked, Engine, KEY_NEXT_SEQ,
 };
+use super::parts::{self, Large};
+use super::read::{decode_log_item, log_bounds};
+use super::shared::{lock, write_lock, Shared, Submission, WriteOp};
+use super::types::{Seq, StoreError, Ticket};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -211,7 +213,7 @@ struct LogView<'a> {
 
 impl LogView<'_> {
     fn decode(&self, k: &[u8], v: sled::IVec) -> Result<(Seq, Entries), StoreError> {
-        super::decode_log_item(k, v, self.chunked_from)
+        decode_log_item(k, v, self.chunked_from)
     }
 
     /// The chunk with the highest key `<= max_key`: the one that holds `max_key` if any does.
@@ -474,7 +476,7 @@ fn build(
 
 fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32, in_hand: &mut u64) {
     if b.touched_log {
-        let (first_seq, last_seq) = super::log_bounds(&engine.tree, shared.chunked_from);
+        let (first_seq, last_seq) = log_bounds(&engine.tree, shared.chunked_from);
         let mut c = lock(&shared.counters);
         c.len = (c.len as i64 + b.d_len).max(0) as u64;
         c.bytes = (c.bytes as i64 + b.d_bytes).max(0) as u64;
