@@ -485,10 +485,10 @@ impl Builder<'_> {
                 len: v.len() as u64,
                 parts,
             };
-            self.batch.insert(&k[..], parts::encode_descriptor(l));
+            self.batch.insert(k, parts::encode_descriptor(l));
             Some(l)
         } else {
-            self.batch.insert(&k[..], &*parts::encode_small(v));
+            self.batch.insert(k, &*parts::encode_small(v));
             None
         };
         if old.is_some() || new.is_some() {
@@ -501,7 +501,7 @@ impl Builder<'_> {
             parts::remove_parts(&mut self.batch, k, old.gen, old.parts);
             self.large_changes.insert(k.to_vec(), None);
         }
-        self.batch.remove(&k[..]);
+        self.batch.remove(k);
     }
 
     /// Writes the changed chunks and the seq high-water mark into the batch.
