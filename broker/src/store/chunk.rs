@@ -35,7 +35,7 @@
 
 use bytes::Bytes;
 
-use super::Seq;
+use super::types::Seq;
 
 pub(crate) const CHUNK_V1: u8 = 0xC1;
 pub(crate) const CHUNK_V2: u8 = 0xC2;

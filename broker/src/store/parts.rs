@@ -37,7 +37,8 @@
 
 use std::borrow::Cow;
 
-use super::{touch_for_eviction, StoreError, MAX_VALUE_BYTES};
+use super::engine::touch_for_eviction;
+use super::types::{StoreError, MAX_VALUE_BYTES};
 
 pub(crate) const PREFIX_PART: u8 = b'P';
 
@@ -57,6 +58,9 @@ pub(crate) const PREFIX_PART: u8 = b'P';
 /// The price of small parts is more keys (2,341 for 16 MiB) and somewhat slower reads of
 /// large records (650-820 MiB/s here, against ~870 with 32 KiB parts).
 pub const PART_BYTES: usize = 7 * 1024;
+/// Largest value stored under a single sled key; larger ones are split into parts of this size.
+/// (Public as `store::MAX_INLINE_VALUE_BYTES`; defined here, beside the reasons for its size.)
+pub const MAX_INLINE_VALUE_BYTES: usize = PART_BYTES;
 
 /// sled 0.34's limit for a log message (a value, or a page image) kept inline in its log: a
 /// quarter of a segment (512 KiB by default, and here) less the segment and message headers

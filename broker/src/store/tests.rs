@@ -1,12 +1,15 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use super::engine::{KEY_MARKER, KEY_NEXT_SEQ, MARKER_VALUE, TREE_NAME};
 use super::record::StoredMessage;
+use super::recovery::utc_stamp;
 use super::*;
 
 const WAIT: Duration = Duration::from_secs(30);

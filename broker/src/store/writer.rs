@@ -1,4 +1,10 @@
-//! The group-commit writer thread (see the module docs of `store`).
+//! The group-commit writer thread (see the module docs of `store`): it drains the submission
+//! channel into groups, turns each group into one idempotent `sled::Batch` ([`build`]), applies
+//! and syncs it through the engine, retrying (and reopening sled) until it is durable, then
+//! publishes the new durable ticket and counters in [`Shared`].
+//!
+//! It reads and writes the log only through `chunk.rs`, `parts.rs` and `read.rs`, and shares
+//! nothing with the public handles but [`Shared`], so it never imports from `store/mod.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -7,14 +13,17 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tracing::{error, info, warn};
 
 use super::chunk::{self, Entries, Value};
-use super::parts::{self, Large};
-use super::{
-    lock, log_key, parse_log_key, wait_unique, wait_until_unlocked, write_lock, Engine, Seq,
-    Shared, StoreError, Submission, Ticket, WriteOp, KEY_NEXT_SEQ,
+use super::engine::{
+    log_key, parse_log_key, wait_unique, wait_until_unlocked, Engine, KEY_NEXT_SEQ,
 };
+use super::parts::{self, Large};
+use super::read::{decode_log_item, log_bounds};
+use super::shared::{lock, write_lock, Shared, Submission, WriteOp};
+use super::types::{Seq, StoreError, Ticket};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -211,7 +220,7 @@ struct LogView<'a> {
 
 impl LogView<'_> {
     fn decode(&self, k: &[u8], v: sled::IVec) -> Result<(Seq, Entries), StoreError> {
-        super::decode_log_item(k, v, self.chunked_from)
+        decode_log_item(k, v, self.chunked_from)
     }
 
     /// The chunk with the highest key `<= max_key`: the one that holds `max_key` if any does.
@@ -295,186 +304,239 @@ fn build(
     chunked_from: Seq,
     large: &LargeValues,
 ) -> Result<Built, StoreError> {
-    let mut batch = sled::Batch::default();
-    let mut large_changes: HashMap<Vec<u8>, Option<Large>> = HashMap::new();
-    let mut next_gen = large.next_gen;
-    let mut written_parts = Vec::new();
-    let mut view = LogView {
-        tree: &engine.tree,
-        chunked_from,
-        dirty: BTreeMap::new(),
+    let mut b = Builder {
+        batch: sled::Batch::default(),
+        view: LogView {
+            tree: &engine.tree,
+            chunked_from,
+            dirty: BTreeMap::new(),
+        },
+        large,
+        large_changes: HashMap::new(),
+        next_gen: large.next_gen,
+        written_parts: Vec::new(),
+        d_len: 0,
+        d_bytes: 0,
+        ops: 0,
+        touched_log: false,
+        max_appended: None,
+        tail: None,
     };
-    let (mut d_len, mut d_bytes, mut ops, mut touched_log) = (0i64, 0i64, 0usize, false);
-    let mut max_appended: Option<Seq> = None;
-    // Key of the chunk appends go to, once looked up; `None` after a deletion (which may
-    // remove or re-key it).
-    let mut tail: Option<Option<Seq>> = None;
     for sub in group {
         for op in &sub.ops {
-            ops += 1;
+            b.ops += 1;
             match op {
-                WriteOp::Append(seq, v) if parts::is_large(v.len()) => {
-                    // Parts under their own keys; a marker in a chunk of its own, which
-                    // `fits` below never extends.
-                    let n = parts::insert_parts(&mut batch, &log_key(*seq), 0, v);
-                    written_parts.push((log_key(*seq).to_vec(), 0, n));
-                    let marker = Value::Parts {
-                        len: v.len() as u64,
-                        parts: n,
-                    };
-                    view.dirty.insert(*seq, Some(vec![(*seq, marker)]));
-                    tail = Some(Some(*seq));
-                    d_len += 1;
-                    d_bytes += v.len() as i64;
-                    max_appended = Some(*seq);
-                    touched_log = true;
-                }
-                WriteOp::Append(seq, v) => {
-                    if tail.is_none() {
-                        // Legacy entries are single raw records: never extend one.
-                        tail = Some(
-                            view.last_chunk_through(Seq::MAX)?
-                                .map(|(k, _)| k)
-                                .filter(|&k| k >= chunked_from),
-                        );
-                    }
-                    let fits = |chunk: &Entries| {
-                        chunk.last().is_some_and(|&(last, _)| {
-                            last < *seq
-                                && chunk.iter().all(|(_, v)| v.is_inline())
-                                && chunk::encoded_len(chunk) + chunk::entry_len(last, *seq, v.len())
-                                    <= chunk::CHUNK_TARGET_BYTES
-                        })
-                    };
-                    let mut joined = false;
-                    if let Some(Some(k)) = tail {
-                        if !view.dirty.contains_key(&k) {
-                            if let Some(chunk) = view.load_from_tree(k)? {
-                                if fits(&chunk) {
-                                    view.dirty.insert(k, Some(chunk));
-                                }
-                            }
-                        }
-                        if let Some(Some(chunk)) = view.dirty.get_mut(&k) {
-                            if fits(chunk) {
-                                chunk.push((*seq, Value::Inline(v.clone())));
-                                joined = true;
-                            }
-                        }
-                    }
-                    if !joined {
-                        view.dirty
-                            .insert(*seq, Some(vec![(*seq, Value::Inline(v.clone()))]));
-                        tail = Some(Some(*seq));
-                    }
-                    d_len += 1;
-                    d_bytes += v.len() as i64;
-                    max_appended = Some(*seq);
-                    touched_log = true;
-                }
-                WriteOp::DeleteLog(seq) => {
-                    if let Some((key, entries)) = view.last_chunk_through(*seq)? {
-                        if let Some(i) = entries.iter().position(|(s, _)| s == seq) {
-                            let mut rest = entries;
-                            let gone = rest.remove(i);
-                            d_len -= 1;
-                            d_bytes -= gone.1.len() as i64;
-                            remove_log_parts(&mut batch, std::slice::from_ref(&gone));
-                            touched_log = true;
-                            if i == 0 {
-                                view.replace(key, rest);
-                            } else {
-                                view.dirty.insert(key, Some(rest));
-                            }
-                            tail = None;
-                        }
-                    }
-                }
-                WriteOp::DeleteLogThrough(through) => {
-                    for (key, entries) in view.chunks_through(*through)? {
-                        let (gone, rest): (Entries, Entries) =
-                            entries.into_iter().partition(|(s, _)| s <= through);
-                        if gone.is_empty() {
-                            continue;
-                        }
-                        d_len -= gone.len() as i64;
-                        d_bytes -= gone.iter().map(|(_, v)| v.len() as i64).sum::<i64>();
-                        remove_log_parts(&mut batch, &gone);
-                        touched_log = true;
-                        view.replace(key, rest);
-                        tail = None;
-                    }
-                }
-                WriteOp::Put(k, v) => {
-                    let old = match large_changes.get(k) {
-                        Some(change) => *change,
-                        None => large.keyspace.get(k).copied(),
-                    };
-                    if let Some(old) = old {
-                        parts::remove_parts(&mut batch, k, old.gen, old.parts);
-                    }
-                    let new = if parts::is_large(v.len()) {
-                        let gen = next_gen;
-                        next_gen += 1;
-                        let parts = parts::insert_parts(&mut batch, k, gen, v);
-                        written_parts.push((k.clone(), gen, parts));
-                        let l = Large {
-                            gen,
-                            len: v.len() as u64,
-                            parts,
-                        };
-                        batch.insert(&k[..], parts::encode_descriptor(l));
-                        Some(l)
-                    } else {
-                        batch.insert(&k[..], &*parts::encode_small(v));
-                        None
-                    };
-                    if old.is_some() || new.is_some() {
-                        large_changes.insert(k.clone(), new);
-                    }
-                }
-                WriteOp::Remove(k) => {
-                    let old = match large_changes.get(k) {
-                        Some(change) => *change,
-                        None => large.keyspace.get(k).copied(),
-                    };
-                    if let Some(old) = old {
-                        parts::remove_parts(&mut batch, k, old.gen, old.parts);
-                        large_changes.insert(k.clone(), None);
-                    }
-                    batch.remove(&k[..]);
-                }
+                WriteOp::Append(seq, v) if parts::is_large(v.len()) => b.append_large(*seq, v),
+                WriteOp::Append(seq, v) => b.append(*seq, v)?,
+                WriteOp::DeleteLog(seq) => b.delete_log(*seq)?,
+                WriteOp::DeleteLogThrough(through) => b.delete_log_through(*through)?,
+                WriteOp::Put(k, v) => b.put(k, v),
+                WriteOp::Remove(k) => b.remove(k),
             }
         }
     }
-    for (key, chunk) in view.dirty {
-        match chunk {
-            Some(entries) => batch.insert(&log_key(key)[..], chunk::encode(&entries)),
-            None => batch.remove(&log_key(key)[..]),
+    Ok(b.finish(group.last().map_or(0, |s| s.ticket)))
+}
+
+/// A group commit being built by [`build`], one operation at a time, in submission order.
+struct Builder<'a> {
+    batch: sled::Batch,
+    view: LogView<'a>,
+    /// The large keyspace values as of the last durable commit.
+    large: &'a LargeValues,
+    /// What this group changes in `large` so far (see [`Built::large`]).
+    large_changes: HashMap<Vec<u8>, Option<Large>>,
+    next_gen: u64,
+    written_parts: Vec<(Vec<u8>, u64, u32)>,
+    d_len: i64,
+    d_bytes: i64,
+    ops: usize,
+    touched_log: bool,
+    max_appended: Option<Seq>,
+    /// Key of the chunk appends go to, once looked up; `None` after a deletion (which may
+    /// remove or re-key it).
+    tail: Option<Option<Seq>>,
+}
+
+impl Builder<'_> {
+    fn appended(&mut self, seq: Seq, len: usize) {
+        self.d_len += 1;
+        self.d_bytes += len as i64;
+        self.max_appended = Some(seq);
+        self.touched_log = true;
+    }
+
+    fn append_large(&mut self, seq: Seq, v: &Bytes) {
+        // Parts under their own keys; a marker in a chunk of its own, which `fits` in
+        // `append` never extends.
+        let n = parts::insert_parts(&mut self.batch, &log_key(seq), 0, v);
+        self.written_parts.push((log_key(seq).to_vec(), 0, n));
+        let marker = Value::Parts {
+            len: v.len() as u64,
+            parts: n,
+        };
+        self.view.dirty.insert(seq, Some(vec![(seq, marker)]));
+        self.tail = Some(Some(seq));
+        self.appended(seq, v.len());
+    }
+
+    fn append(&mut self, seq: Seq, v: &Bytes) -> Result<(), StoreError> {
+        if self.tail.is_none() {
+            // Legacy entries are single raw records: never extend one.
+            let chunked_from = self.view.chunked_from;
+            self.tail = Some(
+                self.view
+                    .last_chunk_through(Seq::MAX)?
+                    .map(|(k, _)| k)
+                    .filter(|&k| k >= chunked_from),
+            );
+        }
+        let fits = |chunk: &Entries| {
+            chunk.last().is_some_and(|&(last, _)| {
+                last < seq
+                    && chunk.iter().all(|(_, v)| v.is_inline())
+                    && chunk::encoded_len(chunk) + chunk::entry_len(last, seq, v.len())
+                        <= chunk::CHUNK_TARGET_BYTES
+            })
+        };
+        let mut joined = false;
+        if let Some(Some(k)) = self.tail {
+            if !self.view.dirty.contains_key(&k) {
+                if let Some(chunk) = self.view.load_from_tree(k)? {
+                    if fits(&chunk) {
+                        self.view.dirty.insert(k, Some(chunk));
+                    }
+                }
+            }
+            if let Some(Some(chunk)) = self.view.dirty.get_mut(&k) {
+                if fits(chunk) {
+                    chunk.push((seq, Value::Inline(v.clone())));
+                    joined = true;
+                }
+            }
+        }
+        if !joined {
+            self.view
+                .dirty
+                .insert(seq, Some(vec![(seq, Value::Inline(v.clone()))]));
+            self.tail = Some(Some(seq));
+        }
+        self.appended(seq, v.len());
+        Ok(())
+    }
+
+    fn delete_log(&mut self, seq: Seq) -> Result<(), StoreError> {
+        if let Some((key, entries)) = self.view.last_chunk_through(seq)? {
+            if let Some(i) = entries.iter().position(|(s, _)| *s == seq) {
+                let mut rest = entries;
+                let gone = rest.remove(i);
+                self.d_len -= 1;
+                self.d_bytes -= gone.1.len() as i64;
+                remove_log_parts(&mut self.batch, std::slice::from_ref(&gone));
+                self.touched_log = true;
+                if i == 0 {
+                    self.view.replace(key, rest);
+                } else {
+                    self.view.dirty.insert(key, Some(rest));
+                }
+                self.tail = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_log_through(&mut self, through: Seq) -> Result<(), StoreError> {
+        for (key, entries) in self.view.chunks_through(through)? {
+            let (gone, rest): (Entries, Entries) =
+                entries.into_iter().partition(|(s, _)| *s <= through);
+            if gone.is_empty() {
+                continue;
+            }
+            self.d_len -= gone.len() as i64;
+            self.d_bytes -= gone.iter().map(|(_, v)| v.len() as i64).sum::<i64>();
+            remove_log_parts(&mut self.batch, &gone);
+            self.touched_log = true;
+            self.view.replace(key, rest);
+            self.tail = None;
+        }
+        Ok(())
+    }
+
+    /// Where the value of keyspace key `k` is stored in parts, as of this group so far.
+    fn large_value(&self, k: &[u8]) -> Option<Large> {
+        match self.large_changes.get(k) {
+            Some(change) => *change,
+            None => self.large.keyspace.get(k).copied(),
         }
     }
-    if let Some(max) = max_appended {
-        // High-water mark in the same atomic batch: seqs are never reused, even if the tail
-        // is deleted later.
-        batch.insert(KEY_NEXT_SEQ, &(max + 1).to_be_bytes()[..]);
+
+    fn put(&mut self, k: &[u8], v: &[u8]) {
+        let old = self.large_value(k);
+        if let Some(old) = old {
+            parts::remove_parts(&mut self.batch, k, old.gen, old.parts);
+        }
+        let new = if parts::is_large(v.len()) {
+            let gen = self.next_gen;
+            self.next_gen += 1;
+            let parts = parts::insert_parts(&mut self.batch, k, gen, v);
+            self.written_parts.push((k.to_vec(), gen, parts));
+            let l = Large {
+                gen,
+                len: v.len() as u64,
+                parts,
+            };
+            self.batch.insert(k, parts::encode_descriptor(l));
+            Some(l)
+        } else {
+            self.batch.insert(k, &*parts::encode_small(v));
+            None
+        };
+        if old.is_some() || new.is_some() {
+            self.large_changes.insert(k.to_vec(), new);
+        }
     }
-    let through = group.last().map_or(0, |s| s.ticket);
-    Ok(Built {
-        batch,
-        through,
-        ops,
-        d_len,
-        d_bytes,
-        touched_log,
-        large: large_changes,
-        next_gen,
-        written_parts,
-    })
+
+    fn remove(&mut self, k: &[u8]) {
+        if let Some(old) = self.large_value(k) {
+            parts::remove_parts(&mut self.batch, k, old.gen, old.parts);
+            self.large_changes.insert(k.to_vec(), None);
+        }
+        self.batch.remove(k);
+    }
+
+    /// Writes the changed chunks and the seq high-water mark into the batch.
+    fn finish(mut self, through: Ticket) -> Built {
+        for (key, chunk) in self.view.dirty {
+            match chunk {
+                Some(entries) => self
+                    .batch
+                    .insert(&log_key(key)[..], chunk::encode(&entries)),
+                None => self.batch.remove(&log_key(key)[..]),
+            }
+        }
+        if let Some(max) = self.max_appended {
+            // High-water mark in the same atomic batch: seqs are never reused, even if the
+            // tail is deleted later.
+            self.batch
+                .insert(KEY_NEXT_SEQ, &(max + 1).to_be_bytes()[..]);
+        }
+        Built {
+            batch: self.batch,
+            through,
+            ops: self.ops,
+            d_len: self.d_len,
+            d_bytes: self.d_bytes,
+            touched_log: self.touched_log,
+            large: self.large_changes,
+            next_gen: self.next_gen,
+            written_parts: self.written_parts,
+        }
+    }
 }
 
 fn publish(shared: &Shared, engine: &Engine, b: &Built, failures: u32, in_hand: &mut u64) {
     if b.touched_log {
-        let (first_seq, last_seq) = super::log_bounds(&engine.tree, shared.chunked_from);
+        let (first_seq, last_seq) = log_bounds(&engine.tree, shared.chunked_from);
         let mut c = lock(&shared.counters);
         c.len = (c.len as i64 + b.d_len).max(0) as u64;
         c.bytes = (c.bytes as i64 + b.d_bytes).max(0) as u64;
