@@ -101,17 +101,30 @@ def matching_brace(code, open_at):
 
 
 def strip_test_items(code):
-    """Blanks every item under `#[cfg(test)]` (keeps line breaks so line numbers hold)."""
+    """Blanks every item under `#[cfg(test)]` (keeps line breaks so line numbers hold).
+
+    The item ends at the first `;` or `,` outside brackets (`mod tests;`, a struct field, a
+    statement), at the end of its first top-level `{...}` block (a module, fn or impl), or
+    before a `}` that closes the enclosing block (the last field of a struct literal)."""
     out = list(code)
     for m in re.finditer(r"#\[cfg\(test\)\]", code):
-        j = m.end()
-        # The item ends at its first `;` (e.g. `mod tests;`) or its matching `}`.
-        semi = code.find(";", j)
-        brace = code.find("{", j)
-        if brace < 0 or (0 <= semi < brace):
-            end = semi
-        else:
-            end = matching_brace(code, brace)
+        j, depth, end = m.end(), 0, len(code) - 1
+        while j < len(code):
+            c = code[j]
+            if c in "([":
+                depth += 1
+            elif c in ")]":
+                depth -= 1
+            elif c == "{" and depth == 0:
+                end = matching_brace(code, j)
+                break
+            elif c == "}" and depth == 0:
+                end = j - 1
+                break
+            elif c in ";," and depth == 0:
+                end = j
+                break
+            j += 1
         for k in range(m.start(), end + 1):
             if out[k] != "\n":
                 out[k] = " "
