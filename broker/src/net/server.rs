@@ -21,7 +21,7 @@ use crate::persist::{self, Restored};
 use crate::policy::auth::Authenticator;
 use crate::policy::ratelimit::{Admit, ConnectionRate};
 use crate::protocol::message::Message;
-use crate::router::{Durable, Router, RouterCmd};
+use crate::router::{Durable, ForwardRoute, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -95,7 +95,14 @@ impl Broker {
 
         let durable = store.clone().map(|store| Durable {
             store,
-            bridges: config.bridges.clone(),
+            bridges: config
+                .bridges
+                .iter()
+                .map(|b| ForwardRoute {
+                    name: b.name.clone(),
+                    filters: b.forward.iter().map(|rule| rule.local.clone()).collect(),
+                })
+                .collect(),
             storage: config.storage.clone(),
             ingest_paused: ingest_tx,
         });

@@ -38,7 +38,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::bridge::BridgeConfig;
 use crate::config::{OnFull, StorageLimits};
 use crate::persist::{self, Restored};
 use crate::policy::acl::ClientAcl;
@@ -56,10 +55,27 @@ pub use commands::{ConnectRequest, OutboxHandle, RouterCmd};
 /// Commands handled per wake-up before the batch is submitted (bounds ack latency).
 const MAX_BURST: usize = 1024;
 
+/// What the router needs to know of one `[[bridge]]`, compiled from its config by the server:
+/// its name (the origin its commands carry in the log, so it never forwards them back) and
+/// the local filters of its forward rules (a message matching one is appended to the log).
+#[derive(Debug, Clone)]
+pub struct ForwardRoute {
+    pub name: String,
+    pub filters: Vec<String>,
+}
+
+impl ForwardRoute {
+    pub fn forwards(&self, topic: &str) -> bool {
+        self.filters
+            .iter()
+            .any(|filter| filter_matches(filter, topic))
+    }
+}
+
 /// The router's durable side: present when the broker has a data directory.
 pub struct Durable {
     pub store: Store,
-    pub bridges: Vec<BridgeConfig>,
+    pub bridges: Vec<ForwardRoute>,
     pub storage: StorageLimits,
     /// True while publishers must not be read from (store full with reject_new, or the
     /// disk failing): their own QoS 1 retries keep the data meanwhile.

@@ -82,10 +82,11 @@ impl Router {
     ) -> Result<(), String> {
         if let Some(durable) = &self.durable {
             let now = unix_ms();
-            let forwarded =
-                durable.bridges.iter().enumerate().any(|(i, b)| {
-                    Some(i) != origin_bridge && b.forward_rule(&message.topic).is_some()
-                });
+            let forwarded = durable
+                .bridges
+                .iter()
+                .enumerate()
+                .any(|(i, b)| Some(i) != origin_bridge && b.forwards(&message.topic));
             let stored_origin = match origin_bridge {
                 Some(i) => bridge_origin(&durable.bridges[i].name),
                 None => origin.to_string(),
