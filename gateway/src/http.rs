@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use waystation_broker::StatusHandle;
 
-use crate::{metrics, status};
+use crate::{metrics, status, time};
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
@@ -48,7 +48,7 @@ fn sample(status: &StatusHandle) -> [u64; 4] {
             .map(|b| last_seq.saturating_sub(b.cursor))
             .sum(),
     };
-    [status::unix_ms(), received, forwarded, backlog]
+    [time::unix_ms(), received, forwarded, backlog]
 }
 
 fn app_state(status: StatusHandle, gateway_id: String) -> Arc<AppState> {
@@ -147,7 +147,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if let Some(reason) = status::unhealthy(&s) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
     }
-    let degraded = status::degraded(&s, status::unix_ms());
+    let degraded = status::degraded(&s, time::unix_ms());
     if degraded.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {

@@ -10,6 +10,7 @@ mod malloc;
 mod metrics;
 mod status;
 mod sys;
+mod time;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

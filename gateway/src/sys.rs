@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use waystation_broker::message::{Message, QoS};
 use waystation_broker::{InternalPublisher, StatusHandle};
 
-use crate::status::unix_ms;
+use crate::time::unix_ms;
 
 /// The `(topic, value)` pairs of one round.
 pub fn topics(handle: &StatusHandle) -> Vec<(String, String)> {
