@@ -3,12 +3,13 @@
 //! front of it that the demo cuts to stage an outage.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use waystation_cloud::{Cloud, CloudOptions};
 
 use super::edge::REMOTE_PREFIX;
 
@@ -23,52 +24,9 @@ pub struct CloudLog {
 
 /// rumqttd on a free loopback port, in its own threads (they live until the process exits).
 pub async fn start_cloud() -> anyhow::Result<SocketAddr> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let server = rumqttd::ServerSettings {
-        name: "cloud".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 256 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            // Large enough that the subscriber never falls off the end of a segment.
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some([("1".to_string(), server)].into_iter().collect()),
-        ..Default::default()
-    };
-    std::thread::Builder::new()
-        .name("cloud".into())
-        .spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            let _ = broker.start();
-        })?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the cloud broker (rumqttd) did not start on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(addr)
+    // Its start-up wait blocks; keep it off the runtime's workers.
+    let cloud = tokio::task::spawn_blocking(|| Cloud::start(CloudOptions::default())).await??;
+    Ok(cloud.addr())
 }
 
 /// Subscribes to the forwarded events on the cloud (directly, not through the relay) and
