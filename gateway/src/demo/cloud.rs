@@ -93,6 +93,8 @@ pub async fn start_cloud_subscriber(
 
 /// A TCP relay to `target`. While the returned flag is true, every relayed connection is
 /// closed and new ones are accepted and closed at once: the cloud is unreachable.
+/// The flag is a `watch<bool>`, not a `Shutdown`: the cloud comes back, and a `Shutdown`
+/// cannot be un-signalled.
 pub async fn start_relay(
     target: SocketAddr,
 ) -> anyhow::Result<(SocketAddr, Arc<watch::Sender<bool>>)> {

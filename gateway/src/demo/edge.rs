@@ -5,10 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::sync::watch;
 use waystation_broker::bridge::{BridgeConfig, ForwardRule, ReconnectConfig};
 use waystation_broker::status::BrokerStatus;
-use waystation_broker::{Broker, BrokerConfig, Limits, StatusHandle, StorageLimits};
+use waystation_broker::{Broker, BrokerConfig, Limits, Shutdown, StatusHandle, StorageLimits};
 
 /// Local topics forwarded to the cloud, and the prefix they get there.
 pub const FORWARD: &str = "sensors/+/events";
@@ -23,7 +22,7 @@ pub struct Edge {
     pub http_addr: SocketAddr,
     http: tokio::task::JoinHandle<()>,
     sys: tokio::task::JoinHandle<()>,
-    obs_stop: watch::Sender<bool>,
+    obs_stop: Shutdown,
 }
 
 impl Edge {
@@ -38,31 +37,25 @@ impl Edge {
         let broker = Broker::start(broker_config(uplink, data_dir)).await?;
         let addr = broker.local_addrs()[0];
         let handle = broker.status_handle();
-        let (obs_stop, obs_stopped) = watch::channel(false);
-        let (http_addr, http) = match crate::http::serve(
-            http,
-            handle.clone(),
-            "demo".into(),
-            obs_stopped.clone(),
-        )
-        .await
-        {
-            Ok(h) => h,
-            Err(_) => {
-                crate::http::serve(
-                    SocketAddr::from(([127, 0, 0, 1], 0)),
-                    handle.clone(),
-                    "demo".into(),
-                    obs_stopped.clone(),
-                )
-                .await?
-            }
-        };
+        let obs_stop = Shutdown::new();
+        let (http_addr, http) =
+            match crate::http::serve(http, handle.clone(), "demo".into(), obs_stop.clone()).await {
+                Ok(h) => h,
+                Err(_) => {
+                    crate::http::serve(
+                        SocketAddr::from(([127, 0, 0, 1], 0)),
+                        handle.clone(),
+                        "demo".into(),
+                        obs_stop.clone(),
+                    )
+                    .await?
+                }
+            };
         let sys = tokio::spawn(crate::sys::run(
             broker.publisher(),
             handle.clone(),
             Duration::from_secs(5),
-            obs_stopped.clone(),
+            obs_stop.clone(),
         ));
         Ok(Edge {
             broker,
@@ -78,7 +71,7 @@ impl Edge {
     /// Stops `$SYS` and the HTTP server, then the broker; returns the broker's last status
     /// (taken before it shuts down, while the bridge counters are still there).
     pub async fn stop(self) -> BrokerStatus {
-        let _ = self.obs_stop.send(true);
+        self.obs_stop.signal();
         let _ = self.sys.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.http).await;
         let status = self.handle.status();
