@@ -17,25 +17,10 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::proto::{self, Conn, HEADER_LEN};
-use crate::report::Record;
+use crate::report::{Labels, Record};
 
 const KEEP_ALIVE: u16 = 600;
 const WRITE_CHUNK: usize = 64 * 1024;
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct Labels {
-    /// Scenario name written into the result record (e.g. s1-qos1).
-    #[arg(long, default_value = "adhoc")]
-    pub scenario: String,
-    /// Broker name written into the result record (waystation, mosquitto, rumqttd, ...).
-    #[arg(long, default_value = "broker")]
-    pub broker: String,
-    #[arg(long, default_value_t = 1)]
-    pub round: u32,
-    /// Append the result as one JSON line to this file.
-    #[arg(long)]
-    pub out: Option<std::path::PathBuf>,
-}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {

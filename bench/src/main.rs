@@ -86,40 +86,14 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// rumqttd as configured in its own rumqttd.toml (v4 listener, 100 in flight, 100 MiB x 10
 /// segments), with room for 20,000 connections and no delay between accepts.
 fn run_rumqttd(listen: SocketAddr) -> Result<()> {
-    use std::collections::HashMap;
-    let connections = rumqttd::ConnectionSettings {
-        connection_timeout_ms: 60_000,
-        max_payload_size: 256 * 1024,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    };
-    let server = rumqttd::ServerSettings {
-        name: "v4-1".into(),
-        listen,
-        tls: None,
+    let cloud = waystation_cloud::Cloud::start(waystation_cloud::CloudOptions {
+        listen: Some(listen),
+        max_connections: 20_010,
+        max_segment_size: 100 * 1024 * 1024,
         next_connection_delay_ms: 0,
-        connections,
-    };
-    let mut v4 = HashMap::new();
-    v4.insert("1".to_string(), server);
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 20_010,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 100 * 1024 * 1024,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some(v4),
         ..Default::default()
-    };
-    let mut broker = rumqttd::Broker::new(config);
+    })?;
     eprintln!("rumqttd listening on {listen}");
-    broker
-        .start()
-        .map_err(|e| anyhow::anyhow!("rumqttd: {e:?}"))?;
+    cloud.wait()?;
     Ok(())
 }

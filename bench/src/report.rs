@@ -7,7 +7,21 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::load::Labels;
+/// What a result record is about; every command that writes one takes these flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Labels {
+    /// Scenario name written into the result record (e.g. s1-qos1).
+    #[arg(long, default_value = "adhoc")]
+    pub scenario: String,
+    /// Broker name written into the result record (waystation, mosquitto, rumqttd, ...).
+    #[arg(long, default_value = "broker")]
+    pub broker: String,
+    #[arg(long, default_value_t = 1)]
+    pub round: u32,
+    /// Append the result as one JSON line to this file.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+}
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Record {

@@ -16,10 +16,9 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use waystation_broker::StatusHandle;
+use waystation_broker::{Shutdown, StatusHandle};
 
-use crate::{metrics, status};
+use crate::{metrics, status, time};
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
@@ -48,7 +47,7 @@ fn sample(status: &StatusHandle) -> [u64; 4] {
             .map(|b| last_seq.saturating_sub(b.cursor))
             .sum(),
     };
-    [status::unix_ms(), received, forwarded, backlog]
+    [time::unix_ms(), received, forwarded, backlog]
 }
 
 fn app_state(status: StatusHandle, gateway_id: String) -> Arc<AppState> {
@@ -71,25 +70,25 @@ fn router_with_state(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Binds `addr` (port 0 picks one) and serves until `shutdown` turns true; returns the
+/// Binds `addr` (port 0 picks one) and serves until `shutdown` is signalled; returns the
 /// bound address and the server task.
 pub async fn serve(
     addr: SocketAddr,
     status: StatusHandle,
     gateway_id: String,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let state = app_state(status, gateway_id);
     let app = router_with_state(state.clone());
-    let mut sampler_stop = shutdown.clone();
+    let sampler_stop = shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = sampler_stop.wait_for(|s| *s) => return,
+                _ = sampler_stop.signalled() => return,
             }
             let s = sample(&state.status);
             let mut h = state.history.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,7 +101,7 @@ pub async fn serve(
     let task = tokio::spawn(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = shutdown.wait_for(|s| *s).await;
+                shutdown.signalled().await;
             })
             .await;
         if let Err(e) = result {
@@ -147,7 +146,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     if let Some(reason) = status::unhealthy(&s) {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response();
     }
-    let degraded = status::degraded(&s, status::unix_ms());
+    let degraded = status::degraded(&s, time::unix_ms());
     if degraded.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {

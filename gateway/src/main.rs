@@ -10,6 +10,7 @@ mod malloc;
 mod metrics;
 mod status;
 mod sys;
+mod time;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -317,12 +318,13 @@ fn run(
         for addr in broker.local_addrs() {
             info!("listening on {addr}");
         }
-        let (obs_stop, obs_stopped) = tokio::sync::watch::channel(false);
+        // Stops the HTTP server and $SYS before the broker, so neither sees it half gone.
+        let obs_stop = waystation_broker::Shutdown::new();
         let mut http_task = None;
         if config.http.enabled {
             // The dashboard is not the gateway's job: if its port is taken, say so and go on
             // storing and forwarding.
-            match http::serve(config.http.bind, broker.status_handle(), config.gateway.id.clone(), obs_stopped.clone()).await {
+            match http::serve(config.http.bind, broker.status_handle(), config.gateway.id.clone(), obs_stop.clone()).await {
                 Ok((addr, task)) => {
                     info!("dashboard, /metrics, /healthz and /api/v1/status at http://{addr}/");
                     http_task = Some(task);
@@ -332,12 +334,12 @@ fn run(
         }
         let sys_task = (config.gateway.sys_interval > 0).then(|| {
             let interval = std::time::Duration::from_secs(config.gateway.sys_interval);
-            tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stopped.clone()))
+            tokio::spawn(sys::run(broker.publisher(), broker.status_handle(), interval, obs_stop.clone()))
         });
         info!(gateway = %config.gateway.id, "waystation started");
         let stop = signals.wait_for_shutdown(&broker).await;
         info!("shutting down");
-        let _ = obs_stop.send(true);
+        obs_stop.signal();
         for task in [http_task, sys_task].into_iter().flatten() {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), task).await;
         }

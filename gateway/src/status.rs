@@ -5,18 +5,12 @@
 //! seconds (`*_s`); payload previews are UTF-8 (lossy) and at most 256 bytes.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 use waystation_broker::status::BrokerStatus;
 use waystation_broker::StatusHandle;
 
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::time::unix_ms;
 
 /// Why the gateway is unhealthy, or `None` when listeners and storage are fine. Listeners are
 /// bound before the HTTP server starts and live as long as the broker, so storage is what

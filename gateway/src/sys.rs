@@ -29,11 +29,10 @@ pub fn received_by_qos(stats: &waystation_broker::Stats) -> [u64; 3] {
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use waystation_broker::message::{Message, QoS};
-use waystation_broker::{InternalPublisher, StatusHandle};
+use waystation_broker::{InternalPublisher, Shutdown, StatusHandle};
 
-use crate::status::unix_ms;
+use crate::time::unix_ms;
 
 /// The `(topic, value)` pairs of one round.
 pub fn topics(handle: &StatusHandle) -> Vec<(String, String)> {
@@ -103,20 +102,20 @@ pub fn topics(handle: &StatusHandle) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Publishes every `interval` until `shutdown` turns true (then drops the publisher, so the
+/// Publishes every `interval` until `shutdown` is signalled (then drops the publisher, so the
 /// broker's shutdown need not wait for it).
 pub async fn run(
     publisher: InternalPublisher,
     handle: StatusHandle,
     interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = shutdown.signalled() => return,
         }
         for (topic, value) in topics(&handle) {
             let message = Message::new(topic, value.into_bytes(), QoS::AtMostOnce, false);

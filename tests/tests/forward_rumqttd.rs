@@ -4,61 +4,27 @@
 //! reach a local subscriber.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use waystation_cloud::{Cloud, CloudOptions};
 use waystation_e2e::raw::{Pkt, RawClient};
 use waystation_e2e::upstream::{
     analyze, bridge_toml, missing, Collector, Publisher, PublisherSpec,
 };
-use waystation_e2e::{free_port, wait_until, Waystation, START_TIMEOUT};
+use waystation_e2e::{Waystation, START_TIMEOUT};
 
 /// rumqttd 0.20 in-process on a free port: the second upstream implementation. Its
 /// segments are made large enough that a slow subscriber loses nothing (FACTS.md). The
 /// broker's threads live until the test process exits.
 pub fn start_rumqttd() -> u16 {
-    let port = free_port();
-    let connections = rumqttd_connection_settings();
-    let server = rumqttd::ServerSettings {
-        name: "v4-1".into(),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections,
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 1000,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 64 * 1024 * 1024,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some([("1".to_string(), server)].into_iter().collect()),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let mut broker = rumqttd::Broker::new(config);
-        let _ = broker.start();
-    });
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let up = wait_until(START_TIMEOUT, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-    });
-    assert!(up, "rumqttd did not listen on {addr}");
-    port
-}
-
-fn rumqttd_connection_settings() -> rumqttd::ConnectionSettings {
-    rumqttd::ConnectionSettings {
-        connection_timeout_ms: 60_000,
-        max_payload_size: 256 * 1024,
-        max_inflight_count: 100,
-        auth: None,
-        external_auth: None,
-        dynamic_filters: true,
-    }
+    Cloud::start(CloudOptions {
+        max_connections: 1000,
+        max_segment_size: 64 * 1024 * 1024,
+        start_timeout: START_TIMEOUT,
+        ..CloudOptions::default()
+    })
+    .expect("rumqttd")
+    .port()
 }
 
 #[test]

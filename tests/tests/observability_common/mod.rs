@@ -9,7 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use waystation_e2e::{free_port, wait_until, waystation_bin, START_TIMEOUT};
+use waystation_cloud::{Cloud, CloudOptions};
+use waystation_e2e::{wait_until, waystation_bin, START_TIMEOUT};
 
 pub struct Gateway {
     child: Child,
@@ -175,44 +176,10 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
 
 /// rumqttd 0.20 in-process on a free port (its threads live until the test process exits).
 pub fn start_rumqttd() -> u16 {
-    let port = free_port();
-    let server = rumqttd::ServerSettings {
-        name: "v4-1".into(),
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 256 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 100,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 16 * 1024 * 1024,
-            max_segment_count: 10,
-            ..Default::default()
-        },
-        v4: Some([("1".to_string(), server)].into_iter().collect()),
-        ..Default::default()
-    };
-    std::thread::spawn(move || {
-        let _ = rumqttd::Broker::new(config).start();
-    });
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    assert!(
-        wait_until(START_TIMEOUT, || TcpStream::connect_timeout(
-            &addr,
-            Duration::from_millis(200)
-        )
-        .is_ok()),
-        "rumqttd did not listen on {addr}"
-    );
-    port
+    Cloud::start(CloudOptions {
+        start_timeout: START_TIMEOUT,
+        ..CloudOptions::default()
+    })
+    .expect("rumqttd")
+    .port()
 }
