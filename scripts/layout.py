@@ -4,6 +4,7 @@
     python3 scripts/layout.py              # every check; exit 1 on any violation
     python3 scripts/layout.py edges        # print the module-level `use crate::` edges
     python3 scripts/layout.py sizes        # print non-test line counts and the longest functions
+    python3 scripts/layout.py self-test    # the checks find a planted circle and a long fn
 
 Import circles. Every .rs file under a crate's src/ is a module (lib.rs/main.rs is the crate
 root, foo/mod.rs is the folder foo). An edge A -> B is any path `crate::...`, `super::...` or
@@ -385,8 +386,45 @@ def file_lines(crate, mod):
     return total - removed
 
 
+def self_test():
+    """Plants what the checks must find in a scratch crate; exit 1 if one is missed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {
+            "lib.rs": "mod a;\nmod b;\nmod c;\npub use c::Z;\n",
+            # a -> b through a grouped use, b -> a through an inline path: a circle.
+            "a.rs": "use crate::{b::{X}};\npub struct Y;\n",
+            "b.rs": "pub struct X;\nfn f() -> crate::a::Y { crate::a::Y }\n",
+            # A re-exported name is an edge to its real home; a test-only field is not code.
+            "c.rs": "pub struct Z { #[cfg(test)] t: u8, }\nfn long() {\n" + "    let _ = 1;\n" * 130 + "}\n"
+            + "#[cfg(test)]\nmod tests {\n    fn long_test() {\n" + "        let _ = 1;\n" * 200 + "    }\n}\n",
+        }
+        for name, text in files.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        crate = Crate(tmp)
+        edges = crate.edges()
+        cycles = folder_cycles(crate, edges)
+        fns = {f[0]: f[2] for f in long_functions(crate.code[("c",)])}
+        checks = [
+            ("a circle a <-> b", any(set(scc) == {"a", "b"} for _, scc, _ in cycles)),
+            ("the re-export edge crate -> c", ((), ("c",)) in edges),
+            ("fn long is 132 lines", fns.get("long") == 132),
+            ("test code is not counted", "long_test" not in fns),
+        ]
+    missed = [what for what, ok in checks if not ok]
+    for what in missed:
+        print(f"layout self-test: missed {what}", file=sys.stderr)
+    if not missed:
+        print("layout self-test: every planted problem found")
+    return 1 if missed else 0
+
+
 def main(argv):
     mode = argv[1] if len(argv) > 1 else "check"
+    if mode == "self-test":
+        return self_test()
     failures = []
     for src in sorted(set(CIRCLE_CRATES + SIZE_CRATES)):
         crate = Crate(os.path.join(ROOT, src))
