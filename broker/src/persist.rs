@@ -4,7 +4,7 @@
 //! - `Keyspace::SessionQueue`: (client id, queue id) -> a message owed to that session and
 //!   not yet acknowledged by it (QoS 1/2 only), deleted on PUBACK/PUBCOMP.
 //! - `Keyspace::Retained`: topic -> the retained message.
-//! - The log: messages that a bridge forwards upstream (see `bridge.rs`).
+//! - The log: messages that a bridge forwards upstream (see `bridge`).
 //!
 //! Every value is a `StoredMessage` or the small subscription list below; anything that
 //! fails to decode is skipped and logged, never a panic.

@@ -7,7 +7,10 @@
 //! in log order with at most `max_inflight` unacknowledged, and moves its cursor over an
 //! entry only when every entry up to it is acknowledged upstream (QoS 1 PUBACK; QoS 0 once
 //! handed to the writer). The log entry is deleted when every bridge's cursor has passed it
-//! (`Cursors`). `config.rs` holds the `[[bridge]]` config.
+//! (`Cursors`). The `[[bridge]]` config is `crate::config::bridge`. In this folder: `session.rs`
+//! (the task and its select loop), `window.rs` (what is in flight, the cursor, keep-alive:
+//! plain state), `link.rs` (the upstream connection), `inbound.rs` (commands from the cloud),
+//! `failure.rs` (why a session ended); `Cursors` and the back-off live here.
 //!
 //! Invariants:
 //! - Never skip: the cursor only advances over a contiguous run of acknowledged entries,

@@ -2,7 +2,7 @@
 //!
 //! Packets are framed, decoded and encoded by `rumqttc::mqttbytes::v4`. This file adds
 //! what that codec leaves to a server: the fixed-header flag and reserved-bit checks the
-//! standard requires of a receiver, and the translation to and from `message.rs` types.
+//! standard requires of a receiver, and the translation to and from `message` types.
 
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4};
