@@ -20,8 +20,9 @@ use crate::config::Limits;
 use crate::net::connection::{self, ConnectionContext};
 use crate::policy::acl::Acl;
 use crate::policy::auth::Security;
+use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::Outbound;
-use crate::protocol::v4::{self, DecodeError, Inbound};
+use crate::protocol::v4;
 use crate::router::Router;
 use crate::session::SessionLimits;
 use crate::stats::Stats;
@@ -58,14 +59,12 @@ pub fn decode(data: &[u8]) {
 fn check_packet(packet: Inbound) {
     match packet {
         Inbound::Connect(connect) => {
-            if let Some(will) = connect.last_will {
-                let message = v4::will_from_v4(will);
-                let _ = valid_topic_name(&message.topic);
+            if let Some(will) = connect.will {
+                let _ = valid_topic_name(&will.topic);
             }
         }
         Inbound::Publish(publish) => {
-            let (pkid, dup) = (publish.pkid, publish.dup);
-            let message = v4::message_from_v4(publish);
+            let (pkid, dup, message) = (publish.pkid, publish.dup, publish.message);
             if !valid_topic_name(&message.topic) {
                 return;
             }
@@ -81,7 +80,7 @@ fn check_packet(packet: Inbound) {
             .expect("a decoded PUBLISH encodes");
             match v4::decode(&mut out, usize::MAX >> 4) {
                 Ok(Inbound::Publish(again)) => {
-                    assert_eq!(v4::message_from_v4(again), message, "PUBLISH round trip")
+                    assert_eq!(again.message, message, "PUBLISH round trip")
                 }
                 other => panic!("re-encoded PUBLISH decodes as {other:?}"),
             }
@@ -92,12 +91,12 @@ fn check_packet(packet: Inbound) {
             );
         }
         Inbound::Subscribe(subscribe) => {
-            for filter in subscribe.filters {
-                let _ = (valid_filter(&filter.path), v4::qos_from_v4(filter.qos));
+            for (filter, _qos) in subscribe.filters {
+                let _ = valid_filter(&filter);
             }
         }
         Inbound::Unsubscribe(unsubscribe) => {
-            for filter in unsubscribe.topics {
+            for filter in unsubscribe.filters {
                 let _ = valid_filter(&filter);
             }
         }

@@ -7,42 +7,8 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4};
 
+use crate::protocol::inbound::{Connect, DecodeError, Inbound, Publish, Subscribe, Unsubscribe};
 use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS};
-
-/// A decoded client packet, or why the connection must be closed.
-#[derive(Debug)]
-pub enum Inbound {
-    Connect(v4::Connect),
-    Publish(v4::Publish),
-    PubAck(u16),
-    PubRec(u16),
-    PubRel(u16),
-    PubComp(u16),
-    Subscribe(v4::Subscribe),
-    Unsubscribe(v4::Unsubscribe),
-    PingReq,
-    Disconnect,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// More bytes are needed to frame the next packet.
-    #[error("incomplete packet")]
-    Incomplete,
-    #[error("packet of {0} bytes exceeds max_packet_size")]
-    TooLarge(usize),
-    /// A CONNECT with a protocol level (or name) this adapter does not speak: answered
-    /// with CONNACK 0x01 before closing [MQTT-3.1.2-2].
-    #[error("unsupported protocol level {0}")]
-    UnsupportedProtocol(u8),
-    #[error("malformed packet: {0}")]
-    Malformed(String),
-    #[error("protocol violation: {0}")]
-    Violation(&'static str),
-    /// The peer closed the connection (or it failed) before a whole packet arrived.
-    #[error("connection closed")]
-    Closed,
-}
 
 fn malformed(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Malformed(e.to_string())
@@ -91,9 +57,13 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
             if c.protocol != mqttbytes::Protocol::V4 {
                 return Err(DecodeError::UnsupportedProtocol(5));
             }
-            Inbound::Connect(c)
+            Inbound::Connect(connect_from_v4(c))
         }
-        v4::Packet::Publish(p) => Inbound::Publish(p),
+        v4::Packet::Publish(p) => Inbound::Publish(Publish {
+            pkid: p.pkid,
+            dup: p.dup,
+            message: message_from_v4(p),
+        }),
         v4::Packet::PubAck(p) => Inbound::PubAck(p.pkid),
         v4::Packet::PubRec(p) => Inbound::PubRec(p.pkid),
         v4::Packet::PubRel(p) => Inbound::PubRel(p.pkid),
@@ -102,7 +72,14 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
             if s.pkid == 0 {
                 return Err(DecodeError::Violation("SUBSCRIBE with packet identifier 0"));
             }
-            Inbound::Subscribe(s)
+            Inbound::Subscribe(Subscribe {
+                pkid: s.pkid,
+                filters: s
+                    .filters
+                    .into_iter()
+                    .map(|f| (f.path, qos_from_v4(f.qos)))
+                    .collect(),
+            })
         }
         v4::Packet::Unsubscribe(u) => {
             // A non-zero packet identifier [MQTT-2.3.1-1]; at least one filter [MQTT-3.10.3-2].
@@ -114,7 +91,10 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
             if u.topics.is_empty() {
                 return Err(DecodeError::Violation("UNSUBSCRIBE without topic filters"));
             }
-            Inbound::Unsubscribe(u)
+            Inbound::Unsubscribe(Unsubscribe {
+                pkid: u.pkid,
+                filters: u.topics,
+            })
         }
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect,
@@ -201,7 +181,7 @@ fn check_subscribe(body: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-pub fn qos_from_v4(qos: mqttbytes::QoS) -> QoS {
+fn qos_from_v4(qos: mqttbytes::QoS) -> QoS {
     match qos {
         mqttbytes::QoS::AtMostOnce => QoS::AtMostOnce,
         mqttbytes::QoS::AtLeastOnce => QoS::AtLeastOnce,
@@ -217,7 +197,22 @@ fn qos_to_v4(qos: QoS) -> mqttbytes::QoS {
     }
 }
 
-pub fn will_from_v4(will: v4::LastWill) -> Message {
+fn connect_from_v4(connect: v4::Connect) -> Connect {
+    let (username, password) = match connect.login {
+        Some(login) => (Some(login.username), login.password.into_bytes()),
+        None => (None, Vec::new()),
+    };
+    Connect {
+        client_id: connect.client_id,
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+        username,
+        password,
+        will: connect.last_will.map(will_from_v4),
+    }
+}
+
+fn will_from_v4(will: v4::LastWill) -> Message {
     Message {
         topic: will.topic.into(),
         payload: will.message,
@@ -226,7 +221,7 @@ pub fn will_from_v4(will: v4::LastWill) -> Message {
     }
 }
 
-pub fn message_from_v4(publish: v4::Publish) -> Message {
+fn message_from_v4(publish: v4::Publish) -> Message {
     Message {
         topic: publish.topic.into(),
         payload: publish.payload,

@@ -9,8 +9,9 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
+use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::Outbound;
-use crate::protocol::v4::{self, DecodeError, Inbound};
+use crate::protocol::v4;
 use crate::session::OutboxReceiver;
 
 /// Write at most this much per socket write when draining the outbox.

@@ -13,8 +13,8 @@ use tracing::{debug, info, warn};
 
 use crate::policy::auth::Refusal;
 use crate::policy::ratelimit::TokenBucket;
+use crate::protocol::inbound::{Connect, DecodeError, Inbound};
 use crate::protocol::message::{ConnectOutcome, Outbound};
-use crate::protocol::v4::{self, DecodeError, Inbound};
 use crate::router::ConnectRequest;
 use crate::topic::valid_topic_name;
 
@@ -29,7 +29,7 @@ pub(super) async fn read_connect(
     buf: &mut BytesMut,
     peer: &SocketAddr,
     ctx: &ConnectionContext,
-) -> Option<rumqttc::mqttbytes::v4::Connect> {
+) -> Option<Connect> {
     let first = timeout(
         ctx.limits.connect_timeout,
         read_packet(reader, buf, ctx.limits.max_packet_size),
@@ -75,7 +75,7 @@ pub(super) async fn read_connect(
 /// credentials (or the certificate's identity), the ACL and the will. `None` when the
 /// connection was refused (the CONNACK saying why is written) or is to close.
 pub(super) async fn admit(
-    connect: rumqttc::mqttbytes::v4::Connect,
+    connect: Connect,
     writer: &mut (impl AsyncWrite + Unpin),
     peer: &SocketAddr,
     ctx: &ConnectionContext,
@@ -106,7 +106,7 @@ pub(super) async fn admit(
         .await;
         return None;
     }
-    if let Some(will) = &connect.last_will {
+    if let Some(will) = &connect.will {
         if !valid_topic_name(&will.topic) {
             warn!(%peer, client_id = %client_id, "will topic is not a valid topic name: closing");
             return None;
@@ -114,10 +114,7 @@ pub(super) async fn admit(
     }
 
     // Authentication (slow hashing runs off the runtime). The password is never logged.
-    let (username, password) = match connect.login {
-        Some(l) => (Some(l.username), l.password),
-        None => (None, String::new()),
-    };
+    let (username, password) = (connect.username, connect.password);
     // A verified client certificate is the credential: its CN replaces any user name sent
     // and no password is checked (Mosquitto's use_identity_as_username).
     let certified = identity.is_some();
@@ -125,9 +122,7 @@ pub(super) async fn admit(
     let checked = if certified {
         Ok(())
     } else {
-        ctx.auth
-            .check(username.as_deref(), password.as_bytes())
-            .await
+        ctx.auth.check(username.as_deref(), &password).await
     };
     if let Err(refusal) = checked {
         drop(password);
@@ -152,13 +147,7 @@ pub(super) async fn admit(
         }),
         refusals: 0,
     };
-    let will = vet_will(
-        connect.last_will.map(v4::will_from_v4),
-        &guard,
-        peer,
-        &client_id,
-        ctx,
-    );
+    let will = vet_will(connect.will, &guard, peer, &client_id, ctx);
     let request = ConnectRequest {
         client_id: client_id.clone(),
         clean_session: connect.clean_session,

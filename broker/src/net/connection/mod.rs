@@ -16,8 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
+use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{QoS, SubscribeFilter};
-use crate::protocol::v4::{self, DecodeError, Inbound};
+use crate::protocol::v4;
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox};
 use crate::topic::{valid_filter, valid_topic_name};
@@ -207,17 +208,18 @@ async fn dispatch(
         Inbound::Disconnect => return Ok(false),
         Inbound::PingReq => RouterCmd::Ping { conn },
         Inbound::Publish(publish) => {
-            if !valid_topic_name(&publish.topic) {
+            let pkid = publish.pkid;
+            let message = publish.message;
+            if !valid_topic_name(&message.topic) {
                 return Err("PUBLISH to an invalid topic name (wildcard, empty or NUL)");
             }
-            let pkid = publish.pkid;
-            debug!(client_id, topic = %publish.topic, qos = publish.qos as u8, "publish received");
-            let within = topic_within_limits(&publish.topic, &ctx.limits);
+            debug!(client_id, topic = %message.topic, qos = message.qos as u8, dup = publish.dup, "publish received");
+            let within = topic_within_limits(&message.topic, &ctx.limits);
             if !within
                 || guard
                     .acl
                     .as_ref()
-                    .is_some_and(|acl| !acl.may_publish(&publish.topic))
+                    .is_some_and(|acl| !acl.may_publish(&message.topic))
             {
                 let counter = if within {
                     &ctx.stats.acl_denied_publish
@@ -231,9 +233,9 @@ async fn dispatch(
                     } else {
                         "topic over max_topic_length/max_topic_levels"
                     };
-                    warn!(client_id, topic = %publish.topic, reason, refusals = guard.refusals, "PUBLISH refused: acknowledged, not stored nor delivered");
+                    warn!(client_id, topic = %message.topic, reason, refusals = guard.refusals, "PUBLISH refused: acknowledged, not stored nor delivered");
                 }
-                let qos = v4::qos_from_v4(publish.qos);
+                let qos = message.qos;
                 // QoS 0 needs no answer; QoS 1/2 are acknowledged in their turn by the router.
                 if qos == QoS::AtMostOnce {
                     return Ok(true);
@@ -243,7 +245,7 @@ async fn dispatch(
                 RouterCmd::Publish {
                     conn,
                     pkid,
-                    message: v4::message_from_v4(publish),
+                    message,
                 }
             }
         }
@@ -255,26 +257,26 @@ async fn dispatch(
             let filters = subscribe
                 .filters
                 .into_iter()
-                .map(|f| {
-                    let mut valid = valid_filter(&f.path);
+                .map(|(filter, qos)| {
+                    let mut valid = valid_filter(&filter);
                     if !valid {
-                        info!(client_id, filter = %f.path, "invalid topic filter: refused in SUBACK");
-                    } else if !topic_within_limits(&f.path, &ctx.limits) {
+                        info!(client_id, filter = %filter, "invalid topic filter: refused in SUBACK");
+                    } else if !topic_within_limits(&filter, &ctx.limits) {
                         valid = false;
                         ctx.stats.limit_refusals.fetch_add(1, Ordering::Relaxed);
                         if guard.should_log_refusal() {
-                            warn!(client_id, filter = %f.path, "topic filter over max_topic_length/max_topic_levels: refused in SUBACK");
+                            warn!(client_id, filter = %filter, "topic filter over max_topic_length/max_topic_levels: refused in SUBACK");
                         }
-                    } else if guard.acl.as_ref().is_some_and(|acl| !acl.may_subscribe(&f.path)) {
+                    } else if guard.acl.as_ref().is_some_and(|acl| !acl.may_subscribe(&filter)) {
                         valid = false;
                         ctx.stats.acl_denied_subscribe.fetch_add(1, Ordering::Relaxed);
                         if guard.should_log_refusal() {
-                            warn!(client_id, filter = %f.path, "no read access (ACL): filter refused in SUBACK");
+                            warn!(client_id, filter = %filter, "no read access (ACL): filter refused in SUBACK");
                         }
                     }
                     SubscribeFilter {
-                        requested: valid.then(|| v4::qos_from_v4(f.qos)),
-                        filter: f.path,
+                        requested: valid.then_some(qos),
+                        filter,
                     }
                 })
                 .collect();
@@ -287,7 +289,7 @@ async fn dispatch(
         Inbound::Unsubscribe(unsubscribe) => RouterCmd::Unsubscribe {
             conn,
             pkid: unsubscribe.pkid,
-            filters: unsubscribe.topics,
+            filters: unsubscribe.filters,
         },
     };
     // A full router queue makes this wait: back-pressure on every publisher alike.
