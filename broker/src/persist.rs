@@ -83,16 +83,19 @@ pub fn to_stored(message: &Message, origin: &str, received_at_ms: u64) -> Stored
         retain: message.retain,
         received_at_ms,
         origin: origin.to_string(),
+        properties: message.properties.as_deref().cloned(),
     }
 }
 
 pub fn from_stored(stored: StoredMessage) -> Option<Message> {
-    Some(Message::new(
+    let mut message = Message::new(
         stored.topic,
         stored.payload,
         QoS::from_u8(stored.qos)?,
         stored.retain,
-    ))
+    );
+    message.properties = stored.properties.map(Arc::new);
+    Some(message)
 }
 
 /// A persistent session as read back from the store.
@@ -163,6 +166,26 @@ pub fn restore(store: &Store) -> Result<Restored, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // What a persistent session's queue, the retained store and the log keep of a message is
+    // what comes back: MQTT 5 properties included, and a 3.1.1 message still without any.
+    #[test]
+    fn a_message_and_its_properties_survive_the_stored_record() {
+        let mut message = Message::new("cmd/valve", &b"open"[..], QoS::AtLeastOnce, true);
+        let plain = to_stored(&message, "dev-1", 7).encode().expect("encodes");
+        let back = from_stored(StoredMessage::decode(&plain).expect("decodes")).expect("valid");
+        assert_eq!(back, message);
+        message.properties = Some(Arc::new(crate::protocol::message::MessageProperties {
+            message_expiry_interval: Some(60),
+            user_properties: vec![("trace".into(), "a1".into())],
+            correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+            ..Default::default()
+        }));
+        let rich = to_stored(&message, "dev-1", 7).encode().expect("encodes");
+        assert!(rich.len() > plain.len());
+        let back = from_stored(StoredMessage::decode(&rich).expect("decodes")).expect("valid");
+        assert_eq!(back, message);
+    }
 
     #[test]
     fn subscriptions_round_trip_and_garbage_is_refused() {

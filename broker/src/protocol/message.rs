@@ -34,6 +34,26 @@ pub struct Message {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// What an MQTT 5 publisher attached to it; `None` for every MQTT 3.1.1 message. Shared:
+    /// a message goes to many subscribers and queues.
+    pub properties: Option<Arc<MessageProperties>>,
+}
+
+/// The MQTT 5 properties that belong to an application message (v5 section 3.3.2.3) rather
+/// than to one packet: kept with the message on disk, forwarded upstream and delivered to
+/// MQTT 5 subscribers unaltered (user properties in order) [MQTT-3.3.2-17, -18]; an MQTT
+/// 3.1.1 subscriber gets the message without them. Topic aliases and subscription
+/// identifiers belong to one connection and are not here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageProperties {
+    /// 0: unspecified bytes, 1: UTF-8 text.
+    pub payload_format_indicator: Option<u8>,
+    /// Seconds the message lives, counted from when the broker received it.
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
 }
 
 impl Message {
@@ -48,6 +68,7 @@ impl Message {
             payload: payload.into(),
             qos,
             retain,
+            properties: None,
         }
     }
 }

@@ -218,6 +218,7 @@ fn will_from_v4(will: v4::LastWill) -> Message {
         payload: will.message,
         qos: qos_from_v4(will.qos),
         retain: will.retain,
+        properties: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn message_from_v4(publish: v4::Publish) -> Message {
         payload: publish.payload,
         qos: qos_from_v4(publish.qos),
         retain: publish.retain,
+        properties: None,
     }
 }
 

@@ -175,6 +175,7 @@ impl Router {
                 qos: message.qos.min(granted),
                 // The retain flag is only set on messages sent because of a new subscription [MQTT-3.3.1-9].
                 retain: false,
+                properties: message.properties.clone(),
             };
             self.deliver_to(&client, copy);
         }

@@ -11,6 +11,7 @@ fn record(received_at_ms: u64) -> bytes::Bytes {
         retain: false,
         received_at_ms,
         origin: "dev".into(),
+        properties: None,
     }
     .encode()
     .expect("encodes")

@@ -205,6 +205,7 @@ fn store_counters_rebuilt_on_reopen() {
         retain: false,
         received_at_ms: 1_234_567,
         origin: "c".into(),
+        properties: None,
     }
     .encode()
     .unwrap();
@@ -611,6 +612,7 @@ fn crash_record(writer: u64, n: u64, large: bool) -> Bytes {
         retain: false,
         received_at_ms: n,
         origin: format!("w{writer}"),
+        properties: None,
     }
     .encode()
     .unwrap()
