@@ -40,7 +40,7 @@ pub(super) struct Guard {
 impl Guard {
     pub(super) fn should_log_refusal(&mut self) -> bool {
         self.refusals += 1;
-        self.refusals <= 10 || self.refusals % 1000 == 0
+        self.refusals <= 10 || self.refusals.is_multiple_of(1000)
     }
 }
 

@@ -39,13 +39,13 @@ pub(super) async fn read_connect(
         Err(_) => {
             ctx.stats.connect_timeouts.fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "no CONNECT within connect_timeout: closing");
-            return None;
+            None
         }
         Ok(Ok(Inbound::Connect(c))) => Some(c),
         Ok(Ok(_)) => {
             warn!(%peer, "first packet is not CONNECT: closing");
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return None;
+            None
         }
         Ok(Err(DecodeError::UnsupportedProtocol(level))) => {
             info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
@@ -54,7 +54,7 @@ pub(super) async fn read_connect(
                 Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol),
             )
             .await;
-            return None;
+            None
         }
         Ok(Err(DecodeError::Closed)) if buf.is_empty() => {
             // A port probe or a health check, not a client gone wrong.
@@ -62,15 +62,16 @@ pub(super) async fn read_connect(
                 .closed_before_connect
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%peer, "connection closed before CONNECT");
-            return None;
+            None
         }
         Ok(Err(e)) => {
             log_bad_input(peer, "", &e);
             ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-            return None;
+            None
         }
     }
 }
+
 /// Everything the broker checks of a CONNECT before the router sees it: the client id, the
 /// credentials (or the certificate's identity), the ACL and the will. `None` when the
 /// connection was refused (the CONNACK saying why is written) or is to close.
