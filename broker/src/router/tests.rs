@@ -69,7 +69,7 @@ fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, o
 
 fn drain(rx: &mut crate::session::OutboxReceiver) -> Vec<Outbound> {
     let mut out = Vec::new();
-    while let Ok(p) = rx.rx.try_recv() {
+    while let Some(p) = rx.try_recv() {
         out.push(p);
     }
     out

@@ -32,6 +32,9 @@ use context::{topic_within_limits, Guard};
 use framing::write_loop;
 use handshake::{admit, read_connect};
 
+/// How long a connection with nothing buffered keeps its read buffer before giving it back.
+const IDLE_BUFFER_RELEASE: Duration = Duration::from_secs(1);
+
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Why the reader stopped.
@@ -54,7 +57,8 @@ pub async fn handle<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(1024);
+    // Enough for a typical CONNECT; `read_buf` grows it for a longer one.
+    let mut buf = BytesMut::with_capacity(256);
 
     let Some(connect) = read_connect(&mut reader, &mut writer, &mut buf, &peer, &ctx).await else {
         return;
@@ -130,6 +134,8 @@ async fn read_loop(
     let far_future = Duration::from_secs(86400 * 365);
     let mut ingest_paused = ctx.ingest_paused.clone();
     let mut has_published = false;
+    // The client has sent something since its CONNECT.
+    let mut traffic = false;
     loop {
         // Handle every whole packet already buffered before reading again.
         loop {
@@ -177,11 +183,35 @@ async fn read_loop(
                 return End::Abrupt("broker stopping".into());
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
+        // Reads run at least 1 KiB at a time once the client sends more than its CONNECT;
+        // a client that only connected keeps the small buffer its CONNECT came in, and one
+        // whose buffer was given back (below) gets it again with its next bytes.
+        if (traffic || !buf.is_empty()) && buf.capacity() > 0 && buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
         let deadline = Instant::now() + keep_alive_limit.unwrap_or(far_future);
-        match tokio::time::timeout_at(deadline, reader.read_buf(buf)).await {
+        let read = if buf.is_empty() && buf.capacity() > 0 {
+            // Nothing buffered: wait a while with the buffer, then give it back, so a client
+            // that went quiet after a burst holds none; `read_buf` allocates 64 bytes when
+            // data comes and the buffer grows with the traffic again.
+            // Cancel safety: `read_buf` is cancel safe (a read that has not completed has
+            // taken nothing from the socket), so the timeout may drop it.
+            let idle_after = (Instant::now() + IDLE_BUFFER_RELEASE).min(deadline);
+            match tokio::time::timeout_at(idle_after, reader.read_buf(buf)).await {
+                Ok(read) => Some(read),
+                Err(_) => {
+                    *buf = BytesMut::new();
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let read = match read {
+            Some(read) => Ok(read),
+            None => tokio::time::timeout_at(deadline, reader.read_buf(buf)).await,
+        };
+        match read {
             Err(_) => {
                 ctx.stats
                     .keep_alive_timeouts
@@ -190,7 +220,7 @@ async fn read_loop(
             }
             Ok(Ok(0)) => return End::Abrupt("connection closed by client".into()),
             Ok(Err(e)) => return End::Abrupt(format!("read error: {e}")),
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => traffic = true,
         }
     }
 }
