@@ -218,15 +218,7 @@ impl Router {
             RouterCmd::Refused { conn, pkid, qos } => {
                 if let Some((_, session)) = self.session_of(conn) {
                     if let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) {
-                        match qos {
-                            QoS::AtMostOnce => {}
-                            QoS::AtLeastOnce => self
-                                .batch_acks
-                                .push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
-                            QoS::ExactlyOnce => self
-                                .batch_acks
-                                .push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
-                        }
+                        self.ack_publish(outbox, pkid, qos);
                     }
                 }
             }
@@ -298,6 +290,17 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Queues a PUBLISH's answer (PUBACK for QoS 1, PUBREC for QoS 2) behind the burst's
+    /// writes; QoS 0 has none.
+    fn ack_publish(&mut self, outbox: Outbox, pkid: u16, qos: QoS) {
+        let packet = match qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => Outbound::PubAck(pkid),
+            QoS::ExactlyOnce => Outbound::PubRec(pkid),
+        };
+        self.batch_acks.push(AckTarget::Client(outbox, packet));
     }
 
     /// Sends an answer whose writes are durable (or that needed none).

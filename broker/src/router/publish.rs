@@ -56,15 +56,7 @@ impl Router {
                 return;
             }
         }
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self
-                .batch_acks
-                .push(AckTarget::Client(outbox, Outbound::PubAck(pkid))),
-            QoS::ExactlyOnce => self
-                .batch_acks
-                .push(AckTarget::Client(outbox, Outbound::PubRec(pkid))),
-        }
+        self.ack_publish(outbox, pkid, qos);
     }
 
     /// The one place every accepted PUBLISH (client's, will, or bridge's) goes through:
