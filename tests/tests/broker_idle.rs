@@ -58,3 +58,61 @@ fn packets_after_and_across_a_quiet_spell_arrive_whole() {
     assert_eq!(sub.recv_publish().topic, "idle/c");
     assert_eq!(sub.recv_publish().topic, "idle/d");
 }
+
+/// The same over a device's Wi-Fi or cellular link (the test kit's link simulator: 150 ms each
+/// way with jitter, 32 KiB/s): a PUBLISH trickles in over many reads after the buffer was
+/// given back, one is cut by a 1.2 s partition in its middle, and a link that goes silent
+/// (zombie) is still closed at 1.5 x keep-alive whatever the buffer does.
+#[test]
+fn over_a_slow_link_partitions_and_zombies_keep_their_meaning() {
+    use waystation_linksim::{LinkConfig, LinkSim};
+
+    let ws = Waystation::start();
+    let mut sub = RawClient::connect(ws.addr, "slow-sub");
+    sub.subscribe_ok(1, &[("slow/#", 1)]);
+    let sim = LinkSim::start(LinkConfig {
+        up_latency: Duration::from_millis(150),
+        down_latency: Duration::from_millis(150),
+        jitter: Duration::from_millis(20),
+        bandwidth: Some(32 * 1024),
+        ..LinkConfig::new(ws.addr.to_string())
+    })
+    .expect("link simulator");
+    let link = sim.handle();
+    let (mut device, _, code) = RawClient::connect_with(
+        sim.local_addr(),
+        &raw::Connect::new("slow-dev").keep_alive(2),
+    );
+    assert_eq!(code, 0, "CONNACK over the slow link");
+
+    let payload: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+    std::thread::sleep(QUIET);
+    device.send(&raw::publish("slow/a", &payload, 1, false, false, Some(1)));
+    assert_eq!(device.recv(), Pkt::PubAck(1));
+    let got = sub.recv_publish();
+    assert!(
+        got.topic == "slow/a" && got.payload == payload,
+        "trickled PUBLISH altered"
+    );
+
+    // Keep the session alive across the quiet spells, as a device's client library does.
+    device.send(&raw::pingreq());
+    assert_eq!(device.recv(), Pkt::PingResp);
+    let packet = raw::publish("slow/b", &payload, 1, false, false, Some(2));
+    device.send(&packet[..packet.len() / 2]);
+    link.partition(Duration::from_millis(1200));
+    device.send(&packet[packet.len() / 2..]);
+    assert_eq!(device.recv(), Pkt::PubAck(2));
+    let got = sub.recv_publish();
+    assert!(
+        got.topic == "slow/b" && got.payload == payload,
+        "partitioned PUBLISH altered"
+    );
+
+    // Silent both ways: the broker must close it at 1.5 x 2 s, not hold it forever.
+    link.zombie_all();
+    assert!(
+        ws.wait_for_log("keep-alive expired", Duration::from_secs(10)),
+        "a zombie device link was not closed by the keep-alive"
+    );
+}
