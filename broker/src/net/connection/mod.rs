@@ -90,6 +90,10 @@ pub async fn handle<S>(
     let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx, client_id.clone()));
     let keep_alive_limit =
         (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    // Cancel safety: the writer is a task of its own (dropping its JoinHandle cancels
+    // nothing) and `signalled()` holds no data. `read_loop` is dropped only when the
+    // connection ends anyway: a packet it had partly read, or a command it had not yet handed
+    // to the router, was never acknowledged, so the client sends it again after reconnecting.
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, keep_alive_limit, &mut guard) => end,
         _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
