@@ -94,7 +94,14 @@ pub fn from_stored(stored: StoredMessage) -> Option<Message> {
         QoS::from_u8(stored.qos)?,
         stored.retain,
     );
-    message.properties = stored.properties.map(Arc::new);
+    message.properties = stored.properties.map(|mut p| {
+        // The deadline is not stored: it is the interval counted from when the broker
+        // received the message, so a restart does not give a message more time.
+        p.expires_at_ms = p
+            .message_expiry_interval
+            .map(|secs| stored.received_at_ms + u64::from(secs) * 1000);
+        Arc::new(p)
+    });
     Some(message)
 }
 
@@ -184,7 +191,12 @@ mod tests {
         let rich = to_stored(&message, "dev-1", 7).encode().expect("encodes");
         assert!(rich.len() > plain.len());
         let back = from_stored(StoredMessage::decode(&rich).expect("decodes")).expect("valid");
-        assert_eq!(back, message);
+        // Received at 7 ms with 60 s to live: expires at 60,007 ms, wherever it is read.
+        let mut expected = message.clone();
+        if let Some(p) = expected.properties.as_mut() {
+            Arc::make_mut(p).expires_at_ms = Some(60_007);
+        }
+        assert_eq!(back, expected);
     }
 
     #[test]

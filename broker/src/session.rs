@@ -89,7 +89,7 @@ impl Outbox {
             return;
         }
         // Close is never held: a connection taken over before its CONNACK must still end.
-        if !matches!(packet, Outbound::Close) {
+        if !matches!(packet, Outbound::Close(_)) {
             if let Some(held) = state.held.as_mut() {
                 held.push(packet);
                 return;
@@ -198,6 +198,12 @@ pub struct Online {
     pub conn: ConnId,
     pub outbox: Outbox,
     pub will: Option<Message>,
+    /// Seconds the will waits after the connection ends (MQTT 5 will delay interval).
+    pub will_delay: u32,
+    /// At most this many QoS 1/2 PUBLISHes in flight to the client (its receive maximum).
+    pub receive_maximum: u16,
+    /// Messages larger than this as a PUBLISH are not sent to the client.
+    pub max_packet_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,10 +231,22 @@ pub enum Dropped {
     QueueFull,
     Qos0Offline,
     Qos0SlowClient,
+    /// Its MQTT 5 message expiry interval passed before delivery started.
+    Expired,
+    /// Larger as a PUBLISH than the client's maximum packet size: dropped as if sent
+    /// [MQTT-3.1.2-25].
+    TooLarge,
 }
 
 pub struct Session {
+    /// Ends with its connection (session expiry 0).
     pub clean: bool,
+    /// Session expiry interval, seconds (`SESSION_NEVER_EXPIRES`: kept until a clean start).
+    pub expiry_secs: u32,
+    /// When the session ends if its client has not come back.
+    pub expires_at: Option<tokio::time::Instant>,
+    /// A will waiting for its delay to pass (MQTT 5 will delay interval).
+    pub delayed_will: Option<(tokio::time::Instant, Message)>,
     pub subscriptions: HashMap<String, QoS>,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
@@ -239,12 +257,22 @@ pub struct Session {
     queued_bytes: usize,
     incoming_qos2: HashSet<u16>,
     next_pkid: u16,
+    /// Queued messages dropped when their turn came (expired, too large), with their queue
+    /// ids on disk, for the router to delete and count ([`Session::take_discarded`]).
+    discarded: Vec<(Option<u64>, Dropped)>,
 }
 
 impl Session {
     pub fn new(clean: bool) -> Session {
         Session {
             clean,
+            expiry_secs: if clean {
+                0
+            } else {
+                crate::protocol::inbound::SESSION_NEVER_EXPIRES
+            },
+            expires_at: None,
+            delayed_will: None,
             subscriptions: HashMap::new(),
             online: None,
             inflight: VecDeque::new(),
@@ -253,6 +281,7 @@ impl Session {
             queued_bytes: 0,
             incoming_qos2: HashSet::new(),
             next_pkid: 1,
+            discarded: Vec::new(),
         }
     }
 
@@ -281,8 +310,27 @@ impl Session {
     /// Room for one more PUBLISH in flight: fewer than `max_inflight`, and under
     /// [`MAX_INFLIGHT_BYTES`] unless nothing is in flight.
     fn window_has_room(&self, limits: &SessionLimits) -> bool {
-        self.inflight.len() < limits.max_inflight
+        let receive_maximum = self
+            .online
+            .as_ref()
+            .map_or(usize::MAX, |o| usize::from(o.receive_maximum));
+        self.inflight.len() < limits.max_inflight.min(receive_maximum)
             && (self.inflight.is_empty() || self.inflight_bytes < MAX_INFLIGHT_BYTES)
+    }
+
+    /// Why `message` may not be sent to this session now, if it may not: expired, or
+    /// larger than the connected client's maximum packet size.
+    pub fn undeliverable(&self, message: &Message, now_ms: u64) -> Option<Dropped> {
+        if message.expired(now_ms) {
+            return Some(Dropped::Expired);
+        }
+        let max = self.online.as_ref().and_then(|o| o.max_packet_size)?;
+        (crate::protocol::v5::publish_len(message) > max as usize).then_some(Dropped::TooLarge)
+    }
+
+    /// Messages dropped from the queue when their turn came, since the last call.
+    pub fn take_discarded(&mut self) -> Vec<(Option<u64>, Dropped)> {
+        std::mem::take(&mut self.discarded)
     }
 
     fn queue_has_room(&self, bytes: usize, limits: &SessionLimits) -> bool {
@@ -402,11 +450,16 @@ impl Session {
         if self.online.is_none() {
             return;
         }
+        let now = crate::time::unix_ms();
         while self.window_has_room(limits) {
             let Some((message, stored)) = self.queue.pop_front() else {
                 break;
             };
             self.queued_bytes = self.queued_bytes.saturating_sub(message_bytes(&message));
+            if let Some(reason) = self.undeliverable(&message, now) {
+                self.discarded.push((stored, reason));
+                continue;
+            }
             self.send_new(message, stored);
         }
     }
@@ -509,6 +562,9 @@ mod tests {
             conn: 1,
             outbox,
             will: None,
+            will_delay: 0,
+            receive_maximum: u16::MAX,
+            max_packet_size: None,
         });
         rx
     }
@@ -641,10 +697,12 @@ mod tests {
         let (outbox, mut rx) = Outbox::new();
         outbox.hold();
         outbox.send(Outbound::PingResp);
-        outbox.send(Outbound::Close);
+        outbox.send(Outbound::Close(
+            crate::protocol::message::CloseReason::Unspecified,
+        ));
         outbox.send(Outbound::PubAck(3));
         // Only Close got through while held.
-        assert!(matches!(drain(&mut rx)[..], [Outbound::Close]));
+        assert!(matches!(drain(&mut rx)[..], [Outbound::Close(_)]));
         outbox.release_hold(Outbound::ConnAck(
             crate::protocol::message::ConnectOutcome::Accepted {
                 session_present: false,

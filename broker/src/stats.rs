@@ -20,6 +20,11 @@ pub struct Stats {
     pub dropped_storage_full: AtomicU64,
     /// Log entries dropped for being older than `max_age`.
     pub dropped_expired: AtomicU64,
+    /// Messages whose MQTT 5 message expiry interval passed before delivery or forwarding.
+    pub dropped_message_expiry: AtomicU64,
+    /// Messages not sent to an MQTT 5 client (or upstream) because the packet would exceed
+    /// the peer's maximum packet size; delivery goes on as if it had been sent.
+    pub dropped_too_large: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub refused_connections: AtomicU64,
     /// CONNECTs refused for bad or missing credentials (CONNACK 4 or 5).
@@ -78,6 +83,8 @@ impl Stats {
             Dropped::QueueFull => &self.dropped_queue_full,
             Dropped::Qos0Offline => &self.dropped_qos0_offline,
             Dropped::Qos0SlowClient => &self.dropped_qos0_slow,
+            Dropped::Expired => &self.dropped_message_expiry,
+            Dropped::TooLarge => &self.dropped_too_large,
         };
         counter.fetch_add(1, Relaxed);
     }

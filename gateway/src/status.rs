@@ -149,7 +149,8 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
             "forwarded": status.bridges.iter().map(|b| b.forwarded).sum::<u64>(),
             "dropped": st.dropped_queue_full.load(Relaxed) + st.dropped_qos0_offline.load(Relaxed)
                 + st.dropped_qos0_slow.load(Relaxed) + st.dropped_storage_full.load(Relaxed)
-                + st.dropped_expired.load(Relaxed),
+                + st.dropped_expired.load(Relaxed) + st.dropped_message_expiry.load(Relaxed)
+                + st.dropped_too_large.load(Relaxed),
             "protocol_errors": st.protocol_errors.load(Relaxed),
         },
         "clients": clients,

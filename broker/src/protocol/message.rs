@@ -54,9 +54,34 @@ pub struct MessageProperties {
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
     pub user_properties: Vec<(String, String)>,
+    /// When the message expires (unix ms), from `message_expiry_interval` and the time the
+    /// broker received it. Not stored: the record keeps the interval and `received_at_ms`,
+    /// and reading it back sets this again (`persist::from_stored`).
+    pub expires_at_ms: Option<u64>,
+}
+
+impl MessageProperties {
+    /// Seconds left to live at `now_ms`, rounded up: `None` without an expiry, `Some(0)`
+    /// once expired (never delivered nor forwarded then [MQTT-3.3.2-5]).
+    pub fn remaining_expiry_secs(&self, now_ms: u64) -> Option<u32> {
+        let at = self.expires_at_ms?;
+        Some(
+            at.saturating_sub(now_ms)
+                .div_ceil(1000)
+                .min(u64::from(u32::MAX)) as u32,
+        )
+    }
 }
 
 impl Message {
+    /// Whether the message's expiry interval has passed at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.properties
+            .as_ref()
+            .and_then(|p| p.remaining_expiry_secs(now_ms))
+            == Some(0)
+    }
+
     pub fn new(
         topic: impl Into<Arc<str>>,
         payload: impl Into<Bytes>,
@@ -73,23 +98,108 @@ impl Message {
     }
 }
 
-/// One filter of a SUBSCRIBE; `None` when the filter is not valid (answered with a failure
-/// return code rather than a dropped connection).
+/// What a subscriber asked of one filter. MQTT 3.1.1 has only the QoS; the rest are the
+/// MQTT 5 subscription options (v5 3.8.3.1), at their 3.1.1 meaning by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionOptions {
+    pub qos: QoS,
+    /// Never send this subscriber what its own connection published.
+    pub no_local: bool,
+    /// Keep the RETAIN flag of a live message as published (3.1.1 clears it).
+    pub retain_as_published: bool,
+    /// 0: retained messages at every subscribe, 1: only for a new subscription, 2: never.
+    pub retain_handling: u8,
+}
+
+impl SubscriptionOptions {
+    /// A 3.1.1 subscription: only the QoS.
+    pub fn qos(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+        }
+    }
+}
+
+/// Why a filter of a SUBSCRIBE was refused: one SUBACK failure code in 3.1.1 (0x80), the
+/// reason code named here in MQTT 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    /// 0x80: the session record is full, or anything else.
+    Unspecified,
+    /// 0x87: the ACL gives no read access.
+    NotAuthorized,
+    /// 0x8F: not a valid filter, or over max_topic_length/max_topic_levels.
+    TopicFilterInvalid,
+    /// 0x97: max_subscriptions reached.
+    QuotaExceeded,
+    /// 0x9E: `$share/...` (shared subscriptions are not offered).
+    SharedSubscriptionsNotSupported,
+}
+
+/// One filter of a SUBSCRIBE; a refused filter is answered with a failure code rather than
+/// a dropped connection.
 #[derive(Debug, Clone)]
 pub struct SubscribeFilter {
     pub filter: String,
-    pub requested: Option<QoS>,
+    pub requested: Result<SubscriptionOptions, SubscribeRefusal>,
 }
 
 /// The outcome of a CONNECT as the protocol adapters encode it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectOutcome {
-    Accepted { session_present: bool },
+    Accepted {
+        session_present: bool,
+    },
     UnacceptableProtocol,
     IdentifierRejected,
     ServerUnavailable,
     BadCredentials,
     NotAuthorized,
+    /// MQTT 5 enhanced authentication asked for: none is offered (0x8C).
+    BadAuthenticationMethod,
+}
+
+/// Why the broker refused a PUBLISH it acknowledges anyway: MQTT 3.1.1 has no negative
+/// acknowledgement (a plain PUBACK/PUBREC goes out); MQTT 5 sends the reason code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// 0x87: no write access under the ACL.
+    NotAuthorized,
+    /// 0x90: over max_topic_length/max_topic_levels.
+    TopicNameInvalid,
+    /// 0x99: payload format indicator 1 and the payload is not UTF-8.
+    PayloadFormatInvalid,
+}
+
+/// Why the broker closes a connection: an MQTT 5 client is sent a DISCONNECT with the
+/// matching reason code first; a 3.1.1 client just sees the close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// 0x80
+    Unspecified,
+    /// 0x81
+    MalformedPacket,
+    /// 0x82
+    ProtocolError,
+    /// 0x87
+    NotAuthorized,
+    /// 0x8B
+    ServerShuttingDown,
+    /// 0x8D
+    KeepAliveTimeout,
+    /// 0x8E
+    SessionTakenOver,
+    /// 0x93
+    ReceiveMaximumExceeded,
+    /// 0x94
+    TopicAliasInvalid,
+    /// 0x95
+    PacketTooLarge,
+    /// 0x97: a rate limit (max_publish_rate).
+    QuotaExceeded,
 }
 
 /// What the broker sends to one client. The connection's writer encodes it.
@@ -103,15 +213,26 @@ pub enum Outbound {
     },
     PubAck(u16),
     PubRec(u16),
+    /// The PUBACK (QoS 1) or PUBREC (QoS 2) of a PUBLISH the broker refused.
+    PubRefused {
+        pkid: u16,
+        qos: QoS,
+        reason: PublishRefusal,
+    },
     PubRel(u16),
     PubComp(u16),
-    /// Granted QoS per filter, `None` for a refused filter.
+    /// Granted QoS per filter, or why it was refused.
     SubAck {
         pkid: u16,
-        granted: Vec<Option<QoS>>,
+        granted: Vec<Result<QoS, SubscribeRefusal>>,
     },
-    UnsubAck(u16),
+    /// Whether each filter was subscribed (MQTT 5 reason 0x11 for one that was not).
+    UnsubAck {
+        pkid: u16,
+        existed: Vec<bool>,
+    },
     PingResp,
-    /// Close the connection (session taken over, broker shutting down).
-    Close,
+    /// Close the connection (session taken over, broker shutting down, a bad packet),
+    /// telling an MQTT 5 client why.
+    Close(CloseReason),
 }

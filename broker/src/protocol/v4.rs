@@ -7,8 +7,12 @@
 use bytes::BytesMut;
 use rumqttc::mqttbytes::{self, v4};
 
-use crate::protocol::inbound::{Connect, DecodeError, Inbound, Publish, Subscribe, Unsubscribe};
-use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS};
+use crate::protocol::frame;
+use crate::protocol::inbound::{
+    Connect, DecodeError, Disconnect, Inbound, Publish, Subscribe, Unsubscribe, Version,
+    SESSION_NEVER_EXPIRES,
+};
+use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS, SubscriptionOptions};
 
 fn malformed(e: impl std::fmt::Display) -> DecodeError {
     DecodeError::Malformed(e.to_string())
@@ -24,25 +28,9 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
         Err(e) => return Err(malformed(e)),
     };
     let frame_len = header.frame_length();
-    let first = buf[0];
-    let packet_type = first >> 4;
-    let flags = first & 0x0F;
-    // Reserved fixed-header flags [MQTT-2.2.2-1], [MQTT-2.2.2-2].
-    let flags_ok = match packet_type {
-        3 => {
-            let qos = (flags >> 1) & 0b11;
-            // QoS 3 is malformed [MQTT-3.3.1-4]; DUP must be 0 for QoS 0 [MQTT-3.3.1-2].
-            qos != 3 && !(qos == 0 && flags & 0b1000 != 0)
-        }
-        6 | 8 | 10 => flags == 0b0010,
-        _ => flags == 0,
-    };
-    if !flags_ok {
-        return Err(DecodeError::Malformed(format!(
-            "bad flags 0x{flags:x} for packet type {packet_type}"
-        )));
-    }
-    let body_start = header_len(&buf[..frame_len]);
+    frame::check_flags(buf[0])?;
+    let packet_type = buf[0] >> 4;
+    let body_start = frame::header_len(&buf[..frame_len]);
     match packet_type {
         1 => check_connect(&buf[body_start..frame_len])?,
         8 => check_subscribe(&buf[body_start..frame_len])?,
@@ -77,8 +65,9 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
                 filters: s
                     .filters
                     .into_iter()
-                    .map(|f| (f.path, qos_from_v4(f.qos)))
+                    .map(|f| (f.path, SubscriptionOptions::qos(qos_from_v4(f.qos))))
                     .collect(),
+                subscription_id: None,
             })
         }
         v4::Packet::Unsubscribe(u) => {
@@ -97,7 +86,7 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
             })
         }
         v4::Packet::PingReq => Inbound::PingReq,
-        v4::Packet::Disconnect => Inbound::Disconnect,
+        v4::Packet::Disconnect => Inbound::Disconnect(Disconnect::default()),
         v4::Packet::ConnAck(_)
         | v4::Packet::SubAck(_)
         | v4::Packet::UnsubAck(_)
@@ -105,15 +94,6 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
             return Err(DecodeError::Violation("client sent a server-only packet"));
         }
     })
-}
-
-/// Length of the fixed header (type byte plus 1-4 remaining-length bytes) of a framed packet.
-fn header_len(frame: &[u8]) -> usize {
-    1 + frame[1..]
-        .iter()
-        .take(4)
-        .position(|b| b & 0x80 == 0)
-        .map_or(4, |i| i + 1)
 }
 
 fn read_len_prefixed(body: &[u8], at: usize) -> Option<(&[u8], usize)> {
@@ -203,12 +183,22 @@ fn connect_from_v4(connect: v4::Connect) -> Connect {
         None => (None, Vec::new()),
     };
     Connect {
+        version: Version::V4,
         client_id: connect.client_id,
         clean_session: connect.clean_session,
+        session_expiry: if connect.clean_session {
+            0
+        } else {
+            SESSION_NEVER_EXPIRES
+        },
+        receive_maximum: u16::MAX,
+        max_packet_size: None,
+        auth_method: None,
         keep_alive: connect.keep_alive,
         username,
         password,
         will: connect.last_will.map(will_from_v4),
+        will_delay: 0,
     }
 }
 
@@ -250,7 +240,9 @@ pub fn encode(packet: &Outbound, buf: &mut BytesMut) -> Result<(), mqttbytes::Er
                 ConnectOutcome::BadCredentials => {
                     (v4::ConnectReturnCode::BadUserNamePassword, false)
                 }
-                ConnectOutcome::NotAuthorized => (v4::ConnectReturnCode::NotAuthorized, false),
+                ConnectOutcome::NotAuthorized | ConnectOutcome::BadAuthenticationMethod => {
+                    (v4::ConnectReturnCode::NotAuthorized, false)
+                }
             };
             v4::ConnAck::new(code, session_present).write(buf)?;
         }
@@ -271,6 +263,16 @@ pub fn encode(packet: &Outbound, buf: &mut BytesMut) -> Result<(), mqttbytes::Er
         Outbound::PubRec(pkid) => {
             v4::PubRec::new(*pkid).write(buf)?;
         }
+        // 3.1.1 has no negative acknowledgement: a refused PUBLISH is acknowledged.
+        Outbound::PubRefused { pkid, qos, .. } => match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                v4::PubAck::new(*pkid).write(buf)?;
+            }
+            QoS::ExactlyOnce => {
+                v4::PubRec::new(*pkid).write(buf)?;
+            }
+        },
         Outbound::PubRel(pkid) => {
             v4::PubRel::new(*pkid).write(buf)?;
         }
@@ -281,19 +283,19 @@ pub fn encode(packet: &Outbound, buf: &mut BytesMut) -> Result<(), mqttbytes::Er
             let codes = granted
                 .iter()
                 .map(|g| match g {
-                    Some(qos) => v4::SubscribeReasonCode::Success(qos_to_v4(*qos)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(qos) => v4::SubscribeReasonCode::Success(qos_to_v4(*qos)),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect();
             v4::SubAck::new(*pkid, codes).write(buf)?;
         }
-        Outbound::UnsubAck(pkid) => {
+        Outbound::UnsubAck { pkid, .. } => {
             v4::UnsubAck::new(*pkid).write(buf)?;
         }
         Outbound::PingResp => {
             v4::PingResp.write(buf)?;
         }
-        Outbound::Close => {}
+        Outbound::Close(_) => {}
     }
     Ok(())
 }
@@ -312,11 +314,12 @@ mod tests {
 
     #[test]
     fn connect_level_3_and_5_are_unsupported_not_malformed() {
-        // MQIsdp level 3, client id "a"
+        // MQIsdp level 3, client id "a": the 3.1.1 adapter alone refuses it.
         assert!(matches!(
             decode_hex("100f00064d514973647003020000000161"),
             Err(DecodeError::UnsupportedProtocol(3))
         ));
+        // Level 5 reaches this adapter only if called directly (`Decoder` sends it to v5).
         assert!(matches!(
             decode_hex("100d00044d5154540502000000016100"),
             Err(DecodeError::UnsupportedProtocol(5))

@@ -6,7 +6,7 @@
 
 use tokio::sync::oneshot;
 
-use crate::protocol::message::{Outbound, QoS};
+use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::session::{ConnId, Outbox};
 
 /// An answer that waits for what its request wrote to be durable: released in arrival
@@ -37,7 +37,9 @@ impl AckTarget {
         match self {
             AckTarget::Client(outbox, _)
             | AckTarget::ConnAck(outbox, _)
-            | AckTarget::SubAck { outbox, .. } => outbox.send(Outbound::Close),
+            | AckTarget::SubAck { outbox, .. } => {
+                outbox.send(Outbound::Close(CloseReason::Unspecified))
+            }
             AckTarget::Internal(_) => {}
         }
     }

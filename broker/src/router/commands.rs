@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::policy::acl::ClientAcl;
-use crate::protocol::message::{Message, QoS, SubscribeFilter};
+use crate::protocol::message::{Message, PublishRefusal, QoS, SubscribeFilter};
+use crate::protocol::Version;
 use crate::session::{ConnId, Outbox};
 
 /// What a client asked for when it connected, after the adapter validated it.
@@ -14,9 +15,20 @@ use crate::session::{ConnId, Outbox};
 pub struct ConnectRequest {
     /// Never empty: the adapter assigns an id to a clean session that sent none.
     pub client_id: Arc<str>,
-    pub clean_session: bool,
+    pub version: Version,
+    /// Discard what this client id left behind (3.1.1 clean session, MQTT 5 clean start).
+    pub clean_start: bool,
+    /// Seconds the session outlives the connection: 0 ends it with the connection,
+    /// [`crate::protocol::inbound::SESSION_NEVER_EXPIRES`] keeps it until a clean start.
+    pub session_expiry: u32,
+    /// QoS 1/2 messages the client takes unacknowledged at once (MQTT 5 receive maximum).
+    pub receive_maximum: u16,
+    /// The largest packet the client accepts; `None`: no limit.
+    pub max_packet_size: Option<u32>,
     pub keep_alive_secs: u16,
     pub will: Option<Message>,
+    /// Seconds to wait before publishing the will (MQTT 5 will delay interval).
+    pub will_delay: u32,
     pub username: Option<String>,
     pub peer: Option<std::net::SocketAddr>,
     /// The ACL rules for this client (`None`: no ACL configured, everything allowed). The
@@ -43,6 +55,7 @@ pub enum RouterCmd {
         conn: ConnId,
         pkid: u16,
         qos: QoS,
+        reason: PublishRefusal,
     },
     PubAck {
         conn: ConnId,
@@ -76,9 +89,11 @@ pub enum RouterCmd {
         conn: ConnId,
     },
     /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
+    /// `session_expiry`: a new interval the MQTT 5 DISCONNECT set.
     Disconnected {
         conn: ConnId,
         graceful: bool,
+        session_expiry: Option<u32>,
     },
     /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
     /// fires once it is accepted, durably where it had to be written.

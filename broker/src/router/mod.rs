@@ -30,10 +30,12 @@
 //! Bounded ingest: while more than `max_pending_bytes` wait to be made durable, the
 //! connections stop reading from publishers (the `ingest_paused` watch).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -41,7 +43,10 @@ use tracing::{debug, error, info, warn};
 use crate::config::{OnFull, StorageLimits};
 use crate::persist::{self, Restored};
 use crate::policy::acl::ClientAcl;
-use crate::protocol::message::{ConnectOutcome, Message, Outbound, QoS, SubscribeFilter};
+use crate::protocol::inbound::SESSION_NEVER_EXPIRES;
+use crate::protocol::message::{
+    CloseReason, ConnectOutcome, Message, Outbound, QoS, SubscribeFilter, SubscribeRefusal,
+};
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
 use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};
@@ -119,6 +124,9 @@ pub struct Router {
     /// only move once the delete is committed, so without this the same oldest entries
     /// would be found, dropped and counted again.
     pending_drop: Option<(u64, u64)>,
+    /// Sessions with a delayed will or an expiry deadline running (MQTT 5), looked at by
+    /// housekeeping; every other session needs no timer.
+    timed_sessions: HashSet<ClientKey>,
 }
 
 impl Router {
@@ -150,6 +158,7 @@ impl Router {
             perms: HashMap::new(),
             snapshot,
             pending_drop: None,
+            timed_sessions: HashSet::new(),
         }
     }
 
@@ -196,7 +205,13 @@ impl Router {
                         self.end_burst();
                     }
                 }
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = housekeeping.tick() => {
+                    self.housekeeping();
+                    // Wills published and sessions expired write to the store.
+                    if !self.batch_ops.is_empty() || !self.batch_acks.is_empty() {
+                        self.end_burst();
+                    }
+                }
             }
         }
         self.end_burst();
@@ -215,10 +230,21 @@ impl Router {
                 pkid,
                 message,
             } => self.publish(conn, pkid, message),
-            RouterCmd::Refused { conn, pkid, qos } => {
+            RouterCmd::Refused {
+                conn,
+                pkid,
+                qos,
+                reason,
+            } => {
                 if let Some((_, session)) = self.session_of(conn) {
                     if let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) {
-                        self.ack_publish(outbox, pkid, qos);
+                        // In its turn behind the burst, like the PUBACKs around it.
+                        if qos != QoS::AtMostOnce {
+                            self.batch_acks.push(AckTarget::Client(
+                                outbox,
+                                Outbound::PubRefused { pkid, qos, reason },
+                            ));
+                        }
                     }
                 }
             }
@@ -231,6 +257,7 @@ impl Router {
                             key: persist::queue_key(&client, id),
                         });
                     }
+                    self.reap_discarded(&client);
                 }
             }
             RouterCmd::PubRec { conn, pkid } => {
@@ -247,6 +274,7 @@ impl Router {
                             key: persist::queue_key(&client, id),
                         });
                     }
+                    self.reap_discarded(&client);
                 }
             }
             RouterCmd::PubRel { conn, pkid } => {
@@ -273,7 +301,11 @@ impl Router {
                     online.outbox.send(Outbound::PingResp);
                 }
             }
-            RouterCmd::Disconnected { conn, graceful } => self.disconnected(conn, graceful),
+            RouterCmd::Disconnected {
+                conn,
+                graceful,
+                session_expiry,
+            } => self.disconnected(conn, graceful, session_expiry),
             RouterCmd::Inject {
                 message,
                 origin_bridge,

@@ -52,7 +52,7 @@ impl Router {
                     }
                 }
                 warn!(client_id = %client, %reason, "publish cannot be stored: closing the connection");
-                outbox.send(Outbound::Close);
+                outbox.send(Outbound::Close(CloseReason::Unspecified));
                 return;
             }
         }
@@ -174,6 +174,22 @@ impl Router {
         self.matched = matched;
     }
 
+    /// Deletes and counts what a session dropped from its queue when its turn came.
+    pub(super) fn reap_discarded(&mut self, client: &ClientKey) {
+        let Some(session) = self.sessions.get_mut(client) else {
+            return;
+        };
+        for (stored, reason) in session.take_discarded() {
+            self.stats.message_dropped(reason);
+            if let Some(id) = stored {
+                self.batch_ops.push(Op::Remove {
+                    space: Keyspace::SessionQueue,
+                    key: persist::queue_key(client, id),
+                });
+            }
+        }
+    }
+
     /// Hands one message to one session, writing it to disk first when the session is
     /// persistent and the message QoS 1/2 (so that it survives a restart until acked).
     pub(super) fn deliver_to(&mut self, client: &ClientKey, message: Message) {
@@ -194,6 +210,11 @@ impl Router {
             return;
         };
         let qos = message.qos;
+        if let Some(reason) = session.undeliverable(&message, unix_ms()) {
+            self.stats.message_dropped(reason);
+            debug!(client_id = %client, topic = %message.topic, ?reason, "not delivered");
+            return;
+        }
         let mut stored = None;
         if self.durable.is_some()
             && !session.clean

@@ -55,6 +55,7 @@ impl Router {
     pub(super) fn housekeeping(&mut self) {
         self.check_storage_limits();
         self.expire_old_messages();
+        self.expire_sessions();
         self.refresh_snapshot();
     }
 

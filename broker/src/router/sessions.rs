@@ -23,41 +23,61 @@ impl Router {
         // must be durable before the CONNACK says "session present" or not.
         let ops_before = self.batch_ops.len();
         // Take over a live connection with the same client id [MQTT-3.1.4-2]: close it and
-        // publish its will, as for any connection the server closes.
-        let previous_will = self.sessions.get_mut(&client).and_then(|s| {
+        // publish its will, as for any connection the server closes; a delayed will (MQTT
+        // 5) waits unless this connection ends the session [MQTT-3.1.3-9].
+        let previous = self.sessions.get_mut(&client).and_then(|s| {
             let old = s.online.take()?;
             info!(client_id = %client, "session taken over by a new connection");
-            old.outbox.send(Outbound::Close);
+            old.outbox
+                .send(Outbound::Close(CloseReason::SessionTakenOver));
             self.connections.remove(&old.conn);
             self.clients.remove(&old.conn);
             self.stats.connection_closed();
-            old.will
+            Some((old.will, old.will_delay))
         });
-        if let Some(will) = previous_will {
-            // A will that cannot be stored is logged and counted by accept_publish.
-            let _ = self.accept_publish(will, &client, None);
+        let ends_session =
+            request.clean_start || self.sessions.get(&client).is_some_and(|s| s.clean);
+        if let Some((Some(will), delay)) = previous {
+            if delay == 0 || ends_session {
+                // A will that cannot be stored is logged and counted by accept_publish.
+                self.publish_will(will, &client);
+            }
         }
-        // A clean session ends with its connection [MQTT-3.1.2-6], also a taken-over one.
+        // A will still waiting for its delay: a new connection to the session cancels it,
+        // one that ends the session publishes it now [MQTT-3.1.3-9].
+        if let Some(will) = self
+            .sessions
+            .get_mut(&client)
+            .and_then(|s| s.delayed_will.take())
+        {
+            if ends_session {
+                self.publish_will(will.1, &client);
+            }
+        }
+        // A session with no expiry ends with its connection [MQTT-3.1.2-6], also a taken-over one.
         if self.sessions.get(&client).is_some_and(|s| s.clean) {
             self.discard_session(&client);
         }
         let session_present = match self.sessions.get(&client) {
-            Some(_) if request.clean_session => {
+            Some(_) if request.clean_start => {
                 self.discard_session(&client);
                 false
             }
             Some(_) => true,
             None => false,
         };
-        if !request.clean_session && !session_present {
+        let persistent = request.session_expiry > 0;
+        if persistent && !session_present {
             // Written now so that "session present" is true after a restart too.
             self.save_session_record(&client, &std::collections::HashMap::new());
         }
         let session = self
             .sessions
             .entry(client.clone())
-            .or_insert_with(|| Session::new(request.clean_session));
-        session.clean = request.clean_session;
+            .or_insert_with(|| Session::new(!persistent));
+        session.clean = !persistent;
+        session.expiry_secs = request.session_expiry;
+        session.expires_at = None;
         // What waits for this client id was checked against the previous connection's
         // rules (or none, after a restart): keep only what this one may read.
         let unreadable = match &request.acl {
@@ -76,6 +96,9 @@ impl Router {
             conn,
             outbox,
             will: request.will,
+            will_delay: request.will_delay,
+            receive_maximum: request.receive_maximum,
+            max_packet_size: request.max_packet_size,
         });
         session.resume(&self.limits);
         if !unreadable.is_empty() {
@@ -101,11 +124,12 @@ impl Router {
                 peer: request.peer,
                 username: request.username,
                 connected_at_ms: unix_ms(),
-                clean_session: request.clean_session,
+                clean_session: request.clean_start && !persistent,
                 messages_in: 0,
                 last_publish: None,
             },
         );
+        self.reap_discarded(&client);
         self.connections.insert(conn, client);
         self.stats.connection_opened();
     }
@@ -146,7 +170,12 @@ impl Router {
         }
     }
 
-    pub(super) fn disconnected(&mut self, conn: ConnId, graceful: bool) {
+    pub(super) fn disconnected(
+        &mut self,
+        conn: ConnId,
+        graceful: bool,
+        session_expiry: Option<u32>,
+    ) {
         self.clients.remove(&conn);
         let Some(client) = self.connections.remove(&conn) else {
             return; // taken over earlier: its will was handled then
@@ -155,21 +184,92 @@ impl Router {
         let Some(session) = self.sessions.get_mut(&client) else {
             return;
         };
-        let will = match session.online.take() {
-            Some(online) if online.conn == conn => online.will,
+        let (will, will_delay) = match session.online.take() {
+            Some(online) if online.conn == conn => (online.will, online.will_delay),
             other => {
                 session.online = other;
                 return;
             }
         };
-        if session.clean {
-            self.discard_session(&client);
+        if let Some(expiry) = session_expiry {
+            // MQTT 5 DISCONNECT may change the interval (not from 0: the connection
+            // refuses that as a protocol error [MQTT-3.14.2-2]).
+            session.expiry_secs = expiry;
+            session.clean = expiry == 0;
         }
-        if !graceful {
-            if let Some(will) = will {
+        let clean = session.clean;
+        let will = will.filter(|_| !graceful);
+        if let Some(will) = will {
+            if will_delay == 0 || clean {
                 debug!(client_id = %client, topic = %will.topic, "publishing will");
-                // A will that cannot be stored is logged and counted by accept_publish.
-                let _ = self.accept_publish(will, &client, None);
+                self.publish_will(will, &client);
+            } else {
+                session.delayed_will = Some((
+                    Instant::now() + Duration::from_secs(u64::from(will_delay)),
+                    will,
+                ));
+                self.timed_sessions.insert(client.clone());
+            }
+        }
+        let Some(session) = self.sessions.get_mut(&client) else {
+            return;
+        };
+        if clean {
+            self.discard_session(&client);
+        } else if session.expiry_secs != SESSION_NEVER_EXPIRES {
+            session.expires_at =
+                Some(Instant::now() + Duration::from_secs(u64::from(session.expiry_secs)));
+            self.timed_sessions.insert(client.clone());
+            let subscriptions = session.subscriptions.clone();
+            // The deadline goes into the session record, so a restart keeps it.
+            self.save_session_record(&client, &subscriptions);
+        }
+    }
+
+    /// Publishes a will now, its message expiry counted from now.
+    pub(super) fn publish_will(&mut self, mut will: Message, client: &ClientKey) {
+        if let Some(p) = will.properties.as_mut() {
+            if let Some(secs) = p.message_expiry_interval {
+                Arc::make_mut(p).expires_at_ms = Some(unix_ms() + u64::from(secs) * 1000);
+            }
+        }
+        // A will that cannot be stored is logged and counted by accept_publish.
+        let _ = self.accept_publish(will, client, None);
+    }
+
+    /// Delayed wills whose time has come and offline sessions whose expiry interval has
+    /// passed (their delayed will, if any, goes out as the session ends).
+    pub(super) fn expire_sessions(&mut self) {
+        if self.timed_sessions.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let clients: Vec<ClientKey> = self.timed_sessions.iter().cloned().collect();
+        for client in clients {
+            let Some(session) = self.sessions.get_mut(&client) else {
+                self.timed_sessions.remove(&client);
+                continue;
+            };
+            let offline = session.online.is_none();
+            let session_over = offline && session.expires_at.is_some_and(|at| at <= now);
+            let will_due = session
+                .delayed_will
+                .as_ref()
+                .is_some_and(|(at, _)| *at <= now || session_over);
+            if will_due {
+                if let Some((_, will)) = session.delayed_will.take() {
+                    debug!(client_id = %client, topic = %will.topic, "publishing delayed will");
+                    self.publish_will(will, &client);
+                }
+            }
+            if session_over {
+                info!(client_id = %client, "session expired: discarded");
+                self.discard_session(&client);
+                self.timed_sessions.remove(&client);
+            } else if let Some(session) = self.sessions.get(&client) {
+                if session.delayed_will.is_none() && (session.expires_at.is_none() || !offline) {
+                    self.timed_sessions.remove(&client);
+                }
             }
         }
     }
@@ -210,21 +310,22 @@ impl Router {
                 0
             };
             match f.requested {
-                Some(_) if full => {
+                Ok(_) if full => {
                     over_limit += 1;
-                    granted.push(None);
+                    granted.push(Err(SubscribeRefusal::QuotaExceeded));
                 }
-                Some(_) if record_bytes + grows > persist::MAX_SESSION_RECORD_BYTES => {
+                Ok(_) if record_bytes + grows > persist::MAX_SESSION_RECORD_BYTES => {
                     record_full += 1;
-                    granted.push(None);
+                    granted.push(Err(SubscribeRefusal::Unspecified));
                 }
-                Some(qos) => {
+                Ok(options) => {
+                    let qos = options.qos;
                     record_bytes += grows;
                     session.subscriptions.insert(f.filter.clone(), qos);
-                    granted.push(Some(qos));
+                    granted.push(Ok(qos));
                     new_filters.push((f.filter, qos));
                 }
-                None => granted.push(None),
+                Err(refusal) => granted.push(Err(refusal)),
             }
         }
         let outbox = session.online.as_ref().map(|o| o.outbox.clone());
@@ -285,9 +386,10 @@ impl Router {
         let Some((client, session)) = self.session_of(conn) else {
             return;
         };
-        for filter in &filters {
-            session.subscriptions.remove(filter);
-        }
+        let existed: Vec<bool> = filters
+            .iter()
+            .map(|filter| session.subscriptions.remove(filter).is_some())
+            .collect();
         let outbox = session.online.as_ref().map(|o| o.outbox.clone());
         let record = (!session.clean).then(|| session.subscriptions.clone());
         for filter in &filters {
@@ -297,8 +399,10 @@ impl Router {
             self.save_session_record(&client, &subscriptions);
         }
         if let Some(outbox) = outbox {
-            self.batch_acks
-                .push(AckTarget::Client(outbox, Outbound::UnsubAck(pkid)));
+            self.batch_acks.push(AckTarget::Client(
+                outbox,
+                Outbound::UnsubAck { pkid, existed },
+            ));
         }
     }
 }

@@ -55,9 +55,18 @@ fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, o
         conn,
         request: ConnectRequest {
             client_id: client_id.into(),
-            clean_session: clean,
+            version: crate::protocol::Version::V4,
+            clean_start: clean,
+            session_expiry: if clean {
+                0
+            } else {
+                crate::protocol::inbound::SESSION_NEVER_EXPIRES
+            },
+            receive_maximum: u16::MAX,
+            max_packet_size: None,
             keep_alive_secs: 60,
             will: None,
+            will_delay: 0,
             username: None,
             peer: None,
             acl: None,
@@ -103,7 +112,7 @@ fn subscribe(router: &mut Router, conn: ConnId, pkid: u16, filter: &str, qos: Qo
         pkid,
         filters: vec![SubscribeFilter {
             filter: filter.into(),
-            requested: Some(qos),
+            requested: Ok(crate::protocol::message::SubscriptionOptions::qos(qos)),
         }],
     });
 }
@@ -181,7 +190,7 @@ fn a_refused_burst_acks_nothing_and_forgets_its_qos2_receipts() {
     });
     router.end_burst();
     let sent = drain(&mut rx);
-    assert!(matches!(sent[..], [Outbound::Close]), "{sent:?}");
+    assert!(matches!(sent[..], [Outbound::Close(_)]), "{sent:?}");
     assert!(STORE_FAULTS.count(StoreFault::BurstRefused) > refused_before);
     let (_, session) = router.session_of(1).expect("still connected here");
     assert!(
@@ -330,7 +339,7 @@ fn qos2_resend_before_pubrel_is_pubrecd_again_but_stored_and_routed_once() {
         packets(&mut sub),
         [
             CONNACK_NEW,
-            "SubAck { pkid: 1, granted: [Some(ExactlyOnce)] }"
+            "SubAck { pkid: 1, granted: [Ok(ExactlyOnce)] }"
         ]
     );
     let queued = |store: &Store| {
@@ -398,20 +407,21 @@ fn takeover_closes_the_old_connection_and_the_session_continues_on_the_new_one()
         packets(&mut old),
         [
             CONNACK_NEW,
-            "SubAck { pkid: 1, granted: [Some(AtLeastOnce)] }"
+            "SubAck { pkid: 1, granted: [Ok(AtLeastOnce)] }"
         ]
     );
 
     let (outbox, mut new) = Outbox::new();
     connect_on(&mut router, 2, "a", false, outbox);
     settle(&mut router, &store);
-    assert_eq!(packets(&mut old), ["Close"]);
+    assert_eq!(packets(&mut old), ["Close(SessionTakenOver)"]);
     assert_eq!(packets(&mut new), [CONNACK_PRESENT]);
     // The old connection's last words, then its end: no answer, and no effect on "a".
     router.handle(RouterCmd::Ping { conn: 1 });
     router.handle(RouterCmd::Disconnected {
         conn: 1,
         graceful: false,
+        session_expiry: None,
     });
     router.end_burst();
     assert!(router.session_of(1).is_none());
@@ -468,7 +478,7 @@ fn a_new_subscriber_gets_only_the_latest_retained_message_and_none_once_cleared(
     assert_eq!(
         packets(&mut sub),
         [
-            "SubAck { pkid: 4, granted: [Some(AtLeastOnce)] }",
+            "SubAck { pkid: 4, granted: [Ok(AtLeastOnce)] }",
             "Publish(1 cfg/t \"v2\" q1 retain)"
         ]
     );
@@ -488,7 +498,7 @@ fn a_new_subscriber_gets_only_the_latest_retained_message_and_none_once_cleared(
         packets(&mut late),
         [
             CONNACK_NEW,
-            "SubAck { pkid: 5, granted: [Some(AtLeastOnce)] }"
+            "SubAck { pkid: 5, granted: [Ok(AtLeastOnce)] }"
         ]
     );
 }

@@ -474,6 +474,7 @@ mod tests {
                     ("site".into(), "south".into()),
                     ("unit".into(), "C".into()),
                 ],
+                expires_at_ms: None,
             }),
             ..sample()
         }

@@ -196,6 +196,8 @@ pub fn encode_sessions_and_messages(
         ("qos0_slow_client", &st.dropped_qos0_slow),
         ("storage_full", &st.dropped_storage_full),
         ("expired", &st.dropped_expired),
+        ("message_expiry", &st.dropped_message_expiry),
+        ("packet_too_large", &st.dropped_too_large),
     ]
     .iter()
     .map(|(r, c)| (vec![("reason", r.to_string())], c.load(Relaxed) as f64))

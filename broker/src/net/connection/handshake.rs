@@ -15,6 +15,8 @@ use crate::policy::auth::Refusal;
 use crate::policy::ratelimit::TokenBucket;
 use crate::protocol::inbound::{Connect, DecodeError, Inbound};
 use crate::protocol::message::{ConnectOutcome, Outbound};
+use crate::protocol::v5::{ConnAckInfo, V5Encoder};
+use crate::protocol::{Decoder, Encoder, Version};
 use crate::router::ConnectRequest;
 use crate::topic::valid_topic_name;
 
@@ -27,12 +29,13 @@ pub(super) async fn read_connect(
     reader: &mut (impl AsyncRead + Unpin),
     writer: &mut (impl AsyncWrite + Unpin),
     buf: &mut BytesMut,
+    decoder: &mut Decoder,
     peer: &SocketAddr,
     ctx: &ConnectionContext,
 ) -> Option<Connect> {
     let first = timeout(
         ctx.limits.connect_timeout,
-        read_packet(reader, buf, ctx.limits.max_packet_size),
+        read_packet(reader, buf, decoder, ctx.limits.max_packet_size),
     )
     .await;
     match first {
@@ -51,7 +54,18 @@ pub(super) async fn read_connect(
             info!(%peer, level, "unsupported protocol level: CONNACK 0x01");
             let _ = write_now(
                 writer,
+                &mut Encoder::V4,
                 Outbound::ConnAck(ConnectOutcome::UnacceptableProtocol),
+            )
+            .await;
+            None
+        }
+        Ok(Err(DecodeError::ClientIdRejected)) => {
+            info!(%peer, "MQTT 5 CONNECT with an empty client id and no clean start: CONNACK 0x85");
+            let _ = write_now(
+                writer,
+                &mut refusal_encoder(Version::V5),
+                Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
             )
             .await;
             None
@@ -81,13 +95,31 @@ pub(super) async fn admit(
     peer: &SocketAddr,
     ctx: &ConnectionContext,
     identity: Option<String>,
-) -> Option<(ConnectRequest, Guard)> {
-    let client_id: Arc<str> = if connect.client_id.is_empty() {
-        if !connect.clean_session {
+) -> Option<(ConnectRequest, Guard, Encoder)> {
+    let mut refusals = refusal_encoder(connect.version);
+    if let Some(method) = &connect.auth_method {
+        // MQTT 5 enhanced authentication: no method is offered [MQTT-4.12.0-1].
+        info!(%peer, method = %method, "authentication method not supported: CONNACK 0x8C");
+        ctx.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+        let _ = write_now(
+            writer,
+            &mut refusals,
+            Outbound::ConnAck(ConnectOutcome::BadAuthenticationMethod),
+        )
+        .await;
+        return None;
+    }
+    // A session that outlives its connection is kept under its client id (3.1.1: clean
+    // session 0; MQTT 5: a session expiry interval above 0).
+    let persistent = connect.session_expiry > 0;
+    let assigned = connect.client_id.is_empty();
+    let client_id: Arc<str> = if assigned {
+        if connect.version == Version::V4 && !connect.clean_session {
             // A persistent session needs a name to be found again [MQTT-3.1.3-8].
             info!(%peer, "empty client id with clean session 0: CONNACK 0x02");
             let _ = write_now(
                 writer,
+                &mut refusals,
                 Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
             )
             .await;
@@ -97,11 +129,12 @@ pub(super) async fn admit(
     } else {
         connect.client_id.into()
     };
-    if !connect.clean_session && client_id.len() > crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES {
+    if persistent && client_id.len() > crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES {
         // Its session could not be stored: refuse it here, for this client alone.
         info!(%peer, len = client_id.len(), max = crate::persist::MAX_PERSISTENT_CLIENT_ID_BYTES, "client id too long for a persistent session: CONNACK 0x02");
         let _ = write_now(
             writer,
+            &mut refusals,
             Outbound::ConnAck(ConnectOutcome::IdentifierRejected),
         )
         .await;
@@ -133,7 +166,7 @@ pub(super) async fn admit(
             Refusal::BadCredentials => ConnectOutcome::BadCredentials,
         };
         warn!(%peer, client_id = %client_id, username = username.as_deref().unwrap_or(""), reason = refusal.reason(), "authentication failed: connection refused");
-        let _ = write_now(writer, Outbound::ConnAck(outcome)).await;
+        let _ = write_now(writer, &mut refusals, Outbound::ConnAck(outcome)).await;
         return None;
     }
     drop(password);
@@ -148,18 +181,58 @@ pub(super) async fn admit(
         }),
         refusals: 0,
     };
+    let encoder = session_encoder(
+        connect.version,
+        connect.max_packet_size,
+        assigned.then(|| client_id.clone()),
+        ctx,
+    );
     let will = vet_will(connect.will, &guard, peer, &client_id, ctx);
     let request = ConnectRequest {
         client_id: client_id.clone(),
-        clean_session: connect.clean_session,
+        version: connect.version,
+        clean_start: connect.clean_session,
+        session_expiry: connect.session_expiry,
+        receive_maximum: connect.receive_maximum,
+        max_packet_size: connect.max_packet_size,
         keep_alive_secs: connect.keep_alive,
         will,
+        will_delay: connect.will_delay,
         username,
         peer: Some(*peer),
         acl: guard.acl.clone(),
     };
 
-    Some((request, guard))
+    Some((request, guard, encoder))
+}
+
+/// The encoder for an accepted client's session: the CONNACK's properties, and the
+/// client's maximum packet size for everything sent after it.
+fn session_encoder(
+    version: Version,
+    client_max_packet_size: Option<u32>,
+    assigned_client_id: Option<Arc<str>>,
+    ctx: &ConnectionContext,
+) -> Encoder {
+    match version {
+        Version::V4 => Encoder::V4,
+        Version::V5 => Encoder::V5(Box::new(V5Encoder::new(
+            ConnAckInfo {
+                assigned_client_id,
+                max_packet_size: ctx.limits.max_packet_size as u32,
+                session_expiry: None,
+            },
+            client_max_packet_size,
+        ))),
+    }
+}
+
+/// The encoder for a CONNACK that refuses a client of `version`.
+fn refusal_encoder(version: Version) -> Encoder {
+    match version {
+        Version::V4 => Encoder::V4,
+        Version::V5 => Encoder::V5(Box::new(V5Encoder::new(ConnAckInfo::default(), None))),
+    }
 }
 /// The will, if it may be published: within the topic limits and writable under the ACL.
 /// A refused will is logged and counted, and the connection goes on without one.

@@ -17,18 +17,19 @@ use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
 use crate::protocol::inbound::{DecodeError, Inbound};
-use crate::protocol::message::{QoS, SubscribeFilter};
-use crate::protocol::v4;
+use crate::protocol::message::{CloseReason, Outbound};
+use crate::protocol::Decoder;
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox};
-use crate::topic::{valid_filter, valid_topic_name};
 
 mod context;
+mod dispatch;
 mod framing;
 mod handshake;
 
 pub use context::ConnectionContext;
-use context::{topic_within_limits, Guard};
+use context::Guard;
+use dispatch::dispatch;
 use framing::write_loop;
 use handshake::{admit, read_connect};
 
@@ -39,11 +40,20 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Why the reader stopped.
 enum End {
-    /// DISCONNECT received: the will is discarded [MQTT-3.14.4-3].
-    Graceful,
+    /// DISCONNECT received: the will is discarded [MQTT-3.14.4-3], unless an MQTT 5 client
+    /// asked for it (reason 0x04); `session_expiry` is a new interval it set.
+    Disconnect {
+        publish_will: bool,
+        session_expiry: Option<u32>,
+    },
     /// Anything else: socket closed or failed, keep-alive expired, bad packet, taken over,
-    /// broker shutting down. The will is published.
-    Abrupt(String),
+    /// broker shutting down. The will is published. `tell`: what an MQTT 5 client is sent
+    /// in a DISCONNECT before the close (`None`: the client went, or is told by the router).
+    Abrupt(String, Option<CloseReason>),
+}
+
+fn abrupt(why: impl Into<String>, tell: CloseReason) -> End {
+    End::Abrupt(why.into(), Some(tell))
 }
 
 /// Serves one client over any byte stream (TCP, or TLS over TCP: `server::serve` accepts).
@@ -59,16 +69,28 @@ pub async fn handle<S>(
     let (mut reader, mut writer) = tokio::io::split(stream);
     // Enough for a typical CONNECT; `read_buf` grows it for a longer one.
     let mut buf = BytesMut::with_capacity(256);
+    let mut decoder = Decoder::new();
 
-    let Some(connect) = read_connect(&mut reader, &mut writer, &mut buf, &peer, &ctx).await else {
+    let Some(connect) = read_connect(
+        &mut reader,
+        &mut writer,
+        &mut buf,
+        &mut decoder,
+        &peer,
+        &ctx,
+    )
+    .await
+    else {
         return;
     };
     let clean_session = connect.clean_session;
-    let Some((request, mut guard)) = admit(connect, &mut writer, &peer, &ctx, identity).await
+    let Some((request, mut guard, encoder)) =
+        admit(connect, &mut writer, &peer, &ctx, identity).await
     else {
         return;
     };
     let (client_id, keep_alive) = (request.client_id.clone(), request.keep_alive_secs);
+    let (version, session_expiry) = (request.version, request.session_expiry);
 
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (outbox, outbox_rx) = Outbox::new();
@@ -85,30 +107,59 @@ pub async fn handle<S>(
     {
         return; // broker stopping
     }
-    info!(%peer, client_id = %client_id, keep_alive, clean_session, "client connected");
+    info!(%peer, client_id = %client_id, keep_alive, clean_session, session_expiry, ?version, "client connected");
 
-    let mut writer_task = tokio::spawn(write_loop(writer, outbox_rx, client_id.clone()));
+    let mut writer_task = tokio::spawn(write_loop(
+        writer,
+        outbox_rx,
+        encoder,
+        client_id.clone(),
+        ctx.stats.clone(),
+    ));
     let keep_alive_limit =
         (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     // Cancel safety: the writer is a task of its own (dropping its JoinHandle cancels
     // nothing) and `signalled()` holds no data. `read_loop` is dropped only when the
     // connection ends anyway: a packet it had partly read, or a command it had not yet handed
     // to the router, was never acknowledged, so the client sends it again after reconnecting.
-    let end = tokio::select! {
-        end = read_loop(&mut reader, &mut buf, conn, &client_id, &ctx, keep_alive_limit, &mut guard) => end,
-        _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into()),
-        _ = ctx.shutdown.signalled() => End::Abrupt("broker shutting down".into()),
+    let mut reading = Reading {
+        buf: &mut buf,
+        decoder: &mut decoder,
+        conn,
+        client_id: &client_id,
+        ctx: &ctx,
+        keep_alive_limit,
+        session_expiry,
     };
-    let graceful = matches!(end, End::Graceful);
-    match &end {
-        End::Graceful => info!(%peer, client_id = %client_id, "client disconnected"),
-        End::Abrupt(reason) => {
-            info!(%peer, client_id = %client_id, reason = %reason, "connection closed")
+    let end = tokio::select! {
+        end = read_loop(&mut reader, &mut reading, &mut guard) => end,
+        _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into(), None),
+        _ = ctx.shutdown.signalled() => abrupt("broker shutting down", CloseReason::ServerShuttingDown),
+    };
+    let (graceful, session_expiry) = match &end {
+        End::Disconnect {
+            publish_will,
+            session_expiry,
+        } => {
+            info!(%peer, client_id = %client_id, publish_will, "client disconnected");
+            (!publish_will, *session_expiry)
         }
-    }
+        End::Abrupt(reason, tell) => {
+            info!(%peer, client_id = %client_id, reason = %reason, "connection closed");
+            if let Some(tell) = tell {
+                // Written behind what is queued; a 3.1.1 client just sees the close.
+                own_outbox.send(Outbound::Close(*tell));
+            }
+            (false, None)
+        }
+    };
     let _ = ctx
         .router
-        .send(RouterCmd::Disconnected { conn, graceful })
+        .send(RouterCmd::Disconnected {
+            conn,
+            graceful,
+            session_expiry,
+        })
         .await;
     // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
     drop(own_outbox);
@@ -126,15 +177,58 @@ async fn own_close(writer_task: &mut tokio::task::JoinHandle<()>) {
     }
 }
 
-async fn read_loop(
-    reader: &mut (impl AsyncRead + Unpin),
-    buf: &mut BytesMut,
-    conn: ConnId,
+/// A DISCONNECT ends the connection; it may not raise the session expiry from 0
+/// [MQTT-3.14.2-2].
+fn on_disconnect(
+    d: &crate::protocol::inbound::Disconnect,
+    connect_expiry: u32,
     client_id: &str,
     ctx: &ConnectionContext,
+) -> End {
+    if connect_expiry == 0 && d.session_expiry.is_some_and(|e| e > 0) {
+        ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            client_id,
+            "DISCONNECT sets a session expiry after CONNECT set 0: closing"
+        );
+        return abrupt(
+            "session expiry raised from 0 at DISCONNECT",
+            CloseReason::ProtocolError,
+        );
+    }
+    End::Disconnect {
+        publish_will: d.publish_will,
+        session_expiry: d.session_expiry,
+    }
+}
+
+/// What the reader works with after CONNECT.
+struct Reading<'a> {
+    buf: &'a mut BytesMut,
+    decoder: &'a mut Decoder,
+    conn: ConnId,
+    client_id: &'a str,
+    ctx: &'a ConnectionContext,
     keep_alive_limit: Option<Duration>,
+    /// The session expiry the CONNECT set: a DISCONNECT may not raise it from 0.
+    session_expiry: u32,
+}
+
+async fn read_loop(
+    reader: &mut (impl AsyncRead + Unpin),
+    reading: &mut Reading<'_>,
     guard: &mut Guard,
 ) -> End {
+    let Reading {
+        buf,
+        decoder,
+        conn,
+        client_id,
+        ctx,
+        keep_alive_limit,
+        session_expiry,
+    } = reading;
+    let (conn, client_id, ctx, keep_alive_limit) = (*conn, *client_id, *ctx, *keep_alive_limit);
     let far_future = Duration::from_secs(86400 * 365);
     let mut ingest_paused = ctx.ingest_paused.clone();
     let mut has_published = false;
@@ -143,15 +237,18 @@ async fn read_loop(
     loop {
         // Handle every whole packet already buffered before reading again.
         loop {
-            let packet = match v4::decode(buf, ctx.limits.max_packet_size) {
+            let packet = match decoder.decode(buf, ctx.limits.max_packet_size) {
                 Ok(p) => p,
                 Err(DecodeError::Incomplete) => break,
                 Err(e) => {
                     ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(client_id, error = %e, "bad packet: closing connection");
-                    return End::Abrupt(e.to_string());
+                    return abrupt(e.to_string(), e.close_reason());
                 }
             };
+            if let Inbound::Disconnect(d) = &packet {
+                return on_disconnect(d, *session_expiry, client_id, ctx);
+            }
             if matches!(packet, Inbound::Publish(_)) {
                 has_published = true;
                 if let Some(bucket) = &mut guard.publish_rate {
@@ -164,18 +261,14 @@ async fn read_loop(
                             max_publish_rate = ctx.limits.max_publish_rate,
                             "publish rate over max_publish_rate: closing connection"
                         );
-                        return End::Abrupt("max_publish_rate exceeded".into());
+                        return abrupt("max_publish_rate exceeded", CloseReason::QuotaExceeded);
                     }
                 }
             }
-            match dispatch(packet, conn, client_id, ctx, guard).await {
-                Ok(true) => {}
-                Ok(false) => return End::Graceful,
-                Err(reason) => {
-                    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    warn!(client_id, reason, "protocol violation: closing connection");
-                    return End::Abrupt(reason.to_string());
-                }
+            if let Err(reason) = dispatch(packet, conn, client_id, ctx, guard).await {
+                ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(client_id, reason, "protocol violation: closing connection");
+                return abrupt(reason, CloseReason::ProtocolError);
             }
         }
         if has_published && *ingest_paused.borrow() {
@@ -184,7 +277,7 @@ async fn read_loop(
                 "store full or failing: not reading from this publisher"
             );
             if ingest_paused.wait_for(|paused| !*paused).await.is_err() {
-                return End::Abrupt("broker stopping".into());
+                return abrupt("broker stopping", CloseReason::ServerShuttingDown);
             }
         }
         // Reads run at least 1 KiB at a time once the client sends more than its CONNECT;
@@ -204,7 +297,7 @@ async fn read_loop(
             match tokio::time::timeout_at(idle_after, reader.read_buf(buf)).await {
                 Ok(read) => Some(read),
                 Err(_) => {
-                    *buf = BytesMut::new();
+                    **buf = BytesMut::new();
                     None
                 }
             }
@@ -220,113 +313,11 @@ async fn read_loop(
                 ctx.stats
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
-                return End::Abrupt("keep-alive expired".into());
+                return abrupt("keep-alive expired", CloseReason::KeepAliveTimeout);
             }
-            Ok(Ok(0)) => return End::Abrupt("connection closed by client".into()),
-            Ok(Err(e)) => return End::Abrupt(format!("read error: {e}")),
+            Ok(Ok(0)) => return End::Abrupt("connection closed by client".into(), None),
+            Ok(Err(e)) => return End::Abrupt(format!("read error: {e}"), None),
             Ok(Ok(_)) => traffic = true,
         }
     }
-}
-
-/// Acts on one packet. `Ok(false)`: DISCONNECT; `Err`: a protocol violation.
-async fn dispatch(
-    packet: Inbound,
-    conn: ConnId,
-    client_id: &str,
-    ctx: &ConnectionContext,
-    guard: &mut Guard,
-) -> Result<bool, &'static str> {
-    let cmd = match packet {
-        Inbound::Connect(_) => return Err("second CONNECT on a connection"),
-        Inbound::Disconnect => return Ok(false),
-        Inbound::PingReq => RouterCmd::Ping { conn },
-        Inbound::Publish(publish) => {
-            let pkid = publish.pkid;
-            let message = publish.message;
-            if !valid_topic_name(&message.topic) {
-                return Err("PUBLISH to an invalid topic name (wildcard, empty or NUL)");
-            }
-            debug!(client_id, topic = %message.topic, qos = message.qos as u8, dup = publish.dup, "publish received");
-            let within = topic_within_limits(&message.topic, &ctx.limits);
-            if !within
-                || guard
-                    .acl
-                    .as_ref()
-                    .is_some_and(|acl| !acl.may_publish(&message.topic))
-            {
-                let counter = if within {
-                    &ctx.stats.acl_denied_publish
-                } else {
-                    &ctx.stats.limit_refusals
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                if guard.should_log_refusal() {
-                    let reason = if within {
-                        "no write access (ACL)"
-                    } else {
-                        "topic over max_topic_length/max_topic_levels"
-                    };
-                    warn!(client_id, topic = %message.topic, reason, refusals = guard.refusals, "PUBLISH refused: acknowledged, not stored nor delivered");
-                }
-                let qos = message.qos;
-                // QoS 0 needs no answer; QoS 1/2 are acknowledged in their turn by the router.
-                if qos == QoS::AtMostOnce {
-                    return Ok(true);
-                }
-                RouterCmd::Refused { conn, pkid, qos }
-            } else {
-                RouterCmd::Publish {
-                    conn,
-                    pkid,
-                    message,
-                }
-            }
-        }
-        Inbound::PubAck(pkid) => RouterCmd::PubAck { conn, pkid },
-        Inbound::PubRec(pkid) => RouterCmd::PubRec { conn, pkid },
-        Inbound::PubRel(pkid) => RouterCmd::PubRel { conn, pkid },
-        Inbound::PubComp(pkid) => RouterCmd::PubComp { conn, pkid },
-        Inbound::Subscribe(subscribe) => {
-            let filters = subscribe
-                .filters
-                .into_iter()
-                .map(|(filter, qos)| {
-                    let mut valid = valid_filter(&filter);
-                    if !valid {
-                        info!(client_id, filter = %filter, "invalid topic filter: refused in SUBACK");
-                    } else if !topic_within_limits(&filter, &ctx.limits) {
-                        valid = false;
-                        ctx.stats.limit_refusals.fetch_add(1, Ordering::Relaxed);
-                        if guard.should_log_refusal() {
-                            warn!(client_id, filter = %filter, "topic filter over max_topic_length/max_topic_levels: refused in SUBACK");
-                        }
-                    } else if guard.acl.as_ref().is_some_and(|acl| !acl.may_subscribe(&filter)) {
-                        valid = false;
-                        ctx.stats.acl_denied_subscribe.fetch_add(1, Ordering::Relaxed);
-                        if guard.should_log_refusal() {
-                            warn!(client_id, filter = %filter, "no read access (ACL): filter refused in SUBACK");
-                        }
-                    }
-                    SubscribeFilter {
-                        requested: valid.then_some(qos),
-                        filter,
-                    }
-                })
-                .collect();
-            RouterCmd::Subscribe {
-                conn,
-                pkid: subscribe.pkid,
-                filters,
-            }
-        }
-        Inbound::Unsubscribe(unsubscribe) => RouterCmd::Unsubscribe {
-            conn,
-            pkid: unsubscribe.pkid,
-            filters: unsubscribe.filters,
-        },
-    };
-    // A full router queue makes this wait: back-pressure on every publisher alike.
-    ctx.router.send(cmd).await.map_err(|_| "broker stopping")?;
-    Ok(true)
 }
