@@ -82,7 +82,9 @@ fn matching(c: &mut Criterion) {
             |b, topic| {
                 b.iter(|| {
                     let mut n = 0usize;
-                    table.for_each_match(std::hint::black_box(topic), |_, q| n += q as usize + 1);
+                    table.for_each_match(std::hint::black_box(topic), |_, q| {
+                        n += q.qos as usize + 1
+                    });
                     n
                 })
             },

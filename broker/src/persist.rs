@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
-use crate::protocol::message::{Message, QoS};
+use crate::protocol::message::{Message, QoS, SubscriptionOptions};
 use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Store, StoreError};
 
@@ -41,38 +41,87 @@ fn queue_id_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(tail))
 }
 
-/// Subscriptions as `[qos u8][len u16][filter]...`.
-/// Largest session record (a persistent session's subscriptions, rewritten whole at every
-/// SUBSCRIBE and UNSUBSCRIBE). Filters that would make it larger get 0x80 in SUBACK, for
-/// that client alone. 120 KiB stays one value inline in a sled segment: ~1,000 filters of
-/// 100 bytes, more than `max_subscriptions`' default allows of typical filters.
+/// A persistent session's record: its subscriptions, and for an MQTT 5 session that does
+/// not live forever, its expiry.
+///
+/// Layout: an optional header `[0xFF][version 2][expiry u32][deadline u64]` (written only
+/// for a session with a finite expiry, so every 3.1.1 record is byte for byte as before),
+/// then `[options u8][len u16][filter]` per subscription. The options byte is the MQTT 5
+/// subscription options byte, of which 3.1.1 records use only the QoS bits; 0xFF can never
+/// start an entry (reserved bits), which is what tells the header apart.
+///
+/// Largest session record (rewritten whole at every SUBSCRIBE and UNSUBSCRIBE). Filters that
+/// would make it larger get 0x80 in SUBACK, for that client alone. 120 KiB stays one value
+/// inline in a sled segment: ~1,000 filters of 100 bytes, more than `max_subscriptions`'
+/// default allows of typical filters.
 pub const MAX_SESSION_RECORD_BYTES: usize = 120 * 1024;
 
-/// Bytes one filter takes in the session record ([`encode_subscriptions`]).
+/// Marks a session record with an expiry header.
+const SESSION_HEADER: u8 = 0xFF;
+const SESSION_RECORD_V2: u8 = 2;
+const SESSION_HEADER_LEN: usize = 1 + 1 + 4 + 8;
+
+/// Bytes one filter takes in the session record ([`encode_session`]).
 pub fn subscription_record_len(filter: &str) -> usize {
     3 + filter.len()
 }
 
-pub fn encode_subscriptions(subscriptions: &HashMap<String, QoS>) -> Vec<u8> {
+/// A session's expiry as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredExpiry {
+    /// The session expiry interval, seconds.
+    pub secs: u32,
+    /// When the session ends (unix ms) if its client stays away; `None` while connected.
+    pub deadline_ms: Option<u64>,
+}
+
+pub fn encode_session(
+    subscriptions: &HashMap<String, SubscriptionOptions>,
+    expiry: Option<StoredExpiry>,
+) -> Vec<u8> {
     let mut out = Vec::new();
-    for (filter, qos) in subscriptions {
-        out.push(*qos as u8);
+    if let Some(expiry) = expiry {
+        out.push(SESSION_HEADER);
+        out.push(SESSION_RECORD_V2);
+        out.extend_from_slice(&expiry.secs.to_be_bytes());
+        out.extend_from_slice(&expiry.deadline_ms.unwrap_or(0).to_be_bytes());
+    }
+    for (filter, options) in subscriptions {
+        out.push(options.to_byte());
         out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
         out.extend_from_slice(filter.as_bytes());
     }
     out
 }
 
-pub fn decode_subscriptions(mut bytes: &[u8]) -> Option<HashMap<String, QoS>> {
+/// `None` for a record that is not one of ours (corrupt or from a newer version).
+#[allow(clippy::type_complexity)]
+pub fn decode_session(
+    mut bytes: &[u8],
+) -> Option<(HashMap<String, SubscriptionOptions>, Option<StoredExpiry>)> {
+    let mut expiry = None;
+    if bytes.first() == Some(&SESSION_HEADER) {
+        let header = bytes.get(..SESSION_HEADER_LEN)?;
+        if header[1] != SESSION_RECORD_V2 {
+            return None;
+        }
+        let secs = u32::from_be_bytes(header[2..6].try_into().ok()?);
+        let deadline = u64::from_be_bytes(header[6..14].try_into().ok()?);
+        expiry = Some(StoredExpiry {
+            secs,
+            deadline_ms: (deadline != 0).then_some(deadline),
+        });
+        bytes = &bytes[SESSION_HEADER_LEN..];
+    }
     let mut out = HashMap::new();
     while !bytes.is_empty() {
-        let qos = QoS::from_u8(*bytes.first()?)?;
+        let options = SubscriptionOptions::from_byte(*bytes.first()?)?;
         let len = u16::from_be_bytes([*bytes.get(1)?, *bytes.get(2)?]) as usize;
         let filter = std::str::from_utf8(bytes.get(3..3 + len)?).ok()?;
-        out.insert(filter.to_string(), qos);
+        out.insert(filter.to_string(), options);
         bytes = &bytes[3 + len..];
     }
-    Some(out)
+    Some((out, expiry))
 }
 
 pub fn to_stored(message: &Message, origin: &str, received_at_ms: u64) -> StoredMessage {
@@ -107,7 +156,9 @@ pub fn from_stored(stored: StoredMessage) -> Option<Message> {
 
 /// A persistent session as read back from the store.
 pub struct RestoredSession {
-    pub subscriptions: HashMap<String, QoS>,
+    pub subscriptions: HashMap<String, SubscriptionOptions>,
+    /// `None`: the session never expires (3.1.1, or MQTT 5 0xFFFFFFFF).
+    pub expiry: Option<StoredExpiry>,
     /// Owed messages in the order they were queued, with their queue ids.
     pub queue: Vec<(u64, Message)>,
 }
@@ -123,8 +174,8 @@ pub fn restore(store: &Store) -> Result<Restored, StoreError> {
     let mut sessions = HashMap::new();
     let mut next_queue_id = 1;
     for (key, value) in store.scan(Keyspace::Sessions, b"")? {
-        let (Ok(client_id), Some(subscriptions)) =
-            (String::from_utf8(key), decode_subscriptions(&value))
+        let (Ok(client_id), Some((subscriptions, expiry))) =
+            (String::from_utf8(key), decode_session(&value))
         else {
             warn!("undecodable session record skipped");
             continue;
@@ -147,6 +198,7 @@ pub fn restore(store: &Store) -> Result<Restored, StoreError> {
             Arc::from(client_id),
             RestoredSession {
                 subscriptions,
+                expiry,
                 queue,
             },
         );
@@ -202,14 +254,55 @@ mod tests {
     #[test]
     fn subscriptions_round_trip_and_garbage_is_refused() {
         let mut subs = HashMap::new();
-        subs.insert("a/#".to_string(), QoS::AtLeastOnce);
-        subs.insert("b/+/c".to_string(), QoS::ExactlyOnce);
+        subs.insert("a/#".to_string(), QoS::AtLeastOnce.into());
+        subs.insert("b/+/c".to_string(), QoS::ExactlyOnce.into());
         assert_eq!(
-            decode_subscriptions(&encode_subscriptions(&subs)),
-            Some(subs)
+            decode_session(&encode_session(&subs, None)),
+            Some((subs.clone(), None))
         );
-        assert_eq!(decode_subscriptions(&[1, 0, 9, b'a']), None);
-        assert_eq!(decode_subscriptions(&[7, 0, 0]), None);
+        // A 3.1.1 session's record is what it always was: [qos][len][filter].
+        let one: HashMap<String, SubscriptionOptions> =
+            [("a".to_string(), QoS::AtLeastOnce.into())].into();
+        assert_eq!(encode_session(&one, None), vec![1, 0, 1, b'a']);
+        assert_eq!(decode_session(&[1, 0, 9, b'a']), None);
+        // QoS 3, reserved option bits, retain handling 3.
+        assert_eq!(decode_session(&[3, 0, 0]), None);
+        assert_eq!(decode_session(&[0x41, 0, 0]), None);
+        assert_eq!(decode_session(&[0x31, 0, 0]), None);
+    }
+
+    #[test]
+    fn mqtt5_options_and_expiry_round_trip() {
+        let subs: HashMap<String, SubscriptionOptions> = [(
+            "s/#".to_string(),
+            SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: 2,
+            },
+        )]
+        .into();
+        for deadline_ms in [None, Some(1_700_000_000_123)] {
+            let expiry = StoredExpiry {
+                secs: 3600,
+                deadline_ms,
+            };
+            let bytes = encode_session(&subs, Some(expiry));
+            assert_eq!(bytes[0], 0xFF);
+            assert_eq!(decode_session(&bytes), Some((subs.clone(), Some(expiry))));
+        }
+        // A header from a version this build does not know.
+        let mut newer = encode_session(
+            &subs,
+            Some(StoredExpiry {
+                secs: 1,
+                deadline_ms: None,
+            }),
+        );
+        newer[1] = 3;
+        assert_eq!(decode_session(&newer), None);
+        assert_eq!(decode_session(&[0xFF, 2, 0]), None);
     }
 
     #[test]

@@ -247,7 +247,7 @@ pub struct Session {
     pub expires_at: Option<tokio::time::Instant>,
     /// A will waiting for its delay to pass (MQTT 5 will delay interval).
     pub delayed_will: Option<(tokio::time::Instant, Message)>,
-    pub subscriptions: HashMap<String, QoS>,
+    pub subscriptions: HashMap<String, crate::protocol::message::SubscriptionOptions>,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
     /// Topic + payload bytes of `inflight` ([`MAX_INFLIGHT_BYTES`]).

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::protocol::message::QoS;
+use crate::protocol::message::SubscriptionOptions;
 
 /// A topic a client may publish to: non-empty, no wildcards, no NUL [MQTT-3.3.2-2], [MQTT-4.7.3-1], [MQTT-4.7.3-2].
 pub fn valid_topic_name(topic: &str) -> bool {
@@ -57,9 +57,9 @@ struct Node {
     children: HashMap<Box<str>, Node>,
     plus: Option<Box<Node>>,
     /// Subscribers of `<path>`.
-    exact: HashMap<ClientKey, QoS>,
+    exact: HashMap<ClientKey, SubscriptionOptions>,
     /// Subscribers of `<path>/#` (at the root: `#`).
-    multi: HashMap<ClientKey, QoS>,
+    multi: HashMap<ClientKey, SubscriptionOptions>,
 }
 
 impl Node {
@@ -88,7 +88,13 @@ impl SubscriptionTable {
     }
 
     /// Adds or replaces `client`'s subscription to `filter` (a valid filter).
-    pub fn insert(&mut self, filter: &str, client: ClientKey, qos: QoS) {
+    pub fn insert(
+        &mut self,
+        filter: &str,
+        client: ClientKey,
+        options: impl Into<SubscriptionOptions>,
+    ) {
+        let qos = options.into();
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
@@ -152,7 +158,11 @@ impl SubscriptionTable {
 
     /// Calls `found` for every subscription matching `topic`. One client may be found more
     /// than once (overlapping filters); the caller keeps the highest QoS.
-    pub fn for_each_match(&self, topic: &str, mut found: impl FnMut(&ClientKey, QoS)) {
+    pub fn for_each_match(
+        &self,
+        topic: &str,
+        mut found: impl FnMut(&ClientKey, SubscriptionOptions),
+    ) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         Self::match_at(&self.root, &levels, dollar, &mut found);
@@ -162,7 +172,7 @@ impl SubscriptionTable {
         node: &Node,
         levels: &[&str],
         no_wildcard: bool,
-        found: &mut impl FnMut(&ClientKey, QoS),
+        found: &mut impl FnMut(&ClientKey, SubscriptionOptions),
     ) {
         if !no_wildcard {
             // `a/#` matches `a` and everything below it.
@@ -190,10 +200,12 @@ impl SubscriptionTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::message::QoS;
 
     fn matches(table: &SubscriptionTable, topic: &str) -> Vec<(String, QoS)> {
         let mut out: HashMap<String, QoS> = HashMap::new();
-        table.for_each_match(topic, |c, q| {
+        table.for_each_match(topic, |c, o| {
+            let q = o.qos;
             let e = out.entry(c.to_string()).or_insert(q);
             *e = (*e).max(q);
         });

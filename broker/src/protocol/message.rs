@@ -123,6 +123,36 @@ impl SubscriptionOptions {
     }
 }
 
+impl From<QoS> for SubscriptionOptions {
+    fn from(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions::qos(qos)
+    }
+}
+
+impl SubscriptionOptions {
+    /// The MQTT 5 subscription options byte (3.1.1: the requested QoS byte), as the session
+    /// record stores it.
+    pub fn to_byte(self) -> u8 {
+        self.qos as u8
+            | u8::from(self.no_local) << 2
+            | u8::from(self.retain_as_published) << 3
+            | (self.retain_handling & 0b11) << 4
+    }
+
+    /// `None` for reserved bits, QoS 3 or retain handling 3.
+    pub fn from_byte(byte: u8) -> Option<SubscriptionOptions> {
+        if byte & 0b1100_0000 != 0 || (byte >> 4) & 0b11 == 3 {
+            return None;
+        }
+        Some(SubscriptionOptions {
+            qos: QoS::from_u8(byte & 0b11)?,
+            no_local: byte & 0b100 != 0,
+            retain_as_published: byte & 0b1000 != 0,
+            retain_handling: (byte >> 4) & 0b11,
+        })
+    }
+}
+
 /// Why a filter of a SUBSCRIBE was refused: one SUBACK failure code in 3.1.1 (0x80), the
 /// reason code named here in MQTT 5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -46,6 +46,7 @@ use crate::policy::acl::ClientAcl;
 use crate::protocol::inbound::SESSION_NEVER_EXPIRES;
 use crate::protocol::message::{
     CloseReason, ConnectOutcome, Message, Outbound, QoS, SubscribeFilter, SubscribeRefusal,
+    SubscriptionOptions,
 };
 use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
 use crate::stats::Stats;
@@ -95,8 +96,8 @@ pub struct Router {
     retained: HashMap<Arc<str>, Message>,
     limits: SessionLimits,
     stats: Arc<Stats>,
-    /// Reused per message: client -> highest granted QoS among its matching filters.
-    matched: HashMap<ClientKey, QoS>,
+    /// Reused per message: client -> its matching subscriptions' options combined.
+    matched: HashMap<ClientKey, SubscriptionOptions>,
     durable: Option<Durable>,
     /// Writes and acks of the burst being handled.
     batch_ops: Vec<Op>,
@@ -166,10 +167,22 @@ impl Router {
     pub fn restore(&mut self, restored: Restored) {
         for (client, saved) in restored.sessions {
             let mut session = Session::new(false);
-            for (filter, qos) in &saved.subscriptions {
-                self.subscriptions.insert(filter, client.clone(), *qos);
+            for (filter, options) in &saved.subscriptions {
+                self.subscriptions.insert(filter, client.clone(), *options);
             }
             session.subscriptions = saved.subscriptions;
+            if let Some(expiry) = saved.expiry {
+                // Offline since the restart at least: its time runs from the deadline it
+                // was given, or from now if it was connected when the broker stopped.
+                let now_ms = unix_ms();
+                let left_ms = match expiry.deadline_ms {
+                    Some(deadline) => deadline.saturating_sub(now_ms),
+                    None => u64::from(expiry.secs) * 1000,
+                };
+                session.expiry_secs = expiry.secs;
+                session.expires_at = Some(Instant::now() + Duration::from_millis(left_ms));
+                self.timed_sessions.insert(client.clone());
+            }
             for (id, message) in saved.queue {
                 session.restore_queued(message, id);
             }

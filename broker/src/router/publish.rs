@@ -140,13 +140,16 @@ impl Router {
             }
             self.batch_ops.append(&mut ops);
         }
-        self.route(message);
+        self.route(message, origin);
         Ok(())
     }
 
     /// Updates the retained store and delivers to every matching subscription, once per
-    /// client at the highest QoS it was granted [MQTT-3.3.5-1].
-    pub(super) fn route(&mut self, message: Message) {
+    /// client at the highest QoS it was granted [MQTT-3.3.5-1]. `origin`: the publishing
+    /// client's id, which a no-local subscription of that same client id does not receive
+    /// [MQTT-3.8.3-3]. With overlapping subscriptions, the message goes out unless every one
+    /// of them is no-local, and keeps its RETAIN flag if any is retain-as-published.
+    pub(super) fn route(&mut self, message: Message, origin: &str) {
         if message.retain {
             if message.payload.is_empty() {
                 self.retained.remove(&message.topic);
@@ -156,17 +159,23 @@ impl Router {
         }
         let mut matched = std::mem::take(&mut self.matched);
         self.subscriptions
-            .for_each_match(&message.topic, |client, qos| {
-                let best = matched.entry(client.clone()).or_insert(qos);
-                *best = (*best).max(qos);
+            .for_each_match(&message.topic, |client, options| {
+                let best = matched.entry(client.clone()).or_insert(options);
+                best.qos = best.qos.max(options.qos);
+                best.no_local &= options.no_local;
+                best.retain_as_published |= options.retain_as_published;
             });
         for (client, granted) in matched.drain() {
+            if granted.no_local && &*client == origin {
+                continue;
+            }
             let copy = Message {
                 topic: message.topic.clone(),
                 payload: message.payload.clone(),
-                qos: message.qos.min(granted),
-                // The retain flag is only set on messages sent because of a new subscription [MQTT-3.3.1-9].
-                retain: false,
+                qos: message.qos.min(granted.qos),
+                // A live message goes out with RETAIN 0 [MQTT-3.3.1-9] unless the
+                // subscription asked for it as published [MQTT-3.3.1-12].
+                retain: granted.retain_as_published && message.retain,
                 properties: message.properties.clone(),
             };
             self.deliver_to(&client, copy);

@@ -22,38 +22,7 @@ impl Router {
         // Whatever this CONNECT writes (a new session record, a discarded one, a will)
         // must be durable before the CONNACK says "session present" or not.
         let ops_before = self.batch_ops.len();
-        // Take over a live connection with the same client id [MQTT-3.1.4-2]: close it and
-        // publish its will, as for any connection the server closes; a delayed will (MQTT
-        // 5) waits unless this connection ends the session [MQTT-3.1.3-9].
-        let previous = self.sessions.get_mut(&client).and_then(|s| {
-            let old = s.online.take()?;
-            info!(client_id = %client, "session taken over by a new connection");
-            old.outbox
-                .send(Outbound::Close(CloseReason::SessionTakenOver));
-            self.connections.remove(&old.conn);
-            self.clients.remove(&old.conn);
-            self.stats.connection_closed();
-            Some((old.will, old.will_delay))
-        });
-        let ends_session =
-            request.clean_start || self.sessions.get(&client).is_some_and(|s| s.clean);
-        if let Some((Some(will), delay)) = previous {
-            if delay == 0 || ends_session {
-                // A will that cannot be stored is logged and counted by accept_publish.
-                self.publish_will(will, &client);
-            }
-        }
-        // A will still waiting for its delay: a new connection to the session cancels it,
-        // one that ends the session publishes it now [MQTT-3.1.3-9].
-        if let Some(will) = self
-            .sessions
-            .get_mut(&client)
-            .and_then(|s| s.delayed_will.take())
-        {
-            if ends_session {
-                self.publish_will(will.1, &client);
-            }
-        }
+        self.end_previous_connection(&client, request.clean_start);
         // A session with no expiry ends with its connection [MQTT-3.1.2-6], also a taken-over one.
         if self.sessions.get(&client).is_some_and(|s| s.clean) {
             self.discard_session(&client);
@@ -69,15 +38,35 @@ impl Router {
         let persistent = request.session_expiry > 0;
         if persistent && !session_present {
             // Written now so that "session present" is true after a restart too.
-            self.save_session_record(&client, &std::collections::HashMap::new());
+            let expiry = (request.session_expiry != SESSION_NEVER_EXPIRES).then_some(
+                persist::StoredExpiry {
+                    secs: request.session_expiry,
+                    deadline_ms: None,
+                },
+            );
+            self.save_session_record(&client, &HashMap::new(), expiry);
         }
         let session = self
             .sessions
             .entry(client.clone())
             .or_insert_with(|| Session::new(!persistent));
         session.clean = !persistent;
-        session.expiry_secs = request.session_expiry;
+        let previous_expiry = std::mem::replace(&mut session.expiry_secs, request.session_expiry);
         session.expires_at = None;
+        if persistent
+            && session_present
+            && self.durable.is_some()
+            && (previous_expiry != SESSION_NEVER_EXPIRES
+                || request.session_expiry != SESSION_NEVER_EXPIRES)
+        {
+            // The record's expiry (and any deadline set when the client left) is replaced:
+            // a crash while the client is connected must not end its session early.
+            self.batch_ops.push(Op::Put {
+                space: Keyspace::Sessions,
+                key: client.as_bytes().to_vec(),
+                value: persist::encode_session(&session.subscriptions, stored_expiry(session)),
+            });
+        }
         // What waits for this client id was checked against the previous connection's
         // rules (or none, after a restart): keep only what this one may read.
         let unreadable = match &request.acl {
@@ -134,16 +123,51 @@ impl Router {
         self.stats.connection_opened();
     }
 
+    /// Takes over a live connection with the same client id [MQTT-3.1.4-2]: closes it and
+    /// publishes its will, as for any connection the server closes; a delayed will (MQTT
+    /// 5) waits unless this connection ends the session [MQTT-3.1.3-9].
+    fn end_previous_connection(&mut self, client: &ClientKey, clean_start: bool) {
+        let previous = self.sessions.get_mut(client).and_then(|s| {
+            let old = s.online.take()?;
+            info!(client_id = %client, "session taken over by a new connection");
+            old.outbox
+                .send(Outbound::Close(CloseReason::SessionTakenOver));
+            self.connections.remove(&old.conn);
+            self.clients.remove(&old.conn);
+            self.stats.connection_closed();
+            Some((old.will, old.will_delay))
+        });
+        let ends_session = clean_start || self.sessions.get(client).is_some_and(|s| s.clean);
+        if let Some((Some(will), delay)) = previous {
+            if delay == 0 || ends_session {
+                // A will that cannot be stored is logged and counted by accept_publish.
+                self.publish_will(will, client);
+            }
+        }
+        // A will still waiting for its delay: a new connection to the session cancels it,
+        // one that ends the session publishes it now [MQTT-3.1.3-9].
+        if let Some(will) = self
+            .sessions
+            .get_mut(client)
+            .and_then(|s| s.delayed_will.take())
+        {
+            if ends_session {
+                self.publish_will(will.1, client);
+            }
+        }
+    }
+
     pub(super) fn save_session_record(
         &mut self,
         client: &str,
-        subscriptions: &HashMap<String, QoS>,
+        subscriptions: &HashMap<String, SubscriptionOptions>,
+        expiry: Option<persist::StoredExpiry>,
     ) {
         if self.durable.is_some() {
             self.batch_ops.push(Op::Put {
                 space: Keyspace::Sessions,
                 key: client.as_bytes().to_vec(),
-                value: persist::encode_subscriptions(subscriptions),
+                value: persist::encode_session(subscriptions, expiry),
             });
         }
     }
@@ -221,8 +245,9 @@ impl Router {
                 Some(Instant::now() + Duration::from_secs(u64::from(session.expiry_secs)));
             self.timed_sessions.insert(client.clone());
             let subscriptions = session.subscriptions.clone();
+            let expiry = stored_expiry(session);
             // The deadline goes into the session record, so a restart keeps it.
-            self.save_session_record(&client, &subscriptions);
+            self.save_session_record(&client, &subscriptions, expiry);
         }
     }
 
@@ -321,15 +346,22 @@ impl Router {
                 Ok(options) => {
                     let qos = options.qos;
                     record_bytes += grows;
-                    session.subscriptions.insert(f.filter.clone(), qos);
+                    session.subscriptions.insert(f.filter.clone(), options);
                     granted.push(Ok(qos));
-                    new_filters.push((f.filter, qos));
+                    // Retain handling [MQTT-3.3.1-9..11]: 0 sends the retained messages at
+                    // every subscribe, 1 only for a new subscription, 2 never.
+                    let send_retained = match options.retain_handling {
+                        0 => true,
+                        1 => !known,
+                        _ => false,
+                    };
+                    new_filters.push((f.filter, options, send_retained));
                 }
                 Err(refusal) => granted.push(Err(refusal)),
             }
         }
         let outbox = session.online.as_ref().map(|o| o.outbox.clone());
-        let record = persistent.then(|| session.subscriptions.clone());
+        let record = persistent.then(|| (session.subscriptions.clone(), stored_expiry(session)));
         if over_limit > 0 {
             self.stats
                 .limit_refusals
@@ -343,12 +375,17 @@ impl Router {
             warn!(client_id = %client, refused = record_full, max_record_bytes = persist::MAX_SESSION_RECORD_BYTES,
                 "session record full: filters refused in SUBACK (0x80)");
         }
-        for (filter, qos) in &new_filters {
-            self.subscriptions.insert(filter, client.clone(), *qos);
+        for (filter, options, _) in &new_filters {
+            self.subscriptions.insert(filter, client.clone(), *options);
         }
-        if let Some(subscriptions) = record {
-            self.save_session_record(&client, &subscriptions);
+        if let Some((subscriptions, expiry)) = record {
+            self.save_session_record(&client, &subscriptions, expiry);
         }
+        let new_filters = new_filters
+            .into_iter()
+            .filter(|(_, _, send_retained)| *send_retained)
+            .map(|(filter, options, _)| (filter, options.qos))
+            .collect();
         if let Some(outbox) = outbox {
             self.batch_acks.push(AckTarget::SubAck {
                 conn,
@@ -391,12 +428,13 @@ impl Router {
             .map(|filter| session.subscriptions.remove(filter).is_some())
             .collect();
         let outbox = session.online.as_ref().map(|o| o.outbox.clone());
-        let record = (!session.clean).then(|| session.subscriptions.clone());
+        let record =
+            (!session.clean).then(|| (session.subscriptions.clone(), stored_expiry(session)));
         for filter in &filters {
             self.subscriptions.remove(filter, &client);
         }
-        if let Some(subscriptions) = record {
-            self.save_session_record(&client, &subscriptions);
+        if let Some((subscriptions, expiry)) = record {
+            self.save_session_record(&client, &subscriptions, expiry);
         }
         if let Some(outbox) = outbox {
             self.batch_acks.push(AckTarget::Client(
@@ -405,4 +443,15 @@ impl Router {
             ));
         }
     }
+}
+
+/// The expiry to store in a session's record: `None` for a session that never expires; a
+/// deadline only while its client is away.
+fn stored_expiry(session: &Session) -> Option<persist::StoredExpiry> {
+    (session.expiry_secs != SESSION_NEVER_EXPIRES).then(|| persist::StoredExpiry {
+        secs: session.expiry_secs,
+        deadline_ms: session
+            .expires_at
+            .map(|at| unix_ms() + at.saturating_duration_since(Instant::now()).as_millis() as u64),
+    })
 }

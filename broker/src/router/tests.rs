@@ -430,7 +430,7 @@ fn takeover_closes_the_old_connection_and_the_session_continues_on_the_new_one()
         .expect("the session lives on connection 2");
     assert_eq!(
         session.subscriptions.get("t/#"),
-        Some(&QoS::AtLeastOnce),
+        Some(&QoS::AtLeastOnce.into()),
         "the subscription came along"
     );
 
@@ -501,4 +501,157 @@ fn a_new_subscriber_gets_only_the_latest_retained_message_and_none_once_cleared(
             "SubAck { pkid: 5, granted: [Ok(AtLeastOnce)] }"
         ]
     );
+}
+
+fn subscribe_with(
+    router: &mut Router,
+    conn: ConnId,
+    pkid: u16,
+    filter: &str,
+    options: crate::protocol::message::SubscriptionOptions,
+) {
+    router.handle(RouterCmd::Subscribe {
+        conn,
+        pkid,
+        filters: vec![SubscribeFilter {
+            filter: filter.into(),
+            requested: Ok(options),
+        }],
+    });
+}
+
+// MQTT 5 subscription options: no local (a client's own messages are not sent back to the
+// same client id), retain as published (the live message keeps RETAIN 1), and retain
+// handling (1: retained messages only for a new subscription, 2: never).
+#[test]
+fn subscription_options_no_local_retain_as_published_and_retain_handling() {
+    use crate::protocol::message::SubscriptionOptions;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut a = connect(&mut router, 1, "a");
+    let mut b = connect(&mut router, 2, "b");
+    publish_retained(&mut router, 2, 1, "r/x", "old");
+    router.end_burst();
+    settle(&mut router, &store);
+    let options = |no_local, retain_as_published, retain_handling| SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        no_local,
+        retain_as_published,
+        retain_handling,
+    };
+    // a: no local on t/#, retain as published and handling 1 on r/#.
+    subscribe_with(&mut router, 1, 2, "t/#", options(true, false, 0));
+    subscribe_with(&mut router, 1, 3, "r/#", options(false, true, 1));
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(
+        packets(&mut a)[1..],
+        [
+            "SubAck { pkid: 2, granted: [Ok(AtLeastOnce)] }",
+            "SubAck { pkid: 3, granted: [Ok(AtLeastOnce)] }",
+            "Publish(1 r/x \"old\" q1 retain)"
+        ]
+    );
+    // Subscribing again to r/# with handling 1: not new, so no retained message.
+    subscribe_with(&mut router, 1, 4, "r/#", options(false, true, 1));
+    // b: handling 2 on r/#: never the retained message.
+    subscribe_with(&mut router, 2, 5, "r/#", options(false, false, 2));
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(
+        packets(&mut a),
+        ["SubAck { pkid: 4, granted: [Ok(AtLeastOnce)] }"]
+    );
+    assert_eq!(
+        packets(&mut b)[1..],
+        [
+            "PubAck(1)",
+            "SubAck { pkid: 5, granted: [Ok(AtLeastOnce)] }"
+        ]
+    );
+    // a publishes on t/1 (its own no-local subscription) and a retained r/y.
+    publish(&mut router, 1, 5, "t/1", "mine", QoS::AtLeastOnce);
+    publish_retained(&mut router, 1, 6, "r/y", "new");
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(
+        packets(&mut a),
+        ["Publish(2 r/y \"new\" q1 retain)", "PubAck(5)", "PubAck(6)"],
+        "no t/1 for its publisher; r/y keeps RETAIN (retain as published); acks wait for the disk"
+    );
+    // b gets r/y with RETAIN 0 (not retain as published).
+    assert_eq!(packets(&mut b), ["Publish(1 r/y \"new\" q1)"]);
+}
+
+// MQTT 5 message expiry and maximum packet size: an expired message is never delivered
+// (counted), and one larger than the client accepts is dropped for that client alone.
+#[test]
+fn expired_and_oversized_messages_are_dropped_and_counted() {
+    use crate::protocol::message::MessageProperties;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let (outbox, mut small) = Outbox::new();
+    router.handle(RouterCmd::Connect {
+        conn: 1,
+        request: ConnectRequest {
+            client_id: "small".into(),
+            version: crate::protocol::Version::V5,
+            clean_start: true,
+            session_expiry: 0,
+            receive_maximum: 10,
+            max_packet_size: Some(64),
+            keep_alive_secs: 60,
+            will: None,
+            will_delay: 0,
+            username: None,
+            peer: None,
+            acl: None,
+        },
+        outbox: OutboxHandle(outbox),
+    });
+    let mut big = connect(&mut router, 2, "big");
+    subscribe(&mut router, 1, 1, "m/#", QoS::AtLeastOnce);
+    subscribe(&mut router, 2, 1, "m/#", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    drain(&mut small);
+    drain(&mut big);
+    let with_expiry = |payload: &str, expires_at_ms| {
+        let mut m = Message::new("m/1", payload.to_string(), QoS::AtLeastOnce, false);
+        m.properties = Some(Arc::new(MessageProperties {
+            message_expiry_interval: Some(1),
+            expires_at_ms: Some(expires_at_ms),
+            ..MessageProperties::default()
+        }));
+        m
+    };
+    let now = unix_ms();
+    router.handle(RouterCmd::Inject {
+        message: with_expiry("gone", now - 1),
+        origin_bridge: None,
+        accepted: None,
+    });
+    router.handle(RouterCmd::Inject {
+        message: with_expiry(&"x".repeat(100), now + 60_000),
+        origin_bridge: None,
+        accepted: None,
+    });
+    router.handle(RouterCmd::Inject {
+        message: with_expiry("fits", now + 60_000),
+        origin_bridge: None,
+        accepted: None,
+    });
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut small), ["Publish(1 m/1 \"fits\" q1)"]);
+    let to_big = packets(&mut big);
+    assert_eq!(to_big.len(), 2, "{to_big:?}");
+    assert_eq!(to_big[1], "Publish(2 m/1 \"fits\" q1)");
+    assert_eq!(
+        router.stats.dropped_message_expiry.load(Ordering::Relaxed),
+        2
+    );
+    assert_eq!(router.stats.dropped_too_large.load(Ordering::Relaxed), 1);
 }
