@@ -243,6 +243,12 @@ pub enum Outbound {
     },
     PubAck(u16),
     PubRec(u16),
+    /// The PUBACK (QoS 1) or PUBREC (QoS 2) of a PUBLISH accepted that no subscription or
+    /// bridge takes (MQTT 5 reason 0x10).
+    PubAckNoSubscribers {
+        pkid: u16,
+        qos: QoS,
+    },
     /// The PUBACK (QoS 1) or PUBREC (QoS 2) of a PUBLISH the broker refused.
     PubRefused {
         pkid: u16,

@@ -264,15 +264,17 @@ pub fn encode(packet: &Outbound, buf: &mut BytesMut) -> Result<(), mqttbytes::Er
             v4::PubRec::new(*pkid).write(buf)?;
         }
         // 3.1.1 has no negative acknowledgement: a refused PUBLISH is acknowledged.
-        Outbound::PubRefused { pkid, qos, .. } => match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                v4::PubAck::new(*pkid).write(buf)?;
+        Outbound::PubRefused { pkid, qos, .. } | Outbound::PubAckNoSubscribers { pkid, qos } => {
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    v4::PubAck::new(*pkid).write(buf)?;
+                }
+                QoS::ExactlyOnce => {
+                    v4::PubRec::new(*pkid).write(buf)?;
+                }
             }
-            QoS::ExactlyOnce => {
-                v4::PubRec::new(*pkid).write(buf)?;
-            }
-        },
+        }
         Outbound::PubRel(pkid) => {
             v4::PubRel::new(*pkid).write(buf)?;
         }

@@ -333,6 +333,14 @@ impl V5Encoder {
                     QoS::ExactlyOnce => v5::Packet::PublishReceived(ack(*pkid, reason)),
                 }
             }
+            Outbound::PubAckNoSubscribers { pkid, qos } => {
+                let reason = v5::PublishAckReason::NoMatchingSubscribers;
+                match qos {
+                    QoS::AtMostOnce => return Ok(()),
+                    QoS::AtLeastOnce => v5::Packet::PublishAck(ack(*pkid, reason)),
+                    QoS::ExactlyOnce => v5::Packet::PublishReceived(ack(*pkid, reason)),
+                }
+            }
             Outbound::PubRel(pkid) => v5::Packet::PublishRelease(ack2(*pkid)),
             Outbound::PubComp(pkid) => v5::Packet::PublishComplete(ack2(*pkid)),
             Outbound::SubAck { pkid, granted } => v5::Packet::SubscribeAck(v5::SubscribeAck {

@@ -339,9 +339,12 @@ impl Router {
 
     /// Queues a PUBLISH's answer (PUBACK for QoS 1, PUBREC for QoS 2) behind the burst's
     /// writes; QoS 0 has none.
-    fn ack_publish(&mut self, outbox: Outbox, pkid: u16, qos: QoS) {
+    /// `matched`: false when no subscription or bridge took the message (MQTT 5 says so
+    /// with reason 0x10; 3.1.1 acknowledges as always).
+    fn ack_publish(&mut self, outbox: Outbox, pkid: u16, qos: QoS, matched: bool) {
         let packet = match qos {
             QoS::AtMostOnce => return,
+            _ if !matched => Outbound::PubAckNoSubscribers { pkid, qos },
             QoS::AtLeastOnce => Outbound::PubAck(pkid),
             QoS::ExactlyOnce => Outbound::PubRec(pkid),
         };

@@ -41,22 +41,27 @@ impl Router {
         if qos == QoS::ExactlyOnce && first_receipt {
             self.batch_qos2.push((client.clone(), pkid));
         }
+        // A resend is answered as the first receipt was, minus the "no subscribers" news.
+        let mut matched = true;
         if first_receipt {
-            if let Err(reason) = self.accept_publish(message, &client, None) {
-                // Nothing was stored or delivered: no ack, and the connection ends as for
-                // a packet over max_packet_size (3.1.1 cannot say why).
-                if qos == QoS::ExactlyOnce {
-                    self.batch_qos2.pop();
-                    if let Some(s) = self.sessions.get_mut(&client) {
-                        s.pubrel(pkid);
+            match self.accept_publish(message, &client, None) {
+                Ok(delivered) => matched = delivered,
+                Err(reason) => {
+                    // Nothing was stored or delivered: no ack, and the connection ends as for
+                    // a packet over max_packet_size (3.1.1 cannot say why).
+                    if qos == QoS::ExactlyOnce {
+                        self.batch_qos2.pop();
+                        if let Some(s) = self.sessions.get_mut(&client) {
+                            s.pubrel(pkid);
+                        }
                     }
+                    warn!(client_id = %client, %reason, "publish cannot be stored: closing the connection");
+                    outbox.send(Outbound::Close(CloseReason::Unspecified));
+                    return;
                 }
-                warn!(client_id = %client, %reason, "publish cannot be stored: closing the connection");
-                outbox.send(Outbound::Close(CloseReason::Unspecified));
-                return;
             }
         }
-        self.ack_publish(outbox, pkid, qos);
+        self.ack_publish(outbox, pkid, qos, matched);
     }
 
     /// The one place every accepted PUBLISH (client's, will, or bridge's) goes through:
@@ -65,16 +70,19 @@ impl Router {
     /// Admission: everything this message would write is checked here, for this message
     /// alone, so that the burst's submission cannot be refused for its sake. A message that
     /// cannot be stored is neither stored nor delivered (`Err`, counted and logged); its
-    /// sender decides what that means (a client's connection is closed).
+    /// sender decides what that means (a client's connection is closed). `Ok(false)`: it was
+    /// accepted but nobody gets it (no matching subscription, no bridge forwards it: MQTT
+    /// 5's PUBACK 0x10).
     pub(super) fn accept_publish(
         &mut self,
         message: Message,
         origin: &str,
         origin_bridge: Option<usize>,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
+        let mut forwarded = false;
         if let Some(durable) = &self.durable {
             let now = unix_ms();
-            let forwarded = durable
+            forwarded = durable
                 .bridges
                 .iter()
                 .enumerate()
@@ -140,8 +148,8 @@ impl Router {
             }
             self.batch_ops.append(&mut ops);
         }
-        self.route(message, origin);
-        Ok(())
+        let delivered = self.route(message, origin);
+        Ok(delivered || forwarded)
     }
 
     /// Updates the retained store and delivers to every matching subscription, once per
@@ -149,7 +157,7 @@ impl Router {
     /// client's id, which a no-local subscription of that same client id does not receive
     /// [MQTT-3.8.3-3]. With overlapping subscriptions, the message goes out unless every one
     /// of them is no-local, and keeps its RETAIN flag if any is retain-as-published.
-    pub(super) fn route(&mut self, message: Message, origin: &str) {
+    pub(super) fn route(&mut self, message: Message, origin: &str) -> bool {
         if message.retain {
             if message.payload.is_empty() {
                 self.retained.remove(&message.topic);
@@ -165,6 +173,7 @@ impl Router {
                 best.no_local &= options.no_local;
                 best.retain_as_published |= options.retain_as_published;
             });
+        let any = !matched.is_empty();
         for (client, granted) in matched.drain() {
             if granted.no_local && &*client == origin {
                 continue;
@@ -181,6 +190,7 @@ impl Router {
             self.deliver_to(&client, copy);
         }
         self.matched = matched;
+        any
     }
 
     /// Deletes and counts what a session dropped from its queue when its turn came.

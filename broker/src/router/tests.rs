@@ -156,6 +156,10 @@ fn show(packet: &Outbound) -> String {
             if message.retain { " retain" } else { "" },
             if *dup { " dup" } else { "" },
         ),
+        Outbound::PubAckNoSubscribers {
+            pkid,
+            qos: QoS::AtLeastOnce,
+        } => format!("PubAck({pkid}) 0x10"),
         other => format!("{other:?}"),
     }
 }
@@ -307,14 +311,17 @@ fn qos1_pubacks_wait_for_durability_and_keep_arrival_order_across_bursts() {
     });
     assert_eq!(
         packets(&mut rx),
-        ["PubAck(1)", "PubAck(10)", "PubAck(2)"],
+        ["PubAck(1) 0x10", "PubAck(10) 0x10", "PubAck(2) 0x10"],
         "only the first burst, in arrival order"
     );
     router.on_durable(Durability {
         durable_through: second,
         ..Durability::default()
     });
-    assert_eq!(packets(&mut rx), ["PubAck(11)", "PubAck(3)", "PubAck(4)"]);
+    assert_eq!(
+        packets(&mut rx),
+        ["PubAck(11) 0x10", "PubAck(3) 0x10", "PubAck(4) 0x10"]
+    );
     assert!(router.pending_acks.is_empty());
 }
 
@@ -459,7 +466,11 @@ fn a_new_subscriber_gets_only_the_latest_retained_message_and_none_once_cleared(
     publish_retained(&mut router, 1, 2, "cfg/t", "v2");
     router.end_burst();
     settle(&mut router, &store);
-    assert_eq!(packets(&mut publisher), ["PubAck(1)", "PubAck(2)"]);
+    assert_eq!(
+        packets(&mut publisher),
+        ["PubAck(1) 0x10", "PubAck(2) 0x10"],
+        "nobody subscribed yet: MQTT 5 says 0x10"
+    );
     let stored = store
         .get(Keyspace::Retained, b"cfg/t")
         .expect("get")
@@ -566,7 +577,7 @@ fn subscription_options_no_local_retain_as_published_and_retain_handling() {
     assert_eq!(
         packets(&mut b)[1..],
         [
-            "PubAck(1)",
+            "PubAck(1) 0x10",
             "SubAck { pkid: 5, granted: [Ok(AtLeastOnce)] }"
         ]
     );
