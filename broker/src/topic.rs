@@ -31,6 +31,15 @@ pub fn valid_filter(filter: &str) -> bool {
     true
 }
 
+/// `$share/{group}/{filter}` split into its group and filter; `None` when it is not a
+/// valid shared subscription (empty group, wildcards in the group, no or an invalid filter).
+pub fn parse_shared(filter: &str) -> Option<(&str, &str)> {
+    let rest = filter.strip_prefix("$share/")?;
+    let (group, inner) = rest.split_once('/')?;
+    let group_ok = !group.is_empty() && !group.contains(['+', '#']);
+    (group_ok && !inner.is_empty() && valid_filter(inner)).then_some((group, inner))
+}
+
 /// Whether `filter` matches the topic name `topic` (both assumed valid).
 pub fn filter_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {

@@ -401,7 +401,6 @@ impl V5Encoder {
                     .map(ByteString::from),
                 topic_alias_max: TOPIC_ALIAS_MAXIMUM,
                 subscription_identifiers_available: false,
-                shared_subscription_available: false,
                 ..v5::ConnectAck::default()
             },
             ConnectOutcome::UnacceptableProtocol => {

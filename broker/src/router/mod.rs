@@ -93,6 +93,8 @@ pub struct Router {
     /// Which session each live connection belongs to.
     connections: HashMap<ConnId, ClientKey>,
     subscriptions: SubscriptionTable,
+    /// `$share/{group}/{filter}` subscriptions: one member per message.
+    shared: shared::SharedSubscriptions,
     retained: HashMap<Arc<str>, Message>,
     limits: SessionLimits,
     stats: Arc<Stats>,
@@ -141,6 +143,7 @@ impl Router {
             sessions: HashMap::new(),
             connections: HashMap::new(),
             subscriptions: SubscriptionTable::default(),
+            shared: shared::SharedSubscriptions::default(),
             retained: HashMap::new(),
             limits,
             stats,
@@ -168,7 +171,7 @@ impl Router {
         for (client, saved) in restored.sessions {
             let mut session = Session::new(false);
             for (filter, options) in &saved.subscriptions {
-                self.subscriptions.insert(filter, client.clone(), *options);
+                self.add_subscription(filter, &client, *options);
             }
             session.subscriptions = saved.subscriptions;
             if let Some(expiry) = saved.expiry {
@@ -466,5 +469,6 @@ mod commands;
 mod publish;
 mod retention;
 mod sessions;
+mod shared;
 #[cfg(test)]
 mod tests;

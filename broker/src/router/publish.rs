@@ -173,7 +173,28 @@ impl Router {
                 best.no_local &= options.no_local;
                 best.retain_as_published |= options.retain_as_published;
             });
-        let any = !matched.is_empty();
+        let mut any = !matched.is_empty();
+        if !self.shared.is_empty() {
+            let (sessions, limits) = (&self.sessions, &self.limits);
+            let picked = self.shared.pick_for(&message.topic, |client, pass| {
+                sessions.get(client).is_some_and(|s| match pass {
+                    0 => s.online.is_some() && s.would_keep(limits),
+                    _ => !s.clean && (message.qos != QoS::AtMostOnce && s.would_keep(limits)),
+                })
+            });
+            any |= !picked.is_empty();
+            // A member also subscribed without `$share` gets a copy for each [4.8.2].
+            for (client, options) in picked {
+                let copy = Message {
+                    topic: message.topic.clone(),
+                    payload: message.payload.clone(),
+                    qos: message.qos.min(options.qos),
+                    retain: options.retain_as_published && message.retain,
+                    properties: message.properties.clone(),
+                };
+                self.deliver_to(&client, copy);
+            }
+        }
         for (client, granted) in matched.drain() {
             if granted.no_local && &*client == origin {
                 continue;

@@ -71,7 +71,7 @@ impl Router {
                 .filter(|s| s.online.is_none())
                 .count(),
             queued_messages: self.sessions.values().map(Session::waiting).sum(),
-            subscriptions: self.subscriptions.len(),
+            subscriptions: self.subscriptions.len() + self.shared.len(),
             retained: self.retained.len(),
             pending_acks: self.pending_acks.len(),
             storage_error: self.storage_error.clone(),

@@ -157,6 +157,28 @@ impl Router {
         }
     }
 
+    /// Adds a subscription to the table, or to its group if it is `$share/...`.
+    pub(super) fn add_subscription(
+        &mut self,
+        filter: &str,
+        client: &ClientKey,
+        options: SubscriptionOptions,
+    ) {
+        if crate::topic::parse_shared(filter).is_some() {
+            self.shared.insert(filter, client.clone(), options);
+        } else {
+            self.subscriptions.insert(filter, client.clone(), options);
+        }
+    }
+
+    pub(super) fn remove_subscription(&mut self, filter: &str, client: &ClientKey) {
+        if crate::topic::parse_shared(filter).is_some() {
+            self.shared.remove(filter, client);
+        } else {
+            self.subscriptions.remove(filter, client);
+        }
+    }
+
     pub(super) fn save_session_record(
         &mut self,
         client: &str,
@@ -178,7 +200,7 @@ impl Router {
             return;
         };
         for filter in session.subscriptions.keys() {
-            self.subscriptions.remove(filter, client);
+            self.remove_subscription(filter, client);
         }
         if !session.clean && self.durable.is_some() {
             for id in session.stored_ids() {
@@ -350,7 +372,9 @@ impl Router {
                     granted.push(Ok(qos));
                     // Retain handling [MQTT-3.3.1-9..11]: 0 sends the retained messages at
                     // every subscribe, 1 only for a new subscription, 2 never.
+                    // A shared subscription gets no retained messages [MQTT-3.8.4-?, 4.8.2].
                     let send_retained = match options.retain_handling {
+                        _ if f.filter.starts_with("$share/") => false,
                         0 => true,
                         1 => !known,
                         _ => false,
@@ -376,7 +400,7 @@ impl Router {
                 "session record full: filters refused in SUBACK (0x80)");
         }
         for (filter, options, _) in &new_filters {
-            self.subscriptions.insert(filter, client.clone(), *options);
+            self.add_subscription(filter, &client, *options);
         }
         if let Some((subscriptions, expiry)) = record {
             self.save_session_record(&client, &subscriptions, expiry);
@@ -431,7 +455,7 @@ impl Router {
         let record =
             (!session.clean).then(|| (session.subscriptions.clone(), stored_expiry(session)));
         for filter in &filters {
-            self.subscriptions.remove(filter, &client);
+            self.remove_subscription(filter, &client);
         }
         if let Some((subscriptions, expiry)) = record {
             self.save_session_record(&client, &subscriptions, expiry);

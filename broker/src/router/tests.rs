@@ -666,3 +666,63 @@ fn expired_and_oversized_messages_are_dropped_and_counted() {
     );
     assert_eq!(router.stats.dropped_too_large.load(Ordering::Relaxed), 1);
 }
+
+// `$share/{group}/{filter}`: each message to one member, in turn, connected members first;
+// with every member away, a persistent one queues it; no retained message on subscribing.
+#[test]
+fn shared_subscriptions_give_each_message_to_one_member() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut publisher = connect(&mut router, 1, "p");
+    publish_retained(&mut router, 1, 1, "jobs/old", "retained");
+    let (outbox, mut w1) = Outbox::new();
+    connect_on(&mut router, 2, "w1", false, outbox);
+    let mut w2 = connect(&mut router, 3, "w2");
+    subscribe(&mut router, 2, 1, "$share/g/jobs/#", QoS::AtLeastOnce);
+    subscribe(&mut router, 3, 1, "$share/g/jobs/#", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    drain(&mut publisher);
+    assert_eq!(
+        packets(&mut w1)[1..],
+        ["SubAck { pkid: 1, granted: [Ok(AtLeastOnce)] }"],
+        "no retained message for a shared subscription"
+    );
+    drain(&mut w2);
+    for (i, job) in ["j1", "j2", "j3", "j4"].iter().enumerate() {
+        publish(
+            &mut router,
+            1,
+            10 + i as u16,
+            "jobs/a",
+            job,
+            QoS::AtLeastOnce,
+        );
+    }
+    router.end_burst();
+    settle(&mut router, &store);
+    let (to_w1, to_w2) = (packets(&mut w1), packets(&mut w2));
+    assert_eq!(to_w1.len() + to_w2.len(), 4, "{to_w1:?} {to_w2:?}");
+    assert_eq!(to_w1.len(), 2, "turns alternate: {to_w1:?} {to_w2:?}");
+    // Both away: w2's session ends with it, w1 (persistent) queues for the group.
+    for conn in [2, 3] {
+        router.handle(RouterCmd::Disconnected {
+            conn,
+            graceful: true,
+            session_expiry: None,
+        });
+    }
+    publish(&mut router, 1, 20, "jobs/b", "queued", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut publisher).len(), 5);
+    let (outbox, mut back) = Outbox::new();
+    connect_on(&mut router, 4, "w1", false, outbox);
+    settle(&mut router, &store);
+    let got = packets(&mut back);
+    assert!(
+        got.iter().any(|p| p.contains("queued")),
+        "the persistent member gets what came while the group was away: {got:?}"
+    );
+}

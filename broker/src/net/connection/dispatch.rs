@@ -77,6 +77,14 @@ pub(super) async fn dispatch(
                 // sending one is a protocol error.
                 return Err("subscription identifier sent, and the server offers none");
             }
+            if subscribe
+                .filters
+                .iter()
+                .any(|(f, o)| o.no_local && f.starts_with("$share/"))
+            {
+                // [MQTT-3.8.3-4]: no local on a shared subscription is a protocol error.
+                return Err("no local set on a shared subscription");
+            }
             let filters = subscribe
                 .filters
                 .into_iter()
@@ -139,11 +147,18 @@ fn refuse_filter(
     ctx: &ConnectionContext,
     guard: &mut Guard,
 ) -> Option<SubscribeRefusal> {
-    if filter.starts_with("$share/") {
-        info!(client_id, filter = %filter, "shared subscriptions are not offered: refused in SUBACK");
-        return Some(SubscribeRefusal::SharedSubscriptionsNotSupported);
-    }
-    if !valid_filter(filter) {
+    // A shared subscription's ACL and validity are its filter's (after `$share/{group}/`).
+    let (filter, shared) = match filter.strip_prefix("$share/") {
+        Some(_) => match crate::topic::parse_shared(filter) {
+            Some((_, inner)) => (inner, true),
+            None => {
+                info!(client_id, filter = %filter, "invalid shared subscription: refused in SUBACK");
+                return Some(SubscribeRefusal::TopicFilterInvalid);
+            }
+        },
+        None => (filter, false),
+    };
+    if !shared && !valid_filter(filter) {
         info!(client_id, filter = %filter, "invalid topic filter: refused in SUBACK");
         return Some(SubscribeRefusal::TopicFilterInvalid);
     }
