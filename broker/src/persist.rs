@@ -46,7 +46,7 @@ fn queue_id_of(key: &[u8]) -> Option<u64> {
 ///
 /// Layout: an optional header `[0xFF][version 2][expiry u32][deadline u64]` (written only
 /// for a session with a finite expiry, so every 3.1.1 record is byte for byte as before),
-/// then `[options u8][len u16][filter]` per subscription. The options byte is the MQTT 5
+/// then `[options u8][len u16][filter]([id u32])` per subscription. The options byte is the MQTT 5
 /// subscription options byte, of which 3.1.1 records use only the QoS bits; 0xFF can never
 /// start an entry (reserved bits), which is what tells the header apart.
 ///
@@ -60,10 +60,13 @@ pub const MAX_SESSION_RECORD_BYTES: usize = 120 * 1024;
 const SESSION_HEADER: u8 = 0xFF;
 const SESSION_RECORD_V2: u8 = 2;
 const SESSION_HEADER_LEN: usize = 1 + 1 + 4 + 8;
+/// Bit 6 of an entry's options byte (reserved in MQTT): a u32 subscription identifier
+/// follows the filter.
+const HAS_SUBSCRIPTION_ID: u8 = 0x40;
 
-/// Bytes one filter takes in the session record ([`encode_session`]).
+/// Bytes one filter takes in the session record ([`encode_session`]), at most.
 pub fn subscription_record_len(filter: &str) -> usize {
-    3 + filter.len()
+    3 + filter.len() + 4
 }
 
 /// A session's expiry as stored.
@@ -87,9 +90,12 @@ pub fn encode_session(
         out.extend_from_slice(&expiry.deadline_ms.unwrap_or(0).to_be_bytes());
     }
     for (filter, options) in subscriptions {
-        out.push(options.to_byte());
+        out.push(options.to_byte() | options.subscription_id.map_or(0, |_| HAS_SUBSCRIPTION_ID));
         out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
         out.extend_from_slice(filter.as_bytes());
+        if let Some(id) = options.subscription_id {
+            out.extend_from_slice(&id.to_be_bytes());
+        }
     }
     out
 }
@@ -115,11 +121,17 @@ pub fn decode_session(
     }
     let mut out = HashMap::new();
     while !bytes.is_empty() {
-        let options = SubscriptionOptions::from_byte(*bytes.first()?)?;
+        let first = *bytes.first()?;
+        let mut options = SubscriptionOptions::from_byte(first & !HAS_SUBSCRIPTION_ID)?;
         let len = u16::from_be_bytes([*bytes.get(1)?, *bytes.get(2)?]) as usize;
         let filter = std::str::from_utf8(bytes.get(3..3 + len)?).ok()?;
-        out.insert(filter.to_string(), options);
         bytes = &bytes[3 + len..];
+        if first & HAS_SUBSCRIPTION_ID != 0 {
+            let id = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?);
+            options.subscription_id = Some(id);
+            bytes = &bytes[4..];
+        }
+        out.insert(filter.to_string(), options);
     }
     Some((out, expiry))
 }
@@ -280,6 +292,7 @@ mod tests {
                 no_local: true,
                 retain_as_published: true,
                 retain_handling: 2,
+                subscription_id: Some(268_435_455),
             },
         )]
         .into();

@@ -82,10 +82,9 @@ pub struct Publish {
 #[derive(Debug)]
 pub struct Subscribe {
     pub pkid: u16,
-    /// Each filter as sent (not yet validated) with what it asks for.
+    /// Each filter as sent (not yet validated) with what it asks for (the MQTT 5
+    /// subscription identifier, if any, in each filter's options).
     pub filters: Vec<(String, SubscriptionOptions)>,
-    /// MQTT 5 subscription identifier.
-    pub subscription_id: Option<u32>,
 }
 
 #[derive(Debug)]

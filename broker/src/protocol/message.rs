@@ -54,6 +54,10 @@ pub struct MessageProperties {
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
     pub user_properties: Vec<(String, String)>,
+    /// The subscription identifiers of the subscriptions that matched, for one subscriber:
+    /// set by the router on that subscriber's copy (stored with it in its queue), never
+    /// by a publisher and never forwarded upstream.
+    pub subscription_ids: Vec<u32>,
     /// When the message expires (unix ms), from `message_expiry_interval` and the time the
     /// broker received it. Not stored: the record keeps the interval and `received_at_ms`,
     /// and reading it back sets this again (`persist::from_stored`).
@@ -109,6 +113,9 @@ pub struct SubscriptionOptions {
     pub retain_as_published: bool,
     /// 0: retained messages at every subscribe, 1: only for a new subscription, 2: never.
     pub retain_handling: u8,
+    /// MQTT 5 subscription identifier, sent back with every message this subscription
+    /// matches.
+    pub subscription_id: Option<u32>,
 }
 
 impl SubscriptionOptions {
@@ -119,6 +126,7 @@ impl SubscriptionOptions {
             no_local: false,
             retain_as_published: false,
             retain_handling: 0,
+            subscription_id: None,
         }
     }
 }
@@ -130,8 +138,8 @@ impl From<QoS> for SubscriptionOptions {
 }
 
 impl SubscriptionOptions {
-    /// The MQTT 5 subscription options byte (3.1.1: the requested QoS byte), as the session
-    /// record stores it.
+    /// The MQTT 5 subscription options byte (3.1.1: the requested QoS byte); the session
+    /// record stores it (and the identifier apart).
     pub fn to_byte(self) -> u8 {
         self.qos as u8
             | u8::from(self.no_local) << 2
@@ -149,6 +157,7 @@ impl SubscriptionOptions {
             no_local: byte & 0b100 != 0,
             retain_as_published: byte & 0b1000 != 0,
             retain_handling: (byte >> 4) & 0b11,
+            subscription_id: None,
         })
     }
 }

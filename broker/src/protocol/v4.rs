@@ -67,7 +67,6 @@ pub fn decode(buf: &mut BytesMut, max_packet_size: usize) -> Result<Inbound, Dec
                     .into_iter()
                     .map(|f| (f.path, SubscriptionOptions::qos(qos_from_v4(f.qos))))
                     .collect(),
-                subscription_id: None,
             })
         }
         v4::Packet::Unsubscribe(u) => {

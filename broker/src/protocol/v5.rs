@@ -102,11 +102,11 @@ impl V5Decoder {
                                 no_local: o.no_local,
                                 retain_as_published: o.retain_as_published,
                                 retain_handling: o.retain_handling as u8,
+                                subscription_id: s.id.map(NonZeroU32::get),
                             },
                         )
                     })
                     .collect(),
-                subscription_id: s.id.map(NonZeroU32::get),
             }),
             v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(Unsubscribe {
                 pkid: u.packet_id.get(),
@@ -260,6 +260,8 @@ fn properties_from_v5(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        // A client never sends them (refused before this, [MQTT-3.3.4-6]).
+        subscription_ids: Vec::new(),
         expires_at_ms: props
             .message_expiry_interval
             .filter(|_| received_now)
@@ -400,7 +402,6 @@ impl V5Encoder {
                     .as_deref()
                     .map(ByteString::from),
                 topic_alias_max: TOPIC_ALIAS_MAXIMUM,
-                subscription_identifiers_available: false,
                 ..v5::ConnectAck::default()
             },
             ConnectOutcome::UnacceptableProtocol => {
@@ -523,6 +524,11 @@ pub fn publish_len(message: &Message) -> usize {
             .user_properties
             .iter()
             .map(|(k, v)| 5 + k.len() + v.len())
+            .sum::<usize>();
+        props += p
+            .subscription_ids
+            .iter()
+            .map(|id| 1 + varint_len(*id as usize))
             .sum::<usize>();
     }
     let pkid = if message.qos == QoS::AtMostOnce { 0 } else { 2 };

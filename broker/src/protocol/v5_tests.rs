@@ -271,8 +271,8 @@ fn connack_tells_what_the_broker_offers() {
             assert_eq!(ack.assigned_client_id.as_deref(), Some("auto-1"));
             assert_eq!(ack.max_packet_size, Some(4096));
             assert_eq!(ack.topic_alias_max, TOPIC_ALIAS_MAXIMUM);
-            assert!(!ack.shared_subscription_available);
-            assert!(!ack.subscription_identifiers_available);
+            assert!(ack.shared_subscription_available);
+            assert!(ack.subscription_identifiers_available);
             assert!(ack.retain_available && ack.wildcard_subscription_available);
         }
         other => panic!("{other:?}"),

@@ -6,7 +6,7 @@
 
 use tokio::sync::oneshot;
 
-use crate::protocol::message::{CloseReason, Outbound, QoS};
+use crate::protocol::message::{CloseReason, Outbound, SubscriptionOptions};
 use crate::session::{ConnId, Outbox};
 
 /// An answer that waits for what its request wrote to be durable: released in arrival
@@ -25,7 +25,7 @@ pub(super) enum AckTarget {
         conn: ConnId,
         outbox: Outbox,
         packet: Outbound,
-        granted: Vec<(String, QoS)>,
+        granted: Vec<(String, SubscriptionOptions)>,
     },
 }
 

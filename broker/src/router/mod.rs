@@ -98,8 +98,9 @@ pub struct Router {
     retained: HashMap<Arc<str>, Message>,
     limits: SessionLimits,
     stats: Arc<Stats>,
-    /// Reused per message: client -> its matching subscriptions' options combined.
-    matched: HashMap<ClientKey, SubscriptionOptions>,
+    /// Reused per message: client -> its matching subscriptions' options combined, and
+    /// their subscription identifiers.
+    matched: HashMap<ClientKey, (SubscriptionOptions, Vec<u32>)>,
     durable: Option<Durable>,
     /// Writes and acks of the burst being handled.
     batch_ops: Vec<Op>,

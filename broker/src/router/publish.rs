@@ -168,10 +168,14 @@ impl Router {
         let mut matched = std::mem::take(&mut self.matched);
         self.subscriptions
             .for_each_match(&message.topic, |client, options| {
-                let best = matched.entry(client.clone()).or_insert(options);
+                let (best, ids) = matched
+                    .entry(client.clone())
+                    .or_insert((options, Vec::new()));
                 best.qos = best.qos.max(options.qos);
                 best.no_local &= options.no_local;
                 best.retain_as_published |= options.retain_as_published;
+                // Every matching subscription's identifier goes with the one copy [MQTT-3.3.4-3].
+                ids.extend(options.subscription_id);
             });
         let mut any = !matched.is_empty();
         if !self.shared.is_empty() {
@@ -185,30 +189,15 @@ impl Router {
             any |= !picked.is_empty();
             // A member also subscribed without `$share` gets a copy for each [4.8.2].
             for (client, options) in picked {
-                let copy = Message {
-                    topic: message.topic.clone(),
-                    payload: message.payload.clone(),
-                    qos: message.qos.min(options.qos),
-                    retain: options.retain_as_published && message.retain,
-                    properties: message.properties.clone(),
-                };
-                self.deliver_to(&client, copy);
+                let ids: Vec<u32> = options.subscription_id.into_iter().collect();
+                self.deliver_to(&client, copy_for(&message, options, &ids));
             }
         }
-        for (client, granted) in matched.drain() {
+        for (client, (granted, ids)) in matched.drain() {
             if granted.no_local && &*client == origin {
                 continue;
             }
-            let copy = Message {
-                topic: message.topic.clone(),
-                payload: message.payload.clone(),
-                qos: message.qos.min(granted.qos),
-                // A live message goes out with RETAIN 0 [MQTT-3.3.1-9] unless the
-                // subscription asked for it as published [MQTT-3.3.1-12].
-                retain: granted.retain_as_published && message.retain,
-                properties: message.properties.clone(),
-            };
-            self.deliver_to(&client, copy);
+            self.deliver_to(&client, copy_for(&message, granted, &ids));
         }
         self.matched = matched;
         any
@@ -291,5 +280,25 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// One subscriber's copy of `message`: at most the QoS it was granted; RETAIN 0 for a live
+/// message [MQTT-3.3.1-9] unless the subscription asked for it as published [MQTT-3.3.1-12];
+/// the identifiers of its matching subscriptions (a properties block of its own only then).
+pub(super) fn copy_for(message: &Message, granted: SubscriptionOptions, ids: &[u32]) -> Message {
+    let properties = if ids.is_empty() {
+        message.properties.clone()
+    } else {
+        let mut own = message.properties.as_deref().cloned().unwrap_or_default();
+        own.subscription_ids = ids.to_vec();
+        Some(Arc::new(own))
+    };
+    Message {
+        topic: message.topic.clone(),
+        payload: message.payload.clone(),
+        qos: message.qos.min(granted.qos),
+        retain: granted.retain_as_published && message.retain,
+        properties,
     }
 }

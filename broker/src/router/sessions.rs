@@ -408,7 +408,7 @@ impl Router {
         let new_filters = new_filters
             .into_iter()
             .filter(|(_, _, send_retained)| *send_retained)
-            .map(|(filter, options, _)| (filter, options.qos))
+            .map(|(filter, options, _)| (filter, options))
             .collect();
         if let Some(outbox) = outbox {
             self.batch_acks.push(AckTarget::SubAck {
@@ -422,16 +422,20 @@ impl Router {
 
     /// Retained messages matching newly granted filters, with the retain flag set
     /// [MQTT-3.3.1-6], to the session of `conn` if it is still connected.
-    pub(super) fn send_retained(&mut self, conn: ConnId, granted: &[(String, QoS)]) {
+    pub(super) fn send_retained(
+        &mut self,
+        conn: ConnId,
+        granted: &[(String, SubscriptionOptions)],
+    ) {
         let Some((client, _)) = self.session_of(conn) else {
             return;
         };
         let mut retained: Vec<Message> = Vec::new();
-        for (filter, qos) in granted {
+        for (filter, options) in granted {
+            let ids: Vec<u32> = options.subscription_id.into_iter().collect();
             for message in self.retained.values() {
                 if filter_matches(filter, &message.topic) {
-                    let mut copy = message.clone();
-                    copy.qos = copy.qos.min(*qos);
+                    let mut copy = publish::copy_for(message, *options, &ids);
                     copy.retain = true;
                     retained.push(copy);
                 }

@@ -550,6 +550,7 @@ fn subscription_options_no_local_retain_as_published_and_retain_handling() {
         no_local,
         retain_as_published,
         retain_handling,
+        subscription_id: None,
     };
     // a: no local on t/#, retain as published and handling 1 on r/#.
     subscribe_with(&mut router, 1, 2, "t/#", options(true, false, 0));
@@ -725,4 +726,49 @@ fn shared_subscriptions_give_each_message_to_one_member() {
         got.iter().any(|p| p.contains("queued")),
         "the persistent member gets what came while the group was away: {got:?}"
     );
+}
+
+// MQTT 5 subscription identifiers: every matching subscription's identifier goes with the
+// one copy a client gets, also for a retained message sent at subscribe; a client without
+// one gets the message's own properties.
+#[test]
+fn subscription_identifiers_go_with_each_copy() {
+    use crate::protocol::message::SubscriptionOptions;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let mut publisher = connect(&mut router, 1, "p");
+    publish_retained(&mut router, 1, 1, "s/r", "kept");
+    let mut a = connect(&mut router, 2, "a");
+    let with_id = |id| SubscriptionOptions {
+        subscription_id: Some(id),
+        ..SubscriptionOptions::qos(QoS::AtLeastOnce)
+    };
+    subscribe_with(&mut router, 2, 1, "s/#", with_id(7));
+    subscribe_with(&mut router, 2, 2, "s/+", with_id(9));
+    router.end_burst();
+    settle(&mut router, &store);
+    drain(&mut publisher);
+    let ids_of = |packets: Vec<Outbound>| -> Vec<Vec<u32>> {
+        packets
+            .into_iter()
+            .filter_map(|p| match p {
+                Outbound::Publish { message, .. } => Some(
+                    message
+                        .properties
+                        .map(|p| p.subscription_ids.clone())
+                        .unwrap_or_default(),
+                ),
+                _ => None,
+            })
+            .collect()
+    };
+    // The retained s/r at each SUBSCRIBE, with that subscription's identifier.
+    assert_eq!(ids_of(drain(&mut a)), vec![vec![7], vec![9]]);
+    publish(&mut router, 1, 2, "s/x", "live", QoS::AtLeastOnce);
+    router.end_burst();
+    settle(&mut router, &store);
+    let mut got = ids_of(drain(&mut a));
+    got[0].sort();
+    assert_eq!(got, vec![vec![7, 9]]);
 }

@@ -28,8 +28,9 @@
 //!
 //! Property values: 0x01 payload format indicator (1 byte), 0x02 message expiry interval
 //! (u32), 0x03 content type and 0x08 response topic (u16 length, UTF-8), 0x09 correlation
-//! data (u16 length, bytes), 0x26 user property (two such strings; repeated, in order). Each
-//! but the user property at most once; anything else is a corrupt record.
+//! data (u16 length, bytes), 0x26 user property (two such strings; repeated, in order), 0x0B
+//! subscription identifier (u32; repeated: a session queue's copy for one subscriber). Each
+//! but these two at most once; anything else is a corrupt record.
 //!
 //! `received_at_ms` sits at a fixed offset so [`peek_received_at_ms`] can read the age of the
 //! oldest log entry without decoding it. Decoding never panics: corrupt input is an error.
@@ -198,6 +199,7 @@ const CONTENT_TYPE: u8 = 0x03;
 const RESPONSE_TOPIC: u8 = 0x08;
 const CORRELATION_DATA: u8 = 0x09;
 const USER_PROPERTY: u8 = 0x26;
+const SUBSCRIPTION_ID: u8 = 0x0B;
 
 fn properties_len(p: &MessageProperties) -> usize {
     let string = |s: &Option<String>| s.as_ref().map_or(0, |s| 1 + 2 + s.len());
@@ -210,6 +212,7 @@ fn properties_len(p: &MessageProperties) -> usize {
             .iter()
             .map(|(k, v)| 1 + 2 + k.len() + 2 + v.len())
             .sum::<usize>()
+        + p.subscription_ids.len() * 5
 }
 
 fn check_properties(p: &MessageProperties) -> Result<(), RecordError> {
@@ -262,6 +265,10 @@ fn put_properties(buf: &mut BytesMut, p: &MessageProperties) {
         put_str(buf, k.as_bytes());
         put_str(buf, v.as_bytes());
     }
+    for id in &p.subscription_ids {
+        buf.put_u8(SUBSCRIPTION_ID);
+        buf.put_u32(*id);
+    }
 }
 
 fn read_properties(section: Bytes) -> Result<MessageProperties, RecordError> {
@@ -273,7 +280,7 @@ fn read_properties(section: Bytes) -> Result<MessageProperties, RecordError> {
     let mut seen = 0u64;
     while r.pos < section.len() {
         let id = r.take(1, "property identifier")?[0];
-        if id != USER_PROPERTY {
+        if id != USER_PROPERTY && id != SUBSCRIPTION_ID {
             let bit = 1u64 << (id & 63);
             if seen & bit != 0 {
                 return Err(RecordError::DuplicateProperty(id));
@@ -299,6 +306,9 @@ fn read_properties(section: Bytes) -> Result<MessageProperties, RecordError> {
                 let value = r.string("user property")?;
                 p.user_properties.push((key, value));
             }
+            SUBSCRIPTION_ID => p
+                .subscription_ids
+                .push(u32::from_be_bytes(r.array::<4>("subscription identifier")?)),
             other => return Err(RecordError::UnknownProperty(other)),
         }
     }
@@ -474,6 +484,7 @@ mod tests {
                     ("site".into(), "south".into()),
                     ("unit".into(), "C".into()),
                 ],
+                subscription_ids: vec![7, 300_000],
                 expires_at_ms: None,
             }),
             ..sample()

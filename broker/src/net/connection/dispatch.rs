@@ -72,11 +72,6 @@ pub(super) async fn dispatch(
         Inbound::PubRel(pkid) => RouterCmd::PubRel { conn, pkid },
         Inbound::PubComp(pkid) => RouterCmd::PubComp { conn, pkid },
         Inbound::Subscribe(subscribe) => {
-            if subscribe.subscription_id.is_some() {
-                // The CONNACK said subscription identifiers are not available [MQTT-3.8.2-?]:
-                // sending one is a protocol error.
-                return Err("subscription identifier sent, and the server offers none");
-            }
             if subscribe
                 .filters
                 .iter()
