@@ -61,26 +61,39 @@ pub fn check_flags(first: u8) -> Result<(), DecodeError> {
 }
 
 /// The protocol level of a CONNECT at the head of `buf`: `Incomplete` until the protocol
-/// name and level have arrived; `None` when the first packet is not a CONNECT or has no
-/// protocol name MQTT knows (the 3.1.1 adapter then refuses it as it always did).
+/// name and level have arrived; `None` when the first packet is not a CONNECT, has no
+/// protocol name MQTT knows, or is malformed before its level (the 3.1.1 adapter then
+/// refuses it as it always did, with the same error).
 pub fn connect_level(buf: &[u8]) -> Result<Option<u8>, DecodeError> {
     if buf.first().is_some_and(|b| *b != 0x10) {
         return Ok(None);
     }
-    if buf.len() < 2 {
-        return Err(DecodeError::Incomplete);
-    }
+    let total = match packet_len(buf, usize::MAX) {
+        Ok(total) => total,
+        Err(DecodeError::Incomplete) => return Err(DecodeError::Incomplete),
+        Err(_) => return Ok(None),
+    };
+    // What is not there yet is awaited only if the packet has not ended before it.
+    let wait_or_none = |needed: usize| {
+        if needed >= total {
+            Ok(None)
+        } else {
+            Err(DecodeError::Incomplete)
+        }
+    };
     let at = header_len(buf);
     let name_len = match (buf.get(at), buf.get(at + 1)) {
         (Some(&hi), Some(&lo)) => usize::from(u16::from_be_bytes([hi, lo])),
-        _ => return Err(DecodeError::Incomplete),
+        _ => return wait_or_none(at + 1),
     };
     if name_len != 4 && name_len != 6 {
         return Ok(None);
     }
-    match buf.get(at + 2 + name_len) {
-        Some(&level) => Ok(Some(level)),
-        None => Err(DecodeError::Incomplete),
+    let level_at = at + 2 + name_len;
+    match buf.get(level_at) {
+        Some(&level) if level_at < total => Ok(Some(level)),
+        Some(_) => Ok(None),
+        None => wait_or_none(level_at),
     }
 }
 
@@ -125,5 +138,19 @@ mod tests {
             connect_level(&[0x10, 0x03, 0x00, 0x09, 0x00]).ok(),
             Some(None)
         );
+        // Malformed before the level: handed on (the 3.1.1 adapter says why), never awaited.
+        for whole in [
+            &[0x10, 0xff, 0xff, 0xff, 0xff][..],
+            &[0x10, 0x04, 0x00, 0x06, b'M', b'Q'],
+            &[0x10, 0x08, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p'],
+            &[0x10, 0x01, 0x00],
+        ] {
+            assert_eq!(connect_level(whole).ok(), Some(None), "{whole:02x?}");
+        }
+        // A CONNECT still arriving is awaited.
+        assert!(matches!(
+            connect_level(&[0x10, 0x10, 0x00]),
+            Err(DecodeError::Incomplete)
+        ));
     }
 }
