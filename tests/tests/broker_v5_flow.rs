@@ -180,15 +180,18 @@ fn invalid_topic_aliases_close_with_reason_codes() {
 }
 
 // [MQTT-3.1.2-24/25] the client's maximum packet size: a message that would exceed it is
-// not sent to that client (paho, 300 bytes), delivery goes on with the next one, and the
-// drop is counted in /metrics (packet_too_large); a client without a limit gets both.
+// not sent to that client (paho, 300 bytes) and is dealt with as if it had been: three of
+// them at QoS 1 do not hold the client's in-flight window (receive maximum 2), delivery
+// goes on with the next message, and the drops are counted in /metrics (packet_too_large).
+// A client without a limit gets all four.
 #[test]
 fn client_maximum_packet_size_drops_and_counts() {
     let ws = start("");
     let small = subscriber(
         Lib::Paho,
         &ws,
-        json!({"op": "connect", "id": "mps-small", "props": {"MaximumPacketSize": 300}}),
+        json!({"op": "connect", "id": "mps-small",
+               "props": {"MaximumPacketSize": 300, "ReceiveMaximum": 2}}),
         json!({"filter": "mps/#", "qos": 1}),
         1,
     );
@@ -197,7 +200,7 @@ fn client_maximum_packet_size_drops_and_counts() {
         &ws,
         json!({"op": "connect", "id": "mps-any"}),
         json!({"filter": "mps/#", "qos": 1}),
-        2,
+        4,
     );
     let big = "b".repeat(1000);
     run(
@@ -206,6 +209,8 @@ fn client_maximum_packet_size_drops_and_counts() {
         json!([
             {"op": "connect", "id": "mps-pub"},
             {"op": "publish", "topic": "mps/big", "payload": big, "qos": 1},
+            {"op": "publish", "topic": "mps/big", "payload": big, "qos": 1},
+            {"op": "publish", "topic": "mps/big", "payload": big, "qos": 1},
             {"op": "publish", "topic": "mps/small", "payload": "small", "qos": 1},
             {"op": "disconnect"},
         ]),
@@ -213,8 +218,8 @@ fn client_maximum_packet_size_drops_and_counts() {
     let got = small.finish(WAIT);
     assert_eq!(payloads(&got), ["small"], "{got:#?}");
     let got = any.finish(WAIT);
-    assert_eq!(payloads(&got), [big.as_str(), "small"]);
-    assert_eq!(dropped(&ws, "packet_too_large"), 1.0);
+    assert_eq!(payloads(&got), [big.as_str(), &big, &big, "small"]);
+    assert_eq!(dropped(&ws, "packet_too_large"), 3.0);
 }
 
 // [MQTT-3.3.4-9] the client's receive maximum caps the QoS 1/2 PUBLISHes in flight to it:
