@@ -14,6 +14,11 @@ command -v python3 >/dev/null || need_apt+=(python3)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v mosquitto_passwd >/dev/null || need_apt+=(mosquitto)
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+# The MQTT 5 suites (tests/tests/broker_v5*.rs) drive paho-mqtt (Python, in a venv) and
+# MQTT.js (Node): Debian's python3 has no ensurepip without python3-venv.
+python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v node >/dev/null || need_apt+=(nodejs)
+command -v npm >/dev/null || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing: ${need_apt[*]}"
@@ -27,6 +32,18 @@ fi
 # The broker package starts a system mosquitto on port 1883; tests start their own on free ports.
 if command -v systemctl >/dev/null && systemctl is-active --quiet mosquitto 2>/dev/null; then
   systemctl stop mosquitto || true
+fi
+
+# MQTT 5 client libraries, pinned, inside the repository (both directories gitignored):
+# paho-mqtt in a venv (PEP 668 forbids pip into the system Python) and MQTT.js from the
+# committed package-lock.json. Reinstalled only when missing or not the pinned version.
+clients=tests/clients
+if ! "$clients/.venv/bin/python" -c 'import sys, paho.mqtt; sys.exit(paho.mqtt.__version__ != "2.1.0")' 2>/dev/null; then
+  python3 -m venv --clear "$clients/.venv"
+  "$clients/.venv/bin/python" -m pip install --quiet --disable-pip-version-check 'paho-mqtt==2.1.0'
+fi
+if ! (cd "$clients" && npm ls --depth=0 >/dev/null 2>&1); then
+  (cd "$clients" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 rustup target add thumbv7em-none-eabihf thumbv7m-none-eabi riscv32imc-unknown-none-elf aarch64-unknown-linux-gnu >/dev/null

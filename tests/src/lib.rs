@@ -5,9 +5,11 @@
 //! (`target/<profile>/waystation`), or `$WAYSTATION_BIN`. Every wait here is bounded; every
 //! process is killed when its guard drops, also when a test panics.
 
+pub mod clients;
 pub mod payload;
 pub mod pki;
 pub mod raw;
+pub mod raw5;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
