@@ -497,7 +497,11 @@ fn publish_to_v5(pkid: u16, message: &Message, dup: bool) -> CodecPublish {
                 .collect(),
             is_utf8_payload: p.payload_format_indicator == Some(1),
             response_topic: p.response_topic.as_deref().map(ByteString::from),
-            subscription_ids: Vec::new(),
+            subscription_ids: p
+                .subscription_ids
+                .iter()
+                .filter_map(|id| NonZeroU32::new(*id))
+                .collect(),
         });
     CodecPublish {
         dup,

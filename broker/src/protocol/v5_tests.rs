@@ -227,8 +227,10 @@ fn publish_properties_are_carried_and_expiry_counted_down() {
     );
     // 20 s later, a subscriber is told 40 s are left.
     let mut aged = p.message.clone();
-    Arc::make_mut(aged.properties.as_mut().expect("properties")).expires_at_ms =
-        Some(unix_ms() + 40_000);
+    let own = Arc::make_mut(aged.properties.as_mut().expect("properties"));
+    own.expires_at_ms = Some(unix_ms() + 40_000);
+    // The router's copy for one subscriber carries its subscription identifiers.
+    own.subscription_ids = vec![7, 300_000];
     let mut encoder = V5Encoder::new(ConnAckInfo::default(), None);
     match encode(
         &mut encoder,
@@ -245,6 +247,8 @@ fn publish_properties_are_carried_and_expiry_counted_down() {
             assert_eq!(props.content_type.as_deref(), Some("text/plain"));
             assert_eq!(props.user_properties.len(), 2);
             assert_eq!(props.correlation_data.as_deref(), Some(&b"\x01\x02"[..]));
+            let ids: Vec<u32> = props.subscription_ids.iter().map(|i| i.get()).collect();
+            assert_eq!(ids, [7, 300_000]);
         }
         other => panic!("{other:?}"),
     }
