@@ -28,6 +28,10 @@ pub struct ClientInfo {
     pub username: Option<String>,
     pub connected_at_ms: u64,
     pub clean_session: bool,
+    /// 4 (MQTT 3.1.1) or 5 (MQTT 5).
+    pub protocol_version: u8,
+    /// Seconds the session outlives the connection (`u32::MAX`: never expires).
+    pub session_expiry: u32,
     pub messages_in: u64,
     pub last_publish: Option<LastPublish>,
 }

@@ -93,6 +93,8 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
                 "username": c.username,
                 "connected_at_ms": c.connected_at_ms,
                 "clean_session": c.clean_session,
+                "protocol_version": c.protocol_version,
+                "session_expiry": c.session_expiry,
                 "messages_in": c.messages_in,
                 "last_publish": c.last_publish.as_ref().map(|p| json!({
                     "topic": p.topic,

@@ -497,3 +497,32 @@ fn suback_and_unsuback_reason_codes() {
         "mosquitto_sub: {out}{err}"
     );
 }
+
+// The status API tells an operator which protocol each client speaks and how long its
+// session outlives it.
+#[test]
+fn status_api_shows_each_clients_protocol_version() {
+    let ws = start("");
+    let _v5 = raw5::connect_ok(ws.addr, "seen-v5", &Props::new().u32(0x11, 600));
+    let (_v4, _, code) = RawClient::connect_with(ws.addr, &Connect::new("seen-v4"));
+    assert_eq!(code, 0);
+    // The status is a snapshot the router refreshes a few times a second.
+    let mut body = String::new();
+    let listed = waystation_e2e::wait_until(WAIT, || {
+        body = waystation_e2e::http_get(ws.http_addr(), "/api/v1/status").1;
+        body.contains("seen-v5") && body.contains("seen-v4")
+    });
+    assert!(listed, "both clients listed: {body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    let clients = json["clients"].as_array().expect("clients");
+    let find = |id: &str| {
+        clients
+            .iter()
+            .find(|c| c["client_id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {body}"))
+    };
+    assert_eq!(find("seen-v5")["protocol_version"], 5);
+    assert_eq!(find("seen-v5")["session_expiry"], 600);
+    assert_eq!(find("seen-v4")["protocol_version"], 4);
+    assert_eq!(find("seen-v4")["session_expiry"], 0);
+}

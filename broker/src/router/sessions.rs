@@ -114,6 +114,11 @@ impl Router {
                 username: request.username,
                 connected_at_ms: unix_ms(),
                 clean_session: request.clean_start && !persistent,
+                protocol_version: match request.version {
+                    crate::protocol::Version::V4 => 4,
+                    crate::protocol::Version::V5 => 5,
+                },
+                session_expiry: request.session_expiry,
                 messages_in: 0,
                 last_publish: None,
             },
