@@ -370,10 +370,11 @@ impl V5Encoder {
             }
             Outbound::PingResp => v5::Packet::PingResponse,
             Outbound::Close(reason) => v5::Packet::Disconnect(v5::Disconnect {
-                reason_code: disconnect_reason(*reason),
+                reason_code: disconnect_reason(*reason).0,
                 session_expiry_interval_secs: None,
                 server_reference: None,
-                reason_string: None,
+                // Allowed on DISCONNECT whatever the client asked [MQTT-3.1.2-29].
+                reason_string: Some(ByteString::from_static(disconnect_reason(*reason).1)),
                 user_properties: Vec::new(),
             }),
         };
@@ -386,8 +387,11 @@ impl V5Encoder {
     }
 
     fn connack(&self, outcome: ConnectOutcome) -> v5::ConnectAck {
-        let refused = |reason_code| v5::ConnectAck {
+        // A reason string is allowed on CONNACK whatever the client asked [MQTT-3.1.2-29]:
+        // a device (or the person reading its log) learns why.
+        let refused = |reason_code, why: &'static str| v5::ConnectAck {
             reason_code,
+            reason_string: Some(ByteString::from_static(why)),
             ..v5::ConnectAck::default()
         };
         match outcome {
@@ -404,18 +408,30 @@ impl V5Encoder {
                 topic_alias_max: TOPIC_ALIAS_MAXIMUM,
                 ..v5::ConnectAck::default()
             },
-            ConnectOutcome::UnacceptableProtocol => {
-                refused(v5::ConnectAckReason::UnsupportedProtocolVersion)
-            }
-            ConnectOutcome::IdentifierRejected => {
-                refused(v5::ConnectAckReason::ClientIdentifierNotValid)
-            }
-            ConnectOutcome::ServerUnavailable => refused(v5::ConnectAckReason::ServerUnavailable),
-            ConnectOutcome::BadCredentials => refused(v5::ConnectAckReason::BadUserNameOrPassword),
-            ConnectOutcome::NotAuthorized => refused(v5::ConnectAckReason::NotAuthorized),
-            ConnectOutcome::BadAuthenticationMethod => {
-                refused(v5::ConnectAckReason::BadAuthenticationMethod)
-            }
+            ConnectOutcome::UnacceptableProtocol => refused(
+                v5::ConnectAckReason::UnsupportedProtocolVersion,
+                "protocol level not supported: use 4 (MQTT 3.1.1) or 5",
+            ),
+            ConnectOutcome::IdentifierRejected => refused(
+                v5::ConnectAckReason::ClientIdentifierNotValid,
+                "empty client id without clean start, or too long for a stored session",
+            ),
+            ConnectOutcome::ServerUnavailable => refused(
+                v5::ConnectAckReason::ServerUnavailable,
+                "server unavailable",
+            ),
+            ConnectOutcome::BadCredentials => refused(
+                v5::ConnectAckReason::BadUserNameOrPassword,
+                "bad user name or password",
+            ),
+            ConnectOutcome::NotAuthorized => refused(
+                v5::ConnectAckReason::NotAuthorized,
+                "not authorized: anonymous clients are not allowed",
+            ),
+            ConnectOutcome::BadAuthenticationMethod => refused(
+                v5::ConnectAckReason::BadAuthenticationMethod,
+                "enhanced authentication is not offered: use a user name and password",
+            ),
         }
     }
 }
@@ -458,20 +474,32 @@ fn suback_reason(granted: Result<QoS, SubscribeRefusal>) -> v5::SubscribeAckReas
     }
 }
 
-fn disconnect_reason(reason: CloseReason) -> v5::DisconnectReasonCode {
+/// The DISCONNECT reason code for `reason`, and the reason string sent with it.
+fn disconnect_reason(reason: CloseReason) -> (v5::DisconnectReasonCode, &'static str) {
     use v5::DisconnectReasonCode as Code;
     match reason {
-        CloseReason::Unspecified => Code::UnspecifiedError,
-        CloseReason::MalformedPacket => Code::MalformedPacket,
-        CloseReason::ProtocolError => Code::ProtocolError,
-        CloseReason::NotAuthorized => Code::NotAuthorized,
-        CloseReason::ServerShuttingDown => Code::ServerShuttingDown,
-        CloseReason::KeepAliveTimeout => Code::KeepAliveTimeout,
-        CloseReason::SessionTakenOver => Code::SessionTakenOver,
-        CloseReason::ReceiveMaximumExceeded => Code::ReceiveMaximumExceeded,
-        CloseReason::TopicAliasInvalid => Code::TopicAliasInvalid,
-        CloseReason::PacketTooLarge => Code::PacketTooLarge,
-        CloseReason::QuotaExceeded => Code::QuotaExceeded,
+        CloseReason::Unspecified => (Code::UnspecifiedError, "closed by the server"),
+        CloseReason::MalformedPacket => (Code::MalformedPacket, "malformed packet"),
+        CloseReason::ProtocolError => (Code::ProtocolError, "protocol error"),
+        CloseReason::NotAuthorized => (Code::NotAuthorized, "not authorized"),
+        CloseReason::ServerShuttingDown => (Code::ServerShuttingDown, "server shutting down"),
+        CloseReason::KeepAliveTimeout => (
+            Code::KeepAliveTimeout,
+            "nothing received within 1.5 times the keep-alive",
+        ),
+        CloseReason::SessionTakenOver => (
+            Code::SessionTakenOver,
+            "another connection took this client id",
+        ),
+        CloseReason::ReceiveMaximumExceeded => {
+            (Code::ReceiveMaximumExceeded, "receive maximum exceeded")
+        }
+        CloseReason::TopicAliasInvalid => (
+            Code::TopicAliasInvalid,
+            "topic alias 0 or above the topic alias maximum",
+        ),
+        CloseReason::PacketTooLarge => (Code::PacketTooLarge, "packet over max_packet_size"),
+        CloseReason::QuotaExceeded => (Code::QuotaExceeded, "publish rate over max_publish_rate"),
     }
 }
 

@@ -334,7 +334,8 @@ fn refusals_and_closes_carry_reason_codes() {
     }
     match encode(&mut encoder, Outbound::Close(CloseReason::SessionTakenOver)) {
         v5::Packet::Disconnect(d) => {
-            assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver)
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::SessionTakenOver);
+            assert!(d.reason_string.is_some());
         }
         other => panic!("{other:?}"),
     }
