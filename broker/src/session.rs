@@ -245,8 +245,9 @@ pub struct Session {
     pub expiry_secs: u32,
     /// When the session ends if its client has not come back.
     pub expires_at: Option<tokio::time::Instant>,
-    /// A will waiting for its delay to pass (MQTT 5 will delay interval).
-    pub delayed_will: Option<(tokio::time::Instant, Message)>,
+    /// A will waiting for its delay to pass (MQTT 5 will delay interval). Boxed: rare, and
+    /// every session (idle ones too) would carry its size.
+    pub delayed_will: Option<Box<(tokio::time::Instant, Message)>>,
     pub subscriptions: HashMap<String, crate::protocol::message::SubscriptionOptions>,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,

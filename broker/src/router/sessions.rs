@@ -255,10 +255,10 @@ impl Router {
                 debug!(client_id = %client, topic = %will.topic, "publishing will");
                 self.publish_will(will, &client);
             } else {
-                session.delayed_will = Some((
+                session.delayed_will = Some(Box::new((
                     Instant::now() + Duration::from_secs(u64::from(will_delay)),
                     will,
-                ));
+                )));
                 self.timed_sessions.insert(client.clone());
             }
         }
@@ -307,9 +307,9 @@ impl Router {
             let will_due = session
                 .delayed_will
                 .as_ref()
-                .is_some_and(|(at, _)| *at <= now || session_over);
+                .is_some_and(|w| w.0 <= now || session_over);
             if will_due {
-                if let Some((_, will)) = session.delayed_will.take() {
+                if let Some((_, will)) = session.delayed_will.take().map(|b| *b) {
                     debug!(client_id = %client, topic = %will.topic, "publishing delayed will");
                     self.publish_will(will, &client);
                 }
