@@ -97,7 +97,7 @@ fn check_packet(packet: Inbound, version: Version) {
                     v4::decode(&mut out, usize::MAX >> 4)
                 }
                 Version::V5 => {
-                    V5Encoder::new(ConnAckInfo::default(), None)
+                    V5Encoder::new(ConnAckInfo::default(), None, 0)
                         .encode(&publish, &mut out)
                         .expect("a decoded PUBLISH encodes");
                     V5Decoder::new().decode(&mut out, usize::MAX >> 4)

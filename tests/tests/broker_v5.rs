@@ -12,7 +12,7 @@ use std::process::Command;
 
 use serde_json::json;
 use v5_common::{pub5, reason, run, run_cli, start, subscriber, WAIT};
-use waystation_e2e::clients::{events, one, payloads, Lib};
+use waystation_e2e::clients::{events, one, payloads, Lib, ScriptClient};
 use waystation_e2e::raw::{self, Connect, MosquittoSub, RawClient};
 use waystation_e2e::raw5::{self, Props};
 
@@ -525,4 +525,42 @@ fn status_api_shows_each_clients_protocol_version() {
     assert_eq!(find("seen-v5")["session_expiry"], 600);
     assert_eq!(find("seen-v4")["protocol_version"], 4);
     assert_eq!(find("seen-v4")["session_expiry"], 0);
+}
+
+// Topic aliases to a client that takes them (its CONNECT's topic alias maximum): MQTT.js
+// gets the topic name with an alias the first time and the alias alone after, and still
+// reports the right topic; paho, which takes none, gets the name every time.
+#[test]
+fn topic_aliases_go_to_clients_that_take_them() {
+    let ws = start("");
+    let mut js = ScriptClient::spawn(
+        Lib::MqttJs,
+        ws.port(),
+        json!([
+            {"op": "connect", "id": "alias-js", "props": {"topicAliasMaximum": 4}},
+            {"op": "subscribe", "filters": [{"filter": "alias/#", "qos": 1}]},
+            {"op": "expect", "count": 3, "secs": 20},
+            {"op": "disconnect"},
+        ]),
+    );
+    js.wait_event("suback", WAIT);
+    for payload in ["one", "two", "three"] {
+        pub5(
+            ws.port(),
+            &["-t", "alias/site-a/temperature", "-m", payload, "-q", "1"],
+        );
+    }
+    let got = js.finish(WAIT);
+    let messages = events(&got, "message");
+    assert_eq!(payloads(&got), ["one", "two", "three"], "{got:#?}");
+    for m in &messages {
+        assert_eq!(m["topic"], "alias/site-a/temperature", "{m}");
+    }
+    let alias = |m: &serde_json::Value| m["props"]["topicAlias"].as_u64();
+    assert!(
+        alias(messages[0]).is_some(),
+        "alias set with the name: {got:#?}"
+    );
+    assert_eq!(alias(messages[1]), alias(messages[0]), "{got:#?}");
+    assert_eq!(alias(messages[2]), alias(messages[0]), "{got:#?}");
 }

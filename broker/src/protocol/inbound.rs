@@ -54,6 +54,8 @@ pub struct Connect {
     pub receive_maximum: u16,
     /// The largest packet the client accepts (MQTT 5 maximum packet size); `None`: no limit.
     pub max_packet_size: Option<u32>,
+    /// How many topic aliases the client accepts from the broker (MQTT 5; 0: none).
+    pub topic_alias_max: u16,
     /// MQTT 5 enhanced authentication method, when one is named (none is offered).
     pub auth_method: Option<String>,
     pub keep_alive: u16,

@@ -8,6 +8,7 @@ pub(crate) mod codec;
 pub(crate) mod frame;
 pub(crate) mod inbound;
 pub mod message;
+pub(crate) mod topic_alias;
 pub(crate) mod v4;
 pub(crate) mod v5;
 

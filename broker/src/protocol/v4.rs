@@ -192,6 +192,7 @@ fn connect_from_v4(connect: v4::Connect) -> Connect {
         },
         receive_maximum: u16::MAX,
         max_packet_size: None,
+        topic_alias_max: 0,
         auth_method: None,
         keep_alive: connect.keep_alive,
         username,

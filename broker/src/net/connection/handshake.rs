@@ -183,7 +183,7 @@ pub(super) async fn admit(
     };
     let encoder = session_encoder(
         connect.version,
-        connect.max_packet_size,
+        (connect.max_packet_size, connect.topic_alias_max),
         assigned.then(|| client_id.clone()),
         ctx,
     );
@@ -210,7 +210,7 @@ pub(super) async fn admit(
 /// client's maximum packet size for everything sent after it.
 fn session_encoder(
     version: Version,
-    client_max_packet_size: Option<u32>,
+    (client_max_packet_size, client_topic_alias_max): (Option<u32>, u16),
     assigned_client_id: Option<Arc<str>>,
     ctx: &ConnectionContext,
 ) -> Encoder {
@@ -223,6 +223,7 @@ fn session_encoder(
                 session_expiry: None,
             },
             client_max_packet_size,
+            client_topic_alias_max,
         ))),
     }
 }
@@ -231,7 +232,7 @@ fn session_encoder(
 fn refusal_encoder(version: Version) -> Encoder {
     match version {
         Version::V4 => Encoder::V4,
-        Version::V5 => Encoder::V5(Box::new(V5Encoder::new(ConnAckInfo::default(), None))),
+        Version::V5 => Encoder::V5(Box::new(V5Encoder::new(ConnAckInfo::default(), None, 0))),
     }
 }
 /// The will, if it may be published: within the topic limits and writable under the ACL.

@@ -1,196 +1,21 @@
-//! The MQTT 5.0 adapter: bytes to the neutral `inbound` types and `Outbound` back to bytes.
-//!
-//! Packets are decoded and encoded by `rmqtt-codec` (chosen by measurement over rumqttc's
-//! v5 codec: bench/codec/README.md). This file adds what a server needs around it: framing
-//! by the whole packet length (`frame`), the fixed-header flag checks, the topic aliases a
-//! client sets (they belong to one connection, so they are resolved here and nothing above
-//! sees an alias), the conversions, and the CONNACK properties that tell a client what this
-//! broker offers.
-//!
-//! No reason string or user property is ever sent on an acknowledgement, so a client's
-//! Request Problem Information 0 is honoured by construction [MQTT-3.1.2-29].
-//!
-//! What the codec already rejects as malformed, and this adapter relies on: unknown or
-//! duplicate properties, a property length past the packet, topic alias 0, subscription
-//! identifier 0, receive maximum 0, a CONNECT reserved flag, binary topics that are not UTF-8.
+//! The MQTT 5 adapter's sending half: `Outbound` to bytes for one connection, with what that
+//! connection agreed to at CONNECT (the client's maximum packet size, the topic aliases it
+//! takes) and the CONNACK properties that tell it what this broker offers.
 
 use std::num::{NonZeroU16, NonZeroU32};
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use bytestring::ByteString;
-use rmqtt_codec::error::{DecodeError as CodecDecodeError, EncodeError as CodecEncodeError};
 use rmqtt_codec::types::Publish as CodecPublish;
 use rmqtt_codec::v5;
-use tokio_util::codec::{Decoder as _, Encoder as _};
+use tokio_util::codec::Encoder as _;
 
-use crate::protocol::frame;
-use crate::protocol::inbound::{
-    Connect, DecodeError, Disconnect, Inbound, Publish, Subscribe, Unsubscribe, Version,
-};
 use crate::protocol::message::{
-    CloseReason, ConnectOutcome, Message, MessageProperties, Outbound, PublishRefusal, QoS,
-    SubscribeRefusal, SubscriptionOptions,
+    CloseReason, ConnectOutcome, Message, Outbound, PublishRefusal, QoS, SubscribeRefusal,
 };
+use crate::protocol::topic_alias::{AliasUse, OutboundAliases, TOPIC_ALIAS_MAXIMUM};
 use crate::time::unix_ms;
-
-/// How many topic aliases a client may set on one connection (CONNACK Topic Alias
-/// Maximum). Each costs the topic's bytes for the connection's life, so a small number:
-/// a sensor publishes to a handful of topics.
-pub const TOPIC_ALIAS_MAXIMUM: u16 = 16;
-
-/// One MQTT 5 connection's decoding state: the codec and the topic aliases its client set.
-#[derive(Debug)]
-pub struct V5Decoder {
-    codec: v5::Codec,
-    /// Alias `n` at index `n - 1`; grows only as far as the client's highest alias.
-    aliases: Vec<Option<Arc<str>>>,
-}
-
-impl V5Decoder {
-    pub fn new() -> V5Decoder {
-        V5Decoder {
-            // Size is checked on the whole packet before the codec sees it (`frame`).
-            codec: v5::Codec::new(0, 0),
-            aliases: Vec::new(),
-        }
-    }
-
-    /// Decodes the next whole packet from `buf` (consuming it), or returns `Incomplete`
-    /// leaving `buf` as it was.
-    pub fn decode(
-        &mut self,
-        buf: &mut BytesMut,
-        max_packet_size: usize,
-    ) -> Result<Inbound, DecodeError> {
-        let len = frame::packet_len(buf, max_packet_size)?;
-        frame::check_flags(buf[0])?;
-        if buf.len() < len {
-            return Err(DecodeError::Incomplete);
-        }
-        let mut packet_bytes = buf.split_to(len);
-        let packet = match self.codec.decode(&mut packet_bytes) {
-            Ok(Some((packet, _))) => packet,
-            Ok(None) => return Err(DecodeError::Malformed("truncated packet".into())),
-            Err(CodecDecodeError::InvalidClientId) => return Err(DecodeError::ClientIdRejected),
-            Err(CodecDecodeError::UnsupportedProtocolLevel) => {
-                return Err(DecodeError::UnsupportedProtocol(0))
-            }
-            Err(e) => return Err(DecodeError::Malformed(e.to_string())),
-        };
-        self.convert(packet)
-    }
-
-    fn convert(&mut self, packet: v5::Packet) -> Result<Inbound, DecodeError> {
-        Ok(match packet {
-            v5::Packet::Connect(c) => Inbound::Connect(connect_from_v5(*c)),
-            v5::Packet::Publish(p) => Inbound::Publish(self.publish_from_v5(*p)?),
-            v5::Packet::PublishAck(a) => Inbound::PubAck(a.packet_id.get()),
-            v5::Packet::PublishReceived(a) => Inbound::PubRec(a.packet_id.get()),
-            v5::Packet::PublishRelease(a) => Inbound::PubRel(a.packet_id.get()),
-            v5::Packet::PublishComplete(a) => Inbound::PubComp(a.packet_id.get()),
-            v5::Packet::Subscribe(s) => Inbound::Subscribe(Subscribe {
-                pkid: s.packet_id.get(),
-                filters: s
-                    .topic_filters
-                    .into_iter()
-                    .map(|(filter, o)| {
-                        (
-                            filter.to_string(),
-                            SubscriptionOptions {
-                                qos: qos_from_v5(o.qos),
-                                no_local: o.no_local,
-                                retain_as_published: o.retain_as_published,
-                                retain_handling: o.retain_handling as u8,
-                                subscription_id: s.id.map(NonZeroU32::get),
-                            },
-                        )
-                    })
-                    .collect(),
-            }),
-            v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe(Unsubscribe {
-                pkid: u.packet_id.get(),
-                filters: u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
-            }),
-            v5::Packet::PingRequest => Inbound::PingReq,
-            v5::Packet::Disconnect(d) => Inbound::Disconnect(Disconnect {
-                publish_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
-                session_expiry: d.session_expiry_interval_secs,
-            }),
-            // No authentication method is offered (a CONNECT naming one is refused), so an
-            // AUTH can only be a protocol error [MQTT-4.12.0-1].
-            v5::Packet::Auth(_) => {
-                return Err(DecodeError::Violation(
-                    "AUTH without an authentication method",
-                ))
-            }
-            v5::Packet::ConnectAck(_)
-            | v5::Packet::SubscribeAck(_)
-            | v5::Packet::UnsubscribeAck(_)
-            | v5::Packet::PingResponse => {
-                return Err(DecodeError::Violation("client sent a server-only packet"))
-            }
-        })
-    }
-
-    fn publish_from_v5(&mut self, p: CodecPublish) -> Result<Publish, DecodeError> {
-        let props = p.properties.unwrap_or_default();
-        if !props.subscription_ids.is_empty() {
-            // [MQTT-3.3.4-6]: only the server sends subscription identifiers.
-            return Err(DecodeError::Violation(
-                "PUBLISH from a client with a subscription identifier",
-            ));
-        }
-        let topic: Arc<str> = match props.topic_alias {
-            None => Arc::from(&*p.topic),
-            Some(alias) => {
-                let alias = usize::from(alias.get());
-                if alias > usize::from(TOPIC_ALIAS_MAXIMUM) {
-                    return Err(DecodeError::TopicAliasInvalid(
-                        "above the topic alias maximum",
-                    ));
-                }
-                if p.topic.is_empty() {
-                    match self.aliases.get(alias - 1).and_then(Option::as_ref) {
-                        Some(topic) => topic.clone(),
-                        None => {
-                            return Err(DecodeError::Violation(
-                                "PUBLISH with an empty topic and an alias not set",
-                            ))
-                        }
-                    }
-                } else {
-                    let topic: Arc<str> = Arc::from(&*p.topic);
-                    if self.aliases.len() < alias {
-                        self.aliases.resize(alias, None);
-                    }
-                    self.aliases[alias - 1] = Some(topic.clone());
-                    topic
-                }
-            }
-        };
-        let properties = properties_from_v5(props, true);
-        Ok(Publish {
-            pkid: p.packet_id.map_or(0, NonZeroU16::get),
-            dup: p.dup,
-            message: Message {
-                topic,
-                payload: p.payload,
-                qos: qos_from_v5(p.qos),
-                retain: p.retain,
-                properties,
-            },
-        })
-    }
-}
-
-fn qos_from_v5(qos: v5::QoS) -> QoS {
-    match qos {
-        v5::QoS::AtMostOnce => QoS::AtMostOnce,
-        v5::QoS::AtLeastOnce => QoS::AtLeastOnce,
-        v5::QoS::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
 
 fn qos_to_v5(qos: QoS) -> v5::QoS {
     match qos {
@@ -198,76 +23,6 @@ fn qos_to_v5(qos: QoS) -> v5::QoS {
         QoS::AtLeastOnce => v5::QoS::AtLeastOnce,
         QoS::ExactlyOnce => v5::QoS::ExactlyOnce,
     }
-}
-
-fn connect_from_v5(c: v5::Connect) -> Connect {
-    let will_delay = c
-        .last_will
-        .as_ref()
-        .and_then(|w| w.will_delay_interval_sec)
-        .unwrap_or(0);
-    Connect {
-        version: Version::V5,
-        client_id: c.client_id.to_string(),
-        clean_session: c.clean_start,
-        session_expiry: c.session_expiry_interval_secs,
-        receive_maximum: c.receive_max.map_or(u16::MAX, NonZeroU16::get),
-        max_packet_size: c.max_packet_size.map(NonZeroU32::get),
-        auth_method: c.auth_method.map(|m| m.to_string()),
-        keep_alive: c.keep_alive,
-        username: c.username.map(|u| u.to_string()),
-        password: c.password.map(|p| p.to_vec()).unwrap_or_default(),
-        will: c.last_will.map(will_from_v5),
-        will_delay,
-    }
-}
-
-fn will_from_v5(w: v5::LastWill) -> Message {
-    let props = v5::PublishProperties {
-        is_utf8_payload: w.is_utf8_payload.unwrap_or(false),
-        message_expiry_interval: w.message_expiry_interval,
-        content_type: w.content_type,
-        response_topic: w.response_topic,
-        correlation_data: w.correlation_data,
-        user_properties: w.user_properties,
-        ..v5::PublishProperties::default()
-    };
-    Message {
-        topic: Arc::from(&*w.topic),
-        payload: w.message,
-        qos: qos_from_v5(w.qos),
-        retain: w.retain,
-        // A will's expiry counts from when it is published, not from the CONNECT.
-        properties: properties_from_v5(props, false),
-    }
-}
-
-/// The application-message properties of a PUBLISH (or will); `None` when it has none, so
-/// the message is stored and forwarded exactly like a 3.1.1 one. `received_now`: the expiry
-/// clock starts now.
-fn properties_from_v5(
-    props: v5::PublishProperties,
-    received_now: bool,
-) -> Option<Arc<MessageProperties>> {
-    let properties = MessageProperties {
-        payload_format_indicator: props.is_utf8_payload.then_some(1),
-        message_expiry_interval: props.message_expiry_interval.map(NonZeroU32::get),
-        content_type: props.content_type.map(|s| s.to_string()),
-        response_topic: props.response_topic.map(|s| s.to_string()),
-        correlation_data: props.correlation_data,
-        user_properties: props
-            .user_properties
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        // A client never sends them (refused before this, [MQTT-3.3.4-6]).
-        subscription_ids: Vec::new(),
-        expires_at_ms: props
-            .message_expiry_interval
-            .filter(|_| received_now)
-            .map(|secs| unix_ms() + u64::from(secs.get()) * 1000),
-    };
-    (properties != MessageProperties::default()).then(|| Arc::new(properties))
 }
 
 /// What the CONNACK of an accepted MQTT 5 client says beside "success".
@@ -296,16 +51,26 @@ pub enum EncodeError {
 pub struct V5Encoder {
     codec: v5::Codec,
     connack: ConnAckInfo,
+    /// The client's Maximum Packet Size, checked on the whole encoded packet (the codec's
+    /// own check keeps 5 bytes in hand, which the router's exact check would not match).
+    client_max_packet_size: Option<u32>,
+    aliases: OutboundAliases,
 }
 
 impl V5Encoder {
-    /// `client_max_packet_size`: what the client's CONNECT allows (`None`: no limit).
-    pub fn new(connack: ConnAckInfo, client_max_packet_size: Option<u32>) -> V5Encoder {
-        let mut codec = v5::Codec::new(0, 0);
-        if let Some(max) = client_max_packet_size {
-            codec.set_max_outbound_size(max);
+    /// `client_max_packet_size`: what the client's CONNECT allows (`None`: no limit);
+    /// `client_topic_alias_max`: how many topic aliases it takes from us.
+    pub fn new(
+        connack: ConnAckInfo,
+        client_max_packet_size: Option<u32>,
+        client_topic_alias_max: u16,
+    ) -> V5Encoder {
+        V5Encoder {
+            codec: v5::Codec::new(0, 0),
+            connack,
+            client_max_packet_size,
+            aliases: OutboundAliases::new(client_topic_alias_max),
         }
-        V5Encoder { codec, connack }
     }
 
     /// Appends the encoding of `packet` to `buf`; `Close` encodes as a DISCONNECT.
@@ -313,7 +78,22 @@ impl V5Encoder {
         let packet = match packet {
             Outbound::ConnAck(outcome) => v5::Packet::ConnectAck(Box::new(self.connack(*outcome))),
             Outbound::Publish { pkid, message, dup } => {
-                v5::Packet::Publish(Box::new(publish_to_v5(*pkid, message, *dup)))
+                let alias = self.aliases.choose(&message.topic);
+                let encoded = self.write(publish_to_v5(*pkid, message, *dup, alias), buf);
+                let used = match encoded {
+                    // Setting an alias adds 3 bytes the router's size check did not count:
+                    // without it the packet fits.
+                    Err(EncodeError::TooLarge { .. }) if matches!(alias, AliasUse::Set(_)) => {
+                        self.write(publish_to_v5(*pkid, message, *dup, AliasUse::None), buf)?;
+                        AliasUse::None
+                    }
+                    other => {
+                        other?;
+                        alias
+                    }
+                };
+                self.aliases.sent(&message.topic, used);
+                return Ok(());
             }
             Outbound::PubAck(pkid) => {
                 v5::Packet::PublishAck(ack(*pkid, v5::PublishAckReason::Success))
@@ -378,12 +158,30 @@ impl V5Encoder {
                 user_properties: Vec::new(),
             }),
         };
-        self.codec.encode(packet, buf).map_err(|e| match e {
-            CodecEncodeError::OverMaxPacketSize { size, max } => {
-                EncodeError::TooLarge { size, max }
+        self.write(packet, buf)
+    }
+
+    /// Encodes one packet, or nothing if it is larger than the client accepts.
+    fn write(
+        &mut self,
+        packet: impl Into<v5::Packet>,
+        buf: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        let start = buf.len();
+        self.codec
+            .encode(packet.into(), buf)
+            .map_err(|e| EncodeError::Codec(e.to_string()))?;
+        let size = buf.len() - start;
+        match self.client_max_packet_size {
+            Some(max) if size > max as usize => {
+                buf.truncate(start);
+                Err(EncodeError::TooLarge {
+                    size: size as u32,
+                    max,
+                })
             }
-            other => EncodeError::Codec(other.to_string()),
-        })
+            _ => Ok(()),
+        }
     }
 
     fn connack(&self, outcome: ConnectOutcome) -> v5::ConnectAck {
@@ -505,12 +303,16 @@ fn disconnect_reason(reason: CloseReason) -> (v5::DisconnectReasonCode, &'static
 
 /// An application message as one MQTT 5 subscriber receives it: the message expiry
 /// interval counted down to what is left [MQTT-3.3.2-6].
-fn publish_to_v5(pkid: u16, message: &Message, dup: bool) -> CodecPublish {
-    let properties = message
+fn publish_to_v5(pkid: u16, message: &Message, dup: bool, alias: AliasUse) -> CodecPublish {
+    let topic_alias = match alias {
+        AliasUse::None => None,
+        AliasUse::Set(a) | AliasUse::Reuse(a) => NonZeroU16::new(a),
+    };
+    let mut properties = message
         .properties
         .as_deref()
         .map(|p| v5::PublishProperties {
-            topic_alias: None,
+            topic_alias,
             correlation_data: p.correlation_data.clone(),
             // Expired messages are dropped before they are queued for a client; one that
             // expires between the queue and the socket goes out with 1 s left.
@@ -531,11 +333,20 @@ fn publish_to_v5(pkid: u16, message: &Message, dup: bool) -> CodecPublish {
                 .filter_map(|id| NonZeroU32::new(*id))
                 .collect(),
         });
+    if properties.is_none() && topic_alias.is_some() {
+        properties = Some(v5::PublishProperties {
+            topic_alias,
+            ..v5::PublishProperties::default()
+        });
+    }
     CodecPublish {
         dup,
         retain: message.retain,
         qos: qos_to_v5(message.qos),
-        topic: ByteString::from(&*message.topic),
+        topic: match alias {
+            AliasUse::Reuse(_) => ByteString::new(),
+            _ => ByteString::from(&*message.topic),
+        },
         packet_id: NonZeroU16::new(pkid),
         payload: message.payload.clone(),
         properties,
@@ -577,7 +388,3 @@ fn varint_len(n: usize) -> usize {
         _ => 4,
     }
 }
-
-#[cfg(test)]
-#[path = "v5_tests.rs"]
-mod tests;

@@ -1,8 +1,13 @@
 //! The MQTT 5 adapter against hand-written bytes (the malformed cases the issue lists) and
 //! against packets a real client would send, encoded by the codec's client side.
 
+use super::encode::EncodeError;
 use super::*;
 use crate::protocol::codec::Decoder;
+use crate::protocol::message::{
+    CloseReason, ConnectOutcome, Outbound, PublishRefusal, SubscribeRefusal,
+};
+use tokio_util::codec::Encoder as _;
 
 fn hex(hex: &str) -> BytesMut {
     let hex: String = hex.split_whitespace().collect();
@@ -231,7 +236,7 @@ fn publish_properties_are_carried_and_expiry_counted_down() {
     own.expires_at_ms = Some(unix_ms() + 40_000);
     // The router's copy for one subscriber carries its subscription identifiers.
     own.subscription_ids = vec![7, 300_000];
-    let mut encoder = V5Encoder::new(ConnAckInfo::default(), None);
+    let mut encoder = V5Encoder::new(ConnAckInfo::default(), None, 0);
     match encode(
         &mut encoder,
         Outbound::Publish {
@@ -263,6 +268,7 @@ fn connack_tells_what_the_broker_offers() {
             session_expiry: None,
         },
         None,
+        0,
     );
     match encode(
         &mut encoder,
@@ -297,7 +303,7 @@ fn connack_tells_what_the_broker_offers() {
 
 #[test]
 fn refusals_and_closes_carry_reason_codes() {
-    let mut encoder = V5Encoder::new(ConnAckInfo::default(), None);
+    let mut encoder = V5Encoder::new(ConnAckInfo::default(), None, 0);
     match encode(
         &mut encoder,
         Outbound::PubRefused {
@@ -343,7 +349,7 @@ fn refusals_and_closes_carry_reason_codes() {
 
 #[test]
 fn nothing_larger_than_the_client_allows_is_encoded() {
-    let mut encoder = V5Encoder::new(ConnAckInfo::default(), Some(64));
+    let mut encoder = V5Encoder::new(ConnAckInfo::default(), Some(64), 0);
     let message = Message::new("t", vec![0u8; 100], QoS::AtLeastOnce, false);
     assert_eq!(publish_len(&message), 1 + 1 + 2 + 1 + 2 + 1 + 100);
     let mut buf = BytesMut::new();
@@ -359,4 +365,62 @@ fn nothing_larger_than_the_client_allows_is_encoded() {
         Err(EncodeError::TooLarge { .. })
     ));
     assert!(buf.is_empty());
+}
+
+#[test]
+fn topic_aliases_go_to_a_client_that_takes_them() {
+    let mut encoder = V5Encoder::new(ConnAckInfo::default(), None, 4);
+    let publish = |payload: &'static str| Outbound::Publish {
+        pkid: 0,
+        message: Message::new(
+            "sensors/site-a/temperature",
+            payload,
+            QoS::AtMostOnce,
+            false,
+        ),
+        dup: false,
+    };
+    let (first, second) = (
+        encode(&mut encoder, publish("1")),
+        encode(&mut encoder, publish("2")),
+    );
+    match (first, second) {
+        (v5::Packet::Publish(a), v5::Packet::Publish(b)) => {
+            assert_eq!(&*a.topic, "sensors/site-a/temperature");
+            let alias = a.properties.and_then(|p| p.topic_alias);
+            assert_eq!(alias.map(NonZeroU16::get), Some(1));
+            assert_eq!(&*b.topic, "", "the second time, the alias alone");
+            assert_eq!(b.properties.and_then(|p| p.topic_alias), alias);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A client that takes none gets the name every time.
+    let mut plain = V5Encoder::new(ConnAckInfo::default(), None, 0);
+    for _ in 0..2 {
+        match encode(&mut plain, publish("x")) {
+            v5::Packet::Publish(p) => {
+                assert_eq!(&*p.topic, "sensors/site-a/temperature");
+                assert!(p.properties.and_then(|p| p.topic_alias).is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_client_maximum_counts_the_whole_packet_and_an_alias_gives_way_to_it() {
+    // 1 + 1 + (2 + 1) + 1 + 59 = 65 bytes without an alias; 68 setting one.
+    let message = Message::new("t", vec![0u8; 59], QoS::AtMostOnce, false);
+    let size = publish_len(&message);
+    let mut encoder = V5Encoder::new(ConnAckInfo::default(), Some(size as u32), 4);
+    let mut buf = BytesMut::new();
+    let packet = Outbound::Publish {
+        pkid: 0,
+        message,
+        dup: false,
+    };
+    encoder
+        .encode(&packet, &mut buf)
+        .expect("fits exactly, without the alias");
+    assert_eq!(buf.len(), size);
 }
