@@ -324,24 +324,24 @@ fn server_disconnect_reason_codes() {
 }
 
 // 0x95 packet too large (over [limits] max_packet_size, raw: clients refuse to send it),
-// 0x97 quota exceeded (over max_publish_rate, paho publishing as fast as it can).
+// 0x97 quota exceeded (over max_publish_rate, paho publishing one after the other).
 #[test]
 fn limits_close_with_reason_codes() {
     let ws = start("[limits]\nmax_packet_size = 1024\nmax_publish_rate = 5\n");
     let mut c = raw5::connect_ok(ws.addr, "too-large", &Props::new());
-    c.send(&raw5::publish(
-        "big/t",
-        &[b'x'; 2000],
-        0,
-        None,
-        &Props::new(),
-    ));
+    // Only the start of it: the broker decides on the fixed header, and nothing it leaves
+    // unread can turn its close into a reset that loses the DISCONNECT.
+    let big = raw5::publish("big/t", &[b'x'; 2000], 0, None, &Props::new());
+    c.send(&big[..16]);
     assert_eq!(raw5::expect_disconnect(&mut c, WAIT), 0x95);
 
+    // QoS 1, each PUBACK awaited: the client has nothing unsent when the broker closes, so
+    // the close is a FIN behind the DISCONNECT (a client still writing gets a TCP reset,
+    // which may discard the DISCONNECT before the client reads it).
     let mut steps = vec![json!({"op": "connect", "id": "flood"})];
-    steps.extend(
-        (0..100).map(|i| json!({"op": "publish", "topic": "flood/t", "payload": format!("{i}")})),
-    );
+    steps.extend((0..30).map(
+        |i| json!({"op": "publish", "topic": "flood/t", "payload": format!("{i}"), "qos": 1}),
+    ));
     steps.push(json!({"op": "wait_disconnect"}));
     let got = run(Lib::Paho, &ws, json!(steps));
     assert_eq!(reason(&got, "disconnected"), 0x97, "{got:#?}");
@@ -360,4 +360,36 @@ fn sigterm_disconnects_v5_clients_with_server_shutting_down() {
     ws.terminate();
     assert_eq!(c.wait_event("disconnected", WAIT)["reason"], 0x8B);
     let _ = one(&c.finish(WAIT), "disconnected");
+}
+
+// PUBACK / PUBREC 0x10 no matching subscribers: the message is accepted (stored, retained if
+// asked) but nobody takes it; once a subscriber matches, 0x00. paho at QoS 1, MQTT.js at
+// QoS 2 (the code is in the PUBREC).
+#[test]
+fn no_matching_subscribers_is_reason_0x10() {
+    let ws = start("");
+    let publish = |lib, qos: u8| {
+        let got = run(
+            lib,
+            &ws,
+            json!([
+                {"op": "connect", "id": format!("nms-{lib:?}-{qos}")},
+                {"op": "publish", "topic": "nobody/t", "payload": "x", "qos": qos},
+                {"op": "disconnect"},
+            ]),
+        );
+        reason(&got, "puback")
+    };
+    assert_eq!(publish(Lib::Paho, 1), 0x10, "PUBACK, no subscriber");
+    assert_eq!(publish(Lib::MqttJs, 2), 0x10, "PUBREC, no subscriber");
+    let sub = subscriber(
+        Lib::Paho,
+        &ws,
+        json!({"op": "connect", "id": "nms-sub"}),
+        json!({"filter": "nobody/#", "qos": 1}),
+        2,
+    );
+    assert_eq!(publish(Lib::Paho, 1), 0x00, "PUBACK with a subscriber");
+    assert_eq!(publish(Lib::MqttJs, 2), 0x00, "PUBREC with a subscriber");
+    assert_eq!(payloads(&sub.finish(WAIT)), ["x", "x"]);
 }

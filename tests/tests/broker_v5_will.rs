@@ -92,11 +92,12 @@ fn will_delay_reconnect_cancels_and_delay_passing_publishes() {
     );
     let connect = json!({"op": "connect", "id": "wd-dev", "clean_start": false,
         "props": {"SessionExpiryInterval": 3600},
-        "will": will("wd/will", "wd-gone", json!({"WillDelayInterval": 2}))});
+        "will": will("wd/will", "wd-gone", json!({"WillDelayInterval": 5}))});
     drop(holder(&ws, connect.clone()));
     let back = holder(&ws, connect);
-    // Past the delay: had the reconnect not cancelled the will, it would be out by now.
-    std::thread::sleep(Duration::from_millis(3000));
+    // Past the delay (5 s, long enough for the client to be back within it on a loaded
+    // machine): had the reconnect not cancelled the will, it would be out by now.
+    std::thread::sleep(Duration::from_millis(6000));
     marker(&ws, "wd/marker", "marker");
     drop(back);
     let got = sub.finish(Duration::from_secs(20));
