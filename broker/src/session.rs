@@ -100,6 +100,24 @@ impl Outbox {
         self.shared.wake.notify_one();
     }
 
+    /// Like [`Outbox::send`], but a `Close` too waits behind a held CONNACK: the broker
+    /// closing a connection for what its client sent tells an MQTT 5 client why only after
+    /// the CONNACK (a takeover's `Close`, sent with `send`, must end a connection whose
+    /// CONNACK may never come).
+    pub fn send_in_order(&self, packet: Outbound) {
+        self.shared.pending.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.shared.lock();
+        if state.receiver_gone {
+            return;
+        }
+        match state.held.as_mut() {
+            Some(held) => held.push(packet),
+            None => state.queue.push_back(packet),
+        }
+        drop(state);
+        self.shared.wake.notify_one();
+    }
+
     /// Holds back everything sent from now on until [`Outbox::release_hold`]: a new
     /// persistent session's CONNACK waits for its session record to be durable, and the
     /// CONNACK must be the first packet the client sees [MQTT-3.2.0-1].

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::policy::acl::ClientAcl;
-use crate::protocol::message::{Message, PublishRefusal, QoS, SubscribeFilter};
+use crate::protocol::message::{CloseReason, Message, PublishRefusal, QoS, SubscribeFilter};
 use crate::protocol::Version;
 use crate::session::{ConnId, Outbox};
 
@@ -89,11 +89,13 @@ pub enum RouterCmd {
         conn: ConnId,
     },
     /// The connection ended. `graceful`: after a DISCONNECT packet (no will).
-    /// `session_expiry`: a new interval the MQTT 5 DISCONNECT set.
+    /// `session_expiry`: a new interval the MQTT 5 DISCONNECT set. `tell`: why the broker
+    /// ended it, sent to an MQTT 5 client in a DISCONNECT (behind its CONNACK).
     Disconnected {
         conn: ConnId,
         graceful: bool,
         session_expiry: Option<u32>,
+        tell: Option<CloseReason>,
     },
     /// A message from inside the broker (a bridge's cloud-to-device command). `accepted`
     /// fires once it is accepted, durably where it had to be written.

@@ -322,7 +322,8 @@ impl Router {
                 conn,
                 graceful,
                 session_expiry,
-            } => self.disconnected(conn, graceful, session_expiry),
+                tell,
+            } => self.disconnected(conn, graceful, session_expiry, tell),
             RouterCmd::Inject {
                 message,
                 origin_bridge,

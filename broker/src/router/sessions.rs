@@ -221,11 +221,13 @@ impl Router {
         }
     }
 
+    /// `tell`: why the broker ended the connection, for an MQTT 5 client's DISCONNECT.
     pub(super) fn disconnected(
         &mut self,
         conn: ConnId,
         graceful: bool,
         session_expiry: Option<u32>,
+        tell: Option<CloseReason>,
     ) {
         self.clients.remove(&conn);
         let Some(client) = self.connections.remove(&conn) else {
@@ -236,7 +238,14 @@ impl Router {
             return;
         };
         let (will, will_delay) = match session.online.take() {
-            Some(online) if online.conn == conn => (online.will, online.will_delay),
+            Some(online) if online.conn == conn => {
+                if let Some(reason) = tell {
+                    // Behind the CONNACK even if that still waits for the disk: the first
+                    // packet a client sees is its CONNACK [MQTT-3.2.0-1].
+                    online.outbox.send_in_order(Outbound::Close(reason));
+                }
+                (online.will, online.will_delay)
+            }
             other => {
                 session.online = other;
                 return;

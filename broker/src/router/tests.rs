@@ -429,6 +429,7 @@ fn takeover_closes_the_old_connection_and_the_session_continues_on_the_new_one()
         conn: 1,
         graceful: false,
         session_expiry: None,
+        tell: None,
     });
     router.end_burst();
     assert!(router.session_of(1).is_none());
@@ -712,6 +713,7 @@ fn shared_subscriptions_give_each_message_to_one_member() {
             conn,
             graceful: true,
             session_expiry: None,
+            tell: None,
         });
     }
     publish(&mut router, 1, 20, "jobs/b", "queued", QoS::AtLeastOnce);
@@ -771,4 +773,30 @@ fn subscription_identifiers_go_with_each_copy() {
     let mut got = ids_of(drain(&mut a));
     got[0].sort();
     assert_eq!(got, vec![vec![7, 9]]);
+}
+
+// A connection the broker ends for what its client sent (a bad packet right behind the
+// CONNECT) tells an MQTT 5 client why only after its CONNACK, also when that CONNACK waits
+// for a new persistent session's record to be durable [MQTT-3.2.0-1].
+#[test]
+fn the_disconnect_telling_why_waits_behind_a_held_connack() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let (outbox, mut rx) = Outbox::new();
+    connect_on(&mut router, 1, "persistent", false, outbox);
+    router.handle(RouterCmd::Disconnected {
+        conn: 1,
+        graceful: false,
+        session_expiry: None,
+        tell: Some(CloseReason::MalformedPacket),
+    });
+    router.end_burst();
+    assert_eq!(
+        packets(&mut rx),
+        Vec::<String>::new(),
+        "CONNACK held for the disk"
+    );
+    settle(&mut router, &store);
+    assert_eq!(packets(&mut rx), [CONNACK_NEW, "Close(MalformedPacket)"]);
 }

@@ -136,31 +136,34 @@ pub async fn handle<S>(
         _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into(), None),
         _ = ctx.shutdown.signalled() => abrupt("broker shutting down", CloseReason::ServerShuttingDown),
     };
-    let (graceful, session_expiry) = match &end {
+    let (graceful, session_expiry, tell) = match &end {
         End::Disconnect {
             publish_will,
             session_expiry,
         } => {
             info!(%peer, client_id = %client_id, publish_will, "client disconnected");
-            (!publish_will, *session_expiry)
+            (!publish_will, *session_expiry, None)
         }
         End::Abrupt(reason, tell) => {
             info!(%peer, client_id = %client_id, reason = %reason, "connection closed");
-            if let Some(tell) = tell {
-                // Written behind what is queued; a 3.1.1 client just sees the close.
-                own_outbox.send(Outbound::Close(*tell));
-            }
-            (false, None)
+            (false, None, *tell)
         }
     };
-    let _ = ctx
+    // The router writes the DISCONNECT telling why (a 3.1.1 client just sees the close),
+    // after anything it sent before, the CONNACK above all.
+    let told = ctx
         .router
         .send(RouterCmd::Disconnected {
             conn,
             graceful,
             session_expiry,
+            tell,
         })
         .await;
+    if let (Err(_), Some(tell)) = (told, tell) {
+        // The router is gone (the broker is stopping): say it here.
+        own_outbox.send(Outbound::Close(tell));
+    }
     // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
     drop(own_outbox);
     if !writer_task.is_finished() {
