@@ -7,6 +7,10 @@
 //!   handshake, keep-alive, dispatch, ACL checks, writer) wired to a real router, over an
 //!   in-memory duplex stream instead of a socket. The input ends with end of stream, so
 //!   no run waits for a timeout.
+//! - [`run_connection_v5`]: the same with the session opened by one of [`V5_CONNECTS`]
+//!   valid MQTT 5 CONNECTs, so every input after its first byte exercises the MQTT 5
+//!   connection (topic aliases, reason codes, receive maximum, the client's maximum
+//!   packet size) instead of dying at the handshake.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -232,6 +236,86 @@ pub fn run_connection(data: &[u8], acl: bool) -> Vec<u8> {
     runtime.block_on(connection(data, acl))
 }
 
+/// How many MQTT 5 CONNECTs [`run_connection_v5`] chooses from.
+pub const V5_CONNECTS: u8 = 4;
+
+/// The MQTT 5 CONNECT `variant` (modulo [`V5_CONNECTS`]) that [`run_connection_v5`] opens
+/// its session with; `fuzz/seed.py` writes the same variants' inputs.
+/// - 0: client id `fz5`, clean start, no properties.
+/// - 1: `fz5` with receive maximum 1, maximum packet size 128 (what the broker sends is
+///   cut to fit or dropped), topic alias maximum 4, problem information off, a user property.
+/// - 2: `fz5` as user `admin` (every topic under [`FUZZ_ACL`]), binary password, session
+///   expiry 60 s without clean start, a QoS 1 retained will with every will property.
+/// - 3: empty client id (the broker assigns one), session expiry "never", a will
+///   delayed 5 s.
+pub fn v5_connect(variant: u8) -> Vec<u8> {
+    use rmqtt_codec::v5;
+    use std::num::{NonZeroU16, NonZeroU32};
+    let will = |delay| v5::LastWill {
+        qos: v5::QoS::AtLeastOnce,
+        retain: true,
+        topic: "devices/fz5/will".into(),
+        message: bytes::Bytes::from_static(b"gone"),
+        will_delay_interval_sec: Some(delay),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+        message_expiry_interval: NonZeroU32::new(30),
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        is_utf8_payload: Some(true),
+        response_topic: Some("devices/fz5/reply".into()),
+    };
+    let base = v5::Connect {
+        clean_start: true,
+        keep_alive: 60,
+        client_id: "fz5".into(),
+        ..v5::Connect::default()
+    };
+    let connect = match variant % V5_CONNECTS {
+        0 => base,
+        1 => v5::Connect {
+            receive_max: NonZeroU16::new(1),
+            max_packet_size: NonZeroU32::new(128),
+            topic_alias_max: 4,
+            request_problem_info: false,
+            user_properties: vec![("fuzz".into(), "1".into())],
+            ..base
+        },
+        2 => v5::Connect {
+            clean_start: false,
+            session_expiry_interval_secs: 60,
+            username: Some("admin".into()),
+            password: Some(bytes::Bytes::from_static(b"\x00\xffpw")),
+            last_will: Some(will(0)),
+            ..base
+        },
+        _ => v5::Connect {
+            client_id: "".into(),
+            session_expiry_interval_secs: u32::MAX,
+            last_will: Some(will(5)),
+            ..base
+        },
+    };
+    let mut out = BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut v5::Codec::new(0, 0),
+        v5::Packet::Connect(Box::new(connect)),
+        &mut out,
+    )
+    .expect("a fuzzing CONNECT encodes");
+    out.to_vec()
+}
+
+/// [`run_connection`] for an MQTT 5 session: `data[0]` picks the CONNECT ([`v5_connect`],
+/// bits 1-2) and the ACL (bit 0); the rest is what the client sends after its CONNECT.
+pub fn run_connection_v5(data: &[u8]) -> Vec<u8> {
+    let Some((&selector, rest)) = data.split_first() else {
+        return Vec::new();
+    };
+    let mut input = v5_connect(selector >> 1);
+    input.extend_from_slice(rest);
+    run_connection(&input, selector & 1 == 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,6 +366,70 @@ mod tests {
         // CONNECT then end of stream.
         let out = run_connection(&connect("quiet"), true);
         assert!(out.starts_with(&[0x20, 2, 0, 0]), "{out:02x?}");
+    }
+
+    #[test]
+    fn v5_harness_connects_and_resolves_topic_aliases() {
+        // ACL off, CONNECT 0; SUBSCRIBE 1 "a/#" QoS 1; PUBLISH QoS 1 id 2 "a/b" alias 1
+        // "hi"; PUBLISH QoS 1 id 3 by alias 1 alone "yo"; PINGREQ.
+        let mut input = vec![0];
+        input.extend([0x82, 9, 0, 1, 0, 0, 3, b'a', b'/', b'#', 1]);
+        input.extend([
+            0x32, 13, 0, 3, b'a', b'/', b'b', 0, 2, 3, 0x23, 0, 1, b'h', b'i',
+        ]);
+        input.extend([0x32, 10, 0, 0, 0, 3, 3, 0x23, 0, 1, b'y', b'o']);
+        input.extend([0xc0, 0]);
+        let out = run_connection_v5(&input);
+        assert!(out.starts_with(&[0x20]), "CONNACK first: {out:02x?}");
+        assert_eq!(out[3], 0, "CONNACK reason: {out:02x?}");
+        assert!(
+            out.windows(5).any(|w| w == [0x40, 4, 0, 3, 0]),
+            "PUBACK for the alias-only PUBLISH: {out:02x?}"
+        );
+        assert!(
+            out.windows(2).any(|w| w == b"yo"),
+            "alias-only publish delivered: {out:02x?}"
+        );
+        // Every CONNECT variant is accepted, with and without the ACL.
+        for selector in 0..V5_CONNECTS * 2 {
+            let out = run_connection_v5(&[selector]);
+            assert!(
+                out.len() > 3 && out[0] == 0x20 && out[3] == 0,
+                "variant {selector}: {out:02x?}"
+            );
+        }
+    }
+
+    /// The reason code of the DISCONNECT that ends `out`, if it ends with one.
+    fn disconnect_reason(out: &[u8]) -> Option<u8> {
+        match out {
+            [.., 0xe0, 1, reason] | [.., 0xe0, 2, reason, 0] => Some(*reason),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn v5_harness_closes_with_a_reason_code() {
+        // Topic alias 17 (maximum 16): 0x94; AUTH: 0x82; an unknown property: 0x81.
+        let out = run_connection_v5(&[0, 0x30, 8, 0, 1, b't', 3, 0x23, 0, 17, b'x']);
+        assert_eq!(disconnect_reason(&out), Some(0x94), "{out:02x?}");
+        let out = run_connection_v5(&[0, 0xf0, 0]);
+        assert_eq!(disconnect_reason(&out), Some(0x82), "{out:02x?}");
+        let out = run_connection_v5(&[0, 0x30, 7, 0, 1, b't', 2, 0x7f, 0, b'x']);
+        assert_eq!(disconnect_reason(&out), Some(0x81), "{out:02x?}");
+    }
+
+    /// Found while writing the connection_v5 target: when a bad packet arrives in the same
+    /// read as the CONNECT, the reader queues its DISCONNECT on the outbox before the router
+    /// has handled the CONNECT, so the client gets `e0 02 94 00` and never a CONNACK. MQTT 5
+    /// forbids a DISCONNECT before a successful CONNACK [MQTT-3.14.0-1]. Not fixed here (the
+    /// fix belongs in net/connection); un-ignore once it is.
+    #[test]
+    #[ignore = "broker bug: DISCONNECT before CONNACK for a bad packet pipelined behind the CONNECT"]
+    fn v5_disconnect_never_precedes_the_connack() {
+        let out = run_connection_v5(&[0, 0x30, 8, 0, 1, b't', 3, 0x23, 0, 17, b'x']);
+        assert_eq!(out.first(), Some(&0x20), "CONNACK first: {out:02x?}");
+        assert_eq!(disconnect_reason(&out), Some(0x94), "{out:02x?}");
     }
 
     #[test]
