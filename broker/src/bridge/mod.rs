@@ -33,11 +33,14 @@
 //!   where they must be kept), in the order they came; with `clean_session = false` (the
 //!   default) the upstream keeps what arrives for the site while the link is down.
 
+mod aliases;
 mod failure;
+mod forward;
 mod inbound;
 pub mod link;
 mod session;
 mod window;
+pub mod wire;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +55,7 @@ pub use crate::status::BridgeStatus;
 pub use link::LinkError;
 
 use crate::router::RouterCmd;
+use crate::stats::Stats;
 use crate::store::{Keyspace, Seq, Store};
 
 /// The cursors of every bridge: the log is deleted up to the slowest.
@@ -160,6 +164,8 @@ pub struct Bridge {
     pub router: mpsc::Sender<RouterCmd>,
     pub status: Arc<Mutex<BridgeStatus>>,
     pub shutdown: crate::shutdown::Shutdown,
+    /// The broker's counters: messages not forwarded (expired, too large) are counted there.
+    pub stats: Arc<Stats>,
 }
 
 /// Capped exponential back-off with +-25% jitter.

@@ -24,6 +24,14 @@ fn default_qos() -> u8 {
 fn default_connect_timeout() -> u64 {
     10
 }
+fn default_protocol() -> u8 {
+    4
+}
+
+/// `session_expiry` when unset: a persistent session never expires upstream (what
+/// `clean_session = false` means in MQTT 3.1.1); with `clean_session = true` it ends with
+/// the connection.
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
 /// `[[bridge]]` in the config file. Its `Debug` prints no password (see [`Secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +67,13 @@ pub struct BridgeConfig {
     /// it returns. `true` starts afresh at each connection, as Mosquitto's `cleansession true`.
     #[serde(default)]
     pub clean_session: bool,
+    /// MQTT version spoken upstream: 4 (3.1.1, the default) or 5.
+    #[serde(default = "default_protocol")]
+    pub protocol: u8,
+    /// MQTT 5 only: seconds the upstream keeps the bridge's session after the link drops
+    /// (`4294967295` = never). Unset: never with `clean_session = false`, 0 with `true`.
+    #[serde(default)]
+    pub session_expiry: Option<u32>,
     /// Seconds each step of a connection attempt may take (name lookup, TCP connect, TLS
     /// handshake, CONNECT to CONNACK) before the attempt is abandoned and retried.
     #[serde(default = "default_connect_timeout")]
@@ -202,6 +217,21 @@ impl BridgeConfig {
                 format!("{:?} is not host:port", self.address),
             ));
         }
+        if !(4..=5).contains(&self.protocol) {
+            return Err((
+                key("protocol"),
+                format!(
+                    "{} is not an MQTT version offered: 4 (3.1.1) or 5",
+                    self.protocol
+                ),
+            ));
+        }
+        if self.session_expiry.is_some() && self.protocol != 5 {
+            return Err((
+                key("session_expiry"),
+                "needs protocol = 5 (MQTT 3.1.1 has clean_session only)".into(),
+            ));
+        }
         if self.max_inflight == 0 {
             return Err((key("max_inflight"), "must be at least 1".into()));
         }
@@ -235,10 +265,7 @@ impl BridgeConfig {
             ));
         }
         if sources.contains(&true) && self.username.is_none() {
-            return Err((
-                key("username"),
-                "a password needs a username (MQTT 3.1.1)".into(),
-            ));
+            return Err((key("username"), "a password needs a username".into()));
         }
         self.password().map_err(|e| {
             (
@@ -316,6 +343,15 @@ impl BridgeConfig {
         crate::tls::client_config(tls.ca_file.as_deref(), client_auth)
             .map(Some)
             .map_err(|e| e.to_string())
+    }
+
+    /// The session expiry interval sent in an MQTT 5 CONNECT (see `session_expiry`).
+    pub fn session_expiry_secs(&self) -> u32 {
+        self.session_expiry.unwrap_or(if self.clean_session {
+            0
+        } else {
+            SESSION_NEVER_EXPIRES
+        })
     }
 
     /// The forward rule for a local topic (the first that matches), if any.

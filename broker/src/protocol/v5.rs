@@ -245,7 +245,7 @@ fn will_from_v5(w: v5::LastWill) -> Message {
 /// The application-message properties of a PUBLISH (or will); `None` when it has none, so
 /// the message is stored and forwarded exactly like a 3.1.1 one. `received_now`: the expiry
 /// clock starts now.
-fn properties_from_v5(
+pub(crate) fn properties_from_v5(
     props: v5::PublishProperties,
     received_now: bool,
 ) -> Option<Arc<MessageProperties>> {
@@ -505,7 +505,7 @@ fn disconnect_reason(reason: CloseReason) -> (v5::DisconnectReasonCode, &'static
 
 /// An application message as one MQTT 5 subscriber receives it: the message expiry
 /// interval counted down to what is left [MQTT-3.3.2-6].
-fn publish_to_v5(pkid: u16, message: &Message, dup: bool) -> CodecPublish {
+pub(crate) fn publish_to_v5(pkid: u16, message: &Message, dup: bool) -> CodecPublish {
     let properties = message
         .properties
         .as_deref()
