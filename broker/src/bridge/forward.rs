@@ -346,3 +346,7 @@ pub(super) fn upstream_message(
     });
     (message, received_at_ms)
 }
+
+#[cfg(test)]
+#[path = "forward_tests.rs"]
+mod tests;
