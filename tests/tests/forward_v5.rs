@@ -651,3 +651,51 @@ fn v5_bridge_over_150_ms_each_way_connects_and_forwards_in_order() {
     assert!(a.order_violations.is_empty(), "{:?}", a.order_violations);
     assert!(a.malformed.is_empty(), "{:?}", a.malformed);
 }
+
+#[test]
+fn v5_commands_from_the_cloud_keep_their_properties_for_local_v5_subscribers() {
+    let upstream = Upstream::start();
+    let extra = "protocol = 5\n\n[[bridge.subscribe]]\nremote = \"site1/cmd/#\"\nlocal_prefix = \"\"\nqos = 1";
+    let ws = start_bridged(&upstream.address(), extra);
+    let local = Sub::start(ws.port(), "site1/cmd/#");
+    let port = upstream.port.to_string();
+    let mut n = 0;
+    let arrived = wait_until(WAIT, || {
+        n += 1;
+        let (status, out) = run_with_timeout(
+            Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-q",
+                    "1",
+                    "-t",
+                    "site1/cmd/reboot",
+                ])
+                .args(["-m", &format!("now{n}")])
+                .args(V5_PROPS),
+            Duration::from_secs(10),
+        );
+        assert!(status.is_some_and(|s| s.success()), "{out}");
+        std::thread::sleep(Duration::from_millis(200));
+        !local.lines().is_empty()
+    });
+    assert!(arrived, "no command arrived locally:\n{}", ws.logs());
+    let line = local.lines().remove(0);
+    assert_eq!(line[0], "site1/cmd/reboot", "{line:?}");
+    assert_eq!(
+        line[2], "site:north k2:v2",
+        "user properties kept: {line:?}"
+    );
+    assert_eq!(
+        &line[4..8],
+        ["text/plain", "replies/1", "corr-7", "1"],
+        "{line:?}"
+    );
+    let expiry: u32 = line[3]
+        .parse()
+        .unwrap_or_else(|_| panic!("an expiry: {line:?}"));
+    assert!((1..=120).contains(&expiry), "{line:?}");
+}

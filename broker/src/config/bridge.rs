@@ -373,6 +373,57 @@ pub(crate) fn split_host_port(address: &str) -> Option<(String, u16)> {
 mod tests {
     use super::*;
 
+    fn parse(extra: &[(&'static str, &'static str)]) -> BridgeConfig {
+        use serde::de::value::{Error, MapDeserializer};
+        let mut config = BridgeConfig::deserialize(MapDeserializer::<_, Error>::new(
+            [("name", "cloud"), ("address", "127.0.0.1:1883")].into_iter(),
+        ))
+        .expect("config");
+        for (k, v) in extra {
+            match *k {
+                "protocol" => config.protocol = v.parse().expect("u8"),
+                "session_expiry" => config.session_expiry = Some(v.parse().expect("u32")),
+                "clean_session" => config.clean_session = v.parse().expect("bool"),
+                _ => unreachable!(),
+            }
+        }
+        config
+    }
+
+    #[test]
+    fn protocol_is_4_or_5_and_session_expiry_needs_5() {
+        let c = parse(&[]);
+        assert_eq!(c.protocol, 4, "3.1.1 stays the default");
+        assert!(c.validate().is_ok());
+        assert!(parse(&[("protocol", "5")]).validate().is_ok());
+        let (key, why) = parse(&[("protocol", "3")]).validate().expect_err("3");
+        assert_eq!(key, "bridge[cloud].protocol");
+        assert!(why.contains("4 (3.1.1) or 5"), "{why}");
+        let (key, _) = parse(&[("session_expiry", "60")])
+            .validate()
+            .expect_err("session_expiry on 3.1.1");
+        assert_eq!(key, "bridge[cloud].session_expiry");
+        assert!(parse(&[("protocol", "5"), ("session_expiry", "60")])
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn session_expiry_defaults_follow_clean_session() {
+        assert_eq!(
+            parse(&[("protocol", "5")]).session_expiry_secs(),
+            SESSION_NEVER_EXPIRES
+        );
+        assert_eq!(
+            parse(&[("protocol", "5"), ("clean_session", "true")]).session_expiry_secs(),
+            0
+        );
+        assert_eq!(
+            parse(&[("protocol", "5"), ("session_expiry", "3600")]).session_expiry_secs(),
+            3600
+        );
+    }
+
     #[test]
     fn host_port_parsing() {
         assert_eq!(
