@@ -339,6 +339,8 @@ pub(super) fn upstream_message(
     };
     let mut message = Message::new(topic, record.payload, qos, record.retain);
     message.properties = record.properties.map(|mut p| {
+        // Only a server sends subscription identifiers [MQTT-3.3.4-6]; a log record has none.
+        p.subscription_ids.clear();
         p.expires_at_ms = p
             .message_expiry_interval
             .map(|secs| received_at_ms + u64::from(secs) * 1000);

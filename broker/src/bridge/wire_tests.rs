@@ -30,6 +30,7 @@ fn message(topic: &str, payload: &[u8], expiry: Option<u32>) -> Message {
         correlation_data: Some(Bytes::from_static(b"c-1")),
         message_expiry_interval: expiry,
         expires_at_ms: expiry.map(|s| unix_ms() + u64::from(s) * 1000 - 1500),
+        subscription_ids: Vec::new(),
     }));
     m
 }
