@@ -1,8 +1,6 @@
 //! Why a bridge session or connection attempt ended (a fixed label for metrics and a message
 //! for people), and the encoding helper whose error is such an end.
 
-use bytes::BytesMut;
-
 use super::link::LinkError;
 
 /// Why a session or an attempt ended: a fixed label for metrics and a message for people.
@@ -30,11 +28,7 @@ impl Failure {
     }
 }
 
-pub(super) fn encode(
-    out: &mut BytesMut,
-    write: impl FnOnce(&mut BytesMut) -> Result<usize, rumqttc::mqttbytes::Error>,
-) -> Result<(), Failure> {
-    write(out)
-        .map(|_| ())
-        .map_err(|e| Failure::new("protocol_error", format!("encoding: {e}")))
+/// An encoding result as a session's end (`protocol_error`) when it failed.
+pub(super) fn encoded(result: Result<(), String>) -> Result<(), Failure> {
+    result.map_err(|e| Failure::new("protocol_error", format!("encoding: {e}")))
 }

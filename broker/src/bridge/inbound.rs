@@ -4,30 +4,29 @@
 //! is never acknowledged, so the upstream sends it again.
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::{v4, QoS as WireQoS};
 use tokio::sync::{mpsc, oneshot};
 
-use super::failure::{encode, Failure};
+use super::failure::{encoded, Failure};
 use super::link::LinkSender;
+use super::wire::{Command, Encoder};
 use super::Bridge;
-use crate::protocol::message::{Message, QoS};
+use crate::protocol::message::Message;
 use crate::router::RouterCmd;
 use crate::topic::filter_matches;
 
 impl Bridge {
     /// A command from the cloud: publish it locally, and acknowledge it upstream once the
-    /// router has accepted it (durably, where it had to be written).
+    /// router has accepted it (durably, where it had to be written). An MQTT 5 command keeps
+    /// its message properties (user properties, content type, expiry, ...) for local MQTT 5
+    /// subscribers.
     pub(super) async fn deliver_locally(
         &self,
-        publish: v4::Publish,
+        publish: Command,
+        encoder: &Encoder,
         command_acks: &mpsc::UnboundedSender<(Bytes, oneshot::Receiver<()>)>,
     ) -> Result<(), Failure> {
         let mut ack = BytesMut::new();
-        match publish.qos {
-            WireQoS::AtMostOnce => {}
-            WireQoS::AtLeastOnce => encode(&mut ack, |b| v4::PubAck::new(publish.pkid).write(b))?,
-            WireQoS::ExactlyOnce => encode(&mut ack, |b| v4::PubRec::new(publish.pkid).write(b))?,
-        }
+        encoded(encoder.command_ack(&mut ack, publish.qos, publish.pkid))?;
         let (accepted_tx, accepted_rx) = oneshot::channel();
         match self
             .config
@@ -40,13 +39,9 @@ impl Bridge {
             }
             Some(rule) => {
                 self.set_status(|s| s.received += 1);
-                let qos = match publish.qos {
-                    WireQoS::AtMostOnce => QoS::AtMostOnce,
-                    WireQoS::AtLeastOnce => QoS::AtLeastOnce,
-                    WireQoS::ExactlyOnce => QoS::ExactlyOnce,
-                };
                 let topic = format!("{}{}", rule.local_prefix, publish.topic);
-                let message = Message::new(topic, publish.payload, qos, publish.retain);
+                let mut message = Message::new(topic, publish.payload, publish.qos, publish.retain);
+                message.properties = publish.properties;
                 self.router
                     .send(RouterCmd::Inject {
                         message,

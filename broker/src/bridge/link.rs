@@ -1,5 +1,6 @@
-//! The bridge's connection to its upstream broker: an MQTT 3.1.1 client link on rumqttc's
-//! codec (`mqttbytes::v4`), with no event loop of rumqttc's in the way.
+//! The bridge's connection to its upstream broker: an MQTT client link of our own, MQTT 3.1.1
+//! or 5 (`wire.rs`: rumqttc's `mqttbytes::v4` codec or rmqtt-codec's v5), with no event loop
+//! of rumqttc's in the way.
 //!
 //! Why our own and not `rumqttc::EventLoop`: its `poll()` owns the TCP connect, the
 //! CONNECT and the wait for CONNACK inside the future it returns, so a `select!` that wakes
@@ -25,7 +26,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::{self, v4};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -34,10 +34,8 @@ use tokio::time::timeout;
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::ClientConfig;
 
+use super::wire::{self, ConnectOptions, Decoder, Incoming, UpstreamLimits, WireError};
 use crate::stats::WireCounters;
-
-/// Largest packet accepted from the upstream (the log's records are smaller).
-pub const MAX_INCOMING_PACKET: usize = 256 * 1024;
 
 /// Most bytes the writer gathers into one write.
 const WRITE_GATHER: usize = 256 * 1024;
@@ -51,7 +49,7 @@ pub struct LinkParams {
     pub host: String,
     pub port: u16,
     pub tls: Option<Arc<ClientConfig>>,
-    pub connect: v4::Connect,
+    pub connect: ConnectOptions,
     /// Each step of the attempt (lookup, TCP, TLS, CONNECT → CONNACK) gets this long.
     pub step_timeout: Duration,
     /// `TCP_USER_TIMEOUT`: the kernel drops the connection when sent data stays
@@ -83,6 +81,15 @@ pub enum LinkError {
     PingTimeout(Duration),
     #[error("upstream stalled: no acknowledgement for {0}s")]
     AckTimeout(u64),
+}
+
+impl From<WireError> for LinkError {
+    fn from(e: WireError) -> LinkError {
+        match e {
+            WireError::Refused(why) => LinkError::Refused(why),
+            WireError::Protocol(what) => LinkError::Protocol(what),
+        }
+    }
 }
 
 impl LinkError {
@@ -146,7 +153,11 @@ impl LinkSender {
 
 pub struct Link {
     pub session_present: bool,
-    incoming: mpsc::Receiver<Result<v4::Packet, LinkError>>,
+    /// 4 or 5, as connected.
+    pub protocol: u8,
+    /// What the CONNACK allowed (an MQTT 3.1.1 upstream: no limits).
+    pub limits: UpstreamLimits,
+    incoming: mpsc::Receiver<Result<Incoming, LinkError>>,
     outgoing: Option<LinkSender>,
     queued: Arc<AtomicUsize>,
     reader: JoinHandle<()>,
@@ -157,7 +168,7 @@ impl Link {
     /// The next packet from the upstream, or why the connection ended. Cancel-safe
     /// (an mpsc receive): the packet stays queued if the caller's `select!` picks another
     /// branch.
-    pub async fn incoming(&mut self) -> Result<v4::Packet, LinkError> {
+    pub async fn incoming(&mut self) -> Result<Incoming, LinkError> {
         match self.incoming.recv().await {
             Some(result) => result,
             None => Err(LinkError::Closed),
@@ -165,7 +176,7 @@ impl Link {
     }
 
     /// The next packet if one is already queued (to handle a burst of PUBACKs in one turn).
-    pub fn try_incoming(&mut self) -> Option<Result<v4::Packet, LinkError>> {
+    pub fn try_incoming(&mut self) -> Option<Result<Incoming, LinkError>> {
         self.incoming.try_recv().ok()
     }
 
@@ -191,9 +202,7 @@ impl Link {
 
     /// Sends what is queued plus DISCONNECT, then closes, waiting at most `grace`.
     pub async fn close(mut self, grace: Duration) {
-        let mut frame = BytesMut::with_capacity(2);
-        let _ = v4::Disconnect.write(&mut frame);
-        self.send(frame.freeze());
+        self.send(wire::disconnect_frame(self.protocol));
         self.outgoing = None; // the writer drains its queue, shuts down its half and ends
         if let Some(writer) = self.writer.take() {
             let _ = timeout(grace, writer).await;
@@ -273,11 +282,8 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
     let secs = step.as_secs().max(1);
     let mut stream = open_stream(&params).await?;
 
-    let mut frame = BytesMut::with_capacity(params.connect.size());
-    params
-        .connect
-        .write(&mut frame)
-        .map_err(|e| LinkError::Protocol(format!("encoding CONNECT: {e}")))?;
+    let frame = wire::connect_frame(&params.connect)?;
+    let mut decoder = Decoder::new(params.connect.protocol);
     let mut read_buf = BytesMut::with_capacity(4096);
     let connack = timeout(step, async {
         stream
@@ -292,7 +298,7 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
             .bytes_sent
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         loop {
-            match read_packet(&mut read_buf)? {
+            match decoder.read(&mut read_buf)? {
                 Some(packet) => return Ok(packet),
                 None => {
                     let n = stream
@@ -314,11 +320,15 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
         step: "connack_timeout",
         secs,
     })??;
-    let session_present = match connack {
-        v4::Packet::ConnAck(ack) => match ack.code {
-            v4::ConnectReturnCode::Success => ack.session_present,
-            code => return Err(LinkError::Refused(format!("{code:?}"))),
-        },
+    let (session_present, limits) = match connack {
+        Incoming::ConnAck {
+            refused: Some(why), ..
+        } => return Err(LinkError::Refused(why)),
+        Incoming::ConnAck {
+            session_present,
+            limits,
+            ..
+        } => (session_present, limits),
         other => {
             return Err(LinkError::Protocol(format!(
                 "expected CONNACK, got {other:?}"
@@ -332,6 +342,7 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
     let reader = tokio::spawn(read_packets(
         read_half,
         read_buf,
+        decoder,
         in_tx.clone(),
         counters.clone(),
     ));
@@ -345,6 +356,8 @@ pub async fn connect(params: LinkParams, counters: Arc<WireCounters>) -> Result<
     ));
     Ok(Link {
         session_present,
+        protocol: params.connect.protocol,
+        limits,
         incoming: in_rx,
         outgoing: Some(LinkSender {
             tx: out_tx,
@@ -371,25 +384,17 @@ fn tune_socket(tcp: &TcpStream, user_timeout: Duration) {
     let _ = sock.set_tcp_user_timeout(Some(user_timeout));
 }
 
-/// Frames one packet off the front of `buf`, if a whole one is there.
-fn read_packet(buf: &mut BytesMut) -> Result<Option<v4::Packet>, LinkError> {
-    match v4::Packet::read(buf, MAX_INCOMING_PACKET) {
-        Ok(packet) => Ok(Some(packet)),
-        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-        Err(e) => Err(LinkError::Protocol(e.to_string())),
-    }
-}
-
 /// The reader task: every packet in order into `tx`, then why it stopped.
 async fn read_packets<R: AsyncRead + Unpin>(
     mut read_half: R,
     mut buf: BytesMut,
-    tx: mpsc::Sender<Result<v4::Packet, LinkError>>,
+    mut decoder: Decoder,
+    tx: mpsc::Sender<Result<Incoming, LinkError>>,
     counters: Arc<WireCounters>,
 ) {
     let ended = loop {
         loop {
-            match read_packet(&mut buf) {
+            match decoder.read(&mut buf).map_err(LinkError::from) {
                 Ok(Some(packet)) => {
                     if tx.send(Ok(packet)).await.is_err() {
                         return; // the link was dropped
@@ -424,7 +429,7 @@ async fn read_packets<R: AsyncRead + Unpin>(
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut write_half: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
-    errors: mpsc::Sender<Result<v4::Packet, LinkError>>,
+    errors: mpsc::Sender<Result<Incoming, LinkError>>,
     counters: Arc<WireCounters>,
     queued: Arc<AtomicUsize>,
 ) {
@@ -472,6 +477,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::mqttbytes::v4;
     use tokio::net::TcpListener;
 
     fn params(port: u16) -> LinkParams {
@@ -479,7 +485,15 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
             tls: None,
-            connect: v4::Connect::new("link-test"),
+            connect: ConnectOptions {
+                protocol: 4,
+                client_id: "link-test".into(),
+                keep_alive: 30,
+                clean_session: false,
+                session_expiry: 0,
+                username: None,
+                password: None,
+            },
             step_timeout: Duration::from_millis(500),
             tcp_user_timeout: Duration::from_secs(5),
         }
@@ -520,7 +534,7 @@ mod tests {
             .expect("connect");
         assert!(link.session_present);
         match link.incoming().await {
-            Ok(v4::Packet::PubAck(ack)) => assert_eq!(ack.pkid, 7),
+            Ok(Incoming::PubAck { pkid, .. }) => assert_eq!(pkid, 7),
             other => panic!("expected PUBACK 7, got {other:?}"),
         }
         let _sock = server.await.expect("server");

@@ -2,14 +2,18 @@
 //! commands back to local subscribers.
 //!
 //! Each bridge is one task (`session.rs`) with one upstream connection at a time, made and
-//! spoken by our own MQTT 3.1.1 client link (`link.rs`, on rumqttc's codec). The task reads
+//! spoken by our own MQTT client link (`link.rs`), MQTT 3.1.1 or 5 per bridge (`protocol`;
+//! `wire.rs` puts both codecs, rumqttc's v4 and rmqtt-codec's v5, behind one interface;
+//! `aliases.rs` holds an MQTT 5 connection's topic aliases). The task reads
 //! the log from its own durable cursor, publishes the entries that match its `forward` rules
 //! in log order with at most `max_inflight` unacknowledged, and moves its cursor over an
 //! entry only when every entry up to it is acknowledged upstream (QoS 1 PUBACK; QoS 0 once
 //! handed to the writer). The log entry is deleted when every bridge's cursor has passed it
 //! (`Cursors`). The `[[bridge]]` config is `crate::config::bridge`. In this folder: `session.rs`
-//! (the task and its select loop), `window.rs` (what is in flight, the cursor, keep-alive:
-//! plain state), `link.rs` (the upstream connection), `inbound.rs` (commands from the cloud),
+//! (the task and its select loop), `forward.rs` (log entries into PUBLISHes, what a new
+//! connection sends again, the drops), `window.rs` (what is in flight, the cursor,
+//! keep-alive: plain state), `link.rs` (the upstream connection), `inbound.rs` (commands from
+//! the cloud),
 //! `failure.rs` (why a session ended); `Cursors` and the back-off live here.
 //!
 //! Invariants:
@@ -29,15 +33,25 @@
 //!   `keep_alive`) is reconnected with capped, jittered exponential back-off while the log
 //!   holds everything.
 //! - In order: one connection, one in-order stream, and the window is resent in order.
+//! - Never forward what may not be: a message whose MQTT 5 expiry has run out (over either
+//!   protocol), or one larger than an MQTT 5 upstream's maximum packet size, is passed over,
+//!   counted (`Stats::dropped_message_expiry`, `dropped_too_large`) and logged; the cursor
+//!   moves over it like over an acknowledged entry, so still never past an unacknowledged
+//!   one. An MQTT 5 upstream's receive maximum lowers the window (`max_inflight`) for the
+//!   connection; what was in flight beyond it is sent again as acknowledgements make room.
 //! - Commands from the upstream are acknowledged only once the router accepted them (durably
 //!   where they must be kept), in the order they came; with `clean_session = false` (the
-//!   default) the upstream keeps what arrives for the site while the link is down.
+//!   default) the upstream keeps what arrives for the site while the link is down (over MQTT
+//!   5 for `session_expiry`, by default for ever). MQTT 5 commands keep their properties.
 
+mod aliases;
 mod failure;
+mod forward;
 mod inbound;
 pub mod link;
 mod session;
 mod window;
+pub mod wire;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,6 +66,7 @@ pub use crate::status::BridgeStatus;
 pub use link::LinkError;
 
 use crate::router::RouterCmd;
+use crate::stats::Stats;
 use crate::store::{Keyspace, Seq, Store};
 
 /// The cursors of every bridge: the log is deleted up to the slowest.
@@ -160,6 +175,8 @@ pub struct Bridge {
     pub router: mpsc::Sender<RouterCmd>,
     pub status: Arc<Mutex<BridgeStatus>>,
     pub shutdown: crate::shutdown::Shutdown,
+    /// The broker's counters: messages not forwarded (expired, too large) are counted there.
+    pub stats: Arc<Stats>,
 }
 
 /// Capped exponential back-off with +-25% jitter.

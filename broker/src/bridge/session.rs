@@ -15,37 +15,22 @@
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use rumqttc::mqttbytes::{v4, QoS as WireQoS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::failure::{encode, Failure};
+use super::failure::{encoded, Failure};
+use super::forward::MAX_WINDOW_BYTES;
 use super::inbound::{acknowledge_commands, AbortOnDrop};
 use super::link::{self, Link, LinkError, LinkParams};
-use super::window::{KeepAlive, Sent, Window};
+use super::window::{Drops, KeepAlive, Window};
+use super::wire::{ConnectOptions, Encoder, Incoming};
 use super::{cursor_key, load_cursor, Backoff, Bridge, BridgeStatus, RateLimiter, Secret};
-use crate::store::record::StoredMessage;
 use crate::store::{Keyspace, Op, Seq, Ticket};
 use crate::time::unix_ms;
-
-/// Log entries read per range scan.
-const READ_AHEAD: usize = 1024;
-/// Bytes of log records read per range scan (at least one record): 1,024 sensor readings
-/// are ~100 KiB, but records may be 16 MiB each.
-const READ_AHEAD_BYTES: usize = 4 << 20;
-/// Bytes of QoS 1 PUBLISHes sent upstream and not yet acknowledged (kept to send again after
-/// a reconnect), on top of the `max_inflight` count: at least one message is always in
-/// flight, so a 16 MiB one goes alone, and memory stays bounded whatever the record sizes.
-const MAX_WINDOW_BYTES: usize = 8 << 20;
 
 /// With no cursor write outstanding, persist an advanced cursor once this long has passed
 /// since the last write (at once after a quiet spell, so a trickle is on disk promptly).
 const CURSOR_PERSIST_INTERVAL: Duration = Duration::from_millis(20);
-
-/// While PUBACKs are on their way, the window is refilled in runs of at least
-/// max_inflight / this, or after REFILL_HOLD (see `fill_window`).
-const REFILL_RUN_DIVISOR: usize = 8;
-const REFILL_HOLD: Duration = Duration::from_millis(1);
 
 /// Most packets from the upstream handled in one turn of the session loop.
 const INCOMING_PER_TURN: usize = 1024;
@@ -130,14 +115,19 @@ impl Bridge {
     fn link_params(&self) -> Result<LinkParams, String> {
         let (host, port) =
             crate::config::bridge::split_host_port(&self.config.address).ok_or("bad address")?;
-        let keep_alive = u16::try_from(self.config.keep_alive).unwrap_or(u16::MAX);
-        let mut connect = v4::Connect::new(self.client_id.clone());
-        connect.keep_alive = keep_alive;
-        connect.clean_session = self.config.clean_session;
-        if let Some(user) = &self.config.username {
-            let password = self.config.password()?;
-            connect.set_login(user.clone(), password.as_ref().map_or("", Secret::expose));
-        }
+        let password = match &self.config.username {
+            Some(_) => self.config.password()?,
+            None => None,
+        };
+        let connect = ConnectOptions {
+            protocol: self.config.protocol,
+            client_id: self.client_id.clone(),
+            keep_alive: u16::try_from(self.config.keep_alive).unwrap_or(u16::MAX),
+            clean_session: self.config.clean_session,
+            session_expiry: self.config.session_expiry_secs(),
+            username: self.config.username.clone(),
+            password: password.as_ref().map(|p| Secret::expose(p).to_string()),
+        };
         Ok(LinkParams {
             host,
             port,
@@ -150,14 +140,23 @@ impl Bridge {
 
     /// One connected session, until the link fails (`Err`) or shutdown (`Ok`).
     async fn session(&mut self, mut link: Link, window: &mut Window) -> Result<(), Failure> {
-        info!(bridge = %self.config.name, address = %self.config.address, session_present = link.session_present, "upstream connected");
+        info!(bridge = %self.config.name, address = %self.config.address, session_present = link.session_present, protocol = link.protocol, "upstream connected");
+        if link.protocol == 5 {
+            let l = &link.limits;
+            info!(bridge = %self.config.name, receive_maximum = l.receive_maximum, maximum_packet_size = ?l.max_packet_size, topic_alias_maximum = l.topic_alias_maximum, server_keep_alive = ?l.server_keep_alive, session_expiry = ?l.session_expiry, "upstream MQTT 5 limits");
+        }
         self.set_status(|s| {
             s.connected = true;
             s.last_error = None;
             s.down_since_ms = None;
             s.connected_since_ms = Some(unix_ms());
         });
-        let mut keep_alive = KeepAlive::new(Duration::from_secs(self.config.keep_alive));
+        // An MQTT 5 upstream's Server Keep Alive replaces ours [MQTT-3.2.2-21].
+        let keep_alive_secs = match link.limits.server_keep_alive {
+            Some(secs) if secs > 0 => u64::from(secs),
+            _ => self.config.keep_alive,
+        };
+        let mut keep_alive = KeepAlive::new(Duration::from_secs(keep_alive_secs));
         // Encoded this turn and not yet queued to the writer. A session that failed before
         // queuing them left their frames behind: keep them to send now with the others.
         let mut out = std::mem::take(&mut window.out);
@@ -185,7 +184,11 @@ impl Bridge {
         out: &mut BytesMut,
         keep_alive: &mut KeepAlive,
     ) -> Result<(), Failure> {
-        let max_inflight = usize::from(self.config.max_inflight);
+        // The window: our max_inflight, within the upstream's receive maximum.
+        let max_inflight = usize::from(self.config.max_inflight)
+            .min(usize::from(link.limits.receive_maximum))
+            .max(1);
+        let mut encoder = Encoder::new(link.protocol, &link.limits);
         let ack_timeout = Duration::from_secs(self.config.ack_timeout);
         let mut rate = self.config.max_rate.map(RateLimiter::new);
         let mut durable = self.store.durability();
@@ -202,7 +205,7 @@ impl Bridge {
             .map(|tx| tokio::spawn(acknowledge_commands(command_acks_rx, tx)));
         let _acker = AbortOnDrop(acker);
 
-        self.resume(window, out)?;
+        self.resume(window, out, &mut encoder, max_inflight)?;
 
         let mut skip_rounds = 0;
         loop {
@@ -212,20 +215,18 @@ impl Bridge {
             // worth of bytes unwritten, nothing more is read from the log (the 10 ms tick
             // looks again), or a QoS 0 backlog would move from disk into memory.
             let added = if link.queued_bytes() < MAX_WINDOW_BYTES {
-                self.fill_window(window, out, max_inflight, &mut rate, &own_origin)?
+                self.fill_window(
+                    window,
+                    out,
+                    &mut encoder,
+                    max_inflight,
+                    &mut rate,
+                    &own_origin,
+                )?
             } else {
                 0
             };
-            let advanced = window.advance();
-            if advanced > 0 || added > 0 {
-                let (cursor, inflight) = (window.cursor, window.unacked());
-                let acked = std::mem::take(&mut window.acked_since_status);
-                self.set_status(|s| {
-                    s.cursor = cursor;
-                    s.inflight = inflight;
-                    s.forwarded += acked;
-                });
-            }
+            let advanced = self.advance(window, added);
             self.persist_or_delete(window, max_inflight);
 
             if let Some(oldest) = window.sent.iter().find(|s| !s.acked) {
@@ -237,7 +238,7 @@ impl Bridge {
                 return Err(dead.into());
             }
             if keep_alive.ping_due(window.unacked() > 0) {
-                encode(out, |b| v4::PingReq.write(b))?;
+                encoded(encoder.pingreq(out))?;
                 keep_alive.ping_sent_at = Some(Instant::now());
             }
             if !out.is_empty() {
@@ -267,7 +268,7 @@ impl Bridge {
                     // its slots together and the refill goes out in one write.
                     let mut handled = 0;
                     loop {
-                        self.on_packet(packet, window, &command_acks).await?;
+                        self.on_packet(packet, window, &encoder, &command_acks).await?;
                         handled += 1;
                         if handled == INCOMING_PER_TURN {
                             break; // the rest waits for the next turn, still queued
@@ -295,181 +296,48 @@ impl Bridge {
         }
     }
 
-    /// What a new connection sends first: the SUBSCRIBE for the command topics, then every
-    /// PUBLISH the last connection left unacknowledged, with its packet id and DUP set.
-    fn resume(&self, window: &mut Window, out: &mut BytesMut) -> Result<(), Failure> {
-        // A SUBSCRIBE of an earlier connection that never got its SUBACK holds no id now.
-        window.by_pkid.retain(|_, seq| *seq != 0);
-        if !self.config.subscribe.is_empty() {
-            let filters = self.config.subscribe.iter().map(|rule| {
-                let qos = if rule.qos == 0 {
-                    WireQoS::AtMostOnce
-                } else {
-                    WireQoS::AtLeastOnce
-                };
-                v4::SubscribeFilter::new(rule.remote.clone(), qos)
+    /// Moves the cursor over what is done and reports it; returns how far it moved.
+    fn advance(&self, window: &mut Window, added: usize) -> u64 {
+        let advanced = window.advance();
+        if advanced > 0 || added > 0 {
+            let (cursor, inflight) = (window.cursor, window.unacked());
+            let acked = std::mem::take(&mut window.acked_since_status);
+            self.set_status(|s| {
+                s.cursor = cursor;
+                s.inflight = inflight;
+                s.forwarded += acked;
             });
-            let mut subscribe = v4::Subscribe::new_many(filters);
-            subscribe.pkid = window.allocate_pkid();
-            // Held (as seq 0, which no log entry has) until the SUBACK, so no PUBLISH
-            // reuses the id meanwhile.
-            window.by_pkid.insert(subscribe.pkid, 0);
-            encode(out, |b| subscribe.write(b))?;
         }
-        // Unacknowledged PUBLISHes from the last connection first, same ids, DUP set.
-        window.unframed.clear();
-        let resent = window.sent.iter().filter(|e| e.frame.is_some()).count();
-        if resent > 0 {
-            info!(bridge = %self.config.name, resent, "sending unacknowledged messages again (DUP)");
-        }
-        for entry in window.sent.iter_mut() {
-            if let Some(frame) = &entry.frame {
-                let start = out.len();
-                out.extend_from_slice(frame);
-                out[start] |= 0x08; // DUP
-                window.unframed.push((entry.seq, start..out.len()));
-                entry.sent_at = Instant::now();
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads log entries into free window slots and encodes the PUBLISHes into `out`.
-    /// Returns how many entries were sent upstream.
-    fn fill_window(
-        &self,
-        window: &mut Window,
-        out: &mut BytesMut,
-        max_inflight: usize,
-        rate: &mut Option<RateLimiter>,
-        own_origin: &str,
-    ) -> Result<usize, Failure> {
-        let room = window.room(max_inflight);
-        // While acknowledgements are on their way, refill in runs of an eighth of the window
-        // rather than a slot or two per PUBACK: one write (one syscall, one wake-up of the
-        // writer) per run instead of per message. Measured draining into Mosquitto, which
-        // acknowledges in small bursts: 35 k -> 47-53 k msg/s. A window with nothing waiting
-        // refills at once, and no slot waits longer than REFILL_HOLD (an upstream that
-        // acknowledges in large, spaced bursts, as rumqttd does, lost 40% without it).
-        if room < (max_inflight / REFILL_RUN_DIVISOR).max(1)
-            && window.unacked() > 0
-            && window.last_fill.elapsed() < REFILL_HOLD
-        {
-            return Ok(0);
-        }
-        let budget = match rate {
-            Some(r) => r.available(room),
-            None => room,
-        };
-        if budget == 0 {
-            return Ok(0);
-        }
-        if window.read_ahead.len() < budget {
-            let from = window
-                .read_ahead
-                .back()
-                .map_or(window.next_read, |(seq, _)| seq + 1);
-            let more = self
-                .store
-                .read_log_budget(from, READ_AHEAD.max(budget), READ_AHEAD_BYTES)
-                .map_err(|e| Failure::new("store", format!("reading log: {e}")))?;
-            window.read_ahead.extend(more);
-        }
-        let mut sent = 0;
-        window.last_fill = Instant::now();
-        let take = budget.min(window.read_ahead.len());
-        for _ in 0..take {
-            if window.unacked_bytes >= MAX_WINDOW_BYTES || out.len() >= MAX_WINDOW_BYTES {
-                break; // large records: the rest waits for acknowledgements
-            }
-            let Some((seq, bytes)) = window.read_ahead.pop_front() else {
-                break;
-            };
-            window.next_read = seq + 1;
-            let record = match StoredMessage::decode(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    // It could never be forwarded: passed over (and deleted with the rest
-                    // behind the cursor), but as the fault it is.
-                    error!(bridge = %self.config.name, seq, error = %e, "undecodable log entry skipped");
-                    crate::stats::STORE_FAULTS.record(
-                        crate::stats::StoreFault::CorruptRecord,
-                        format!("bridge {}: log record {seq}: {e}", self.config.name),
-                    );
-                    window.sent.push_back(Sent::passed_over(seq));
-                    continue;
-                }
-            };
-            let rule = if record.origin == own_origin {
-                None // its own command coming back
-            } else {
-                self.config.forward_rule(&record.topic)
-            };
-            let Some(rule) = rule else {
-                window.sent.push_back(Sent::passed_over(seq));
-                continue;
-            };
-            let qos = if rule.qos == 0 || record.qos == 0 {
-                WireQoS::AtMostOnce
-            } else {
-                WireQoS::AtLeastOnce
-            };
-            let mut publish = v4::Publish::from_bytes(
-                format!("{}{}", rule.remote_prefix, record.topic),
-                qos,
-                record.payload,
-            );
-            publish.retain = record.retain;
-            let pkid = if qos == WireQoS::AtLeastOnce {
-                window.allocate_pkid()
-            } else {
-                0
-            };
-            publish.pkid = pkid;
-            let start = out.len();
-            encode(out, |b| publish.write(b))?;
-            let size = if pkid != 0 { out.len() - start } else { 0 };
-            window.unacked_bytes += size;
-            if pkid != 0 {
-                window.by_pkid.insert(pkid, seq);
-                // Kept as a slice of the buffer this turn writes (see `keep_frames`).
-                window.unframed.push((seq, start..out.len()));
-            }
-            if let Some(r) = rate.as_mut() {
-                r.take();
-            }
-            window.sent.push_back(Sent {
-                seq,
-                pkid,
-                acked: pkid == 0, // QoS 0: done once handed to the writer
-                sent_at: Instant::now(),
-                received_at_ms: record.received_at_ms,
-                forwarded: true,
-                frame: None,
-                size,
-            });
-            sent += 1;
-        }
-        Ok(sent)
+        advanced
     }
 
     async fn on_packet(
         &self,
-        packet: v4::Packet,
+        packet: Incoming,
         window: &mut Window,
+        encoder: &Encoder,
         command_acks: &mpsc::UnboundedSender<(Bytes, oneshot::Receiver<()>)>,
     ) -> Result<(), Failure> {
         match packet {
-            v4::Packet::PubAck(ack) => {
-                let Some(seq) = window.by_pkid.remove(&ack.pkid) else {
-                    debug!(bridge = %self.config.name, pkid = ack.pkid, "PUBACK for no message in flight");
+            Incoming::PubAck { pkid, refused } => {
+                let Some(seq) = window.by_pkid.remove(&pkid) else {
+                    debug!(bridge = %self.config.name, pkid, "PUBACK for no message in flight");
                     return Ok(());
                 };
+                if let Some(reason) = refused {
+                    // An MQTT 5 upstream that will not take it (not authorized, quota...):
+                    // sending it again would be refused again, so it is done with, as a
+                    // 3.1.1 upstream's plain PUBACK for a message it drops would be.
+                    if Drops::count(&mut window.drops.refused) {
+                        warn!(bridge = %self.config.name, seq, %reason, refused = window.drops.refused, "upstream refused a forwarded message (PUBACK reason code)");
+                    }
+                }
                 if let Ok(i) = window.sent.binary_search_by_key(&seq, |s| s.seq) {
                     if let Some(entry) = window.sent.get_mut(i) {
-                        if entry.pkid == ack.pkid && !entry.acked {
+                        if entry.pkid == pkid && !entry.acked {
                             entry.acked = true;
                             entry.frame = None;
+                            entry.message = None;
                             window.unacked_bytes = window.unacked_bytes.saturating_sub(entry.size);
                             crate::stats::FORWARD_LATENCY_MS
                                 .observe(unix_ms().saturating_sub(entry.received_at_ms));
@@ -478,30 +346,40 @@ impl Bridge {
                     }
                 }
             }
-            v4::Packet::PingResp => {}
-            v4::Packet::Publish(publish) => self.deliver_locally(publish, command_acks).await?,
-            v4::Packet::PubRel(rel) => {
+            Incoming::PingResp => {}
+            Incoming::Publish(publish) => {
+                self.deliver_locally(publish, encoder, command_acks).await?
+            }
+            Incoming::PubRel(pkid) => {
                 // QoS 2 from an upstream that ignored our granted QoS: finish its handshake.
                 let mut frame = BytesMut::new();
-                encode(&mut frame, |b| v4::PubComp::new(rel.pkid).write(b))?;
+                encoded(encoder.pubcomp(&mut frame, pkid))?;
                 let (done, ready) = oneshot::channel();
                 let _ = done.send(());
                 let _ = command_acks.send((frame.freeze(), ready));
             }
-            v4::Packet::SubAck(suback) => {
-                window.by_pkid.remove(&suback.pkid);
-                if suback
-                    .return_codes
-                    .iter()
-                    .any(|c| matches!(c, v4::SubscribeReasonCode::Failure))
-                {
+            Incoming::SubAck { pkid, refused } => {
+                window.by_pkid.remove(&pkid);
+                if refused {
                     warn!(bridge = %self.config.name, "upstream refused a subscription");
                 }
             }
-            other => {
+            Incoming::Disconnect(reason) => {
+                return Err(Failure::new(
+                    "closed_by_upstream",
+                    format!("upstream sent DISCONNECT: {reason}"),
+                ))
+            }
+            Incoming::Unexpected(what) => {
                 return Err(Failure::new(
                     "protocol_error",
-                    format!("unexpected packet from upstream: {other:?}"),
+                    format!("unexpected packet from upstream: {what}"),
+                ))
+            }
+            Incoming::ConnAck { .. } => {
+                return Err(Failure::new(
+                    "protocol_error",
+                    "unexpected packet from upstream: a second CONNACK",
                 ))
             }
         }
@@ -569,6 +447,7 @@ impl Bridge {
 
 #[cfg(test)]
 mod tests {
+    use super::super::window::Sent;
     use super::*;
 
     // A cursor the store refused used to be logged at WARN and then forgotten: the window
@@ -597,6 +476,7 @@ mod tests {
             router,
             status: Default::default(),
             shutdown,
+            stats: Default::default(),
         };
         store.shutdown().expect("shutdown");
         let before = crate::stats::STORE_FAULTS.count(crate::stats::StoreFault::CursorNotSaved);
@@ -628,6 +508,8 @@ mod tests {
                 received_at_ms: 0,
                 forwarded: true,
                 frame: None,
+                message: None,
+                expires_at_ms: None,
                 size: 0,
             });
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 
 use super::link::LinkError;
+use crate::protocol::message::Message;
 use crate::store::{Seq, Ticket};
 
 /// A log entry the window holds: sent and not yet acknowledged, acknowledged but behind an
@@ -25,6 +26,12 @@ pub(super) struct Sent {
     pub(super) forwarded: bool,
     /// The encoded QoS 1 PUBLISH, kept until acknowledged to send again after a reconnect.
     pub(super) frame: Option<Bytes>,
+    /// The message of an unacknowledged QoS 1 PUBLISH over MQTT 5, to encode again after a
+    /// reconnect (its frame named topic aliases of the old connection and an expiry that has
+    /// since counted down).
+    pub(super) message: Option<Message>,
+    /// When its MQTT 5 message expiry runs out (unix ms): it is not sent again after that.
+    pub(super) expires_at_ms: Option<u64>,
     /// Encoded length of a QoS 1 PUBLISH while unacknowledged (`Window::unacked_bytes`).
     pub(super) size: usize,
 }
@@ -40,8 +47,32 @@ impl Sent {
             received_at_ms: 0,
             forwarded: false,
             frame: None,
+            message: None,
+            expires_at_ms: None,
             size: 0,
         }
+    }
+
+    /// Unacknowledged, with what it takes to send it again.
+    pub(super) fn resendable(&self) -> bool {
+        !self.acked && (self.frame.is_some() || self.message.is_some())
+    }
+}
+
+/// Messages a bridge did not forward, counted for the log: each reason is logged at its
+/// 1st, 2nd, 4th, 8th... occurrence, so a flood does not flood the log.
+#[derive(Debug, Default)]
+pub(super) struct Drops {
+    pub(super) expired: u64,
+    pub(super) too_large: u64,
+    pub(super) refused: u64,
+}
+
+impl Drops {
+    /// Counts one; whether this one is worth a log line.
+    pub(super) fn count(counter: &mut u64) -> bool {
+        *counter += 1;
+        counter.is_power_of_two()
     }
 }
 
@@ -76,6 +107,10 @@ pub(super) struct Window {
     pub(super) out: BytesMut,
     /// When the window was last refilled.
     pub(super) last_fill: Instant,
+    /// Unacknowledged PUBLISHes of an earlier connection waiting to be sent again on this
+    /// one (the upstream's receive maximum is lower than what was in flight), in order.
+    pub(super) deferred: VecDeque<Seq>,
+    pub(super) drops: Drops,
 }
 
 impl Window {
@@ -97,6 +132,30 @@ impl Window {
             acked_since_status: 0,
             out: BytesMut::new(),
             last_fill: Instant::now(),
+            deferred: VecDeque::new(),
+            drops: Drops::default(),
+        }
+    }
+
+    /// QoS 1 PUBLISHes on the wire of this connection and not yet acknowledged (the
+    /// upstream's receive maximum bounds them).
+    pub(super) fn on_the_wire(&self) -> usize {
+        self.by_pkid.len().saturating_sub(self.deferred.len())
+    }
+
+    /// Done with the in-flight entry at `index` without an acknowledgement (it expired or
+    /// grew too large for a new connection's limit before it could be sent again): the
+    /// cursor moves over it as if acknowledged, once everything before it is.
+    pub(super) fn give_up(&mut self, index: usize) {
+        if let Some(entry) = self.sent.get_mut(index) {
+            if entry.acked {
+                return;
+            }
+            entry.acked = true;
+            entry.frame = None;
+            entry.message = None;
+            self.by_pkid.remove(&entry.pkid);
+            self.unacked_bytes = self.unacked_bytes.saturating_sub(entry.size);
         }
     }
 

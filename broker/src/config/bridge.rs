@@ -24,6 +24,14 @@ fn default_qos() -> u8 {
 fn default_connect_timeout() -> u64 {
     10
 }
+fn default_protocol() -> u8 {
+    4
+}
+
+/// `session_expiry` when unset: a persistent session never expires upstream (what
+/// `clean_session = false` means in MQTT 3.1.1); with `clean_session = true` it ends with
+/// the connection.
+pub const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
 /// `[[bridge]]` in the config file. Its `Debug` prints no password (see [`Secret`]).
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +67,13 @@ pub struct BridgeConfig {
     /// it returns. `true` starts afresh at each connection, as Mosquitto's `cleansession true`.
     #[serde(default)]
     pub clean_session: bool,
+    /// MQTT version spoken upstream: 4 (3.1.1, the default) or 5.
+    #[serde(default = "default_protocol")]
+    pub protocol: u8,
+    /// MQTT 5 only: seconds the upstream keeps the bridge's session after the link drops
+    /// (`4294967295` = never). Unset: never with `clean_session = false`, 0 with `true`.
+    #[serde(default)]
+    pub session_expiry: Option<u32>,
     /// Seconds each step of a connection attempt may take (name lookup, TCP connect, TLS
     /// handshake, CONNECT to CONNACK) before the attempt is abandoned and retried.
     #[serde(default = "default_connect_timeout")]
@@ -202,6 +217,21 @@ impl BridgeConfig {
                 format!("{:?} is not host:port", self.address),
             ));
         }
+        if !(4..=5).contains(&self.protocol) {
+            return Err((
+                key("protocol"),
+                format!(
+                    "{} is not an MQTT version offered: 4 (3.1.1) or 5",
+                    self.protocol
+                ),
+            ));
+        }
+        if self.session_expiry.is_some() && self.protocol != 5 {
+            return Err((
+                key("session_expiry"),
+                "needs protocol = 5 (MQTT 3.1.1 has clean_session only)".into(),
+            ));
+        }
         if self.max_inflight == 0 {
             return Err((key("max_inflight"), "must be at least 1".into()));
         }
@@ -235,10 +265,7 @@ impl BridgeConfig {
             ));
         }
         if sources.contains(&true) && self.username.is_none() {
-            return Err((
-                key("username"),
-                "a password needs a username (MQTT 3.1.1)".into(),
-            ));
+            return Err((key("username"), "a password needs a username".into()));
         }
         self.password().map_err(|e| {
             (
@@ -318,6 +345,15 @@ impl BridgeConfig {
             .map_err(|e| e.to_string())
     }
 
+    /// The session expiry interval sent in an MQTT 5 CONNECT (see `session_expiry`).
+    pub fn session_expiry_secs(&self) -> u32 {
+        self.session_expiry.unwrap_or(if self.clean_session {
+            0
+        } else {
+            SESSION_NEVER_EXPIRES
+        })
+    }
+
     /// The forward rule for a local topic (the first that matches), if any.
     pub fn forward_rule(&self, topic: &str) -> Option<&ForwardRule> {
         self.forward
@@ -336,6 +372,57 @@ pub(crate) fn split_host_port(address: &str) -> Option<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(extra: &[(&'static str, &'static str)]) -> BridgeConfig {
+        use serde::de::value::{Error, MapDeserializer};
+        let mut config = BridgeConfig::deserialize(MapDeserializer::<_, Error>::new(
+            [("name", "cloud"), ("address", "127.0.0.1:1883")].into_iter(),
+        ))
+        .expect("config");
+        for (k, v) in extra {
+            match *k {
+                "protocol" => config.protocol = v.parse().expect("u8"),
+                "session_expiry" => config.session_expiry = Some(v.parse().expect("u32")),
+                "clean_session" => config.clean_session = v.parse().expect("bool"),
+                _ => unreachable!(),
+            }
+        }
+        config
+    }
+
+    #[test]
+    fn protocol_is_4_or_5_and_session_expiry_needs_5() {
+        let c = parse(&[]);
+        assert_eq!(c.protocol, 4, "3.1.1 stays the default");
+        assert!(c.validate().is_ok());
+        assert!(parse(&[("protocol", "5")]).validate().is_ok());
+        let (key, why) = parse(&[("protocol", "3")]).validate().expect_err("3");
+        assert_eq!(key, "bridge[cloud].protocol");
+        assert!(why.contains("4 (3.1.1) or 5"), "{why}");
+        let (key, _) = parse(&[("session_expiry", "60")])
+            .validate()
+            .expect_err("session_expiry on 3.1.1");
+        assert_eq!(key, "bridge[cloud].session_expiry");
+        assert!(parse(&[("protocol", "5"), ("session_expiry", "60")])
+            .validate()
+            .is_ok());
+    }
+
+    #[test]
+    fn session_expiry_defaults_follow_clean_session() {
+        assert_eq!(
+            parse(&[("protocol", "5")]).session_expiry_secs(),
+            SESSION_NEVER_EXPIRES
+        );
+        assert_eq!(
+            parse(&[("protocol", "5"), ("clean_session", "true")]).session_expiry_secs(),
+            0
+        );
+        assert_eq!(
+            parse(&[("protocol", "5"), ("session_expiry", "3600")]).session_expiry_secs(),
+            3600
+        );
+    }
 
     #[test]
     fn host_port_parsing() {

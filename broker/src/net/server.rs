@@ -113,7 +113,8 @@ impl Broker {
         }
         let router_task = tokio::spawn(router.run(router_rx));
 
-        let (bridges, bridge_tasks) = start_bridges(&config, store.as_ref(), &router_tx, &shutdown);
+        let (bridges, bridge_tasks) =
+            start_bridges(&config, store.as_ref(), &router_tx, &shutdown, &stats);
 
         let (done_tx, connections_done) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -453,6 +454,7 @@ fn start_bridges(
     store: Option<&Store>,
     router_tx: &mpsc::Sender<RouterCmd>,
     shutdown: &Shutdown,
+    stats: &Arc<Stats>,
 ) -> (Vec<Arc<Mutex<BridgeStatus>>>, Vec<JoinHandle<()>>) {
     let mut bridges = Vec::new();
     let mut bridge_tasks = Vec::new();
@@ -487,6 +489,7 @@ fn start_bridges(
                 router: router_tx.clone(),
                 status,
                 shutdown: shutdown.clone(),
+                stats: stats.clone(),
             };
             bridge_tasks.push(tokio::spawn(bridge.run()));
         }

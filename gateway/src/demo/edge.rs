@@ -100,6 +100,8 @@ fn broker_config(uplink: SocketAddr, data_dir: &Path) -> BrokerConfig {
             tls: None,
             keep_alive: 5,
             clean_session: false,
+            protocol: 4,
+            session_expiry: None,
             connect_timeout: 5,
             max_inflight: 100,
             max_rate: None,

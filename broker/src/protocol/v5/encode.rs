@@ -303,7 +303,12 @@ fn disconnect_reason(reason: CloseReason) -> (v5::DisconnectReasonCode, &'static
 
 /// An application message as one MQTT 5 subscriber receives it: the message expiry
 /// interval counted down to what is left [MQTT-3.3.2-6].
-fn publish_to_v5(pkid: u16, message: &Message, dup: bool, alias: AliasUse) -> CodecPublish {
+pub(crate) fn publish_to_v5(
+    pkid: u16,
+    message: &Message,
+    dup: bool,
+    alias: AliasUse,
+) -> CodecPublish {
     let topic_alias = match alias {
         AliasUse::None => None,
         AliasUse::Set(a) | AliasUse::Reuse(a) => NonZeroU16::new(a),

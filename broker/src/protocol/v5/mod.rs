@@ -34,6 +34,7 @@ use crate::time::unix_ms;
 
 mod encode;
 
+pub(crate) use encode::publish_to_v5;
 pub use encode::{publish_len, ConnAckInfo, V5Encoder};
 
 /// One MQTT 5 connection's decoding state: the codec and the topic aliases its client set.
@@ -235,7 +236,7 @@ fn will_from_v5(w: v5::LastWill) -> Message {
 /// The application-message properties of a PUBLISH (or will); `None` when it has none, so
 /// the message is stored and forwarded exactly like a 3.1.1 one. `received_now`: the expiry
 /// clock starts now.
-fn properties_from_v5(
+pub(crate) fn properties_from_v5(
     props: v5::PublishProperties,
     received_now: bool,
 ) -> Option<Arc<MessageProperties>> {
