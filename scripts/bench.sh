@@ -215,12 +215,14 @@ EOF
   wait_port "$port"
 }
 
+# start_rumqttd PORT [V5_PORT]: rumqttd's v4 listener on PORT, and an MQTT 5 one on V5_PORT.
 start_rumqttd() {
   newdir rumqttd
-  "$WSB" rumqttd --port "$1" 2> "$DIR/stderr.log" &
+  "$WSB" rumqttd --port "$1" ${2:+--v5-port "$2"} 2> "$DIR/stderr.log" &
   BPID=$!
   PIDS+=("$BPID")
   wait_port "$1"
+  if [ -n "${2:-}" ]; then wait_port "$2"; fi
 }
 
 # start_linksim PORT TARGET_PORT [linksim flags...]: the link simulator (tests/linksim) listening
@@ -278,16 +280,35 @@ say "machine: $(nproc) cores, $(free -m | awk '/Mem:/{print $2}') MiB, $(uname -
 "$MOSQUITTO" -h 2>/dev/null | head -1 | tee -a "$LOG" >&2 || true
 
 # 1. Fan-in: 8 publishers x S1_MSGS x 64 B, one subscriber on sensors/#, QoS 1 and QoS 0.
+# QoS 1 runs again with MQTT 5 publishers (rows "<broker>-v5"; the subscriber stays 3.1.1;
+# S1_V5=0 skips them, S1_V5_PROPS=1 gives each PUBLISH a message expiry and a user property).
+# rumqttd serves MQTT 5 only on a listener of its own (its v4 listener closes a v5 CONNECT):
+# its v5 publishers connect there, the subscriber to its v4 listener, one router behind both.
+S1_V5=${S1_V5:-1}
 if want 1; then
   for r in $(seq 1 "$ROUNDS"); do
     for q in 1 0; do
       for b in $(order "$r"); do
-        free_port; p=$PORT
-        start_broker "$b" "$p"
-        say "s1 qos$q $b round $r"
-        bench run --addr "127.0.0.1:$p" --publishers 8 --messages "$S1_MSGS" --qos "$q" --payload 64 \
-          --subscribers 1 --pid "$BPID" --scenario "s1-qos$q" --broker "$b" --round "$r" --out "$RES" >/dev/null 2>>"$LOG"
-        stop_pid "$BPID"
+        versions=4
+        if [ "$q" = 1 ] && [ "$S1_V5" = 1 ]; then versions=$( ((r % 2)) && echo "4 5" || echo "5 4"); fi
+        for v in $versions; do
+          free_port; p=$PORT; pub=$p; label=$b; v5args=()
+          if [ "$v" = 5 ]; then
+            label=$b-v5; v5args=(--protocol 5)
+            if [ "${S1_V5_PROPS:-0}" = 1 ]; then v5args+=(--v5-properties); fi
+          fi
+          if [ "$b" = rumqttd ] && [ "$v" = 5 ]; then
+            free_port; pub=$PORT
+            start_rumqttd "$p" "$pub"
+          else
+            start_broker "$b" "$p"
+          fi
+          say "s1 qos$q $label round $r"
+          bench run --addr "127.0.0.1:$pub" --sub-addr "127.0.0.1:$p" --publishers 8 --messages "$S1_MSGS" --qos "$q" \
+            --payload 64 "${v5args[@]}" --subscribers 1 --pid "$BPID" --scenario "s1-qos$q" --broker "$label" --round "$r" \
+            --out "$RES" >/dev/null 2>>"$LOG"
+          stop_pid "$BPID"
+        done
       done
     done
   done
@@ -672,7 +693,7 @@ fi
   echo "Ratio: the broker's median divided by Waystation's (for msg/s higher is better; for ms and MiB lower is better)."
   echo
   T() { "$WSB" table --in "$RES" "$@"; }
-  want 1 && T --scenario s1-qos1 --title "1. Fan-in, QoS 1: 8 x $S1_MSGS x 64 B, one subscriber on sensors/#" \
+  want 1 && T --scenario s1-qos1 --title "1. Fan-in, QoS 1: 8 x $S1_MSGS x 64 B, one subscriber on sensors/# (<broker>-v5: MQTT 5 publishers)" \
     --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,dup:dup:sum"
   want 1 && T --scenario s1-qos0 --title "1. Fan-in, QoS 0: 8 x $S1_MSGS x 64 B, one subscriber on sensors/#" \
     --metrics "e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:peak RSS MiB,lost:lost:sum"

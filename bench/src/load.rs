@@ -58,6 +58,12 @@ pub struct RunArgs {
     /// Unacknowledged QoS 1/2 publishes per publisher.
     #[arg(long, default_value_t = 100)]
     pub inflight: usize,
+    /// MQTT version of the publishers: 4 (3.1.1) or 5. Subscribers speak 3.1.1.
+    #[arg(long, default_value_t = 4)]
+    pub protocol: u8,
+    /// With --protocol 5: every PUBLISH carries a message expiry interval and a user property.
+    #[arg(long)]
+    pub v5_properties: bool,
     /// Topic per publisher; {p} is replaced by the publisher index.
     #[arg(long, default_value = "sensors/{p}/temp")]
     pub topic: String,
@@ -138,6 +144,8 @@ impl RssSampler {
 struct PubResult {
     sent: u64,
     acked: u64,
+    /// MQTT 5 acknowledgements with a reason code of 0x80 or above (counted in `acked`).
+    refused: u64,
     last_ack: Option<Instant>,
 }
 
@@ -147,6 +155,8 @@ struct PubPlan {
     payload: usize,
     inflight: usize,
     period: Option<Duration>,
+    /// MQTT 5 publishers: the property block of every PUBLISH.
+    v5_properties: Option<Vec<u8>>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -162,6 +172,7 @@ async fn publisher(
 ) -> Result<PubResult> {
     let (mut rd, mut wr) = conn.stream.into_split();
     let mut rbuf = conn.leftover;
+    let mut reader = conn.reader;
     rbuf.reserve(64 * 1024);
     let mut wbuf = BytesMut::with_capacity(WRITE_CHUNK * 2);
     // 0: free, 1: waiting for PUBACK/PUBREC, 2: waiting for PUBCOMP.
@@ -193,7 +204,16 @@ async fn publisher(
                 pkid_state[pkid as usize] = 1;
                 inflight += 1;
             }
-            proto::encode_publish(&mut wbuf, &topic, qos, pkid, idx, seq, plan.payload);
+            proto::encode_publish(
+                &mut wbuf,
+                &topic,
+                qos,
+                pkid,
+                idx,
+                seq,
+                plan.payload,
+                plan.v5_properties.as_deref(),
+            );
             seq += 1;
             res.sent += 1;
         }
@@ -216,27 +236,34 @@ async fn publisher(
                     bail!("publisher {idx}: broker closed the connection after {} acks", res.acked);
                 }
                 let now = Instant::now();
-                proto::drain_packets(&mut rbuf, |p| {
-                    match p {
-                        Packet::PubAck(a) if pkid_state[a.pkid as usize] == 1 => {
-                            pkid_state[a.pkid as usize] = 0;
-                            inflight -= 1;
-                            res.acked += 1;
-                            res.last_ack = Some(now);
-                        }
-                        Packet::PubRec(r) if pkid_state[r.pkid as usize] == 1 => {
-                            pkid_state[r.pkid as usize] = 2;
-                            proto::put_ack(&mut wbuf, proto::PUBREL, r.pkid);
-                        }
-                        Packet::PubComp(c) if pkid_state[c.pkid as usize] == 2 => {
-                            pkid_state[c.pkid as usize] = 0;
-                            inflight -= 1;
-                            res.acked += 1;
-                            res.last_ack = Some(now);
-                        }
-                        _ => {}
+                reader.drain(&mut rbuf, |ack| match ack {
+                    proto::Reply::PubAck { pkid, refused } if pkid_state[pkid as usize] == 1 => {
+                        pkid_state[pkid as usize] = 0;
+                        inflight -= 1;
+                        res.acked += 1;
+                        res.refused += u64::from(refused);
+                        res.last_ack = Some(now);
                     }
-                    Ok(())
+                    proto::Reply::PubRec { pkid, refused } if pkid_state[pkid as usize] == 1 => {
+                        if refused {
+                            // A refused QoS 2 message ends at its PUBREC [MQTT-4.3.3].
+                            pkid_state[pkid as usize] = 0;
+                            inflight -= 1;
+                            res.acked += 1;
+                            res.refused += 1;
+                            res.last_ack = Some(now);
+                        } else {
+                            pkid_state[pkid as usize] = 2;
+                            proto::put_ack(&mut wbuf, proto::PUBREL, pkid);
+                        }
+                    }
+                    proto::Reply::PubComp { pkid } if pkid_state[pkid as usize] == 2 => {
+                        pkid_state[pkid as usize] = 0;
+                        inflight -= 1;
+                        res.acked += 1;
+                        res.last_ack = Some(now);
+                    }
+                    _ => {}
                 })?;
             }
             r = wr.write(&wbuf), if !wbuf.is_empty() => {
@@ -353,6 +380,7 @@ pub async fn subscriber(
                         plan.clean,
                         KEEP_ALIVE,
                         Duration::from_secs(2),
+                        4,
                     )
                     .await
                     {
@@ -474,6 +502,7 @@ async fn connect_many(
     ids: Vec<String>,
     clean: bool,
     concurrency: usize,
+    protocol: u8,
 ) -> Result<Vec<Conn>> {
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
@@ -484,7 +513,16 @@ async fn connect_many(
             let _permit = sem.acquire_owned().await.expect("semaphore");
             let mut tries = 0;
             loop {
-                match proto::connect(addr, &id, clean, KEEP_ALIVE, Duration::from_secs(10)).await {
+                match proto::connect(
+                    addr,
+                    &id,
+                    clean,
+                    KEEP_ALIVE,
+                    Duration::from_secs(10),
+                    protocol,
+                )
+                .await
+                {
                     Ok(c) => return Ok((i, c)),
                     Err(e) if tries < 3 => {
                         tries += 1;
@@ -509,6 +547,12 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         bail!("--payload must be at least {HEADER_LEN}");
     }
     proto::qos_from(a.qos)?;
+    if a.protocol != 4 && a.protocol != 5 {
+        bail!("--protocol must be 4 (MQTT 3.1.1) or 5");
+    }
+    if a.v5_properties && a.protocol != 5 {
+        bail!("--v5-properties needs --protocol 5");
+    }
     let sub_qos = proto::qos_from(a.sub_qos.unwrap_or(a.qos))?;
     let messages = match (a.rate > 0.0, a.duration) {
         (true, Some(d)) => (a.rate * d).round() as u32,
@@ -531,6 +575,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         sub_ids.clone(),
         !a.sub_persistent,
         a.connect_concurrency,
+        4,
     )
     .await?;
     for (j, mut c) in sub_conns.into_iter().enumerate() {
@@ -570,7 +615,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let pub_ids: Vec<String> = (0..a.publishers)
         .map(|i| format!("{}-pub-{i}", a.client_prefix))
         .collect();
-    let pub_conns = connect_many(a.addr, pub_ids, true, a.connect_concurrency).await?;
+    let pub_conns = connect_many(a.addr, pub_ids, true, a.connect_concurrency, a.protocol).await?;
     let connect_secs = t_connect.elapsed().as_secs_f64();
 
     let plan = Arc::new(PubPlan {
@@ -579,6 +624,13 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         payload: a.payload,
         inflight: a.inflight,
         period: (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate)),
+        v5_properties: (a.protocol == 5).then(|| {
+            if a.v5_properties {
+                proto::v5_publish_properties()
+            } else {
+                vec![0]
+            }
+        }),
     });
     let t0 = Instant::now();
     let pubs_done = Arc::new(AtomicUsize::new(0));
@@ -659,6 +711,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
 
     let sent: u64 = pub_res.iter().map(|p| p.sent).sum();
     let acked: u64 = pub_res.iter().map(|p| p.acked).sum();
+    let refused: u64 = pub_res.iter().map(|p| p.refused).sum();
     let last_ack = pub_res.iter().filter_map(|p| p.last_ack).max();
     let (hist, received, unique, stray, _first, last, reconnects) = merge(&states);
 
@@ -667,6 +720,10 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     f.insert("publishers".into(), a.publishers as f64);
     f.insert("subscribers".into(), a.subscribers as f64);
     f.insert("qos".into(), a.qos as f64);
+    f.insert("protocol".into(), a.protocol as f64);
+    if refused > 0 {
+        f.insert("refused".into(), refused as f64);
+    }
     f.insert("payload".into(), a.payload as f64);
     f.insert("expected".into(), expected as f64);
     f.insert("sent".into(), sent as f64);
@@ -832,7 +889,7 @@ pub async fn idle(a: IdleArgs) -> Result<Record> {
     let ids = (0..a.clients)
         .map(|i| format!("{}-{i}", a.client_prefix))
         .collect();
-    let conns = connect_many(a.addr, ids, true, a.connect_concurrency).await?;
+    let conns = connect_many(a.addr, ids, true, a.connect_concurrency, 4).await?;
     let connect_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
     let after = a.pid.and_then(proc_mem);

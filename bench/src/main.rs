@@ -1,6 +1,7 @@
 //! `wsbench`: the load tool behind Waystation's benchmarks (docs/BENCHMARKS.md,
-//! scripts/bench.sh). It speaks MQTT 3.1.1 to any broker, so the same load is put on
-//! Waystation, Mosquitto and rumqttd; `wsbench rumqttd` runs rumqttd 0.20 in-process as a peer.
+//! scripts/bench.sh). It speaks MQTT 3.1.1 to any broker (publishers optionally MQTT 5), so
+//! the same load is put on Waystation, Mosquitto and rumqttd; `wsbench rumqttd` runs rumqttd
+//! 0.20 in-process as a peer.
 
 mod load;
 mod proto;
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "wsbench",
-    about = "MQTT 3.1.1 load tool: throughput, latency, loss, duplicates and broker memory"
+    about = "MQTT 3.1.1/5 load tool: throughput, latency, loss, duplicates and broker memory"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +40,10 @@ enum Command {
         port: u16,
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// Also an MQTT 5 listener on this port (rumqttd serves v5 on listeners of its own;
+        /// its v4 listener refuses a v5 CONNECT).
+        #[arg(long)]
+        v5_port: Option<u16>,
     },
     /// Prints VmRSS and VmHWM (KiB) of a process.
     Mem {
@@ -67,7 +72,16 @@ fn main() -> Result<()> {
         }
         Command::Record(a) => report::record(a),
         Command::Table(a) => report::table(a),
-        Command::Rumqttd { port, host } => run_rumqttd(SocketAddr::new(host, port)),
+        Command::Rumqttd {
+            port,
+            host,
+            v5_port: None,
+        } => run_rumqttd(SocketAddr::new(host, port)),
+        Command::Rumqttd {
+            port,
+            host,
+            v5_port: Some(v5),
+        } => run_rumqttd_v4_v5(SocketAddr::new(host, port), SocketAddr::new(host, v5)),
         Command::Mem { pid } => {
             let (rss, hwm) =
                 load::proc_mem(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/status"))?;
@@ -96,4 +110,48 @@ fn run_rumqttd(listen: SocketAddr) -> Result<()> {
     eprintln!("rumqttd listening on {listen}");
     cloud.wait()?;
     Ok(())
+}
+
+/// rumqttd as in [`run_rumqttd`] (tests/cloud's settings), with an MQTT 5 listener on `v5`
+/// beside the v4 one on `v4`: one router, so a v4 subscriber gets what v5 clients publish.
+fn run_rumqttd_v4_v5(v4: SocketAddr, v5: SocketAddr) -> Result<()> {
+    let server = |name: &str, listen| rumqttd::ServerSettings {
+        name: name.into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 60_000,
+            max_payload_size: 256 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: 20_010,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 100 * 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some(
+            [("1".to_string(), server("cloud", v4))]
+                .into_iter()
+                .collect(),
+        ),
+        v5: Some(
+            [("1".to_string(), server("cloud-v5", v5))]
+                .into_iter()
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    eprintln!("rumqttd listening on {v4} (MQTT 3.1.1) and {v5} (MQTT 5)");
+    rumqttd::Broker::new(config)
+        .start()
+        .map_err(|e| anyhow::anyhow!("rumqttd: {e:?}"))
 }
