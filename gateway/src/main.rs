@@ -148,6 +148,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_BAD_CONFIG);
                     }
                 };
+            if let Err(e) = writable_dir(&config.gateway.data_dir) {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             match run(config, security) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -233,6 +237,32 @@ fn init_logging(format: LogFormat, quiet: bool) {
             .flatten_event(true)
             .with_current_span(false)
             .init(),
+    }
+}
+
+/// `gateway.data_dir` must be writable by the daemon's user: a permission or read-only error
+/// will not go away by restarting, so it is a config error (exit 2), named with its usual cause.
+/// Other errors are left to the store, which reports them itself.
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::ErrorKind;
+    let probe = dir.join(format!(".waystation-write-test-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map(drop)
+    });
+    let _ = std::fs::remove_file(&probe);
+    match result {
+        Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {
+            Err(format!(
+                "gateway.data_dir {}: {e}: the daemon's user must be able to write it (under the systemd unit, ProtectSystem=strict makes a data_dir outside /var/lib/waystation read-only unless ReadWritePaths= names it: see docs/raspberry-pi.md)",
+                dir.display()
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
