@@ -6,7 +6,7 @@
 #   waystation-amd64  waystation-arm64  waystation-armhf
 #
 # Usage: scripts/static-builds.sh [--demo] [TARGET...]
-#   --demo   with `waystation demo` (rumqttd and the simulator; ~2x the size). Default: without.
+#   --demo   with `waystation demo` (rumqttd and the simulator; larger). Default: without.
 #   TARGET   rust targets (default: the three above). armv7-unknown-linux-musleabihf also works
 #            where rustup can install its standard library (the toolchain mirror CI uses has
 #            none for any 32-bit ARM musl target), and a gnu target may end in .GLIBC_VERSION.
@@ -31,18 +31,25 @@ for a in "$@"; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf.2.17)
 
-# zig: cargo-zigbuild finds `python3 -m ziglang` by itself when no zig is on the PATH.
-if ! command -v zig >/dev/null && ! python3 -m ziglang version >/dev/null 2>&1; then
-  echo "installing ziglang==$ZIG_VERSION from PyPI"
-  python3 -m pip install -q "ziglang==$ZIG_VERSION" || {
-    echo "cannot install zig (python3 -m pip install ziglang==$ZIG_VERSION)" >&2; exit 1; }
+target_dir="${CARGO_TARGET_DIR:-target}"
+# zig: cargo-zigbuild runs `python3 -m ziglang` when no zig is on the PATH. Installed with
+# --target into the target dir: pinned, and allowed where the system Python is "externally
+# managed" (PEP 668, Debian 12's python3).
+if ! command -v zig >/dev/null; then
+  case "$target_dir" in /*) tools=$target_dir ;; *) tools=$(pwd)/$target_dir ;; esac
+  tools="$tools/tools/ziglang-$ZIG_VERSION"
+  export PYTHONPATH="$tools${PYTHONPATH:+:$PYTHONPATH}"
+  if ! python3 -m ziglang version >/dev/null 2>&1; then
+    echo "installing ziglang==$ZIG_VERSION from PyPI into $tools"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q --disable-pip-version-check --target "$tools" "ziglang==$ZIG_VERSION" || {
+      echo "cannot install zig (python3 -m pip install ziglang==$ZIG_VERSION; Debian: apt-get install python3-pip)" >&2; exit 1; }
+  fi
 fi
 if ! cargo zigbuild --help >/dev/null 2>&1; then
   echo "installing cargo-zigbuild $ZIGBUILD_VERSION from crates.io"
   cargo install --locked --quiet --version "$ZIGBUILD_VERSION" cargo-zigbuild
 fi
 
-target_dir="${CARGO_TARGET_DIR:-target}"
 dist="$target_dir/dist"
 mkdir -p "$dist"
 summary=()
