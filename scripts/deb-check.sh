@@ -167,8 +167,10 @@ for f in /usr/bin/waystation /etc/waystation/waystation.toml /lib/systemd/system
 done
 [ -f "$R/etc/waystation/passwd" ] || fail "purge deleted the admin's password file"
 
-# --- the ARM packages: same files, their architecture, their dependencies ---
+# --- every package: directories 0755, files root-owned; the ARM ones hold the same files ---
 list() { dpkg-deb -c "$1" | awk '{print $1, $2, $6}' | sed 's| \./| /|'; }
+bad=$(list "$(deb "$version" amd64)" | awk '($1 ~ /^d/ && $1 != "drwxr-xr-x") || $2 != "root/root"')
+[ -z "$bad" ] || fail "entries with unexpected modes or owners in the package: $bad"
 for arch in arm64 armhf; do
   f=$(deb "$version" "$arch")
   [ -f "$f" ] || fail "no $f"

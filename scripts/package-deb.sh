@@ -30,6 +30,7 @@ for arch in "${arches[@]}"; do
 
   root=$(mktemp -d)
   trap 'rm -rf "$root"' EXIT
+  chmod 0755 "$root"   # mktemp's 0700 would be the package's "./" entry
   install -D -m 0755 "$bin" "$root/usr/bin/waystation"
   install -D -m 0644 config/waystation.toml "$root/etc/waystation/waystation.toml"
   install -D -m 0644 config/waystation.service "$root/lib/systemd/system/waystation.service"
