@@ -8,6 +8,7 @@ mod demo;
 mod http;
 mod malloc;
 mod metrics;
+mod passwd;
 mod status;
 mod sys;
 mod time;
@@ -62,7 +63,9 @@ enum Command {
     /// remove one with --delete. The password is read from the terminal without echo, or
     /// from the first line of stdin when stdin is not a terminal; never from the command line.
     Passwd {
-        /// The password file; created (mode 0600) if missing, replaced atomically.
+        /// The password file; replaced atomically. Created mode 0600, or 0640 with the
+        /// directory's group when that is another group (e.g. /etc/waystation, group
+        /// waystation); an existing file keeps its owner, group and mode.
         file: PathBuf,
         user: String,
         /// Remove the user instead.
@@ -115,7 +118,7 @@ fn main() -> ExitCode {
             user,
             delete,
             iterations,
-        } => passwd(&file, &user, delete, iterations),
+        } => passwd::main(&file, &user, delete, iterations),
         Command::CheckConfig { config } => {
             match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
                 Ok(_) => {
@@ -145,6 +148,10 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_BAD_CONFIG);
                     }
                 };
+            if let Err(e) = writable_dir(&config.gateway.data_dir) {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
             match run(config, security) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -233,55 +240,30 @@ fn init_logging(format: LogFormat, quiet: bool) {
     }
 }
 
-/// `waystation passwd`: exit 0 when done, 1 when it could not be (the reason on stderr).
-fn passwd(file: &std::path::Path, user: &str, delete: bool, iterations: u32) -> ExitCode {
-    let result = (|| -> anyhow::Result<()> {
-        if iterations == 0 {
-            anyhow::bail!("--iterations must be at least 1");
-        }
-        if delete {
-            if !waystation_broker::auth::update_password_file(file, user, None, iterations)? {
-                anyhow::bail!("user {user:?} is not in {}", file.display());
-            }
-            return Ok(());
-        }
-        let password = read_new_password()?;
-        waystation_broker::auth::update_password_file(
-            file,
-            user,
-            Some(password.as_bytes()),
-            iterations,
-        )?;
-        Ok(())
-    })();
+/// `gateway.data_dir` must be writable by the daemon's user: a permission or read-only error
+/// will not go away by restarting, so it is a config error (exit 2), named with its usual cause.
+/// Other errors are left to the store, which reports them itself.
+fn writable_dir(dir: &std::path::Path) -> Result<(), String> {
+    use std::io::ErrorKind;
+    let probe = dir.join(format!(".waystation-write-test-{}", std::process::id()));
+    let result = std::fs::create_dir_all(dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)
+            .map(drop)
+    });
+    let _ = std::fs::remove_file(&probe);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+        Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {
+            Err(format!(
+                "gateway.data_dir {}: {e}: the daemon's user must be able to write it (under the systemd unit, ProtectSystem=strict makes a data_dir outside /var/lib/waystation read-only unless ReadWritePaths= names it: see docs/raspberry-pi.md)",
+                dir.display()
+            ))
         }
+        _ => Ok(()),
     }
-}
-
-/// From the terminal (no echo, asked twice) or the first line of a non-terminal stdin.
-fn read_new_password() -> anyhow::Result<String> {
-    use std::io::IsTerminal;
-    let password = if std::io::stdin().is_terminal() {
-        let first = rpassword::prompt_password("Password: ")?;
-        let again = rpassword::prompt_password("Reenter password: ")?;
-        if first != again {
-            anyhow::bail!("the passwords do not match");
-        }
-        first
-    } else {
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        line.trim_end_matches(['\n', '\r']).to_string()
-    };
-    if password.is_empty() {
-        anyhow::bail!("empty password");
-    }
-    Ok(password)
 }
 
 fn run(
