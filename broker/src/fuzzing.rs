@@ -158,6 +158,7 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
     let limits = Limits {
         max_packet_size: MAX_PACKET_SIZE,
         max_inflight: 4,
+        receive_maximum: 8,
         max_queued_messages: 16,
         connect_timeout: Duration::from_secs(5),
         max_publish_rate: 1000,

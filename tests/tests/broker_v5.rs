@@ -208,7 +208,7 @@ fn hex(b: &[u8]) -> String {
 // The CONNACK's properties, as paho and MQTT.js read them: the broker's maximum packet size
 // ([limits] max_packet_size), topic alias maximum 16, an assigned client id for an empty
 // one, retain, wildcards, subscription identifiers and shared subscriptions available
-// (absent = 1), receive maximum absent (65,535).
+// (absent = 1), receive maximum 1024 ([limits] receive_maximum's default).
 #[test]
 fn connack_properties_as_clients_see_them() {
     let ws = start("[limits]\nmax_packet_size = 65536\n");
@@ -227,7 +227,10 @@ fn connack_properties_as_clients_see_them() {
         !assigned.is_empty(),
         "empty client id: one assigned [MQTT-3.2.2-16]: {p}"
     );
-    assert!(p.get("ReceiveMaximum").is_none(), "receive maximum: {p}");
+    assert_eq!(
+        p["ReceiveMaximum"], 1024,
+        "[limits] receive_maximum's default: {p}"
+    );
     for absent_or_one in [
         "RetainAvailable",
         "WildcardSubscriptionAvailable",

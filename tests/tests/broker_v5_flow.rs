@@ -15,6 +15,7 @@ use rumqttc::v5::{Client, Event, MqttOptions};
 use serde_json::json;
 use v5_common::{dropped, reason, run, start, subscriber, WAIT};
 use waystation_e2e::clients::{events, one, payloads, Lib, ScriptClient};
+use waystation_e2e::raw::{self, Connect, RawClient};
 use waystation_e2e::raw5::{self, prop, Props};
 use waystation_e2e::Waystation;
 
@@ -392,4 +393,58 @@ fn no_matching_subscribers_is_reason_0x10() {
     assert_eq!(publish(Lib::Paho, 1), 0x00, "PUBACK with a subscriber");
     assert_eq!(publish(Lib::MqttJs, 2), 0x00, "PUBREC with a subscriber");
     assert_eq!(payloads(&sub.finish(WAIT)), ["x", "x"]);
+}
+
+// The broker's own Receive Maximum ([limits] receive_maximum, told in CONNACK): a client
+// that keeps within it is served (three QoS 1 PUBLISHes, their PUBACKs, three more); one
+// that sends a fourth before the first PUBACK is closed with DISCONNECT 0x93. A 3.1.1
+// client is not counted (its protocol has no such limit).
+#[test]
+fn the_brokers_receive_maximum_is_announced_and_enforced() {
+    let ws = start("[limits]\nreceive_maximum = 3\n");
+    let mut keeps = raw5::connect_ok(ws.addr, "rm-keeps", &Props::new());
+    for round in 0..2u16 {
+        for i in 1..=3u16 {
+            keeps.send(&raw5::publish(
+                "rm/t",
+                b"x",
+                1,
+                Some(round * 3 + i),
+                &Props::new(),
+            ));
+        }
+        for _ in 0..3 {
+            let p = keeps.recv();
+            assert!(
+                raw5::disconnect_reason(&p).is_none(),
+                "within the receive maximum: {p:?}"
+            );
+        }
+    }
+    let (mut over, ack) =
+        raw5::connect_with(ws.addr, &raw5::connect("rm-over", true, 60, &Props::new()));
+    assert!(
+        ack.props
+            .windows(3)
+            .any(|w| w == [raw5::prop::RECEIVE_MAXIMUM, 0, 3]),
+        "Receive Maximum 3 announced in CONNACK: {:02x?}",
+        ack.props
+    );
+    let mut burst = Vec::new();
+    for i in 1..=4u16 {
+        burst.extend(raw5::publish("rm/t", b"x", 1, Some(i), &Props::new()));
+    }
+    over.send(&burst);
+    assert_eq!(raw5::expect_disconnect(&mut over, WAIT), 0x93);
+    // 3.1.1: four at once are fine.
+    let (mut v4, _, code) = RawClient::connect_with(ws.addr, &Connect::new("rm-v4"));
+    assert_eq!(code, 0);
+    let mut burst = Vec::new();
+    for i in 1..=4u16 {
+        burst.extend(raw::publish("rm/t", b"x", 1, false, false, Some(i)));
+    }
+    v4.send(&burst);
+    for _ in 0..4 {
+        assert!(matches!(v4.recv(), raw::Pkt::PubAck(_)));
+    }
 }

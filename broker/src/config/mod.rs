@@ -26,6 +26,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// QoS 1/2 messages sent to one client and not yet acknowledged.
     pub max_inflight: u16,
+    /// QoS 1/2 PUBLISHes an MQTT 5 client may send before their PUBACK/PUBCOMP (its
+    /// Receive Maximum, told in CONNACK); one more closes the connection with 0x93. 65535:
+    /// not announced. 3.1.1 has no such limit (its publishers are held back by not reading).
+    pub receive_maximum: u16,
     /// QoS 1/2 messages waiting for one client (offline, or window full).
     pub max_queued_messages: usize,
     /// Time a new connection has to send CONNECT (seconds in the config file).
@@ -55,6 +59,7 @@ impl Default for Limits {
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             max_connections: 10_000,
             max_inflight: 100,
+            receive_maximum: 1024,
             max_queued_messages: 1000,
             connect_timeout: Duration::from_secs(10),
             max_publish_rate: 0,

@@ -3,7 +3,7 @@
 //! task that drains a connection's outbox in batches.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -58,7 +58,7 @@ pub(super) async fn write_loop(
     mut writer: impl AsyncWrite + Unpin,
     mut outbox: OutboxReceiver,
     mut encoder: Encoder,
-    client_id: Arc<str>,
+    (client_id, unacknowledged): (Arc<str>, Option<Arc<AtomicU32>>),
     stats: Arc<Stats>,
 ) {
     // Starts empty and grows with the traffic: an idle sensor connection should cost next
@@ -84,6 +84,13 @@ pub(super) async fn write_loop(
                     }
                 }
             }
+            if let Some(count) = &unacknowledged {
+                if ends_inbound_flow(&packet) {
+                    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        Some(n.saturating_sub(1))
+                    });
+                }
+            }
             if matches!(packet, Outbound::Close(_)) {
                 // Written (an MQTT 5 DISCONNECT with its reason), then the socket is closed.
                 close = true;
@@ -105,4 +112,19 @@ pub(super) async fn write_loop(
             return;
         }
     }
+}
+
+/// Whether writing `packet` ends a QoS 1/2 PUBLISH the client sent (its PUBACK, its PUBCOMP,
+/// or a refusal): what frees a slot of the client's Receive Maximum [MQTT-3.3.4-9].
+fn ends_inbound_flow(packet: &Outbound) -> bool {
+    matches!(
+        packet,
+        Outbound::PubAck(_)
+            | Outbound::PubComp(_)
+            | Outbound::PubRefused { .. }
+            | Outbound::PubAckNoSubscribers {
+                qos: crate::protocol::message::QoS::AtLeastOnce,
+                ..
+            }
+    )
 }

@@ -221,6 +221,7 @@ fn session_encoder(
                 assigned_client_id,
                 max_packet_size: ctx.limits.max_packet_size as u32,
                 session_expiry: None,
+                receive_maximum: ctx.limits.receive_maximum,
             },
             client_max_packet_size,
             client_topic_alias_max,

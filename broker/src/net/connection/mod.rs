@@ -8,7 +8,8 @@
 //! graceful (DISCONNECT: no will) or not.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -17,7 +18,7 @@ use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
 use crate::protocol::inbound::{DecodeError, Inbound};
-use crate::protocol::message::{CloseReason, Outbound};
+use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::protocol::Decoder;
 use crate::router::{OutboxHandle, RouterCmd};
 use crate::session::{ConnId, Outbox};
@@ -109,11 +110,16 @@ pub async fn handle<S>(
     }
     info!(%peer, client_id = %client_id, keep_alive, clean_session, session_expiry, ?version, "client connected");
 
+    // MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes read and not yet acknowledged, counted up
+    // by the reader and down by the writer as it writes their PUBACK/PUBCOMP.
+    let unacknowledged = (version == crate::protocol::Version::V5
+        && ctx.limits.receive_maximum < u16::MAX)
+        .then(|| Arc::new(AtomicU32::new(0)));
     let mut writer_task = tokio::spawn(write_loop(
         writer,
         outbox_rx,
         encoder,
-        client_id.clone(),
+        (client_id.clone(), unacknowledged.clone()),
         ctx.stats.clone(),
     ));
     let keep_alive_limit =
@@ -130,6 +136,7 @@ pub async fn handle<S>(
         ctx: &ctx,
         keep_alive_limit,
         session_expiry,
+        unacknowledged,
     };
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut reading, &mut guard) => end,
@@ -205,6 +212,33 @@ fn on_disconnect(
     }
 }
 
+/// Counts a QoS 1/2 PUBLISH against an MQTT 5 client's Receive Maximum; the end of the
+/// connection (DISCONNECT 0x93) when it has one more unacknowledged than allowed.
+fn over_receive_maximum(
+    packet: &Inbound,
+    unacknowledged: Option<&AtomicU32>,
+    ctx: &ConnectionContext,
+    client_id: &str,
+) -> Option<End> {
+    let (Inbound::Publish(p), Some(count)) = (packet, unacknowledged) else {
+        return None;
+    };
+    let limit = u32::from(ctx.limits.receive_maximum);
+    if p.message.qos == QoS::AtMostOnce || count.fetch_add(1, Ordering::Relaxed) < limit {
+        return None;
+    }
+    ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    warn!(
+        client_id,
+        receive_maximum = limit,
+        "more QoS 1/2 PUBLISHes unacknowledged than the Receive Maximum: closing"
+    );
+    Some(abrupt(
+        "receive maximum exceeded",
+        CloseReason::ReceiveMaximumExceeded,
+    ))
+}
+
 /// What the reader works with after CONNECT.
 struct Reading<'a> {
     buf: &'a mut BytesMut,
@@ -215,6 +249,8 @@ struct Reading<'a> {
     keep_alive_limit: Option<Duration>,
     /// The session expiry the CONNECT set: a DISCONNECT may not raise it from 0.
     session_expiry: u32,
+    /// QoS 1/2 PUBLISHes not yet acknowledged, for an MQTT 5 client with a Receive Maximum.
+    unacknowledged: Option<Arc<AtomicU32>>,
 }
 
 async fn read_loop(
@@ -230,6 +266,7 @@ async fn read_loop(
         ctx,
         keep_alive_limit,
         session_expiry,
+        unacknowledged,
     } = reading;
     let (conn, client_id, ctx, keep_alive_limit) = (*conn, *client_id, *ctx, *keep_alive_limit);
     let far_future = Duration::from_secs(86400 * 365);
@@ -251,6 +288,11 @@ async fn read_loop(
             };
             if let Inbound::Disconnect(d) = &packet {
                 return on_disconnect(d, *session_expiry, client_id, ctx);
+            }
+            if let Some(end) =
+                over_receive_maximum(&packet, unacknowledged.as_deref(), ctx, client_id)
+            {
+                return end;
             }
             if matches!(packet, Inbound::Publish(_)) {
                 has_published = true;

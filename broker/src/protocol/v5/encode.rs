@@ -34,6 +34,8 @@ pub struct ConnAckInfo {
     pub max_packet_size: u32,
     /// The session expiry the broker uses, when it differs from what the client asked.
     pub session_expiry: Option<u32>,
+    /// QoS 1/2 PUBLISHes the client may have unacknowledged (65535: not announced).
+    pub receive_maximum: u16,
 }
 
 /// Why an `Outbound` could not be encoded.
@@ -204,6 +206,8 @@ impl V5Encoder {
                     .as_deref()
                     .map(ByteString::from),
                 topic_alias_max: TOPIC_ALIAS_MAXIMUM,
+                receive_max: NonZeroU16::new(self.connack.receive_maximum)
+                    .unwrap_or(NonZeroU16::MAX),
                 ..v5::ConnectAck::default()
             },
             ConnectOutcome::UnacceptableProtocol => refused(

@@ -266,6 +266,7 @@ fn connack_tells_what_the_broker_offers() {
             assigned_client_id: Some("auto-1".into()),
             max_packet_size: 4096,
             session_expiry: None,
+            receive_maximum: 1024,
         },
         None,
         0,
@@ -281,6 +282,7 @@ fn connack_tells_what_the_broker_offers() {
             assert_eq!(ack.assigned_client_id.as_deref(), Some("auto-1"));
             assert_eq!(ack.max_packet_size, Some(4096));
             assert_eq!(ack.topic_alias_max, TOPIC_ALIAS_MAXIMUM);
+            assert_eq!(ack.receive_max.get(), 1024);
             assert!(ack.shared_subscription_available);
             assert!(ack.subscription_identifiers_available);
             assert!(ack.retain_available && ack.wildcard_subscription_available);
