@@ -22,8 +22,8 @@ command -v dpkg-deb >/dev/null || { echo "missing: dpkg-deb (Debian's dpkg)" >&2
 for arch in "${arches[@]}"; do
   bin="$dist/waystation-$arch"
   [ -x "$bin" ] || { echo "no $bin: run scripts/static-builds.sh first" >&2; exit 1; }
-  # The armhf build is glibc's (no 32-bit ARM musl standard library on the toolchain mirror):
-  # it needs the glibc its newest symbol names. The musl ones need nothing.
+  # The default builds are static (musl) and need nothing; a glibc build
+  # (static-builds.sh armv7-unknown-linux-gnueabihf.2.17) needs the glibc its newest symbol names.
   depends=""
   newest=$(readelf --dyn-syms -W "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1 || true)
   [ -z "$newest" ] || depends="libc6 (>= ${newest#GLIBC_})"

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The daemon for Linux machines with no particular C library: x86_64 and aarch64 statically
-# linked with musl, armv7 (32-bit Raspberry Pi OS) linked against glibc 2.17 or newer, all
-# cross-built with zig as the C compiler (for ring) and linker (cargo-zigbuild). Prints each
-# stripped binary's size and leaves them, named by Debian architecture, in target/dist/:
+# The daemon for Linux machines with no particular C library: x86_64, aarch64 and armv7
+# (32-bit Raspberry Pi OS) statically linked with musl, cross-built with zig as the C compiler
+# (for ring) and linker (cargo-zigbuild). Prints each stripped binary's size and leaves them,
+# named by Debian architecture, in target/dist/:
 #   waystation-amd64  waystation-arm64  waystation-armhf
 #
 # Usage: scripts/static-builds.sh [--demo] [TARGET...]
 #   --demo   with `waystation demo` (rumqttd and the simulator; larger). Default: without.
-#   TARGET   rust targets (default: the three above). armv7-unknown-linux-musleabihf also works
-#            where rustup can install its standard library (the toolchain mirror CI uses has
-#            none for any 32-bit ARM musl target), and a gnu target may end in .GLIBC_VERSION.
+#   TARGET   rust targets (default: the three above). A gnu target may end in .GLIBC_VERSION
+#            (armv7-unknown-linux-gnueabihf.2.17: a glibc build for 32-bit ARM).
 #
 # Installs what is missing: the rustup targets, zig from PyPI (ziglang) and cargo-zigbuild
-# from crates.io, both pinned. Release builds; zig's linker leaves no symbol table (`file`
-# says "stripped"), which the script checks.
+# from crates.io, both pinned. Where rustup has no standard library for a target (the
+# toolchain mirror CI uses publishes none for 32-bit ARM musl), the standard library is built
+# from rustup's `rust-src` (-Zbuild-std, allowed on stable by RUSTC_BOOTSTRAP=1 for this
+# build only) and zig supplies musl's start files and libc. Release builds; zig's linker
+# leaves no symbol table (`file` says "stripped"), which the script checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZIG_VERSION=0.15.2
@@ -29,7 +31,7 @@ for a in "$@"; do
     *) targets+=("$a") ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-gnueabihf.2.17)
+[ ${#targets[@]} -gt 0 ] || targets=(x86_64-unknown-linux-musl aarch64-unknown-linux-musl armv7-unknown-linux-musleabihf)
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 # zig: cargo-zigbuild runs `python3 -m ziglang` when no zig is on the PATH. Installed with
@@ -61,12 +63,25 @@ for t in "${targets[@]}"; do
     armv7-*|arm-*) arch=armhf; elf="ARM, EABI5" ;;
     *) echo "no Debian architecture known for $triple" >&2; exit 2 ;;
   esac
-  if ! rustup target list --installed | grep -qx "$triple"; then
-    rustup target add "$triple" >/dev/null 2>&1 || {
-      echo "rustup cannot install the standard library for $triple (the toolchain mirror has none?)" >&2; exit 1; }
-  fi
   start=$SECONDS
-  cargo zigbuild --release -p waystation --target "$t" "${features[@]}"
+  build_std=()
+  if ! rustup target list --installed | grep -qx "$triple" && ! rustup target add "$triple" >/dev/null 2>&1; then
+    # No prebuilt standard library: build it from source, with the same compiler. Only the
+    # standard library's crates come from source; everything else is as for any target.
+    rustup component add rust-src >/dev/null 2>&1 || {
+      echo "rustup has neither the standard library for $triple nor rust-src to build it" >&2; exit 1; }
+    echo "$triple: no prebuilt standard library from rustup; building it from rust-src"
+    build_std=(-Zbuild-std=std,panic_abort)
+  fi
+  if [ ${#build_std[@]} -gt 0 ]; then
+    # rustc would link its own copies of musl's crt1.o/libc.a, which a rust-src build does not
+    # have; zig's are the same musl, so let the linker (zig) bring them.
+    flags_var="CARGO_TARGET_$(echo "$triple" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    env RUSTC_BOOTSTRAP=1 "$flags_var=-C link-self-contained=no" \
+      cargo zigbuild --release -p waystation --target "$t" "${features[@]}" "${build_std[@]}"
+  else
+    cargo zigbuild --release -p waystation --target "$t" "${features[@]}"
+  fi
   bin="$target_dir/$triple/release/waystation"
   out="$dist/waystation-$arch"
   cp "$bin" "$out"

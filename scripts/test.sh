@@ -19,7 +19,6 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v node >/dev/null || need_apt+=(nodejs)
 command -v npm >/dev/null || need_apt+=(npm)
 command -v qemu-aarch64 >/dev/null && command -v qemu-arm >/dev/null || need_apt+=(qemu-user)
-[ -e /usr/arm-linux-gnueabihf/lib/ld-linux-armhf.so.3 ] || need_apt+=(libc6-armhf-cross)
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
@@ -68,8 +67,8 @@ cargo test --workspace --no-fail-fast 2>&1 | tee "$results"
 # baseline board, RAM = static + painted stack measured in QEMU).
 bash scripts/firmware-size.sh
 
-# The daemon for a Raspberry Pi (issue 16): static x86_64 and aarch64 (musl) and armv7 (glibc
-# >= 2.17) binaries built with zig, and their sizes; the ARM ones run under qemu-user as a
+# The daemon for a Raspberry Pi (issue 16): static (musl) x86_64, aarch64 and armv7 binaries
+# built with zig, and their sizes; the ARM ones run under qemu-user as a
 # Cortex-A53 and a Cortex-A7 (QoS 1, a backlog across SIGTERM and restart); a .deb per
 # architecture, the amd64 one installed into a fresh Debian root and checked (user, modes,
 # systemd-analyze verify, passwords, TLS, upgrade, purge). Each step says what it cost.
