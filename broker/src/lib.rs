@@ -10,7 +10,7 @@
 //!    `policy::acl`, the will), then its reader decodes each packet with `protocol::v4` into
 //!    the neutral types of `protocol::message` and sends the PUBLISH to the router as a
 //!    `router::RouterCmd`; its writer task writes whatever the router puts in the
-//!    connection's `session::Outbox`.
+//!    connection's `outbox::Outbox`.
 //! 3. `router` is the one task that owns sessions, subscriptions and retained messages.
 //!    `router::publish` admits the message (once, per message), adds what must be kept to the
 //!    burst's batch — a log append when a `[[bridge]]` forward rule (`config::bridge`) matches,
@@ -39,6 +39,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod net;
+mod outbox;
 mod persist;
 pub mod policy;
 pub mod protocol;

@@ -6,8 +6,9 @@
 
 use tokio::sync::oneshot;
 
+use crate::outbox::Outbox;
 use crate::protocol::message::{CloseReason, Outbound, SubscriptionOptions};
-use crate::session::{ConnId, Outbox};
+use crate::session::ConnId;
 
 /// An answer that waits for what its request wrote to be durable: released in arrival
 /// order by [`Router::release`].

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use crate::outbox::Outbox;
 use crate::policy::acl::ClientAcl;
 use crate::protocol::message::{CloseReason, Message, PublishRefusal, QoS, SubscribeFilter};
 use crate::protocol::Version;
-use crate::session::{ConnId, Outbox};
+use crate::session::ConnId;
 
 /// What a client asked for when it connected, after the adapter validated it.
 #[derive(Debug, Clone)]

@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{OnFull, StorageLimits};
+use crate::outbox::Outbox;
 use crate::persist::{self, Restored};
 use crate::policy::acl::ClientAcl;
 use crate::protocol::inbound::SESSION_NEVER_EXPIRES;
@@ -48,7 +49,7 @@ use crate::protocol::message::{
     CloseReason, ConnectOutcome, Message, Outbound, QoS, SubscribeFilter, SubscribeRefusal,
     SubscriptionOptions,
 };
-use crate::session::{ConnId, Dropped, Online, Outbox, Session, SessionLimits};
+use crate::session::{ConnId, Dropped, Online, Session, SessionLimits};
 use crate::stats::Stats;
 use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};
 use crate::store::record::StoredMessage;

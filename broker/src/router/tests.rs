@@ -42,7 +42,7 @@ fn router_on(store: &Store, max_age: Duration) -> Router {
     )
 }
 
-fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::session::OutboxReceiver {
+fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::outbox::OutboxReceiver {
     let (outbox, rx) = Outbox::new();
     connect_on(router, conn, client_id, true, outbox);
     rx
@@ -76,7 +76,7 @@ fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, o
     router.end_burst();
 }
 
-fn drain(rx: &mut crate::session::OutboxReceiver) -> Vec<Outbound> {
+fn drain(rx: &mut crate::outbox::OutboxReceiver) -> Vec<Outbound> {
     let mut out = Vec::new();
     while let Some(p) = rx.try_recv() {
         out.push(p);
@@ -165,7 +165,7 @@ fn show(packet: &Outbound) -> String {
 }
 
 /// What the connection behind `rx` has been sent since the last call.
-fn packets(rx: &mut crate::session::OutboxReceiver) -> Vec<String> {
+fn packets(rx: &mut crate::outbox::OutboxReceiver) -> Vec<String> {
     drain(rx).iter().map(show).collect()
 }
 

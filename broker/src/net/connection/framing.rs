@@ -10,10 +10,10 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
+use crate::outbox::OutboxReceiver;
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::Outbound;
 use crate::protocol::{Decoder, Encoder};
-use crate::session::OutboxReceiver;
 use crate::stats::Stats;
 
 /// Write at most this much per socket write when draining the outbox.

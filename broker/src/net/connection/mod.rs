@@ -17,11 +17,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
+use crate::outbox::Outbox;
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::protocol::Decoder;
 use crate::router::{OutboxHandle, RouterCmd};
-use crate::session::{ConnId, Outbox};
+use crate::session::ConnId;
 
 mod context;
 mod dispatch;
