@@ -5,12 +5,61 @@
 //! writes in batches. Sending never waits: a full socket must not stop the router, so what
 //! a slow reader costs is bounded by the session's own limits, which the router checks
 //! before it sends.
+//!
+//! QoS 0 to a live subscriber, the policy (issue 14): a subscriber that keeps up on average
+//! loses nothing, one that stays behind cannot hold the broker's memory or its publishers.
+//! - Its outbox counts the bytes (topic + payload) of the PUBLISHes not yet written.
+//! - Past [`QOS0_BEHIND_BYTES`] it is *behind*: each QoS 0 message still goes in, and the
+//!   publisher that sent it is paused (its socket is not read) until the subscriber is back
+//!   under [`QOS0_CAUGHT_UP_BYTES`], the way a TCP pipe slows its sender.
+//! - A pause goes on while the subscriber makes progress: one that writes less than
+//!   [`SLOW_SUBSCRIBER_PROGRESS`] in a [`SLOW_SUBSCRIBER_GRACE`] while publishers wait is
+//!   *slow*. Nobody waits for a slow subscriber; its QoS 0 messages are dropped while it is
+//!   behind (counted, logged once a minute) until it catches up. Progress, not the time to
+//!   catch up, is the test: one reading steadily may need a while to come back under the
+//!   mark.
+//! - The router runs behind its publishers: a publisher hears that a subscriber is behind
+//!   only once the router has routed its messages. So each connection's reader stops
+//!   reading while more than [`ROUTER_SHARE_BYTES`] of its PUBLISHes wait in the router's
+//!   queue: a subscriber goes past the behind mark by at most that per publisher feeding
+//!   it (and one publisher cannot fill the router's queue for everyone else).
+//! - Past `max_queued_bytes` ([limits], the bound of a session's QoS 1/2 queue too) QoS 0
+//!   messages are dropped whatever the state: the bound on memory when senders cannot be
+//!   paused (a bridge's inbound messages) or many publishers feed one subscriber.
+//!
+//! QoS 1/2 messages are bounded by the session's window and queue, not here.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use crate::protocol::message::Outbound;
+use crate::protocol::message::{Message, Outbound};
+
+/// Unwritten PUBLISH bytes above which a live subscriber is behind: its QoS 0 publishers
+/// wait. About 3,000 small sensor messages, a fraction of a second of any link's worth.
+pub const QOS0_BEHIND_BYTES: usize = 256 * 1024;
+/// A behind subscriber has caught up (publishers go on) under this many unwritten bytes.
+pub const QOS0_CAUGHT_UP_BYTES: usize = QOS0_BEHIND_BYTES / 2;
+/// A behind subscriber that writes less than [`SLOW_SUBSCRIBER_PROGRESS`] bytes in this
+/// long, while publishers wait for it, is slow.
+pub const SLOW_SUBSCRIBER_GRACE: Duration = Duration::from_secs(1);
+/// See [`SLOW_SUBSCRIBER_GRACE`]: a subscriber reading 64 KiB/s or more is never slow.
+pub const SLOW_SUBSCRIBER_PROGRESS: usize = 64 * 1024;
+/// A connection's PUBLISH bytes handed to the router and not yet routed, over which its
+/// reader waits: its share of the router's queue of commands (outbox.rs's module doc).
+pub const ROUTER_SHARE_BYTES: usize = 64 * 1024;
+/// A slow subscriber's drops are logged at most this often (with the count since).
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What may happen to a QoS 0 message for a live subscriber, by its outbox's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos0Admission {
+    Send,
+    /// Send it, and pause its publisher (the subscriber is behind).
+    SendBehind,
+    Drop,
+}
 
 /// The sending side of one connection: the router's handle to its writer task.
 ///
@@ -29,8 +78,17 @@ struct OutboxShared {
     state: Mutex<OutboxState>,
     /// Wakes the one receiver; a notification sent while it is not waiting is kept for it.
     wake: tokio::sync::Notify,
-    /// Sent and not yet written by the writer (queued, held, or taken and being written).
-    pending: AtomicUsize,
+    /// Topic + payload bytes of the PUBLISHes sent and not yet written by the writer
+    /// (queued, held, or taken and being written).
+    publish_bytes: AtomicUsize,
+    /// PUBLISH bytes written since the connection began: a behind subscriber's progress.
+    written_bytes: AtomicUsize,
+    /// This connection's PUBLISH bytes its reader handed to the router, not yet routed.
+    unrouted_bytes: AtomicUsize,
+    /// Wakes the reader waiting for the router to route its share.
+    routed: tokio::sync::Notify,
+    /// Wakes the publishers waiting for this subscriber to catch up.
+    caught_up: tokio::sync::Notify,
 }
 
 struct OutboxState {
@@ -40,6 +98,14 @@ struct OutboxState {
     /// Live `Outbox` handles; at 0 the receiver ends once the queue is drained.
     senders: usize,
     receiver_gone: bool,
+    /// Stayed behind past the grace: nobody waits for it until it catches up.
+    slow: bool,
+    /// This connection's publisher side: a subscriber it fed is behind, so its reader
+    /// waits before reading more (set by the router, taken by the reader).
+    wait_for: Option<Weak<OutboxShared>>,
+    /// QoS 0 drops for this subscriber not yet logged, and when they last were.
+    drops_unlogged: u32,
+    drops_logged_at: Option<Instant>,
 }
 
 /// A drained queue that grew past this many packets gives its room back.
@@ -59,9 +125,17 @@ impl Outbox {
                 held: None,
                 senders: 1,
                 receiver_gone: false,
+                slow: false,
+                wait_for: None,
+                drops_unlogged: 0,
+                drops_logged_at: None,
             }),
             wake: tokio::sync::Notify::new(),
-            pending: AtomicUsize::new(0),
+            publish_bytes: AtomicUsize::new(0),
+            written_bytes: AtomicUsize::new(0),
+            unrouted_bytes: AtomicUsize::new(0),
+            routed: tokio::sync::Notify::new(),
+            caught_up: tokio::sync::Notify::new(),
         });
         (
             Outbox {
@@ -72,7 +146,7 @@ impl Outbox {
     }
 
     pub fn send(&self, packet: Outbound) {
-        self.shared.pending.fetch_add(1, Ordering::Relaxed);
+        self.count(&packet);
         let mut state = self.shared.lock();
         // A gone receiver means the connection is going away; the router learns that from
         // its Disconnected command, so there is nothing to do here.
@@ -96,7 +170,7 @@ impl Outbox {
     /// the CONNACK (a takeover's `Close`, sent with `send`, must end a connection whose
     /// CONNACK may never come).
     pub fn send_in_order(&self, packet: Outbound) {
-        self.shared.pending.fetch_add(1, Ordering::Relaxed);
+        self.count(&packet);
         let mut state = self.shared.lock();
         if state.receiver_gone {
             return;
@@ -118,7 +192,6 @@ impl Outbox {
 
     /// Sends `first` (the CONNACK), then everything held since [`Outbox::hold`], in order.
     pub fn release_hold(&self, first: Outbound) {
-        self.shared.pending.fetch_add(1, Ordering::Relaxed);
         let mut state = self.shared.lock();
         let held = state.held.take().unwrap_or_default();
         if !state.receiver_gone {
@@ -129,8 +202,146 @@ impl Outbox {
         self.shared.wake.notify_one();
     }
 
-    pub fn pending(&self) -> usize {
-        self.shared.pending.load(Ordering::Relaxed)
+    fn count(&self, packet: &Outbound) {
+        let bytes = counted_bytes(packet);
+        if bytes > 0 {
+            self.shared
+                .publish_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Topic + payload bytes of the PUBLISHes sent and not yet written.
+    pub fn publish_bytes(&self) -> usize {
+        self.shared.publish_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a QoS 0 message may go to this (subscriber's) outbox now, with at most
+    /// `max_bytes` unwritten; see the module doc.
+    pub fn admit_qos0(&self, max_bytes: usize) -> Qos0Admission {
+        let queued = self.publish_bytes();
+        if queued < QOS0_BEHIND_BYTES.min(max_bytes) {
+            Qos0Admission::Send
+        } else if queued >= max_bytes || self.shared.lock().slow {
+            Qos0Admission::Drop
+        } else {
+            Qos0Admission::SendBehind
+        }
+    }
+
+    /// On a publisher's outbox, by its reader: `message` goes to the router.
+    pub fn to_router(&self, message: &Message) {
+        let bytes = message.topic.len() + message.payload.len();
+        self.shared
+            .unrouted_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// On a publisher's outbox, by the router: `message` (from [`Outbox::to_router`]) is
+    /// routed.
+    pub fn routed(&self, message: &Message) {
+        let bytes = message.topic.len() + message.payload.len();
+        let before = self
+            .shared
+            .unrouted_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+        if before >= ROUTER_SHARE_BYTES && before - bytes < ROUTER_SHARE_BYTES {
+            self.shared.routed.notify_one();
+        }
+    }
+
+    /// On a publisher's outbox, by its reader: returns once less than
+    /// [`ROUTER_SHARE_BYTES`] of what it handed to the router waits there. Holds no data.
+    pub async fn router_caught_up(&self) {
+        while self.shared.unrouted_bytes.load(Ordering::Relaxed) >= ROUTER_SHARE_BYTES {
+            // notify_one keeps a wake-up sent before this waits: none is missed.
+            self.shared.routed.notified().await;
+        }
+    }
+
+    /// What a publisher feeding this subscriber waits on.
+    pub fn congestion(&self) -> Congestion {
+        Congestion(Arc::downgrade(&self.shared))
+    }
+
+    /// On a publisher's outbox: its reader is to wait for `congested` before reading more.
+    pub fn wait_for(&self, congested: Congestion) {
+        self.shared.lock().wait_for = Some(congested.0);
+    }
+
+    /// On a publisher's outbox, by its reader: the subscriber to wait for, if any.
+    pub fn take_wait(&self) -> Option<Congestion> {
+        self.shared.lock().wait_for.take().map(Congestion)
+    }
+
+    /// Counts one QoS 0 drop for this subscriber; the count to log, once a minute.
+    pub fn note_drop(&self) -> Option<u32> {
+        let mut state = self.shared.lock();
+        state.drops_unlogged = state.drops_unlogged.saturating_add(1);
+        let due = state
+            .drops_logged_at
+            .is_none_or(|at| at.elapsed() >= DROP_LOG_INTERVAL);
+        if !due {
+            return None;
+        }
+        state.drops_logged_at = Some(Instant::now());
+        Some(std::mem::take(&mut state.drops_unlogged))
+    }
+}
+
+/// A behind subscriber's outbox, as its publishers see it: weak, so that a publisher never
+/// keeps a gone connection's queue alive.
+pub struct Congestion(Weak<OutboxShared>);
+
+impl Congestion {
+    /// Waits until the subscriber is back under [`QOS0_CAUGHT_UP_BYTES`], gone, or slow
+    /// (`true`); marks it slow (`false`) once it writes less than
+    /// [`SLOW_SUBSCRIBER_PROGRESS`] in a `grace`. Holds no data, so it may be dropped at any
+    /// point.
+    pub async fn caught_up_within(self, grace: Duration) -> bool {
+        let Some(shared) = self.0.upgrade() else {
+            return true;
+        };
+        let mut deadline = tokio::time::Instant::now() + grace;
+        let mut progress_from = shared.written_bytes.load(Ordering::Relaxed);
+        loop {
+            let notified = shared.caught_up.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a catch-up between the two is not missed.
+            notified.as_mut().enable();
+            if shared.publish_bytes.load(Ordering::Relaxed) < QOS0_CAUGHT_UP_BYTES {
+                return true;
+            }
+            {
+                let state = shared.lock();
+                if state.slow || state.receiver_gone {
+                    return true;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let written = shared.written_bytes.load(Ordering::Relaxed);
+                if written.wrapping_sub(progress_from) >= SLOW_SUBSCRIBER_PROGRESS {
+                    // Behind but reading: wait on, for another grace.
+                    (progress_from, deadline) = (written, deadline + grace);
+                    continue;
+                }
+                let mut state = shared.lock();
+                // Under the lock the writer clears `slow` with: a catch-up just now wins.
+                if shared.publish_bytes.load(Ordering::Relaxed) < QOS0_CAUGHT_UP_BYTES {
+                    return true;
+                }
+                state.slow = true;
+                return false;
+            }
+        }
+    }
+}
+
+/// The bytes a packet counts for in [`Outbox::publish_bytes`].
+pub fn counted_bytes(packet: &Outbound) -> usize {
+    match packet {
+        Outbound::Publish { message, .. } => message.topic.len() + message.payload.len(),
+        _ => 0,
     }
 }
 
@@ -185,9 +396,24 @@ impl OutboxReceiver {
         self.shared.lock().queue.is_empty()
     }
 
-    /// Called by the writer once it has written `n` packets.
-    pub fn written(&self, n: usize) {
-        self.shared.pending.fetch_sub(n, Ordering::Relaxed);
+    /// Called by the writer once it has written packets of `bytes` PUBLISH bytes
+    /// ([`counted_bytes`]): a subscriber back under [`QOS0_CAUGHT_UP_BYTES`] lets its
+    /// publishers go on.
+    pub fn written(&self, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.shared
+            .written_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+        let before = self
+            .shared
+            .publish_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+        if before >= QOS0_CAUGHT_UP_BYTES && before - bytes < QOS0_CAUGHT_UP_BYTES {
+            self.shared.lock().slow = false;
+            self.shared.caught_up.notify_waiters();
+        }
     }
 }
 
@@ -197,6 +423,8 @@ impl Drop for OutboxReceiver {
         state.receiver_gone = true;
         state.queue = VecDeque::new();
         state.held = None;
+        drop(state);
+        self.shared.caught_up.notify_waiters();
     }
 }
 
@@ -238,6 +466,137 @@ mod tests {
             ),
             "{sent:?}"
         );
-        assert_eq!(outbox.pending(), 5);
+        assert_eq!(outbox.publish_bytes(), 0);
+    }
+
+    /// A `max_queued_bytes`.
+    const MAX: usize = 4 * QOS0_BEHIND_BYTES;
+
+    /// A QoS 0 PUBLISH of `bytes` topic + payload bytes.
+    fn publish(bytes: usize) -> Outbound {
+        Outbound::Publish {
+            pkid: 0,
+            message: crate::protocol::message::Message::new(
+                "t",
+                vec![0u8; bytes - 1],
+                crate::protocol::message::QoS::AtMostOnce,
+                false,
+            ),
+            dup: false,
+        }
+    }
+
+    /// Fills `outbox` with PUBLISHes up to at least `bytes`.
+    fn fill(outbox: &Outbox, bytes: usize) {
+        while outbox.publish_bytes() < bytes {
+            outbox.send(publish(1024));
+        }
+    }
+
+    #[test]
+    fn qos0_is_sent_then_paces_its_publishers_then_is_dropped_past_the_cap() {
+        let (outbox, _rx) = Outbox::new();
+        assert_eq!(outbox.admit_qos0(MAX), Qos0Admission::Send);
+        fill(&outbox, QOS0_BEHIND_BYTES - 1024);
+        assert_eq!(outbox.admit_qos0(MAX), Qos0Admission::Send);
+        fill(&outbox, QOS0_BEHIND_BYTES);
+        assert_eq!(outbox.admit_qos0(MAX), Qos0Admission::SendBehind);
+        fill(&outbox, MAX);
+        assert_eq!(outbox.admit_qos0(MAX), Qos0Admission::Drop);
+        // A max_queued_bytes under the behind mark is the bound itself.
+        assert_eq!(outbox.admit_qos0(1024), Qos0Admission::Drop);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_until_the_subscriber_drains_under_half() {
+        let (subscriber, rx) = Outbox::new();
+        let (publisher, _prx) = Outbox::new();
+        fill(&subscriber, QOS0_BEHIND_BYTES);
+        publisher.wait_for(subscriber.congestion());
+        let wait = publisher.take_wait().expect("told to wait");
+        assert!(publisher.take_wait().is_none(), "a wait is taken once");
+        let queued = subscriber.publish_bytes();
+        let writer = tokio::spawn(async move {
+            // Written in steps: the publisher goes on only once under QOS0_CAUGHT_UP_BYTES.
+            for _ in 0..(queued - QOS0_CAUGHT_UP_BYTES) / 1024 + 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                rx.written(1024);
+            }
+            rx
+        });
+        assert!(wait.caught_up_within(Duration::from_secs(10)).await);
+        assert!(subscriber.publish_bytes() < QOS0_CAUGHT_UP_BYTES);
+        let _rx = writer.await.expect("writer");
+        assert_eq!(subscriber.admit_qos0(MAX), Qos0Admission::Send);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_that_stays_behind_past_the_grace_is_slow_until_it_catches_up() {
+        let (subscriber, rx) = Outbox::new();
+        fill(&subscriber, QOS0_BEHIND_BYTES);
+        let started = tokio::time::Instant::now();
+        assert!(
+            !subscriber
+                .congestion()
+                .caught_up_within(SLOW_SUBSCRIBER_GRACE)
+                .await
+        );
+        assert_eq!(started.elapsed(), SLOW_SUBSCRIBER_GRACE);
+        // Slow: dropped while behind, and nobody waits for it any more.
+        assert_eq!(subscriber.admit_qos0(MAX), Qos0Admission::Drop);
+        assert!(
+            subscriber
+                .congestion()
+                .caught_up_within(SLOW_SUBSCRIBER_GRACE)
+                .await
+        );
+        assert_eq!(started.elapsed(), SLOW_SUBSCRIBER_GRACE);
+        // It catches up: back to normal.
+        rx.written(subscriber.publish_bytes() - QOS0_CAUGHT_UP_BYTES + 1);
+        fill(&subscriber, QOS0_BEHIND_BYTES);
+        assert_eq!(subscriber.admit_qos0(MAX), Qos0Admission::SendBehind);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_subscriber_behind_but_reading_is_waited_for_however_long_it_takes() {
+        let (subscriber, rx) = Outbox::new();
+        fill(&subscriber, 8 * QOS0_BEHIND_BYTES);
+        let started = tokio::time::Instant::now();
+        let wait = tokio::spawn(
+            subscriber
+                .congestion()
+                .caught_up_within(SLOW_SUBSCRIBER_GRACE),
+        );
+        // Just over the least progress per grace, until under the caught-up mark.
+        let step = SLOW_SUBSCRIBER_PROGRESS / 8 + 1;
+        while subscriber.publish_bytes() >= QOS0_CAUGHT_UP_BYTES {
+            tokio::time::sleep(SLOW_SUBSCRIBER_GRACE / 8).await;
+            rx.written(step.min(subscriber.publish_bytes()));
+        }
+        assert!(wait.await.expect("waiter"), "called slow while reading");
+        assert!(started.elapsed() > 10 * SLOW_SUBSCRIBER_GRACE);
+        assert_eq!(subscriber.admit_qos0(MAX), Qos0Admission::Send);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nobody_waits_for_a_gone_subscriber() {
+        let (subscriber, rx) = Outbox::new();
+        fill(&subscriber, QOS0_BEHIND_BYTES);
+        let wait = subscriber.congestion();
+        let waiting = tokio::spawn(wait.caught_up_within(Duration::from_secs(3600)));
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert!(waiting.await.expect("waiter"));
+        drop(subscriber);
+    }
+
+    #[test]
+    fn drops_are_logged_once_a_minute_with_the_count_since() {
+        let (outbox, _rx) = Outbox::new();
+        assert_eq!(outbox.note_drop(), Some(1));
+        assert_eq!(outbox.note_drop(), None);
+        assert_eq!(outbox.note_drop(), None);
+        outbox.shared.lock().drops_logged_at = Some(Instant::now() - DROP_LOG_INTERVAL);
+        assert_eq!(outbox.note_drop(), Some(3));
     }
 }

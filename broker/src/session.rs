@@ -7,12 +7,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Qos0Admission};
 use crate::protocol::message::{Message, Outbound, QoS};
-
-/// Messages written to a connection's channel and not yet written to its socket, above
-/// which QoS 0 messages for that client are dropped rather than buffered without bound.
-pub const MAX_PENDING_QOS0: usize = 10_000;
 
 /// Topic + payload bytes of the QoS 1/2 messages sent to one client and not yet acknowledged,
 /// on top of the `max_inflight` count (at least one message is always in flight). With
@@ -179,7 +175,8 @@ impl Session {
         match &self.online {
             None if message.qos == QoS::AtMostOnce => Err(Dropped::Qos0Offline),
             Some(online) if message.qos == QoS::AtMostOnce => {
-                if online.outbox.pending() >= MAX_PENDING_QOS0 {
+                // Bounded in bytes, with back-pressure on the publishers first (outbox.rs).
+                if online.outbox.admit_qos0(limits.max_queued_bytes) == Qos0Admission::Drop {
                     return Err(Dropped::Qos0SlowClient);
                 }
                 online.outbox.send(Outbound::Publish {

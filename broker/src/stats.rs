@@ -57,6 +57,12 @@ pub struct Stats {
     pub ingest_pauses: AtomicU64,
     /// 1 while publishers are not read from (pending bytes, store full or failing).
     pub ingest_paused: AtomicU64,
+    /// Times a publisher was not read from while a live subscriber it feeds with QoS 0
+    /// caught up (back-pressure).
+    pub publisher_waits: AtomicU64,
+    /// Times a live subscriber stayed behind past the grace and was marked slow (its QoS 0
+    /// messages dropped until it catches up).
+    pub slow_subscribers: AtomicU64,
 }
 
 impl Stats {

@@ -44,7 +44,8 @@ pub struct Limits {
     pub max_topic_length: usize,
     /// Levels (`/`-separated parts) of a topic name or filter.
     pub max_topic_levels: usize,
-    /// Bytes (topic + payload) of the QoS 1/2 messages waiting in one client's queue.
+    /// Bytes (topic + payload) of the QoS 1/2 messages waiting in one client's queue, and of
+    /// the QoS 0 messages not yet written to a connected client (outbox.rs).
     pub max_queued_bytes: usize,
     /// New connections per second from one source address (token bucket at accept);
     /// 0: no limit.

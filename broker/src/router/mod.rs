@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{OnFull, StorageLimits};
-use crate::outbox::Outbox;
+use crate::outbox::{Congestion, Outbox};
 use crate::persist::{self, Restored};
 use crate::policy::acl::ClientAcl;
 use crate::protocol::inbound::SESSION_NEVER_EXPIRES;
@@ -102,6 +102,9 @@ pub struct Router {
     /// Reused per message: client -> its matching subscriptions' options combined, and
     /// their subscription identifiers.
     matched: HashMap<ClientKey, (SubscriptionOptions, Vec<u32>)>,
+    /// A live subscriber the message being routed found behind (QoS 0): its publisher is
+    /// told to wait for it (outbox.rs has the policy).
+    behind: Option<Congestion>,
     durable: Option<Durable>,
     /// Writes and acks of the burst being handled.
     batch_ops: Vec<Op>,
@@ -150,6 +153,7 @@ impl Router {
             limits,
             stats,
             matched: HashMap::new(),
+            behind: None,
             durable,
             batch_ops: Vec::new(),
             batch_acks: Vec::new(),

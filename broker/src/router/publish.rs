@@ -4,6 +4,7 @@
 //! place a message is admitted; see the router's module doc for the ack contract.
 
 use super::*;
+use crate::outbox::QOS0_BEHIND_BYTES;
 
 impl Router {
     pub(super) fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
@@ -35,6 +36,7 @@ impl Router {
         let Some(outbox) = session.online.as_ref().map(|o| o.outbox.clone()) else {
             return;
         };
+        outbox.routed(&message);
         let qos = message.qos;
         // A resend of a QoS 2 message routed already is acknowledged, not delivered again.
         let first_receipt = qos != QoS::ExactlyOnce || session.first_qos2_receipt(pkid);
@@ -44,6 +46,7 @@ impl Router {
         // A resend is answered as the first receipt was, minus the "no subscribers" news.
         let mut matched = true;
         if first_receipt {
+            self.behind = None;
             match self.accept_publish(message, &client, None) {
                 Ok(delivered) => matched = delivered,
                 Err(reason) => {
@@ -60,6 +63,9 @@ impl Router {
                     return;
                 }
             }
+        }
+        if let Some(subscriber) = self.behind.take() {
+            outbox.wait_for(subscriber);
         }
         self.ack_publish(outbox, pkid, qos, matched);
     }
@@ -272,11 +278,25 @@ impl Router {
         }
         let topic = message.topic.clone();
         match session.deliver(message, stored, &self.limits) {
-            Ok(()) => self.stats.message_sent(qos),
+            Ok(()) => {
+                self.stats.message_sent(qos);
+                if let Some(online) = session.online.as_ref().filter(|_| qos == QoS::AtMostOnce) {
+                    if online.outbox.publish_bytes() >= QOS0_BEHIND_BYTES {
+                        self.behind = Some(online.outbox.congestion());
+                    }
+                }
+            }
             Err(reason) => {
                 self.stats.message_dropped(reason);
                 if reason == Dropped::QueueFull {
                     warn!(client_id = %client, topic = %topic, "queue full (max_queued_messages): message dropped for this client");
+                }
+                let slow = session
+                    .online
+                    .as_ref()
+                    .filter(|_| reason == Dropped::Qos0SlowClient);
+                if let Some(dropped) = slow.and_then(|online| online.outbox.note_drop()) {
+                    warn!(client_id = %client, dropped, "subscriber behind: QoS 0 messages dropped for it (count since the last report, at most one a minute)");
                 }
             }
         }

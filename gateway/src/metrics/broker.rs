@@ -263,6 +263,18 @@ pub fn encode_store(
         "Times publishers were paused because more than storage.max_pending_bytes waited for the disk",
         st.ingest_pauses.load(Relaxed),
     )?;
+    counter(
+        e,
+        "waystation_publisher_waits",
+        "Times a publisher was not read from until a live subscriber it feeds with QoS 0 caught up (back-pressure)",
+        st.publisher_waits.load(Relaxed),
+    )?;
+    counter(
+        e,
+        "waystation_slow_subscribers",
+        "Times a live subscriber behind on QoS 0 read less than 64 KiB in a second and was marked slow: its QoS 0 messages are dropped until it catches up",
+        st.slow_subscribers.load(Relaxed),
+    )?;
     let faults = st.store_faults();
     let fault_counts: Vec<(Labels, f64)> = waystation_broker::StoreFault::ALL
         .iter()

@@ -15,6 +15,7 @@ use crate::session::ConnId;
 use crate::topic::{valid_filter, valid_topic_name};
 
 use super::context::{topic_within_limits, ConnectionContext, Guard};
+use crate::outbox::Outbox;
 
 /// Acts on one packet (DISCONNECT is the reader's); `Err`: a protocol violation.
 pub(super) async fn dispatch(
@@ -23,6 +24,7 @@ pub(super) async fn dispatch(
     client_id: &str,
     ctx: &ConnectionContext,
     guard: &mut Guard,
+    outbox: &Outbox,
 ) -> Result<(), &'static str> {
     let cmd = match packet {
         Inbound::Connect(_) => return Err("second CONNECT on a connection"),
@@ -36,11 +38,15 @@ pub(super) async fn dispatch(
             }
             debug!(client_id, topic = %message.topic, qos = message.qos as u8, dup = publish.dup, "publish received");
             match refuse_publish(&message, ctx, guard) {
-                None => RouterCmd::Publish {
-                    conn,
-                    pkid,
-                    message,
-                },
+                None => {
+                    // Counted before the router can see it (it counts it back when routed).
+                    outbox.to_router(&message);
+                    RouterCmd::Publish {
+                        conn,
+                        pkid,
+                        message,
+                    }
+                }
                 Some(reason) => {
                     if guard.should_log_refusal() {
                         let why = match reason {

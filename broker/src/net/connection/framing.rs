@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::warn;
 
-use crate::outbox::OutboxReceiver;
+use crate::outbox::{counted_bytes, OutboxReceiver};
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::Outbound;
 use crate::protocol::{Decoder, Encoder};
@@ -66,11 +66,11 @@ pub(super) async fn write_loop(
     // with it).
     let mut buf = BytesMut::new();
     while let Some(first) = outbox.recv().await {
-        let mut count = 0;
+        let mut publish_bytes = 0;
         let mut next = Some(first);
         let mut close = false;
         while let Some(packet) = next.take() {
-            count += 1;
+            publish_bytes += counted_bytes(&packet);
             if let Err(e) = encoder.encode(&packet, &mut buf) {
                 match &packet {
                     Outbound::Publish { message, .. } => {
@@ -106,7 +106,7 @@ pub(super) async fn write_loop(
             // A burst is over: an idle subscriber should not keep a 64 KiB batch buffer.
             buf = BytesMut::new();
         }
-        outbox.written(count);
+        outbox.written(publish_bytes);
         if written.is_err() || close {
             let _ = writer.shutdown().await;
             return;

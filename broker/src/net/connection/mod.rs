@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, SLOW_SUBSCRIBER_GRACE};
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::protocol::Decoder;
@@ -138,6 +138,7 @@ pub async fn handle<S>(
         keep_alive_limit,
         session_expiry,
         unacknowledged,
+        outbox: &own_outbox,
     };
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut reading, &mut guard) => end,
@@ -240,6 +241,26 @@ fn over_receive_maximum(
     ))
 }
 
+/// Back-pressure on a publisher (outbox.rs has the policy): waits before reading more from
+/// it while more than its share of its messages wait in the router's queue, then while a
+/// live subscriber it feeds QoS 0 is behind, unless that one turns out slow.
+async fn pace(outbox: &Outbox, ctx: &ConnectionContext, client_id: &str) {
+    // The router runs behind its publishers: keeping each one's part of its queue short
+    // means a subscriber the router finds behind is behind by little when the publisher
+    // hears of it (just below), and one publisher cannot fill the router's queue.
+    outbox.router_caught_up().await;
+    if let Some(subscriber) = outbox.take_wait() {
+        ctx.stats.publisher_waits.fetch_add(1, Ordering::Relaxed);
+        if !subscriber.caught_up_within(SLOW_SUBSCRIBER_GRACE).await {
+            ctx.stats.slow_subscribers.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                client_id,
+                "a subscriber this client feeds QoS 0 is not reading: marked slow"
+            );
+        }
+    }
+}
+
 /// What the reader works with after CONNECT.
 struct Reading<'a> {
     buf: &'a mut BytesMut,
@@ -252,6 +273,8 @@ struct Reading<'a> {
     session_expiry: u32,
     /// QoS 1/2 PUBLISHes not yet acknowledged, for an MQTT 5 client with a Receive Maximum.
     unacknowledged: Option<Arc<AtomicU32>>,
+    /// This connection's outbox: where the router says a subscriber it feeds is behind.
+    outbox: &'a Outbox,
 }
 
 async fn read_loop(
@@ -268,6 +291,7 @@ async fn read_loop(
         keep_alive_limit,
         session_expiry,
         unacknowledged,
+        outbox,
     } = reading;
     let (conn, client_id, ctx, keep_alive_limit) = (*conn, *client_id, *ctx, *keep_alive_limit);
     let far_future = Duration::from_secs(86400 * 365);
@@ -311,12 +335,14 @@ async fn read_loop(
                     }
                 }
             }
-            if let Err(reason) = dispatch(packet, conn, client_id, ctx, guard).await {
+            if let Err(reason) = dispatch(packet, conn, client_id, ctx, guard, outbox).await {
                 ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client_id, reason, "protocol violation: closing connection");
                 return abrupt(reason, CloseReason::ProtocolError);
             }
         }
+        // Cancel safety: pacing holds no data (a partial packet stays in `buf`).
+        pace(outbox, ctx, client_id).await;
         if has_published && *ingest_paused.borrow() {
             debug!(
                 client_id,
