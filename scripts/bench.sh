@@ -339,7 +339,7 @@ if want 2; then
       stop_pid "$BPID"
     done
   done
-  # Idle clients at IDLE_CLIENTS and IDLE_BIG (spread over 127.0.0.x source addresses, 25,000
+  # Idle clients at IDLE_CLIENTS and IDLE_BIG (spread over 127.0.0.x source addresses, 5,000
   # each), as many as this shell's open files limit allows for both the tool and the broker.
   IDLE_MAX=$(( $(ulimit -n) - 200 ))
   IDLE_BIG_RUN=$IDLE_BIG
