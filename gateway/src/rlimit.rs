@@ -50,7 +50,9 @@ fn nr_open() -> u64 {
         .unwrap_or(1 << 20)
 }
 
+// rlim_t is u64 on 64-bit targets and musl, u32 on 32-bit glibc (armhf).
 #[cfg(unix)]
+#[allow(clippy::useless_conversion)]
 fn get() -> Option<(u64, u64)> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -60,14 +62,15 @@ fn get() -> Option<(u64, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return None;
     }
-    Some((r.rlim_cur as u64, r.rlim_max as u64))
+    Some((u64::from(r.rlim_cur), u64::from(r.rlim_max)))
 }
 
 #[cfg(unix)]
+#[allow(clippy::unnecessary_fallible_conversions)]
 fn set(soft: u64, hard: u64) -> std::io::Result<()> {
     let r = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: hard as libc::rlim_t,
+        rlim_cur: libc::rlim_t::try_from(soft).unwrap_or(libc::rlim_t::MAX),
+        rlim_max: libc::rlim_t::try_from(hard).unwrap_or(libc::rlim_t::MAX),
     };
     // SAFETY: `setrlimit` only reads the struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
