@@ -6,12 +6,16 @@
 #                                    # 7 adds about 3, 8 and 9 under 1)
 #   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes, 7 adds 1)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-9 (6: RSS against the backlog;
+#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-11 (6: RSS against the backlog;
 #                                    # S6_STEP=500000 S6_STEPS=8 for 4 M; 7: the uplink over a
 #                                    # simulated WAN link, S7_INFLIGHT=N the bridges' window,
 #                                    # S7_WIDE=N a wide-window Waystation drain, 0: none;
 #                                    # 8: QoS 0 flood to a frozen upstream, peak RSS, S8_ROUNDS=N;
-#                                    # 9: 1 MiB QoS 1 messages, MiB/s, S9_INFLIGHT=N the window)
+#                                    # 9: 1 MiB QoS 1 messages, MiB/s, S9_INFLIGHT=N the window;
+#                                    # 10: open-loop QoS 1 latency at 25/50/90% of each
+#                                    # broker's own saturation; 11: QoS 0 fan-in to a
+#                                    # subscriber that keeps up on average, and to one that
+#                                    # reads at a tenth of the publish rate)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -22,7 +26,7 @@ cd "$ROOT"
 
 MODE=full
 ROUNDS=3
-ONLY=1,2,3,4,5,6,7,8,9
+ONLY=1,2,3,4,5,6,7,8,9,10,11
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -39,22 +43,26 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [ "$MODE" = full ]; then
   S1_MSGS=20000            # per publisher, 8 publishers
-  S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000
+  S2_CLIENTS=1000; S2_SECS=10; S2_ROUNDS=2; IDLE_CLIENTS=10000; IDLE_BIG=${IDLE_BIG:-100000}
   S3_MSGS=20000; S3_RATE=250; S3_SECS=20; S3_DOWN_AT=5; S3_DOWN_FOR=10
   S4_TOTAL=1000000; S4_CEIL=200000; S4_ROUNDS=2
   S6_STEP=${S6_STEP:-250000}; S6_STEPS=${S6_STEPS:-8}
   S7_DRAIN=100000; S7_LAT_SECS=15; S7_SUB_MAX=120; S7_ROUNDS=${S7_ROUNDS:-2}
   S8_PER=250000            # per publisher, 8 publishers (issue 17)
   S9_MSGS=300              # 1 MiB each
+  S10_SAT=20000; S10_SECS=10   # saturation: 8 x S10_SAT closed loop; then S10_SECS per load
+  S11_SECS=10
 else
   S1_MSGS=5000
-  S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000
+  S2_CLIENTS=300; S2_SECS=5; S2_ROUNDS=1; IDLE_CLIENTS=2000; IDLE_BIG=${IDLE_BIG:-10000}
   S3_MSGS=5000; S3_RATE=250; S3_SECS=12; S3_DOWN_AT=3; S3_DOWN_FOR=5
   S4_TOTAL=100000; S4_CEIL=50000; S4_ROUNDS=1
   S6_STEP=${S6_STEP:-50000}; S6_STEPS=${S6_STEPS:-4}
   S7_DRAIN=20000; S7_LAT_SECS=5; S7_SUB_MAX=60; S7_ROUNDS=${S7_ROUNDS:-1}
   S8_PER=50000
   S9_MSGS=100
+  S10_SAT=5000; S10_SECS=5
+  S11_SECS=5
 fi
 # 8: flooders and rounds; 9: QoS 1 messages of 1 MiB unacknowledged at once (the publisher's
 # window) and Waystation's max_packet_size (the largest it accepts: 16 MiB payload + topic).
@@ -75,8 +83,12 @@ WSB=$CARGO_TARGET_DIR/release/wsbench
 LINKSIM=$CARGO_TARGET_DIR/release/linksim
 if want 7 && [ ! -x "$LINKSIM" ]; then echo "needs $LINKSIM (cargo build --release -p waystation-linksim)" >&2; exit 1; fi
 
-# 10,000 idle clients: the tool and the brokers (children of this shell) need the descriptors.
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# Idle clients (up to IDLE_BIG): the tool and the brokers (children of this shell) need one
+# descriptor each per connection. Raising the hard limit needs CAP_SYS_RESOURCE (root on a
+# plain machine; not in every container): without it, the soft limit goes up to the hard one
+# and the big idle run is capped below it (said in the log and the table).
+want_nofile=$((IDLE_BIG + 1000)); [ "$want_nofile" -lt 65536 ] && want_nofile=65536
+if ! ulimit -n "$want_nofile" 2>/dev/null; then ulimit -n "$(ulimit -Hn)"; fi
 
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
@@ -134,7 +146,7 @@ data_dir = "$DIR/data"
 [[listener]]
 bind = "127.0.0.1:$port"
 [limits]
-max_connections = 20000
+max_connections = ${WS_MAX_CONN:-20000}
 # Like Mosquitto's max_queued_messages 0 below: a subscriber that falls behind loses nothing.
 max_queued_messages = 100000000
 max_queued_bytes = 17179869184
@@ -192,6 +204,7 @@ start_mosquitto() {
   cat > "$DIR/mosquitto.conf" <<EOF
 listener $port 127.0.0.1
 allow_anonymous true
+max_connections -1
 max_queued_messages 0
 max_inflight_messages ${EDGE_INFLIGHT:-100}
 log_dest stderr
@@ -218,7 +231,7 @@ EOF
 # start_rumqttd PORT [V5_PORT]: rumqttd's v4 listener on PORT, and an MQTT 5 one on V5_PORT.
 start_rumqttd() {
   newdir rumqttd
-  "$WSB" rumqttd --port "$1" ${2:+--v5-port "$2"} 2> "$DIR/stderr.log" &
+  "$WSB" rumqttd --port "$1" ${2:+--v5-port "$2"} ${RUMQTTD_MAX_CONN:+--max-connections "$RUMQTTD_MAX_CONN"} 2> "$DIR/stderr.log" &
   BPID=$!
   PIDS+=("$BPID")
   wait_port "$1"
@@ -326,14 +339,25 @@ if want 2; then
       stop_pid "$BPID"
     done
   done
-  for b in $(order 0); do
-    free_port; p=$PORT
-    start_broker "$b" "$p"
-    sleep 0.5
-    say "s2 $IDLE_CLIENTS idle clients, $b"
-    bench idle --addr "127.0.0.1:$p" --clients "$IDLE_CLIENTS" --hold 2 --pid "$BPID" \
-      --scenario s2-idle --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
-    stop_pid "$BPID"
+  # Idle clients at IDLE_CLIENTS and IDLE_BIG (spread over 127.0.0.x source addresses, 5,000
+  # each), as many as this shell's open files limit allows for both the tool and the broker.
+  IDLE_MAX=$(( $(ulimit -n) - 200 ))
+  IDLE_BIG_RUN=$IDLE_BIG
+  if [ "$IDLE_BIG_RUN" -gt "$IDLE_MAX" ]; then
+    say "s2: $IDLE_BIG idle clients need $((IDLE_BIG + 200)) descriptors per process; the open files limit is $(ulimit -n) (hard $(ulimit -Hn)): running $IDLE_MAX"
+    IDLE_BIG_RUN=$IDLE_MAX
+  fi
+  for n in $IDLE_CLIENTS $IDLE_BIG_RUN; do
+    scen=s2-idle; [ "$n" != "$IDLE_CLIENTS" ] && scen=s2-idle-big
+    for b in $(order 0); do
+      free_port; p=$PORT
+      WS_MAX_CONN=$((n + 1000)) RUMQTTD_MAX_CONN=$((n + 1000)) start_broker "$b" "$p"
+      sleep 0.5
+      say "s2 $n idle clients, $b"
+      bench idle --addr "127.0.0.1:$p" --clients "$n" --hold 2 --pid "$BPID" \
+        --scenario "$scen" --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
+      stop_pid "$BPID"
+    done
   done
 fi
 
@@ -687,6 +711,114 @@ if want 9; then
   done
 fi
 
+# 10. Open-loop latency (issue 14): each broker's own saturation first (closed loop, 8 QoS 1
+# publishers x S10_SAT x 64 B, one subscriber: acked msg/s), then 8 publishers on a fixed
+# schedule (message i due at start + i/rate, stamped with that time, so a broker that makes
+# senders wait is charged: no coordinated omission) at 25, 50 and 90% of that rate for
+# S10_SECS s each, a fresh broker per run. Latency publish->subscriber and publish->PUBACK.
+# Waystation acknowledges after fsync (its bridge points at a closed port, so every message is
+# written); its /metrics before and after each run give commits, mean batch and mean fsync.
+# Mosquitto: persistence on (it acknowledges from memory; the file is written at exit or
+# autosave).
+S10_LOADS=${S10_LOADS:-"25 50 90"}
+# start_s10 NAME PORT: the broker as scenario 10 runs it (sets BPID; HP: Waystation's HTTP port).
+start_s10() {
+  case "$1" in
+    waystation) free_port; HP=$PORT; WS_HTTP_PORT=$HP start_waystation "$2" ;;
+    mosquitto) newdir mosquitto-persist; local d=$DIR; chmod 777 "$d"; start_mosquitto "$2" "" "$d" ;;
+    rumqttd) start_rumqttd "$2" ;;
+  esac
+}
+# ws_commit_read HTTP_PORT: Waystation's commit counters from /metrics into C_N (commits),
+# C_S (seconds spent in fsync) and B_S (operations committed).
+ws_commit_read() {
+  local hp=$1
+  C_N=$(ws_metric "$hp" waystation_commit_sync_seconds_count); C_S=$(ws_metric "$hp" waystation_commit_sync_seconds_sum)
+  B_S=$(ws_metric "$hp" waystation_commit_batch_ops_sum)
+  C_N=${C_N:-0}; C_S=${C_S:-0}; B_S=${B_S:-0}
+}
+if want 10; then
+  for b in "${BROKERS[@]}"; do
+    free_port; p=$PORT
+    start_s10 "$b" "$p"
+    say "s10 saturation $b: 8 x $S10_SAT QoS 1 closed loop"
+    sat=$("$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$S10_SAT" --qos 1 --payload 64 --subscribers 1 \
+      --pid "$BPID" --client-prefix s10sat --scenario s10-saturation --broker "$b" --round 1 --out "$RES" 2>>"$LOG" \
+      | grep -o '"pub_rate":[0-9.e+]*' | head -1 | cut -d: -f2 || true)
+    stop_pid "$BPID"
+    if [ -z "$sat" ]; then say "s10 $b: no saturation rate, skipped"; continue; fi
+    for pct in $S10_LOADS; do
+      rate=$(echo "$sat * $pct / 100 / 8" | bc -l)
+      free_port; p=$PORT
+      start_s10 "$b" "$p"
+      [ "$b" = waystation ] && { ws_commit_read "$HP"; n0=$C_N; s0=$C_S; o0=$B_S; }
+      say "s10 open loop $b at $pct% of $(printf %.0f "$sat") msg/s: 8 x $(printf %.1f "$rate") msg/s for ${S10_SECS}s"
+      extra=()
+      RUNOUT=$DIR/run.json
+      "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --rate "$rate" --duration "$S10_SECS" --open-loop --qos 1 \
+        --payload 64 --subscribers 1 --idle-timeout 5 --pid "$BPID" --client-prefix s10 --scenario "s10-open-$pct" \
+        --broker "$b" --round 1 >"$RUNOUT" 2>>"$LOG" || say "FAILED (exit $?): s10 $b at $pct% (details in $LOG)"
+      if [ "$b" = waystation ]; then
+        ws_commit_read "$HP"
+        dn=$(echo "$C_N - $n0" | bc -l)
+        if [ "$(echo "$dn > 0" | bc -l)" = 1 ]; then
+          extra+=(--set "commits=$dn" --set "commit_sync_ms=$(echo "($C_S - $s0) * 1000 / $dn" | bc -l)" \
+            --set "commit_batch=$(echo "($B_S - $o0) / $dn" | bc -l)")
+        fi
+      fi
+      # The run's record, with the commit figures added and the load as a percentage.
+      if [ -s "$RUNOUT" ]; then
+        "$WSB" record --from "$RUNOUT" --scenario "s10-open-$pct" --broker "$b" --round 1 --set "load_pct=$pct" \
+          --set "saturation=$sat" "${extra[@]}" --out "$RES" >/dev/null 2>>"$LOG"
+      else
+        say "FAILED: s10 open loop $b at $pct%"
+      fi
+      stop_pid "$BPID"
+    done
+  done
+fi
+
+# 11. QoS 0 fan-in to one subscriber on sensors/# (issue 14), 8 publishers x 64 B at a fixed
+# total rate S11_RATE for S11_SECS s; the subscriber reads its socket at a limited rate (bytes/s,
+# a PUBLISH of 64 B on sensors/N/temp is 82 B on the wire) while publishers are at work, then at
+# full speed, so whatever the broker kept still arrives: lost = what it dropped.
+# a) keeps up on average: publishers send in bursts (S11_BURST per publisher at once), the
+#    subscriber reads at twice the average: 0 lost expected;
+# b) stays behind: the subscriber reads at a tenth of the publish rate. What each broker does:
+#    lost, the publishers' achieved rate (a broker may push back on them), peak RSS.
+#    Waystation: messages_dropped{reason="qos0_slow_client"} and ingest pauses from /metrics.
+S11_RATE=${S11_RATE:-20000}; S11_BURST=${S11_BURST:-200}
+if want 11; then
+  per=$(echo "$S11_RATE / 8" | bc -l)
+  wire=$((S11_RATE * 82))
+  for case in keepup behind; do
+    if [ "$case" = keepup ]; then read_rate=$((wire * 2)); burst=$S11_BURST; else read_rate=$((wire / 10)); burst=1; fi
+    for b in $(order 0); do
+      free_port; p=$PORT
+      if [ "$b" = waystation ]; then free_port; HP=$PORT; WS_HTTP_PORT=$HP start_waystation "$p"; else start_broker "$b" "$p"; fi
+      say "s11 QoS 0 $case $b: 8 x $(printf %.0f "$per") msg/s (bursts of $burst) for ${S11_SECS}s, subscriber reads $read_rate B/s"
+      RUNOUT=$DIR/run.json
+      "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --rate "$per" --duration "$S11_SECS" --burst "$burst" --qos 0 \
+        --payload 64 --subscribers 1 --sub-read-rate "$read_rate" --idle-timeout 5 --max-time $((S11_SECS * 4 + 60)) \
+        --pid "$BPID" --client-prefix s11 --scenario "s11-$case" --broker "$b" --round 1 >"$RUNOUT" 2>>"$LOG" \
+        || say "FAILED (exit $?): s11 $case $b (details in $LOG)"
+      extra=()
+      if [ "$b" = waystation ]; then
+        d=$(ws_metric "$HP" 'waystation_messages_dropped_total{reason="qos0_slow_client"}')
+        [ -n "$d" ] && extra+=(--set "dropped_slow=$d")
+        pz=$(ws_metric "$HP" waystation_ingest_pauses_total)
+        [ -n "$pz" ] && extra+=(--set "ingest_pauses=$pz")
+      fi
+      if [ -s "$RUNOUT" ]; then
+        "$WSB" record --from "$RUNOUT" --scenario "s11-$case" --broker "$b" --round 1 "${extra[@]}" --out "$RES" >/dev/null 2>>"$LOG"
+      else
+        say "FAILED: s11 $case $b"
+      fi
+      stop_pid "$BPID"
+    done
+  done
+fi
+
 # Tables.
 {
   echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint, WAN drain: 1; WAN latency: $S7_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
@@ -701,6 +833,8 @@ fi
     --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,connect_s:connect s"
   want 2 && T --scenario s2-idle --title "2. $IDLE_CLIENTS idle clients" \
     --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s"
+  want 2 && T --scenario s2-idle-big --title "2. $IDLE_BIG_RUN idle clients$( [ "$IDLE_BIG_RUN" != "$IDLE_BIG" ] && echo " ($IDLE_BIG asked: capped by the open files limit, $(ulimit -n) per process)")" \
+    --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s,sources:source addresses"
   want 3 && T --scenario s3-bridge --title "3. Edge to cloud: 8 x $S3_MSGS QoS 1 -> edge -> upstream Mosquitto -> subscriber" \
     --metrics "pub_rate:edge acked msg/s,e2e_rate:upstream delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:edge peak RSS MiB,lost:lost:sum,dup:dup:sum"
   want 3 && T --scenario s3-outage --title "3. Edge to cloud at 8 x $S3_RATE msg/s for $S3_SECS s, upstream stopped for $S3_DOWN_FOR s" \
@@ -743,6 +877,18 @@ fi
     --metrics "hwm_mib:VmHWM MiB,rss_after_mib:RSS MiB 2 s after,ingest_rate:ingested msg/s,ingest_pauses:ingest pauses"
   want 9 && T --scenario s9-large --title "9. Large messages: 1 publisher x $S9_MSGS x 1 MiB QoS 1 (window $S9_INFLIGHT), one subscriber" \
     --metrics "pub_mib_s:acked MiB/s,e2e_mib_s:delivered MiB/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:peak RSS MiB,lost:lost:sum,dup:dup:sum"
+  if want 10; then
+    T --scenario s10-saturation --title "10. Saturation: 8 x $S10_SAT QoS 1 x 64 B closed loop, one subscriber (Waystation: fsync before PUBACK; Mosquitto: persistence on)" \
+      --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s,p99_ms:p99 ms"
+    for pct in $S10_LOADS; do
+      T --scenario "s10-open-$pct" --title "10. Open loop at $pct% of each broker's own saturation, 8 publishers QoS 1 64 B, ${S10_SECS} s (latency from the scheduled send)" \
+        --metrics "target_rate:offered msg/s,pub_rate:acked msg/s,p50_ms:pub->sub p50 ms,p99_ms:pub->sub p99 ms,p999_ms:pub->sub p99.9 ms,ack_p50_ms:PUBACK p50 ms,ack_p99_ms:PUBACK p99 ms,commit_sync_ms:mean fsync ms,commit_batch:mean batch,lost:lost:sum"
+    done
+  fi
+  want 11 && T --scenario s11-keepup --title "11a. QoS 0 fan-in, 8 x 64 B at $S11_RATE msg/s in bursts of $S11_BURST per publisher, ${S11_SECS} s; the subscriber reads at twice the average" \
+    --metrics "target_rate:offered msg/s,pub_rate:achieved msg/s,unique:delivered,lost:lost:sum,p99_ms:p99 ms,rss_max_mib:peak RSS MiB"
+  want 11 && T --scenario s11-behind --title "11b. QoS 0 fan-in, 8 x 64 B at $S11_RATE msg/s, ${S11_SECS} s; the subscriber reads at a tenth of that (full speed once publishers are done)" \
+    --metrics "target_rate:offered msg/s,pub_rate:achieved msg/s,unique:delivered,lost:lost:sum,dropped_slow:dropped (slow client):sum,ingest_pauses:ingest pauses,rss_max_mib:peak RSS MiB"
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
 say "done: $OUT/tables.md"

@@ -58,6 +58,20 @@ pub struct RunArgs {
     /// Unacknowledged QoS 1/2 publishes per publisher.
     #[arg(long, default_value_t = 100)]
     pub inflight: usize,
+    /// Open loop (with --rate): message i of a publisher is due at start + i/rate whatever
+    /// came back; its latency (to the subscriber and to the PUBACK) counts from that scheduled
+    /// time, so a broker that makes the sender wait is charged for it (no coordinated
+    /// omission). Unacknowledged messages are bounded only by the 65,535 packet ids.
+    #[arg(long)]
+    pub open_loop: bool,
+    /// With --rate: messages are due in bursts of this many (the same average rate).
+    #[arg(long, default_value_t = 1)]
+    pub burst: u32,
+    /// Subscribers read at most this many bytes/s from their sockets while publishers are
+    /// at work (a subscriber that cannot keep up); afterwards they read at full speed, so
+    /// what the broker kept still arrives and `lost` is what it dropped. 0: no limit.
+    #[arg(long, default_value_t = 0.0)]
+    pub sub_read_rate: f64,
     /// MQTT version of the publishers: 4 (3.1.1) or 5. Subscribers speak 3.1.1.
     #[arg(long, default_value_t = 4)]
     pub protocol: u8,
@@ -142,6 +156,8 @@ impl RssSampler {
 
 #[derive(Default)]
 struct PubResult {
+    /// Open loop, QoS 1/2: scheduled send to PUBACK/PUBCOMP, microseconds.
+    ack_hist: Option<Histogram<u64>>,
     sent: u64,
     acked: u64,
     /// MQTT 5 acknowledgements with a reason code of 0x80 or above (counted in `acked`).
@@ -155,6 +171,10 @@ struct PubPlan {
     payload: usize,
     inflight: usize,
     period: Option<Duration>,
+    open_loop: bool,
+    burst: u32,
+    /// Wall-clock nanoseconds at `t0` (scheduled send times are stamped from it).
+    t0_ns: u64,
     /// MQTT 5 publishers: the property block of every PUBLISH.
     v5_properties: Option<Vec<u8>>,
 }
@@ -182,8 +202,22 @@ async fn publisher(
     let mut seq = 0u32;
     let mut res = PubResult::default();
     let qos = plan.qos;
-    let window = if qos == 0 { usize::MAX } else { plan.inflight };
-    let due = |seq: u32| plan.period.map(|p| t0 + offset + p * seq);
+    let window = match (qos, plan.open_loop) {
+        (0, _) => usize::MAX,
+        (_, true) => 65_535,
+        _ => plan.inflight,
+    };
+    let burst = plan.burst.max(1);
+    let due = |seq: u32| plan.period.map(|p| t0 + offset + p * (seq - seq % burst));
+    // Open loop: the scheduled send time of each packet id in flight, for its PUBACK latency.
+    let mut sched_ns = vec![0u64; if plan.open_loop && qos > 0 { 65536 } else { 0 }];
+    if plan.open_loop && qos > 0 {
+        res.ack_hist = Some(Histogram::new(3).expect("histogram"));
+    }
+    let stamp = |seq: u32| match due(seq) {
+        Some(d) if plan.open_loop => plan.t0_ns + d.duration_since(t0).as_nanos() as u64,
+        _ => proto::now_ns(),
+    };
     loop {
         let now = Instant::now();
         while seq < plan.messages && inflight < window && wbuf.len() < WRITE_CHUNK {
@@ -204,6 +238,10 @@ async fn publisher(
                 pkid_state[pkid as usize] = 1;
                 inflight += 1;
             }
+            let sent_ns = stamp(seq);
+            if let Some(s) = sched_ns.get_mut(pkid as usize) {
+                *s = sent_ns;
+            }
             proto::encode_publish(
                 &mut wbuf,
                 &topic,
@@ -211,6 +249,7 @@ async fn publisher(
                 pkid,
                 idx,
                 seq,
+                sent_ns,
                 plan.payload,
                 plan.v5_properties.as_deref(),
             );
@@ -236,8 +275,15 @@ async fn publisher(
                     bail!("publisher {idx}: broker closed the connection after {} acks", res.acked);
                 }
                 let now = Instant::now();
+                let now_ns = if res.ack_hist.is_some() { proto::now_ns() } else { 0 };
+                let acked_at = |pkid: u16, res: &mut PubResult| {
+                    if let (Some(h), Some(s)) = (res.ack_hist.as_mut(), sched_ns.get(pkid as usize)) {
+                        let _ = h.record(now_ns.saturating_sub(*s) / 1000);
+                    }
+                };
                 reader.drain(&mut rbuf, |ack| match ack {
                     proto::Reply::PubAck { pkid, refused } if pkid_state[pkid as usize] == 1 => {
+                        acked_at(pkid, &mut res);
                         pkid_state[pkid as usize] = 0;
                         inflight -= 1;
                         res.acked += 1;
@@ -258,6 +304,7 @@ async fn publisher(
                         }
                     }
                     proto::Reply::PubComp { pkid } if pkid_state[pkid as usize] == 2 => {
+                        acked_at(pkid, &mut res);
                         pkid_state[pkid as usize] = 0;
                         inflight -= 1;
                         res.acked += 1;
@@ -354,6 +401,28 @@ pub struct SubPlan {
     pub client_id: String,
     pub clean: bool,
     pub reconnect: bool,
+    /// Bytes/s read from the socket until `unthrottle` is set (None: no limit).
+    pub read_rate: Option<f64>,
+    pub unthrottle: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A reader limited to `rate` bytes/s on average: how much it may read now, or how long to
+/// wait before it may read `chunk`.
+struct Throttle {
+    rate: f64,
+    start: Instant,
+    read: u64,
+}
+
+impl Throttle {
+    fn allowance(&self, chunk: usize) -> Result<usize, Duration> {
+        let earned = self.rate * self.start.elapsed().as_secs_f64() - self.read as f64;
+        if earned >= chunk as f64 {
+            Ok(chunk)
+        } else {
+            Err(Duration::from_secs_f64((chunk as f64 - earned) / self.rate))
+        }
+    }
 }
 
 /// Runs one subscriber until `stop`; `progress` counts new messages over all subscribers.
@@ -397,6 +466,15 @@ pub async fn subscriber(
         let (mut rd, mut wr) = c.stream.into_split();
         let mut rbuf = c.leftover;
         rbuf.reserve(256 * 1024);
+        let mut throttle = plan.read_rate.map(|rate| Throttle {
+            rate,
+            start: Instant::now(),
+            read: 0,
+        });
+        // Read in slices of 1/50 s worth, 1-64 KiB.
+        let chunk = plan
+            .read_rate
+            .map_or(0, |r| ((r / 50.0) as usize).clamp(1024, 64 * 1024));
         let mut acks = BytesMut::with_capacity(16 * 1024);
         loop {
             // Packets already buffered (e.g. read together with the CONNACK) come first.
@@ -437,11 +515,30 @@ pub async fn subscriber(
             if rbuf.capacity() - rbuf.len() < 64 * 1024 {
                 rbuf.reserve(256 * 1024);
             }
+            if throttle.is_some() && plan.unthrottle.load(Ordering::Relaxed) {
+                throttle = None;
+            }
+            let limit = match throttle.as_ref().map(|t| t.allowance(chunk)) {
+                Some(Err(wait)) => {
+                    tokio::select! {
+                        _ = stop.changed() => break 'outer,
+                        _ = tokio::time::sleep(wait.min(Duration::from_millis(20))) => {}
+                    }
+                    continue;
+                }
+                Some(Ok(n)) => n as u64,
+                None => u64::MAX,
+            };
+            let mut limited = (&mut rd).take(limit);
             tokio::select! {
                 biased;
                 _ = stop.changed() => break 'outer,
-                r = rd.read_buf(&mut rbuf) => match r {
-                    Ok(n) if n > 0 => {}
+                r = limited.read_buf(&mut rbuf) => match r {
+                    Ok(n) if n > 0 => {
+                        if let Some(t) = throttle.as_mut() {
+                            t.read += n as u64;
+                        }
+                    }
                     _ if plan.reconnect => continue 'outer,
                     Ok(_) => bail!("subscriber: broker closed the connection"),
                     Err(e) => bail!("subscriber read: {e}"),
@@ -565,6 +662,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
 
     // Subscribers first, SUBACK received before anyone publishes.
     let progress = Arc::new(AtomicU64::new(0));
+    let unthrottle = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut subs = JoinSet::new();
     let sub_ids: Vec<String> = (0..a.subscribers)
@@ -608,6 +706,8 @@ pub async fn run(a: RunArgs) -> Result<Record> {
             client_id: sub_ids[j].clone(),
             clean: !a.sub_persistent,
             reconnect: a.sub_reconnect,
+            read_rate: (a.sub_read_rate > 0.0).then_some(a.sub_read_rate),
+            unthrottle: unthrottle.clone(),
         };
         subs.spawn(subscriber(plan, Some(c), progress.clone(), stop_rx.clone()));
     }
@@ -618,12 +718,15 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let pub_conns = connect_many(a.addr, pub_ids, true, a.connect_concurrency, a.protocol).await?;
     let connect_secs = t_connect.elapsed().as_secs_f64();
 
-    let plan = Arc::new(PubPlan {
+    let plan = PubPlan {
         qos: a.qos,
         messages,
         payload: a.payload,
         inflight: a.inflight,
         period: (a.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / a.rate)),
+        open_loop: a.open_loop,
+        burst: a.burst,
+        t0_ns: 0,
         v5_properties: (a.protocol == 5).then(|| {
             if a.v5_properties {
                 proto::v5_publish_properties()
@@ -631,6 +734,14 @@ pub async fn run(a: RunArgs) -> Result<Record> {
                 vec![0]
             }
         }),
+    };
+    if a.open_loop && a.rate <= 0.0 {
+        bail!("--open-loop needs --rate");
+    }
+    // The wall clock at t0 (open-loop payloads are stamped from it; the Instant follows at once).
+    let plan = Arc::new(PubPlan {
+        t0_ns: proto::now_ns(),
+        ..plan
     });
     let t0 = Instant::now();
     let pubs_done = Arc::new(AtomicUsize::new(0));
@@ -673,6 +784,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         let all_pubs = pubs_done.load(Ordering::SeqCst) == a.publishers;
         if all_pubs && pubs_done_at.is_none() {
             pubs_done_at = Some(now);
+            unthrottle.store(true, Ordering::Relaxed);
         }
         if all_pubs && p >= expected {
             break;
@@ -713,6 +825,13 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let acked: u64 = pub_res.iter().map(|p| p.acked).sum();
     let refused: u64 = pub_res.iter().map(|p| p.refused).sum();
     let last_ack = pub_res.iter().filter_map(|p| p.last_ack).max();
+    let mut ack_hist: Option<Histogram<u64>> = None;
+    for h in pub_res.iter().filter_map(|p| p.ack_hist.as_ref()) {
+        match ack_hist.as_mut() {
+            Some(all) => all.add(h).expect("merge histograms"),
+            None => ack_hist = Some(h.clone()),
+        }
+    }
     let (hist, received, unique, stray, _first, last, reconnects) = merge(&states);
 
     let mut rec = Record::new(&a.labels);
@@ -754,6 +873,26 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         f.insert("e2e_mib_s".into(), unique as f64 * mib / s);
     }
     latency_fields(f, &hist);
+    if let Some(h) = ack_hist.filter(|h| !h.is_empty()) {
+        f.insert(
+            "ack_p50_ms".into(),
+            h.value_at_quantile(0.5) as f64 / 1000.0,
+        );
+        f.insert(
+            "ack_p99_ms".into(),
+            h.value_at_quantile(0.99) as f64 / 1000.0,
+        );
+        f.insert(
+            "ack_p999_ms".into(),
+            h.value_at_quantile(0.999) as f64 / 1000.0,
+        );
+    }
+    if a.rate > 0.0 {
+        f.insert("target_rate".into(), a.rate * a.publishers as f64);
+    }
+    if a.sub_read_rate > 0.0 {
+        f.insert("sub_read_rate".into(), a.sub_read_rate);
+    }
     if let Some(r) = rss_start {
         f.insert("rss_start_mib".into(), r as f64 / 1024.0);
     }
@@ -806,6 +945,8 @@ pub async fn sub(a: SubArgs) -> Result<Record> {
         client_id: a.client_id.clone(),
         clean: !a.persistent,
         reconnect: true,
+        read_rate: None,
+        unthrottle: Default::default(),
     };
     let sampler = a.pid.map(RssSampler::start);
     let progress = Arc::new(AtomicU64::new(0));
@@ -860,53 +1001,5 @@ pub async fn sub(a: SubArgs) -> Result<Record> {
         f.insert("rss_end_mib".into(), rss as f64 / 1024.0);
         f.insert("hwm_mib".into(), hwm as f64 / 1024.0);
     }
-    Ok(rec)
-}
-
-#[derive(clap::Args, Clone, Debug)]
-pub struct IdleArgs {
-    #[arg(long)]
-    pub addr: SocketAddr,
-    #[arg(long, default_value_t = 10_000)]
-    pub clients: usize,
-    /// Seconds to hold the connections before measuring.
-    #[arg(long, default_value_t = 2.0)]
-    pub hold: f64,
-    #[arg(long, default_value_t = 200)]
-    pub connect_concurrency: usize,
-    #[arg(long)]
-    pub pid: Option<u32>,
-    #[arg(long, default_value = "wsb-idle")]
-    pub client_prefix: String,
-    #[command(flatten)]
-    pub labels: Labels,
-}
-
-/// Connects `clients` idle clients and reports the broker's resident memory per connection.
-pub async fn idle(a: IdleArgs) -> Result<Record> {
-    let before = a.pid.and_then(proc_mem);
-    let t0 = Instant::now();
-    let ids = (0..a.clients)
-        .map(|i| format!("{}-{i}", a.client_prefix))
-        .collect();
-    let conns = connect_many(a.addr, ids, true, a.connect_concurrency, 4).await?;
-    let connect_s = t0.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
-    let after = a.pid.and_then(proc_mem);
-    let mut rec = Record::new(&a.labels);
-    let f = &mut rec.values;
-    f.insert("clients".into(), conns.len() as f64);
-    f.insert("connect_s".into(), connect_s);
-    f.insert("connect_rate".into(), conns.len() as f64 / connect_s);
-    if let (Some(b), Some(c)) = (before, after) {
-        f.insert("rss_before_mib".into(), b.0 as f64 / 1024.0);
-        f.insert("rss_after_mib".into(), c.0 as f64 / 1024.0);
-        f.insert("hwm_mib".into(), c.1 as f64 / 1024.0);
-        f.insert(
-            "kib_per_conn".into(),
-            (c.0 as f64 - b.0 as f64) / conns.len() as f64,
-        );
-    }
-    drop(conns);
     Ok(rec)
 }

@@ -3,6 +3,7 @@
 //! the same load is put on Waystation, Mosquitto and rumqttd; `wsbench rumqttd` runs rumqttd
 //! 0.20 in-process as a peer.
 
+mod idle;
 mod load;
 mod proto;
 mod report;
@@ -29,7 +30,7 @@ enum Command {
     /// One subscriber that (re)connects until it has --expect messages (backlog drains).
     Sub(load::SubArgs),
     /// Many idle connected clients: broker RSS per connection.
-    Idle(load::IdleArgs),
+    Idle(idle::IdleArgs),
     /// Writes a result record of given values (for figures measured by the script).
     Record(report::RecordArgs),
     /// Prints a markdown table for one scenario: median, min-max, ratio to the baseline.
@@ -44,6 +45,9 @@ enum Command {
         /// its v4 listener refuses a v5 CONNECT).
         #[arg(long)]
         v5_port: Option<u16>,
+        /// Room for this many connections (idle-connection runs need more than the default).
+        #[arg(long, default_value_t = 20_010)]
+        max_connections: usize,
     },
     /// Prints VmRSS and VmHWM (KiB) of a process.
     Mem {
@@ -67,7 +71,7 @@ fn main() -> Result<()> {
         }
         Command::Idle(a) => {
             let out = a.labels.out.clone();
-            let rec = runtime()?.block_on(load::idle(a))?;
+            let rec = runtime()?.block_on(idle::idle(a))?;
             rec.emit(out.as_deref())
         }
         Command::Record(a) => report::record(a),
@@ -76,12 +80,18 @@ fn main() -> Result<()> {
             port,
             host,
             v5_port: None,
-        } => run_rumqttd(SocketAddr::new(host, port)),
+            max_connections,
+        } => run_rumqttd(SocketAddr::new(host, port), max_connections),
         Command::Rumqttd {
             port,
             host,
             v5_port: Some(v5),
-        } => run_rumqttd_v4_v5(SocketAddr::new(host, port), SocketAddr::new(host, v5)),
+            max_connections,
+        } => run_rumqttd_v4_v5(
+            SocketAddr::new(host, port),
+            SocketAddr::new(host, v5),
+            max_connections,
+        ),
         Command::Mem { pid } => {
             let (rss, hwm) =
                 load::proc_mem(pid).ok_or_else(|| anyhow::anyhow!("no /proc/{pid}/status"))?;
@@ -98,11 +108,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// rumqttd as configured in its own rumqttd.toml (v4 listener, 100 in flight, 100 MiB x 10
-/// segments), with room for 20,000 connections and no delay between accepts.
-fn run_rumqttd(listen: SocketAddr) -> Result<()> {
+/// segments), with room for `max_connections` and no delay between accepts.
+fn run_rumqttd(listen: SocketAddr, max_connections: usize) -> Result<()> {
     let cloud = waystation_cloud::Cloud::start(waystation_cloud::CloudOptions {
         listen: Some(listen),
-        max_connections: 20_010,
+        max_connections,
         max_segment_size: 100 * 1024 * 1024,
         next_connection_delay_ms: 0,
         ..Default::default()
@@ -114,7 +124,7 @@ fn run_rumqttd(listen: SocketAddr) -> Result<()> {
 
 /// rumqttd as in [`run_rumqttd`] (tests/cloud's settings), with an MQTT 5 listener on `v5`
 /// beside the v4 one on `v4`: one router, so a v4 subscriber gets what v5 clients publish.
-fn run_rumqttd_v4_v5(v4: SocketAddr, v5: SocketAddr) -> Result<()> {
+fn run_rumqttd_v4_v5(v4: SocketAddr, v5: SocketAddr, max_connections: usize) -> Result<()> {
     let server = |name: &str, listen| rumqttd::ServerSettings {
         name: name.into(),
         listen,
@@ -132,7 +142,7 @@ fn run_rumqttd_v4_v5(v4: SocketAddr, v5: SocketAddr) -> Result<()> {
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: 20_010,
+            max_connections,
             max_outgoing_packet_count: 200,
             max_segment_size: 100 * 1024 * 1024,
             max_segment_count: 10,

@@ -5,7 +5,7 @@
 //! both versions (no per-message allocation), so the tool stays cheaper than the brokers it
 //! measures and costs the same per message whichever version it speaks.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +14,7 @@ use rmqtt_codec::v5;
 use rumqttc::mqttbytes::v4::{Connect, Packet, Subscribe};
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
 /// Largest packet the tool accepts from a broker: a 16 MiB payload with its topic and header
@@ -55,8 +55,10 @@ pub fn v5_publish_properties() -> Vec<u8> {
     block
 }
 
-/// Appends one PUBLISH packet carrying (publisher, seq, now) in the first 16 payload bytes.
-/// `v5_properties`: an MQTT 5 PUBLISH with this property block (`[0]`: none); `None`: 3.1.1.
+/// Appends one PUBLISH packet carrying (publisher, seq, sent) in the first 16 payload bytes:
+/// `sent_ns` is the wall-clock send time, or the scheduled one in an open-loop run (so a late
+/// send counts as latency). `v5_properties`: an MQTT 5 PUBLISH with this property block
+/// (`[0]`: none); `None`: 3.1.1.
 #[allow(clippy::too_many_arguments)]
 pub fn encode_publish(
     buf: &mut BytesMut,
@@ -65,6 +67,7 @@ pub fn encode_publish(
     pkid: u16,
     publisher: u32,
     seq: u32,
+    sent_ns: u64,
     payload_len: usize,
     v5_properties: Option<&[u8]>,
 ) {
@@ -94,7 +97,7 @@ pub fn encode_publish(
     }
     buf.put_u32(publisher);
     buf.put_u32(seq);
-    buf.put_u64(now_ns());
+    buf.put_u64(sent_ns);
     buf.put_bytes(0x5a, payload_len - HEADER_LEN);
 }
 
@@ -205,10 +208,35 @@ pub async fn connect(
     timeout: Duration,
     protocol: u8,
 ) -> Result<Conn> {
+    connect_from(None, addr, client_id, clean, keep_alive, timeout, protocol).await
+}
+
+/// [`connect`] from the source address `src` (any port): one (source, destination) pair
+/// gives at most ~28k ephemeral ports, so many idle clients spread over 127.0.0.x.
+pub async fn connect_from(
+    src: Option<IpAddr>,
+    addr: SocketAddr,
+    client_id: &str,
+    clean: bool,
+    keep_alive: u16,
+    timeout: Duration,
+    protocol: u8,
+) -> Result<Conn> {
     let fut = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
+        let stream = match src {
+            None => TcpStream::connect(addr).await,
+            Some(ip) => {
+                let sock = if ip.is_ipv4() {
+                    TcpSocket::new_v4()?
+                } else {
+                    TcpSocket::new_v6()?
+                };
+                sock.bind(SocketAddr::new(ip, 0))
+                    .with_context(|| format!("bind {ip}"))?;
+                sock.connect(addr).await
+            }
+        }
+        .with_context(|| format!("connect {addr}"))?;
         stream.set_nodelay(true)?;
         if protocol == 5 {
             return connect_v5(stream, client_id, clean, keep_alive).await;

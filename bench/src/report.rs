@@ -73,6 +73,10 @@ pub struct RecordArgs {
     /// key=value pairs (numbers).
     #[arg(long = "set", value_parser = parse_kv)]
     pub set: Vec<(String, f64)>,
+    /// Start from the values and errors of the last record in this file (the stdout of a
+    /// `wsbench run`), e.g. to add figures read from the broker after the run; --set wins.
+    #[arg(long)]
+    pub from: Option<PathBuf>,
     #[command(flatten)]
     pub labels: Labels,
 }
@@ -87,6 +91,18 @@ fn parse_kv(s: &str) -> Result<(String, f64), String> {
 
 pub fn record(a: RecordArgs) -> Result<()> {
     let mut r = Record::new(&a.labels);
+    if let Some(path) = &a.from {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .with_context(|| format!("no record in {}", path.display()))?;
+        let from: Record = serde_json::from_str(line).context("parse the record")?;
+        r.values = from.values;
+        r.errors = from.errors;
+    }
     r.values.extend(a.set);
     r.emit(a.labels.out.as_deref())
 }

@@ -9,6 +9,7 @@ mod http;
 mod malloc;
 mod metrics;
 mod passwd;
+mod rlimit;
 mod status;
 mod sys;
 mod time;
@@ -270,6 +271,7 @@ fn run(
     config: Config,
     (security, anonymous): (waystation_broker::Security, config::AnonymousPolicy),
 ) -> anyhow::Result<()> {
+    rlimit::raise_nofile(config.limits.max_connections as u64);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("waystation")

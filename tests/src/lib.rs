@@ -95,6 +95,8 @@ pub struct Waystation {
     logs: Arc<Mutex<String>>,
     /// Processes started so far (each logs its HTTP address once).
     starts: usize,
+    /// RLIMIT_NOFILE (soft and hard) the daemon is started with, if set.
+    nofile: Option<u64>,
 }
 
 impl Waystation {
@@ -116,7 +118,17 @@ impl Waystation {
         Waystation::start_in(extra, Some(data_dir))
     }
 
+    /// Like [`Waystation::start_with`], with the daemon's open files limit (soft and hard)
+    /// set to `nofile` before it runs, so it cannot raise it.
+    pub fn start_with_nofile(extra: &str, nofile: u64) -> Waystation {
+        Waystation::start_in_limited(extra, None, Some(nofile))
+    }
+
     fn start_in(extra: &str, data_dir: Option<&Path>) -> Waystation {
+        Waystation::start_in_limited(extra, data_dir, None)
+    }
+
+    fn start_in_limited(extra: &str, data_dir: Option<&Path>, nofile: Option<u64>) -> Waystation {
         let dir = tempfile::Builder::new()
             .prefix("waystation-e2e-")
             .tempdir()
@@ -132,6 +144,7 @@ impl Waystation {
             extra_config: extra.to_string(),
             logs: Arc::new(Mutex::new(String::new())),
             starts: 0,
+            nofile,
         };
         ws.spawn(0);
         ws
@@ -165,7 +178,25 @@ impl Waystation {
         config.push_str(&self.extra_config);
         std::fs::write(self.config_path(), config).expect("write config");
 
-        let mut child = Command::new(waystation_bin())
+        let mut cmd = Command::new(waystation_bin());
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: between fork and exec only setrlimit (async-signal-safe) runs, on a
+            // struct copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(["run", "--config"])
             .arg(self.config_path())
             .env(

@@ -340,6 +340,45 @@ impl StatusHandle {
     }
 }
 
+/// Pause after a failed accept() (EMFILE: out of descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this long while accept() keeps failing.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Failed accepts, logged at most once per [`ACCEPT_LOG_EVERY`] with how many were not.
+#[derive(Default)]
+struct AcceptFailures {
+    last_log: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, e: &std::io::Error) {
+        let now = std::time::Instant::now();
+        if self
+            .last_log
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_LOG_EVERY)
+        {
+            self.unlogged += 1;
+            return;
+        }
+        error!(error = %e, failed_since_last_log = self.unlogged, backoff_ms = ACCEPT_BACKOFF.as_millis() as u64,
+            "accept failed (out of file descriptors? raise the open files limit or lower max_connections); retrying, logged at most every 10 s");
+        self.last_log = Some(now);
+        self.unlogged = 0;
+    }
+
+    fn succeeded(&mut self) {
+        if self.last_log.take().is_some() {
+            info!(
+                failed_since_last_log = self.unlogged,
+                "accepting connections again"
+            );
+            self.unlogged = 0;
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     ctx: ConnectionContext,
@@ -348,6 +387,7 @@ async fn accept_loop(
     connection_rate: Arc<Mutex<ConnectionRate>>,
 ) {
     let shutdown = ctx.shutdown.clone();
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -356,12 +396,19 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // EMFILE and friends: wait a little rather than spin.
-                error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE/ENFILE (out of descriptors) and friends: the pending connection stays
+                // in the backlog and accept() fails again at once, so without a pause this
+                // loop would spin at 100% CPU. Existing connections go on being served; once
+                // descriptors free up the next accept succeeds.
+                failures.failed(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    _ = shutdown.signalled() => return,
+                }
                 continue;
             }
         };
+        failures.succeeded();
         // `max_connection_rate`, per source address, before anything else is spent on it.
         let admit = connection_rate
             .lock()
