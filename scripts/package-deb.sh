@@ -56,7 +56,7 @@ for arch in "${arches[@]}"; do
     echo "Section: net"
     echo "Priority: optional"
     echo "Description: MQTT edge gateway: keeps sensor events on disk and forwards them upstream"
-    echo " An MQTT 3.1.1 broker for the devices of a site that acknowledges a QoS 1 message"
+    echo " An MQTT 3.1.1 and 5 broker for the devices of a site that acknowledges a QoS 1 message"
     echo " only once it is on disk, and bridges to cloud brokers through outages and restarts."
     echo " Runs as the waystation user under systemd; config in /etc/waystation."
   } > "$root/DEBIAN/control"
