@@ -1,7 +1,7 @@
 //! QoS 0 to live subscribers (issue 14): a subscriber that keeps up on average (bursts faster
 //! than it reads, pauses between them) loses nothing, because the broker pauses the
 //! publishers feeding it while it is behind (back-pressure, like a TCP pipe); one that stops
-//! reading is called slow after a one-second grace, its QoS 0 messages are dropped (counted)
+//! reading is called slow after two seconds, its QoS 0 messages are dropped (counted)
 //! while the publishers and every other subscriber go on, the broker's memory stays bounded,
 //! and once it reads again it gets new messages.
 //!

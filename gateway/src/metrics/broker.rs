@@ -272,7 +272,7 @@ pub fn encode_store(
     counter(
         e,
         "waystation_slow_subscribers",
-        "Times a live subscriber behind on QoS 0 for 5 s (or reading under 64 KiB in a second) was marked slow: its QoS 0 messages past 256 KiB are dropped until it has written all it was sent",
+        "Times a live subscriber behind on QoS 0 for 2 s was marked slow: its QoS 0 messages past 256 KiB are dropped until everything it was given is written",
         st.slow_subscribers.load(Relaxed),
     )?;
     let faults = st.store_faults();

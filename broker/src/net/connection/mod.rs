@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
-use crate::outbox::{Outbox, SLOW_SUBSCRIBER_GRACE};
+use crate::outbox::Outbox;
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::protocol::Decoder;
@@ -251,11 +251,11 @@ async fn pace(outbox: &Outbox, ctx: &ConnectionContext, client_id: &str) {
     outbox.router_caught_up().await;
     if let Some(subscriber) = outbox.take_wait() {
         ctx.stats.publisher_waits.fetch_add(1, Ordering::Relaxed);
-        if !subscriber.caught_up_within(SLOW_SUBSCRIBER_GRACE).await {
+        if !subscriber.caught_up().await {
             ctx.stats.slow_subscribers.fetch_add(1, Ordering::Relaxed);
             debug!(
                 client_id,
-                "a subscriber this client feeds QoS 0 is not reading: marked slow"
+                "a subscriber this client feeds QoS 0 stayed behind: marked slow"
             );
         }
     }
