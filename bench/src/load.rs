@@ -878,8 +878,29 @@ pub struct IdleArgs {
     pub pid: Option<u32>,
     #[arg(long, default_value = "wsb-idle")]
     pub client_prefix: String,
+    /// Each client subscribes (QoS 1) to this filter once connected, `{i}` replaced by its
+    /// number (e.g. `devices/{i}/cmd`), and waits for its SUBACK before the measurement.
+    #[arg(long)]
+    pub subscribe: Option<String>,
     #[command(flatten)]
     pub labels: Labels,
+}
+
+/// Reads until `c`'s SUBACK has come (what came before it is dropped: an idle client's
+/// clean session has nothing queued).
+async fn wait_suback(c: &mut Conn) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Ok(p) = Packet::read(&mut c.leftover, proto::MAX_PACKET) {
+            if matches!(p, Packet::SubAck(_)) {
+                return Ok(());
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, c.stream.read_buf(&mut c.leftover)).await?? == 0 {
+            bail!("connection closed before its SUBACK");
+        }
+    }
 }
 
 /// Connects `clients` idle clients and reports the broker's resident memory per connection.
@@ -889,7 +910,16 @@ pub async fn idle(a: IdleArgs) -> Result<Record> {
     let ids = (0..a.clients)
         .map(|i| format!("{}-{i}", a.client_prefix))
         .collect();
-    let conns = connect_many(a.addr, ids, true, a.connect_concurrency, 4).await?;
+    let mut conns = connect_many(a.addr, ids, true, a.connect_concurrency, 4).await?;
+    if let Some(filter) = &a.subscribe {
+        for (i, c) in conns.iter_mut().enumerate() {
+            let filter = filter.replace("{i}", &i.to_string());
+            proto::send_subscribe(c, &filter, QoS::AtLeastOnce).await?;
+        }
+        for c in &mut conns {
+            wait_suback(c).await?;
+        }
+    }
     let connect_s = t0.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs_f64(a.hold)).await;
     let after = a.pid.and_then(proc_mem);
