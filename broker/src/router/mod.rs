@@ -242,7 +242,7 @@ impl Router {
                 conn,
                 request,
                 outbox,
-            } => self.connect(conn, request, outbox.0),
+            } => self.connect(conn, *request, outbox.0),
             RouterCmd::Publish {
                 conn,
                 pkid,

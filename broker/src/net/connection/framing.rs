@@ -128,3 +128,20 @@ fn ends_inbound_flow(packet: &Outbound) -> bool {
             }
     )
 }
+
+/// The size of the writer task's future over a TCP socket (see `net::footprint_tests`).
+#[cfg(test)]
+pub(crate) fn write_loop_future_size() -> usize {
+    fn size<W: AsyncWrite + Unpin>(writer: W) -> usize {
+        let (_outbox, rx) = crate::outbox::Outbox::new();
+        std::mem::size_of_val(&write_loop(
+            writer,
+            rx,
+            Encoder::V4,
+            (Arc::from(""), None),
+            Arc::default(),
+        ))
+    }
+    // A `WriteHalf` is one pointer, whatever the stream.
+    size(tokio::io::split(tokio::io::empty()).1)
+}
