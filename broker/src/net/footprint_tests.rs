@@ -79,3 +79,81 @@ async fn an_idle_connection_keeps_small_futures() {
     assert!(task <= 1792, "connection task future {task} B");
     assert!(handle <= 1664, "connection::handle future {handle} B");
 }
+
+/// A stream that answers reads from a script, then never again, and records how much room
+/// each read offered (the read buffer's spare capacity).
+struct Scripted {
+    reads: std::collections::VecDeque<Vec<u8>>,
+    offered: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl tokio::io::AsyncRead for Scripted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.offered.lock().expect("lock").push(buf.remaining());
+        match self.reads.pop_front() {
+            Some(data) => {
+                buf.put_slice(&data);
+                std::task::Poll::Ready(Ok(()))
+            }
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Scripted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_does_not_grow_an_idle_clients_read_buffer() {
+    // CONNECT (3.1.1, client id "a", keep-alive 60), then SUBSCRIBE a/b/c at QoS 1.
+    let connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01a".to_vec();
+    let subscribe = b"\x82\x0a\x00\x01\x00\x05a/b/c\x01".to_vec();
+    let offered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stream = Scripted {
+        reads: [connect, subscribe].into(),
+        offered: offered.clone(),
+    };
+    let (router, mut commands) = mpsc::channel(16);
+    let mut ctx = Arc::into_inner(context()).expect("one owner");
+    ctx.router = router;
+    let peer = SocketAddr::from(([127, 0, 0, 1], 1883));
+    let task = tokio::spawn(connection::handle(stream, peer, Arc::new(ctx), None));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let cmd = tokio::time::timeout(std::time::Duration::from_secs(5), commands.recv())
+            .await
+            .expect("CONNECT and SUBSCRIBE reach the router")
+            .expect("router queue open");
+        seen.push(cmd);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let offered = offered.lock().expect("lock").clone();
+    // Reads: the CONNECT, the SUBSCRIBE, then the wait for more: in the buffer the CONNECT
+    // came in, not a 4 KiB one (the SUBSCRIBE did not fill the buffer).
+    assert!(offered.len() >= 3, "{offered:?}");
+    assert!(offered[2] < 1024, "{offered:?}");
+    task.abort();
+}

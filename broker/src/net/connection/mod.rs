@@ -260,7 +260,8 @@ async fn read_loop(
     let far_future = Duration::from_secs(86400 * 365);
     let mut ingest_paused = ctx.ingest_paused.clone();
     let mut has_published = false;
-    // The client has sent something since its CONNECT.
+    // A read has filled the buffer since the CONNECT: the client sends more than a few
+    // small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
     let mut traffic = false;
     loop {
         // Handle every whole packet already buffered before reading again.
@@ -350,7 +351,7 @@ async fn read_loop(
             }
             Ok(Ok(0)) => return End::Abrupt("connection closed by client".into(), None),
             Ok(Err(e)) => return End::Abrupt(format!("read error: {e}"), None),
-            Ok(Ok(_)) => traffic = true,
+            Ok(Ok(_)) => traffic = traffic || buf.len() == buf.capacity(),
         }
     }
 }
