@@ -78,6 +78,8 @@ async fn an_idle_connection_keeps_small_futures() {
     // handshake), then 3128 B (the CONNECT and `send`'s copies of each command inline).
     assert!(task <= 1792, "connection task future {task} B");
     assert!(handle <= 1664, "connection::handle future {handle} B");
+    let client_info = std::mem::size_of::<crate::status::ClientInfo>();
+    assert!(client_info <= 112, "ClientInfo {client_info} B");
 }
 
 /// A stream that answers reads from a script, then never again, and records how much room
