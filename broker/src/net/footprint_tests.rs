@@ -76,8 +76,13 @@ async fn an_idle_connection_keeps_small_futures() {
     drop(client);
     // Before issue 14's work: 5752 B (a plain connection's task kept room for TLS and the
     // handshake), then 3128 B (the CONNECT and `send`'s copies of each command inline).
-    assert!(task <= 1792, "connection task future {task} B");
-    assert!(handle <= 1664, "connection::handle future {handle} B");
+    assert!(task <= 1600, "connection task future {task} B");
+    assert!(handle <= 1472, "connection::handle future {handle} B");
+    let writer = connection::write_loop_future_size();
+    assert!(
+        writer <= 320,
+        "write_loop future {writer} B (400 when it held packets)"
+    );
     let client_info = std::mem::size_of::<crate::status::ClientInfo>();
     assert!(client_info <= 112, "ClientInfo {client_info} B");
 }
