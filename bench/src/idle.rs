@@ -39,6 +39,10 @@ pub struct IdleArgs {
     pub pid: Option<u32>,
     #[arg(long, default_value = "wsb-idle")]
     pub client_prefix: String,
+    /// Each client subscribes (QoS 1) to this filter once connected, `{i}` replaced by its
+    /// number (e.g. `devices/{i}/cmd`), and waits for its SUBACK before the measurement.
+    #[arg(long)]
+    pub subscribe: Option<String>,
     #[command(flatten)]
     pub labels: Labels,
 }
@@ -77,7 +81,11 @@ pub async fn idle(a: IdleArgs) -> Result<Record> {
         while next < a.clients && set.len() < a.connect_concurrency.max(1) {
             let (addr, source) = (a.addr, src(next));
             let id = format!("{}-{next}", a.client_prefix);
-            set.spawn(async move { connect_one(source, addr, id).await });
+            let filter = a
+                .subscribe
+                .as_ref()
+                .map(|f| f.replace("{i}", &next.to_string()));
+            set.spawn(async move { connect_one(source, addr, id, filter).await });
             next += 1;
         }
         match set.join_next().await {
@@ -107,22 +115,49 @@ pub async fn idle(a: IdleArgs) -> Result<Record> {
     Ok(rec)
 }
 
-/// One client: connected (CONNACK accepted, 3 tries), then only its socket is kept.
+/// One client: connected (CONNACK accepted, 3 tries) and subscribed to `filter` if any
+/// (SUBACK received), then only its socket is kept.
 async fn connect_one(
     src: Option<IpAddr>,
     addr: SocketAddr,
     id: String,
+    filter: Option<String>,
 ) -> Result<std::net::TcpStream> {
     let mut tries = 0;
     loop {
         let r = proto::connect_from(src, addr, &id, true, 600, Duration::from_secs(10), 4).await;
         match r {
-            Ok(c) => return c.stream.into_std().context("deregister the socket"),
+            Ok(mut c) => {
+                if let Some(filter) = &filter {
+                    proto::send_subscribe(&mut c, filter, rumqttc::mqttbytes::QoS::AtLeastOnce)
+                        .await?;
+                    wait_suback(&mut c).await?;
+                }
+                return c.stream.into_std().context("deregister the socket");
+            }
             Err(_) if tries < 3 => {
                 tries += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(e.context(format!("client {id}"))),
+        }
+    }
+}
+
+/// Reads until `c`'s SUBACK has come (what came before it is dropped: an idle client's
+/// clean session has nothing queued).
+async fn wait_suback(c: &mut proto::Conn) -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Ok(p) = rumqttc::mqttbytes::v4::Packet::read(&mut c.leftover, proto::MAX_PACKET) {
+            if matches!(p, rumqttc::mqttbytes::v4::Packet::SubAck(_)) {
+                return Ok(());
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if tokio::time::timeout(left, c.stream.read_buf(&mut c.leftover)).await?? == 0 {
+            bail!("connection closed before its SUBACK");
         }
     }
 }

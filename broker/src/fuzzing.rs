@@ -199,7 +199,7 @@ pub async fn connection(data: &[u8], acl: bool) -> Vec<u8> {
     };
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
-    let connection_task = tokio::spawn(connection::handle(server, peer, ctx, None));
+    let connection_task = tokio::spawn(connection::handle(server, peer, Arc::new(ctx), None));
     let (mut from_broker, mut to_broker) = tokio::io::split(client);
     let reader = tokio::spawn(async move {
         let mut out = Vec::new();

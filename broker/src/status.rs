@@ -23,7 +23,8 @@ pub struct LastPublish {
 
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
-    pub client_id: String,
+    /// The session's own key (no copy per client, nor per snapshot).
+    pub client_id: Arc<str>,
     pub peer: Option<SocketAddr>,
     pub username: Option<String>,
     pub connected_at_ms: u64,
@@ -33,7 +34,8 @@ pub struct ClientInfo {
     /// Seconds the session outlives the connection (`u32::MAX`: never expires).
     pub session_expiry: u32,
     pub messages_in: u64,
-    pub last_publish: Option<LastPublish>,
+    /// Boxed: most clients of a gateway with many idle ones never publish.
+    pub last_publish: Option<Box<LastPublish>>,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -88,7 +88,7 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
         .iter()
         .map(|c| {
             json!({
-                "client_id": c.client_id,
+                "client_id": &*c.client_id,
                 "peer": c.peer.map(|p| p.to_string()),
                 "username": c.username,
                 "connected_at_ms": c.connected_at_ms,

@@ -5,3 +5,6 @@
 
 pub(crate) mod connection;
 pub mod server;
+
+#[cfg(test)]
+mod footprint_tests;

@@ -146,7 +146,7 @@ impl Broker {
             if let Some(tls) = &tls {
                 tls_listeners.push((local, tls.clone()));
             }
-            let ctx = ConnectionContext {
+            let ctx = Arc::new(ConnectionContext {
                 limits: config.limits.clone(),
                 router: router_tx.clone(),
                 stats: stats.clone(),
@@ -154,7 +154,7 @@ impl Broker {
                 ingest_paused: ingest_rx.clone(),
                 auth: auth.clone(),
                 tls,
-            };
+            });
             accept_tasks.push(tokio::spawn(accept_loop(
                 listener,
                 ctx,
@@ -381,7 +381,7 @@ impl AcceptFailures {
 
 async fn accept_loop(
     listener: TcpListener,
-    ctx: ConnectionContext,
+    ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
     done: mpsc::Sender<()>,
     connection_rate: Arc<Mutex<ConnectionRate>>,
@@ -432,21 +432,26 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let conn_ctx = ConnectionContext {
-            limits: ctx.limits.clone(),
-            router: ctx.router.clone(),
-            stats: ctx.stats.clone(),
-            shutdown: ctx.shutdown.clone(),
-            ingest_paused: ctx.ingest_paused.clone(),
-            auth: ctx.auth.clone(),
-            tls: ctx.tls.clone(),
-        };
+        let conn_ctx = ctx.clone();
         let done = done.clone();
-        tokio::spawn(async move {
-            serve(stream, peer, conn_ctx).await;
-            drop(permit);
-            drop(done);
-        });
+        // Plain TCP and TLS connections are tasks of their own kinds: a task keeps its
+        // future's largest state for as long as it lives, and a plain connection should not
+        // carry room for a TLS session and its handshake (issue 14: idle connections).
+        match conn_ctx.tls.clone() {
+            None => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    connection::handle(stream, peer, conn_ctx, None).await;
+                    drop(permit);
+                    drop(done);
+                })
+            }
+            Some(tls) => tokio::spawn(async move {
+                serve_tls(stream, peer, conn_ctx, tls).await;
+                drop(permit);
+                drop(done);
+            }),
+        };
     }
 }
 
@@ -546,14 +551,32 @@ fn start_bridges(
     (bridges, bridge_tasks)
 }
 
-/// Runs one accepted connection: the TLS handshake first on a TLS listener (within
-/// `connect_timeout`), then the MQTT connection.
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: ConnectionContext) {
-    let _ = stream.set_nodelay(true);
-    let Some(tls) = ctx.tls.clone() else {
+/// The size of a plain TCP connection's task future, as `accept_loop` spawns it (see
+/// `net::footprint_tests`).
+#[cfg(test)]
+pub(crate) fn task_future_size(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+) -> usize {
+    let (permit, done) = (Arc::new(Semaphore::new(1)), mpsc::channel::<()>(1).0);
+    let permit = permit.try_acquire_owned();
+    std::mem::size_of_val(&async move {
         connection::handle(stream, peer, ctx, None).await;
-        return;
-    };
+        drop(permit);
+        drop(done);
+    })
+}
+
+/// Runs one accepted connection of a TLS listener: the TLS handshake first (within
+/// `connect_timeout`), then the MQTT connection.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    tls: Arc<TlsListener>,
+) {
+    let _ = stream.set_nodelay(true);
     let stream =
         match tokio::time::timeout(ctx.limits.connect_timeout, tls.acceptor().accept(stream)).await
         {

@@ -42,7 +42,9 @@ pub struct ConnectRequest {
 pub enum RouterCmd {
     Connect {
         conn: ConnId,
-        request: ConnectRequest,
+        /// Boxed: once per connection, and at 168 bytes it would make every command (and
+        /// every connection's room for one on its way to the router) that large.
+        request: Box<ConnectRequest>,
         outbox: OutboxHandle,
     },
     Publish {

@@ -22,11 +22,11 @@ impl Router {
                     last.at_ms = unix_ms();
                 }
                 last => {
-                    *last = Some(LastPublish {
+                    *last = Some(Box::new(LastPublish {
                         topic: message.topic.to_string(),
                         payload: preview,
                         at_ms: unix_ms(),
-                    })
+                    }))
                 }
             }
         }

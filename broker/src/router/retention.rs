@@ -70,7 +70,7 @@ impl Router {
                 .values()
                 .filter(|s| s.online.is_none())
                 .count(),
-            queued_messages: self.sessions.values().map(Session::waiting).sum(),
+            queued_messages: self.sessions.values().map(|s| s.waiting()).sum(),
             subscriptions: self.subscriptions.len() + self.shared.len(),
             retained: self.retained.len(),
             pending_acks: self.pending_acks.len(),

@@ -49,7 +49,7 @@ impl Router {
         let session = self
             .sessions
             .entry(client.clone())
-            .or_insert_with(|| Session::new(!persistent));
+            .or_insert_with(|| Box::new(Session::new(!persistent)));
         session.clean = !persistent;
         let previous_expiry = std::mem::replace(&mut session.expiry_secs, request.session_expiry);
         session.expires_at = None;
@@ -109,7 +109,7 @@ impl Router {
         self.clients.insert(
             conn,
             ClientInfo {
-                client_id: client.to_string(),
+                client_id: client.clone(),
                 peer: request.peer,
                 username: request.username,
                 connected_at_ms: unix_ms(),

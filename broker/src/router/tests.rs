@@ -53,7 +53,7 @@ fn connect(router: &mut Router, conn: ConnId, client_id: &str) -> crate::outbox:
 fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, outbox: Outbox) {
     router.handle(RouterCmd::Connect {
         conn,
-        request: ConnectRequest {
+        request: Box::new(ConnectRequest {
             client_id: client_id.into(),
             version: crate::protocol::Version::V4,
             clean_start: clean,
@@ -70,7 +70,7 @@ fn connect_on(router: &mut Router, conn: ConnId, client_id: &str, clean: bool, o
             username: None,
             peer: None,
             acl: None,
-        },
+        }),
         outbox: OutboxHandle(outbox),
     });
     router.end_burst();
@@ -608,7 +608,7 @@ fn expired_and_oversized_messages_are_dropped_and_counted() {
     let (outbox, mut small) = Outbox::new();
     router.handle(RouterCmd::Connect {
         conn: 1,
-        request: ConnectRequest {
+        request: Box::new(ConnectRequest {
             client_id: "small".into(),
             version: crate::protocol::Version::V5,
             clean_start: true,
@@ -621,7 +621,7 @@ fn expired_and_oversized_messages_are_dropped_and_counted() {
             username: None,
             peer: None,
             acl: None,
-        },
+        }),
         outbox: OutboxHandle(outbox),
     });
     let mut big = connect(&mut router, 2, "big");

@@ -18,17 +18,46 @@ use super::context::{topic_within_limits, ConnectionContext, Guard};
 use crate::outbox::Outbox;
 
 /// Acts on one packet (DISCONNECT is the reader's); `Err`: a protocol violation.
-pub(super) async fn dispatch(
+///
+/// The command is made before the future is: the future then holds it once, beside a
+/// wait for room in the router's queue, not the packet, the command and `send`'s own copy
+/// (952 bytes, which every connection's task kept room for, idle or not: issue 14).
+pub(super) fn dispatch<'a>(
+    packet: Inbound,
+    conn: ConnId,
+    client_id: &str,
+    ctx: &'a ConnectionContext,
+    guard: &mut Guard,
+    outbox: &Outbox,
+) -> impl std::future::Future<Output = Result<(), &'static str>> + 'a {
+    let cmd = command(packet, conn, client_id, ctx, guard, outbox);
+    async move {
+        // `cmd` is used in place, never moved into a local before the wait: a local would
+        // be a second copy in the future.
+        if !matches!(cmd, Ok(Some(_))) {
+            return cmd.map(|_| ());
+        }
+        // A full router queue makes this wait: back-pressure on every publisher alike.
+        let room = ctx.router.reserve().await.map_err(|_| "broker stopping")?;
+        if let Ok(Some(cmd)) = cmd {
+            room.send(cmd);
+        }
+        Ok(())
+    }
+}
+
+/// The router's command for one packet; `None`: nothing to tell it.
+fn command(
     packet: Inbound,
     conn: ConnId,
     client_id: &str,
     ctx: &ConnectionContext,
     guard: &mut Guard,
     outbox: &Outbox,
-) -> Result<(), &'static str> {
+) -> Result<Option<RouterCmd>, &'static str> {
     let cmd = match packet {
         Inbound::Connect(_) => return Err("second CONNECT on a connection"),
-        Inbound::Disconnect(_) => return Ok(()),
+        Inbound::Disconnect(_) => return Ok(None),
         Inbound::PingReq => RouterCmd::Ping { conn },
         Inbound::Publish(publish) => {
             let pkid = publish.pkid;
@@ -62,7 +91,7 @@ pub(super) async fn dispatch(
                     }
                     // QoS 0 needs no answer; QoS 1/2 are answered in their turn by the router.
                     if message.qos == QoS::AtMostOnce {
-                        return Ok(());
+                        return Ok(None);
                     }
                     RouterCmd::Refused {
                         conn,
@@ -107,8 +136,7 @@ pub(super) async fn dispatch(
             filters: unsubscribe.filters,
         },
     };
-    // A full router queue makes this wait: back-pressure on every publisher alike.
-    ctx.router.send(cmd).await.map_err(|_| "broker stopping")
+    Ok(Some(cmd))
 }
 
 /// Why a PUBLISH with a valid topic name is not taken, counted; `None`: it is.

@@ -11,21 +11,81 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
+use crate::outbox::{Outbox, OutboxReceiver};
 use crate::policy::auth::Refusal;
 use crate::policy::ratelimit::TokenBucket;
 use crate::protocol::inbound::{Connect, DecodeError, Inbound};
 use crate::protocol::message::{ConnectOutcome, Outbound};
 use crate::protocol::v5::{ConnAckInfo, V5Encoder};
 use crate::protocol::{Decoder, Encoder, Version};
-use crate::router::ConnectRequest;
+use crate::router::{ConnectRequest, OutboxHandle, RouterCmd};
+use crate::session::ConnId;
 use crate::topic::valid_topic_name;
 
 use super::context::{topic_within_limits, ConnectionContext, Guard};
 use super::framing::{log_bad_input, read_packet, write_now};
 
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What an accepted client's connection goes on with once the router has its CONNECT.
+pub(super) struct Opened {
+    pub(super) conn: ConnId,
+    pub(super) client_id: Arc<str>,
+    pub(super) keep_alive: u16,
+    pub(super) version: Version,
+    pub(super) session_expiry: u32,
+    pub(super) guard: Guard,
+    /// For the writer, with the CONNACK's properties.
+    pub(super) encoder: Encoder,
+    /// The connection's own handle on its outbox (the router has the other).
+    pub(super) outbox: Outbox,
+    pub(super) outbox_rx: OutboxReceiver,
+}
+
+/// The handshake: the CONNECT read and checked, then handed to the router with the new
+/// connection's outbox. `None` when the connection is to close (refused, or the broker
+/// stopping).
+pub(super) async fn open(
+    (reader, writer): (
+        &mut (impl AsyncRead + Unpin),
+        &mut (impl AsyncWrite + Unpin),
+    ),
+    (buf, decoder): (&mut BytesMut, &mut Decoder),
+    peer: &SocketAddr,
+    ctx: &ConnectionContext,
+    identity: Option<String>,
+) -> Option<Opened> {
+    let connect = read_connect(reader, writer, buf, decoder, peer, ctx).await?;
+    let clean_session = connect.clean_session;
+    let (request, guard, encoder) = admit(connect, writer, peer, ctx, identity).await?;
+    let (client_id, keep_alive) = (request.client_id.clone(), request.keep_alive_secs);
+    let (version, session_expiry) = (request.version, request.session_expiry);
+    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let (outbox, outbox_rx) = Outbox::new();
+    let connect = RouterCmd::Connect {
+        conn,
+        request: Box::new(request),
+        outbox: OutboxHandle(outbox.clone()),
+    };
+    // An error: the broker is stopping.
+    ctx.router.send(connect).await.ok()?;
+    info!(%peer, client_id = %client_id, keep_alive, clean_session, session_expiry, ?version, "client connected");
+    Some(Opened {
+        conn,
+        client_id,
+        keep_alive,
+        version,
+        session_expiry,
+        guard,
+        encoder,
+        outbox,
+        outbox_rx,
+    })
+}
+
 /// The first packet, which must be a CONNECT within `connect_timeout` [MQTT-3.1.0-1];
 /// `None` (after answering or counting what came instead) when the connection is to close.
-pub(super) async fn read_connect(
+async fn read_connect(
     reader: &mut (impl AsyncRead + Unpin),
     writer: &mut (impl AsyncWrite + Unpin),
     buf: &mut BytesMut,
@@ -89,7 +149,7 @@ pub(super) async fn read_connect(
 /// Everything the broker checks of a CONNECT before the router sees it: the client id, the
 /// credentials (or the certificate's identity), the ACL and the will. `None` when the
 /// connection was refused (the CONNACK saying why is written) or is to close.
-pub(super) async fn admit(
+async fn admit(
     connect: Connect,
     writer: &mut (impl AsyncWrite + Unpin),
     peer: &SocketAddr,

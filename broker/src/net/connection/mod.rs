@@ -8,7 +8,7 @@
 //! graceful (DISCONNECT: no will) or not.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use crate::outbox::Outbox;
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{CloseReason, Outbound, QoS};
 use crate::protocol::Decoder;
-use crate::router::{OutboxHandle, RouterCmd};
+use crate::router::RouterCmd;
 use crate::session::ConnId;
 
 mod context;
@@ -33,12 +33,12 @@ pub use context::ConnectionContext;
 use context::Guard;
 use dispatch::dispatch;
 use framing::write_loop;
-use handshake::{admit, read_connect};
+#[cfg(test)]
+pub(crate) use framing::write_loop_future_size;
+use handshake::{open, Opened};
 
 /// How long a connection with nothing buffered keeps its read buffer before giving it back.
 const IDLE_BUFFER_RELEASE: Duration = Duration::from_secs(1);
-
-static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Why the reader stopped.
 enum End {
@@ -60,10 +60,12 @@ fn abrupt(why: impl Into<String>, tell: CloseReason) -> End {
 
 /// Serves one client over any byte stream (TCP, or TLS over TCP: `server::serve` accepts).
 /// `identity`: the user name a verified client certificate gives (`use_identity_as_username`).
+/// `ctx` is shared by the listener's connections (a copy in each would be 144 bytes, twice
+/// over: an async fn's future keeps its arguments beside the locals they move into).
 pub async fn handle<S>(
     stream: S,
     peer: SocketAddr,
-    ctx: ConnectionContext,
+    ctx: Arc<ConnectionContext>,
     identity: Option<String>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -73,60 +75,52 @@ pub async fn handle<S>(
     let mut buf = BytesMut::with_capacity(256);
     let mut decoder = Decoder::new();
 
-    let Some(connect) = read_connect(
-        &mut reader,
-        &mut writer,
-        &mut buf,
-        &mut decoder,
+    // Boxed: held inline, the handshake's futures (timers, the password check, the
+    // CONNECT on its way to the router) would be room the task keeps for as long as the
+    // client stays connected.
+    let Some(Opened {
+        conn,
+        client_id,
+        keep_alive,
+        version,
+        session_expiry,
+        mut guard,
+        encoder,
+        outbox: own_outbox,
+        outbox_rx,
+    }) = Box::pin(open(
+        (&mut reader, &mut writer),
+        (&mut buf, &mut decoder),
         &peer,
         &ctx,
-    )
+        identity,
+    ))
     .await
     else {
         return;
     };
-    let clean_session = connect.clean_session;
-    let Some((request, mut guard, encoder)) =
-        admit(connect, &mut writer, &peer, &ctx, identity).await
-    else {
-        return;
-    };
-    let (client_id, keep_alive) = (request.client_id.clone(), request.keep_alive_secs);
-    let (version, session_expiry) = (request.version, request.session_expiry);
-
-    let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    let (outbox, outbox_rx) = Outbox::new();
-    let own_outbox = outbox.clone();
-    if ctx
-        .router
-        .send(RouterCmd::Connect {
-            conn,
-            request,
-            outbox: OutboxHandle(outbox),
-        })
-        .await
-        .is_err()
-    {
-        return; // broker stopping
-    }
-    info!(%peer, client_id = %client_id, keep_alive, clean_session, session_expiry, ?version, "client connected");
 
     // MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes read and not yet acknowledged, counted up
     // by the reader and down by the writer as it writes their PUBACK/PUBCOMP.
     let unacknowledged = (version == crate::protocol::Version::V5
         && ctx.limits.receive_maximum < u16::MAX)
         .then(|| Arc::new(AtomicU32::new(0)));
-    let mut writer_task = tokio::spawn(write_loop(
+    // The writer runs in this task, polled beside the reader (never after it): a second
+    // task would cost every connection another task header and future (issue 14), and
+    // `select!` polls both whenever either can go on, so a slow writer never stops the
+    // reader (nor the reverse).
+    let mut writing = std::pin::pin!(write_loop(
         writer,
         outbox_rx,
         encoder,
         (client_id.clone(), unacknowledged.clone()),
         ctx.stats.clone(),
     ));
+    let mut written = false;
     let keep_alive_limit =
         (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    // Cancel safety: the writer is a task of its own (dropping its JoinHandle cancels
-    // nothing) and `signalled()` holds no data. `read_loop` is dropped only when the
+    // Cancel safety: the writer is polled by reference (the select cancels nothing of it)
+    // and `signalled()` holds no data. `read_loop` is dropped only when the
     // connection ends anyway: a packet it had partly read, or a command it had not yet handed
     // to the router, was never acknowledged, so the client sends it again after reconnecting.
     let mut reading = Reading {
@@ -142,7 +136,10 @@ pub async fn handle<S>(
     };
     let end = tokio::select! {
         end = read_loop(&mut reader, &mut reading, &mut guard) => end,
-        _ = &mut writer_task => End::Abrupt("closed by broker or write failed".into(), None),
+        _ = &mut writing => {
+            written = true;
+            End::Abrupt("closed by broker or write failed".into(), None)
+        }
         _ = ctx.shutdown.signalled() => abrupt("broker shutting down", CloseReason::ServerShuttingDown),
     };
     let (graceful, session_expiry, tell) = match &end {
@@ -175,17 +172,8 @@ pub async fn handle<S>(
     }
     // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
     drop(own_outbox);
-    if !writer_task.is_finished() {
-        own_close(&mut writer_task).await;
-    }
-}
-
-async fn own_close(writer_task: &mut tokio::task::JoinHandle<()>) {
-    if timeout(Duration::from_millis(100), &mut *writer_task)
-        .await
-        .is_err()
-    {
-        writer_task.abort();
+    if !written {
+        let _ = timeout(Duration::from_millis(100), writing).await;
     }
 }
 
@@ -297,7 +285,8 @@ async fn read_loop(
     let far_future = Duration::from_secs(86400 * 365);
     let mut ingest_paused = ctx.ingest_paused.clone();
     let mut has_published = false;
-    // The client has sent something since its CONNECT.
+    // A read has filled the buffer since the CONNECT: the client sends more than a few
+    // small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
     let mut traffic = false;
     loop {
         // Handle every whole packet already buffered before reading again.
@@ -389,7 +378,7 @@ async fn read_loop(
             }
             Ok(Ok(0)) => return End::Abrupt("connection closed by client".into(), None),
             Ok(Err(e)) => return End::Abrupt(format!("read error: {e}"), None),
-            Ok(Ok(_)) => traffic = true,
+            Ok(Ok(_)) => traffic = traffic || buf.len() == buf.capacity(),
         }
     }
 }

@@ -1,0 +1,166 @@
+//! What one idle connection keeps alive, in bytes: the futures its tasks are made of (a
+//! task holds its future's largest state for as long as it lives) and the router's
+//! per-client state. Printed with `--nocapture`; the limits keep issue 14's gains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::net::connection::{self, ConnectionContext};
+
+fn context() -> Arc<ConnectionContext> {
+    let (router, _) = mpsc::channel(1);
+    let (_, ingest_paused) = watch::channel(false);
+    Arc::new(ConnectionContext {
+        limits: Default::default(),
+        router,
+        stats: Arc::default(),
+        shutdown: crate::shutdown::Shutdown::new(),
+        ingest_paused,
+        auth: Arc::new(crate::policy::auth::Authenticator::new(Default::default())),
+        tls: None,
+    })
+}
+
+#[tokio::test]
+async fn an_idle_connection_keeps_small_futures() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let client = TcpStream::connect(addr).await.expect("connect");
+    let (stream, peer): (TcpStream, SocketAddr) = listener.accept().await.expect("accept");
+    let handle = std::mem::size_of_val(&connection::handle(
+        TcpStream::connect(addr).await.expect("connect"),
+        peer,
+        context(),
+        None,
+    ));
+    let task = super::server::task_future_size(stream, peer, context());
+    let sizes = [
+        ("the connection task's future (accept_loop)", task),
+        ("connection::handle<TcpStream>", handle),
+        (
+            "framing::write_loop (the writer task)",
+            connection::write_loop_future_size(),
+        ),
+        (
+            "ConnectionContext",
+            std::mem::size_of::<ConnectionContext>(),
+        ),
+        (
+            "session::Session",
+            std::mem::size_of::<crate::session::Session>(),
+        ),
+        (
+            "session::Online",
+            std::mem::size_of::<crate::session::Online>(),
+        ),
+        (
+            "status::ClientInfo",
+            std::mem::size_of::<crate::status::ClientInfo>(),
+        ),
+        (
+            "protocol::Decoder",
+            std::mem::size_of::<crate::protocol::Decoder>(),
+        ),
+        (
+            "protocol::Encoder",
+            std::mem::size_of::<crate::protocol::Encoder>(),
+        ),
+        ("TcpStream", std::mem::size_of::<TcpStream>()),
+    ];
+    for (what, size) in sizes {
+        eprintln!("{size:>6} B  {what}");
+    }
+    drop(client);
+    // Before issue 14's work: 5752 B (a plain connection's task kept room for TLS and the
+    // handshake), then 3128 B (the CONNECT and `send`'s copies of each command inline).
+    assert!(task <= 1600, "connection task future {task} B");
+    assert!(handle <= 1472, "connection::handle future {handle} B");
+    let writer = connection::write_loop_future_size();
+    assert!(
+        writer <= 320,
+        "write_loop future {writer} B (400 when it held packets)"
+    );
+    let client_info = std::mem::size_of::<crate::status::ClientInfo>();
+    assert!(client_info <= 112, "ClientInfo {client_info} B");
+}
+
+/// A stream that answers reads from a script, then never again, and records how much room
+/// each read offered (the read buffer's spare capacity).
+struct Scripted {
+    reads: std::collections::VecDeque<Vec<u8>>,
+    offered: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl tokio::io::AsyncRead for Scripted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.offered.lock().expect("lock").push(buf.remaining());
+        match self.reads.pop_front() {
+            Some(data) => {
+                buf.put_slice(&data);
+                std::task::Poll::Ready(Ok(()))
+            }
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Scripted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(data.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_does_not_grow_an_idle_clients_read_buffer() {
+    // CONNECT (3.1.1, client id "a", keep-alive 60), then SUBSCRIBE a/b/c at QoS 1.
+    let connect = b"\x10\x0d\x00\x04MQTT\x04\x02\x00\x3c\x00\x01a".to_vec();
+    let subscribe = b"\x82\x0a\x00\x01\x00\x05a/b/c\x01".to_vec();
+    let offered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stream = Scripted {
+        reads: [connect, subscribe].into(),
+        offered: offered.clone(),
+    };
+    let (router, mut commands) = mpsc::channel(16);
+    let mut ctx = Arc::into_inner(context()).expect("one owner");
+    ctx.router = router;
+    let peer = SocketAddr::from(([127, 0, 0, 1], 1883));
+    let task = tokio::spawn(connection::handle(stream, peer, Arc::new(ctx), None));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let cmd = tokio::time::timeout(std::time::Duration::from_secs(5), commands.recv())
+            .await
+            .expect("CONNECT and SUBSCRIBE reach the router")
+            .expect("router queue open");
+        seen.push(cmd);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let offered = offered.lock().expect("lock").clone();
+    // Reads: the CONNECT, the SUBSCRIBE, then the wait for more: in the buffer the CONNECT
+    // came in, not a 4 KiB one (the SUBSCRIBE did not fill the buffer).
+    assert!(offered.len() >= 3, "{offered:?}");
+    assert!(offered[2] < 1024, "{offered:?}");
+    task.abort();
+}
