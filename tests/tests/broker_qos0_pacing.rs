@@ -223,3 +223,64 @@ fn a_subscriber_that_stops_reading_is_dropped_for_and_holds_up_no_one() {
         ("pace/c", &b"after"[..])
     );
 }
+
+/// The same over a subscriber's slow link (the test kit's link simulator: 150 ms each way
+/// with jitter, 256 KiB/s down): bursts of 1 MiB it takes 4 s to carry, 5 s apart, arrive
+/// whole and in order; then the link goes silent (zombie) during a burst: the subscriber is
+/// called slow, the publisher and a subscriber on a good link get everything.
+#[test]
+fn over_a_slow_link_bursts_arrive_whole_and_a_zombie_link_holds_no_one() {
+    use waystation_linksim::{LinkConfig, LinkSim};
+
+    let ws = Waystation::start_with(LIMITS);
+    let sim = LinkSim::start(LinkConfig {
+        up_latency: Duration::from_millis(150),
+        down_latency: Duration::from_millis(150),
+        jitter: Duration::from_millis(20),
+        bandwidth: Some(256 * 1024),
+        ..LinkConfig::new(ws.addr.to_string())
+    })
+    .expect("link simulator");
+    let link = sim.handle();
+    let mut remote = RawClient::connect(sim.local_addr(), "pace-remote");
+    remote.subscribe_ok(1, &[("pace/link", 0)]);
+    let mut local = RawClient::connect(ws.addr, "pace-local");
+    local.subscribe_ok(1, &[("pace/link", 0)]);
+
+    const BURST: u32 = 1024;
+    let publisher = flood(
+        &ws,
+        0,
+        "pace/link",
+        3 * BURST,
+        (BURST, Duration::from_secs(5)),
+    );
+    let remote_reader = thread::spawn(move || {
+        receive_all(&mut remote, 1, 3 * BURST, u32::MAX, Duration::ZERO);
+        remote
+    });
+    receive_all(&mut local, 1, 3 * BURST, u32::MAX, Duration::ZERO);
+    publisher.join().expect("publisher");
+    let _remote = remote_reader
+        .join()
+        .expect("the remote subscriber lost messages");
+    assert_eq!(
+        dropped_slow(&ws),
+        0.0,
+        "QoS 0 dropped for a subscriber keeping up over a slow link"
+    );
+
+    // Silent both ways now; a burst of 24 MiB follows (more than the sockets on the way hold).
+    link.zombie_all();
+    const BIG: u32 = 24 * 1024;
+    let publisher = flood(&ws, 1, "pace/link", BIG, (BIG, Duration::ZERO));
+    receive_all(&mut local, 2, BIG, u32::MAX, Duration::ZERO);
+    publisher
+        .join()
+        .expect("publisher held up by a zombie subscriber");
+    assert!(
+        metric(&ws, "waystation_slow_subscribers_total") >= 1.0,
+        "the zombie link's subscriber was never called slow"
+    );
+    assert!(dropped_slow(&ws) > 0.0, "nothing dropped for a zombie link");
+}
