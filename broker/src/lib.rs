@@ -41,6 +41,7 @@ pub mod fuzzing;
 pub mod net;
 mod outbox;
 mod persist;
+pub mod pipeline;
 pub mod policy;
 pub mod protocol;
 mod router;
@@ -55,12 +56,13 @@ pub mod topic;
 
 pub use bridge::BridgeStatus;
 pub use config::{
-    BridgeConfig, BrokerConfig, Limits, OnFull, StorageLimits, DEFAULT_MAX_PACKET_SIZE,
-    DEFAULT_MAX_PENDING_BYTES, MAX_PACKET_SIZE_LIMIT,
+    BridgeConfig, BrokerConfig, DeadLetterLimits, Limits, OnFull, PipelineRule, StorageLimits,
+    DEFAULT_MAX_PACKET_SIZE, DEFAULT_MAX_PENDING_BYTES, MAX_PACKET_SIZE_LIMIT,
 };
 pub use net::server::{Broker, BrokerError, BrokerStopping, InternalPublisher, StatusHandle};
 pub use persist::MAX_SESSION_RECORD_BYTES;
 pub use policy::auth::Security;
+pub use router::{DeadLetterError, DeadLetterHandle, DeadLetterSummary};
 pub use shutdown::Shutdown;
 pub use stats::{Stats, StoreFault, StoreFaults};
 pub use tls::{ListenerConfig, TlsConfig};

@@ -63,6 +63,18 @@ pub struct Stats {
     /// Times a live subscriber stayed behind past the grace and was marked slow (its QoS 0
     /// messages dropped until it catches up).
     pub slow_subscribers: AtomicU64,
+    /// Ingest pipeline (`crate::pipeline`): messages that passed to the log, resends not
+    /// logged again, and refusals by `InvalidReason` (its `as usize`).
+    pub pipeline_valid: AtomicU64,
+    pub pipeline_duplicates: AtomicU64,
+    pub pipeline_invalid: [AtomicU64; 7],
+    /// Dead letters stored now, and their bytes.
+    pub dead_letters: AtomicU64,
+    pub dead_letter_bytes: AtomicU64,
+    /// Dead letters deleted to stay within `[dead_letter]`'s bounds, since start.
+    pub dead_letters_evicted: AtomicU64,
+    /// Dead letters sent through the pipeline again (`waystation dlq replay`).
+    pub dead_letters_replayed: AtomicU64,
 }
 
 impl Stats {

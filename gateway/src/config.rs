@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use waystation_broker::acl::Acl;
 use waystation_broker::auth::PasswordFile;
-use waystation_broker::{BridgeConfig, Limits, ListenerConfig, Security, StorageLimits};
+use waystation_broker::{
+    BridgeConfig, DeadLetterLimits, Limits, ListenerConfig, PipelineRule, Security, StorageLimits,
+};
 
 /// A 16 MiB payload with its topic: the store splits large records into parts written in
 /// the same atomic commit, so any packet up to this is acknowledged only once durable.
@@ -30,6 +32,11 @@ pub struct Config {
     pub storage: StorageLimits,
     #[serde(default, rename = "bridge")]
     pub bridges: Vec<BridgeConfig>,
+    /// `[[pipeline]]`: checks and deduplication before messages are logged for forwarding.
+    #[serde(default)]
+    pub pipeline: Vec<PipelineRule>,
+    #[serde(default)]
+    pub dead_letter: DeadLetterLimits,
     #[serde(default)]
     pub http: HttpSection,
     #[serde(default)]
@@ -252,6 +259,10 @@ impl Config {
                 ));
             }
         }
+        for rule in &self.pipeline {
+            rule.validate()?;
+        }
+        self.dead_letter.validate()?;
         if self.storage.max_bytes < 1024 {
             return Err(("storage.max_bytes".into(), "must be at least 1024".into()));
         }
@@ -574,6 +585,57 @@ mod tests {
         let config = Config::parse("[limits]\nmax_packet_size = 20000000\n").unwrap();
         let (key, _) = config.check_semantics().unwrap_err();
         assert_eq!(key, "limits.max_packet_size");
+    }
+
+    #[test]
+    fn pipeline_rules_parse_and_are_checked() {
+        // The shipped example, uncommented.
+        let shipped = include_str!("../../config/waystation.toml");
+        let example: String = shipped
+            .lines()
+            .skip_while(|l| !l.starts_with("# [[pipeline]]"))
+            .take_while(|l| l.starts_with('#'))
+            .filter(|l| !l.starts_with("#  "))
+            .map(|l| l.trim_start_matches("# "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::parse(&example).expect("the [[pipeline]] example parses");
+        assert!(config.check_semantics().is_ok());
+        assert_eq!(config.pipeline.len(), 1);
+        assert_eq!(config.pipeline[0].topics, "sensors/+/events");
+        let pointers =
+            "[[pipeline]]\ntopics = \"plant/#\"\ndedup = { device = \"/src\", seq = \"/n\" }\n";
+        let config = Config::parse(pointers).expect("pointers parse");
+        assert_eq!(
+            config.pipeline[0].dedup.as_ref().map(|d| d.pointers()),
+            Some(("/src", None, "/n"))
+        );
+        let key = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .check_semantics()
+                .unwrap_err()
+                .0
+        };
+        assert_eq!(
+            key("[[pipeline]]\ntopics = \"a/#/b\"\nvalidate = \"event-v1\"\n"),
+            "pipeline.topics"
+        );
+        assert_eq!(
+            key("[[pipeline]]\ntopics = \"a/b\"\n"),
+            "pipeline[a/b].validate"
+        );
+        assert_eq!(
+            key("[[pipeline]]\ntopics = \"a\"\ndedup = { device = \"src\", seq = \"/n\" }\n"),
+            "pipeline[a].dedup.device"
+        );
+        assert_eq!(
+            key("[dead_letter]\nmax_bytes = 10\n"),
+            "dead_letter.max_bytes"
+        );
+        let err =
+            Config::parse("[[pipeline]]\ntopics = \"a\"\nvalidate = \"event-v2\"\n").unwrap_err();
+        assert!(err.contains("event-v2") && err.contains("line 3"), "{err}");
     }
 
     #[test]

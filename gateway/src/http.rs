@@ -16,9 +16,9 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use waystation_broker::{Shutdown, StatusHandle};
+use waystation_broker::{DeadLetterHandle, Shutdown, StatusHandle};
 
-use crate::{metrics, status, time};
+use crate::{dlq, metrics, status, time};
 
 const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 const DASHBOARD_JS: &str = include_str!("dashboard.js");
@@ -59,8 +59,9 @@ fn app_state(status: StatusHandle, gateway_id: String) -> Arc<AppState> {
     })
 }
 
-fn router_with_state(state: Arc<AppState>) -> Router {
+fn router_with_state(state: Arc<AppState>, dead_letters: Option<DeadLetterHandle>) -> Router {
     Router::new()
+        .merge(dlq::routes(dead_letters))
         .route("/api/v1/history", get(api_history))
         .route("/", get(dashboard))
         .route("/dashboard.js", get(dashboard_js))
@@ -76,12 +77,13 @@ pub async fn serve(
     addr: SocketAddr,
     status: StatusHandle,
     gateway_id: String,
+    dead_letters: Option<DeadLetterHandle>,
     shutdown: Shutdown,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let state = app_state(status, gateway_id);
-    let app = router_with_state(state.clone());
+    let app = router_with_state(state.clone(), dead_letters);
     let sampler_stop = shutdown.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -99,11 +101,15 @@ pub async fn serve(
         }
     });
     let task = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.signalled().await;
-            })
-            .await;
+        // The peer's address: dead-letter replay and purge answer loopback peers only.
+        let result = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            shutdown.signalled().await;
+        })
+        .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "http server failed");
         }

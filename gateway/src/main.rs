@@ -5,6 +5,7 @@
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
+mod dlq;
 mod http;
 mod malloc;
 mod metrics;
@@ -76,6 +77,19 @@ enum Command {
         #[arg(long, default_value_t = waystation_broker::auth::DEFAULT_ITERATIONS)]
         iterations: u32,
     },
+    /// The dead letters of the running gateway (messages its pipeline refused): list them,
+    /// replay them through the pipeline after a fix, or purge them. Talks to the daemon's
+    /// HTTP server, from the same machine.
+    Dlq {
+        /// The daemon's HTTP address ([http] bind); default: from --config, else 127.0.0.1:8080.
+        #[arg(long)]
+        http: Option<String>,
+        /// The daemon's config file, to find its [http] bind.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: dlq::DlqAction,
+    },
     /// Simulated sensors: N copies of the real firmware state machine publishing threshold
     /// events over TCP to a broker; prints what was published and acknowledged.
     #[cfg(feature = "demo")]
@@ -120,6 +134,33 @@ fn main() -> ExitCode {
             delete,
             iterations,
         } => passwd::main(&file, &user, delete, iterations),
+        Command::Dlq {
+            http,
+            config,
+            action,
+        } => {
+            let addr = match (http, config) {
+                (Some(addr), _) => addr,
+                (None, Some(path)) => match Config::load(&path) {
+                    Ok(c) if c.http.bind.ip().is_unspecified() => {
+                        format!("127.0.0.1:{}", c.http.bind.port())
+                    }
+                    Ok(c) => c.http.bind.to_string(),
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::from(EXIT_BAD_CONFIG);
+                    }
+                },
+                (None, None) => "127.0.0.1:8080".into(),
+            };
+            match dlq::main(&addr, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => {
             match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
                 Ok(_) => {
@@ -287,6 +328,8 @@ fn run(
             data_dir: Some(config.gateway.data_dir.clone()),
             storage: config.storage.clone(),
             bridges: config.bridges.clone(),
+            pipeline: config.pipeline.clone(),
+            dead_letter: config.dead_letter.clone(),
             security,
         };
         for addr in &anonymous.exposed {
@@ -308,9 +351,9 @@ fn run(
         if config.http.enabled {
             // The dashboard is not the gateway's job: if its port is taken, say so and go on
             // storing and forwarding.
-            match http::serve(config.http.bind, broker.status_handle(), config.gateway.id.clone(), obs_stop.clone()).await {
+            match http::serve(config.http.bind, broker.status_handle(), config.gateway.id.clone(), broker.dead_letters(), obs_stop.clone()).await {
                 Ok((addr, task)) => {
-                    info!("dashboard, /metrics, /healthz and /api/v1/status at http://{addr}/");
+                    info!("dashboard, /metrics, /healthz, /api/v1/dead-letters and /api/v1/status at http://{addr}/");
                     http_task = Some(task);
                 }
                 Err(e) => error!(bind = %config.http.bind, error = %e, "cannot start the HTTP server ([http] bind): running without it"),

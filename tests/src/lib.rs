@@ -154,6 +154,11 @@ impl Waystation {
         self.dir.path().join("data")
     }
 
+    /// The config the next `restart` uses (what the test adds to the harness's own keys).
+    pub fn set_extra_config(&mut self, extra: &str) {
+        self.extra_config = extra.to_string();
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("waystation.toml")
     }

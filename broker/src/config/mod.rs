@@ -4,6 +4,7 @@
 //! settings themselves (listeners' TLS, security, topic rules).
 
 pub mod bridge;
+pub mod pipeline;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use crate::policy::auth::Security;
 use crate::tls::ListenerConfig;
 
 pub use bridge::{BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule};
+pub use pipeline::{DeadLetterLimits, DedupKey, PipelineRule, Schema};
 
 /// Bounds that protect the broker from any one client: `[limits]` in the daemon's config,
 /// each field a key of the same name (unset keys keep their defaults).
@@ -86,6 +88,9 @@ pub struct BrokerConfig {
     pub data_dir: Option<PathBuf>,
     pub storage: StorageLimits,
     pub bridges: Vec<BridgeConfig>,
+    /// `[[pipeline]]`: checks and deduplication before the log (`crate::pipeline`).
+    pub pipeline: Vec<PipelineRule>,
+    pub dead_letter: DeadLetterLimits,
     /// Authentication and ACL. The default lets anyone in and anywhere: the daemon builds
     /// the real policy from its config.
     pub security: Security,

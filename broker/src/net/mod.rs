@@ -4,6 +4,7 @@
 //! certificate files.
 
 pub(crate) mod connection;
+pub mod handles;
 pub mod server;
 
 #[cfg(test)]

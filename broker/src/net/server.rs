@@ -13,15 +13,16 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+pub use super::handles::{BrokerStopping, InternalPublisher, StatusHandle};
 use crate::bridge::{self, Bridge, BridgeStatus, Cursors};
 use crate::config::BrokerConfig;
 use crate::net::connection;
 use crate::net::connection::ConnectionContext;
 use crate::persist::{self, Restored};
+use crate::pipeline::Ingest;
 use crate::policy::auth::Authenticator;
 use crate::policy::ratelimit::{Admit, ConnectionRate};
-use crate::protocol::message::Message;
-use crate::router::{Durable, ForwardRoute, Router, RouterCmd};
+use crate::router::{DeadLetterHandle, Durable, ForwardRoute, Router, RouterCmd};
 use crate::session::SessionLimits;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -110,6 +111,9 @@ impl Broker {
         let mut router = Router::new(limits, stats.clone(), durable, snapshot.clone());
         if let Some(state) = restored {
             router.restore(state);
+        }
+        if let Some(ingest) = load_pipeline(&config, store.as_ref(), &stats).await? {
+            router.set_pipeline(ingest);
         }
         let router_task = tokio::spawn(router.run(router_rx));
 
@@ -204,6 +208,14 @@ impl Broker {
         self.recovery.as_ref()
     }
 
+    /// The dead-letter store's API (`None` without a data directory).
+    pub fn dead_letters(&self) -> Option<DeadLetterHandle> {
+        Some(DeadLetterHandle {
+            store: self.store.clone()?,
+            router: self.router_tx.clone()?,
+        })
+    }
+
     pub fn store(&self) -> Option<&Store> {
         self.store.as_ref()
     }
@@ -271,72 +283,6 @@ impl Broker {
                 Err(e) => error!(error = %e, "store shutdown failed"),
             }
         }
-    }
-}
-
-/// See [`Broker::publisher`].
-#[derive(Clone)]
-pub struct InternalPublisher {
-    router: mpsc::Sender<RouterCmd>,
-}
-
-impl InternalPublisher {
-    /// Routes `message`; returns once it is accepted (durably, where it had to be written).
-    /// Errors when the broker is stopping.
-    pub async fn publish(&self, message: Message) -> Result<(), BrokerStopping> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.router
-            .send(RouterCmd::Inject {
-                message,
-                origin_bridge: None,
-                accepted: Some(tx),
-            })
-            .await
-            .map_err(|_| BrokerStopping)?;
-        rx.await.map_err(|_| BrokerStopping)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the broker is stopping")]
-pub struct BrokerStopping;
-
-#[derive(Clone)]
-pub struct StatusHandle {
-    started_at_ms: u64,
-    snapshot: Arc<Mutex<RouterSnapshot>>,
-    bridges: Vec<Arc<Mutex<BridgeStatus>>>,
-    store: Option<Store>,
-    recovery: Option<Recovery>,
-    stats: Arc<Stats>,
-}
-
-impl StatusHandle {
-    /// A consistent-enough view of everything (the router part is at most ~200 ms old).
-    pub fn status(&self) -> BrokerStatus {
-        BrokerStatus {
-            started_at_ms: self.started_at_ms,
-            router: self
-                .snapshot
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            bridges: self
-                .bridges
-                .iter()
-                .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).clone())
-                .collect(),
-            log: self.store.as_ref().map(Store::log_stats),
-            durability: self.store.as_ref().map(|s| s.durability().borrow().clone()),
-            recovery: self.recovery.clone(),
-            pending_bytes: self.store.as_ref().map(Store::pending_bytes),
-            last_store_fault: crate::stats::STORE_FAULTS.last(),
-        }
-    }
-
-    /// The live counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
     }
 }
 
@@ -457,6 +403,28 @@ async fn accept_loop(
 
 /// Opens the store and reads back what it holds (sessions, queues, retained messages) off
 /// the runtime; with no `data_dir` there is nothing to open.
+/// The ingest pipeline's rules, dedup windows and dead-letter index (with a store only).
+async fn load_pipeline(
+    config: &BrokerConfig,
+    store: Option<&Store>,
+    stats: &Arc<Stats>,
+) -> Result<Option<Ingest>, BrokerError> {
+    let (Some(store), Some(dir)) = (store, &config.data_dir) else {
+        return Ok(None);
+    };
+    let (rules, limits) = (config.pipeline.clone(), config.dead_letter.clone());
+    let (store, stats) = (store.clone(), stats.clone());
+    tokio::task::spawn_blocking(move || Ingest::load(&rules, limits, &store, stats))
+        .await
+        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))
+        .and_then(|loaded| loaded)
+        .map(Some)
+        .map_err(|source| BrokerError::Store {
+            dir: dir.clone(),
+            source,
+        })
+}
+
 async fn open_store(
     config: &BrokerConfig,
 ) -> Result<(Option<Store>, Option<Recovery>, Option<Restored>), BrokerError> {

@@ -37,9 +37,35 @@ pub struct ConnectRequest {
     pub acl: Option<Arc<ClientAcl>>,
 }
 
+/// What an operator asks of the dead-letter store (`waystation dlq`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterAction {
+    /// Send these dead letters through the ingest pipeline again (after a config fix).
+    Replay(Vec<u64>),
+    /// Delete them.
+    Purge(Vec<u64>),
+}
+
+/// The router's answer; `durable` fires once its writes are on disk.
+#[derive(Debug)]
+pub struct DeadLetterOutcome {
+    /// Replayed and now logged for forwarding (or passed: no bridge forwards the topic now).
+    pub replayed: usize,
+    /// Replayed and refused again: a new dead letter replaces the old one.
+    pub refused_again: usize,
+    pub purged: usize,
+    /// Ids not (or no longer) stored.
+    pub missing: usize,
+    pub durable: oneshot::Receiver<()>,
+}
+
 /// Commands from connections and bridges to the router.
 #[derive(Debug)]
 pub enum RouterCmd {
+    DeadLetters {
+        action: DeadLetterAction,
+        reply: oneshot::Sender<DeadLetterOutcome>,
+    },
     Connect {
         conn: ConnId,
         /// Boxed: once per connection, and at 168 bytes it would make every command (and

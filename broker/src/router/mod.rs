@@ -43,6 +43,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{OnFull, StorageLimits};
 use crate::outbox::{Congestion, Outbox};
 use crate::persist::{self, Restored};
+use crate::pipeline::Ingest;
 use crate::policy::acl::ClientAcl;
 use crate::protocol::inbound::SESSION_NEVER_EXPIRES;
 use crate::protocol::message::{
@@ -58,6 +59,7 @@ use crate::time::unix_ms;
 use crate::topic::{filter_matches, ClientKey, SubscriptionTable};
 use acks::AckTarget;
 pub use commands::{ConnectRequest, OutboxHandle, RouterCmd};
+pub use dead_letter_handle::{DeadLetterError, DeadLetterHandle, DeadLetterSummary};
 
 /// Commands handled per wake-up before the batch is submitted (bounds ack latency).
 const MAX_BURST: usize = 1024;
@@ -137,6 +139,8 @@ pub struct Router {
     /// Sessions with a delayed will or an expiry deadline running (MQTT 5), looked at by
     /// housekeeping; every other session needs no timer.
     timed_sessions: HashSet<ClientKey>,
+    /// `[[pipeline]]` rules and the dead letters (with a store only).
+    pipeline: Option<Ingest>,
 }
 
 impl Router {
@@ -171,7 +175,13 @@ impl Router {
             snapshot,
             pending_drop: None,
             timed_sessions: HashSet::new(),
+            pipeline: None,
         }
+    }
+
+    /// The ingest pipeline, read from the store by `Ingest::load`.
+    pub fn set_pipeline(&mut self, ingest: Ingest) {
+        self.pipeline = Some(ingest);
     }
 
     /// Loads persistent sessions, their queues and the retained messages read at start-up.
@@ -331,6 +341,7 @@ impl Router {
                 session_expiry,
                 tell,
             } => self.disconnected(conn, graceful, session_expiry, tell),
+            RouterCmd::DeadLetters { action, reply } => self.dead_letters(action, reply),
             RouterCmd::Inject {
                 message,
                 origin_bridge,
@@ -475,6 +486,8 @@ async fn durable_changed(rx: &mut Option<watch::Receiver<Durability>>) -> Option
 
 mod acks;
 mod commands;
+mod dead_letter_handle;
+mod dead_letters;
 mod publish;
 mod retention;
 mod sessions;

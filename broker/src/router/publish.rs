@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::outbox::QOS0_BEHIND_BYTES;
+use crate::pipeline::Verdict;
 
 impl Router {
     pub(super) fn publish(&mut self, conn: ConnId, pkid: u16, message: Message) {
@@ -85,6 +86,19 @@ impl Router {
         origin: &str,
         origin_bridge: Option<usize>,
     ) -> Result<bool, String> {
+        let forwarded = self.store_publish(&message, origin, origin_bridge)?;
+        let delivered = self.route(message, origin);
+        Ok(delivered || forwarded)
+    }
+
+    /// `accept_publish`'s durable half: the log append (through the ingest pipeline), the
+    /// retained record. Whether a bridge forwards it.
+    pub(super) fn store_publish(
+        &mut self,
+        message: &Message,
+        origin: &str,
+        origin_bridge: Option<usize>,
+    ) -> Result<bool, String> {
         let mut forwarded = false;
         if let Some(durable) = &self.durable {
             let now = unix_ms();
@@ -98,13 +112,22 @@ impl Router {
                 None => origin.to_string(),
             };
             let mut ops = Vec::new();
+            // The ingest pipeline may keep it out of the log (a resend, or refused: then a
+            // dead letter, written in this same commit). Not a bridge's own commands.
+            let logged = forwarded
+                && match (&mut self.pipeline, origin_bridge) {
+                    (Some(ingest), None) => {
+                        ingest.check(message, &stored_origin, now, &mut ops) == Verdict::Forward
+                    }
+                    _ => true,
+                };
             if message.retain && message.payload.is_empty() {
                 ops.push(Op::Remove {
                     space: Keyspace::Retained,
                     key: message.topic.as_bytes().to_vec(),
                 });
-            } else if message.retain || forwarded {
-                let record = persist::to_stored(&message, &stored_origin, now)
+            } else if message.retain || logged {
+                let record = persist::to_stored(message, &stored_origin, now)
                     .encode()
                     .map_err(|e| e.to_string())
                     .and_then(|bytes| {
@@ -148,14 +171,13 @@ impl Router {
                         value: bytes.to_vec(),
                     });
                 }
-                if forwarded {
+                if logged {
                     ops.push(Op::Append(bytes));
                 }
             }
             self.batch_ops.append(&mut ops);
         }
-        let delivered = self.route(message, origin);
-        Ok(delivered || forwarded)
+        Ok(forwarded)
     }
 
     /// Updates the retained store and delivers to every matching subscription, once per

@@ -56,6 +56,9 @@ impl Router {
         self.check_storage_limits();
         self.expire_old_messages();
         self.expire_sessions();
+        if let Some(ingest) = &mut self.pipeline {
+            ingest.expire(unix_ms(), &mut self.batch_ops);
+        }
         self.refresh_snapshot();
     }
 

@@ -105,6 +105,10 @@ pub enum Keyspace {
     Retained,
     Sessions,
     SessionQueue,
+    /// Messages the ingest pipeline refused, by id (`crate::pipeline::dead_letter`).
+    DeadLetter,
+    /// Each device's recent event numbers, for deduplication (`crate::pipeline::dedup`).
+    Dedup,
 }
 
 impl Keyspace {
@@ -114,6 +118,8 @@ impl Keyspace {
             Keyspace::Retained => b'r',
             Keyspace::Sessions => b's',
             Keyspace::SessionQueue => b'q',
+            Keyspace::DeadLetter => b'd',
+            Keyspace::Dedup => b'e',
         }
     }
     pub(super) fn key(self, key: &[u8]) -> Vec<u8> {
@@ -122,11 +128,13 @@ impl Keyspace {
         k.extend_from_slice(key);
         k
     }
-    pub(super) const ALL: [Keyspace; 4] = [
+    pub(super) const ALL: [Keyspace; 6] = [
         Keyspace::Meta,
         Keyspace::Retained,
         Keyspace::Sessions,
         Keyspace::SessionQueue,
+        Keyspace::DeadLetter,
+        Keyspace::Dedup,
     ];
 }
 

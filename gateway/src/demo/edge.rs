@@ -38,19 +38,27 @@ impl Edge {
         let addr = broker.local_addrs()[0];
         let handle = broker.status_handle();
         let obs_stop = Shutdown::new();
-        let (http_addr, http) =
-            match crate::http::serve(http, handle.clone(), "demo".into(), obs_stop.clone()).await {
-                Ok(h) => h,
-                Err(_) => {
-                    crate::http::serve(
-                        SocketAddr::from(([127, 0, 0, 1], 0)),
-                        handle.clone(),
-                        "demo".into(),
-                        obs_stop.clone(),
-                    )
-                    .await?
-                }
-            };
+        let (http_addr, http) = match crate::http::serve(
+            http,
+            handle.clone(),
+            "demo".into(),
+            broker.dead_letters(),
+            obs_stop.clone(),
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(_) => {
+                crate::http::serve(
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    handle.clone(),
+                    "demo".into(),
+                    broker.dead_letters(),
+                    obs_stop.clone(),
+                )
+                .await?
+            }
+        };
         let sys = tokio::spawn(crate::sys::run(
             broker.publisher(),
             handle.clone(),
@@ -89,6 +97,8 @@ fn broker_config(uplink: SocketAddr, data_dir: &Path) -> BrokerConfig {
         limits: Limits::default(),
         data_dir: Some(data_dir.to_path_buf()),
         storage: StorageLimits::default(),
+        pipeline: Vec::new(),
+        dead_letter: Default::default(),
         bridges: vec![BridgeConfig {
             name: "cloud".into(),
             address: uplink.to_string(),

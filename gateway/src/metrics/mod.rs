@@ -17,6 +17,7 @@ use crate::time::unix_ms;
 mod bridges;
 mod broker;
 mod families;
+mod pipeline;
 
 /// Content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -57,6 +58,7 @@ impl Collector for BrokerCollector {
         broker::encode_sessions_and_messages(&mut e, st, &status)?;
         broker::encode_store(&mut e, st, &status)?;
         broker::encode_log(&mut e, st, &status, now)?;
+        pipeline::encode_pipeline(&mut e, st)?;
         bridges::encode_bridge_links(&mut e, &status, now)?;
         bridges::encode_bridge_backlogs(&mut e, &status, now)?;
         Ok(())
