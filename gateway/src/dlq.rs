@@ -86,15 +86,7 @@ async fn list(
     }
     match handle.list(limit).await {
         Ok((letters, total)) => {
-            let items: Vec<serde_json::Value> = letters
-                .into_iter()
-                .map(|d| {
-                    let text = d.payload().and_then(|p| String::from_utf8(p).ok());
-                    let mut v = serde_json::to_value(&d).unwrap_or_default();
-                    v["payload"] = text.map_or(serde_json::Value::Null, serde_json::Value::String);
-                    v
-                })
-                .collect();
+            let items: Vec<serde_json::Value> = letters.iter().map(|d| d.to_json()).collect();
             json(
                 StatusCode::OK,
                 serde_json::json!({ "total": total, "dead_letters": items }),

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::DeadLetterLimits;
 use crate::store::{Keyspace, Op};
 
-/// One refused message, as stored and as `/api/v1/dead-letters` shows it.
+/// One refused message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub id: u64,
@@ -29,29 +29,48 @@ pub struct DeadLetter {
     /// The client id that published it.
     pub origin: String,
     pub qos: u8,
-    pub payload_base64: String,
+    /// Stored as is after the header, not in it (no base64 growth: a dead letter is never
+    /// much larger than the log record the message would have made).
+    #[serde(skip)]
+    pub payload: Vec<u8>,
 }
 
 impl DeadLetter {
-    pub fn payload(&self) -> Option<Vec<u8>> {
-        base64::engine::general_purpose::STANDARD
-            .decode(&self.payload_base64)
-            .ok()
-    }
-
-    pub fn encode_payload(payload: &[u8]) -> String {
-        base64::engine::general_purpose::STANDARD.encode(payload)
-    }
-
     pub fn key(id: u64) -> Vec<u8> {
         id.to_be_bytes().to_vec()
     }
 
+    /// `[header length, u32 BE][header JSON][payload]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(self).unwrap_or_default();
+        let mut value = Vec::with_capacity(4 + header.len() + self.payload.len());
+        value.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        value.extend_from_slice(&header);
+        value.extend_from_slice(&self.payload);
+        value
+    }
+
     pub fn decode(key: &[u8], value: &[u8]) -> Option<DeadLetter> {
         let id = u64::from_be_bytes(key.try_into().ok()?);
-        serde_json::from_slice::<DeadLetter>(value)
+        let len = u32::from_be_bytes(value.get(..4)?.try_into().ok()?) as usize;
+        let header = value.get(4..4usize.checked_add(len)?)?;
+        let mut letter = serde_json::from_slice::<DeadLetter>(header)
             .ok()
-            .filter(|d| d.id == id)
+            .filter(|d| d.id == id)?;
+        letter.payload = value[4 + len..].to_vec();
+        Some(letter)
+    }
+
+    /// As `/api/v1/dead-letters` shows it: the header's fields, `payload_base64`, and
+    /// `payload` as text when it is UTF-8 (else null).
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        v["payload_base64"] = base64::engine::general_purpose::STANDARD
+            .encode(&self.payload)
+            .into();
+        v["payload"] =
+            std::str::from_utf8(&self.payload).map_or(serde_json::Value::Null, |t| t.into());
+        v
     }
 }
 
@@ -107,7 +126,7 @@ impl DeadLetters {
     pub fn add(&mut self, mut letter: DeadLetter, now_ms: u64, ops: &mut Vec<Op>) -> u64 {
         letter.id = self.next_id;
         self.next_id += 1;
-        let value = serde_json::to_vec(&letter).unwrap_or_default();
+        let value = letter.encode();
         self.index
             .push_back((letter.id, value.len() as u64, letter.at_ms));
         self.bytes += value.len() as u64;
@@ -120,12 +139,14 @@ impl DeadLetters {
         letter.id
     }
 
-    /// Deletes what is past `max_bytes` (oldest first) or older than `max_age`.
+    /// Deletes what is past `max_bytes` (oldest first; never the newest, so a message
+    /// larger than the bound is still kept, alone) or older than `max_age`.
     pub fn enforce(&mut self, now_ms: u64, ops: &mut Vec<Op>) {
         let max_age_ms = self.limits.max_age.map(|a| a.as_millis() as u64);
         while let Some(&(id, bytes, at_ms)) = self.index.front() {
             let too_old = max_age_ms.is_some_and(|age| now_ms.saturating_sub(at_ms) > age);
-            if self.bytes <= self.limits.max_bytes && !too_old {
+            let too_much = self.bytes > self.limits.max_bytes && self.index.len() > 1;
+            if !too_much && !too_old {
                 break;
             }
             self.index.pop_front();
@@ -168,7 +189,7 @@ mod tests {
             topic: "sensors/a/events".into(),
             origin: "a".into(),
             qos: 1,
-            payload_base64: DeadLetter::encode_payload(payload),
+            payload: payload.to_vec(),
         }
     }
 
@@ -185,7 +206,11 @@ mod tests {
                 let back = DeadLetter::decode(key, value).unwrap();
                 assert_eq!(back.topic, "sensors/a/events");
                 if back.id == 1 {
-                    assert_eq!(back.payload().unwrap(), b"\x00\xffraw");
+                    assert_eq!(back.payload, b"\x00\xffraw");
+                    assert_eq!(back.to_json()["payload"], serde_json::Value::Null);
+                    assert_eq!(back.to_json()["payload_base64"], "AP9yYXc=");
+                } else {
+                    assert_eq!(back.to_json()["payload"], "x");
                 }
             }
         }
@@ -226,6 +251,12 @@ mod tests {
         assert_eq!(d.count(), 0);
         assert_eq!(d.bytes(), 0);
         assert!(ops.iter().all(|op| matches!(op, Op::Remove { .. })));
+        // One letter larger than the bound is kept, alone.
+        let mut ops = Vec::new();
+        d.add(letter(5000, &[b'x'; 200]), 5000, &mut ops);
+        d.add(letter(5001, &[b'y'; 8000]), 5001, &mut ops);
+        assert_eq!(d.count(), 1);
+        assert!(d.bytes() > 4096);
     }
 
     #[test]

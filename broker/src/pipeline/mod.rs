@@ -195,7 +195,7 @@ impl Ingest {
             topic: message.topic.to_string(),
             origin: origin.to_string(),
             qos: message.qos as u8,
-            payload_base64: DeadLetter::encode_payload(&message.payload),
+            payload: message.payload.to_vec(),
         };
         let id = self.dead_letters.add(letter, now_ms, ops);
         // Logged at the 1st, 2nd, 4th, 8th... so a flood of bad events does not flood the log.

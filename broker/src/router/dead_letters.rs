@@ -79,7 +79,7 @@ impl Router {
         let before = pipeline.dead_letters.count();
         let message = Message {
             topic: letter.topic.as_str().into(),
-            payload: letter.payload().unwrap_or_default().into(),
+            payload: letter.payload.into(),
             qos: QoS::from_u8(letter.qos).unwrap_or(QoS::AtLeastOnce),
             retain: false,
             properties: None,
