@@ -67,7 +67,7 @@ pub struct Stats {
     /// logged again, and refusals by `InvalidReason` (its `as usize`).
     pub pipeline_valid: AtomicU64,
     pub pipeline_duplicates: AtomicU64,
-    pub pipeline_invalid: [AtomicU64; 7],
+    pub pipeline_invalid: [AtomicU64; 8],
     /// Dead letters stored now, and their bytes.
     pub dead_letters: AtomicU64,
     pub dead_letter_bytes: AtomicU64,

@@ -339,3 +339,79 @@ fn invalid_messages_are_dead_lettered_and_replayed_after_the_config_is_fixed() {
     ws.restart();
     assert_eq!(dead_letters(&ws)["total"], 0, "purged for good");
 }
+
+#[test]
+fn a_json_schema_rule_forwards_what_conforms_and_dead_letters_the_rest() {
+    let upstream = Upstream::start();
+    let collector = Collector::start(upstream.port, "schema-collector", "site1/#");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let schema = dir.path().join("reading.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["tank", "level"],
+            "properties": {"tank": {"type": "string"}, "level": {"type": "number", "minimum": 0, "maximum": 100}}}"#,
+    )
+    .expect("write schema");
+    let config = format!(
+        "{}\n[[pipeline]]\ntopics = \"sensors/+/level\"\nvalidate = {{ json_schema = \"{}\" }}\n",
+        bridge_toml(&upstream.address(), ""),
+        schema.display()
+    );
+    let ws = Waystation::start_with(&config);
+    assert!(
+        ws.wait_for_log("upstream connected", Duration::from_secs(10)),
+        "{}",
+        ws.logs()
+    );
+    let mut client = RawClient::connect(ws.addr, "tank-1");
+    let messages: Vec<(String, String)> = [
+        r#"{"tank":"t1","level":40.5}"#,
+        r#"{"tank":"t1","level":140}"#,
+        r#"{"level":3}"#,
+        r#"{"tank":"t1","level":41}"#,
+    ]
+    .iter()
+    .map(|p| ("sensors/tank-1/level".to_string(), p.to_string()))
+    .collect();
+    publish_acked(&mut client, &messages, 1, false);
+    assert!(wait_until(Duration::from_secs(10), || collector.count() == 2));
+    collector.wait_quiet(Duration::from_secs(1), Duration::from_secs(10));
+    let forwarded: Vec<Vec<u8>> = collector
+        .received()
+        .into_iter()
+        .map(|r| r.payload)
+        .collect();
+    assert_eq!(
+        forwarded,
+        [messages[0].1.as_bytes(), messages[3].1.as_bytes()],
+        "the conforming readings, in order"
+    );
+    let listed = dead_letters(&ws);
+    assert_eq!(listed["total"], 2, "{listed}");
+    let letters = listed["dead_letters"].as_array().expect("array");
+    assert!(
+        letters.iter().all(|d| d["reason"] == "schema_violation"),
+        "{listed}"
+    );
+    assert!(
+        letters[0]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("/level"),
+        "{listed}"
+    );
+    assert!(
+        letters[1]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("tank"),
+        "{listed}"
+    );
+    assert_eq!(
+        metric(
+            &ws,
+            "waystation_pipeline_invalid_total{reason=\"schema_violation\"}"
+        ),
+        2.0
+    );
+}

@@ -15,7 +15,7 @@ use crate::policy::auth::Security;
 use crate::tls::ListenerConfig;
 
 pub use bridge::{BridgeConfig, BridgeTls, ForwardRule, ReconnectConfig, Secret, SubscribeRule};
-pub use pipeline::{DeadLetterLimits, DedupKey, PipelineRule, Schema};
+pub use pipeline::{DeadLetterLimits, DedupKey, PipelineRule, Schema, Validation};
 
 /// Bounds that protect the broker from any one client: `[limits]` in the daemon's config,
 /// each field a key of the same name (unset keys keep their defaults).

@@ -3,6 +3,7 @@
 //! Deserialized here and checked by [`PipelineRule::validate`] / [`DeadLetterLimits::validate`],
 //! whose errors name the key at fault. What the stages do is `crate::pipeline`'s doc.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -19,9 +20,10 @@ fn default_dedup_devices() -> usize {
 pub struct PipelineRule {
     /// A topic filter (`+` and `#` allowed).
     pub topics: String,
-    /// `"event-v1"`: the firmware's event schema (docs/event-schema.md). Unset: no check.
+    /// `"event-v1"` (the firmware's event schema, docs/event-schema.md) or
+    /// `{ json_schema = "file" }`. Unset: no check.
     #[serde(default)]
-    pub validate: Option<Schema>,
+    pub validate: Option<Validation>,
     /// What identifies an event, so a resend is forwarded once. Unset: no deduplication.
     #[serde(default)]
     pub dedup: Option<DedupKey>,
@@ -29,6 +31,29 @@ pub struct PipelineRule {
     /// forgotten first).
     #[serde(default = "default_dedup_devices")]
     pub dedup_devices: usize,
+}
+
+/// How a rule checks a payload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Validation {
+    Preset(Schema),
+    /// A JSON Schema document (draft 4 to 2020-12, as its `$schema` says; 2020-12 if it
+    /// says none), read and compiled at start. Only local references resolve.
+    JsonSchema {
+        json_schema: PathBuf,
+    },
+}
+
+impl Validation {
+    /// Reads and compiles a `json_schema` file; the error names the file and the fault.
+    pub fn compile(path: &std::path::Path) -> Result<jsonschema::Validator, String> {
+        let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let schema: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        jsonschema::validator_for(&schema)
+            .map_err(|e| format!("{}: not a usable JSON Schema: {e}", path.display()))
+    }
 }
 
 /// A built-in schema.
@@ -93,6 +118,9 @@ impl PipelineRule {
                     }
                 }
             }
+        }
+        if let Some(Validation::JsonSchema { json_schema }) = &self.validate {
+            Validation::compile(json_schema).map_err(|e| (key("validate.json_schema"), e))?;
         }
         if !(1..=1_000_000).contains(&self.dedup_devices) {
             return Err((key("dedup_devices"), "must be 1 to 1000000".into()));

@@ -19,7 +19,7 @@ use crate::config::BrokerConfig;
 use crate::net::connection;
 use crate::net::connection::ConnectionContext;
 use crate::persist::{self, Restored};
-use crate::pipeline::Ingest;
+use crate::pipeline::{Ingest, LoadError};
 use crate::policy::auth::Authenticator;
 use crate::policy::ratelimit::{Admit, ConnectionRate};
 use crate::router::{DeadLetterHandle, Durable, ForwardRoute, Router, RouterCmd};
@@ -46,6 +46,8 @@ pub enum BrokerError {
         dir: PathBuf,
         source: crate::store::StoreError,
     },
+    #[error("{0}")]
+    Pipeline(String),
 }
 
 /// Commands queued for the router before connections wait (back-pressure).
@@ -414,15 +416,17 @@ async fn load_pipeline(
     };
     let (rules, limits) = (config.pipeline.clone(), config.dead_letter.clone());
     let (store, stats) = (store.clone(), stats.clone());
-    tokio::task::spawn_blocking(move || Ingest::load(&rules, limits, &store, stats))
+    let loaded = tokio::task::spawn_blocking(move || Ingest::load(&rules, limits, &store, stats))
         .await
-        .map_err(|e| crate::store::StoreError::Unavailable(e.to_string()))
-        .and_then(|loaded| loaded)
-        .map(Some)
-        .map_err(|source| BrokerError::Store {
+        .map_err(|e| BrokerError::Pipeline(e.to_string()))?;
+    match loaded {
+        Ok(ingest) => Ok(Some(ingest)),
+        Err(LoadError::Store(source)) => Err(BrokerError::Store {
             dir: dir.clone(),
             source,
-        })
+        }),
+        Err(e) => Err(BrokerError::Pipeline(e.to_string())),
+    }
 }
 
 async fn open_store(

@@ -19,10 +19,12 @@ pub enum InvalidReason {
     DeviceMismatch,
     /// `dedup` is set but the payload does not say which event it is.
     NoEventId,
+    /// A `json_schema` rule's schema refused it.
+    SchemaViolation,
 }
 
 impl InvalidReason {
-    pub const ALL: [InvalidReason; 7] = [
+    pub const ALL: [InvalidReason; 8] = [
         InvalidReason::NotJson,
         InvalidReason::MissingField,
         InvalidReason::WrongType,
@@ -30,6 +32,7 @@ impl InvalidReason {
         InvalidReason::UnknownVersion,
         InvalidReason::DeviceMismatch,
         InvalidReason::NoEventId,
+        InvalidReason::SchemaViolation,
     ];
 
     pub fn label(self) -> &'static str {
@@ -41,6 +44,7 @@ impl InvalidReason {
             InvalidReason::UnknownVersion => "unknown_version",
             InvalidReason::DeviceMismatch => "device_mismatch",
             InvalidReason::NoEventId => "no_event_id",
+            InvalidReason::SchemaViolation => "schema_violation",
         }
     }
 
@@ -184,6 +188,20 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), Invalid> {
     }
 }
 
+/// Checks `payload` against a compiled JSON Schema; the detail names where it failed.
+pub fn validate_json_schema(
+    validator: &jsonschema::Validator,
+    payload: &[u8],
+) -> Result<(), Invalid> {
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|e| Invalid::new(InvalidReason::NotJson, format!("not JSON: {e}")))?;
+    validator.validate(&value).map_err(|e| {
+        let at = e.instance_path().to_string();
+        let at = if at.is_empty() { "/".to_string() } else { at };
+        Invalid::new(InvalidReason::SchemaViolation, format!("at {at}: {e}"))
+    })
+}
+
 /// Finds an event's identity with JSON pointers (`boot` optional: 0 when not configured).
 pub fn event_id_at(
     payload: &[u8],
@@ -297,6 +315,24 @@ mod tests {
             event_id_at(b"nope", "/a", None, "/b").unwrap_err().reason,
             InvalidReason::NotJson
         );
+    }
+
+    #[test]
+    fn a_json_schema_refuses_with_the_place_at_fault() {
+        let schema = serde_json::json!({
+            "type": "object",
+            "required": ["id", "level"],
+            "properties": {"id": {"type": "string"}, "level": {"type": "number", "maximum": 100}}
+        });
+        let validator = jsonschema::validator_for(&schema).unwrap();
+        assert!(validate_json_schema(&validator, br#"{"id":"t1","level":40}"#).is_ok());
+        let e = validate_json_schema(&validator, br#"{"id":"t1","level":400}"#).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::SchemaViolation);
+        assert!(e.detail.contains("/level"), "{}", e.detail);
+        let e = validate_json_schema(&validator, br#"{"level":4}"#).unwrap_err();
+        assert!(e.detail.contains("id"), "{}", e.detail);
+        let e = validate_json_schema(&validator, b"\x01").unwrap_err();
+        assert_eq!(e.reason, InvalidReason::NotJson);
     }
 
     #[test]

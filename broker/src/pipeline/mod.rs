@@ -34,14 +34,23 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{DeadLetterLimits, PipelineRule, Schema};
+use crate::config::{DeadLetterLimits, DedupKey, PipelineRule, Schema, Validation};
 use crate::protocol::message::Message;
 use crate::stats::Stats;
 use crate::store::{Keyspace, Op, Store, StoreError};
 use crate::topic::filter_matches;
 use dead_letter::{DeadLetter, DeadLetters};
 use dedup::DeviceWindows;
-use event::{EventId, Invalid, InvalidReason};
+use event::{EventId, Invalid};
+
+/// Why the pipeline could not be set up at start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("[[pipeline]] topics = {topics:?}: {reason}")]
+    Schema { topics: String, reason: String },
+}
 
 /// What the pipeline decided for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,8 @@ pub enum Verdict {
 
 struct Rule {
     config: PipelineRule,
+    /// A `json_schema` rule's compiled schema.
+    schema: Option<jsonschema::Validator>,
     windows: Option<DeviceWindows>,
 }
 
@@ -82,17 +93,28 @@ impl Ingest {
         limits: DeadLetterLimits,
         store: &Store,
         stats: Arc<Stats>,
-    ) -> Result<Ingest, StoreError> {
-        let mut compiled: Vec<Rule> = rules
-            .iter()
-            .map(|config| Rule {
-                windows: config
-                    .dedup
-                    .as_ref()
-                    .map(|_| DeviceWindows::new(rule_tag(&config.topics), config.dedup_devices)),
+    ) -> Result<Ingest, LoadError> {
+        let mut compiled = Vec::with_capacity(rules.len());
+        for config in rules {
+            let schema = match &config.validate {
+                Some(Validation::JsonSchema { json_schema }) => Some(
+                    Validation::compile(json_schema).map_err(|reason| LoadError::Schema {
+                        topics: config.topics.clone(),
+                        reason,
+                    })?,
+                ),
+                _ => None,
+            };
+            let windows = config
+                .dedup
+                .as_ref()
+                .map(|_| DeviceWindows::new(rule_tag(&config.topics), config.dedup_devices));
+            compiled.push(Rule {
                 config: config.clone(),
-            })
-            .collect();
+                schema,
+                windows,
+            });
+        }
         let mut stale = Vec::new();
         for (key, value) in store.scan(Keyspace::Dedup, b"")? {
             let owner = compiled
@@ -156,7 +178,7 @@ impl Ingest {
         else {
             return Verdict::Forward;
         };
-        match identify(&rule.config, &message.topic, &message.payload) {
+        match identify(rule, &message.topic, &message.payload) {
             Err(invalid) => {
                 self.stats.pipeline_invalid[invalid.reason as usize].fetch_add(1, Relaxed);
                 self.dead_letter(message, origin, invalid, now_ms, ops);
@@ -230,24 +252,25 @@ impl Ingest {
 }
 
 /// Validates (if the rule says so) and finds the event's id (if it deduplicates).
-fn identify(rule: &PipelineRule, topic: &str, payload: &[u8]) -> Result<Option<EventId>, Invalid> {
-    let validated = match rule.validate {
-        Some(Schema::EventV1) => Some(event::validate_event_v1(topic, payload)?),
-        None => None,
+fn identify(rule: &Rule, topic: &str, payload: &[u8]) -> Result<Option<EventId>, Invalid> {
+    let validated = match (&rule.config.validate, &rule.schema) {
+        (Some(Validation::Preset(Schema::EventV1)), _) => {
+            Some(event::validate_event_v1(topic, payload)?)
+        }
+        (_, Some(schema)) => {
+            event::validate_json_schema(schema, payload)?;
+            None
+        }
+        _ => None,
     };
-    let Some(key) = &rule.dedup else {
+    let Some(key) = &rule.config.dedup else {
         return Ok(None);
     };
     match (key, validated) {
-        (crate::config::DedupKey::Preset(Schema::EventV1), Some(id)) => Ok(Some(id)),
+        (DedupKey::Preset(Schema::EventV1), Some(id)) => Ok(Some(id)),
         _ => {
             let (device, boot, seq) = key.pointers();
             event::event_id_at(payload, device, boot, seq).map(Some)
         }
     }
-}
-
-/// The reason labels, for metrics.
-pub fn invalid_reasons() -> [InvalidReason; 7] {
-    InvalidReason::ALL
 }
