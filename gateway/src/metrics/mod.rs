@@ -59,6 +59,7 @@ impl Collector for BrokerCollector {
         broker::encode_log(&mut e, st, &status, now)?;
         bridges::encode_bridge_links(&mut e, &status, now)?;
         bridges::encode_bridge_backlogs(&mut e, &status, now)?;
+        bridges::encode_bridge_batches(&mut e, &status)?;
         Ok(())
     }
 }
