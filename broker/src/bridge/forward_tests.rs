@@ -44,23 +44,28 @@ fn fixture() -> Fixture {
 
 /// Appends records (payload length, expiry interval, received this long ago) to the log.
 fn append(store: &Store, records: &[(usize, Option<u32>, u64)]) {
+    let records = records
+        .iter()
+        .map(|(len, expiry, age_ms)| StoredMessage {
+            topic: "sensors/t".into(),
+            payload: Bytes::from(vec![b'x'; *len]),
+            qos: 1,
+            retain: false,
+            received_at_ms: unix_ms() - age_ms,
+            origin: "dev".into(),
+            properties: expiry.map(|secs| MessageProperties {
+                message_expiry_interval: Some(secs),
+                ..MessageProperties::default()
+            }),
+        })
+        .collect();
+    append_durably(store, records);
+}
+
+fn append_durably(store: &Store, records: Vec<StoredMessage>) {
     let ops = records
         .iter()
-        .map(|(len, expiry, age_ms)| {
-            let record = StoredMessage {
-                topic: "sensors/t".into(),
-                payload: Bytes::from(vec![b'x'; *len]),
-                qos: 1,
-                retain: false,
-                received_at_ms: unix_ms() - age_ms,
-                origin: "dev".into(),
-                properties: expiry.map(|secs| MessageProperties {
-                    message_expiry_interval: Some(secs),
-                    ..MessageProperties::default()
-                }),
-            };
-            Op::Append(record.encode().expect("encode"))
-        })
+        .map(|r| Op::Append(r.encode().expect("encode")))
         .collect();
     let (ticket, _) = store.submit(ops).expect("submit");
     store
@@ -263,26 +268,20 @@ fn an_unacknowledged_message_that_expires_before_the_reconnect_is_given_up() {
 
 /// Appends records on `topics` (payload `{"n":<i>}`) to the log.
 fn append_on(store: &Store, topics: &[&str]) {
-    let ops = topics
+    let records = topics
         .iter()
         .enumerate()
-        .map(|(i, topic)| {
-            let record = StoredMessage {
-                topic: (*topic).into(),
-                payload: Bytes::from(format!("{{\"n\":{i}}}")),
-                qos: 1,
-                retain: false,
-                received_at_ms: unix_ms(),
-                origin: "dev".into(),
-                properties: None,
-            };
-            Op::Append(record.encode().expect("encode"))
+        .map(|(i, topic)| StoredMessage {
+            topic: (*topic).into(),
+            payload: Bytes::from(format!("{{\"n\":{i}}}")),
+            qos: 1,
+            retain: false,
+            received_at_ms: unix_ms(),
+            origin: "dev".into(),
+            properties: None,
         })
         .collect();
-    let (ticket, _) = store.submit(ops).expect("submit");
-    store
-        .wait_durable(ticket, Duration::from_secs(5))
-        .expect("durable");
+    append_durably(store, records);
 }
 
 /// `sensors/#` batched (3 events, json-array) to `site1/batch`; `alarms/#` one by one.
@@ -320,6 +319,48 @@ fn publishes(bytes: &[u8]) -> Vec<(String, String, u16, bool)> {
     all
 }
 
+/// A batching bridge (`batching_fixture`, changed by `setup`) with `topics` in its log,
+/// after one `fill_window` of `max_inflight` over MQTT `protocol`: what it wrote is in `out`.
+struct Batched {
+    f: Fixture,
+    window: Window,
+    out: BytesMut,
+    encoder: Encoder,
+    sent: usize,
+}
+
+fn batched(
+    topics: &[&str],
+    protocol: u8,
+    max_inflight: usize,
+    setup: impl FnOnce(&mut BridgeConfig),
+) -> Batched {
+    let mut f = batching_fixture();
+    setup(&mut f.bridge.config);
+    append_on(&f.bridge.store, topics);
+    let mut encoder = Encoder::new(protocol, &UpstreamLimits::default());
+    let mut window = Window::new(0);
+    let mut out = BytesMut::new();
+    let sent = f
+        .bridge
+        .fill_window(
+            &mut window,
+            &mut out,
+            &mut encoder,
+            max_inflight,
+            &mut None,
+            "x",
+        )
+        .expect("fill");
+    Batched {
+        f,
+        window,
+        out,
+        encoder,
+        sent,
+    }
+}
+
 fn puback(window: &mut Window, pkid: u16) -> u64 {
     let seq = window.by_pkid.remove(&pkid).expect("in flight");
     window.acknowledge(seq, pkid)
@@ -327,15 +368,14 @@ fn puback(window: &mut Window, pkid: u16) -> u64 {
 
 #[test]
 fn a_batch_is_one_publish_acknowledged_whole_and_resent_byte_for_byte() {
-    let f = batching_fixture();
+    let Batched {
+        f,
+        mut window,
+        mut out,
+        mut encoder,
+        sent,
+    } = batched(&["sensors/a"; 7], 4, 10, |_| {});
     let b = &f.bridge;
-    append_on(&b.store, &["sensors/a"; 7]);
-    let mut encoder = Encoder::new(4, &UpstreamLimits::default());
-    let mut window = Window::new(0);
-    let mut out = BytesMut::new();
-    let sent = b
-        .fill_window(&mut window, &mut out, &mut encoder, 10, &mut None, "x")
-        .expect("fill");
     assert_eq!(sent, 7, "every event joined a batch");
     let frames = out.split().freeze();
     window.keep_frames(&frames);
@@ -384,19 +424,12 @@ fn a_batch_is_one_publish_acknowledged_whole_and_resent_byte_for_byte() {
 
 #[test]
 fn an_entry_forwarded_otherwise_sends_the_batch_before_it_and_passed_over_ones_do_not() {
-    let f = batching_fixture();
-    let b = &f.bridge;
     // 3 (not forwarded) sits inside the batch; 4 is forwarded on its own.
-    append_on(
-        &b.store,
-        &["sensors/a", "sensors/b", "other/x", "alarms/1", "sensors/c"],
-    );
-    let mut encoder = Encoder::new(4, &UpstreamLimits::default());
-    let mut window = Window::new(0);
-    let mut out = BytesMut::new();
-    b.fill_window(&mut window, &mut out, &mut encoder, 10, &mut None, "x")
-        .expect("fill");
-    let p = publishes(&out.split());
+    let topics = ["sensors/a", "sensors/b", "other/x", "alarms/1", "sensors/c"];
+    let Batched {
+        mut window, out, ..
+    } = batched(&topics, 4, 10, |_| {});
+    let p = publishes(&out);
     let topics: Vec<&str> = p.iter().map(|x| x.0.as_str()).collect();
     assert_eq!(
         topics,
@@ -420,15 +453,10 @@ fn an_entry_forwarded_otherwise_sends_the_batch_before_it_and_passed_over_ones_d
 
 #[test]
 fn a_batch_over_mqtt_5_carries_its_content_type_and_encoding_properties() {
-    let mut f = batching_fixture();
-    f.bridge.config.forward[0].compress = Some(crate::config::bridge::Compression::Gzip);
-    let b = &f.bridge;
-    append_on(&b.store, &["sensors/a"; 3]);
-    let mut encoder = Encoder::new(5, &UpstreamLimits::default());
-    let mut window = Window::new(0);
-    let mut out = BytesMut::new();
-    b.fill_window(&mut window, &mut out, &mut encoder, 10, &mut None, "x")
-        .expect("fill");
+    let gzip = Some(crate::config::bridge::Compression::Gzip);
+    let Batched { mut out, .. } = batched(&["sensors/a"; 3], 5, 10, |c| {
+        c.forward[0].compress = gzip;
+    });
     let mut codec = rmqtt_codec::v5::Codec::new(0, 0);
     use tokio_util::codec::Decoder as _;
     let Ok(Some((rmqtt_codec::v5::Packet::Publish(p), _))) = codec.decode(&mut out) else {
@@ -463,17 +491,17 @@ fn a_batch_over_mqtt_5_carries_its_content_type_and_encoding_properties() {
 
 #[test]
 fn a_window_smaller_than_a_batch_sends_what_it_holds() {
-    let f = batching_fixture();
-    let b = &f.bridge;
-    append_on(&b.store, &["sensors/a"; 5]);
-    let mut encoder = Encoder::new(4, &UpstreamLimits::default());
-    let mut window = Window::new(0);
-    let mut out = BytesMut::new();
     // An upstream receive maximum of 2: the batch of 3 can never fill.
-    b.fill_window(&mut window, &mut out, &mut encoder, 2, &mut None, "x")
-        .expect("fill");
+    let Batched {
+        f,
+        mut window,
+        mut out,
+        mut encoder,
+        ..
+    } = batched(&["sensors/a"; 5], 4, 2, |_| {});
     assert!(out.is_empty(), "filled by the same call's pending events");
-    b.flush_batch_if_due(&mut window, &mut out, &mut encoder, 2)
+    f.bridge
+        .flush_batch_if_due(&mut window, &mut out, &mut encoder, 2)
         .expect("flush");
     let p = publishes(&out.split());
     assert_eq!(p.len(), 1);

@@ -166,7 +166,8 @@ pub fn encode_bridge_batches(
     status: &BrokerStatus,
 ) -> Result<(), std::fmt::Error> {
     let b = |f: &dyn Fn(&BridgeStatus) -> f64| per_bridge(status, f);
-    let rows: [(&str, &str, fn(&BridgeStatus) -> u64); 4] = [
+    type Read = fn(&BridgeStatus) -> u64;
+    let rows: [(&str, &str, Read); 4] = [
         (
             "waystation_pipeline_batches",
             "Batch PUBLISHes sent upstream",
