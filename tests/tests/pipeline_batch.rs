@@ -23,7 +23,7 @@ use waystation_e2e::upstream::{
     acked_ids, analyze, parse_id, stop_all, Analysis, Collector, Publisher, PublisherSpec,
     Received, Upstream,
 };
-use waystation_e2e::{http_get, metric_sample, Waystation};
+use waystation_e2e::{http_get, metric_sample, wait_until, Waystation};
 
 const BATCH_TOPIC: &str = "site1/events/batch";
 
@@ -122,15 +122,35 @@ fn start(address: &str, case: Case, batch: &str, extra: &str) -> Waystation {
     ws
 }
 
-/// 3 publishers x 200 QoS 1 messages of `payload_len` bytes, to the end: what was acked.
-fn publish_600(ws: &Waystation, payload_len: usize) -> HashSet<(u32, u64)> {
-    let publishers: Vec<Publisher> = (0..3)
+/// 3 publishers x 200 QoS 1 messages of `payload_len` bytes, each `pace` apart if set,
+/// to the end: what was acked.
+fn publish_600(ws: &Waystation, payload_len: usize, pace: Option<Duration>) -> Publishing {
+    let publishers = (0..3)
         .map(|p| {
             let mut spec = PublisherSpec::new(p, 200);
             spec.payload_len = payload_len;
+            spec.pace = pace;
             Publisher::start(ws.addr, spec)
         })
         .collect();
+    Publishing(publishers)
+}
+
+/// Publishers at work ([`publish_600`]).
+struct Publishing(Vec<Publisher>);
+
+impl Publishing {
+    fn done(&self) -> bool {
+        self.0.iter().all(Publisher::done)
+    }
+
+    /// Waits for every publisher to finish: what was acked.
+    fn join(self) -> HashSet<(u32, u64)> {
+        join_all(self.0)
+    }
+}
+
+fn join_all(publishers: Vec<Publisher>) -> HashSet<(u32, u64)> {
     let mut want = HashSet::new();
     for p in publishers {
         let id = p.spec.publisher;
@@ -164,7 +184,8 @@ fn collect(
     }
 }
 
-fn pipeline_metric(ws: &Waystation, name: &str) -> f64 {
+/// The bridge "cloud"'s sample of `name` in /metrics.
+fn bridge_metric(ws: &Waystation, name: &str) -> f64 {
     let (_, body) = http_get(ws.http_addr(), "/metrics");
     metric_sample(&body, &format!("{name}{{bridge=\"cloud\"}}"))
         .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
@@ -189,7 +210,7 @@ fn run_case(case: Case) {
         "max_events = 50, max_ms = 300",
         "",
     );
-    let want = publish_600(&ws, 64);
+    let want = publish_600(&ws, 64, None).join();
     let (a, sizes, all) = collect(&collector, &want, case, Duration::from_secs(30));
     println!(
         "{case:?}: {} events in {} batches {sizes:?}",
@@ -202,15 +223,15 @@ fn run_case(case: Case) {
     assert!(sizes.iter().all(|n| (1..=50).contains(n)), "{sizes:?}");
     assert!(sizes.len() * 2 <= a.total, "events were batched: {sizes:?}");
     assert_eq!(
-        pipeline_metric(&ws, "waystation_pipeline_batched_events_total"),
+        bridge_metric(&ws, "waystation_pipeline_batched_events_total"),
         600.0
     );
     assert_eq!(
-        pipeline_metric(&ws, "waystation_pipeline_batches_total"),
+        bridge_metric(&ws, "waystation_pipeline_batches_total"),
         sizes.len() as f64
     );
-    let input = pipeline_metric(&ws, "waystation_pipeline_batch_input_bytes_total");
-    let output = pipeline_metric(&ws, "waystation_pipeline_batch_output_bytes_total");
+    let input = bridge_metric(&ws, "waystation_pipeline_batch_input_bytes_total");
+    let output = bridge_metric(&ws, "waystation_pipeline_batch_output_bytes_total");
     assert_eq!(input, 600.0 * (10.0 + 64.0), "topic + payload bytes");
     let sent: usize = collector.received().iter().map(|r| r.payload.len()).sum();
     assert_eq!(output, sent as f64, "the PUBLISH payload bytes");
@@ -354,6 +375,33 @@ fn sigkill_while_batching_loses_no_acknowledged_event() {
     a.assert_all_arrived_in_order(all, &want, "SIGKILLs while batching");
 }
 
+/// A batching bridge to an upstream behind the link simulator (150 ms each way).
+struct SlowLink {
+    collector: Collector,
+    sim: waystation_linksim::LinkSim,
+    ws: Waystation,
+    // Dropped last: the collector and the simulator talk to it.
+    _upstream: Upstream,
+}
+
+fn slow_link(case: Case, seed: u64, batch: &str, extra: &str) -> SlowLink {
+    let upstream = Upstream::start();
+    let collector = Collector::start(upstream.port, &format!("batch-slow-{seed}"), "site1/#");
+    let sim = link(
+        upstream.port,
+        Duration::from_millis(150),
+        Duration::ZERO,
+        seed,
+    );
+    let ws = start(&sim_address(&sim), case, batch, extra);
+    SlowLink {
+        collector,
+        sim,
+        ws,
+        _upstream: upstream,
+    }
+}
+
 /// Batches over a slow link (150 ms each way, the link simulator): all 600 events arrive
 /// once, in order, in batches.
 #[test]
@@ -363,21 +411,65 @@ fn batches_over_a_150_ms_link() {
         encoding: "json-array",
         compress: Some("zstd"),
     };
-    let upstream = Upstream::start();
-    let collector = Collector::start(upstream.port, "batch-slow-collector", "site1/#");
-    let sim = link(
-        upstream.port,
-        Duration::from_millis(150),
-        Duration::ZERO,
-        15,
-    );
     let batch = "max_events = 100, max_ms = 500";
-    let ws = start(&sim_address(&sim), case, batch, "max_inflight = 300");
-    let want = publish_600(&ws, 24);
-    let (a, sizes, all) = collect(&collector, &want, case, Duration::from_secs(60));
+    let l = slow_link(case, 15, batch, "max_inflight = 300");
+    let want = publish_600(&l.ws, 24, None).join();
+    let (a, sizes, all) = collect(&l.collector, &want, case, Duration::from_secs(60));
     println!("150 ms link: {} events in batches {sizes:?}", a.total);
     a.assert_all_arrived_in_order(all, &want, "150 ms link");
     assert_eq!(a.unique, want);
     assert_eq!(a.duplicates, 0, "no reconnect: each event once");
     assert!(sizes.len() * 2 <= a.total, "batched: {sizes:?}");
+}
+
+/// The connection is reset (the link simulator, 150 ms each way) while a batch waits for its
+/// PUBACK, a few times: the bridge reconnects and sends the unacknowledged batch again (DUP,
+/// same bytes); every acknowledged event arrives, in order, duplicates counted.
+#[test]
+fn batches_in_flight_when_the_link_resets_are_sent_again() {
+    let case = Case {
+        protocol: 4,
+        encoding: "json-array",
+        compress: Some("gzip"),
+    };
+    let batch = "max_events = 50, max_ms = 200";
+    let l = slow_link(case, 16, batch, "max_inflight = 200");
+    let ws = &l.ws;
+    let publishing = publish_600(ws, 24, Some(Duration::from_millis(10)));
+    let mut resets = 0;
+    while resets < 3 && !publishing.done() {
+        // A batch PUBLISH is unacknowledged (its PUBACK is 300 ms away): reset now.
+        let in_flight = wait_until(Duration::from_secs(10), || {
+            bridge_metric(ws, "waystation_bridge_inflight") > 0.0
+        });
+        if in_flight {
+            let connected = || ws.logs().matches("upstream connected").count();
+            let before = connected();
+            l.sim.handle().reset_all();
+            resets += 1;
+            assert!(
+                wait_until(Duration::from_secs(15), || connected() > before),
+                "no reconnect after the reset:\n{}",
+                ws.logs()
+            );
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    }
+    let want = publishing.join();
+    let (a, sizes, all) = collect(&l.collector, &want, case, Duration::from_secs(60));
+    let resent = ws
+        .logs()
+        .matches("sending unacknowledged messages again")
+        .count();
+    println!(
+        "resets {resets}: {} events in {} batches, {} duplicates; batches sent again after {resent} reconnects",
+        a.total,
+        sizes.len(),
+        a.duplicates
+    );
+    a.assert_all_arrived_in_order(all, &want, "resets while batches were in flight");
+    assert!(
+        resets > 0 && resent > 0,
+        "no batch was in flight at a reset: proves nothing"
+    );
 }

@@ -454,7 +454,7 @@ impl ForwardRule {
         };
         match self.batch_topic.as_deref() {
             None => return Err(("batch_topic", "required with batch".into())),
-            Some(t) if t.is_empty() || t.contains(['+', '#']) || t.starts_with('$') => {
+            Some(t) if !crate::topic::valid_topic_name(t) || t.starts_with('$') => {
                 return Err((
                     "batch_topic",
                     format!("{t:?} is not a topic name to publish to"),
