@@ -507,3 +507,54 @@ fn a_window_smaller_than_a_batch_sends_what_it_holds() {
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].1.matches("topic").count(), 2);
 }
+
+#[test]
+fn a_qos_0_batch_is_done_once_written() {
+    let Batched {
+        mut window, out, ..
+    } = batched(&["sensors/a"; 3], 4, 10, |c| c.forward[0].qos = 0);
+    let p = publishes(&out);
+    assert_eq!((p.len(), p[0].2), (1, 0), "one QoS 0 PUBLISH");
+    assert_eq!(window.unacked(), 0);
+    assert_eq!(window.advance(), 3);
+}
+
+#[test]
+fn batches_stay_under_an_mqtt_5_upstreams_maximum_packet_size() {
+    let mut f = batching_fixture();
+    f.bridge.config.forward[0].batch = Some(crate::config::bridge::BatchConfig {
+        max_events: 100,
+        ..crate::config::bridge::BatchConfig::default()
+    });
+    let b = &f.bridge;
+    append_on(&b.store, &["sensors/a"; 20]);
+    let limits = UpstreamLimits {
+        max_packet_size: Some(600),
+        ..UpstreamLimits::default()
+    };
+    let mut encoder = Encoder::new(5, &limits);
+    let mut window = Window::new(0);
+    let mut out = BytesMut::new();
+    b.fill_window(&mut window, &mut out, &mut encoder, 100, &mut None, "x")
+        .expect("fill");
+    window.batch.as_mut().expect("the rest waits").deadline = Instant::now();
+    b.flush_batch_if_due(&mut window, &mut out, &mut encoder, 100)
+        .expect("flush");
+    let mut codec = rmqtt_codec::v5::Codec::new(0, 0);
+    use tokio_util::codec::Decoder as _;
+    let (mut events, mut packets) = (0, 0);
+    loop {
+        let before = out.len();
+        let Ok(Some((rmqtt_codec::v5::Packet::Publish(p), _))) = codec.decode(&mut out) else {
+            break;
+        };
+        let size = before - out.len();
+        assert!(size <= 600, "{size}");
+        let batch: Vec<serde_json::Value> = serde_json::from_slice(&p.payload).expect("json");
+        events += batch.len();
+        packets += 1;
+    }
+    assert_eq!(events, 20);
+    assert!(packets > 1, "cut to fit: {packets}");
+    assert_eq!(b.stats.dropped_too_large.load(Relaxed), 0);
+}
