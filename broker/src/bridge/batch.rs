@@ -3,9 +3,9 @@
 //! payloads), encoded as a JSON array or NDJSON and compressed with zstd or gzip.
 //!
 //! Plain state and pure functions: [`PendingBatch`] is the batch being gathered, which the
-//! session owns in its `Window` across turns and reconnects (never a future); `forward.rs`
-//! feeds it log entries and turns it into a PUBLISH, `window.rs` acknowledges its events
-//! together. Each event is `{"topic":"<local topic>","payload":<JSON>}` when the payload is
+//! session owns in its `Window` across turns and reconnects (never a future);
+//! `forward_batch.rs` feeds it log entries and turns it into a PUBLISH, `window.rs`
+//! acknowledges its events together. Each event is `{"topic":"<local topic>","payload":<JSON>}` when the payload is
 //! valid JSON (written compactly, unchanged otherwise), else
 //! `{"topic":"...","payload_base64":"..."}`.
 

@@ -15,7 +15,8 @@
 //! keep-alive: plain state), `link.rs` (the upstream connection), `inbound.rs` (commands from
 //! the cloud),
 //! `failure.rs` (why a session ended), `batch.rs` (the batches of a forward rule with
-//! `batch`: their state, encoding and compression); `Cursors` and the back-off live here.
+//! `batch`: their state, encoding and compression) and `forward_batch.rs` (entries into
+//! batches, batches into PUBLISHes); `Cursors` and the back-off live here.
 //!
 //! Invariants:
 //! - Never skip: the cursor only advances over a contiguous run of acknowledged entries,
@@ -61,6 +62,7 @@ mod aliases;
 mod batch;
 mod failure;
 mod forward;
+mod forward_batch;
 mod inbound;
 pub mod link;
 mod session;
