@@ -198,6 +198,27 @@ pub fn parse_id(payload: &[u8]) -> Option<(u32, u64)> {
     Some((p, q))
 }
 
+/// Every `(publisher, seq)` acknowledged so far, over all `publishers`.
+pub fn acked_ids(publishers: &[Publisher]) -> HashSet<(u32, u64)> {
+    publishers
+        .iter()
+        .flat_map(|p| p.acked().into_iter().map(move |s| (p.spec.publisher, s)))
+        .collect()
+}
+
+/// Stops every publisher; asserts none saw a protocol anomaly; returns what was acked.
+pub fn stop_all(publishers: &mut [Publisher]) -> HashSet<(u32, u64)> {
+    for p in publishers.iter_mut() {
+        p.stop();
+    }
+    let anomalies: Vec<String> = publishers
+        .iter()
+        .flat_map(|p| p.snapshot(|s| s.anomalies.clone()))
+        .collect();
+    assert!(anomalies.is_empty(), "{anomalies:?}");
+    acked_ids(publishers)
+}
+
 pub fn topic_of(publisher: u32) -> String {
     format!("sensors/p{publisher}")
 }

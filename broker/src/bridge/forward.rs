@@ -20,6 +20,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use tracing::{error, info, warn};
 
+use super::batch::BatchSpec;
 use super::failure::{encoded, Failure};
 use super::window::{Drops, Sent, Window};
 use super::wire::{Encoded, Encoder};
@@ -246,12 +247,17 @@ impl Bridge {
         let rule = if record.origin == own_origin {
             None // its own command coming back
         } else {
-            self.config.forward_rule(&record.topic)
+            self.config.forward_rule_at(&record.topic)
         };
-        let Some(rule) = rule else {
+        let Some((index, rule)) = rule else {
             window.sent.push_back(Sent::passed_over(seq));
             return Ok(false);
         };
+        if let Some(spec) = BatchSpec::of(rule) {
+            return self.batch_one(window, out, encoder, seq, (index, spec), record);
+        }
+        // Forwarded on its own: a pending batch goes up first, so the wire keeps log order.
+        self.flush_batch(window, out, encoder)?;
         let (message, received_at_ms) = upstream_message(record, &rule.remote_prefix, rule.qos);
         let expires_at_ms = message.properties.as_ref().and_then(|p| p.expires_at_ms);
         if message.expired(unix_ms()) {
@@ -299,14 +305,14 @@ impl Bridge {
         Ok(true)
     }
 
-    fn dropped_expired(&self, window: &mut Window, seq: Seq) {
+    pub(super) fn dropped_expired(&self, window: &mut Window, seq: Seq) {
         self.stats.dropped_message_expiry.fetch_add(1, Relaxed);
         if Drops::count(&mut window.drops.expired) {
             info!(bridge = %self.config.name, seq, dropped = window.drops.expired, "message expiry passed before it could be forwarded: not sent (stats: dropped_message_expiry)");
         }
     }
 
-    fn dropped_too_large(&self, window: &mut Window, seq: Seq, size: usize, max: u32) {
+    pub(super) fn dropped_too_large(&self, window: &mut Window, seq: Seq, size: usize, max: u32) {
         self.stats.dropped_too_large.fetch_add(1, Relaxed);
         if Drops::count(&mut window.drops.too_large) {
             warn!(bridge = %self.config.name, seq, size, max, dropped = window.drops.too_large, "message larger than the upstream's maximum packet size: not forwarded (stats: dropped_too_large)");
@@ -314,7 +320,7 @@ impl Bridge {
     }
 }
 
-fn encoding(e: String) -> Failure {
+pub(super) fn encoding(e: String) -> Failure {
     Failure::new("protocol_error", format!("encoding: {e}"))
 }
 

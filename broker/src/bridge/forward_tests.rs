@@ -24,11 +24,9 @@ fn fixture() -> Fixture {
         [("name", "cloud"), ("address", "127.0.0.1:1")].into_iter(),
     ))
     .expect("config");
-    config.forward.push(ForwardRule {
-        local: "sensors/#".into(),
-        remote_prefix: "site1/".into(),
-        qos: 1,
-    });
+    config
+        .forward
+        .push(ForwardRule::new("sensors/#", "site1/", 1));
     let (router, _router_rx) = mpsc::channel(1);
     let bridge = Bridge {
         config,
@@ -46,23 +44,28 @@ fn fixture() -> Fixture {
 
 /// Appends records (payload length, expiry interval, received this long ago) to the log.
 fn append(store: &Store, records: &[(usize, Option<u32>, u64)]) {
+    let records = records
+        .iter()
+        .map(|(len, expiry, age_ms)| StoredMessage {
+            topic: "sensors/t".into(),
+            payload: Bytes::from(vec![b'x'; *len]),
+            qos: 1,
+            retain: false,
+            received_at_ms: unix_ms() - age_ms,
+            origin: "dev".into(),
+            properties: expiry.map(|secs| MessageProperties {
+                message_expiry_interval: Some(secs),
+                ..MessageProperties::default()
+            }),
+        })
+        .collect();
+    append_durably(store, records);
+}
+
+fn append_durably(store: &Store, records: Vec<StoredMessage>) {
     let ops = records
         .iter()
-        .map(|(len, expiry, age_ms)| {
-            let record = StoredMessage {
-                topic: "sensors/t".into(),
-                payload: Bytes::from(vec![b'x'; *len]),
-                qos: 1,
-                retain: false,
-                received_at_ms: unix_ms() - age_ms,
-                origin: "dev".into(),
-                properties: expiry.map(|secs| MessageProperties {
-                    message_expiry_interval: Some(secs),
-                    ..MessageProperties::default()
-                }),
-            };
-            Op::Append(record.encode().expect("encode"))
-        })
+        .map(|r| Op::Append(r.encode().expect("encode")))
         .collect();
     let (ticket, _) = store.submit(ops).expect("submit");
     store
@@ -261,4 +264,297 @@ fn an_unacknowledged_message_that_expires_before_the_reconnect_is_given_up() {
     );
     ack(&mut window, 2);
     assert_eq!(window.advance(), 2);
+}
+
+/// Appends records on `topics` (payload `{"n":<i>}`) to the log.
+fn append_on(store: &Store, topics: &[&str]) {
+    let records = topics
+        .iter()
+        .enumerate()
+        .map(|(i, topic)| StoredMessage {
+            topic: (*topic).into(),
+            payload: Bytes::from(format!("{{\"n\":{i}}}")),
+            qos: 1,
+            retain: false,
+            received_at_ms: unix_ms(),
+            origin: "dev".into(),
+            properties: None,
+        })
+        .collect();
+    append_durably(store, records);
+}
+
+/// `sensors/#` batched (3 events, json-array) to `site1/batch`; `alarms/#` one by one.
+fn batching_fixture() -> Fixture {
+    let mut f = fixture();
+    let rule = &mut f.bridge.config.forward[0];
+    rule.batch = Some(crate::config::bridge::BatchConfig {
+        max_events: 3,
+        max_ms: 60_000,
+        max_bytes: 1 << 20,
+    });
+    rule.batch_topic = Some("site1/batch".into());
+    f.bridge
+        .config
+        .forward
+        .push(ForwardRule::new("alarms/#", "site1/", 1));
+    f
+}
+
+/// The v4 PUBLISHes in `bytes`: (topic, payload, pkid, dup).
+fn publishes(bytes: &[u8]) -> Vec<(String, String, u16, bool)> {
+    let mut buf = BytesMut::from(bytes);
+    let mut all = Vec::new();
+    while !buf.is_empty() {
+        match rumqttc::mqttbytes::v4::Packet::read(&mut buf, 1 << 20) {
+            Ok(rumqttc::mqttbytes::v4::Packet::Publish(p)) => all.push((
+                p.topic,
+                String::from_utf8_lossy(&p.payload).to_string(),
+                p.pkid,
+                p.dup,
+            )),
+            other => panic!("{other:?}"),
+        }
+    }
+    all
+}
+
+/// A batching bridge (`batching_fixture`, changed by `setup`) with `topics` in its log,
+/// after one `fill_window` of `max_inflight` over MQTT `protocol`: what it wrote is in `out`.
+struct Batched {
+    f: Fixture,
+    window: Window,
+    out: BytesMut,
+    encoder: Encoder,
+    sent: usize,
+}
+
+fn batched(
+    topics: &[&str],
+    protocol: u8,
+    max_inflight: usize,
+    setup: impl FnOnce(&mut BridgeConfig),
+) -> Batched {
+    let mut f = batching_fixture();
+    setup(&mut f.bridge.config);
+    append_on(&f.bridge.store, topics);
+    let mut encoder = Encoder::new(protocol, &UpstreamLimits::default());
+    let mut window = Window::new(0);
+    let mut out = BytesMut::new();
+    let sent = f
+        .bridge
+        .fill_window(
+            &mut window,
+            &mut out,
+            &mut encoder,
+            max_inflight,
+            &mut None,
+            "x",
+        )
+        .expect("fill");
+    Batched {
+        f,
+        window,
+        out,
+        encoder,
+        sent,
+    }
+}
+
+fn puback(window: &mut Window, pkid: u16) -> u64 {
+    let seq = window.by_pkid.remove(&pkid).expect("in flight");
+    window.acknowledge(seq, pkid)
+}
+
+#[test]
+fn a_batch_is_one_publish_acknowledged_whole_and_resent_byte_for_byte() {
+    let Batched {
+        f,
+        mut window,
+        mut out,
+        mut encoder,
+        sent,
+    } = batched(&["sensors/a"; 7], 4, 10, |_| {});
+    let b = &f.bridge;
+    assert_eq!(sent, 7, "every event joined a batch");
+    let frames = out.split().freeze();
+    window.keep_frames(&frames);
+    let p = publishes(&frames);
+    assert_eq!(p.len(), 2, "two full batches of 3; the 7th waits: {p:?}");
+    assert_eq!(p[0].0, "site1/batch");
+    assert_eq!(
+        p[0].1,
+        r#"[{"topic":"sensors/a","payload":{"n":0}},{"topic":"sensors/a","payload":{"n":1}},{"topic":"sensors/a","payload":{"n":2}}]"#
+    );
+    assert_eq!(window.unacked(), 2, "one packet id per batch");
+    // The second batch's PUBACK first: the cursor cannot move past the first batch.
+    assert_eq!(puback(&mut window, p[1].2), 3);
+    assert_eq!(window.advance(), 0);
+    assert_eq!(window.cursor, 0);
+    // The link drops: the unacknowledged first batch goes again, the same bytes with DUP.
+    let mut again = BytesMut::new();
+    b.resume(&mut window, &mut again, &mut encoder, 10)
+        .expect("resume");
+    let mut want = frames.slice(0..frames.len() / 2).to_vec();
+    want[0] |= 0x08;
+    assert_eq!(
+        &again[..],
+        &want[..],
+        "batch 1 resent byte for byte, DUP set"
+    );
+    assert_eq!(puback(&mut window, p[0].2), 3);
+    assert_eq!(window.advance(), 6, "the whole of both batches");
+    assert_eq!(window.cursor, 6);
+    // The 7th goes at its deadline, alone.
+    assert!(window.batch.is_some());
+    window.batch.as_mut().expect("pending").deadline = Instant::now();
+    b.flush_batch_if_due(&mut window, &mut out, &mut encoder, 10)
+        .expect("flush");
+    let p = publishes(&out.split());
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].1, r#"[{"topic":"sensors/a","payload":{"n":6}}]"#);
+    assert_eq!(puback(&mut window, p[0].2), 1);
+    assert_eq!(window.advance(), 1);
+    assert_eq!(window.cursor, 7);
+    let status = b.status.lock().expect("status");
+    assert_eq!(status.batches.batches.load(Relaxed), 3);
+    assert_eq!(status.batches.events.load(Relaxed), 7);
+    assert_eq!(status.batches.input_bytes.load(Relaxed), 7 * (9 + 7));
+}
+
+#[test]
+fn an_entry_forwarded_otherwise_sends_the_batch_before_it_and_passed_over_ones_do_not() {
+    // 3 (not forwarded) sits inside the batch; 4 is forwarded on its own.
+    let topics = ["sensors/a", "sensors/b", "other/x", "alarms/1", "sensors/c"];
+    let Batched {
+        mut window, out, ..
+    } = batched(&topics, 4, 10, |_| {});
+    let p = publishes(&out);
+    let topics: Vec<&str> = p.iter().map(|x| x.0.as_str()).collect();
+    assert_eq!(
+        topics,
+        ["site1/batch", "site1/alarms/1"],
+        "batch first: {p:?}"
+    );
+    assert_eq!(
+        p[0].1,
+        r#"[{"topic":"sensors/a","payload":{"n":0}},{"topic":"sensors/b","payload":{"n":1}}]"#
+    );
+    assert_eq!(puback(&mut window, p[1].2), 1);
+    assert_eq!(
+        window.advance(),
+        0,
+        "the batch before it is not acknowledged"
+    );
+    assert_eq!(puback(&mut window, p[0].2), 2);
+    assert_eq!(window.advance(), 4, "1, 2, 3 passed over, 4");
+    assert!(window.batch.is_some(), "sensors/c waits in the next batch");
+}
+
+#[test]
+fn a_batch_over_mqtt_5_carries_its_content_type_and_encoding_properties() {
+    let gzip = Some(crate::config::bridge::Compression::Gzip);
+    let Batched { mut out, .. } = batched(&["sensors/a"; 3], 5, 10, |c| {
+        c.forward[0].compress = gzip;
+    });
+    let mut codec = rmqtt_codec::v5::Codec::new(0, 0);
+    use tokio_util::codec::Decoder as _;
+    let Ok(Some((rmqtt_codec::v5::Packet::Publish(p), _))) = codec.decode(&mut out) else {
+        panic!("one PUBLISH");
+    };
+    assert_eq!(&*p.topic, "site1/batch", "no suffix over MQTT 5");
+    let props = p.properties.expect("properties");
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    let user: Vec<(String, String)> = props
+        .user_properties
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    assert_eq!(
+        user,
+        [
+            ("content-encoding".to_string(), "gzip".to_string()),
+            ("batch-events".to_string(), "3".to_string())
+        ]
+    );
+    assert!(
+        props.topic_alias.is_none(),
+        "resent byte for byte: no alias"
+    );
+    let mut plain = String::new();
+    use std::io::Read as _;
+    flate2::read::GzDecoder::new(&p.payload[..])
+        .read_to_string(&mut plain)
+        .expect("gzip");
+    assert!(plain.starts_with(r#"[{"topic":"sensors/a""#), "{plain}");
+}
+
+#[test]
+fn a_window_smaller_than_a_batch_sends_what_it_holds() {
+    // An upstream receive maximum of 2: the batch of 3 can never fill.
+    let Batched {
+        f,
+        mut window,
+        mut out,
+        mut encoder,
+        ..
+    } = batched(&["sensors/a"; 5], 4, 2, |_| {});
+    assert!(out.is_empty(), "filled by the same call's pending events");
+    f.bridge
+        .flush_batch_if_due(&mut window, &mut out, &mut encoder, 2)
+        .expect("flush");
+    let p = publishes(&out.split());
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].1.matches("topic").count(), 2);
+}
+
+#[test]
+fn a_qos_0_batch_is_done_once_written() {
+    let Batched {
+        mut window, out, ..
+    } = batched(&["sensors/a"; 3], 4, 10, |c| c.forward[0].qos = 0);
+    let p = publishes(&out);
+    assert_eq!((p.len(), p[0].2), (1, 0), "one QoS 0 PUBLISH");
+    assert_eq!(window.unacked(), 0);
+    assert_eq!(window.advance(), 3);
+}
+
+#[test]
+fn batches_stay_under_an_mqtt_5_upstreams_maximum_packet_size() {
+    let mut f = batching_fixture();
+    f.bridge.config.forward[0].batch = Some(crate::config::bridge::BatchConfig {
+        max_events: 100,
+        ..crate::config::bridge::BatchConfig::default()
+    });
+    let b = &f.bridge;
+    append_on(&b.store, &["sensors/a"; 20]);
+    let limits = UpstreamLimits {
+        max_packet_size: Some(600),
+        ..UpstreamLimits::default()
+    };
+    let mut encoder = Encoder::new(5, &limits);
+    let mut window = Window::new(0);
+    let mut out = BytesMut::new();
+    b.fill_window(&mut window, &mut out, &mut encoder, 100, &mut None, "x")
+        .expect("fill");
+    window.batch.as_mut().expect("the rest waits").deadline = Instant::now();
+    b.flush_batch_if_due(&mut window, &mut out, &mut encoder, 100)
+        .expect("flush");
+    let mut codec = rmqtt_codec::v5::Codec::new(0, 0);
+    use tokio_util::codec::Decoder as _;
+    let (mut events, mut packets) = (0, 0);
+    loop {
+        let before = out.len();
+        let Ok(Some((rmqtt_codec::v5::Packet::Publish(p), _))) = codec.decode(&mut out) else {
+            break;
+        };
+        let size = before - out.len();
+        assert!(size <= 600, "{size}");
+        let batch: Vec<serde_json::Value> = serde_json::from_slice(&p.payload).expect("json");
+        events += batch.len();
+        packets += 1;
+    }
+    assert_eq!(events, 20);
+    assert!(packets > 1, "cut to fit: {packets}");
+    assert_eq!(b.stats.dropped_too_large.load(Relaxed), 0);
 }
