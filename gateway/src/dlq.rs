@@ -267,8 +267,8 @@ pub fn main(addr: &str, action: DlqAction) -> Result<(), String> {
             let v: serde_json::Value =
                 serde_json::from_str(&answer).map_err(|e| format!("answer: {e}"))?;
             println!(
-                "replayed {} (forwarded now), refused again {}, not found {}",
-                v["replayed"], v["refused_again"], v["missing"]
+                "replayed {} (forwarded now), refused again {}, kept (no bridge forwards the topic) {}, not found {}",
+                v["replayed"], v["refused_again"], v["kept"], v["missing"]
             );
             Ok(())
         }

@@ -49,11 +49,13 @@ pub enum DeadLetterAction {
 /// The router's answer; `durable` fires once its writes are on disk.
 #[derive(Debug)]
 pub struct DeadLetterOutcome {
-    /// Replayed and now logged for forwarding (or passed: no bridge forwards the topic now).
+    /// Replayed and now logged for forwarding.
     pub replayed: usize,
     /// Replayed and refused again: a new dead letter replaces the old one.
     pub refused_again: usize,
     pub purged: usize,
+    /// Not replayed, and kept: no bridge forwards its topic now, or the store refuses it.
+    pub kept: usize,
     /// Ids not (or no longer) stored.
     pub missing: usize,
     pub durable: oneshot::Receiver<()>,

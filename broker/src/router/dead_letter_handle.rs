@@ -28,6 +28,8 @@ pub struct DeadLetterSummary {
     pub replayed: usize,
     pub refused_again: usize,
     pub purged: usize,
+    /// Not replayed and kept (no bridge forwards the topic now, or the store refuses it).
+    pub kept: usize,
     pub missing: usize,
 }
 
@@ -115,6 +117,7 @@ impl DeadLetterHandle {
             summary.replayed += outcome.replayed;
             summary.refused_again += outcome.refused_again;
             summary.purged += outcome.purged;
+            summary.kept += outcome.kept;
             summary.missing += outcome.missing;
         }
         Ok(summary)

@@ -25,6 +25,7 @@ impl Router {
             replayed: 0,
             refused_again: 0,
             purged: 0,
+            kept: 0,
             missing: 0,
             durable,
         };
@@ -66,17 +67,13 @@ impl Router {
             Ok(Some(value)) => DeadLetter::decode(&key, &value),
             _ => None,
         };
-        let Some(pipeline) = self.pipeline.as_mut() else {
-            return;
-        };
-        let (Some(letter), true) = (
+        let (Some(letter), Some(before)) = (
             letter,
-            pipeline.dead_letters.remove(id, &mut self.batch_ops),
+            self.pipeline.as_ref().map(|p| p.dead_letters.count()),
         ) else {
             outcome.missing += 1;
             return;
         };
-        let before = pipeline.dead_letters.count();
         let message = Message {
             topic: letter.topic.as_str().into(),
             payload: letter.payload.into(),
@@ -84,21 +81,22 @@ impl Router {
             retain: false,
             properties: None,
         };
+        // The old record is deleted only once the message is somewhere again: logged for
+        // forwarding, or a new dead letter. One no bridge forwards now, or too large for the
+        // store now (logged and counted there), stays as it is.
         match self.store_publish(&message, &letter.origin, None) {
-            Ok(_) => {
-                let again = self
-                    .pipeline
-                    .as_ref()
-                    .is_some_and(|p| p.dead_letters.count() > before);
-                if again {
+            Ok(true) => {
+                let Some(pipeline) = self.pipeline.as_mut() else {
+                    return;
+                };
+                if pipeline.dead_letters.count() > before {
                     outcome.refused_again += 1;
                 } else {
                     outcome.replayed += 1;
                 }
+                pipeline.dead_letters.remove(id, &mut self.batch_ops);
             }
-            // Too large for the store now: kept out of the log, and the record is gone;
-            // store_publish logged and counted it.
-            Err(_) => outcome.missing += 1,
+            Ok(false) | Err(_) => outcome.kept += 1,
         }
     }
 }

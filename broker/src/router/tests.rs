@@ -800,3 +800,107 @@ fn the_disconnect_telling_why_waits_behind_a_held_connack() {
     settle(&mut router, &store);
     assert_eq!(packets(&mut rx), [CONNACK_NEW, "Close(MalformedPacket)"]);
 }
+
+// The ingest pipeline inside the router: a resend is acknowledged but not logged again, a
+// refused message is acknowledged and kept as a dead letter; a replay keeps a letter whose
+// topic no bridge forwards any more (deleting it would lose an acknowledged message), and
+// a purge deletes it durably.
+#[test]
+fn pipeline_dedups_dead_letters_and_replay_keeps_what_no_bridge_takes() {
+    use super::commands::DeadLetterAction;
+    use tokio::sync::oneshot;
+    use crate::config::{DeadLetterLimits, DedupKey, PipelineRule, Schema, Validation};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open_store(&tmp);
+    let mut router = router_on(&store, Duration::from_secs(3600));
+    let forward = |filter: &str| {
+        vec![ForwardRoute {
+            name: "cloud".into(),
+            filters: vec![filter.into()],
+        }]
+    };
+    router.durable.as_mut().expect("durable").bridges = forward("sensors/#");
+    let rule = PipelineRule {
+        topics: "sensors/+/events".into(),
+        validate: Some(Validation::Preset(Schema::EventV1)),
+        dedup: Some(DedupKey::Preset(Schema::EventV1)),
+        dedup_devices: 10,
+    };
+    let ingest = Ingest::load(
+        &[rule],
+        DeadLetterLimits::default(),
+        &store,
+        router.stats.clone(),
+    )
+    .expect("load");
+    router.set_pipeline(ingest);
+    let mut rx = connect(&mut router, 1, "dev");
+    drain(&mut rx);
+    let event = r#"{"v":1,"device":"dev","boot":1,"seq":5,"sensor":"t","value":1,"threshold":2,"direction":"rising"}"#;
+    publish(
+        &mut router,
+        1,
+        1,
+        "sensors/dev/events",
+        event,
+        QoS::AtLeastOnce,
+    );
+    publish(
+        &mut router,
+        1,
+        2,
+        "sensors/dev/events",
+        event,
+        QoS::AtLeastOnce,
+    );
+    publish(
+        &mut router,
+        1,
+        3,
+        "sensors/dev/events",
+        "{}",
+        QoS::AtLeastOnce,
+    );
+    router.end_burst();
+    settle(&mut router, &store);
+    let acks = drain(&mut rx);
+    assert_eq!(
+        acks.iter()
+            .filter(|p| matches!(p, Outbound::PubAck(_)))
+            .count(),
+        3,
+        "{acks:?}"
+    );
+    assert_eq!(store.log_stats().len, 1, "the resend is not logged again");
+    let id = {
+        let ingest = router.pipeline.as_ref().expect("pipeline");
+        assert_eq!(ingest.dead_letters.count(), 1);
+        ingest.dead_letters.ids().next().expect("a dead letter")
+    };
+    router.durable.as_mut().expect("durable").bridges = forward("other/#");
+    let (reply, mut answer) = oneshot::channel();
+    router.handle(RouterCmd::DeadLetters {
+        action: DeadLetterAction::Replay(vec![id, 999]),
+        reply,
+    });
+    let outcome = answer.try_recv().expect("answered at once");
+    assert_eq!((outcome.replayed, outcome.kept, outcome.missing), (0, 1, 1));
+    assert_eq!(
+        router.pipeline.as_ref().map(|p| p.dead_letters.count()),
+        Some(1)
+    );
+    let (reply, mut answer) = oneshot::channel();
+    router.handle(RouterCmd::DeadLetters {
+        action: DeadLetterAction::Purge(vec![id]),
+        reply,
+    });
+    let mut outcome = answer.try_recv().expect("answered at once");
+    assert_eq!(outcome.purged, 1);
+    router.end_burst();
+    settle(&mut router, &store);
+    assert!(outcome.durable.try_recv().is_ok(), "answered once durable");
+    assert!(store
+        .scan(Keyspace::DeadLetter, b"")
+        .expect("scan")
+        .is_empty());
+}
