@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use observability_common::{get, start_rumqttd, Gateway};
-use waystation_e2e::raw::{publish, Pkt, RawClient};
+use waystation_e2e::raw::RawClient;
 use waystation_e2e::{wait_until, wait_with_timeout, waystation_bin};
 use waystation_firmware::sim::{run, SimOptions};
 
@@ -225,26 +225,6 @@ const INVALID: [(&str, &str); 3] = [
 const INVALID_BY_REASON: &str = "not_json=2,unknown_version=1";
 const RESENT_EVENT: &str = r#"{"v":1,"device":"dash-raw","boot":1,"seq":1,"sensor":"temp","value":31000,"threshold":30000,"direction":"rising"}"#;
 
-/// Publishes at QoS 1 (DUP on the second and later copies of a payload is not needed: the
-/// pipeline knows a resend by its event id) and waits for each PUBACK.
-fn publish_acked(client: &mut RawClient, messages: &[(&str, &str)]) {
-    for (i, (topic, payload)) in messages.iter().enumerate() {
-        let pid = 1 + i as u16;
-        client.send(&publish(
-            topic,
-            payload.as_bytes(),
-            1,
-            false,
-            false,
-            Some(pid),
-        ));
-        match client.recv_timeout(Duration::from_secs(10)) {
-            Ok(Pkt::PubAck(p)) if p == pid => {}
-            other => panic!("PUBACK {pid} expected for {topic}, got {other:?}"),
-        }
-    }
-}
-
 fn status(gw: &Gateway) -> serde_json::Value {
     let (code, _, body) = get(gw.http, "/api/v1/status");
     assert_eq!(code, 200, "/api/v1/status: {body}");
@@ -278,9 +258,13 @@ fn dashboard_in_chromium_shows_the_pipeline_counters_the_status_api_has() {
     let report = run(&options, &AtomicBool::new(false)).expect("sim ran");
     assert!(report.acknowledged > 0 && report.pending == 0, "{report:?}");
     let mut raw = RawClient::connect(gw.mqtt, "dash-raw");
+    // Each is acknowledged (the pipeline keeps what it refuses, and a resend is dropped
+    // only once its first copy is in the log).
     let mut messages: Vec<(&str, &str)> = INVALID.to_vec();
     messages.extend([("sensors/dash-raw/events", RESENT_EVENT); 2]);
-    publish_acked(&mut raw, &messages);
+    for (pid, (topic, payload)) in (1..).zip(messages) {
+        raw.publish1(topic, payload.as_bytes(), false, pid);
+    }
     raw.send(&waystation_e2e::raw::disconnect());
 
     // Every valid event went up in a batch (the last one within max_ms of its first event).
