@@ -1,7 +1,8 @@
 // Waystation dashboard: polls /api/v1/status every second and draws the last few minutes.
 // No dependencies. Rates use the server's clock (now_ms), so they are right even when the
 // browser's timers run fast or late. The page exposes what it drew as data attributes
-// (body: data-sensor-count, data-client-count, data-polls; each canvas: data-points) for tests.
+// (body: data-sensor-count, data-client-count, data-polls; each canvas: data-points; the
+// pipeline panel: data-pipeline-*) for tests.
 "use strict";
 
 const HISTORY = 180;
@@ -12,6 +13,13 @@ let polls = 0;
 const $ = (id) => document.getElementById(id);
 const fmt = (n) => (n == null ? "–" : Math.round(n).toLocaleString("en-US"));
 const rate = (n) => (n >= 100 ? fmt(n) : n.toFixed(1)) + "/s";
+
+function bytes(n) {
+  if (n == null) return "–";
+  if (n < 1024) return fmt(n) + " B";
+  if (n < 1024 * 1024) return (n / 1024).toFixed(1) + " KiB";
+  return (n / 1024 / 1024).toFixed(1) + " MiB";
+}
 
 function age(seconds) {
   if (seconds == null) return "–";
@@ -172,12 +180,61 @@ function render(s) {
     st.appendChild(tr);
   }
 
+  if (s.pipeline) renderPipeline(s.pipeline);
+
   const g = s.storage;
   $("storage").textContent = g.enabled
     ? `Storage: ${fmt(g.log_messages)} messages (${fmt(g.log_bytes / 1024)} KiB) in the log · ${fmt(g.commits)} group commits · ` +
       `last batch ${fmt(g.last_batch_ops)} ops · ${g.pending_acks} acks waiting for disk` + (g.error ? ` · ERROR: ${g.error}` : "") +
       (g.moved_aside ? ` · a corrupt store was moved to ${g.moved_aside}` : "")
     : "Storage: none (no data_dir)";
+}
+
+// The edge pipeline (docs/pipeline.md): what [[pipeline]] rules passed, refused and dropped as
+// resends, the dead letters kept, and what batching and compression kept off the uplinks.
+function renderPipeline(p) {
+  const panel = $("pipeline");
+  const d = panel.dataset;
+  d.pipelineValid = String(p.valid);
+  d.pipelineInvalid = String(p.invalid);
+  d.pipelineDuplicates = String(p.duplicates);
+  d.pipelineDeadLetters = String(p.dead_letters);
+  d.pipelineDeadLetterBytes = String(p.dead_letter_bytes);
+  d.pipelineBatches = String(p.batches);
+  d.pipelineBatchedEvents = String(p.batched_events);
+  d.pipelineBytesSaved = String(p.bytes_saved);
+  const reasons = Object.entries(p.invalid_by_reason || {}).filter(([, n]) => n > 0);
+  d.pipelineInvalidByReason = reasons.map(([k, n]) => k + "=" + n).join(",");
+
+  $("p-valid").textContent = fmt(p.valid);
+  $("p-invalid").textContent = fmt(p.invalid);
+  $("p-invalid").className = "v" + (p.invalid > 0 ? " bad" : "");
+  $("p-invalid-s").textContent = reasons.map(([k, n]) => k.replace(/_/g, " ") + " " + fmt(n)).join(", ");
+  $("p-duplicates").textContent = fmt(p.duplicates);
+  $("p-dead").textContent = fmt(p.dead_letters);
+  $("p-dead-s").textContent = bytes(p.dead_letter_bytes);
+  $("p-batches").textContent = fmt(p.batches);
+  $("p-batches-s").textContent = p.batches > 0 ? fmt(p.batched_events) + " events" : "";
+  $("p-per-batch").textContent = p.batches > 0 ? (p.batched_events / p.batches).toFixed(1) : "–";
+  $("p-saved").textContent = bytes(p.bytes_saved);
+  $("p-saved-s").textContent = p.batch_input_bytes > 0
+    ? Math.round(100 * p.bytes_saved / p.batch_input_bytes) + "% of " + bytes(p.batch_input_bytes) : "";
+
+  const notes = [];
+  if (p.dead_letters > 0) {
+    const hint = document.createElement("code");
+    hint.textContent = "waystation dlq list";
+    notes.push([`${fmt(p.dead_letters)} dead letters kept (${bytes(p.dead_letter_bytes)}): see them with `, hint,
+      ", then replay or purge them"]);
+  }
+  if (p.dead_letters_evicted > 0) notes.push([`${fmt(p.dead_letters_evicted)} evicted for the [dead_letter] bounds`]);
+  if (p.dead_letters_replayed > 0) notes.push([`${fmt(p.dead_letters_replayed)} replayed`]);
+  if (p.valid + p.invalid + p.duplicates + p.batches === 0) {
+    notes.push(["nothing through the pipeline yet ([[pipeline]] rules, and batch on forward rules: docs/pipeline.md)"]);
+  }
+  const detail = $("pipeline-detail");
+  detail.replaceChildren();
+  notes.forEach((parts, i) => detail.append(...(i ? [" · "] : []), ...parts));
 }
 
 // The last minutes, sampled by the server once a second, so the charts start full.

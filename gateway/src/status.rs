@@ -7,8 +7,9 @@
 use std::sync::atomic::Ordering::Relaxed;
 
 use serde_json::{json, Value};
-use waystation_broker::status::BrokerStatus;
-use waystation_broker::StatusHandle;
+use waystation_broker::pipeline::event::InvalidReason;
+use waystation_broker::status::{BridgeStatus, BrokerStatus};
+use waystation_broker::{Stats, StatusHandle};
 
 use crate::time::unix_ms;
 
@@ -76,6 +77,39 @@ pub fn degraded(status: &BrokerStatus, now_ms: u64) -> Vec<String> {
     });
     reasons.extend(bridges);
     reasons
+}
+
+/// The edge pipeline (docs/pipeline.md): the ingest counters (`[[pipeline]]`, dead letters)
+/// and the bridges' batch counters summed over every bridge. `bytes_saved` is what batching
+/// and compression kept off the uplinks: the events' topic and payload bytes less the batch
+/// payloads sent (0, not negative, when a batch came out larger).
+pub fn pipeline_json(st: &Stats, bridges: &[BridgeStatus]) -> Value {
+    let by_reason: serde_json::Map<String, Value> = InvalidReason::ALL
+        .iter()
+        .map(|r| {
+            let n = st.pipeline_invalid[*r as usize].load(Relaxed);
+            (r.label().to_string(), json!(n))
+        })
+        .collect();
+    let invalid: u64 = st.pipeline_invalid.iter().map(|c| c.load(Relaxed)).sum();
+    let batch_sum = |f: fn(&BridgeStatus) -> u64| bridges.iter().map(f).sum::<u64>();
+    let input = batch_sum(|b| b.batches.input_bytes.load(Relaxed));
+    let output = batch_sum(|b| b.batches.output_bytes.load(Relaxed));
+    json!({
+        "valid": st.pipeline_valid.load(Relaxed),
+        "invalid": invalid,
+        "invalid_by_reason": by_reason,
+        "duplicates": st.pipeline_duplicates.load(Relaxed),
+        "dead_letters": st.dead_letters.load(Relaxed),
+        "dead_letter_bytes": st.dead_letter_bytes.load(Relaxed),
+        "dead_letters_evicted": st.dead_letters_evicted.load(Relaxed),
+        "dead_letters_replayed": st.dead_letters_replayed.load(Relaxed),
+        "batches": batch_sum(|b| b.batches.batches.load(Relaxed)),
+        "batched_events": batch_sum(|b| b.batches.events.load(Relaxed)),
+        "batch_input_bytes": input,
+        "batch_output_bytes": output,
+        "bytes_saved": input.saturating_sub(output),
+    })
 }
 
 pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
@@ -164,6 +198,7 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
             "retained": r.retained,
         },
         "bridges": bridges,
+        "pipeline": pipeline_json(st, &status.bridges),
         "storage": {
             "enabled": status.log.is_some(),
             "log_messages": status.log.as_ref().map(|l| l.len),
@@ -188,4 +223,57 @@ pub fn status_json(handle: &StatusHandle, gateway_id: &str) -> Value {
             "moved_aside": status.recovery.as_ref().and_then(|rc| rc.moved_aside.as_ref()).map(|p| p.display().to_string()),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batches(batches: u64, events: u64, input: u64, output: u64) -> BridgeStatus {
+        let b = BridgeStatus::default();
+        b.batches.batches.store(batches, Relaxed);
+        b.batches.events.store(events, Relaxed);
+        b.batches.input_bytes.store(input, Relaxed);
+        b.batches.output_bytes.store(output, Relaxed);
+        b
+    }
+
+    #[test]
+    fn pipeline_counts_reasons_and_sums_batches_over_bridges() {
+        let st = Stats::default();
+        st.pipeline_valid.store(40, Relaxed);
+        st.pipeline_duplicates.store(2, Relaxed);
+        st.pipeline_invalid[InvalidReason::NotJson as usize].store(3, Relaxed);
+        st.pipeline_invalid[InvalidReason::DeviceMismatch as usize].store(1, Relaxed);
+        st.dead_letters.store(4, Relaxed);
+        st.dead_letter_bytes.store(321, Relaxed);
+        st.dead_letters_evicted.store(5, Relaxed);
+        st.dead_letters_replayed.store(6, Relaxed);
+        let bridges = [batches(2, 30, 3000, 1000), batches(1, 10, 1000, 200)];
+        let p = pipeline_json(&st, &bridges);
+        assert_eq!(
+            p,
+            json!({
+                "valid": 40, "invalid": 4, "duplicates": 2,
+                "invalid_by_reason": {
+                    "not_json": 3, "missing_field": 0, "wrong_type": 0, "bad_value": 0,
+                    "unknown_version": 0, "device_mismatch": 1, "no_event_id": 0,
+                },
+                "dead_letters": 4, "dead_letter_bytes": 321,
+                "dead_letters_evicted": 5, "dead_letters_replayed": 6,
+                "batches": 3, "batched_events": 40,
+                "batch_input_bytes": 4000, "batch_output_bytes": 1200, "bytes_saved": 2800,
+            })
+        );
+    }
+
+    #[test]
+    fn bytes_saved_is_never_negative() {
+        let p = pipeline_json(&Stats::default(), &[batches(1, 1, 50, 80)]);
+        assert_eq!(p["bytes_saved"], 0);
+        assert_eq!(p["batch_output_bytes"], 80);
+        let none = pipeline_json(&Stats::default(), &[]);
+        assert_eq!(none["batches"], 0);
+        assert_eq!(none["bytes_saved"], 0);
+    }
 }
