@@ -256,7 +256,7 @@ mod tests {
             json!({
                 "valid": 40, "invalid": 4, "duplicates": 2,
                 "invalid_by_reason": {
-                    "not_json": 3, "missing_field": 0, "wrong_type": 0, "bad_value": 0,
+                    "not_json": 3, "schema_violation": 0, "missing_field": 0, "wrong_type": 0, "bad_value": 0,
                     "unknown_version": 0, "device_mismatch": 1, "no_event_id": 0,
                 },
                 "dead_letters": 4, "dead_letter_bytes": 321,

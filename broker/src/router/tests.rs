@@ -808,8 +808,8 @@ fn the_disconnect_telling_why_waits_behind_a_held_connack() {
 #[test]
 fn pipeline_dedups_dead_letters_and_replay_keeps_what_no_bridge_takes() {
     use super::commands::DeadLetterAction;
-    use tokio::sync::oneshot;
     use crate::config::{DeadLetterLimits, DedupKey, PipelineRule, Schema, Validation};
+    use tokio::sync::oneshot;
     let tmp = tempfile::tempdir().expect("tempdir");
     let store = open_store(&tmp);
     let mut router = router_on(&store, Duration::from_secs(3600));
