@@ -544,3 +544,40 @@ pub fn bridge_toml(address: &str, extra: &str) -> String {
          [[bridge.forward]]\nlocal = \"sensors/#\"\nremote_prefix = \"site1/\"\nqos = 1\n"
     )
 }
+
+/// The events of one batch PUBLISH of a bridge (docs/pipeline.md, "Decoding a batch"):
+/// decompressed (`compress`: "zstd", "gzip" or none) and split (`encoding`: "json-array" or
+/// "ndjson", whose every event ends with `\n`). Panics on anything else: tests call it.
+pub fn batch_events(
+    payload: &[u8],
+    compress: Option<&str>,
+    encoding: &str,
+) -> Vec<serde_json::Value> {
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    match compress {
+        None => plain.extend_from_slice(payload),
+        Some("zstd") => {
+            ruzstd::decoding::StreamingDecoder::new(payload)
+                .expect("a zstd frame")
+                .read_to_end(&mut plain)
+                .expect("zstd");
+        }
+        Some(_) => {
+            flate2::read::GzDecoder::new(payload)
+                .read_to_end(&mut plain)
+                .expect("gzip");
+        }
+    }
+    match encoding {
+        "json-array" => serde_json::from_slice(&plain).expect("a JSON array"),
+        _ => {
+            assert!(plain.ends_with(b"\n"), "NDJSON: \\n after each event");
+            plain
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).expect("one JSON event per line"))
+                .collect()
+        }
+    }
+}

@@ -20,8 +20,8 @@ use serde_json::Value;
 use uplink_common::{link, sim_address};
 use waystation_e2e::raw::MosquittoSub;
 use waystation_e2e::upstream::{
-    acked_ids, analyze, parse_id, stop_all, Analysis, Collector, Publisher, PublisherSpec,
-    Received, Upstream,
+    acked_ids, analyze, batch_events, parse_id, stop_all, Analysis, Collector, Publisher,
+    PublisherSpec, Received, Upstream,
 };
 use waystation_e2e::{http_get, metric_sample, wait_until, Waystation};
 
@@ -61,18 +61,7 @@ fn decode_batches(received: &[Received], case: Case) -> (Vec<Received>, Vec<usiz
     let (mut events, mut sizes) = (Vec::new(), Vec::new());
     for r in received {
         assert_eq!(r.topic, want_topic, "only batch PUBLISHes go up");
-        let plain = decompress(&r.payload, case.compress);
-        let batch: Vec<Value> = match case.encoding {
-            "json-array" => serde_json::from_slice(&plain).expect("a JSON array"),
-            _ => {
-                assert!(plain.ends_with(b"\n"), "NDJSON: \\n after each event");
-                plain
-                    .split(|b| *b == b'\n')
-                    .filter(|l| !l.is_empty())
-                    .map(|l| serde_json::from_slice(l).expect("one JSON event per line"))
-                    .collect()
-            }
-        };
+        let batch = batch_events(&r.payload, case.compress, case.encoding);
         sizes.push(batch.len());
         for e in batch {
             let topic = e["topic"].as_str().expect("topic").to_string();
@@ -90,25 +79,6 @@ fn decode_batches(received: &[Received], case: Case) -> (Vec<Received>, Vec<usiz
         }
     }
     (events, sizes)
-}
-
-fn decompress(data: &[u8], how: Option<&str>) -> Vec<u8> {
-    let mut plain = Vec::new();
-    match how {
-        None => plain.extend_from_slice(data),
-        Some("zstd") => {
-            ruzstd::decoding::StreamingDecoder::new(data)
-                .expect("a zstd frame")
-                .read_to_end(&mut plain)
-                .expect("zstd");
-        }
-        Some(_) => {
-            flate2::read::GzDecoder::new(data)
-                .read_to_end(&mut plain)
-                .expect("gzip");
-        }
-    }
-    plain
 }
 
 /// The daemon with a batching bridge to `address`, once its bridge has connected.
