@@ -9,11 +9,14 @@
 //! guessed at. A new boot starts a new window. At most `max_devices` devices are
 //! remembered; the one heard least recently is forgotten first.
 //!
-//! Durability: every change is an `Op::Put` of the device's window (32 bytes under
-//! `Keyspace::Dedup`) in the same group commit as the log append it decided, so after a
-//! crash the windows on disk match exactly the events the log holds.
+//! Durability: a changed window is written (an `Op::Put` of 32 bytes under
+//! `Keyspace::Dedup`) in the same group commit as the log appends it decided: changes are
+//! gathered over the router's burst and written once per device by [`DeviceWindows::flush`]
+//! when the burst is submitted, so a sensor sending fifty events in one burst costs one
+//! write, not fifty. After a crash the windows on disk match exactly the events the log
+//! holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::event::EventId;
 use crate::store::{Keyspace, Op};
@@ -90,6 +93,8 @@ pub struct DeviceWindows {
     /// Last-heard tick -> device, for forgetting the least recently heard.
     by_tick: BTreeMap<u64, String>,
     tick: u64,
+    /// Devices whose window changed since the last `flush`.
+    dirty: HashSet<String>,
 }
 
 impl DeviceWindows {
@@ -100,6 +105,7 @@ impl DeviceWindows {
             windows: HashMap::new(),
             by_tick: BTreeMap::new(),
             tick: 0,
+            dirty: HashSet::new(),
         }
     }
 
@@ -124,7 +130,8 @@ impl DeviceWindows {
         self.windows.len()
     }
 
-    /// Whether `id` is heard for the first time; records it, pushing the writes to `ops`.
+    /// Whether `id` is heard for the first time; records it (the write waits for `flush`;
+    /// forgetting a device is written to `ops` at once).
     pub fn first_time(&mut self, id: &EventId, ops: &mut Vec<Op>) -> bool {
         self.tick += 1;
         let tick = self.tick;
@@ -133,8 +140,8 @@ impl DeviceWindows {
                 self.by_tick.remove(last);
                 *last = tick;
                 let first = window.hear(id.boot, id.seq);
-                if first {
-                    ops.push(put(&self.tag, &id.device, window));
+                if first && !self.dirty.contains(&id.device) {
+                    self.dirty.insert(id.device.clone());
                 }
                 first
             }
@@ -144,7 +151,7 @@ impl DeviceWindows {
                     top: id.seq,
                     heard: 1,
                 };
-                ops.push(put(&self.tag, &id.device, &window));
+                self.dirty.insert(id.device.clone());
                 self.windows.insert(id.device.clone(), (window, tick));
                 true
             }
@@ -155,12 +162,22 @@ impl DeviceWindows {
                 break;
             };
             self.windows.remove(&oldest);
+            self.dirty.remove(&oldest);
             ops.push(Op::Remove {
                 space: Keyspace::Dedup,
                 key: key(&self.tag, &oldest),
             });
         }
         first
+    }
+
+    /// Writes the windows changed since the last flush.
+    pub fn flush(&mut self, ops: &mut Vec<Op>) {
+        for device in self.dirty.drain() {
+            if let Some((window, _)) = self.windows.get(&device) {
+                ops.push(put(&self.tag, &device, window));
+            }
+        }
     }
 }
 
@@ -227,6 +244,8 @@ mod tests {
         for seq in [5, 7, 6] {
             w.first_time(&id("dev", 3, seq), &mut ops);
         }
+        w.flush(&mut ops);
+        assert_eq!(ops.len(), 1, "one write per device per flush");
         let mut again = DeviceWindows::new(b"t".to_vec(), 10);
         let mut last = HashMap::new();
         for op in ops {

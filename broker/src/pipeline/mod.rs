@@ -15,10 +15,13 @@
 //! - **An acknowledged message is in exactly one of**: the log (to be forwarded), the
 //!   dead-letter store, or — a resend — the log already, by its first copy. Each decision's
 //!   writes (log append, dead letter, the device's dedup window) go into the same group
-//!   commit as the message's other writes, and the PUBACK waits for it, so a crash leaves
-//!   the log, the dead letters and the windows consistent with each other.
-//! - **Deduplication never drops what it has not seen**: only an id recorded in a durable
-//!   window counts as a duplicate. What it cannot know (an older boot, an event number far
+//!   commit as the message's other writes (the windows once per burst: `Ingest::flush`
+//!   before the router submits it), and the PUBACK waits for it, so a crash leaves the log,
+//!   the dead letters and the windows consistent with each other.
+//! - **Deduplication never drops what it has not seen**: only an id recorded in a window
+//!   counts as a duplicate, and a resend's PUBACK cannot overtake its first copy's commit
+//!   (the router releases acknowledgements in arrival order, each behind every commit
+//!   submitted before it; the store retries a failed commit until it is durable). What it cannot know (an older boot, an event number far
 //!   behind, a device forgotten for `dedup_devices`) is forwarded. Duplicates the bridge
 //!   itself makes (a crash between sending upstream and moving its cursor) cannot be removed
 //!   here: every event carries its id, so the cloud can.
@@ -227,6 +230,13 @@ impl Ingest {
                 refused = self.refused, "message refused by the pipeline: kept as a dead letter, not forwarded");
         }
         self.publish_gauges();
+    }
+
+    /// Writes what the burst changed in the dedup windows: call before submitting it.
+    pub fn flush(&mut self, ops: &mut Vec<Op>) {
+        for windows in self.rules.iter_mut().filter_map(|r| r.windows.as_mut()) {
+            windows.flush(ops);
+        }
     }
 
     /// Deletes dead letters past `max_age` (housekeeping).

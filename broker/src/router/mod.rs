@@ -396,6 +396,9 @@ impl Router {
 
     /// Submits the burst's writes as one ticket and queues its acks behind it.
     fn end_burst(&mut self) {
+        if let Some(ingest) = &mut self.pipeline {
+            ingest.flush(&mut self.batch_ops);
+        }
         let ops = std::mem::take(&mut self.batch_ops);
         let acks = std::mem::take(&mut self.batch_acks);
         let qos2 = std::mem::take(&mut self.batch_qos2);
