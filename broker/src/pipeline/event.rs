@@ -202,6 +202,25 @@ pub fn validate_json_schema(
     })
 }
 
+/// An event-v1's identity alone, for a rule that deduplicates without validating: one
+/// typed pass that ignores every other field.
+pub fn event_v1_id(payload: &[u8]) -> Result<EventId, Invalid> {
+    #[derive(Deserialize)]
+    struct Id {
+        device: String,
+        boot: u32,
+        seq: u32,
+    }
+    match serde_json::from_slice::<Id>(payload) {
+        Ok(id) if !id.device.is_empty() => Ok(EventId {
+            device: id.device,
+            boot: u64::from(id.boot),
+            seq: u64::from(id.seq),
+        }),
+        _ => event_id_at(payload, "/device", Some("/boot"), "/seq"),
+    }
+}
+
 /// Finds an event's identity with JSON pointers (`boot` optional: 0 when not configured).
 pub fn event_id_at(
     payload: &[u8],
@@ -333,6 +352,18 @@ mod tests {
         assert!(e.detail.contains("id"), "{}", e.detail);
         let e = validate_json_schema(&validator, b"\x01").unwrap_err();
         assert_eq!(e.reason, InvalidReason::NotJson);
+    }
+
+    #[test]
+    fn the_event_v1_id_alone() {
+        let id = event_v1_id(GOOD.as_bytes()).unwrap();
+        assert_eq!((id.device.as_str(), id.boot, id.seq), ("sim-0003", 17, 42));
+        let e = event_v1_id(br#"{"device":"a","seq":1}"#).unwrap_err();
+        assert_eq!(e.reason, InvalidReason::NoEventId);
+        assert_eq!(
+            event_v1_id(b"x").unwrap_err().reason,
+            InvalidReason::NotJson
+        );
     }
 
     #[test]

@@ -278,6 +278,7 @@ fn identify(rule: &Rule, topic: &str, payload: &[u8]) -> Result<Option<EventId>,
     };
     match (key, validated) {
         (DedupKey::Preset(Schema::EventV1), Some(id)) => Ok(Some(id)),
+        (DedupKey::Preset(Schema::EventV1), None) => event::event_v1_id(payload).map(Some),
         _ => {
             let (device, boot, seq) = key.pointers();
             event::event_id_at(payload, device, boot, seq).map(Some)
