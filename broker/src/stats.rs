@@ -276,6 +276,16 @@ pub struct WireCounters {
     pub bytes_received: AtomicU64,
 }
 
+/// Batch PUBLISHes of one bridge (forward rules with `batch`): events packed, their topic
+/// and payload bytes in, the PUBLISH payload bytes out after encoding and compression.
+#[derive(Debug, Default)]
+pub struct BatchCounters {
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub input_bytes: AtomicU64,
+    pub output_bytes: AtomicU64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,4 +95,6 @@ pub struct BridgeStatus {
     pub inflight: usize,
     /// Bytes on the wire both ways, over every connection (shared with the link's tasks).
     pub wire: Arc<WireCounters>,
+    /// Batch PUBLISHes sent (`[[bridge.forward]]` with `batch`).
+    pub batches: Arc<crate::stats::BatchCounters>,
 }

@@ -668,4 +668,61 @@ local_prefix = "cloud/"
         let err = Config::parse(&text.replace("max_rate", "max_rat")).unwrap_err();
         assert!(err.contains("max_rat") && err.contains("line 9"), "{err}");
     }
+
+    #[test]
+    fn bridge_batch_keys_parse_and_are_checked() {
+        use waystation_broker::config::bridge::{BatchEncoding, Compression};
+        let text = r#"
+[[bridge]]
+name = "cloud"
+address = "127.0.0.1:1884"
+[[bridge.forward]]
+local = "sensors/#"
+batch = { max_events = 50 }
+batch_topic = "site1/events/batch"
+encoding = "ndjson"
+compress = "zstd"
+"#;
+        let config = Config::parse(text).expect("valid");
+        assert!(config.check_semantics().is_ok());
+        let rule = &config.bridges[0].forward[0];
+        let batch = rule.batch.expect("batch");
+        assert_eq!(
+            (batch.max_events, batch.max_ms, batch.max_bytes),
+            (50, 1000, 256 * 1024)
+        );
+        assert_eq!(rule.encoding, Some(BatchEncoding::Ndjson));
+        assert_eq!(rule.compress, Some(Compression::Zstd));
+        let key = |text: &str| {
+            Config::parse(text)
+                .unwrap()
+                .check_semantics()
+                .unwrap_err()
+                .0
+        };
+        let no_batch = text.replace("batch = { max_events = 50 }\n", "");
+        assert_eq!(key(&no_batch), "bridge[cloud].forward.batch_topic");
+        let compress_only = no_batch.replace("batch_topic = \"site1/events/batch\"\n", "");
+        assert_eq!(key(&compress_only), "bridge[cloud].forward.encoding");
+        let compress_only = compress_only.replace("encoding = \"ndjson\"\n", "");
+        assert_eq!(key(&compress_only), "bridge[cloud].forward.compress");
+        let no_topic = text.replace("batch_topic = \"site1/events/batch\"\n", "");
+        assert_eq!(key(&no_topic), "bridge[cloud].forward.batch_topic");
+        let too_many = text.replace("max_events = 50", "max_events = 101");
+        assert_eq!(key(&too_many), "bridge[cloud].forward.batch.max_events");
+        let wildcard = text.replace("site1/events/batch", "site1/+");
+        assert_eq!(key(&wildcard), "bridge[cloud].forward.batch_topic");
+        for (from, to, named) in [
+            (
+                "max_events = 50",
+                "max_events = 50, max_size = 1",
+                "max_size",
+            ),
+            ("\"ndjson\"", "\"csv\"", "csv"),
+            ("\"zstd\"", "\"lz4\"", "lz4"),
+        ] {
+            let err = Config::parse(&text.replace(from, to)).unwrap_err();
+            assert!(err.contains(named), "{to}: {err}");
+        }
+    }
 }

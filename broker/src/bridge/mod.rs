@@ -14,7 +14,8 @@
 //! connection sends again, the drops), `window.rs` (what is in flight, the cursor,
 //! keep-alive: plain state), `link.rs` (the upstream connection), `inbound.rs` (commands from
 //! the cloud),
-//! `failure.rs` (why a session ended); `Cursors` and the back-off live here.
+//! `failure.rs` (why a session ended), `batch.rs` (the batches of a forward rule with
+//! `batch`: their state, encoding and compression); `Cursors` and the back-off live here.
 //!
 //! Invariants:
 //! - Never skip: the cursor only advances over a contiguous run of acknowledged entries,
@@ -39,12 +40,25 @@
 //!   moves over it like over an acknowledged entry, so still never past an unacknowledged
 //!   one. An MQTT 5 upstream's receive maximum lowers the window (`max_inflight`) for the
 //!   connection; what was in flight beyond it is sent again as acknowledgements make room.
+//! - Batches (`[[bridge.forward]]` with `batch`, docs/pipeline.md): consecutive entries one
+//!   rule forwards are packed into one PUBLISH on its `batch_topic`, sent when full
+//!   (`max_events`, `max_bytes`), `max_ms` after its first event was read, or before the next
+//!   entry forwarded otherwise (entries passed over do not cut a batch). The batch's events
+//!   sit in the window from the moment they are read, unacknowledged, so they count against
+//!   `max_inflight` like any entry (the duplicate bound above stays in entries) and the
+//!   cursor cannot pass them. One packet id covers them all: they count as acknowledged only
+//!   at its PUBACK (QoS 1; QoS 0 once handed to the writer), together. The frame is kept and
+//!   a reconnect sends it again byte for byte with DUP set (no topic alias, over MQTT 5
+//!   either). A crash restarts from the durable cursor and may cut batches differently:
+//!   events may arrive twice in different batches, never not at all. The pending batch is
+//!   plain state in the `Window`, kept across reconnects.
 //! - Commands from the upstream are acknowledged only once the router accepted them (durably
 //!   where they must be kept), in the order they came; with `clean_session = false` (the
 //!   default) the upstream keeps what arrives for the site while the link is down (over MQTT
 //!   5 for `session_expiry`, by default for ever). MQTT 5 commands keep their properties.
 
 mod aliases;
+mod batch;
 mod failure;
 mod forward;
 mod inbound;

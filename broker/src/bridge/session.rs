@@ -226,27 +226,11 @@ impl Bridge {
             } else {
                 0
             };
+            self.flush_batch_if_due(window, out, &mut encoder, max_inflight)?;
             let advanced = self.advance(window, added);
             self.persist_or_delete(window, max_inflight);
 
-            if let Some(oldest) = window.sent.iter().find(|s| !s.acked) {
-                if oldest.sent_at.elapsed() > ack_timeout {
-                    return Err(LinkError::AckTimeout(ack_timeout.as_secs()).into());
-                }
-            }
-            if let Some(dead) = keep_alive.dead() {
-                return Err(dead.into());
-            }
-            if keep_alive.ping_due(window.unacked() > 0) {
-                encoded(encoder.pingreq(out))?;
-                keep_alive.ping_sent_at = Some(Instant::now());
-            }
-            if !out.is_empty() {
-                let written = out.split().freeze();
-                window.keep_frames(&written);
-                link.send(written);
-                keep_alive.last_sent = Instant::now();
-            }
+            self.check_and_write(link, window, out, &encoder, keep_alive, ack_timeout)?;
 
             // Entries that were not for this bridge were passed over without sending: read
             // on at once rather than after the next wake-up (a few rounds, then wait).
@@ -259,7 +243,14 @@ impl Bridge {
             // Cancel safety: every branch is cancel-safe. `link.incoming()` is an mpsc
             // receive (the reader task owns the socket and any partly read packet),
             // `changed()` and `tick()` keep no data, and writes never happen here: they are
-            // queued to the link's writer task above.
+            // queued to the link's writer task above. The batch timer is a plain sleep: the
+            // pending batch is state in `window`, owned by this loop, not by the future, so
+            // dropping the sleep when another branch wins loses nothing (it is made again
+            // from the batch's deadline next turn, and `flush_batch_if_due` sends it).
+            let batch_due = window.batch.as_ref().map(|b| b.deadline);
+            let batch_timer = tokio::time::sleep_until(tokio::time::Instant::from_std(
+                batch_due.unwrap_or_else(Instant::now),
+            ));
             tokio::select! {
                 packet = link.incoming() => {
                     let mut packet = packet?;
@@ -285,6 +276,7 @@ impl Bridge {
                     }
                 }
                 _ = tick.tick() => {}
+                _ = batch_timer, if batch_due.is_some() => {}
                 _ = shutdown.signalled() => {
                     window.advance();
                     if window.cursor > window.persisted {
@@ -294,6 +286,39 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// Ends the session on a stalled upstream (`ack_timeout`) or a dead link (keep-alive),
+    /// pings when due, and queues what this turn encoded to the link's writer.
+    fn check_and_write(
+        &self,
+        link: &Link,
+        window: &mut Window,
+        out: &mut BytesMut,
+        encoder: &Encoder,
+        keep_alive: &mut KeepAlive,
+        ack_timeout: Duration,
+    ) -> Result<(), Failure> {
+        // Events of the pending batch (no packet id yet) wait for it, not for an ack.
+        if let Some(oldest) = window.sent.iter().find(|s| !s.acked && s.pkid != 0) {
+            if oldest.sent_at.elapsed() > ack_timeout {
+                return Err(LinkError::AckTimeout(ack_timeout.as_secs()).into());
+            }
+        }
+        if let Some(dead) = keep_alive.dead() {
+            return Err(dead.into());
+        }
+        if keep_alive.ping_due(window.unacked() > 0) {
+            encoded(encoder.pingreq(out))?;
+            keep_alive.ping_sent_at = Some(Instant::now());
+        }
+        if !out.is_empty() {
+            let written = out.split().freeze();
+            window.keep_frames(&written);
+            link.send(written);
+            keep_alive.last_sent = Instant::now();
+        }
+        Ok(())
     }
 
     /// Moves the cursor over what is done and reports it; returns how far it moved.
@@ -332,19 +357,7 @@ impl Bridge {
                         warn!(bridge = %self.config.name, seq, %reason, refused = window.drops.refused, "upstream refused a forwarded message (PUBACK reason code)");
                     }
                 }
-                if let Ok(i) = window.sent.binary_search_by_key(&seq, |s| s.seq) {
-                    if let Some(entry) = window.sent.get_mut(i) {
-                        if entry.pkid == pkid && !entry.acked {
-                            entry.acked = true;
-                            entry.frame = None;
-                            entry.message = None;
-                            window.unacked_bytes = window.unacked_bytes.saturating_sub(entry.size);
-                            crate::stats::FORWARD_LATENCY_MS
-                                .observe(unix_ms().saturating_sub(entry.received_at_ms));
-                            window.acked_since_status += 1;
-                        }
-                    }
-                }
+                window.acked_since_status += window.acknowledge(seq, pkid);
             }
             Incoming::PingResp => {}
             Incoming::Publish(publish) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
+use super::batch::PendingBatch;
 use super::link::LinkError;
 use crate::protocol::message::Message;
 use crate::store::{Seq, Ticket};
@@ -16,7 +17,9 @@ use crate::store::{Seq, Ticket};
 /// entry that is not, or passed over (not for this bridge) behind one that is not.
 pub(super) struct Sent {
     pub(super) seq: Seq,
-    /// 0 for QoS 0 and passed-over entries.
+    /// 0 for QoS 0 and passed-over entries, and for an event of the pending batch (not yet
+    /// acknowledged, not yet sent). The events of a batch PUBLISH share its id; the last
+    /// of them carries the frame and size.
     pub(super) pkid: u16,
     pub(super) acked: bool,
     pub(super) sent_at: Instant,
@@ -111,6 +114,12 @@ pub(super) struct Window {
     /// one (the upstream's receive maximum is lower than what was in flight), in order.
     pub(super) deferred: VecDeque<Seq>,
     pub(super) drops: Drops,
+    /// The batch being gathered (`batch.rs`), sent when full, at its deadline or before
+    /// an entry forwarded otherwise. Its events are in `sent` already, unacknowledged.
+    pub(super) batch: Option<PendingBatch>,
+    /// Batch PUBLISHes in flight: packet id -> the seq of its first event (`by_pkid` has
+    /// its last).
+    pub(super) batch_spans: HashMap<u16, Seq>,
 }
 
 impl Window {
@@ -134,6 +143,8 @@ impl Window {
             last_fill: Instant::now(),
             deferred: VecDeque::new(),
             drops: Drops::default(),
+            batch: None,
+            batch_spans: HashMap::new(),
         }
     }
 
@@ -171,6 +182,30 @@ impl Window {
                 }
             }
         }
+    }
+
+    /// Marks what the PUBACK of `pkid`, sent for log entry `seq`, acknowledges: that entry,
+    /// or every event of the batch it carried (the cursor moves over a batch only once all
+    /// of it is acknowledged). Returns how many log entries it acknowledged.
+    pub(super) fn acknowledge(&mut self, seq: Seq, pkid: u16) -> u64 {
+        let first = self.batch_spans.remove(&pkid).unwrap_or(seq);
+        let start = self.sent.partition_point(|s| s.seq < first);
+        let mut acked = 0;
+        for entry in self.sent.range_mut(start..) {
+            if entry.seq > seq {
+                break;
+            }
+            if entry.pkid == pkid && !entry.acked {
+                entry.acked = true;
+                entry.frame = None;
+                entry.message = None;
+                self.unacked_bytes = self.unacked_bytes.saturating_sub(entry.size);
+                crate::stats::FORWARD_LATENCY_MS
+                    .observe(crate::time::unix_ms().saturating_sub(entry.received_at_ms));
+                acked += 1;
+            }
+        }
+        acked
     }
 
     /// A packet id not in use (the window is far smaller than 65,535).

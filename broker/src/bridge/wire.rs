@@ -410,6 +410,48 @@ impl Encoder {
         }
     }
 
+    /// Like [`Encoder::publish`], without topic aliases: the frame means the same on any
+    /// connection, so it can be sent again byte for byte (a batch PUBLISH).
+    pub fn publish_unaliased(
+        &mut self,
+        out: &mut BytesMut,
+        message: &Message,
+        pkid: u16,
+    ) -> Result<Encoded, String> {
+        let Encoder::V5 {
+            max_packet_size, ..
+        } = self
+        else {
+            return self.publish(out, message, pkid, false);
+        };
+        let start = out.len();
+        let publish = publish_to_v5(
+            pkid,
+            message,
+            false,
+            crate::protocol::topic_alias::AliasUse::None,
+        );
+        v5_encode(v5::Packet::Publish(Box::new(publish)), out)?;
+        let size = out.len() - start;
+        match *max_packet_size {
+            Some(max) if size > max as usize => {
+                out.truncate(start);
+                Ok(Encoded::TooLarge { size, max })
+            }
+            _ => Ok(Encoded::Written),
+        }
+    }
+
+    /// The upstream's maximum packet size, if it stated one (MQTT 5).
+    pub fn max_packet_size(&self) -> Option<u32> {
+        match self {
+            Encoder::V4 => None,
+            Encoder::V5 {
+                max_packet_size, ..
+            } => *max_packet_size,
+        }
+    }
+
     pub fn pingreq(&self, out: &mut BytesMut) -> EncodeResult {
         match self {
             Encoder::V4 => v4::PingReq.write(out).map(drop).map_err(|e| e.to_string()),

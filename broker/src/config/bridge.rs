@@ -178,7 +178,9 @@ impl Default for ReconnectConfig {
     }
 }
 
-/// `[[bridge.forward]]`: local messages matching `local` go upstream as `remote_prefix + topic`.
+/// `[[bridge.forward]]`: local messages matching `local` go upstream as `remote_prefix + topic`,
+/// one PUBLISH each, or packed into batch PUBLISHes on `batch_topic` when `batch` is set
+/// (docs/pipeline.md, "Batch and compress"; `bridge/batch.rs`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardRule {
@@ -187,6 +189,58 @@ pub struct ForwardRule {
     pub remote_prefix: String,
     #[serde(default = "default_qos")]
     pub qos: u8,
+    /// `batch = { max_events, max_ms, max_bytes }`: batch what this rule forwards.
+    #[serde(default)]
+    pub batch: Option<BatchConfig>,
+    /// The upstream topic of the batch PUBLISHes (required with `batch`; used as is).
+    #[serde(default)]
+    pub batch_topic: Option<String>,
+    /// How a batch's events are written (only with `batch`; default `json-array`).
+    #[serde(default)]
+    pub encoding: Option<BatchEncoding>,
+    /// `zstd` or `gzip` over the encoded batch (only with `batch`; default none).
+    #[serde(default)]
+    pub compress: Option<Compression>,
+}
+
+/// `batch` of a `[[bridge.forward]]` rule: a batch goes up when it holds `max_events`
+/// events or `max_bytes` of their topics and payloads, or `max_ms` after its first event
+/// was read, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_events: usize,
+    pub max_ms: u64,
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: 100,
+            max_ms: 1000,
+            max_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// `encoding` of a batching rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BatchEncoding {
+    /// `[e1,e2,...]`, content type `application/json`.
+    #[default]
+    JsonArray,
+    /// One event per line, each followed by `\n`: `application/x-ndjson`.
+    Ndjson,
+}
+
+/// `compress` of a batching rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Zstd,
+    Gzip,
 }
 
 /// `[[bridge.subscribe]]`: upstream messages matching `remote` are published locally as
@@ -293,6 +347,8 @@ impl BridgeConfig {
             if rule.qos > 1 {
                 return Err((key("forward.qos"), "must be 0 or 1".into()));
             }
+            rule.validate_batch(self.max_inflight)
+                .map_err(|(k, why)| (key(&format!("forward.{k}")), why))?;
         }
         for rule in &self.subscribe {
             if !valid_filter(&rule.remote) {
@@ -356,11 +412,80 @@ impl BridgeConfig {
 
     /// The forward rule for a local topic (the first that matches), if any.
     pub fn forward_rule(&self, topic: &str) -> Option<&ForwardRule> {
+        self.forward_rule_at(topic).map(|(_, rule)| rule)
+    }
+
+    /// [`BridgeConfig::forward_rule`] with its index in `forward`.
+    pub fn forward_rule_at(&self, topic: &str) -> Option<(usize, &ForwardRule)> {
         self.forward
             .iter()
-            .find(|r| filter_matches(&r.local, topic))
+            .enumerate()
+            .find(|(_, r)| filter_matches(&r.local, topic))
     }
 }
+
+impl ForwardRule {
+    /// A rule forwarding each message on its own (no batch).
+    pub fn new(local: impl Into<String>, remote_prefix: impl Into<String>, qos: u8) -> Self {
+        ForwardRule {
+            local: local.into(),
+            remote_prefix: remote_prefix.into(),
+            qos,
+            batch: None,
+            batch_topic: None,
+            encoding: None,
+            compress: None,
+        }
+    }
+
+    /// The batch keys: together or not at all, within bounds. Errors name the key under
+    /// `forward.`.
+    fn validate_batch(&self, max_inflight: u16) -> Result<(), (&'static str, String)> {
+        let Some(batch) = &self.batch else {
+            let stray = [
+                ("batch_topic", self.batch_topic.is_some()),
+                ("encoding", self.encoding.is_some()),
+                ("compress", self.compress.is_some()),
+            ];
+            return match stray.into_iter().find(|(_, set)| *set) {
+                Some((k, _)) => Err((k, "only with batch (set batch = { ... })".into())),
+                None => Ok(()),
+            };
+        };
+        match self.batch_topic.as_deref() {
+            None => return Err(("batch_topic", "required with batch".into())),
+            Some(t) if t.is_empty() || t.contains(['+', '#']) || t.starts_with('$') => {
+                return Err((
+                    "batch_topic",
+                    format!("{t:?} is not a topic name to publish to"),
+                ))
+            }
+            Some(_) => {}
+        }
+        if batch.max_events == 0 || batch.max_events > usize::from(max_inflight) {
+            return Err((
+                "batch.max_events",
+                format!(
+                    "must be 1 to max_inflight ({max_inflight}): the window counts events, so a \
+                     batch cannot outgrow it"
+                ),
+            ));
+        }
+        if batch.max_ms == 0 || batch.max_ms > 3_600_000 {
+            return Err(("batch.max_ms", "must be 1 to 3600000 ms".into()));
+        }
+        if batch.max_bytes == 0 || batch.max_bytes > MAX_BATCH_BYTES {
+            return Err((
+                "batch.max_bytes",
+                format!("must be 1 to {MAX_BATCH_BYTES} bytes"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Most bytes of topics and payloads one batch may gather (`batch.max_bytes`).
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
 pub(crate) fn split_host_port(address: &str) -> Option<(String, u16)> {
     let (host, port) = address.rsplit_once(':')?;

@@ -120,11 +120,7 @@ fn broker_config(uplink: SocketAddr, data_dir: &Path) -> BrokerConfig {
                 initial_ms: 250,
                 max_ms: 1000,
             },
-            forward: vec![ForwardRule {
-                local: FORWARD.into(),
-                remote_prefix: REMOTE_PREFIX.into(),
-                qos: 1,
-            }],
+            forward: vec![ForwardRule::new(FORWARD, REMOTE_PREFIX, 1)],
             subscribe: vec![],
         }],
         security: Default::default(),

@@ -159,3 +159,37 @@ pub fn encode_bridge_backlogs(
     )?;
     Ok(())
 }
+
+/// Per bridge: batch PUBLISHes (forward rules with `batch`); bytes saved is input - output.
+pub fn encode_bridge_batches(
+    e: &mut DescriptorEncoder,
+    status: &BrokerStatus,
+) -> Result<(), std::fmt::Error> {
+    let b = |f: &dyn Fn(&BridgeStatus) -> f64| per_bridge(status, f);
+    let rows: [(&str, &str, fn(&BridgeStatus) -> u64); 4] = [
+        (
+            "waystation_pipeline_batches",
+            "Batch PUBLISHes sent upstream",
+            |x| x.batches.batches.load(Relaxed),
+        ),
+        (
+            "waystation_pipeline_batched_events",
+            "Events packed into batches",
+            |x| x.batches.events.load(Relaxed),
+        ),
+        (
+            "waystation_pipeline_batch_input_bytes",
+            "Topic and payload bytes of the batched events",
+            |x| x.batches.input_bytes.load(Relaxed),
+        ),
+        (
+            "waystation_pipeline_batch_output_bytes",
+            "Batch PUBLISH payload bytes after encoding and compression",
+            |x| x.batches.output_bytes.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in rows {
+        family(e, name, help, MetricType::Counter, &b(&|x| value(x) as f64))?;
+    }
+    Ok(())
+}

@@ -61,6 +61,7 @@ impl Collector for BrokerCollector {
         pipeline::encode_pipeline(&mut e, st)?;
         bridges::encode_bridge_links(&mut e, &status, now)?;
         bridges::encode_bridge_backlogs(&mut e, &status, now)?;
+        bridges::encode_bridge_batches(&mut e, &status)?;
         Ok(())
     }
 }
