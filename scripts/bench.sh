@@ -840,14 +840,17 @@ fi
 # b) Ingest: 8 x S12B_MSGS events at QoS 1 (no subscriber) into Waystation whose bridge points
 #    at a closed port (every event is on disk before its PUBACK, as in 1), with no [[pipeline]]
 #    (broker waystation) and with validate + dedup = "event-v1" on sensors/+/events
-#    (waystation-pipeline); ROUNDS rounds, the order alternating; /metrics says how many events
+#    (waystation-pipeline); ROUNDS rounds, the order rotating; /metrics says how many events
 #    the pipeline passed, refused and called duplicates (all valid and new: valid = all).
+#    S12B_MODES="plain validate dedup pipeline" adds a rule with only validate (and only dedup)
+#    to tell their costs apart.
 S12_DEVICES=8; S12A_ROUNDS=${S12A_ROUNDS:-1}; S12P_RATE=${S12P_RATE:-5}
-if [ "$MODE" = full ]; then S12_EVENTS=5000; S12B_MSGS=25000; S12P_SECS=15; else S12_EVENTS=1000; S12B_MSGS=5000; S12P_SECS=5; fi
+read -r -a S12B_MODES <<<"${S12B_MODES:-plain pipeline}"
+if [ "$MODE" = full ]; then S12_EVENTS=5000; S12B_MSGS=50000; S12P_SECS=15; else S12_EVENTS=1000; S12B_MSGS=5000; S12P_SECS=5; fi
 # start_s12 PORT UPSTREAM_PORT HTTP_PORT MODE: Waystation with durable acks, its bridge
 # forwarding sensors/# at QoS 1 with a window of 300 (as start_waystation), MODE: plain,
 # json-array, zstd or gzip (the forward rule's batch keys), or pipeline (plain, and the ingest
-# rule of issue 15). Sets BPID.
+# rule of issue 15; validate, dedup: that rule with only one of them). Sets BPID.
 start_s12() {
   local port=$1 up=$2 hp=$3 mode=$4 rule="" pipe=""
   newdir "waystation-$mode"
@@ -855,8 +858,10 @@ start_s12() {
     json-array|zstd|gzip)
       rule=$'batch = { max_events = 100, max_ms = 500 }\nbatch_topic = "site/s12/events"\nencoding = "json-array"'
       [ "$mode" != json-array ] && rule+=$'\n'"compress = \"$mode\"" ;;
-    pipeline)
-      pipe=$'[[pipeline]]\ntopics = "sensors/+/events"\nvalidate = "event-v1"\ndedup = "event-v1"' ;;
+    pipeline|validate|dedup)
+      pipe=$'[[pipeline]]\ntopics = "sensors/+/events"'
+      [ "$mode" != dedup ] && pipe+=$'\nvalidate = "event-v1"'
+      [ "$mode" != validate ] && pipe+=$'\ndedup = "event-v1"' ;;
   esac
   cat > "$DIR/waystation.toml" <<CONF
 [gateway]
@@ -952,8 +957,10 @@ if want 12; then
    done
   done
   for r in $(seq 1 "$ROUNDS"); do
-    for m in $( ((r % 2)) && echo plain pipeline || echo pipeline plain); do
-      b=waystation; [ "$m" = pipeline ] && b=waystation-pipeline
+    n=${#S12B_MODES[@]}
+    for i in $(seq 0 $((n - 1))); do
+      m=${S12B_MODES[$(((i + r) % n))]}
+      b=waystation; [ "$m" != plain ] && b=waystation-$m
       free_port; p=$PORT; free_port; closed=$PORT; free_port; hp=$PORT
       start_s12 "$p" "$closed" "$hp" "$m"
       say "s12b ingest $b: 8 x $S12B_MSGS events QoS 1, round $r"
@@ -969,6 +976,7 @@ if want 12; then
           --out "$RES" >/dev/null 2>>"$LOG"
       fi
       stop_pid "$BPID"
+      rm -rf "$DIR/data"   # 400,000 events: ~0.3 GB each run
     done
   done
 fi
@@ -1049,7 +1057,7 @@ fi
     --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum"
   want 12 && T --scenario s12-upstream --baseline mosquitto-bridge --title "12a. What the upstream's subscriber got (events decoded from batches)" \
     --metrics "unique:events,dup:duplicates:sum,lost:lost:sum,publishes:PUBLISHes,payload_bytes:payload bytes,stray:undecodable:sum"
-  want 12 && T --scenario s12-ingest --title "12b. Ingest: 8 x $S12B_MSGS firmware events QoS 1 into Waystation (fsync before PUBACK), no [[pipeline]] vs validate + dedup event-v1; ratio: to no pipeline" \
+  want 12 && T --scenario s12-ingest --title "12b. Ingest: 8 x $S12B_MSGS firmware events QoS 1 into Waystation (fsync before PUBACK), no [[pipeline]] (waystation) vs validate + dedup event-v1 (waystation-pipeline); ratio: to no pipeline" \
     --metrics "pub_rate:acked msg/s,payload:payload B,valid:passed the pipeline,invalid:refused:sum,duplicates:duplicates:sum,hwm_mib:peak RSS MiB"
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
