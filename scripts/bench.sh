@@ -933,8 +933,8 @@ if want 12; then
       sleep 1   # the last PUBACKs cross back
       extra=()
       if [ "$e" != mosquitto-bridge ]; then
-        extra+=(--set "edge_forwarded=$(ws_metric_sum "$hp" waystation_bridge_forwarded)" \
-          --set "edge_batches=$(ws_metric_sum "$hp" waystation_pipeline_batches)")
+        extra+=(--set "edge_forwarded=$(ws_metric_sum "$hp" waystation_bridge_forwarded_total)" \
+          --set "edge_batches=$(ws_metric_sum "$hp" waystation_pipeline_batches_total)")
       fi
       stop_linksim
       events=$(json_field "$SUBOUT" unique); pubs=$(json_field "$SUBOUT" publishes)
@@ -1052,7 +1052,7 @@ fi
   want 11 && T --scenario s11-behind --title "11b. QoS 0 fan-in, 8 x 64 B at $S11_RATE msg/s, ${S11_SECS} s; the subscriber reads at a tenth of that (full speed once publishers are done)" \
     --metrics "target_rate:offered msg/s,pub_rate:achieved msg/s,unique:delivered,lost:lost:sum,dropped_slow:dropped (slow client):sum,ingest_pauses:ingest pauses,rss_max_mib:peak RSS MiB"
   want 12 && T --scenario s12-wire --baseline mosquitto-bridge --title "12a. Upstream wire per firmware event: $S12_DEVICES devices x $S12_EVENTS events QoS 1 -> edge -> linksim -> upstream Mosquitto (batch: json-array, max_events 100, max_ms 500); ratio: to Mosquitto's bridge" \
-    --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum"
+    --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum,edge_forwarded:acked upstream (edge's count):sum,edge_batches:batches (edge's count):sum"
   want 12 && T --scenario s12-wire-paced --baseline mosquitto-bridge --title "12a. The same, paced: $S12_DEVICES devices x $S12P_RATE events/s for $S12P_SECS s (max_ms 500 cuts the batches)" \
     --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum"
   want 12 && T --scenario s12-upstream --baseline mosquitto-bridge --title "12a. What the upstream's subscriber got (events decoded from batches)" \
