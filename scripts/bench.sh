@@ -19,7 +19,7 @@
 #                                    # pipeline with firmware events: upstream bytes and
 #                                    # PUBLISHes per event, Waystation plain/batch/zstd/gzip
 #                                    # beside Mosquitto's bridge, and ingest with validate +
-#                                    # dedup on vs off; about 1.5 minutes)
+#                                    # dedup on vs off; about 2 minutes)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
