@@ -6,7 +6,7 @@
 #                                    # 7 adds about 3, 8 and 9 under 1)
 #   scripts/bench.sh --quick         # smaller counts, one round (about 3 minutes, 7 adds 1)
 #   scripts/bench.sh --rounds 5      # more rounds for scenarios 1-3
-#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-11 (6: RSS against the backlog;
+#   scripts/bench.sh --only 1,4      # a subset of scenarios 1-12 (6: RSS against the backlog;
 #                                    # S6_STEP=500000 S6_STEPS=8 for 4 M; 7: the uplink over a
 #                                    # simulated WAN link, S7_INFLIGHT=N the bridges' window,
 #                                    # S7_WIDE=N a wide-window Waystation drain, 0: none;
@@ -15,7 +15,11 @@
 #                                    # 10: open-loop QoS 1 latency at 25/50/90% of each
 #                                    # broker's own saturation; 11: QoS 0 fan-in to a
 #                                    # subscriber that keeps up on average, and to one that
-#                                    # reads at a tenth of the publish rate)
+#                                    # reads at a tenth of the publish rate; 12: issue 15's
+#                                    # pipeline with firmware events: upstream bytes and
+#                                    # PUBLISHes per event, Waystation plain/batch/zstd/gzip
+#                                    # beside Mosquitto's bridge, and ingest with validate +
+#                                    # dedup on vs off; about 2 minutes)
 #   scripts/bench.sh --no-build      # use the binaries already in $CARGO_TARGET_DIR/release
 #
 # Needs /usr/sbin/mosquitto (Debian's mosquitto 2.0). Results: $BENCH_OUT (default
@@ -26,7 +30,7 @@ cd "$ROOT"
 
 MODE=full
 ROUNDS=3
-ONLY=1,2,3,4,5,6,7,8,9,10,11
+ONLY=1,2,3,4,5,6,7,8,9,10,11,12
 BUILD=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,7 +38,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift ;;
     --only) ONLY=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
   shift
@@ -81,7 +85,7 @@ fi
 WS=$CARGO_TARGET_DIR/release/waystation
 WSB=$CARGO_TARGET_DIR/release/wsbench
 LINKSIM=$CARGO_TARGET_DIR/release/linksim
-if want 7 && [ ! -x "$LINKSIM" ]; then echo "needs $LINKSIM (cargo build --release -p waystation-linksim)" >&2; exit 1; fi
+if { want 7 || want 12; } && [ ! -x "$LINKSIM" ]; then echo "needs $LINKSIM (cargo build --release -p waystation-linksim)" >&2; exit 1; fi
 
 # Idle clients (up to IDLE_BIG): the tool and the brokers (children of this shell) need one
 # descriptor each per connection. Raising the hard limit needs CAP_SYS_RESOURCE (root on a
@@ -819,6 +823,164 @@ if want 11; then
   done
 fi
 
+# 12. Issue 15's edge pipeline, with firmware events (`wsbench --payload-format event-v1`: JSON
+# of docs/event-schema.md, publisher N being device sim-000N on sensors/sim-000N/events, QoS 1,
+# boot fixed, seq from 0).
+# a) The upstream wire: S12_DEVICES x S12_EVENTS events into each edge, whose bridge goes
+#    through linksim (no delay) to one upstream Mosquitto, so linksim counts every byte on the
+#    upstream connection in each direction (CONNECT, PUBLISH, PUBACK, pings: all of it). A
+#    subscriber on the upstream (`#`) counts the events (it decodes batches) and the PUBLISHes
+#    that carried them; it is done when it has them all, linksim is stopped a second later (the
+#    last PUBACKs). Edges: Waystation's forward rule plain (pipeline off), batched (json-array,
+#    max_events 100, max_ms 500), batched + zstd, batched + gzip; Mosquitto 2.0's bridge
+#    (`topic sensors/# out 1`). Both bridges speak MQTT 3.1.1. Bytes are counts, not timings:
+#    one run each (S12A_ROUNDS=N for more). Published as fast as the edge acknowledges, every
+#    batch is full (100 events); so again paced, S12P_RATE events/s per device for S12P_SECS s
+#    (s12-wire-paced), where max_ms cuts the batches: what a quieter site gets.
+# b) Ingest: 8 x S12B_MSGS events at QoS 1 (no subscriber) into Waystation whose bridge points
+#    at a closed port (every event is on disk before its PUBACK, as in 1), with no [[pipeline]]
+#    (broker waystation) and with validate + dedup = "event-v1" on sensors/+/events
+#    (waystation-pipeline); ROUNDS rounds, the order rotating; /metrics says how many events
+#    the pipeline passed, refused and called duplicates (all valid and new: valid = all).
+#    S12B_MODES="plain validate dedup pipeline" adds a rule with only validate (and only dedup)
+#    to tell their costs apart.
+S12_DEVICES=8; S12A_ROUNDS=${S12A_ROUNDS:-1}; S12P_RATE=${S12P_RATE:-5}
+read -r -a S12B_MODES <<<"${S12B_MODES:-plain pipeline}"
+if [ "$MODE" = full ]; then S12_EVENTS=5000; S12B_MSGS=50000; S12P_SECS=15; else S12_EVENTS=1000; S12B_MSGS=5000; S12P_SECS=5; fi
+# start_s12 PORT UPSTREAM_PORT HTTP_PORT MODE: Waystation with durable acks, its bridge
+# forwarding sensors/# at QoS 1 with a window of 300 (as start_waystation), MODE: plain,
+# json-array, zstd or gzip (the forward rule's batch keys), or pipeline (plain, and the ingest
+# rule of issue 15; validate, dedup: that rule with only one of them). Sets BPID.
+start_s12() {
+  local port=$1 up=$2 hp=$3 mode=$4 rule="" pipe=""
+  newdir "waystation-$mode"
+  case "$mode" in
+    json-array|zstd|gzip)
+      rule=$'batch = { max_events = 100, max_ms = 500 }\nbatch_topic = "site/s12/events"\nencoding = "json-array"'
+      [ "$mode" != json-array ] && rule+=$'\n'"compress = \"$mode\"" ;;
+    pipeline|validate|dedup)
+      pipe=$'[[pipeline]]\ntopics = "sensors/+/events"'
+      [ "$mode" != dedup ] && pipe+=$'\nvalidate = "event-v1"'
+      [ "$mode" != validate ] && pipe+=$'\ndedup = "event-v1"' ;;
+  esac
+  cat > "$DIR/waystation.toml" <<CONF
+[gateway]
+data_dir = "$DIR/data"
+[[listener]]
+bind = "127.0.0.1:$port"
+[limits]
+max_connection_rate = 0
+[storage]
+max_bytes = 4294967296
+[http]
+bind = "127.0.0.1:$hp"
+[[bridge]]
+name = "cloud"
+address = "127.0.0.1:$up"
+max_inflight = 300
+reconnect = { initial_ms = 500, max_ms = 5000 }
+[[bridge.forward]]
+local = "sensors/#"
+remote_prefix = ""
+qos = 1
+$rule
+$pipe
+CONF
+  "$WS" run --config "$DIR/waystation.toml" 2> "$DIR/stderr.log" &
+  BPID=$!
+  PIDS+=("$BPID")
+  for _ in $(seq 1 400); do grep -qs "listening on" "$DIR/stderr.log" && return 0; sleep 0.025; done
+  echo "waystation did not start:" >&2; cat "$DIR/stderr.log" >&2; return 1
+}
+# A field of the one-line JSON record in FILE (empty if absent).
+json_field() { grep -o "\"$2\":[0-9.e+-]*" "$1" | head -1 | cut -d: -f2 || true; }
+# The sum of a Waystation /metrics family over its labels (0 if absent).
+ws_metric_sum() {
+  curl -s --max-time 5 "http://127.0.0.1:$1/metrics" | awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2 } END { print s + 0 }'
+}
+if want 12; then
+  for r in $(seq 1 "$S12A_ROUNDS"); do
+   for load in full paced; do
+    if [ "$load" = full ]; then
+      total=$((S12_DEVICES * S12_EVENTS)); scen=s12-wire; pace=(--messages "$S12_EVENTS")
+      what="$S12_DEVICES devices x $S12_EVENTS events"
+    else
+      total=$((S12_DEVICES * S12P_RATE * S12P_SECS)); scen=s12-wire-paced; pace=(--rate "$S12P_RATE" --duration "$S12P_SECS")
+      what="$S12_DEVICES devices x $S12P_RATE events/s for $S12P_SECS s"
+    fi
+    for e in mosquitto-bridge waystation waystation-batch waystation-batch-zstd waystation-batch-gzip; do
+      free_port; up=$PORT; free_port; lp=$PORT; free_port; p=$PORT; free_port; hp=$PORT
+      start_mosquitto "$up"; UPID=$BPID
+      start_linksim "$lp" "$up"
+      case "$e" in
+        mosquitto-bridge) start_mosquitto "$p" "$lp" ;;
+        waystation) start_s12 "$p" "$lp" "$hp" plain ;;
+        waystation-batch) start_s12 "$p" "$lp" "$hp" json-array ;;
+        waystation-batch-*) start_s12 "$p" "$lp" "$hp" "${e#waystation-batch-}" ;;
+      esac
+      EPID=$BPID
+      newdir s12-upstream-sub; SUBOUT=$DIR/sub.json
+      bench sub --addr "127.0.0.1:$up" --filter '#' --expect "$total" --payload-format event-v1 --idle-timeout 10 \
+        --max-time 180 --client-id s12-upstream --scenario "${scen/wire/upstream}" --broker "$e" --round "$r" --out "$RES" \
+        >"$SUBOUT" 2>>"$LOG" &
+      SUB=$!
+      sleep 0.5   # the subscriber is connected before anything can arrive
+      say "s12a $e: $what, QoS 1 -> edge -> linksim -> upstream, round $r"
+      bench run --addr "127.0.0.1:$p" --publishers "$S12_DEVICES" "${pace[@]}" --qos 1 --payload-format event-v1 \
+        --subscribers 0 --client-prefix s12 --pid "$EPID" --scenario "${scen/wire/publish}" --broker "$e" --round "$r" \
+        --out "$RES" >/dev/null 2>>"$LOG"
+      wait "$SUB" || true
+      sleep 1   # the last PUBACKs cross back
+      extra=()
+      if [ "$e" != mosquitto-bridge ]; then
+        extra+=(--set "edge_forwarded=$(ws_metric_sum "$hp" waystation_bridge_forwarded_total)" \
+          --set "edge_batches=$(ws_metric_sum "$hp" waystation_pipeline_batches_total)")
+      fi
+      stop_linksim
+      events=$(json_field "$SUBOUT" unique); pubs=$(json_field "$SUBOUT" publishes)
+      pbytes=$(json_field "$SUBOUT" payload_bytes)
+      if [ -n "$LINK_UP" ] && [ -n "$events" ] && [ "$(echo "$events > 0" | bc -l)" = 1 ]; then
+        "$WSB" record --scenario "$scen" --broker "$e" --round "$r" \
+          --set "bytes_up_per_event=$(echo "$LINK_UP / $events" | bc -l)" \
+          --set "bytes_down_per_event=$(echo "$LINK_DOWN / $events" | bc -l)" \
+          --set "publishes_per_event=$(echo "$pubs / $events" | bc -l)" \
+          --set "payload_per_event=$(echo "$pbytes / $events" | bc -l)" \
+          --set "bytes_up=$LINK_UP" --set "bytes_down=$LINK_DOWN" --set "events=$events" --set "publishes=$pubs" \
+          --set "lost=$((total - ${events%.*}))" --set "dup=$(json_field "$SUBOUT" dup)" \
+          --set "connections=$LINK_ACCEPTED" "${extra[@]}" \
+          --out "$RES" >/dev/null 2>>"$LOG"
+      else
+        say "s12a $e: no byte counts (linksim bytes_up '${LINK_UP:-none}', events upstream '${events:-none}')"
+      fi
+      stop_pid "$EPID"; stop_pid "$UPID"
+    done
+   done
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    n=${#S12B_MODES[@]}
+    for i in $(seq 0 $((n - 1))); do
+      m=${S12B_MODES[$(((i + r) % n))]}
+      b=waystation; [ "$m" != plain ] && b=waystation-$m
+      free_port; p=$PORT; free_port; closed=$PORT; free_port; hp=$PORT
+      start_s12 "$p" "$closed" "$hp" "$m"
+      say "s12b ingest $b: 8 x $S12B_MSGS events QoS 1, round $r"
+      RUNOUT=$DIR/run.json
+      "$WSB" run --addr "127.0.0.1:$p" --publishers 8 --messages "$S12B_MSGS" --qos 1 --payload-format event-v1 \
+        --subscribers 0 --client-prefix s12b --pid "$BPID" --scenario s12-ingest --broker "$b" --round "$r" \
+        >"$RUNOUT" 2>>"$LOG" || say "FAILED (exit $?): s12b $b round $r (details in $LOG)"
+      if [ -s "$RUNOUT" ]; then
+        "$WSB" record --from "$RUNOUT" --scenario s12-ingest --broker "$b" --round "$r" \
+          --set "valid=$(ws_metric_sum "$hp" waystation_pipeline_valid_total)" \
+          --set "invalid=$(ws_metric_sum "$hp" waystation_pipeline_invalid_total)" \
+          --set "duplicates=$(ws_metric_sum "$hp" waystation_pipeline_duplicates_total)" \
+          --out "$RES" >/dev/null 2>>"$LOG"
+      fi
+      stop_pid "$BPID"
+      rm -rf "$DIR/data"   # 400,000 events: ~0.3 GB each run
+    done
+  done
+fi
+
 # Tables.
 {
   echo "Mode: $MODE, rounds: $ROUNDS (scenario 2 at 1 msg/s: $S2_ROUNDS; scenario 4: $S4_ROUNDS; idle, outage, footprint, WAN drain: 1; WAN latency: $S7_ROUNDS), $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores."
@@ -889,6 +1051,14 @@ fi
     --metrics "target_rate:offered msg/s,pub_rate:achieved msg/s,unique:delivered,lost:lost:sum,p99_ms:p99 ms,rss_max_mib:peak RSS MiB"
   want 11 && T --scenario s11-behind --title "11b. QoS 0 fan-in, 8 x 64 B at $S11_RATE msg/s, ${S11_SECS} s; the subscriber reads at a tenth of that (full speed once publishers are done)" \
     --metrics "target_rate:offered msg/s,pub_rate:achieved msg/s,unique:delivered,lost:lost:sum,dropped_slow:dropped (slow client):sum,ingest_pauses:ingest pauses,rss_max_mib:peak RSS MiB"
+  want 12 && T --scenario s12-wire --baseline mosquitto-bridge --title "12a. Upstream wire per firmware event: $S12_DEVICES devices x $S12_EVENTS events QoS 1 -> edge -> linksim -> upstream Mosquitto (batch: json-array, max_events 100, max_ms 500); ratio: to Mosquitto's bridge" \
+    --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum,edge_forwarded:acked upstream (edge's count):sum,edge_batches:batches (edge's count):sum"
+  want 12 && T --scenario s12-wire-paced --baseline mosquitto-bridge --title "12a. The same, paced: $S12_DEVICES devices x $S12P_RATE events/s for $S12P_SECS s (max_ms 500 cuts the batches)" \
+    --metrics "bytes_up_per_event:B up per event,bytes_down_per_event:B down per event,publishes_per_event:upstream PUBLISHes per event,payload_per_event:payload B per event,events:events upstream:sum,lost:lost:sum,dup:dup:sum"
+  want 12 && T --scenario s12-upstream --baseline mosquitto-bridge --title "12a. What the upstream's subscriber got (events decoded from batches)" \
+    --metrics "unique:events,dup:duplicates:sum,lost:lost:sum,publishes:PUBLISHes,payload_bytes:payload bytes,stray:undecodable:sum"
+  want 12 && T --scenario s12-ingest --title "12b. Ingest: 8 x $S12B_MSGS firmware events QoS 1 into Waystation (fsync before PUBACK), no [[pipeline]] (waystation) vs validate + dedup event-v1 (waystation-pipeline); ratio: to no pipeline" \
+    --metrics "pub_rate:acked msg/s,payload:payload B,valid:passed the pipeline,invalid:refused:sum,duplicates:duplicates:sum,hwm_mib:peak RSS MiB"
 } > "$OUT/tables.md"
 cat "$OUT/tables.md"
 say "done: $OUT/tables.md"

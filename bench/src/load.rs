@@ -16,11 +16,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::event::{self, PayloadFormat};
 use crate::proto::{self, Conn, HEADER_LEN};
 use crate::report::{Labels, Record};
 
 const KEEP_ALIVE: u16 = 600;
 const WRITE_CHUNK: usize = 64 * 1024;
+const DEFAULT_TOPIC: &str = "sensors/{p}/temp";
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
@@ -45,6 +47,13 @@ pub struct RunArgs {
     /// Payload bytes (at least 16: publisher id, sequence, timestamp).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// Payloads: `binary` (--payload bytes: id, sequence, send time) or `event-v1`, the
+    /// firmware's JSON events (docs/event-schema.md; --payload is ignored), publisher N being
+    /// device sim-000N on `sensors/sim-000N/events` (unless --topic says otherwise; `{d}` in
+    /// it is the device id), boot fixed, seq from 0. Subscribers then count events, whether
+    /// they arrive one per PUBLISH or in an edge's batches, and measure no latency.
+    #[arg(long, value_enum, default_value_t = PayloadFormat::Binary)]
+    pub payload_format: PayloadFormat,
     /// Number of the first publisher (its id in payloads and `{p}` in the topic): runs that
     /// add to the same backlog use different bases so a later drain can tell them apart.
     #[arg(long, default_value_t = 0)]
@@ -78,8 +87,9 @@ pub struct RunArgs {
     /// With --protocol 5: every PUBLISH carries a message expiry interval and a user property.
     #[arg(long)]
     pub v5_properties: bool,
-    /// Topic per publisher; {p} is replaced by the publisher index.
-    #[arg(long, default_value = "sensors/{p}/temp")]
+    /// Topic per publisher; {p} is replaced by the publisher index (event-v1 default:
+    /// sensors/{d}/events).
+    #[arg(long, default_value = DEFAULT_TOPIC)]
     pub topic: String,
     #[arg(long, default_value = "sensors/#")]
     pub filter: String,
@@ -163,6 +173,8 @@ struct PubResult {
     /// MQTT 5 acknowledgements with a reason code of 0x80 or above (counted in `acked`).
     refused: u64,
     last_ack: Option<Instant>,
+    /// Payload bytes sent.
+    payload_bytes: u64,
 }
 
 struct PubPlan {
@@ -177,6 +189,7 @@ struct PubPlan {
     t0_ns: u64,
     /// MQTT 5 publishers: the property block of every PUBLISH.
     v5_properties: Option<Vec<u8>>,
+    format: PayloadFormat,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -214,6 +227,7 @@ async fn publisher(
     if plan.open_loop && qos > 0 {
         res.ack_hist = Some(Histogram::new(3).expect("histogram"));
     }
+    let mut event_buf = Vec::with_capacity(256);
     let stamp = |seq: u32| match due(seq) {
         Some(d) if plan.open_loop => plan.t0_ns + d.duration_since(t0).as_nanos() as u64,
         _ => proto::now_ns(),
@@ -242,17 +256,35 @@ async fn publisher(
             if let Some(s) = sched_ns.get_mut(pkid as usize) {
                 *s = sent_ns;
             }
-            proto::encode_publish(
-                &mut wbuf,
-                &topic,
-                qos,
-                pkid,
-                idx,
-                seq,
-                sent_ns,
-                plan.payload,
-                plan.v5_properties.as_deref(),
-            );
+            match plan.format {
+                PayloadFormat::Binary => {
+                    proto::encode_publish(
+                        &mut wbuf,
+                        &topic,
+                        qos,
+                        pkid,
+                        idx,
+                        seq,
+                        sent_ns,
+                        plan.payload,
+                        plan.v5_properties.as_deref(),
+                    );
+                    res.payload_bytes += plan.payload as u64;
+                }
+                PayloadFormat::EventV1 => {
+                    event_buf.clear();
+                    event::write_event(&mut event_buf, idx, seq);
+                    proto::encode_publish_payload(
+                        &mut wbuf,
+                        &topic,
+                        qos,
+                        pkid,
+                        &event_buf,
+                        plan.v5_properties.as_deref(),
+                    );
+                    res.payload_bytes += event_buf.len() as u64;
+                }
+            }
             seq += 1;
             res.sent += 1;
         }
@@ -336,7 +368,11 @@ async fn publisher(
 
 /// What one subscriber saw.
 pub struct SubState {
+    format: PayloadFormat,
     seen: Vec<Vec<u64>>,
+    /// PUBLISH packets and their payload bytes (with event-v1 batches: fewer than messages).
+    pub publishes: u64,
+    pub payload_bytes: u64,
     pub received: u64,
     pub unique: u64,
     pub stray: u64,
@@ -347,9 +383,12 @@ pub struct SubState {
 }
 
 impl SubState {
-    fn new() -> Self {
+    fn new(format: PayloadFormat) -> Self {
         SubState {
+            format,
             seen: Vec::new(),
+            publishes: 0,
+            payload_bytes: 0,
             received: 0,
             unique: 0,
             stray: 0,
@@ -359,18 +398,40 @@ impl SubState {
             reconnects: 0,
         }
     }
-    /// Records one delivery; returns whether it was new.
-    fn record(&mut self, payload: &[u8], now_ns: u64, now: Instant) -> bool {
-        let Some((p, seq, ts)) = proto::parse_payload(payload) else {
-            self.stray += 1;
-            return false;
-        };
+    /// Records one PUBLISH; returns how many new messages it brought.
+    fn record(&mut self, payload: &[u8], now_ns: u64, now: Instant) -> u64 {
+        self.publishes += 1;
+        self.payload_bytes += payload.len() as u64;
+        match self.format {
+            PayloadFormat::Binary => {
+                let Some((p, seq, ts)) = proto::parse_payload(payload) else {
+                    self.stray += 1;
+                    return 0;
+                };
+                let _ = self.hist.record(now_ns.saturating_sub(ts) / 1000);
+                u64::from(self.message(p, seq, now))
+            }
+            PayloadFormat::EventV1 => {
+                let mut new = 0;
+                if event::events_in(payload, |p, seq| {
+                    new += u64::from(self.message(p, seq, now))
+                })
+                .is_err()
+                {
+                    self.stray += 1;
+                }
+                new
+            }
+        }
+    }
+
+    /// Message `seq` of publisher `p` arrived; returns whether it was new.
+    fn message(&mut self, p: u32, seq: u32, now: Instant) -> bool {
         self.received += 1;
         if self.first.is_none() {
             self.first = Some(now);
         }
         self.last = Some(now);
-        let _ = self.hist.record(now_ns.saturating_sub(ts) / 1000);
         let p = p as usize;
         if p >= 1 << 20 {
             self.stray += 1;
@@ -404,6 +465,7 @@ pub struct SubPlan {
     /// Bytes/s read from the socket until `unthrottle` is set (None: no limit).
     pub read_rate: Option<f64>,
     pub unthrottle: Arc<std::sync::atomic::AtomicBool>,
+    pub format: PayloadFormat,
 }
 
 /// A reader limited to `rate` bytes/s on average: how much it may read now, or how long to
@@ -432,7 +494,7 @@ pub async fn subscriber(
     progress: Arc<AtomicU64>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<SubState> {
-    let mut st = SubState::new();
+    let mut st = SubState::new(plan.format);
     let mut conn = first_conn;
     'outer: loop {
         let c = match conn.take() {
@@ -484,9 +546,7 @@ pub async fn subscriber(
             proto::drain_packets(&mut rbuf, |p| {
                 match p {
                     Packet::Publish(publ) => {
-                        if st.record(&publ.payload, now_ns, now) {
-                            new += 1;
-                        }
+                        new += st.record(&publ.payload, now_ns, now);
                         match publ.qos {
                             QoS::AtLeastOnce => proto::put_ack(&mut acks, proto::PUBACK, publ.pkid),
                             QoS::ExactlyOnce => proto::put_ack(&mut acks, proto::PUBREC, publ.pkid),
@@ -640,7 +700,8 @@ async fn connect_many(
 }
 
 pub async fn run(a: RunArgs) -> Result<Record> {
-    if a.payload < HEADER_LEN {
+    let events = a.payload_format == PayloadFormat::EventV1;
+    if a.payload < HEADER_LEN && !events {
         bail!("--payload must be at least {HEADER_LEN}");
     }
     proto::qos_from(a.qos)?;
@@ -708,6 +769,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
             reconnect: a.sub_reconnect,
             read_rate: (a.sub_read_rate > 0.0).then_some(a.sub_read_rate),
             unthrottle: unthrottle.clone(),
+            format: a.payload_format,
         };
         subs.spawn(subscriber(plan, Some(c), progress.clone(), stop_rx.clone()));
     }
@@ -734,6 +796,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
                 vec![0]
             }
         }),
+        format: a.payload_format,
     };
     if a.open_loop && a.rate <= 0.0 {
         bail!("--open-loop needs --rate");
@@ -748,7 +811,13 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     let mut pubs = JoinSet::new();
     for (i, c) in pub_conns.into_iter().enumerate() {
         let idx = a.publisher_base + i as u32;
-        let topic = a.topic.replace("{p}", &idx.to_string());
+        let template = match a.topic.as_str() {
+            DEFAULT_TOPIC if events => "sensors/{d}/events",
+            t => t,
+        };
+        let topic = template
+            .replace("{p}", &idx.to_string())
+            .replace("{d}", &event::device_id(idx));
         let offset = plan
             .period
             .map(|p| p.mul_f64(i as f64 / a.publishers as f64))
@@ -843,7 +912,19 @@ pub async fn run(a: RunArgs) -> Result<Record> {
     if refused > 0 {
         f.insert("refused".into(), refused as f64);
     }
-    f.insert("payload".into(), a.payload as f64);
+    let payload_bytes: u64 = pub_res.iter().map(|p| p.payload_bytes).sum();
+    // Event payloads vary in length: their mean.
+    let payload_len = match a.payload_format {
+        PayloadFormat::Binary => a.payload as f64,
+        PayloadFormat::EventV1 => payload_bytes as f64 / sent.max(1) as f64,
+    };
+    f.insert("payload".into(), payload_len);
+    if a.subscribers > 0 {
+        f.insert(
+            "publishes".into(),
+            states.iter().map(|s| s.publishes).sum::<u64>() as f64,
+        );
+    }
     f.insert("expected".into(), expected as f64);
     f.insert("sent".into(), sent as f64);
     f.insert("acked".into(), acked as f64);
@@ -859,7 +940,7 @@ pub async fn run(a: RunArgs) -> Result<Record> {
         f.insert("sub_reconnects".into(), reconnects as f64);
     }
     // Payload MiB/s beside msg/s (for large payloads the figure that matters).
-    let mib = a.payload as f64 / (1024.0 * 1024.0);
+    let mib = payload_len / (1024.0 * 1024.0);
     if let Some(t) = last_ack {
         let s = t.duration_since(t0).as_secs_f64();
         f.insert("pub_s".into(), s);
@@ -931,6 +1012,10 @@ pub struct SubArgs {
     /// Process whose memory to sample meanwhile (e.g. the draining edge).
     #[arg(long)]
     pub pid: Option<u32>,
+    /// What the messages are (see `run`): with `event-v1` it counts events, also those an
+    /// edge packed into batches, and reports the PUBLISHes and payload bytes that carried them.
+    #[arg(long, value_enum, default_value_t = PayloadFormat::Binary)]
+    pub payload_format: PayloadFormat,
     #[command(flatten)]
     pub labels: Labels,
 }
@@ -947,6 +1032,7 @@ pub async fn sub(a: SubArgs) -> Result<Record> {
         reconnect: true,
         read_rate: None,
         unthrottle: Default::default(),
+        format: a.payload_format,
     };
     let sampler = a.pid.map(RssSampler::start);
     let progress = Arc::new(AtomicU64::new(0));
@@ -980,6 +1066,11 @@ pub async fn sub(a: SubArgs) -> Result<Record> {
     f.insert("unique".into(), st.unique as f64);
     f.insert("lost".into(), a.expect.saturating_sub(st.unique) as f64);
     f.insert("dup".into(), (st.received - st.unique) as f64);
+    f.insert("publishes".into(), st.publishes as f64);
+    f.insert("payload_bytes".into(), st.payload_bytes as f64);
+    if st.stray > 0 {
+        f.insert("stray".into(), st.stray as f64);
+    }
     if let (Some(first), Some(lastm)) = (st.first, st.last) {
         let s = lastm.duration_since(first).as_secs_f64();
         f.insert("drain_s".into(), s);

@@ -3,6 +3,7 @@
 //! the same load is put on Waystation, Mosquitto and rumqttd; `wsbench rumqttd` runs rumqttd
 //! 0.20 in-process as a peer.
 
+mod event;
 mod idle;
 mod load;
 mod proto;

@@ -71,6 +71,35 @@ pub fn encode_publish(
     payload_len: usize,
     v5_properties: Option<&[u8]>,
 ) {
+    put_publish_header(buf, topic, qos, pkid, payload_len, v5_properties);
+    buf.put_u32(publisher);
+    buf.put_u32(seq);
+    buf.put_u64(sent_ns);
+    buf.put_bytes(0x5a, payload_len - HEADER_LEN);
+}
+
+/// Appends one PUBLISH packet carrying `payload` as it is (e.g. a firmware event).
+pub fn encode_publish_payload(
+    buf: &mut BytesMut,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    payload: &[u8],
+    v5_properties: Option<&[u8]>,
+) {
+    put_publish_header(buf, topic, qos, pkid, payload.len(), v5_properties);
+    buf.put_slice(payload);
+}
+
+/// A PUBLISH up to its payload, which is `payload_len` bytes.
+fn put_publish_header(
+    buf: &mut BytesMut,
+    topic: &str,
+    qos: u8,
+    pkid: u16,
+    payload_len: usize,
+    v5_properties: Option<&[u8]>,
+) {
     let props_len = v5_properties.map_or(0, <[u8]>::len);
     let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + props_len + payload_len;
     buf.reserve(remaining + 5);
@@ -95,10 +124,6 @@ pub fn encode_publish(
     if let Some(props) = v5_properties {
         buf.put_slice(props);
     }
-    buf.put_u32(publisher);
-    buf.put_u32(seq);
-    buf.put_u64(sent_ns);
-    buf.put_bytes(0x5a, payload_len - HEADER_LEN);
 }
 
 /// (publisher, seq, sent_ns) from a payload written by `encode_publish`.
