@@ -7,7 +7,7 @@
 //! heard: an event of an older boot, or more than `WINDOW` numbers behind the highest, is
 //! forwarded (a possible duplicate, which the event id lets the cloud remove) rather than
 //! guessed at. A new boot starts a new window. At most `max_devices` devices are
-//! remembered; the one heard least recently is forgotten first.
+//! remembered; those heard least recently are forgotten first (a sixteenth at a time).
 //!
 //! Durability: a changed window is written (an `Op::Put` of 32 bytes under
 //! `Keyspace::Dedup`) in the same group commit as the log appends it decided: changes are
@@ -16,7 +16,7 @@
 //! write, not fifty. After a crash the windows on disk match exactly the events the log
 //! holds.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 
 use super::event::EventId;
 use crate::store::{Keyspace, Op};
@@ -89,9 +89,8 @@ pub struct DeviceWindows {
     /// Prefix of this rule's keys in `Keyspace::Dedup`.
     tag: Vec<u8>,
     max_devices: usize,
+    /// Each device's window and when it was last heard (a tick).
     windows: HashMap<String, (Window, u64)>,
-    /// Last-heard tick -> device, for forgetting the least recently heard.
-    by_tick: BTreeMap<u64, String>,
     tick: u64,
     /// Devices whose window changed since the last `flush`.
     dirty: HashSet<String>,
@@ -103,7 +102,6 @@ impl DeviceWindows {
             tag,
             max_devices: max_devices.max(1),
             windows: HashMap::new(),
-            by_tick: BTreeMap::new(),
             tick: 0,
             dirty: HashSet::new(),
         }
@@ -119,7 +117,6 @@ impl DeviceWindows {
             (Ok(device), Some(window)) => {
                 self.tick += 1;
                 self.windows.insert(device.to_string(), (window, self.tick));
-                self.by_tick.insert(self.tick, device.to_string());
                 true
             }
             _ => false,
@@ -135,12 +132,11 @@ impl DeviceWindows {
     pub fn first_time(&mut self, id: &EventId, ops: &mut Vec<Op>) -> bool {
         self.tick += 1;
         let tick = self.tick;
-        let first = match self.windows.get_mut(&id.device) {
+        let first = match self.windows.get_mut(id.device.as_str()) {
             Some((window, last)) => {
-                self.by_tick.remove(last);
                 *last = tick;
                 let first = window.hear(id.boot, id.seq);
-                if first && !self.dirty.contains(&id.device) {
+                if first && !self.dirty.contains(id.device.as_str()) {
                     self.dirty.insert(id.device.clone());
                 }
                 first
@@ -156,19 +152,36 @@ impl DeviceWindows {
                 true
             }
         };
-        self.by_tick.insert(tick, id.device.clone());
-        while self.windows.len() > self.max_devices {
-            let Some((_, oldest)) = self.by_tick.pop_first() else {
-                break;
-            };
-            self.windows.remove(&oldest);
-            self.dirty.remove(&oldest);
-            ops.push(Op::Remove {
-                space: Keyspace::Dedup,
-                key: key(&self.tag, &oldest),
-            });
+        if self.windows.len() > self.max_devices {
+            self.forget_least_recent(ops);
         }
         first
+    }
+
+    /// Forgets the least recently heard sixteenth of `max_devices` (at least one), so that
+    /// finding them (a pass over every window) is paid once per that many new devices, and
+    /// hearing a known device costs no bookkeeping.
+    fn forget_least_recent(&mut self, ops: &mut Vec<Op>) {
+        let excess = self.windows.len() - self.max_devices;
+        let count = (excess + self.max_devices / 16)
+            .max(1)
+            .min(self.windows.len());
+        let mut ticks: Vec<u64> = self.windows.values().map(|(_, t)| *t).collect();
+        let (_, threshold, _) = ticks.select_nth_unstable(count - 1);
+        let threshold = *threshold; // ticks are unique: exactly `count` are at or below it
+        let tag = &self.tag;
+        let dirty = &mut self.dirty;
+        self.windows.retain(|device, (_, last)| {
+            if *last > threshold {
+                return true;
+            }
+            dirty.remove(device);
+            ops.push(Op::Remove {
+                space: Keyspace::Dedup,
+                key: key(tag, device),
+            });
+            false
+        });
     }
 
     /// Writes the windows changed since the last flush.
@@ -281,5 +294,36 @@ mod tests {
         // b is forgotten: its resend is forwarded (never dropped unknown); a is remembered.
         assert!(w.first_time(&id("b", 1, 1), &mut ops));
         assert!(!w.first_time(&id("c", 1, 1), &mut ops));
+    }
+
+    #[test]
+    fn many_devices_are_forgotten_a_sixteenth_at_a_time_oldest_first() {
+        let mut w = DeviceWindows::new(b"t".to_vec(), 64);
+        let mut ops = Vec::new();
+        for d in 0..64 {
+            w.first_time(&id(&format!("d{d}"), 1, 1), &mut ops);
+        }
+        assert!(ops.is_empty());
+        w.first_time(&id("d0", 1, 2), &mut ops); // d0 heard again: now the most recent
+        w.first_time(&id("new", 1, 1), &mut ops);
+        // 65 > 64: one over plus 64 / 16 = 5 forgotten, the least recently heard: d1..d5.
+        assert_eq!(w.devices(), 60);
+        let removed: Vec<Vec<u8>> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Remove { key, .. } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut want: Vec<Vec<u8>> = (1..=5).map(|d| format!("td{d}").into_bytes()).collect();
+        let mut got = removed.clone();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        assert!(!w.first_time(&id("d0", 1, 2), &mut ops), "d0 remembered");
+        assert!(
+            !w.first_time(&id("new", 1, 1), &mut ops),
+            "the newest remembered"
+        );
     }
 }

@@ -85,14 +85,16 @@ enum Direction {
     Heartbeat,
 }
 
-/// Every field of version 1; serde checks presence, types and integer ranges.
+/// Every field of version 1; serde checks presence, types and integer ranges. The sensor
+/// name is only checked: borrowed from the payload when it can be.
 #[derive(Deserialize)]
-struct EventV1 {
+struct EventV1<'a> {
     v: u32,
     device: String,
     boot: u32,
     seq: u32,
-    sensor: String,
+    #[serde(borrow)]
+    sensor: std::borrow::Cow<'a, str>,
     #[allow(dead_code)] // checked for type and range only
     value: i32,
     #[allow(dead_code)]
@@ -136,7 +138,7 @@ pub fn validate_event_v1(topic: &str, payload: &[u8]) -> Result<EventId, Invalid
 }
 
 /// Why `payload` is not an event-v1 (or the event, if it is one after all).
-fn diagnose(payload: &[u8]) -> Result<EventV1, Invalid> {
+fn diagnose(payload: &[u8]) -> Result<EventV1<'static>, Invalid> {
     let value: Value = serde_json::from_slice(payload)
         .map_err(|e| Invalid::new(InvalidReason::NotJson, format!("not JSON: {e}")))?;
     if !value.is_object() {
