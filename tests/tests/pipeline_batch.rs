@@ -12,11 +12,9 @@
 mod uplink_common;
 
 use std::collections::HashSet;
-use std::io::Read as _;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde_json::Value;
 use uplink_common::{link, sim_address};
 use waystation_e2e::raw::MosquittoSub;
 use waystation_e2e::upstream::{
