@@ -45,17 +45,41 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
-    let mut topic_levels = topic.split('/');
-    for f in filter.split('/') {
-        if f == "#" {
+    // Levels as bytes: `str::split('/')` sets up a character search per level, which costs
+    // more than the short levels of a topic take to scan (this runs for every PUBLISH, once
+    // per bridge filter and pipeline rule).
+    let mut topic_levels = topic.as_bytes().split(|b| *b == b'/');
+    for f in filter.as_bytes().split(|b| *b == b'/') {
+        if f == b"#" {
             return true;
         }
         match topic_levels.next() {
-            Some(t) if f == "+" || f == t => {}
+            Some(t) if f == b"+" || f == t => {}
             _ => return false,
         }
     }
     topic_levels.next().is_none()
+}
+
+/// Whether some topic name matches both filters (both assumed valid): level by level, `#`
+/// matches whatever is left and `+` any one level. Used to find a `[[pipeline]]` rule that
+/// no bridge's `forward` could ever reach.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    // A `$` topic is matched only by a filter that names its first level.
+    let dollar = |f: &str| f.starts_with('$');
+    let wild_first = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (dollar(a) && wild_first(b)) || (dollar(b) && wild_first(a)) {
+        return false;
+    }
+    let (mut a_levels, mut b_levels) = (a.split('/'), b.split('/'));
+    loop {
+        match (a_levels.next(), b_levels.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some(x), Some(y)) if x == "+" || y == "+" || x == y => {}
+            _ => return false,
+        }
+    }
 }
 
 /// The client key the table stores; sessions are keyed by client id.
@@ -263,6 +287,28 @@ mod tests {
         assert!(valid_topic_name("a/b"));
         for bad in ["", "a/+", "#", "a/b#", "a\0"] {
             assert!(!valid_topic_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn filters_overlap_when_one_topic_matches_both() {
+        for (a, b) in [
+            ("sensors/+/events", "sensors/#"),
+            ("sensors/+/events", "+/dev1/+"),
+            ("a/#", "a"),
+            ("#", "x/y/z"),
+            ("$SYS/#", "$SYS/broker"),
+        ] {
+            assert!(filters_overlap(a, b) && filters_overlap(b, a), "{a} {b}");
+        }
+        for (a, b) in [
+            ("sensors/+/events", "other/#"),
+            ("sensors/+/events", "sensors/+"),
+            ("a/b", "a"),
+            ("$SYS/#", "#"),
+            ("$SYS/x", "+/x"),
+        ] {
+            assert!(!filters_overlap(a, b) && !filters_overlap(b, a), "{a} {b}");
         }
     }
 

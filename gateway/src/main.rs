@@ -22,6 +22,12 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 use config::Config;
+use waystation_broker::config::pipeline::unreachable_rules;
+
+/// What `check-config` and the daemon say of a `[[pipeline]]` rule no bridge forwards to.
+fn unreachable_rule_warning(topics: &str) -> String {
+    format!("[[pipeline]] topics = {topics:?}: no [[bridge.forward]] `local` filter reaches these topics, and the pipeline runs only on what a bridge forwards: this rule does nothing")
+}
 
 /// Exit code for a config that cannot be used (as in `check-config`), as sysexits' EX_USAGE
 /// is not what systemd units expect: 2 is "invalid argument" for them too.
@@ -163,7 +169,10 @@ fn main() -> ExitCode {
         }
         Command::CheckConfig { config } => {
             match Config::load(&config).and_then(|c| c.security(&config).map(|_| c)) {
-                Ok(_) => {
+                Ok(c) => {
+                    for topics in unreachable_rules(&c.pipeline, &c.bridges) {
+                        eprintln!("warning: {}", unreachable_rule_warning(topics));
+                    }
                     println!("{}: OK", config.display());
                     ExitCode::SUCCESS
                 }
@@ -332,6 +341,9 @@ fn run(
             dead_letter: config.dead_letter.clone(),
             security,
         };
+        for topics in unreachable_rules(&broker_config.pipeline, &broker_config.bridges) {
+            warn!("{}", unreachable_rule_warning(topics));
+        }
         for addr in &anonymous.exposed {
             warn!(listener = %addr, "allow_anonymous = true on a non-loopback listener: anyone who can reach it may connect");
         }

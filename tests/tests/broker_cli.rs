@@ -66,6 +66,25 @@ fn check_config_accepts_good_files() {
     assert_eq!(code, 0, "every documented key: {out}{err}");
 }
 
+// A `[[pipeline]]` rule no bridge forwards to does nothing: `check-config` accepts the file
+// (it is not wrong, only useless) but warns, naming the rule; a rule a bridge reaches is
+// not warned about.
+#[test]
+fn check_config_warns_of_a_pipeline_rule_no_bridge_reaches() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[[bridge]]\nname = \"cloud\"\naddress = \"127.0.0.1:1\"\n\n[[bridge.forward]]\nlocal = \"sensors/#\"\n\n[[pipeline]]\ntopics = \"sensors/+/events\"\nvalidate = \"event-v1\"\n\n[[pipeline]]\ntopics = \"meters/+/events\"\nvalidate = \"event-v1\"\n";
+    let (code, out, err) = check_config(&write_config(dir.path(), "pipe.toml", text));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning") && err.contains("\"meters/+/events\""),
+        "the unreachable rule is named: {err}"
+    );
+    assert!(
+        !err.contains("\"sensors/+/events\""),
+        "the reachable rule is not: {err}"
+    );
+}
+
 /// Asserts exit 2 and that the message names every `needles` entry.
 fn assert_rejected(text: &str, needles: &[&str]) {
     let dir = tempfile::tempdir().unwrap();

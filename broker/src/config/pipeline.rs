@@ -33,6 +33,25 @@ pub struct PipelineRule {
     pub dedup_devices: usize,
 }
 
+/// The `topics` of the rules no bridge's `forward` filter can reach: the pipeline runs only on
+/// what a bridge forwards, so such a rule does nothing (a typo, most likely). Warned about
+/// at start and by `check-config`.
+pub fn unreachable_rules<'a>(
+    rules: &'a [PipelineRule],
+    bridges: &[crate::config::BridgeConfig],
+) -> Vec<&'a str> {
+    rules
+        .iter()
+        .filter(|rule| {
+            !bridges
+                .iter()
+                .flat_map(|b| &b.forward)
+                .any(|f| crate::topic::filters_overlap(&rule.topics, &f.local))
+        })
+        .map(|rule| rule.topics.as_str())
+        .collect()
+}
+
 /// How a rule checks a payload.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
