@@ -16,7 +16,7 @@
 //! write, not fifty. After a crash the windows on disk match exactly the events the log
 //! holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use super::event::EventId;
 use crate::store::{Keyspace, Op};
@@ -90,10 +90,17 @@ pub struct DeviceWindows {
     tag: Vec<u8>,
     max_devices: usize,
     /// Each device's window and when it was last heard (a tick).
-    windows: HashMap<String, (Window, u64)>,
+    windows: HashMap<String, Entry>,
     tick: u64,
-    /// Devices whose window changed since the last `flush`.
-    dirty: HashSet<String>,
+    /// Devices whose window changed since the last `flush` (each once: `Entry::dirty`).
+    dirty: Vec<String>,
+}
+
+struct Entry {
+    window: Window,
+    last_heard: u64,
+    /// Listed in `DeviceWindows::dirty`.
+    dirty: bool,
 }
 
 impl DeviceWindows {
@@ -103,7 +110,7 @@ impl DeviceWindows {
             max_devices: max_devices.max(1),
             windows: HashMap::new(),
             tick: 0,
-            dirty: HashSet::new(),
+            dirty: Vec::new(),
         }
     }
 
@@ -116,7 +123,12 @@ impl DeviceWindows {
         match (std::str::from_utf8(device), Window::decode(value)) {
             (Ok(device), Some(window)) => {
                 self.tick += 1;
-                self.windows.insert(device.to_string(), (window, self.tick));
+                let entry = Entry {
+                    window,
+                    last_heard: self.tick,
+                    dirty: false,
+                };
+                self.windows.insert(device.to_string(), entry);
                 true
             }
             _ => false,
@@ -132,23 +144,28 @@ impl DeviceWindows {
     pub fn first_time(&mut self, id: &EventId, ops: &mut Vec<Op>) -> bool {
         self.tick += 1;
         let tick = self.tick;
-        let first = match self.windows.get_mut(id.device.as_str()) {
-            Some((window, last)) => {
-                *last = tick;
-                let first = window.hear(id.boot, id.seq);
-                if first && !self.dirty.contains(id.device.as_str()) {
-                    self.dirty.insert(id.device.clone());
+        let first = match self.windows.get_mut(&*id.device) {
+            Some(entry) => {
+                entry.last_heard = tick;
+                let first = entry.window.hear(id.boot, id.seq);
+                if first && !entry.dirty {
+                    entry.dirty = true;
+                    self.dirty.push(id.device.to_string());
                 }
                 first
             }
             None => {
-                let window = Window {
-                    boot: id.boot,
-                    top: id.seq,
-                    heard: 1,
+                let entry = Entry {
+                    window: Window {
+                        boot: id.boot,
+                        top: id.seq,
+                        heard: 1,
+                    },
+                    last_heard: tick,
+                    dirty: true,
                 };
-                self.dirty.insert(id.device.clone());
-                self.windows.insert(id.device.clone(), (window, tick));
+                self.dirty.push(id.device.to_string());
+                self.windows.insert(id.device.to_string(), entry);
                 true
             }
         };
@@ -166,16 +183,15 @@ impl DeviceWindows {
         let count = (excess + self.max_devices / 16)
             .max(1)
             .min(self.windows.len());
-        let mut ticks: Vec<u64> = self.windows.values().map(|(_, t)| *t).collect();
+        let mut ticks: Vec<u64> = self.windows.values().map(|e| e.last_heard).collect();
         let (_, threshold, _) = ticks.select_nth_unstable(count - 1);
         let threshold = *threshold; // ticks are unique: exactly `count` are at or below it
         let tag = &self.tag;
-        let dirty = &mut self.dirty;
-        self.windows.retain(|device, (_, last)| {
-            if *last > threshold {
+        // A forgotten device may stay listed in `dirty`: `flush` skips what it cannot find.
+        self.windows.retain(|device, entry| {
+            if entry.last_heard > threshold {
                 return true;
             }
-            dirty.remove(device);
             ops.push(Op::Remove {
                 space: Keyspace::Dedup,
                 key: key(tag, device),
@@ -186,9 +202,11 @@ impl DeviceWindows {
 
     /// Writes the windows changed since the last flush.
     pub fn flush(&mut self, ops: &mut Vec<Op>) {
-        for device in self.dirty.drain() {
-            if let Some((window, _)) = self.windows.get(&device) {
-                ops.push(put(&self.tag, &device, window));
+        for device in self.dirty.drain(..) {
+            if let Some(entry) = self.windows.get_mut(&device) {
+                if std::mem::take(&mut entry.dirty) {
+                    ops.push(put(&self.tag, &device, &entry.window));
+                }
             }
         }
     }
@@ -212,7 +230,7 @@ fn put(tag: &[u8], device: &str, window: &Window) -> Op {
 mod tests {
     use super::*;
 
-    fn id(device: &str, boot: u64, seq: u64) -> EventId {
+    fn id(device: &str, boot: u64, seq: u64) -> EventId<'_> {
         EventId {
             device: device.into(),
             boot,

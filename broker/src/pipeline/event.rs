@@ -5,6 +5,8 @@
 //! the schema names must have its type and range. On the standard topic
 //! `sensors/<device>/events` the payload's `device` must be that topic level.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -69,10 +71,11 @@ impl Invalid {
     }
 }
 
-/// An event's identity: a resend carries the same one.
+/// An event's identity: a resend carries the same one. The device name is borrowed from
+/// the payload when it can be (no escapes): most events are checked without allocating.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventId {
-    pub device: String,
+pub struct EventId<'a> {
+    pub device: Cow<'a, str>,
     pub boot: u64,
     pub seq: u64,
 }
@@ -90,11 +93,12 @@ enum Direction {
 #[derive(Deserialize)]
 struct EventV1<'a> {
     v: u32,
-    device: String,
+    #[serde(borrow)]
+    device: Cow<'a, str>,
     boot: u32,
     seq: u32,
     #[serde(borrow)]
-    sensor: std::borrow::Cow<'a, str>,
+    sensor: Cow<'a, str>,
     #[allow(dead_code)] // checked for type and range only
     value: i32,
     #[allow(dead_code)]
@@ -107,19 +111,24 @@ struct EventV1<'a> {
 }
 
 /// Checks `payload` against event-v1 and returns the event's identity.
-pub fn validate_event_v1(topic: &str, payload: &[u8]) -> Result<EventId, Invalid> {
+pub fn validate_event_v1<'a>(topic: &str, payload: &'a [u8]) -> Result<EventId<'a>, Invalid> {
     // The common case, a valid event, in one typed pass; anything else is looked at again
-    // to say what is wrong (the version first, so a v2 event is called that).
-    let event = match serde_json::from_slice::<EventV1>(payload) {
+    // to say what is wrong (the version first, so a v2 event is called that). The payload
+    // is checked as UTF-8 once, as a whole (JSON is UTF-8): the parser then need not check
+    // each string again.
+    let text = utf8(payload)?;
+    let event = match serde_json::from_str::<EventV1>(text) {
         Ok(event) if event.v == 1 => event,
-        _ => diagnose(payload)?,
+        _ => diagnose(text)?,
     };
     check_name("device", &event.device, 23)?;
     check_name("sensor", &event.sensor, 15)?;
-    let mut levels = topic.split('/');
-    if let (Some("sensors"), Some(device), Some("events"), None) =
-        (levels.next(), levels.next(), levels.next(), levels.next())
-    {
+    // The standard topic `sensors/<device>/events` (one level between).
+    let topic_device = topic
+        .strip_prefix("sensors/")
+        .and_then(|rest| rest.strip_suffix("/events"))
+        .filter(|device| !device.contains('/'));
+    if let Some(device) = topic_device {
         if device != event.device {
             return Err(Invalid::new(
                 InvalidReason::DeviceMismatch,
@@ -137,9 +146,14 @@ pub fn validate_event_v1(topic: &str, payload: &[u8]) -> Result<EventId, Invalid
     })
 }
 
+fn utf8(payload: &[u8]) -> Result<&str, Invalid> {
+    std::str::from_utf8(payload)
+        .map_err(|e| Invalid::new(InvalidReason::NotJson, format!("not JSON: not UTF-8: {e}")))
+}
+
 /// Why `payload` is not an event-v1 (or the event, if it is one after all).
-fn diagnose(payload: &[u8]) -> Result<EventV1<'static>, Invalid> {
-    let value: Value = serde_json::from_slice(payload)
+fn diagnose(payload: &str) -> Result<EventV1<'static>, Invalid> {
+    let value: Value = serde_json::from_str(payload)
         .map_err(|e| Invalid::new(InvalidReason::NotJson, format!("not JSON: {e}")))?;
     if !value.is_object() {
         return Err(Invalid::new(
@@ -206,14 +220,15 @@ pub fn validate_json_schema(
 
 /// An event-v1's identity alone, for a rule that deduplicates without validating: one
 /// typed pass that ignores every other field.
-pub fn event_v1_id(payload: &[u8]) -> Result<EventId, Invalid> {
+pub fn event_v1_id(payload: &[u8]) -> Result<EventId<'_>, Invalid> {
     #[derive(Deserialize)]
-    struct Id {
-        device: String,
+    struct Id<'a> {
+        #[serde(borrow)]
+        device: Cow<'a, str>,
         boot: u32,
         seq: u32,
     }
-    match serde_json::from_slice::<Id>(payload) {
+    match serde_json::from_str::<Id>(utf8(payload)?) {
         Ok(id) if !id.device.is_empty() => Ok(EventId {
             device: id.device,
             boot: u64::from(id.boot),
@@ -229,7 +244,7 @@ pub fn event_id_at(
     device: &str,
     boot: Option<&str>,
     seq: &str,
-) -> Result<EventId, Invalid> {
+) -> Result<EventId<'static>, Invalid> {
     let value: Value = serde_json::from_slice(payload)
         .map_err(|e| Invalid::new(InvalidReason::NotJson, format!("not JSON: {e}")))?;
     let missing = |what: &str, pointer: &str| {
@@ -239,8 +254,8 @@ pub fn event_id_at(
         )
     };
     let device_value = match value.pointer(device) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) if !s.is_empty() => Cow::Owned(s.clone()),
+        Some(Value::Number(n)) => Cow::Owned(n.to_string()),
         _ => return Err(missing("device", device)),
     };
     let number = |pointer: &str, what: &str| {
@@ -329,7 +344,7 @@ mod tests {
     fn pointers_find_an_id_in_another_format() {
         let payload = br#"{"meta":{"src":"pump-7","n":9},"reading":3}"#;
         let id = event_id_at(payload, "/meta/src", None, "/meta/n").unwrap();
-        assert_eq!((id.device.as_str(), id.boot, id.seq), ("pump-7", 0, 9));
+        assert_eq!((&*id.device, id.boot, id.seq), ("pump-7", 0, 9));
         let e = event_id_at(payload, "/meta/src", None, "/reading/x").unwrap_err();
         assert_eq!(e.reason, InvalidReason::NoEventId);
         assert_eq!(
@@ -359,7 +374,7 @@ mod tests {
     #[test]
     fn the_event_v1_id_alone() {
         let id = event_v1_id(GOOD.as_bytes()).unwrap();
-        assert_eq!((id.device.as_str(), id.boot, id.seq), ("sim-0003", 17, 42));
+        assert_eq!((&*id.device, id.boot, id.seq), ("sim-0003", 17, 42));
         let e = event_v1_id(br#"{"device":"a","seq":1}"#).unwrap_err();
         assert_eq!(e.reason, InvalidReason::NoEventId);
         assert_eq!(

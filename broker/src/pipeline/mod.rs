@@ -262,7 +262,11 @@ impl Ingest {
 }
 
 /// Validates (if the rule says so) and finds the event's id (if it deduplicates).
-fn identify(rule: &Rule, topic: &str, payload: &[u8]) -> Result<Option<EventId>, Invalid> {
+fn identify<'a>(
+    rule: &Rule,
+    topic: &str,
+    payload: &'a [u8],
+) -> Result<Option<EventId<'a>>, Invalid> {
     let validated = match (&rule.config.validate, &rule.schema) {
         (Some(Validation::Preset(Schema::EventV1)), _) => {
             Some(event::validate_event_v1(topic, payload)?)
