@@ -393,6 +393,20 @@ impl OutboxReceiver {
         }
     }
 
+    /// Waits until a packet is queued or every sender is gone, taking nothing: what a quiet
+    /// connection waits on (the writer then takes the packet). Cancel safe like `recv`.
+    pub async fn ready(&mut self) {
+        loop {
+            {
+                let state = self.shared.lock();
+                if !state.queue.is_empty() || state.senders == 0 {
+                    return;
+                }
+            }
+            self.shared.wake.notified().await;
+        }
+    }
+
     /// The next packet if one is queued.
     pub fn try_recv(&mut self) -> Option<Outbound> {
         self.shared.lock().queue.pop_front()

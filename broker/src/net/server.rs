@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -388,11 +388,7 @@ async fn accept_loop(
         match conn_ctx.tls.clone() {
             None => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(async move {
-                    connection::handle(stream, peer, conn_ctx, None).await;
-                    drop(permit);
-                    drop(done);
-                })
+                tokio::spawn(plain_connection(stream, peer, conn_ctx, (permit, done)))
             }
             Some(tls) => tokio::spawn(async move {
                 serve_tls(stream, peer, conn_ctx, tls).await;
@@ -523,6 +519,17 @@ fn start_bridges(
     (bridges, bridge_tasks)
 }
 
+/// A plain TCP connection's task, holding its `max_connections` permit and the server's
+/// "connections still open" sender until it ends.
+fn plain_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    held: (OwnedSemaphorePermit, mpsc::Sender<()>),
+) -> impl std::future::Future<Output = ()> + Send {
+    connection::handle_holding(stream, peer, ctx, None, held)
+}
+
 /// The size of a plain TCP connection's task future, as `accept_loop` spawns it (see
 /// `net::footprint_tests`).
 #[cfg(test)]
@@ -531,13 +538,11 @@ pub(crate) fn task_future_size(
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
 ) -> usize {
-    let (permit, done) = (Arc::new(Semaphore::new(1)), mpsc::channel::<()>(1).0);
-    let permit = permit.try_acquire_owned();
-    std::mem::size_of_val(&async move {
-        connection::handle(stream, peer, ctx, None).await;
-        drop(permit);
-        drop(done);
-    })
+    let permit = Arc::new(Semaphore::new(1))
+        .try_acquire_owned()
+        .expect("one permit");
+    let done = mpsc::channel::<()>(1).0;
+    std::mem::size_of_val(&plain_connection(stream, peer, ctx, (permit, done)))
 }
 
 /// Runs one accepted connection of a TLS listener: the TLS handshake first (within

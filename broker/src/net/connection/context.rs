@@ -30,8 +30,9 @@ pub struct ConnectionContext {
 pub(super) struct Guard {
     /// `None`: no ACL configured.
     pub(super) acl: Option<Arc<ClientAcl>>,
-    /// `max_publish_rate`.
-    pub(super) publish_rate: Option<TokenBucket>,
+    /// `max_publish_rate`. Boxed: most brokers set none, and every connection would carry
+    /// its 40 bytes.
+    pub(super) publish_rate: Option<Box<TokenBucket>>,
     /// Refusals logged so far (the first few, then one in 1000: a client publishing to a
     /// forbidden topic in a loop must not flood the log).
     pub(super) refusals: u64,

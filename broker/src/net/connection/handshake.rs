@@ -233,11 +233,11 @@ async fn admit(
     let guard = Guard {
         acl: ctx.auth.client_acl(&client_id, username.as_deref()),
         publish_rate: (ctx.limits.max_publish_rate > 0).then(|| {
-            TokenBucket::new(
+            Box::new(TokenBucket::new(
                 ctx.limits.max_publish_rate,
                 ctx.limits.max_publish_rate,
                 Instant::now(),
-            )
+            ))
         }),
         refusals: 0,
     };

@@ -7,13 +7,15 @@
 //! malformed packet or protocol violation, telling the router whether the end was
 //! graceful (DISCONNECT: no will) or not.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
@@ -32,9 +34,9 @@ mod handshake;
 pub use context::ConnectionContext;
 use context::Guard;
 use dispatch::dispatch;
-use framing::write_loop;
 #[cfg(test)]
 pub(crate) use framing::write_loop_future_size;
+use framing::Writing;
 use handshake::{open, Opened};
 
 /// How long a connection with nothing buffered keeps its read buffer before giving it back.
@@ -62,118 +64,290 @@ fn abrupt(why: impl Into<String>, tell: CloseReason) -> End {
 /// `identity`: the user name a verified client certificate gives (`use_identity_as_username`).
 /// `ctx` is shared by the listener's connections (a copy in each would be 144 bytes, twice
 /// over: an async fn's future keeps its arguments beside the locals they move into).
-pub async fn handle<S>(
+///
+/// After CONNECT the connection alternates between two phases: *serving* (reader and writer
+/// at work, in a boxed future that exists only while packets move) and *quiet* (nothing to
+/// read, nothing to write: one small wait inline). A task keeps its future's largest state
+/// for as long as it lives, so an idle client's task holds only [`Live`] and that wait
+/// (issue 14: what an idle connection costs), not the reader's and writer's futures.
+pub fn handle<S>(
     stream: S,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
     identity: Option<String>,
-) where
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    handle_holding(stream, peer, ctx, identity, ())
+}
+
+/// [`handle`], keeping `held` (e.g. the listener's permit) until the connection ends: a task
+/// that awaited `handle` and then dropped it would keep the future twice, as its argument
+/// and as what it awaits.
+pub fn handle_holding<S, H>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    identity: Option<String>,
+    held: H,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Send + 'static,
+{
+    // Boxed: held inline, the handshake's futures (timers, the password check, the
+    // CONNECT on its way to the router) and this function's arguments would be room the
+    // task keeps for as long as the client stays connected.
+    let opening = Box::pin(open_live(stream, peer, ctx.clone(), identity));
+    async move {
+        let Some(mut live) = opening.await else {
+            drop(held);
+            return;
+        };
+        let end = loop {
+            if let Some(end) = Box::pin(live.serve(&ctx)).await {
+                break end;
+            }
+            if let Err(end) = live.wait_quietly(&ctx).await {
+                break end;
+            }
+        };
+        Box::pin(live.close(end, &peer, &ctx)).await;
+        drop(held);
+    }
+}
+
+/// The CONNECT handshake, then the connection's state for the phases after it (`None`:
+/// the connection is to close, refused or the broker stopping).
+async fn open_live<S>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    identity: Option<String>,
+) -> Option<Live<S>>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     // Enough for a typical CONNECT; `read_buf` grows it for a longer one.
     let mut buf = BytesMut::with_capacity(256);
     let mut decoder = Decoder::new();
-
-    // Boxed: held inline, the handshake's futures (timers, the password check, the
-    // CONNECT on its way to the router) would be room the task keeps for as long as the
-    // client stays connected.
-    let Some(Opened {
+    let Opened {
         conn,
         client_id,
         keep_alive,
         version,
         session_expiry,
-        mut guard,
+        guard,
         encoder,
-        outbox: own_outbox,
+        outbox,
         outbox_rx,
-    }) = Box::pin(open(
+    } = open(
         (&mut reader, &mut writer),
         (&mut buf, &mut decoder),
         &peer,
         &ctx,
         identity,
-    ))
-    .await
-    else {
-        return;
-    };
-
+    )
+    .await?;
     // MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes read and not yet acknowledged, counted up
     // by the reader and down by the writer as it writes their PUBACK/PUBCOMP.
     let unacknowledged = (version == crate::protocol::Version::V5
         && ctx.limits.receive_maximum < u16::MAX)
         .then(|| Arc::new(AtomicU32::new(0)));
-    // The writer runs in this task, polled beside the reader (never after it): a second
-    // task would cost every connection another task header and future (issue 14), and
-    // `select!` polls both whenever either can go on, so a slow writer never stops the
-    // reader (nor the reverse).
-    let mut writing = std::pin::pin!(write_loop(
-        writer,
-        outbox_rx,
-        encoder,
-        (client_id.clone(), unacknowledged.clone()),
-        ctx.stats.clone(),
-    ));
-    let mut written = false;
-    let keep_alive_limit =
-        (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    // Cancel safety: the writer is polled by reference (the select cancels nothing of it)
-    // and `signalled()` holds no data. `read_loop` is dropped only when the
-    // connection ends anyway: a packet it had partly read, or a command it had not yet handed
-    // to the router, was never acknowledged, so the client sends it again after reconnecting.
-    let mut reading = Reading {
-        buf: &mut buf,
-        decoder: &mut decoder,
-        conn,
-        client_id: &client_id,
-        ctx: &ctx,
-        keep_alive_limit,
-        session_expiry,
-        unacknowledged,
-        outbox: &own_outbox,
-    };
-    let end = tokio::select! {
-        end = read_loop(&mut reader, &mut reading, &mut guard) => end,
-        _ = &mut writing => {
-            written = true;
-            End::Abrupt("closed by broker or write failed".into(), None)
-        }
-        _ = ctx.shutdown.signalled() => abrupt("broker shutting down", CloseReason::ServerShuttingDown),
-    };
-    let (graceful, session_expiry, tell) = match &end {
-        End::Disconnect {
-            publish_will,
-            session_expiry,
-        } => {
-            info!(%peer, client_id = %client_id, publish_will, "client disconnected");
-            (!publish_will, *session_expiry, None)
-        }
-        End::Abrupt(reason, tell) => {
-            info!(%peer, client_id = %client_id, reason = %reason, "connection closed");
-            (false, None, *tell)
-        }
-    };
-    // The router writes the DISCONNECT telling why (a 3.1.1 client just sees the close),
-    // after anything it sent before, the CONNACK above all.
-    let told = ctx
-        .router
-        .send(RouterCmd::Disconnected {
+    Some(Live {
+        reader,
+        writing: Writing::new(
+            writer,
+            outbox_rx,
+            encoder,
+            (client_id.clone(), unacknowledged.clone()),
+            ctx.stats.clone(),
+        ),
+        reading: Reading {
+            buf,
+            decoder,
             conn,
-            graceful,
+            client_id,
+            keep_alive_limit: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             session_expiry,
-            tell,
-        })
-        .await;
-    if let (Err(_), Some(tell)) = (told, tell) {
-        // The router is gone (the broker is stopping): say it here.
-        own_outbox.send(Outbound::Close(tell));
+            unacknowledged,
+            outbox,
+            guard,
+            has_published: false,
+            traffic: false,
+            heard_at: Instant::now(),
+        },
+        writer_done: false,
+    })
+}
+
+/// A connection after CONNECT, kept between its phases.
+struct Live<S> {
+    reader: ReadHalf<S>,
+    writing: Writing<WriteHalf<S>>,
+    reading: Reading,
+    /// The writer has stopped (it wrote a `Close`, a write failed, or the router let go).
+    writer_done: bool,
+}
+
+/// What the reader works with after CONNECT.
+struct Reading {
+    buf: BytesMut,
+    decoder: Decoder,
+    conn: ConnId,
+    client_id: Arc<str>,
+    keep_alive_limit: Option<Duration>,
+    /// The session expiry the CONNECT set: a DISCONNECT may not raise it from 0.
+    session_expiry: u32,
+    /// QoS 1/2 PUBLISHes not yet acknowledged, for an MQTT 5 client with a Receive Maximum.
+    unacknowledged: Option<Arc<AtomicU32>>,
+    /// This connection's own handle on its outbox: where the router says a subscriber this
+    /// client feeds is behind, and what the router's answers go into.
+    outbox: Outbox,
+    guard: Guard,
+    has_published: bool,
+    /// A read has filled the buffer since the CONNECT: the client sends more than a few
+    /// small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
+    traffic: bool,
+    /// The last read that brought bytes: the keep-alive runs from it.
+    heard_at: Instant,
+}
+
+impl Reading {
+    fn keep_alive_deadline(&self) -> Instant {
+        self.heard_at
+            + self
+                .keep_alive_limit
+                .unwrap_or(Duration::from_secs(86400 * 365))
     }
-    // Let the writer flush what is queued (e.g. a final PUBACK) for a moment, then stop it.
-    drop(own_outbox);
-    if !written {
-        let _ = timeout(Duration::from_millis(100), writing).await;
+
+    /// After a read: the keep-alive starts again; a read that filled the buffer means traffic.
+    fn heard(&mut self) {
+        self.heard_at = Instant::now();
+        self.traffic = self.traffic || self.buf.len() == self.buf.capacity();
+    }
+}
+
+impl<S> Live<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Reader and writer at work until the connection ends (`Some`) or goes quiet (`None`:
+    /// nothing buffered to decode, the socket has nothing for us, the writer waits on an
+    /// empty outbox).
+    async fn serve(&mut self, ctx: &ConnectionContext) -> Option<End> {
+        let writer_busy = AtomicBool::new(false);
+        let Live {
+            reader,
+            writing,
+            reading,
+            writer_done,
+        } = self;
+        // Cancel safety: the reader returns `None` (quiet) only at its read, with nothing
+        // taken from the socket unhandled (a partial packet stays in `reading.buf`), and only
+        // while the writer waits on its outbox holding no packet (`writer_busy` false):
+        // both futures may then be dropped, their state is in `Live`. Polled writer first
+        // (`biased`), so a writer that has just finished its batch is seen idle by the
+        // reader in the same poll. Otherwise the select ends only with the connection:
+        // a packet the reader had partly read, or a command not yet handed to the router,
+        // was never acknowledged, so the client sends it again after reconnecting.
+        tokio::select! {
+            biased;
+            () = writing.run(None, &writer_busy) => {
+                *writer_done = true;
+                Some(End::Abrupt("closed by broker or write failed".into(), None))
+            }
+            end = read_loop(reader, reading, ctx, &writer_busy) => end,
+            () = ctx.shutdown.signalled() => Some(abrupt("broker shutting down", CloseReason::ServerShuttingDown)),
+        }
+    }
+
+    /// The quiet phase: waits for bytes from the client, a packet for it, its keep-alive to
+    /// expire or the broker to stop; gives back the read buffer a second after the last read.
+    /// `Ok`: serve again.
+    async fn wait_quietly(&mut self, ctx: &ConnectionContext) -> Result<(), End> {
+        let reading = &mut self.reading;
+        loop {
+            let keep_alive = reading.keep_alive_deadline();
+            let release = (reading.buf.is_empty() && reading.buf.capacity() > 0)
+                .then(|| reading.heard_at + IDLE_BUFFER_RELEASE);
+            let wake_at = release.map_or(keep_alive, |r| r.min(keep_alive));
+            // Cancel safety: `read_buf` takes nothing from the socket unless it completes,
+            // the outbox's `ready` takes no packet, and the timer and the shutdown wait hold
+            // no data.
+            tokio::select! {
+                read = self.reader.read_buf(&mut reading.buf) => return match read {
+                    Ok(0) => Err(End::Abrupt("connection closed by client".into(), None)),
+                    Err(e) => Err(End::Abrupt(format!("read error: {e}"), None)),
+                    Ok(_) => {
+                        reading.heard();
+                        Ok(())
+                    }
+                },
+                // Something to write (or every sender gone: the writer then stops).
+                () = self.writing.outbox.ready() => return Ok(()),
+                () = tokio::time::sleep_until(wake_at) => {
+                    if Instant::now() >= keep_alive {
+                        ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return Err(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
+                    }
+                    // A client that went quiet after a burst holds no read buffer; `read_buf`
+                    // allocates 64 bytes when data comes and it grows with the traffic again.
+                    reading.buf = BytesMut::new();
+                }
+                () = ctx.shutdown.signalled() => {
+                    return Err(abrupt("broker shutting down", CloseReason::ServerShuttingDown))
+                }
+            }
+        }
+    }
+
+    /// The end: the router told (it publishes the will, or not), then what the writer has
+    /// queued (e.g. a final PUBACK) flushed for a moment.
+    async fn close(self, end: End, peer: &SocketAddr, ctx: &ConnectionContext) {
+        let Live {
+            mut writing,
+            reading,
+            writer_done,
+            ..
+        } = self;
+        let client_id = &reading.client_id;
+        let (graceful, session_expiry, tell) = match &end {
+            End::Disconnect {
+                publish_will,
+                session_expiry,
+            } => {
+                info!(%peer, client_id = %client_id, publish_will, "client disconnected");
+                (!publish_will, *session_expiry, None)
+            }
+            End::Abrupt(reason, tell) => {
+                info!(%peer, client_id = %client_id, reason = %reason, "connection closed");
+                (false, None, *tell)
+            }
+        };
+        // The router writes the DISCONNECT telling why (a 3.1.1 client just sees the close),
+        // after anything it sent before, the CONNACK above all.
+        let told = ctx
+            .router
+            .send(RouterCmd::Disconnected {
+                conn: reading.conn,
+                graceful,
+                session_expiry,
+                tell,
+            })
+            .await;
+        if let (Err(_), Some(tell)) = (told, tell) {
+            // The router is gone (the broker is stopping): say it here.
+            reading.outbox.send(Outbound::Close(tell));
+        }
+        drop(reading);
+        if !writer_done {
+            let busy = AtomicBool::new(false);
+            let _ = timeout(Duration::from_millis(100), writing.run(None, &busy)).await;
+        }
     }
 }
 
@@ -249,67 +423,50 @@ async fn pace(outbox: &Outbox, ctx: &ConnectionContext, client_id: &str) {
     }
 }
 
-/// What the reader works with after CONNECT.
-struct Reading<'a> {
-    buf: &'a mut BytesMut,
-    decoder: &'a mut Decoder,
-    conn: ConnId,
-    client_id: &'a str,
-    ctx: &'a ConnectionContext,
-    keep_alive_limit: Option<Duration>,
-    /// The session expiry the CONNECT set: a DISCONNECT may not raise it from 0.
-    session_expiry: u32,
-    /// QoS 1/2 PUBLISHes not yet acknowledged, for an MQTT 5 client with a Receive Maximum.
-    unacknowledged: Option<Arc<AtomicU32>>,
-    /// This connection's outbox: where the router says a subscriber it feeds is behind.
-    outbox: &'a Outbox,
-}
-
+/// Decodes and hands on every whole packet buffered, then reads more, until the connection
+/// ends (`Some`) or there is nothing to read while the writer is idle (`None`: quiet).
 async fn read_loop(
     reader: &mut (impl AsyncRead + Unpin),
-    reading: &mut Reading<'_>,
-    guard: &mut Guard,
-) -> End {
-    let Reading {
-        buf,
-        decoder,
-        conn,
-        client_id,
-        ctx,
-        keep_alive_limit,
-        session_expiry,
-        unacknowledged,
-        outbox,
-    } = reading;
-    let (conn, client_id, ctx, keep_alive_limit) = (*conn, *client_id, *ctx, *keep_alive_limit);
-    let far_future = Duration::from_secs(86400 * 365);
+    reading: &mut Reading,
+    ctx: &ConnectionContext,
+    writer_busy: &AtomicBool,
+) -> Option<End> {
     let mut ingest_paused = ctx.ingest_paused.clone();
-    let mut has_published = false;
-    // A read has filled the buffer since the CONNECT: the client sends more than a few
-    // small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
-    let mut traffic = false;
     loop {
         // Handle every whole packet already buffered before reading again.
         loop {
+            let Reading {
+                buf,
+                decoder,
+                conn,
+                client_id,
+                session_expiry,
+                unacknowledged,
+                outbox,
+                guard,
+                has_published,
+                ..
+            } = &mut *reading;
+            let client_id = &**client_id;
             let packet = match decoder.decode(buf, ctx.limits.max_packet_size) {
                 Ok(p) => p,
                 Err(DecodeError::Incomplete) => break,
                 Err(e) => {
                     ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(client_id, error = %e, "bad packet: closing connection");
-                    return abrupt(e.to_string(), e.close_reason());
+                    return Some(abrupt(e.to_string(), e.close_reason()));
                 }
             };
             if let Inbound::Disconnect(d) = &packet {
-                return on_disconnect(d, *session_expiry, client_id, ctx);
+                return Some(on_disconnect(d, *session_expiry, client_id, ctx));
             }
             if let Some(end) =
                 over_receive_maximum(&packet, unacknowledged.as_deref(), ctx, client_id)
             {
-                return end;
+                return Some(end);
             }
             if matches!(packet, Inbound::Publish(_)) {
-                has_published = true;
+                *has_published = true;
                 if let Some(bucket) = &mut guard.publish_rate {
                     if !bucket.try_take(Instant::now()) {
                         ctx.stats
@@ -320,65 +477,65 @@ async fn read_loop(
                             max_publish_rate = ctx.limits.max_publish_rate,
                             "publish rate over max_publish_rate: closing connection"
                         );
-                        return abrupt("max_publish_rate exceeded", CloseReason::QuotaExceeded);
+                        return Some(abrupt(
+                            "max_publish_rate exceeded",
+                            CloseReason::QuotaExceeded,
+                        ));
                     }
                 }
             }
-            if let Err(reason) = dispatch(packet, conn, client_id, ctx, guard, outbox).await {
+            if let Err(reason) = dispatch(packet, *conn, client_id, ctx, guard, outbox).await {
                 ctx.stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(client_id, reason, "protocol violation: closing connection");
-                return abrupt(reason, CloseReason::ProtocolError);
+                return Some(abrupt(reason, CloseReason::ProtocolError));
             }
         }
         // Cancel safety: pacing holds no data (a partial packet stays in `buf`).
-        pace(outbox, ctx, client_id).await;
-        if has_published && *ingest_paused.borrow() {
+        pace(&reading.outbox, ctx, &reading.client_id).await;
+        if reading.has_published && *ingest_paused.borrow() {
             debug!(
-                client_id,
+                client_id = &*reading.client_id,
                 "store full or failing: not reading from this publisher"
             );
             if ingest_paused.wait_for(|paused| !*paused).await.is_err() {
-                return abrupt("broker stopping", CloseReason::ServerShuttingDown);
+                return Some(abrupt("broker stopping", CloseReason::ServerShuttingDown));
             }
         }
         // Reads run at least 1 KiB at a time once the client sends more than its CONNECT;
         // a client that only connected keeps the small buffer its CONNECT came in, and one
-        // whose buffer was given back (below) gets it again with its next bytes.
-        if (traffic || !buf.is_empty()) && buf.capacity() > 0 && buf.capacity() - buf.len() < 1024 {
+        // whose buffer was given back (quiet) gets it again with its next bytes.
+        let deadline = reading.keep_alive_deadline();
+        let buf = &mut reading.buf;
+        if (reading.traffic || !buf.is_empty())
+            && buf.capacity() > 0
+            && buf.capacity() - buf.len() < 1024
+        {
             buf.reserve(4096);
         }
-        let deadline = Instant::now() + keep_alive_limit.unwrap_or(far_future);
-        let read = if buf.is_empty() && buf.capacity() > 0 {
-            // Nothing buffered: wait a while with the buffer, then give it back, so a client
-            // that went quiet after a burst holds none; `read_buf` allocates 64 bytes when
-            // data comes and the buffer grows with the traffic again.
-            // Cancel safety: `read_buf` is cancel safe (a read that has not completed has
-            // taken nothing from the socket), so the timeout may drop it.
-            let idle_after = (Instant::now() + IDLE_BUFFER_RELEASE).min(deadline);
-            match tokio::time::timeout_at(idle_after, reader.read_buf(buf)).await {
-                Ok(read) => Some(read),
-                Err(_) => {
-                    **buf = BytesMut::new();
-                    None
-                }
+        // One poll of the read: bytes, or the socket has none. None while the writer is idle
+        // ends this phase (quiet); while it writes, wait here (the keep-alive still runs).
+        // Cancel safety: `read_buf` takes nothing from the socket unless it completes.
+        let read = std::future::poll_fn(|cx| {
+            let read = std::pin::pin!(reader.read_buf(&mut *buf));
+            match read.poll(cx) {
+                Poll::Ready(read) => Poll::Ready(Some(read)),
+                Poll::Pending if writer_busy.load(Ordering::Relaxed) => Poll::Pending,
+                Poll::Pending => Poll::Ready(None),
             }
-        } else {
-            None
-        };
-        let read = match read {
-            Some(read) => Ok(read),
-            None => tokio::time::timeout_at(deadline, reader.read_buf(buf)).await,
-        };
-        match read {
+        });
+        match tokio::time::timeout_at(deadline, read).await {
             Err(_) => {
                 ctx.stats
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
-                return abrupt("keep-alive expired", CloseReason::KeepAliveTimeout);
+                return Some(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
             }
-            Ok(Ok(0)) => return End::Abrupt("connection closed by client".into(), None),
-            Ok(Err(e)) => return End::Abrupt(format!("read error: {e}"), None),
-            Ok(Ok(_)) => traffic = traffic || buf.len() == buf.capacity(),
+            Ok(None) => return None,
+            Ok(Some(Ok(0))) => {
+                return Some(End::Abrupt("connection closed by client".into(), None))
+            }
+            Ok(Some(Err(e))) => return Some(End::Abrupt(format!("read error: {e}"), None)),
+            Ok(Some(Ok(_))) => reading.heard(),
         }
     }
 }
