@@ -47,6 +47,7 @@ pub mod protocol;
 mod router;
 mod session;
 pub mod shutdown;
+mod small_map;
 mod stats;
 pub mod status;
 pub mod store;

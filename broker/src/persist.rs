@@ -78,8 +78,8 @@ pub struct StoredExpiry {
     pub deadline_ms: Option<u64>,
 }
 
-pub fn encode_session(
-    subscriptions: &HashMap<String, SubscriptionOptions>,
+pub fn encode_session<'a>(
+    subscriptions: impl IntoIterator<Item = (&'a String, &'a SubscriptionOptions)>,
     expiry: Option<StoredExpiry>,
 ) -> Vec<u8> {
     let mut out = Vec::new();

@@ -5,7 +5,7 @@
 //! the client to come back, and the QoS 2 packet ids received and awaiting PUBREL. The
 //! router owns every session; the connection task only moves bytes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 
 use crate::outbox::{Outbox, Qos0Admission};
 use crate::protocol::message::{Message, Outbound, QoS};
@@ -18,6 +18,10 @@ pub const MAX_INFLIGHT_BYTES: usize = 4 << 20;
 
 /// Identifies one network connection (a client id may have several over time).
 pub type ConnId = u64;
+
+/// A session's filters and their options (one or two for most devices: see `small_map`).
+pub type Subscriptions =
+    crate::small_map::SmallMap<String, crate::protocol::message::SubscriptionOptions>;
 
 pub struct Online {
     pub conn: ConnId,
@@ -73,7 +77,7 @@ pub struct Session {
     /// A will waiting for its delay to pass (MQTT 5 will delay interval). Boxed: rare, and
     /// every session (idle ones too) would carry its size.
     pub delayed_will: Option<Box<(tokio::time::Instant, Message)>>,
-    pub subscriptions: HashMap<String, crate::protocol::message::SubscriptionOptions>,
+    pub subscriptions: Subscriptions,
     pub online: Option<Online>,
     inflight: VecDeque<Inflight>,
     /// Topic + payload bytes of `inflight` ([`MAX_INFLIGHT_BYTES`]).
@@ -99,7 +103,7 @@ impl Session {
             },
             expires_at: None,
             delayed_will: None,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             online: None,
             inflight: VecDeque::new(),
             inflight_bytes: 0,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::protocol::message::SubscriptionOptions;
+use crate::small_map::SmallMap;
 
 /// A topic a client may publish to: non-empty, no wildcards, no NUL [MQTT-3.3.2-2], [MQTT-4.7.3-1], [MQTT-4.7.3-2].
 pub fn valid_topic_name(topic: &str) -> bool {
@@ -87,7 +88,7 @@ pub type ClientKey = Arc<str>;
 
 #[derive(Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: SmallMap<Box<str>, Node>,
     plus: Option<Box<Node>>,
     /// `None` while nobody subscribes here. Boxed: most nodes are only a level on the way
     /// to others, and a node is an entry of its parent's map, which keeps room for several
@@ -98,9 +99,9 @@ struct Node {
 #[derive(Default)]
 struct Subscribers {
     /// Subscribers of `<path>`.
-    exact: HashMap<ClientKey, SubscriptionOptions>,
+    exact: SmallMap<ClientKey, SubscriptionOptions>,
     /// Subscribers of `<path>/#` (at the root: `#`).
-    multi: HashMap<ClientKey, SubscriptionOptions>,
+    multi: SmallMap<ClientKey, SubscriptionOptions>,
 }
 
 impl Node {
@@ -166,7 +167,7 @@ impl SubscriptionTable {
             node = if level == "+" {
                 node.plus.get_or_insert_with(Default::default)
             } else {
-                node.children.entry(level.into()).or_default()
+                node.children.get_or_default(level)
             };
             if levels.peek().is_none() {
                 if node.subscribers().exact.insert(client, qos).is_none() {

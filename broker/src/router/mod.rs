@@ -50,7 +50,7 @@ use crate::protocol::message::{
     CloseReason, ConnectOutcome, Message, Outbound, QoS, SubscribeFilter, SubscribeRefusal,
     SubscriptionOptions,
 };
-use crate::session::{ConnId, Dropped, Online, Session, SessionLimits};
+use crate::session::{ConnId, Dropped, Online, Session, SessionLimits, Subscriptions};
 use crate::stats::Stats;
 use crate::status::{ClientInfo, LastPublish, RouterSnapshot, LAST_PAYLOAD_PREVIEW};
 use crate::store::record::StoredMessage;
@@ -191,7 +191,7 @@ impl Router {
             for (filter, options) in &saved.subscriptions {
                 self.add_subscription(filter, &client, *options);
             }
-            session.subscriptions = saved.subscriptions;
+            session.subscriptions = saved.subscriptions.into_iter().collect();
             if let Some(expiry) = saved.expiry {
                 // Offline since the restart at least: its time runs from the deadline it
                 // was given, or from now if it was connected when the broker stopped.

@@ -44,7 +44,7 @@ impl Router {
                     deadline_ms: None,
                 },
             );
-            self.save_session_record(&client, &HashMap::new(), expiry);
+            self.save_session_record(&client, &Subscriptions::default(), expiry);
         }
         let session = self
             .sessions
@@ -187,7 +187,7 @@ impl Router {
     pub(super) fn save_session_record(
         &mut self,
         client: &str,
-        subscriptions: &HashMap<String, SubscriptionOptions>,
+        subscriptions: &Subscriptions,
         expiry: Option<persist::StoredExpiry>,
     ) {
         if self.durable.is_some() {
