@@ -4,7 +4,6 @@
 //! rather than the number of subscriptions. `$`-topics (like `$SYS/...`) are never matched
 //! by a filter that starts with a wildcard [MQTT-4.7.2-1].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::protocol::message::SubscriptionOptions;
@@ -262,6 +261,7 @@ impl SubscriptionTable {
 mod tests {
     use super::*;
     use crate::protocol::message::QoS;
+    use std::collections::HashMap;
 
     fn matches(table: &SubscriptionTable, topic: &str) -> Vec<(String, QoS)> {
         let mut out: HashMap<String, QoS> = HashMap::new();

@@ -41,6 +41,9 @@ use handshake::{open, Opened};
 
 /// How long a connection with nothing buffered keeps its read buffer before giving it back.
 const IDLE_BUFFER_RELEASE: Duration = Duration::from_secs(1);
+/// How long a connection with nothing to read nor write stays in its serving phase before it
+/// goes quiet (see [`handle`]).
+const QUIET_AFTER: Duration = Duration::from_millis(10);
 
 /// Why the reader stopped.
 enum End {
@@ -512,30 +515,56 @@ async fn read_loop(
         {
             buf.reserve(4096);
         }
-        // One poll of the read: bytes, or the socket has none. None while the writer is idle
-        // ends this phase (quiet); while it writes, wait here (the keep-alive still runs).
         // Cancel safety: `read_buf` takes nothing from the socket unless it completes.
-        let read = std::future::poll_fn(|cx| {
-            let read = std::pin::pin!(reader.read_buf(&mut *buf));
-            match read.poll(cx) {
-                Poll::Ready(read) => Poll::Ready(Some(read)),
-                Poll::Pending if writer_busy.load(Ordering::Relaxed) => Poll::Pending,
-                Poll::Pending => Poll::Ready(None),
+        let read = match tokio::time::timeout_at(deadline, read_or_idle(reader, buf, writer_busy))
+            .await
+        {
+            Err(_) => None,
+            Ok(Some(read)) => Some(read),
+            Ok(None) => {
+                // Nothing to read and nothing to write: linger before going quiet. A client
+                // that was just busy is likely to be again within milliseconds, and going
+                // quiet and back costs a box and the quiet wait's registrations.
+                let linger_until = (Instant::now() + QUIET_AFTER).min(deadline);
+                let never_idle = AtomicBool::new(true);
+                match tokio::time::timeout_at(linger_until, read_or_idle(reader, buf, &never_idle))
+                    .await
+                {
+                    Ok(read) => read,
+                    Err(_) if Instant::now() >= deadline => None,
+                    // The writer took a packet meanwhile: serve on, and linger again after it.
+                    Err(_) if writer_busy.load(Ordering::Relaxed) => continue,
+                    Err(_) => return None,
+                }
             }
-        });
-        match tokio::time::timeout_at(deadline, read).await {
-            Err(_) => {
+        };
+        match read {
+            None => {
                 ctx.stats
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
                 return Some(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
             }
-            Ok(None) => return None,
-            Ok(Some(Ok(0))) => {
-                return Some(End::Abrupt("connection closed by client".into(), None))
-            }
-            Ok(Some(Err(e))) => return Some(End::Abrupt(format!("read error: {e}"), None)),
-            Ok(Some(Ok(_))) => reading.heard(),
+            Some(Ok(0)) => return Some(End::Abrupt("connection closed by client".into(), None)),
+            Some(Err(e)) => return Some(End::Abrupt(format!("read error: {e}"), None)),
+            Some(Ok(_)) => reading.heard(),
         }
     }
+}
+
+/// One read: `Some` with its result, or `None` as soon as the socket has nothing for us while
+/// `writer_busy` is false (while it is true, waits for bytes).
+fn read_or_idle<'a>(
+    reader: &'a mut (impl AsyncRead + Unpin),
+    buf: &'a mut BytesMut,
+    writer_busy: &'a AtomicBool,
+) -> impl Future<Output = Option<std::io::Result<usize>>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let read = std::pin::pin!(reader.read_buf(&mut *buf));
+        match read.poll(cx) {
+            Poll::Ready(read) => Poll::Ready(Some(read)),
+            Poll::Pending if writer_busy.load(Ordering::Relaxed) => Poll::Pending,
+            Poll::Pending => Poll::Ready(None),
+        }
+    })
 }
