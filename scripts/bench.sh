@@ -159,6 +159,9 @@ max_connection_rate = 0
 ${WS_MAX_PACKET:+max_packet_size = $WS_MAX_PACKET}
 [storage]
 max_bytes = 4294967296
+EOF
+  # WS_NO_BRIDGE=1: a local broker only (scenario 1's waystation-local row: no log append).
+  [ -n "${WS_NO_BRIDGE:-}" ] || cat >> "$DIR/waystation.toml" <<EOF
 [[bridge]]
 name = "cloud"
 address = "127.0.0.1:$up"
@@ -273,6 +276,7 @@ stop_linksim() {
 start_broker() {
   case "$1" in
     waystation) start_waystation "$2" ;;
+    waystation-local) WS_NO_BRIDGE=1 start_waystation "$2" ;;
     mosquitto) start_mosquitto "$2" ;;
     rumqttd) start_rumqttd "$2" ;;
   esac
@@ -305,7 +309,10 @@ S1_V5=${S1_V5:-1}
 if want 1; then
   for r in $(seq 1 "$ROUNDS"); do
     for q in 1 0; do
-      for b in $(order "$r"); do
+      # QoS 0 also into a Waystation with no bridge (waystation-local): without a forward rule
+      # nothing is appended to the durable log, the same work as rumqttd's (S1_LOCAL=0 skips).
+      locals=(); [ "$q" = 0 ] && [ "${S1_LOCAL:-1}" = 1 ] && locals=(waystation-local)
+      for b in $(order "$r") "${locals[@]}"; do
         versions=4
         if [ "$q" = 1 ] && [ "$S1_V5" = 1 ]; then versions=$( ((r % 2)) && echo "4 5" || echo "5 4"); fi
         for v in $versions; do
@@ -351,14 +358,17 @@ if want 2; then
     say "s2: $IDLE_BIG idle clients need $((IDLE_BIG + 200)) descriptors per process; the open files limit is $(ulimit -n) (hard $(ulimit -Hn)): running $IDLE_MAX"
     IDLE_BIG_RUN=$IDLE_MAX
   fi
-  for n in $IDLE_CLIENTS $IDLE_BIG_RUN; do
-    scen=s2-idle; [ "$n" != "$IDLE_CLIENTS" ] && scen=s2-idle-big
+  # Then IDLE_CLIENTS again, each subscribed to its own devices/<i>/cmd (issue 14's idle
+  # client: connected, one filter, nothing in flight).
+  for n in $IDLE_CLIENTS $IDLE_BIG_RUN sub; do
+    scen=s2-idle; sub=(); [ "$n" != "$IDLE_CLIENTS" ] && scen=s2-idle-big
+    if [ "$n" = sub ]; then n=$IDLE_CLIENTS; scen=s2-idle-sub; sub=(--subscribe 'devices/{i}/cmd'); fi
     for b in $(order 0); do
       free_port; p=$PORT
       WS_MAX_CONN=$((n + 1000)) RUMQTTD_MAX_CONN=$((n + 1000)) start_broker "$b" "$p"
       sleep 0.5
-      say "s2 $n idle clients, $b"
-      bench idle --addr "127.0.0.1:$p" --clients "$n" --hold 2 --pid "$BPID" \
+      say "s2 $n idle clients ($scen), $b"
+      bench idle --addr "127.0.0.1:$p" --clients "$n" --hold 2 --pid "$BPID" "${sub[@]}" \
         --scenario "$scen" --broker "$b" --round 1 --out "$RES" >/dev/null 2>>"$LOG"
       stop_pid "$BPID"
     done
@@ -989,7 +999,7 @@ fi
   T() { "$WSB" table --in "$RES" "$@"; }
   want 1 && T --scenario s1-qos1 --title "1. Fan-in, QoS 1: 8 x $S1_MSGS x 64 B, one subscriber on sensors/# (<broker>-v5: MQTT 5 publishers)" \
     --metrics "pub_rate:acked msg/s,e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,dup:dup:sum"
-  want 1 && T --scenario s1-qos0 --title "1. Fan-in, QoS 0: 8 x $S1_MSGS x 64 B, one subscriber on sensors/#" \
+  want 1 && T --scenario s1-qos0 --title "1. Fan-in, QoS 0: 8 x $S1_MSGS x 64 B, one subscriber on sensors/# (waystation-local: no bridge, so nothing goes to the durable log)" \
     --metrics "e2e_rate:delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:peak RSS MiB,lost:lost:sum"
   want 2 && T --scenario s2-1msgps --title "2. $S2_CLIENTS clients at 1 msg/s (QoS 1) + one subscriber, ${S2_SECS} s" \
     --metrics "p50_ms:p50 ms,p99_ms:p99 ms,p999_ms:p99.9 ms,hwm_mib:peak RSS MiB,lost:lost:sum,connect_s:connect s"
@@ -997,6 +1007,8 @@ fi
     --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s"
   want 2 && T --scenario s2-idle-big --title "2. $IDLE_BIG_RUN idle clients$( [ "$IDLE_BIG_RUN" != "$IDLE_BIG" ] && echo " ($IDLE_BIG asked: capped by the open files limit, $(ulimit -n) per process)")" \
     --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s,sources:source addresses"
+  want 2 && T --scenario s2-idle-sub --title "2. $IDLE_CLIENTS idle clients, each subscribed to its own devices/<i>/cmd" \
+    --metrics "kib_per_conn:KiB per connection,rss_after_mib:RSS MiB,connect_rate:connects/s"
   want 3 && T --scenario s3-bridge --title "3. Edge to cloud: 8 x $S3_MSGS QoS 1 -> edge -> upstream Mosquitto -> subscriber" \
     --metrics "pub_rate:edge acked msg/s,e2e_rate:upstream delivered msg/s,p50_ms:p50 ms,p99_ms:p99 ms,hwm_mib:edge peak RSS MiB,lost:lost:sum,dup:dup:sum"
   want 3 && T --scenario s3-outage --title "3. Edge to cloud at 8 x $S3_RATE msg/s for $S3_SECS s, upstream stopped for $S3_DOWN_FOR s" \

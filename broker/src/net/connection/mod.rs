@@ -1,11 +1,15 @@
 //! One client connection: the CONNECT handshake, then a reader that decodes packets and
 //! hands them to the router, and a writer that encodes what the router sends back.
 //!
-//! Reader and writer are separate tasks so that a client that is slow to read can never
-//! stop us from reading its acknowledgements (and vice versa). The reader enforces the
-//! keep-alive (1.5x the client's value [MQTT-3.1.2-24]) and ends the connection on any
-//! malformed packet or protocol violation, telling the router whether the end was
-//! graceful (DISCONNECT: no will) or not.
+//! Reader and writer are two futures polled side by side in the connection's one task, so
+//! that a client that is slow to read can never stop us from reading its acknowledgements
+//! (and vice versa). When neither has anything to do for a moment the connection goes quiet:
+//! both futures are dropped (at points where they hold nothing) and a small wait takes their
+//! place, so an idle client costs its state and that wait, not room for everything a busy one
+//! does (see [`handle`]). The reader enforces the keep-alive (1.5x the client's value
+//! [MQTT-3.1.2-24]), as does the quiet wait, and ends the connection on any malformed packet
+//! or protocol violation, telling the router whether the end was graceful (DISCONNECT: no
+//! will) or not.
 
 use std::future::Future;
 use std::net::SocketAddr;
