@@ -55,7 +55,9 @@ pub(super) async fn write_now(
     writer.flush().await
 }
 /// The writer's state, owned by the connection between its phases (mod.rs): the batch is
-/// encoded by a plain method, so no packet is held across a write.
+/// encoded by a plain method, so no packet is held across a write, and how much of it is
+/// written is kept here, so a batch whose writing future was dropped is finished by the next
+/// one (never a packet cut short followed by another).
 pub(super) struct Writing<W> {
     writer: W,
     pub(super) outbox: OutboxReceiver,
@@ -63,7 +65,12 @@ pub(super) struct Writing<W> {
     client_id: Arc<str>,
     unacknowledged: Option<Arc<AtomicU32>>,
     stats: Arc<Stats>,
+    /// The batch being written (empty: none).
     buf: BytesMut,
+    /// Bytes of `buf` already on the socket.
+    written: usize,
+    /// The batch's PUBLISH bytes ([`counted_bytes`]), and whether the socket closes after it.
+    batch: (usize, bool),
 }
 
 impl<W: AsyncWrite + Unpin> Writing<W> {
@@ -85,41 +92,60 @@ impl<W: AsyncWrite + Unpin> Writing<W> {
             // next to nothing here, not a 64 KiB batch buffer (10,000 idle clients measured
             // 19 KiB each with it).
             buf: BytesMut::new(),
+            written: 0,
+            batch: (0, false),
         }
     }
 
-    /// Writes `first`, then drains the outbox onto the socket in batches until every sender
-    /// is gone, a `Close` was written or a write failed. `busy` is true from the moment it
-    /// has a packet until that batch is written: while it is false the writer waits on the
-    /// outbox and holds nothing, so this future may be dropped (the connection goes quiet,
-    /// mod.rs); while it is true it may not.
-    pub(super) async fn run(&mut self, first: Option<Outbound>, busy: &AtomicBool) {
-        let mut next = first;
+    /// Finishes the batch in progress, if any, then drains the outbox onto the socket in
+    /// batches until every sender is gone, a `Close` was written or a write failed. `busy` is
+    /// true while a batch is in progress; while it is false the writer waits on the outbox
+    /// holding nothing, which is when the connection may go quiet (mod.rs).
+    ///
+    /// Cancel safety: a state machine that survives the drop. Each `write` puts some bytes on
+    /// the socket (counted in `written`) or none, and `recv` loses no packet; dropped
+    /// anywhere, the next call goes on where this one stopped.
+    pub(super) async fn run(&mut self, busy: &AtomicBool) {
         loop {
-            let first = match next.take() {
-                Some(packet) => packet,
-                None => {
-                    busy.store(false, Ordering::Relaxed);
-                    match self.outbox.recv().await {
-                        Some(packet) => packet,
-                        None => return,
+            if self.buf.is_empty() {
+                busy.store(false, Ordering::Relaxed);
+                let Some(first) = self.outbox.recv().await else {
+                    return;
+                };
+                self.batch = self.encode_batch(first);
+            }
+            busy.store(true, Ordering::Relaxed);
+            while self.written < self.buf.len() {
+                match self.writer.write(&self.buf[self.written..]).await {
+                    Ok(n) if n > 0 => self.written += n,
+                    // A write error, or a socket that takes nothing more: the connection ends.
+                    _ => {
+                        self.end_batch();
+                        let _ = self.writer.shutdown().await;
+                        return;
                     }
                 }
-            };
-            busy.store(true, Ordering::Relaxed);
-            let (publish_bytes, close) = self.encode_batch(first);
-            let written = self.writer.write_all(&self.buf).await;
-            self.buf.clear();
-            if self.buf.capacity() > WRITE_KEEP_BYTES && self.outbox.is_empty() {
-                // A burst is over: an idle subscriber should not keep a 64 KiB batch buffer.
-                self.buf = BytesMut::new();
             }
-            self.outbox.written(publish_bytes);
-            if written.is_err() || close {
+            let close = self.end_batch();
+            if close {
                 let _ = self.writer.shutdown().await;
                 return;
             }
         }
+    }
+
+    /// The batch is written (or given up): its buffer back to empty, its PUBLISH bytes off
+    /// the subscriber's count; whether the socket is to be closed now.
+    fn end_batch(&mut self) -> bool {
+        self.buf.clear();
+        self.written = 0;
+        if self.buf.capacity() > WRITE_KEEP_BYTES && self.outbox.is_empty() {
+            // A burst is over: an idle subscriber should not keep a 64 KiB batch buffer.
+            self.buf = BytesMut::new();
+        }
+        let (publish_bytes, close) = std::mem::take(&mut self.batch);
+        self.outbox.written(publish_bytes);
+        close
     }
 }
 
@@ -193,9 +219,89 @@ pub(crate) fn write_loop_future_size() -> usize {
             Arc::default(),
         );
         let busy = AtomicBool::new(false);
-        let size = std::mem::size_of_val(&writing.run(None, &busy));
+        let size = std::mem::size_of_val(&writing.run(&busy));
         size
     }
     // A `WriteHalf` is one pointer, whatever the stream.
     size(tokio::io::split(tokio::io::empty()).1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    /// A socket that takes at most 100 bytes a write, and nothing past `limit` until the
+    /// limit is lifted (a client that stopped reading, then reads again).
+    struct Throttled {
+        taken: Arc<Mutex<Vec<u8>>>,
+        limit: Arc<Mutex<usize>>,
+    }
+
+    impl AsyncWrite for Throttled {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut taken = self.taken.lock().expect("lock");
+            let room = self.limit.lock().expect("lock").saturating_sub(taken.len());
+            if room == 0 {
+                return Poll::Pending;
+            }
+            let n = data.len().min(100).min(room);
+            taken.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_cut_short_by_a_dropped_future_is_finished_by_the_next() {
+        let (outbox, rx) = crate::outbox::Outbox::new();
+        let mut want = BytesMut::new();
+        for pkid in 1..=1000u16 {
+            Encoder::V4
+                .encode(&Outbound::PubAck(pkid), &mut want)
+                .expect("encode");
+            outbox.send(Outbound::PubAck(pkid));
+        }
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let limit = Arc::new(Mutex::new(1_001));
+        let socket = Throttled {
+            taken: taken.clone(),
+            limit: limit.clone(),
+        };
+        let mut writing = Writing::new(
+            socket,
+            rx,
+            Encoder::V4,
+            (Arc::from("t"), None),
+            Arc::default(),
+        );
+        let busy = AtomicBool::new(false);
+        // The socket stops taking bytes in the middle of a PUBACK; the future is dropped
+        // there (as a connection's serving phase is when its reader ends the connection).
+        let cut = tokio::time::timeout(Duration::from_millis(100), writing.run(&busy)).await;
+        assert!(cut.is_err(), "the writer waits on the full socket");
+        assert!(busy.load(Ordering::Relaxed), "dropped mid-batch");
+        assert_eq!(taken.lock().expect("lock").len(), 1_001);
+        // The socket drains; with every sender gone the writer ends once all is written.
+        *limit.lock().expect("lock") = usize::MAX;
+        drop(outbox);
+        tokio::time::timeout(Duration::from_secs(5), writing.run(&busy))
+            .await
+            .expect("the batch is finished and the writer ends");
+        assert!(!busy.load(Ordering::Relaxed));
+        // Every PUBACK whole and in order: the rest of the cut batch, nothing before it.
+        assert_eq!(&taken.lock().expect("lock")[..], &want[..]);
+    }
 }

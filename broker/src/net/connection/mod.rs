@@ -258,12 +258,14 @@ where
         // while the writer waits on its outbox holding no packet (`writer_busy` false):
         // both futures may then be dropped, their state is in `Live`. Polled writer first
         // (`biased`), so a writer that has just finished its batch is seen idle by the
-        // reader in the same poll. Otherwise the select ends only with the connection:
-        // a packet the reader had partly read, or a command not yet handed to the router,
-        // was never acknowledged, so the client sends it again after reconnecting.
+        // reader in the same poll. The writer is a state machine that survives the drop
+        // (framing.rs): when the reader ends the connection mid-batch, `close` finishes the
+        // batch. A packet the reader had partly read, or a command not yet handed to the
+        // router, when the connection ends was never acknowledged, so the client sends it
+        // again after reconnecting.
         tokio::select! {
             biased;
-            () = writing.run(None, &writer_busy) => {
+            () = writing.run(&writer_busy) => {
                 *writer_done = true;
                 Some(End::Abrupt("closed by broker or write failed".into(), None))
             }
@@ -353,7 +355,7 @@ where
         drop(reading);
         if !writer_done {
             let busy = AtomicBool::new(false);
-            let _ = timeout(Duration::from_millis(100), writing.run(None, &busy)).await;
+            let _ = timeout(Duration::from_millis(100), writing.run(&busy)).await;
         }
     }
 }
@@ -519,39 +521,61 @@ async fn read_loop(
         {
             buf.reserve(4096);
         }
-        // Cancel safety: `read_buf` takes nothing from the socket unless it completes.
-        let read = match tokio::time::timeout_at(deadline, read_or_idle(reader, buf, writer_busy))
-            .await
-        {
-            Err(_) => None,
-            Ok(Some(read)) => Some(read),
-            Ok(None) => {
-                // Nothing to read and nothing to write: linger before going quiet. A client
-                // that was just busy is likely to be again within milliseconds, and going
-                // quiet and back costs a box and the quiet wait's registrations.
-                let linger_until = (Instant::now() + QUIET_AFTER).min(deadline);
-                let never_idle = AtomicBool::new(true);
-                match tokio::time::timeout_at(linger_until, read_or_idle(reader, buf, &never_idle))
-                    .await
-                {
-                    Ok(read) => read,
-                    Err(_) if Instant::now() >= deadline => None,
-                    // The writer took a packet meanwhile: serve on, and linger again after it.
-                    Err(_) if writer_busy.load(Ordering::Relaxed) => continue,
-                    Err(_) => return None,
-                }
+        match read_step(reader, buf, deadline, writer_busy).await {
+            Step::Read(Ok(0)) => {
+                return Some(End::Abrupt("connection closed by client".into(), None))
             }
-        };
-        match read {
-            None => {
+            Step::Read(Err(e)) => return Some(End::Abrupt(format!("read error: {e}"), None)),
+            Step::Read(Ok(_)) => reading.heard(),
+            Step::KeepAliveExpired => {
                 ctx.stats
                     .keep_alive_timeouts
                     .fetch_add(1, Ordering::Relaxed);
                 return Some(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
             }
-            Some(Ok(0)) => return Some(End::Abrupt("connection closed by client".into(), None)),
-            Some(Err(e)) => return Some(End::Abrupt(format!("read error: {e}"), None)),
-            Some(Ok(_)) => reading.heard(),
+            Step::WriterBusy => {}
+            Step::Quiet => return None,
+        }
+    }
+}
+
+/// What one read step of the serving phase came to.
+enum Step {
+    Read(std::io::Result<usize>),
+    KeepAliveExpired,
+    /// Nothing read while lingering, but the writer took a packet meanwhile: serve on.
+    WriterBusy,
+    /// Nothing to read nor write for [`QUIET_AFTER`]: the connection goes quiet.
+    Quiet,
+}
+
+/// Reads, or finds the connection idle: nothing to read while the writer waits on an empty
+/// outbox, for [`QUIET_AFTER`]. Cancel safety: `read_buf` takes nothing from the socket
+/// unless it completes.
+async fn read_step(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    deadline: Instant,
+    writer_busy: &AtomicBool,
+) -> Step {
+    match tokio::time::timeout_at(deadline, read_or_idle(reader, buf, writer_busy)).await {
+        Err(_) => Step::KeepAliveExpired,
+        Ok(Some(read)) => Step::Read(read),
+        Ok(None) => {
+            // Linger before going quiet: a client that was just busy is likely to be again
+            // within milliseconds, and going quiet and back costs a box and the quiet wait's
+            // registrations.
+            let linger_until = (Instant::now() + QUIET_AFTER).min(deadline);
+            let never_idle = AtomicBool::new(true);
+            match tokio::time::timeout_at(linger_until, read_or_idle(reader, buf, &never_idle))
+                .await
+            {
+                Ok(Some(read)) => Step::Read(read),
+                Ok(None) => Step::WriterBusy,
+                Err(_) if Instant::now() >= deadline => Step::KeepAliveExpired,
+                Err(_) if writer_busy.load(Ordering::Relaxed) => Step::WriterBusy,
+                Err(_) => Step::Quiet,
+            }
         }
     }
 }
