@@ -398,9 +398,15 @@ impl OutboxReceiver {
     pub async fn ready(&mut self) {
         loop {
             {
-                let state = self.shared.lock();
+                let mut state = self.shared.lock();
                 if !state.queue.is_empty() || state.senders == 0 {
                     return;
+                }
+                // A quiet connection keeps no slots: the CONNACK's and a SUBACK's room was
+                // ~280 B per idle client (issue 14, heap profile). The next packet allocates
+                // 4 slots again, once per quiet spell.
+                if state.queue.capacity() > 0 {
+                    state.queue = VecDeque::new();
                 }
             }
             self.shared.wake.notified().await;

@@ -2,9 +2,11 @@
 //! `max_packet_size`), writing one packet at once (the handshake's refusals), and the writer
 //! task that drains a connection's outbox in batches.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,10 +22,29 @@ use crate::stats::Stats;
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// A write buffer larger than this is given back once the outbox is empty.
 const WRITE_KEEP_BYTES: usize = 4 * 1024;
+/// Room on the stack for a quiet connection's read; a read that fills it means traffic.
+pub(super) const QUIET_READ: usize = 1024;
 
 pub(super) fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeError) {
     warn!(%peer, client_id, error = %error, "bad packet: closing connection");
 }
+/// Reads what a quiet connection receives through room on the stack, then copies it into
+/// `buf`: `read_buf` on an empty `BytesMut` reserves 64 B, which every idle client would
+/// hold while it waits (issue 14's heap profile). Cancel safe: bytes leave the socket only
+/// in the poll that copies them into `buf`.
+pub(super) fn read_quietly<'a, R: AsyncRead + Unpin>(
+    reader: &'a mut R,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    std::future::poll_fn(move |cx| {
+        let mut room = [0u8; QUIET_READ];
+        let mut read = tokio::io::ReadBuf::new(&mut room);
+        std::task::ready!(std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read))?;
+        buf.extend_from_slice(read.filled());
+        Poll::Ready(Ok(read.filled().len()))
+    })
+}
+
 /// Reads until one whole packet is decoded.
 pub(super) async fn read_packet(
     reader: &mut (impl AsyncRead + Unpin),

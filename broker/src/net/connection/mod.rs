@@ -40,7 +40,7 @@ use context::Guard;
 use dispatch::dispatch;
 #[cfg(test)]
 pub(crate) use framing::write_loop_future_size;
-use framing::Writing;
+use framing::{read_quietly, Writing, QUIET_READ};
 use handshake::{open, Opened};
 
 /// How long a connection with nothing buffered keeps its read buffer before giving it back.
@@ -288,11 +288,12 @@ where
             // the outbox's `ready` takes no packet, and the timer and the shutdown wait hold
             // no data.
             tokio::select! {
-                read = self.reader.read_buf(&mut reading.buf) => return match read {
+                read = read_quietly(&mut self.reader, &mut reading.buf) => return match read {
                     Ok(0) => Err(End::Abrupt("connection closed by client".into(), None)),
                     Err(e) => Err(End::Abrupt(format!("read error: {e}"), None)),
-                    Ok(_) => {
-                        reading.heard();
+                    Ok(n) => {
+                        reading.heard_at = Instant::now();
+                        reading.traffic = reading.traffic || n == QUIET_READ;
                         Ok(())
                     }
                 },
@@ -303,8 +304,8 @@ where
                         ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
                         return Err(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
                     }
-                    // A client that went quiet after a burst holds no read buffer; `read_buf`
-                    // allocates 64 bytes when data comes and it grows with the traffic again.
+                    // A client that went quiet after a burst holds no read buffer; the next
+                    // bytes get one of their size and it grows with the traffic again.
                     reading.buf = BytesMut::new();
                 }
                 () = ctx.shutdown.signalled() => {
@@ -595,4 +596,29 @@ fn read_or_idle<'a>(
             Poll::Pending => Poll::Ready(None),
         }
     })
+}
+
+/// What a quiet connection's future is made of, for the footprint test: its state between
+/// phases, and the waits the quiet phase holds.
+#[cfg(test)]
+pub(crate) fn quiet_sizes() -> Vec<(&'static str, usize)> {
+    type S = tokio::net::TcpStream;
+    let shutdown = crate::shutdown::Shutdown::new();
+    let (_o, mut rx) = crate::outbox::Outbox::new();
+    let signalled = std::mem::size_of_val(&shutdown.signalled());
+    let ready = std::mem::size_of_val(&rx.ready());
+    vec![
+        (
+            "Live<TcpStream> (state between phases)",
+            std::mem::size_of::<Live<S>>(),
+        ),
+        ("  Reading", std::mem::size_of::<Reading>()),
+        ("  Writing", std::mem::size_of::<Writing<WriteHalf<S>>>()),
+        (
+            "quiet wait: keep-alive Sleep",
+            std::mem::size_of::<tokio::time::Sleep>(),
+        ),
+        ("quiet wait: shutdown signalled", signalled),
+        ("quiet wait: outbox ready", ready),
+    ]
 }
