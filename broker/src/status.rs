@@ -41,7 +41,7 @@ pub struct ClientInfo {
 #[derive(Debug, Clone, Default)]
 pub struct RouterSnapshot {
     /// Connected clients, by client id.
-    pub clients: Vec<ClientInfo>,
+    pub clients: Vec<Arc<ClientInfo>>,
     pub sessions: usize,
     pub offline_sessions: usize,
     /// QoS 1/2 messages waiting in sessions (queued or in flight).

@@ -12,6 +12,7 @@ impl Router {
         self.stats
             .message_received(message.qos, message.payload.len());
         if let Some(info) = self.clients.get_mut(&conn) {
+            let info = Arc::make_mut(info);
             info.messages_in += 1;
             let preview = message
                 .payload

@@ -63,7 +63,9 @@ impl Router {
     }
 
     pub(super) fn refresh_snapshot(&self) {
-        let mut clients: Vec<ClientInfo> = self.clients.values().cloned().collect();
+        // Shared with the router's map, not copied: a client that publishes gets its own copy
+        // at its next PUBLISH (`Arc::make_mut`), an idle one never does (issue 14).
+        let mut clients: Vec<Arc<ClientInfo>> = self.clients.values().cloned().collect();
         clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
         let snapshot = RouterSnapshot {
             clients,

@@ -9,7 +9,7 @@ use super::*;
 impl Router {
     /// The session of a live connection; `None` for a connection that was taken over.
     pub(super) fn session_of(&mut self, conn: ConnId) -> Option<(ClientKey, &mut Session)> {
-        let client = self.connections.get(&conn)?;
+        let client = &self.clients.get(&conn)?.client_id;
         let session = self.sessions.get_mut(client)?;
         match &session.online {
             Some(online) if online.conn == conn => Some((client.clone(), session)),
@@ -84,7 +84,7 @@ impl Router {
         session.online = Some(Online {
             conn,
             outbox,
-            will: request.will,
+            will: request.will.map(Box::new),
             will_delay: request.will_delay,
             receive_maximum: request.receive_maximum,
             max_packet_size: request.max_packet_size,
@@ -108,7 +108,7 @@ impl Router {
         };
         self.clients.insert(
             conn,
-            ClientInfo {
+            Arc::new(ClientInfo {
                 client_id: client.clone(),
                 peer: request.peer,
                 username: request.username,
@@ -121,10 +121,9 @@ impl Router {
                 session_expiry: request.session_expiry,
                 messages_in: 0,
                 last_publish: None,
-            },
+            }),
         );
         self.reap_discarded(&client);
-        self.connections.insert(conn, client);
         self.stats.connection_opened();
     }
 
@@ -137,10 +136,9 @@ impl Router {
             info!(client_id = %client, "session taken over by a new connection");
             old.outbox
                 .send(Outbound::Close(CloseReason::SessionTakenOver));
-            self.connections.remove(&old.conn);
             self.clients.remove(&old.conn);
             self.stats.connection_closed();
-            Some((old.will, old.will_delay))
+            Some((old.will.map(|w| *w), old.will_delay))
         });
         let ends_session = clean_start || self.sessions.get(client).is_some_and(|s| s.clean);
         if let Some((Some(will), delay)) = previous {
@@ -229,8 +227,11 @@ impl Router {
         session_expiry: Option<u32>,
         tell: Option<CloseReason>,
     ) {
-        self.clients.remove(&conn);
-        let Some(client) = self.connections.remove(&conn) else {
+        let Some(client) = self
+            .clients
+            .remove(&conn)
+            .map(|info| info.client_id.clone())
+        else {
             return; // taken over earlier: its will was handled then
         };
         self.stats.connection_closed();
@@ -244,7 +245,7 @@ impl Router {
                     // packet a client sees is its CONNACK [MQTT-3.2.0-1].
                     online.outbox.send_in_order(Outbound::Close(reason));
                 }
-                (online.will, online.will_delay)
+                (online.will.map(|w| *w), online.will_delay)
             }
             other => {
                 session.online = other;
