@@ -78,9 +78,10 @@ async fn an_idle_connection_keeps_small_futures() {
     // handshake), then 3128 B (the CONNECT and `send`'s copies of each command inline), then
     // ~1500 B (the reader's and the writer's futures inline for the connection's life; now
     // they are boxed while packets move, and a quiet connection keeps only its state and
-    // one wait).
-    assert!(task <= 736, "connection task future {task} B");
-    assert!(handle <= 712, "connection::handle future {handle} B");
+    // one wait), then 728 B. At <= 664 B tokio's task cell (header and trailer around the
+    // future, aligned to 128 B on x86_64) is 768 B where 728 B made it 896.
+    assert!(task <= 656, "connection task future {task} B");
+    assert!(handle <= 640, "connection::handle future {handle} B");
     let client_info = std::mem::size_of::<crate::status::ClientInfo>();
     assert!(client_info <= 112, "ClientInfo {client_info} B");
     // 304 B before its QoS 2 id set became a `BTreeSet` and its will a box.

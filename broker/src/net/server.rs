@@ -62,8 +62,10 @@ pub struct Broker {
     accept_tasks: Vec<JoinHandle<()>>,
     bridge_tasks: Vec<JoinHandle<()>>,
     router_task: JoinHandle<()>,
-    /// Every connection task holds a clone; `recv` returns None once all are gone.
-    connections_done: mpsc::Receiver<()>,
+    /// `max_connections` of them; every connection task holds one until it ends (no
+    /// separate handle per connection to tell shutdown they are gone: 8 B each, issue 14).
+    permits: Arc<Semaphore>,
+    max_connections: usize,
     stats: Arc<Stats>,
     store: Option<Store>,
     recovery: Option<Recovery>,
@@ -122,7 +124,6 @@ impl Broker {
         let (bridges, bridge_tasks) =
             start_bridges(&config, store.as_ref(), &router_tx, &shutdown, &stats);
 
-        let (done_tx, connections_done) = mpsc::channel::<()>(1);
         let permits = Arc::new(Semaphore::new(config.limits.max_connections));
         let mut local_addrs = Vec::new();
         let mut accept_tasks = Vec::new();
@@ -165,7 +166,6 @@ impl Broker {
                 listener,
                 ctx,
                 permits.clone(),
-                done_tx.clone(),
                 connection_rate.clone(),
             )));
         }
@@ -176,7 +176,8 @@ impl Broker {
             accept_tasks,
             bridge_tasks,
             router_task,
-            connections_done,
+            permits,
+            max_connections: config.limits.max_connections,
             stats,
             store,
             recovery,
@@ -256,7 +257,10 @@ impl Broker {
         for task in self.accept_tasks.drain(..) {
             let _ = task.await;
         }
-        if tokio::time::timeout(Duration::from_secs(5), self.connections_done.recv())
+        // Every connection holds one of the permits until it ends: all of them back means
+        // every connection has closed.
+        let all = u32::try_from(self.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(Duration::from_secs(5), self.permits.acquire_many(all))
             .await
             .is_err()
         {
@@ -331,7 +335,6 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
-    done: mpsc::Sender<()>,
     connection_rate: Arc<Mutex<ConnectionRate>>,
 ) {
     let shutdown = ctx.shutdown.clone();
@@ -381,19 +384,17 @@ async fn accept_loop(
             continue;
         };
         let conn_ctx = ctx.clone();
-        let done = done.clone();
         // Plain TCP and TLS connections are tasks of their own kinds: a task keeps its
         // future's largest state for as long as it lives, and a plain connection should not
         // carry room for a TLS session and its handshake (issue 14: idle connections).
         match conn_ctx.tls.clone() {
             None => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(plain_connection(stream, peer, conn_ctx, (permit, done)))
+                tokio::spawn(plain_connection(stream, peer, conn_ctx, permit))
             }
             Some(tls) => tokio::spawn(async move {
                 serve_tls(stream, peer, conn_ctx, tls).await;
                 drop(permit);
-                drop(done);
             }),
         };
     }
@@ -525,9 +526,9 @@ fn plain_connection(
     stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
-    held: (OwnedSemaphorePermit, mpsc::Sender<()>),
+    permit: OwnedSemaphorePermit,
 ) -> impl std::future::Future<Output = ()> + Send {
-    connection::handle_holding(stream, peer, ctx, None, held)
+    connection::handle_holding(stream, peer, ctx, None, permit)
 }
 
 /// The size of a plain TCP connection's task future, as `accept_loop` spawns it (see
@@ -541,8 +542,7 @@ pub(crate) fn task_future_size(
     let permit = Arc::new(Semaphore::new(1))
         .try_acquire_owned()
         .expect("one permit");
-    let done = mpsc::channel::<()>(1).0;
-    std::mem::size_of_val(&plain_connection(stream, peer, ctx, (permit, done)))
+    std::mem::size_of_val(&plain_connection(stream, peer, ctx, permit))
 }
 
 /// Runs one accepted connection of a TLS listener: the TLS handshake first (within

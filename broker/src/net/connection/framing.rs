@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::BytesMut;
@@ -83,9 +82,6 @@ pub(super) struct Writing<W> {
     writer: W,
     pub(super) outbox: OutboxReceiver,
     encoder: Encoder,
-    client_id: Arc<str>,
-    unacknowledged: Option<Arc<AtomicU32>>,
-    stats: Arc<Stats>,
     /// The batch being written (empty: none).
     buf: BytesMut,
     /// Bytes of `buf` already on the socket.
@@ -94,21 +90,24 @@ pub(super) struct Writing<W> {
     batch: (usize, bool),
 }
 
+/// What the writer borrows from the rest of the connection while it runs: kept there, not
+/// in [`Writing`], so that an idle connection's state holds each once (issue 14).
+pub(super) struct WriterSide<'a> {
+    /// True while a batch is in progress (see [`Writing::run`]).
+    pub(super) busy: &'a AtomicBool,
+    pub(super) client_id: &'a str,
+    /// QoS 1/2 PUBLISHes read and not yet acknowledged, for an MQTT 5 client with a
+    /// Receive Maximum: the writer counts one down at each PUBACK/PUBCOMP it writes.
+    pub(super) unacknowledged: Option<&'a AtomicU32>,
+    pub(super) stats: &'a Stats,
+}
+
 impl<W: AsyncWrite + Unpin> Writing<W> {
-    pub(super) fn new(
-        writer: W,
-        outbox: OutboxReceiver,
-        encoder: Encoder,
-        (client_id, unacknowledged): (Arc<str>, Option<Arc<AtomicU32>>),
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub(super) fn new(writer: W, outbox: OutboxReceiver, encoder: Encoder) -> Self {
         Writing {
             writer,
             outbox,
             encoder,
-            client_id,
-            unacknowledged,
-            stats,
             // Starts empty and grows with the traffic: an idle sensor connection should cost
             // next to nothing here, not a 64 KiB batch buffer (10,000 idle clients measured
             // 19 KiB each with it).
@@ -119,23 +118,23 @@ impl<W: AsyncWrite + Unpin> Writing<W> {
     }
 
     /// Finishes the batch in progress, if any, then drains the outbox onto the socket in
-    /// batches until every sender is gone, a `Close` was written or a write failed. `busy` is
-    /// true while a batch is in progress; while it is false the writer waits on the outbox
-    /// holding nothing, which is when the connection may go quiet (mod.rs).
+    /// batches until every sender is gone, a `Close` was written or a write failed.
+    /// `side.busy` is true while a batch is in progress; while it is false the writer waits
+    /// on the outbox holding nothing, which is when the connection may go quiet (mod.rs).
     ///
     /// Cancel safety: a state machine that survives the drop. Each `write` puts some bytes on
     /// the socket (counted in `written`) or none, and `recv` loses no packet; dropped
     /// anywhere, the next call goes on where this one stopped.
-    pub(super) async fn run(&mut self, busy: &AtomicBool) {
+    pub(super) async fn run(&mut self, side: &WriterSide<'_>) {
         loop {
             if self.buf.is_empty() {
-                busy.store(false, Ordering::Relaxed);
+                side.busy.store(false, Ordering::Relaxed);
                 let Some(first) = self.outbox.recv().await else {
                     return;
                 };
-                self.batch = self.encode_batch(first);
+                self.batch = self.encode_batch(first, side);
             }
-            busy.store(true, Ordering::Relaxed);
+            side.busy.store(true, Ordering::Relaxed);
             while self.written < self.buf.len() {
                 match self.writer.write(&self.buf[self.written..]).await {
                     Ok(n) if n > 0 => self.written += n,
@@ -174,18 +173,18 @@ impl<W> Writing<W> {
     /// Encodes `first` and what else is queued, up to [`WRITE_BATCH_BYTES`] or a `Close`:
     /// the PUBLISH bytes among them ([`counted_bytes`]), and whether the socket is to be
     /// closed after them.
-    fn encode_batch(&mut self, first: Outbound) -> (usize, bool) {
+    fn encode_batch(&mut self, first: Outbound, side: &WriterSide<'_>) -> (usize, bool) {
         let mut publish_bytes = 0;
         let mut next = Some(first);
         while let Some(packet) = next.take() {
             publish_bytes += counted_bytes(&packet);
             if let Err(e) = self.encoder.encode(&packet, &mut self.buf) {
-                let client_id = &self.client_id;
+                let client_id = side.client_id;
                 match &packet {
                     Outbound::Publish { message, .. } => {
                         // The router checks a client's maximum packet size before it sends;
                         // this is the backstop, logged and counted the same way.
-                        self.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                        side.stats.dropped_too_large.fetch_add(1, Ordering::Relaxed);
                         warn!(client_id = %client_id, topic = %message.topic, error = %e, "cannot encode outgoing PUBLISH: dropped")
                     }
                     _ => {
@@ -193,7 +192,7 @@ impl<W> Writing<W> {
                     }
                 }
             }
-            if let Some(count) = &self.unacknowledged {
+            if let Some(count) = side.unacknowledged {
                 if ends_inbound_flow(&packet) {
                     let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                         Some(n.saturating_sub(1))
@@ -232,15 +231,15 @@ fn ends_inbound_flow(packet: &Outbound) -> bool {
 pub(crate) fn write_loop_future_size() -> usize {
     fn size<W: AsyncWrite + Unpin>(writer: W) -> usize {
         let (_outbox, rx) = crate::outbox::Outbox::new();
-        let mut writing = Writing::new(
-            writer,
-            rx,
-            Encoder::V4,
-            (Arc::from(""), None),
-            Arc::default(),
-        );
-        let busy = AtomicBool::new(false);
-        let size = std::mem::size_of_val(&writing.run(&busy));
+        let mut writing = Writing::new(writer, rx, Encoder::V4);
+        let (busy, stats) = (AtomicBool::new(false), Stats::default());
+        let side = WriterSide {
+            busy: &busy,
+            client_id: "",
+            unacknowledged: None,
+            stats: &stats,
+        };
+        let size = std::mem::size_of_val(&writing.run(&side));
         size
     }
     // A `WriteHalf` is one pointer, whatever the stream.
@@ -251,7 +250,7 @@ pub(crate) fn write_loop_future_size() -> usize {
 mod tests {
     use super::*;
     use std::pin::Pin;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
     use std::time::Duration;
 
@@ -301,24 +300,24 @@ mod tests {
             taken: taken.clone(),
             limit: limit.clone(),
         };
-        let mut writing = Writing::new(
-            socket,
-            rx,
-            Encoder::V4,
-            (Arc::from("t"), None),
-            Arc::default(),
-        );
-        let busy = AtomicBool::new(false);
+        let mut writing = Writing::new(socket, rx, Encoder::V4);
+        let (busy, stats) = (AtomicBool::new(false), Stats::default());
+        let side = WriterSide {
+            busy: &busy,
+            client_id: "t",
+            unacknowledged: None,
+            stats: &stats,
+        };
         // The socket stops taking bytes in the middle of a PUBACK; the future is dropped
         // there (as a connection's serving phase is when its reader ends the connection).
-        let cut = tokio::time::timeout(Duration::from_millis(100), writing.run(&busy)).await;
+        let cut = tokio::time::timeout(Duration::from_millis(100), writing.run(&side)).await;
         assert!(cut.is_err(), "the writer waits on the full socket");
         assert!(busy.load(Ordering::Relaxed), "dropped mid-batch");
         assert_eq!(taken.lock().expect("lock").len(), 1_001);
         // The socket drains; with every sender gone the writer ends once all is written.
         *limit.lock().expect("lock") = usize::MAX;
         drop(outbox);
-        tokio::time::timeout(Duration::from_secs(5), writing.run(&busy))
+        tokio::time::timeout(Duration::from_secs(5), writing.run(&side))
             .await
             .expect("the batch is finished and the writer ends");
         assert!(!busy.load(Ordering::Relaxed));
