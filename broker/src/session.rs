@@ -80,19 +80,47 @@ pub struct Session {
     pub delayed_will: Option<Box<(tokio::time::Instant, Message)>>,
     pub subscriptions: Subscriptions,
     pub online: Option<Online>,
+    /// Messages on their way and QoS 2 ids; `None` while there are none: an idle session
+    /// does not carry their 128 B (issue 14: what an idle client costs).
+    traffic: Option<Box<Traffic>>,
+    next_pkid: u16,
+}
+
+/// What a session holds while messages move, boxed in [`Session`] only while any do.
+struct Traffic {
     inflight: VecDeque<Inflight>,
     /// Topic + payload bytes of `inflight` ([`MAX_INFLIGHT_BYTES`]).
     inflight_bytes: usize,
     queue: VecDeque<Queued>,
     /// Topic + payload bytes of `queue` (`max_queued_bytes`).
     queued_bytes: usize,
-    /// QoS 2 packet ids received and not yet released. A `BTreeSet`: 24 B in every session
-    /// where a `HashSet` takes 48 (issue 14), and O(log n) for a client that keeps many.
+    /// QoS 2 packet ids received and not yet released. A `BTreeSet`: no room taken while
+    /// empty, and O(log n) for a client that keeps many.
     incoming_qos2: BTreeSet<u16>,
-    next_pkid: u16,
     /// Queued messages dropped when their turn came (expired, too large), with their queue
     /// ids on disk, for the router to delete and count ([`Session::take_discarded`]).
     discarded: Vec<(Option<u64>, Dropped)>,
+}
+
+/// What an idle session's [`Traffic`] reads as.
+static NO_TRAFFIC: Traffic = Traffic::EMPTY;
+
+impl Traffic {
+    const EMPTY: Traffic = Traffic {
+        inflight: VecDeque::new(),
+        inflight_bytes: 0,
+        queue: VecDeque::new(),
+        queued_bytes: 0,
+        incoming_qos2: BTreeSet::new(),
+        discarded: Vec::new(),
+    };
+
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
+            && self.queue.is_empty()
+            && self.incoming_qos2.is_empty()
+            && self.discarded.is_empty()
+    }
 }
 
 impl Session {
@@ -108,35 +136,46 @@ impl Session {
             delayed_will: None,
             subscriptions: Subscriptions::default(),
             online: None,
-            inflight: VecDeque::new(),
-            inflight_bytes: 0,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            incoming_qos2: BTreeSet::new(),
+            traffic: None,
             next_pkid: 1,
-            discarded: Vec::new(),
+        }
+    }
+
+    fn traffic(&self) -> &Traffic {
+        self.traffic.as_deref().unwrap_or(&NO_TRAFFIC)
+    }
+
+    fn traffic_mut(&mut self) -> &mut Traffic {
+        self.traffic.get_or_insert_with(|| Box::new(Traffic::EMPTY))
+    }
+
+    /// Gives the traffic's box back once nothing is on its way any more.
+    fn settle(&mut self) {
+        if self.traffic.as_ref().is_some_and(|t| t.is_empty()) {
+            self.traffic = None;
         }
     }
 
     /// Messages waiting for this client: queued plus in flight.
     pub fn waiting(&self) -> usize {
-        self.queue.len() + self.inflight.len()
+        let t = self.traffic();
+        t.queue.len() + t.inflight.len()
     }
 
     #[cfg(test)]
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.traffic().queue.len()
     }
 
     #[cfg(test)]
     pub fn inflight(&self) -> usize {
-        self.inflight.len()
+        self.traffic().inflight.len()
     }
 
     /// Whether a QoS 1/2 message for this session would be kept (not dropped as QueueFull):
     /// the router writes it to disk first for a persistent session.
     pub fn would_keep(&self, limits: &SessionLimits) -> bool {
-        (self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits))
+        (self.online.is_some() && self.traffic().queue.is_empty() && self.window_has_room(limits))
             || self.queue_has_room(0, limits)
     }
 
@@ -147,8 +186,9 @@ impl Session {
             .online
             .as_ref()
             .map_or(usize::MAX, |o| usize::from(o.receive_maximum));
-        self.inflight.len() < limits.max_inflight.min(receive_maximum)
-            && (self.inflight.is_empty() || self.inflight_bytes < MAX_INFLIGHT_BYTES)
+        let t = self.traffic();
+        t.inflight.len() < limits.max_inflight.min(receive_maximum)
+            && (t.inflight.is_empty() || t.inflight_bytes < MAX_INFLIGHT_BYTES)
     }
 
     /// Why `message` may not be sent to this session now, if it may not: expired, or
@@ -163,11 +203,17 @@ impl Session {
 
     /// Messages dropped from the queue when their turn came, since the last call.
     pub fn take_discarded(&mut self) -> Vec<(Option<u64>, Dropped)> {
-        std::mem::take(&mut self.discarded)
+        let Some(t) = self.traffic.as_mut() else {
+            return Vec::new();
+        };
+        let discarded = std::mem::take(&mut t.discarded);
+        self.settle();
+        discarded
     }
 
     fn queue_has_room(&self, bytes: usize, limits: &SessionLimits) -> bool {
-        self.queue.len() < limits.max_queued && self.queued_bytes + bytes <= limits.max_queued_bytes
+        let t = self.traffic();
+        t.queue.len() < limits.max_queued && t.queued_bytes + bytes <= limits.max_queued_bytes
     }
 
     /// Delivers `message` (already at the QoS granted to this client) now, or keeps it
@@ -194,7 +240,10 @@ impl Session {
                 Ok(())
             }
             _ => {
-                if self.online.is_some() && self.queue.is_empty() && self.window_has_room(limits) {
+                if self.online.is_some()
+                    && self.traffic().queue.is_empty()
+                    && self.window_has_room(limits)
+                {
                     self.send_new(message, stored);
                     return Ok(());
                 }
@@ -202,8 +251,9 @@ impl Session {
                 if !self.queue_has_room(bytes, limits) {
                     return Err(Dropped::QueueFull);
                 }
-                self.queued_bytes += bytes;
-                self.queue.push_back((message, stored));
+                let t = self.traffic_mut();
+                t.queued_bytes += bytes;
+                t.queue.push_back((message, stored));
                 Ok(())
             }
         }
@@ -218,8 +268,9 @@ impl Session {
                 dup: false,
             });
         }
-        self.inflight_bytes += message_bytes(&message);
-        self.inflight.push_back(Inflight {
+        let t = self.traffic_mut();
+        t.inflight_bytes += message_bytes(&message);
+        t.inflight.push_back(Inflight {
             pkid,
             message,
             state: InflightState::Published,
@@ -229,8 +280,9 @@ impl Session {
 
     /// A message read back from disk at start-up, owed to this (offline) session.
     pub fn restore_queued(&mut self, message: Message, stored: u64) {
-        self.queued_bytes += message_bytes(&message);
-        self.queue.push_back((message, Some(stored)));
+        let t = self.traffic_mut();
+        t.queued_bytes += message_bytes(&message);
+        t.queue.push_back((message, Some(stored)));
     }
 
     /// Drops waiting messages (queued, or sent and not yet acknowledged) that `keep`
@@ -238,42 +290,43 @@ impl Session {
     /// Returns the queue ids on disk of the dropped ones.
     pub fn retain_waiting(&mut self, mut keep: impl FnMut(&Message) -> bool) -> Vec<u64> {
         let mut dropped = Vec::new();
-        self.queue.retain(|(m, stored)| {
+        let Some(t) = self.traffic.as_mut() else {
+            return dropped;
+        };
+        t.queue.retain(|(m, stored)| {
             let k = keep(m);
             if !k {
                 dropped.extend(*stored);
             }
             k
         });
-        self.inflight.retain(|f| {
+        t.inflight.retain(|f| {
             let k = f.state == InflightState::Released || keep(&f.message);
             if !k {
                 dropped.extend(f.stored);
             }
             k
         });
-        self.queued_bytes = self.queue.iter().map(|(m, _)| message_bytes(m)).sum();
-        self.inflight_bytes = self
-            .inflight
-            .iter()
-            .map(|f| message_bytes(&f.message))
-            .sum();
+        t.queued_bytes = t.queue.iter().map(|(m, _)| message_bytes(m)).sum();
+        t.inflight_bytes = t.inflight.iter().map(|f| message_bytes(&f.message)).sum();
+        self.settle();
         dropped
     }
 
     /// Queue ids of every message of this session kept on disk.
     pub fn stored_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.inflight
+        let t = self.traffic();
+        t.inflight
             .iter()
             .filter_map(|f| f.stored)
-            .chain(self.queue.iter().filter_map(|q| q.1))
+            .chain(t.queue.iter().filter_map(|q| q.1))
     }
 
     fn allocate_pkid(&mut self) -> u16 {
         loop {
             let pkid = self.next_pkid;
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            if !self.inflight.iter().any(|f| f.pkid == pkid) {
+            if !self.traffic().inflight.iter().any(|f| f.pkid == pkid) {
                 return pkid;
             }
         }
@@ -286,12 +339,15 @@ impl Session {
         }
         let now = crate::time::unix_ms();
         while self.window_has_room(limits) {
-            let Some((message, stored)) = self.queue.pop_front() else {
+            let Some(t) = self.traffic.as_mut() else {
                 break;
             };
-            self.queued_bytes = self.queued_bytes.saturating_sub(message_bytes(&message));
+            let Some((message, stored)) = t.queue.pop_front() else {
+                break;
+            };
+            t.queued_bytes = t.queued_bytes.saturating_sub(message_bytes(&message));
             if let Some(reason) = self.undeliverable(&message, now) {
-                self.discarded.push((stored, reason));
+                self.traffic_mut().discarded.push((stored, reason));
                 continue;
             }
             self.send_new(message, stored);
@@ -302,7 +358,7 @@ impl Session {
     /// in their original order [MQTT-4.4.0-1], then fill the window from the queue.
     pub fn resume(&mut self, limits: &SessionLimits) {
         if let Some(online) = &self.online {
-            for f in &self.inflight {
+            for f in &self.traffic().inflight {
                 let packet = match f.state {
                     InflightState::Published => Outbound::Publish {
                         pkid: f.pkid,
@@ -319,21 +375,32 @@ impl Session {
 
     /// PUBACK from the client: the QoS 1 message is done. Returns its queue id on disk.
     pub fn puback(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
-        let i = self
-            .inflight
-            .iter()
-            .position(|f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce)?;
-        let done = self.inflight.remove(i)?;
-        self.inflight_bytes = self
+        self.finish(
+            |f| f.pkid == pkid && f.message.qos == QoS::AtLeastOnce,
+            limits,
+        )
+    }
+
+    /// The in-flight message `done` picks is acknowledged: out of the window, which is
+    /// filled again from the queue. Returns its queue id on disk.
+    fn finish(&mut self, done: impl Fn(&Inflight) -> bool, limits: &SessionLimits) -> Option<u64> {
+        let t = self.traffic.as_mut()?;
+        let i = t.inflight.iter().position(done)?;
+        let done = t.inflight.remove(i)?;
+        t.inflight_bytes = t
             .inflight_bytes
             .saturating_sub(message_bytes(&done.message));
         self.fill_window(limits);
+        self.settle();
         done.stored
     }
 
     /// PUBREC from the client: answer PUBREL and wait for PUBCOMP.
     pub fn pubrec(&mut self, pkid: u16) {
-        if let Some(f) = self
+        let Some(t) = self.traffic.as_mut() else {
+            return;
+        };
+        if let Some(f) = t
             .inflight
             .iter_mut()
             .find(|f| f.pkid == pkid && f.message.qos == QoS::ExactlyOnce)
@@ -347,27 +414,24 @@ impl Session {
 
     /// PUBCOMP from the client: the QoS 2 message is done. Returns its queue id on disk.
     pub fn pubcomp(&mut self, pkid: u16, limits: &SessionLimits) -> Option<u64> {
-        let i = self
-            .inflight
-            .iter()
-            .position(|f| f.pkid == pkid && f.state == InflightState::Released)?;
-        let done = self.inflight.remove(i)?;
-        self.inflight_bytes = self
-            .inflight_bytes
-            .saturating_sub(message_bytes(&done.message));
-        self.fill_window(limits);
-        done.stored
+        self.finish(
+            |f| f.pkid == pkid && f.state == InflightState::Released,
+            limits,
+        )
     }
 
     /// A QoS 2 PUBLISH arrived with `pkid`: true the first time (route it), false for a
     /// resend before PUBREL (acknowledge again, do not deliver twice) [MQTT-4.3.3-2].
     pub fn first_qos2_receipt(&mut self, pkid: u16) -> bool {
-        self.incoming_qos2.insert(pkid)
+        self.traffic_mut().incoming_qos2.insert(pkid)
     }
 
     /// PUBREL from the client: the packet id may be reused.
     pub fn pubrel(&mut self, pkid: u16) {
-        self.incoming_qos2.remove(&pkid);
+        if let Some(t) = self.traffic.as_mut() {
+            t.incoming_qos2.remove(&pkid);
+        }
+        self.settle();
     }
 }
 
