@@ -93,10 +93,11 @@ struct OutboxShared {
 
 struct OutboxState {
     queue: VecDeque<Outbound>,
-    /// Packets held back until the CONNACK may go out (see [`Outbox::hold`]).
-    held: Option<Vec<Outbound>>,
+    /// Packets held back until the CONNACK may go out (see [`Outbox::hold`]). Boxed, as
+    /// the rarely used fields below: every connection's outbox carries this struct.
+    held: Option<Box<Vec<Outbound>>>,
     /// Live `Outbox` handles; at 0 the receiver ends once the queue is drained.
-    senders: usize,
+    senders: u32,
     receiver_gone: bool,
     /// Stayed behind too long: nobody waits for it until it has written everything.
     slow: bool,
@@ -106,8 +107,13 @@ struct OutboxState {
     /// waits before reading more (set by the router, taken by the reader).
     wait_for: Option<Weak<OutboxShared>>,
     /// QoS 0 drops for this subscriber not yet logged, and when they last were.
-    drops_unlogged: u32,
-    drops_logged_at: Option<Instant>,
+    drops: Option<Box<(u32, Option<Instant>)>>,
+}
+
+/// The size of what every connection's outbox allocates (see `net::footprint_tests`).
+#[cfg(test)]
+pub(crate) fn shared_size() -> usize {
+    std::mem::size_of::<OutboxShared>()
 }
 
 /// A drained queue that grew past this many packets gives its room back.
@@ -130,8 +136,7 @@ impl Outbox {
                 slow: false,
                 behind_since: None,
                 wait_for: None,
-                drops_unlogged: 0,
-                drops_logged_at: None,
+                drops: None,
             }),
             wake: tokio::sync::Notify::new(),
             publish_bytes: AtomicUsize::new(0),
@@ -189,16 +194,16 @@ impl Outbox {
     /// persistent session's CONNACK waits for its session record to be durable, and the
     /// CONNACK must be the first packet the client sees [MQTT-3.2.0-1].
     pub fn hold(&self) {
-        self.shared.lock().held = Some(Vec::new());
+        self.shared.lock().held = Some(Box::default());
     }
 
     /// Sends `first` (the CONNACK), then everything held since [`Outbox::hold`], in order.
     pub fn release_hold(&self, first: Outbound) {
         let mut state = self.shared.lock();
-        let held = state.held.take().unwrap_or_default();
+        let held = state.held.take();
         if !state.receiver_gone {
             state.queue.push_back(first);
-            state.queue.extend(held);
+            state.queue.extend(held.into_iter().flat_map(|held| *held));
         }
         drop(state);
         self.shared.wake.notify_one();
@@ -280,15 +285,13 @@ impl Outbox {
     /// Counts one QoS 0 drop for this subscriber; the count to log, once a minute.
     pub fn note_drop(&self) -> Option<u32> {
         let mut state = self.shared.lock();
-        state.drops_unlogged = state.drops_unlogged.saturating_add(1);
-        let due = state
-            .drops_logged_at
-            .is_none_or(|at| at.elapsed() >= DROP_LOG_INTERVAL);
-        if !due {
+        let (unlogged, logged_at) = &mut **state.drops.get_or_insert_with(Box::default);
+        *unlogged = unlogged.saturating_add(1);
+        if logged_at.is_some_and(|at| at.elapsed() < DROP_LOG_INTERVAL) {
             return None;
         }
-        state.drops_logged_at = Some(Instant::now());
-        Some(std::mem::take(&mut state.drops_unlogged))
+        *logged_at = Some(Instant::now());
+        Some(std::mem::take(unlogged))
     }
 }
 
@@ -692,7 +695,12 @@ mod tests {
         assert_eq!(outbox.note_drop(), Some(1));
         assert_eq!(outbox.note_drop(), None);
         assert_eq!(outbox.note_drop(), None);
-        outbox.shared.lock().drops_logged_at = Some(Instant::now() - DROP_LOG_INTERVAL);
+        outbox
+            .shared
+            .lock()
+            .drops
+            .get_or_insert_with(Box::default)
+            .1 = Some(Instant::now() - DROP_LOG_INTERVAL);
         assert_eq!(outbox.note_drop(), Some(3));
     }
 }

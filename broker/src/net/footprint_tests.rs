@@ -69,6 +69,10 @@ async fn an_idle_connection_keeps_small_futures() {
             std::mem::size_of::<crate::protocol::Encoder>(),
         ),
         ("TcpStream", std::mem::size_of::<TcpStream>()),
+        (
+            "outbox::OutboxShared (one allocation per connection)",
+            crate::outbox::shared_size(),
+        ),
     ];
     for (what, size) in sizes.into_iter().chain(connection::quiet_sizes()) {
         eprintln!("{size:>6} B  {what}");
@@ -88,6 +92,10 @@ async fn an_idle_connection_keeps_small_futures() {
     // while messages move a box of its own (none while idle).
     let session = std::mem::size_of::<crate::session::Session>();
     assert!(session <= 112, "Session {session} B");
+    // 232 B (an allocation of 256 with the `Arc`'s counts) before its rarely used fields
+    // were boxed.
+    let outbox = crate::outbox::shared_size();
+    assert!(outbox <= 200, "OutboxShared {outbox} B");
 }
 
 /// A stream that answers reads from a script, then never again, and records how much room
