@@ -35,7 +35,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::protocol::message::{Message, Outbound};
@@ -85,6 +85,14 @@ struct OutboxShared {
     publish_bytes: AtomicUsize,
     /// This connection's PUBLISH bytes its reader handed to the router, not yet routed.
     unrouted_bytes: AtomicUsize,
+    /// The waits of pacing (a publisher's reader for the router, publishers for a behind
+    /// subscriber), made the first time one is needed: as two inline `Notify`s they were
+    /// 64 B in the outbox of every idle device that never publishes (issue 14).
+    pacing: OnceLock<Box<Pacing>>,
+}
+
+#[derive(Default)]
+struct Pacing {
     /// Wakes the reader waiting for the router to route its share.
     routed: tokio::sync::Notify,
     /// Wakes the publishers waiting for this subscriber to catch up.
@@ -120,6 +128,12 @@ pub(crate) fn shared_size() -> usize {
 const OUTBOX_KEEP_SLOTS: usize = 1024;
 
 impl OutboxShared {
+    /// Waiters and `notify_one` make it (a wake-up kept for a waiter to come needs it);
+    /// `notify_waiters` wakes only registered waiters, so it skips a pacing never made.
+    fn pacing(&self) -> &Pacing {
+        self.pacing.get_or_init(Box::default)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, OutboxState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -141,8 +155,7 @@ impl Outbox {
             wake: tokio::sync::Notify::new(),
             publish_bytes: AtomicUsize::new(0),
             unrouted_bytes: AtomicUsize::new(0),
-            routed: tokio::sync::Notify::new(),
-            caught_up: tokio::sync::Notify::new(),
+            pacing: OnceLock::new(),
         });
         (
             Outbox {
@@ -169,6 +182,12 @@ impl Outbox {
         }
         state.queue.push_back(packet);
         drop(state);
+        self.shared.wake.notify_one();
+    }
+
+    /// Wakes the receiver with nothing to take: a quiet connection then looks at what else
+    /// it waits for (the broker stopping, see `Router::wake_connections_on`).
+    pub fn wake(&self) {
         self.shared.wake.notify_one();
     }
 
@@ -254,7 +273,7 @@ impl Outbox {
         let bytes = message.topic.len() + message.payload.len();
         let before = take_away(&self.shared.unrouted_bytes, bytes);
         if before >= ROUTER_SHARE_BYTES && before.saturating_sub(bytes) < ROUTER_SHARE_BYTES {
-            self.shared.routed.notify_one();
+            self.shared.pacing().routed.notify_one();
         }
     }
 
@@ -263,7 +282,7 @@ impl Outbox {
     pub async fn router_caught_up(&self) {
         while self.shared.unrouted_bytes.load(Ordering::Relaxed) >= ROUTER_SHARE_BYTES {
             // notify_one keeps a wake-up sent before this waits: none is missed.
-            self.shared.routed.notified().await;
+            self.shared.pacing().routed.notified().await;
         }
     }
 
@@ -308,7 +327,7 @@ impl Congestion {
             return true;
         };
         loop {
-            let notified = shared.caught_up.notified();
+            let notified = shared.pacing().caught_up.notified();
             tokio::pin!(notified);
             // Registered before the checks, so a catch-up between the two is not missed.
             notified.as_mut().enable();
@@ -448,7 +467,9 @@ impl OutboxReceiver {
             }
         }
         if before >= QOS0_CAUGHT_UP_BYTES && after < QOS0_CAUGHT_UP_BYTES {
-            self.shared.caught_up.notify_waiters();
+            if let Some(pacing) = self.shared.pacing.get() {
+                pacing.caught_up.notify_waiters();
+            }
         }
     }
 }
@@ -460,7 +481,9 @@ impl Drop for OutboxReceiver {
         state.queue = VecDeque::new();
         state.held = None;
         drop(state);
-        self.shared.caught_up.notify_waiters();
+        if let Some(pacing) = self.shared.pacing.get() {
+            pacing.caught_up.notify_waiters();
+        }
     }
 }
 

@@ -119,6 +119,7 @@ impl Broker {
         if let Some(ingest) = load_pipeline(&config, store.as_ref(), &stats).await? {
             router.set_pipeline(ingest);
         }
+        router.wake_connections_on(shutdown.clone());
         let router_task = tokio::spawn(router.run(router_rx));
 
         let (bridges, bridge_tasks) =

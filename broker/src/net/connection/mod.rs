@@ -35,6 +35,7 @@ mod dispatch;
 mod ending;
 mod framing;
 mod handshake;
+mod keep_alive;
 
 pub use context::ConnectionContext;
 use context::Guard;
@@ -44,6 +45,7 @@ use ending::{abrupt, on_disconnect, over_receive_maximum, End};
 pub(crate) use framing::write_loop_future_size;
 use framing::{read_quietly, WriterSide, Writing, QUIET_READ};
 use handshake::{open, Opened};
+use keep_alive::KeepAlive;
 
 /// How long a connection with nothing buffered keeps its read buffer before giving it back.
 const IDLE_BUFFER_RELEASE: Duration = Duration::from_secs(1);
@@ -104,7 +106,7 @@ where
                 break end;
             }
         };
-        Box::pin(live.close(end, &peer, &ctx)).await;
+        Box::pin(live.close(end, &ctx)).await;
         drop(held);
     }
 }
@@ -155,14 +157,13 @@ where
             decoder,
             conn,
             client_id,
-            keep_alive_ms: u32::from(keep_alive) * 1500,
             session_expiry,
             unacknowledged,
             outbox,
             guard,
             has_published: false,
             traffic: false,
-            heard_at: Instant::now(),
+            keep_alive: KeepAlive::new(keep_alive),
         },
         writer_done: false,
     })
@@ -183,9 +184,6 @@ struct Reading {
     decoder: Decoder,
     conn: ConnId,
     client_id: Arc<str>,
-    /// 1.5x the client's keep-alive, ms (0: none). Not an `Option<Duration>`: 12 B less in
-    /// every connection's state (issue 14).
-    keep_alive_ms: u32,
     /// The session expiry the CONNECT set: a DISCONNECT may not raise it from 0.
     session_expiry: u32,
     /// QoS 1/2 PUBLISHes not yet acknowledged, for an MQTT 5 client with a Receive Maximum.
@@ -198,22 +196,14 @@ struct Reading {
     /// A read has filled the buffer since the CONNECT: the client sends more than a few
     /// small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
     traffic: bool,
-    /// The last read that brought bytes: the keep-alive runs from it.
-    heard_at: Instant,
+    /// The keep-alive, from the last read that brought bytes.
+    keep_alive: KeepAlive,
 }
 
 impl Reading {
-    fn keep_alive_deadline(&self) -> Instant {
-        let limit = match self.keep_alive_ms {
-            0 => Duration::from_secs(86400 * 365),
-            ms => Duration::from_millis(u64::from(ms)),
-        };
-        self.heard_at + limit
-    }
-
     /// After a read: the keep-alive starts again; a read that filled the buffer means traffic.
     fn heard(&mut self) {
-        self.heard_at = Instant::now();
+        self.keep_alive.heard();
         self.traffic = self.traffic || self.buf.len() == self.buf.capacity();
     }
 }
@@ -270,33 +260,43 @@ where
     async fn wait_quietly(&mut self, ctx: &ConnectionContext) -> Result<(), End> {
         let reading = &mut self.reading;
         loop {
+            // Not a wait of its own (72 B in every quiet connection): the router wakes every
+            // live connection's outbox at the signal (`Router::wake_connections_on`), and
+            // one that registers later is woken by its CONNACK into the serving phase,
+            // which waits on the signal.
+            if ctx.shutdown.is_signalled() {
+                return Err(abrupt(
+                    "broker shutting down",
+                    CloseReason::ServerShuttingDown,
+                ));
+            }
             // Something to write (or every sender gone: the writer then stops).
             if self.writing.outbox.is_ready() {
                 return Ok(());
             }
-            let keep_alive = reading.keep_alive_deadline();
-            let release = (reading.buf.is_empty() && reading.buf.capacity() > 0)
-                .then(|| reading.heard_at + IDLE_BUFFER_RELEASE);
+            let keep_alive = reading.keep_alive.deadline();
+            let release = (reading.buf.is_empty() && reading.buf.capacity() > 0).then(|| {
+                Instant::now() + IDLE_BUFFER_RELEASE.saturating_sub(reading.keep_alive.silent_for())
+            });
             let wake_at = release.map_or(keep_alive, |r| r.min(keep_alive));
             // Cancel safety: `read_quietly` takes nothing from the socket unless it completes,
-            // the outbox's `woken` takes no packet, and the timer and the shutdown wait hold
-            // no data.
+            // the outbox's `woken` takes no packet, and the timer holds no data.
             tokio::select! {
                 read = read_quietly(&mut self.reader, &mut reading.buf) => return match read {
                     Ok(0) => Err(End::Abrupt("connection closed by client".into(), None)),
                     Err(e) => Err(End::Abrupt(format!("read error: {e}"), None)),
                     Ok(n) => {
-                        reading.heard_at = Instant::now();
+                        reading.keep_alive.heard();
                         reading.traffic = reading.traffic || n == QUIET_READ;
                         Ok(())
                     }
                 },
-                // Perhaps something to write: checked at the top of the loop.
+                // Perhaps something to write, or the broker stopping: checked at the top.
                 () = self.writing.outbox.woken() => {}
                 () = tokio::time::sleep_until(wake_at) => {
                     // The deadline again rather than kept across the wait: 16 B less in
                     // the task of every quiet connection.
-                    if Instant::now() >= reading.keep_alive_deadline() {
+                    if reading.keep_alive.expired() {
                         ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
                         return Err(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
                     }
@@ -304,16 +304,13 @@ where
                     // bytes get one of their size and it grows with the traffic again.
                     reading.buf = BytesMut::new();
                 }
-                () = ctx.shutdown.signalled() => {
-                    return Err(abrupt("broker shutting down", CloseReason::ServerShuttingDown))
-                }
             }
         }
     }
 
     /// The end: the router told (it publishes the will, or not), then what the writer has
     /// queued (e.g. a final PUBACK) flushed for a moment.
-    async fn close(self, end: End, peer: &SocketAddr, ctx: &ConnectionContext) {
+    async fn close(self, end: End, ctx: &ConnectionContext) {
         let Live {
             mut writing,
             reading,
@@ -326,11 +323,11 @@ where
                 publish_will,
                 session_expiry,
             } => {
-                info!(%peer, client_id = %client_id, publish_will, "client disconnected");
+                info!(client_id = %client_id, publish_will, "client disconnected");
                 (!publish_will, *session_expiry, None)
             }
             End::Abrupt(reason, tell) => {
-                info!(%peer, client_id = %client_id, reason = %reason, "connection closed");
+                info!(client_id = %client_id, reason = %reason, "connection closed");
                 (false, None, *tell)
             }
         };
@@ -466,7 +463,7 @@ async fn read_loop(
         // Reads run at least 1 KiB at a time once the client sends more than its CONNECT;
         // a client that only connected keeps the small buffer its CONNECT came in, and one
         // whose buffer was given back (quiet) gets it again with its next bytes.
-        let deadline = reading.keep_alive_deadline();
+        let deadline = reading.keep_alive.deadline();
         let buf = &mut reading.buf;
         if (reading.traffic || !buf.is_empty())
             && buf.capacity() > 0
@@ -555,9 +552,7 @@ fn read_or_idle<'a>(
 #[cfg(test)]
 pub(crate) fn quiet_sizes() -> Vec<(&'static str, usize)> {
     type S = tokio::net::TcpStream;
-    let shutdown = crate::shutdown::Shutdown::new();
     let (_o, rx) = crate::outbox::Outbox::new();
-    let signalled = std::mem::size_of_val(&shutdown.signalled());
     let ready = std::mem::size_of_val(&rx.woken());
     vec![
         (
@@ -570,7 +565,6 @@ pub(crate) fn quiet_sizes() -> Vec<(&'static str, usize)> {
             "quiet wait: keep-alive Sleep",
             std::mem::size_of::<tokio::time::Sleep>(),
         ),
-        ("quiet wait: shutdown signalled", signalled),
         ("quiet wait: outbox woken", ready),
     ]
 }
