@@ -4,6 +4,9 @@
 //! rather than the number of subscriptions. `$`-topics (like `$SYS/...`) are never matched
 //! by a filter that starts with a wildcard [MQTT-4.7.2-1].
 
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use crate::protocol::message::SubscriptionOptions;
@@ -85,9 +88,90 @@ pub fn filters_overlap(a: &str, b: &str) -> bool {
 /// The client key the table stores; sessions are keyed by client id.
 pub type ClientKey = Arc<str>;
 
+/// The name of one level of a subscription's filter: the key of a node's `children`.
+///
+/// A name is an entry of its parent's map, and most are short (`devices`, a device id,
+/// `cmd`): as a `Box<str>` each was its own heap allocation (a 32-byte chunk even for
+/// `cmd`), two of them for a device subscribed to its own `devices/<id>/cmd` (issue 14: the
+/// memory of an idle subscribed client). Names of up to [`LevelName::INLINE`] bytes are kept
+/// in the entry itself, longer ones in a `Box<str>`; either way 24 bytes.
+///
+/// It is looked up by `&str` (the map becomes a `HashMap` past a few entries): `Borrow<str>`,
+/// `Eq` and `Hash` are those of the `str` it holds, whichever way it holds it.
+#[derive(Clone)]
+enum LevelName {
+    /// `bytes[..len]`, valid UTF-8 (copied from a `str`); the rest is zeros.
+    Inline {
+        len: u8,
+        bytes: [u8; LevelName::INLINE],
+    },
+    /// Longer than [`LevelName::INLINE`] bytes.
+    Heap(Box<str>),
+}
+
+// One byte of tag, the length and 22 bytes inline: as big as a `Box<str>` and a tag.
+const _: () = assert!(std::mem::size_of::<LevelName>() == 24);
+
+impl LevelName {
+    /// The longest name kept inline, in bytes.
+    const INLINE: usize = 22;
+
+    fn as_str(&self) -> &str {
+        match self {
+            LevelName::Inline { len, bytes } => {
+                // Checked again on every read (safe Rust): a short scan, ASCII for most names.
+                std::str::from_utf8(&bytes[..usize::from(*len)]).expect("copied from a str")
+            }
+            LevelName::Heap(name) => name,
+        }
+    }
+}
+
+impl From<&str> for LevelName {
+    fn from(name: &str) -> Self {
+        if name.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            LevelName::Inline {
+                len: name.len() as u8,
+                bytes,
+            }
+        } else {
+            LevelName::Heap(name.into())
+        }
+    }
+}
+
+impl Borrow<str> for LevelName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for LevelName {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for LevelName {}
+
+impl Hash for LevelName {
+    /// As the `str` hashes: a `HashMap<LevelName, _>` is looked up by `&str`.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl fmt::Debug for LevelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 #[derive(Default)]
 struct Node {
-    children: SmallMap<Box<str>, Node>,
+    children: SmallMap<LevelName, Node>,
     plus: Option<Box<Node>>,
     /// `None` while nobody subscribes here. Boxed: most nodes are only a level on the way
     /// to others, and a node is an entry of its parent's map, which keeps room for several
@@ -261,7 +345,9 @@ impl SubscriptionTable {
 mod tests {
     use super::*;
     use crate::protocol::message::QoS;
+    use std::collections::hash_map::RandomState;
     use std::collections::HashMap;
+    use std::hash::BuildHasher;
 
     fn matches(table: &SubscriptionTable, topic: &str) -> Vec<(String, QoS)> {
         let mut out: HashMap<String, QoS> = HashMap::new();
@@ -360,6 +446,104 @@ mod tests {
         // A node is an entry of its parent's map, which keeps room for several: with its
         // subscribers inline it was 152 bytes (issue 14).
         assert!(std::mem::size_of::<Node>() <= 64);
+        // With its name: 64 bytes (40 + a 24-byte `LevelName`), 8 more than with a
+        // `Box<str>` name, which also cost a 32-byte heap chunk of its own.
+        assert!(std::mem::size_of::<(LevelName, Node)>() <= 64);
+        assert_eq!(std::mem::size_of::<LevelName>(), 24);
+    }
+
+    /// 22 bytes (inline), 23 (boxed), and both again in multi-byte UTF-8.
+    fn edge_names() -> [String; 4] {
+        [
+            "a".repeat(LevelName::INLINE),
+            "a".repeat(LevelName::INLINE + 1),
+            "é".repeat(LevelName::INLINE / 2),
+            "capteur-de-température".to_string(),
+        ]
+    }
+
+    #[test]
+    fn level_names_round_trip_and_hash_as_their_str() {
+        let [at_most, over, utf8_at_most, utf8_over] = edge_names();
+        assert_eq!((at_most.len(), over.len()), (22, 23));
+        assert_eq!((utf8_at_most.len(), utf8_over.len()), (22, 23));
+        let hasher = RandomState::new();
+        for (name, inline) in [
+            ("", true),
+            ("cmd", true),
+            (at_most.as_str(), true),
+            (over.as_str(), false),
+            (utf8_at_most.as_str(), true),
+            (utf8_over.as_str(), false),
+        ] {
+            let level = LevelName::from(name);
+            assert_eq!(level.as_str(), name);
+            let borrowed: &str = level.borrow();
+            assert_eq!(borrowed, name);
+            assert_eq!(
+                matches!(level, LevelName::Inline { .. }),
+                inline,
+                "{name:?}"
+            );
+            assert_eq!(level, LevelName::from(name));
+            assert_eq!(level.clone().as_str(), name);
+            assert_eq!(hasher.hash_one(&level), hasher.hash_one(name), "{name:?}");
+            assert_eq!(format!("{level:?}"), format!("{name:?}"));
+        }
+        assert_ne!(LevelName::from(&*at_most), LevelName::from(&*over));
+        assert_ne!(LevelName::from("cmd"), LevelName::from("cm"));
+    }
+
+    #[test]
+    fn long_short_and_utf8_levels_are_found_routed_and_removed() {
+        let names = edge_names();
+        // Alone, the four names are a few entries of `devices`; with 8 more, a `HashMap`.
+        for siblings in [0, 8] {
+            let mut table = SubscriptionTable::default();
+            let others: Vec<String> = (0..siblings).map(|i| format!("dev{i}")).collect();
+            for name in names.iter().chain(&others) {
+                let client: ClientKey = Arc::from(name.as_str());
+                table.insert(&format!("devices/{name}/cmd"), client, QoS::AtLeastOnce);
+            }
+            table.insert("devices/+/cmd", Arc::from("all"), QoS::AtMostOnce);
+            let devices = table.root.children.get("devices").expect("devices");
+            let many = matches!(devices.children, SmallMap::Many(_));
+            assert_eq!(many, siblings > 0, "{siblings} siblings");
+            for name in &names {
+                let device = devices.children.get(name.as_str()).expect(name);
+                assert!(device.children.contains_key("cmd"), "{name}");
+                assert!(devices.children.get(&*format!("{name}b")).is_none());
+            }
+            let want = |name: &str| {
+                let mut want = vec![
+                    (name.to_string(), QoS::AtLeastOnce),
+                    ("all".to_string(), QoS::AtMostOnce),
+                ];
+                want.sort();
+                want
+            };
+            for name in &names {
+                let topic = format!("devices/{name}/cmd");
+                assert_eq!(matches(&table, &topic), want(name), "{topic}");
+            }
+            for name in &names {
+                let topic = format!("devices/{name}/cmd");
+                assert!(table.remove(&topic, name), "{topic}");
+                assert!(!table.remove(&topic, name), "{topic}");
+                assert_eq!(
+                    matches(&table, &topic),
+                    vec![("all".into(), QoS::AtMostOnce)]
+                );
+                let devices = table.root.children.get("devices").expect("devices");
+                assert!(devices.children.get(name.as_str()).is_none(), "{name}");
+            }
+            for name in &others {
+                assert!(table.remove(&format!("devices/{name}/cmd"), name));
+            }
+            assert!(table.remove("devices/+/cmd", "all"));
+            assert!(table.is_empty());
+            assert!(table.root.is_empty());
+        }
     }
 
     #[test]
