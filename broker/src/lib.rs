@@ -38,6 +38,7 @@ pub mod config;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod keep_alive;
 pub mod net;
 mod outbox;
 mod persist;

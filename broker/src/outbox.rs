@@ -36,8 +36,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use crate::keep_alive::KeepAlive;
 use crate::protocol::message::{Message, Outbound};
 
 /// Unwritten PUBLISH bytes above which a live subscriber is behind: its QoS 0 publishers
@@ -78,8 +80,9 @@ pub struct OutboxReceiver {
 
 struct OutboxShared {
     state: Mutex<OutboxState>,
-    /// Wakes the one receiver; a notification sent while it is not waiting is kept for it.
-    wake: tokio::sync::Notify,
+    /// The client's keep-alive: noted by the connection's reader, looked at by the router's
+    /// sweep, which wakes a quiet connection whose time is up (see `keep_alive.rs`).
+    keep_alive: KeepAlive,
     /// Topic + payload bytes of the PUBLISHes sent and not yet written by the writer
     /// (queued, held, or taken and being written).
     publish_bytes: AtomicUsize,
@@ -101,6 +104,12 @@ struct Pacing {
 
 struct OutboxState {
     queue: VecDeque<Outbound>,
+    /// The one receiver's task while it waits (the writer for a packet, or the quiet
+    /// connection for a packet or a nudge). A bare waker rather than a `Notify`: the wait
+    /// is then a plain poll with no room of its own in every quiet connection's task.
+    waker: Option<Waker>,
+    /// [`Outbox::wake`] since the quiet connection last looked.
+    nudged: bool,
     /// Packets held back until the CONNACK may go out (see [`Outbox::hold`]). Boxed, as
     /// the rarely used fields below: every connection's outbox carries this struct.
     held: Option<Box<Vec<Outbound>>>,
@@ -139,11 +148,34 @@ impl OutboxShared {
     }
 }
 
+impl OutboxState {
+    /// Takes the waiting receiver's waker, to wake once the lock is let go.
+    fn receiver_to_wake(&mut self) -> Option<Waker> {
+        self.waker.take()
+    }
+
+    /// The receiver waits: it is woken by the next packet, nudge or last sender gone.
+    fn wait(&mut self, cx: &Context<'_>) {
+        match &self.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.waker = Some(cx.waker().clone()),
+        }
+    }
+}
+
+fn wake(waker: Option<Waker>) {
+    if let Some(waker) = waker {
+        waker.wake();
+    }
+}
+
 impl Outbox {
     pub fn new() -> (Outbox, OutboxReceiver) {
         let shared = Arc::new(OutboxShared {
             state: Mutex::new(OutboxState {
                 queue: VecDeque::new(),
+                waker: None,
+                nudged: false,
                 held: None,
                 senders: 1,
                 receiver_gone: false,
@@ -152,7 +184,7 @@ impl Outbox {
                 wait_for: None,
                 drops: None,
             }),
-            wake: tokio::sync::Notify::new(),
+            keep_alive: KeepAlive::default(),
             publish_bytes: AtomicUsize::new(0),
             unrouted_bytes: AtomicUsize::new(0),
             pacing: OnceLock::new(),
@@ -181,14 +213,32 @@ impl Outbox {
             }
         }
         state.queue.push_back(packet);
+        let receiver = state.receiver_to_wake();
         drop(state);
-        self.shared.wake.notify_one();
+        wake(receiver);
     }
 
     /// Wakes the receiver with nothing to take: a quiet connection then looks at what else
-    /// it waits for (the broker stopping, see `Router::wake_connections_on`).
+    /// it waits for (the broker stopping, see `Router::wake_connections_on`; its keep-alive).
     pub fn wake(&self) {
-        self.shared.wake.notify_one();
+        let mut state = self.shared.lock();
+        state.nudged = true;
+        let receiver = state.receiver_to_wake();
+        drop(state);
+        wake(receiver);
+    }
+
+    /// The client's keep-alive (the reader notes reads there).
+    pub fn keep_alive(&self) -> &KeepAlive {
+        &self.shared.keep_alive
+    }
+
+    /// By the router's sweep at `now_ms` (`keep_alive::now_ms`): wakes this connection if
+    /// it is quiet and its keep-alive is out or its read buffer due back.
+    pub fn wake_if_due(&self, now_ms: u32) {
+        if self.shared.keep_alive.due(now_ms) {
+            self.wake();
+        }
     }
 
     /// Like [`Outbox::send`], but a `Close` too waits behind a held CONNACK: the broker
@@ -205,8 +255,9 @@ impl Outbox {
             Some(held) => held.push(packet),
             None => state.queue.push_back(packet),
         }
+        let receiver = state.receiver_to_wake();
         drop(state);
-        self.shared.wake.notify_one();
+        wake(receiver);
     }
 
     /// Holds back everything sent from now on until [`Outbox::release_hold`]: a new
@@ -224,8 +275,9 @@ impl Outbox {
             state.queue.push_back(first);
             state.queue.extend(held.into_iter().flat_map(|held| *held));
         }
+        let receiver = state.receiver_to_wake();
         drop(state);
-        self.shared.wake.notify_one();
+        wake(receiver);
     }
 
     fn count(&self, packet: &Outbound) {
@@ -386,11 +438,13 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.senders -= 1;
-        let last = state.senders == 0;
+        let receiver = if state.senders == 0 {
+            state.receiver_to_wake()
+        } else {
+            None
+        };
         drop(state);
-        if last {
-            self.shared.wake.notify_one();
-        }
+        wake(receiver);
     }
 }
 
@@ -398,46 +452,47 @@ impl OutboxReceiver {
     /// The next packet; `None` once every `Outbox` is dropped and the queue is drained.
     /// Cancel safe: a packet is only taken in the poll that returns it.
     pub async fn recv(&mut self) -> Option<Outbound> {
-        loop {
-            {
-                let mut state = self.shared.lock();
-                if let Some(packet) = state.queue.pop_front() {
-                    return Some(packet);
-                }
-                if state.queue.capacity() > OUTBOX_KEEP_SLOTS {
-                    state.queue = VecDeque::new();
-                }
-                if state.senders == 0 {
-                    return None;
-                }
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            if let Some(packet) = state.queue.pop_front() {
+                return Poll::Ready(Some(packet));
             }
-            self.shared.wake.notified().await;
-        }
+            if state.queue.capacity() > OUTBOX_KEEP_SLOTS {
+                state.queue = VecDeque::new();
+            }
+            if state.senders == 0 {
+                return Poll::Ready(None);
+            }
+            state.wait(cx);
+            Poll::Pending
+        })
+        .await
     }
 
-    /// Whether a packet is queued or every sender is gone, taking nothing: what a quiet
-    /// connection checks before it waits on [`OutboxReceiver::woken`] (the writer then takes
-    /// the packet). While it is not, the queue gives its room back: a quiet connection keeps
-    /// no slots (the CONNACK's and a SUBACK's room was ~280 B per idle client, issue 14's
-    /// heap profile); the next packet allocates 4 slots again, once per quiet spell.
-    pub fn is_ready(&self) -> bool {
+    /// For a quiet connection: ready (`true`) once a packet is queued or every sender is
+    /// gone, taking nothing (the writer then takes the packet); ready (`false`) once
+    /// [`Outbox::wake`] nudged it, to look at what else it waits for. While it waits, the
+    /// queue gives its room back: a quiet connection keeps no slots (the CONNACK's and a
+    /// SUBACK's room was ~280 B per idle client, issue 14's heap profile); the next packet
+    /// allocates 4 slots again, once per quiet spell. Cancel safe: it takes nothing.
+    pub fn poll_quiet(&self, cx: &Context<'_>) -> Poll<bool> {
         let mut state = self.shared.lock();
         if !state.queue.is_empty() || state.senders == 0 {
-            return true;
+            return Poll::Ready(true);
+        }
+        if std::mem::take(&mut state.nudged) {
+            return Poll::Ready(false);
         }
         if state.queue.capacity() > 0 {
             state.queue = VecDeque::new();
         }
-        false
+        state.wait(cx);
+        Poll::Pending
     }
 
-    /// Completes at the next wake-up: a packet queued or the last sender gone since the
-    /// receiver last waited (one sent while nobody waited is kept for it). Check
-    /// [`OutboxReceiver::is_ready`] again after it. Not an `async fn` looping over both: the
-    /// bare wait is 64 B in every quiet connection's task where the loop took 88.
-    /// Cancel safe: it takes nothing.
-    pub fn woken(&self) -> tokio::sync::futures::Notified<'_> {
-        self.shared.wake.notified()
+    /// The client's keep-alive (see [`Outbox::keep_alive`]).
+    pub fn keep_alive(&self) -> &KeepAlive {
+        &self.shared.keep_alive
     }
 
     /// The next packet if one is queued.
@@ -725,5 +780,64 @@ mod tests {
             .get_or_insert_with(Box::default)
             .1 = Some(Instant::now() - DROP_LOG_INTERVAL);
         assert_eq!(outbox.note_drop(), Some(3));
+    }
+
+    /// Counts its wake-ups.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_quiet_connection_is_woken_by_a_packet_a_nudge_or_the_last_sender_gone() {
+        let (outbox, rx) = Outbox::new();
+        let count = Arc::new(Counting(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || count.0.load(Ordering::Relaxed);
+        assert!(rx.poll_quiet(&mut cx).is_pending());
+        // A nudge wakes it once and is seen once: "look again", not "serve".
+        outbox.wake();
+        assert_eq!(woken(), 1);
+        assert_eq!(rx.poll_quiet(&mut cx), Poll::Ready(false));
+        assert!(rx.poll_quiet(&mut cx).is_pending());
+        // A packet wakes it and stays for the writer.
+        outbox.send(Outbound::PingResp);
+        assert_eq!(woken(), 2);
+        assert_eq!(rx.poll_quiet(&mut cx), Poll::Ready(true));
+        assert_eq!(rx.poll_quiet(&mut cx), Poll::Ready(true));
+        assert!(!rx.is_empty());
+        // The last sender gone: ready, so the writer sees the end.
+        let (outbox, rx) = Outbox::new();
+        assert!(rx.poll_quiet(&mut cx).is_pending());
+        let second = outbox.clone();
+        drop(outbox);
+        assert_eq!(woken(), 2, "a sender is left");
+        drop(second);
+        assert_eq!(woken(), 3);
+        assert_eq!(rx.poll_quiet(&mut cx), Poll::Ready(true));
+    }
+
+    #[test]
+    fn the_sweep_wakes_only_a_quiet_connection_whose_keep_alive_is_out() {
+        let (outbox, rx) = Outbox::new();
+        outbox.keep_alive().start(1);
+        let count = Arc::new(Counting(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_quiet(&mut cx).is_pending());
+        let now = crate::keep_alive::now_ms();
+        // Serving: its reader keeps the time.
+        outbox.wake_if_due(now.wrapping_add(2_000));
+        assert_eq!(count.0.load(Ordering::Relaxed), 0);
+        rx.keep_alive().set_quiet(true, false);
+        outbox.wake_if_due(now.wrapping_add(1_000));
+        assert_eq!(count.0.load(Ordering::Relaxed), 0, "1.5 s not yet out");
+        outbox.wake_if_due(now.wrapping_add(1_600));
+        assert_eq!(count.0.load(Ordering::Relaxed), 1);
+        assert_eq!(rx.poll_quiet(&mut cx), Poll::Ready(false));
     }
 }

@@ -190,7 +190,7 @@ impl Router {
     }
 
     /// Wakes every live connection when `shutdown` is signalled. A quiet connection waits
-    /// only on its socket, its outbox and its keep-alive, and checks the signal when woken:
+    /// only on its socket and its outbox, and checks the signal when woken:
     /// a wait on the signal of its own would be 72 B in the task of every idle client
     /// (issue 14), and the router already holds each connection's outbox.
     pub fn wake_connections_on(&mut self, shutdown: Shutdown) {

@@ -53,6 +53,7 @@ impl Router {
     }
 
     pub(super) fn housekeeping(&mut self) {
+        self.wake_due_connections();
         self.check_storage_limits();
         self.expire_old_messages();
         self.expire_sessions();
@@ -60,6 +61,17 @@ impl Router {
             ingest.expire(unix_ms(), &mut self.batch_ops);
         }
         self.refresh_snapshot();
+    }
+
+    /// Wakes each quiet connection whose keep-alive ran out or whose read buffer is due
+    /// back (`keep_alive.rs`): one pass over the sessions every housekeeping tick instead of
+    /// a timer in every idle client's task (112 B each; issue 14). A keep-alive is so
+    /// enforced within a tick of its 1.5x limit.
+    fn wake_due_connections(&self) {
+        let now = crate::keep_alive::now_ms();
+        for online in self.sessions.values().filter_map(|s| s.online.as_ref()) {
+            online.outbox.wake_if_due(now);
+        }
     }
 
     pub(super) fn refresh_snapshot(&self) {

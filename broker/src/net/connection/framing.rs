@@ -2,10 +2,9 @@
 //! `max_packet_size`), writing one packet at once (the handshake's refusals), and the writer
 //! task that drains a connection's outbox in batches.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,17 +30,16 @@ pub(super) fn log_bad_input(peer: &SocketAddr, client_id: &str, error: &DecodeEr
 /// `buf`: `read_buf` on an empty `BytesMut` reserves 64 B, which every idle client would
 /// hold while it waits (issue 14's heap profile). Cancel safe: bytes leave the socket only
 /// in the poll that copies them into `buf`.
-pub(super) fn read_quietly<'a, R: AsyncRead + Unpin>(
-    reader: &'a mut R,
-    buf: &'a mut BytesMut,
-) -> impl Future<Output = std::io::Result<usize>> + 'a {
-    std::future::poll_fn(move |cx| {
-        let mut room = [0u8; QUIET_READ];
-        let mut read = tokio::io::ReadBuf::new(&mut room);
-        std::task::ready!(std::pin::Pin::new(&mut *reader).poll_read(cx, &mut read))?;
-        buf.extend_from_slice(read.filled());
-        Poll::Ready(Ok(read.filled().len()))
-    })
+pub(super) fn poll_read_quietly<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    let mut room = [0u8; QUIET_READ];
+    let mut read = tokio::io::ReadBuf::new(&mut room);
+    std::task::ready!(std::pin::Pin::new(reader).poll_read(cx, &mut read))?;
+    buf.extend_from_slice(read.filled());
+    Poll::Ready(Ok(read.filled().len()))
 }
 
 /// Reads until one whole packet is decoded.
@@ -78,8 +76,7 @@ pub(super) async fn write_now(
 /// encoded by a plain method, so no packet is held across a write, and how much of it is
 /// written is kept here, so a batch whose writing future was dropped is finished by the next
 /// one (never a packet cut short followed by another).
-pub(super) struct Writing<W> {
-    writer: W,
+pub(super) struct Writing {
     pub(super) outbox: OutboxReceiver,
     encoder: Encoder,
     /// The batch being written (empty: none).
@@ -87,7 +84,9 @@ pub(super) struct Writing<W> {
     /// Bytes of `buf` already on the socket.
     written: usize,
     /// The batch's PUBLISH bytes ([`counted_bytes`]), and whether the socket closes after it.
-    batch: (usize, bool),
+    /// A `u32`: a batch is at most [`WRITE_BATCH_BYTES`] and one packet (< 256 MiB), and the
+    /// 8 B saved keep an idle client's task cell a size class down (`net::footprint_tests`).
+    batch: (u32, bool),
 }
 
 /// What the writer borrows from the rest of the connection while it runs: kept there, not
@@ -102,10 +101,9 @@ pub(super) struct WriterSide<'a> {
     pub(super) stats: &'a Stats,
 }
 
-impl<W: AsyncWrite + Unpin> Writing<W> {
-    pub(super) fn new(writer: W, outbox: OutboxReceiver, encoder: Encoder) -> Self {
+impl Writing {
+    pub(super) fn new(outbox: OutboxReceiver, encoder: Encoder) -> Self {
         Writing {
-            writer,
             outbox,
             encoder,
             // Starts empty and grows with the traffic: an idle sensor connection should cost
@@ -124,31 +122,38 @@ impl<W: AsyncWrite + Unpin> Writing<W> {
     ///
     /// Cancel safety: a state machine that survives the drop. Each `write` puts some bytes on
     /// the socket (counted in `written`) or none, and `recv` loses no packet; dropped
-    /// anywhere, the next call goes on where this one stopped.
-    pub(super) async fn run(&mut self, side: &WriterSide<'_>) {
+    /// anywhere, the next call goes on where this one stopped. `writer` is the socket's
+    /// writing side for this call only (the connection keeps the socket whole between its
+    /// phases: a split socket is a shared allocation in every idle client).
+    pub(super) async fn run<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        side: &WriterSide<'_>,
+    ) {
         loop {
             if self.buf.is_empty() {
                 side.busy.store(false, Ordering::Relaxed);
                 let Some(first) = self.outbox.recv().await else {
                     return;
                 };
-                self.batch = self.encode_batch(first, side);
+                let (publish_bytes, close) = self.encode_batch(first, side);
+                self.batch = (u32::try_from(publish_bytes).unwrap_or(u32::MAX), close);
             }
             side.busy.store(true, Ordering::Relaxed);
             while self.written < self.buf.len() {
-                match self.writer.write(&self.buf[self.written..]).await {
+                match writer.write(&self.buf[self.written..]).await {
                     Ok(n) if n > 0 => self.written += n,
                     // A write error, or a socket that takes nothing more: the connection ends.
                     _ => {
                         self.end_batch();
-                        let _ = self.writer.shutdown().await;
+                        let _ = writer.shutdown().await;
                         return;
                     }
                 }
             }
             let close = self.end_batch();
             if close {
-                let _ = self.writer.shutdown().await;
+                let _ = writer.shutdown().await;
                 return;
             }
         }
@@ -164,12 +169,12 @@ impl<W: AsyncWrite + Unpin> Writing<W> {
             self.buf = BytesMut::new();
         }
         let (publish_bytes, close) = std::mem::take(&mut self.batch);
-        self.outbox.written(publish_bytes);
+        self.outbox.written(publish_bytes as usize);
         close
     }
 }
 
-impl<W> Writing<W> {
+impl Writing {
     /// Encodes `first` and what else is queued, up to [`WRITE_BATCH_BYTES`] or a `Close`:
     /// the PUBLISH bytes among them ([`counted_bytes`]), and whether the socket is to be
     /// closed after them.
@@ -229,9 +234,9 @@ fn ends_inbound_flow(packet: &Outbound) -> bool {
 /// The size of the writer's future over a TCP socket (see `net::footprint_tests`).
 #[cfg(test)]
 pub(crate) fn write_loop_future_size() -> usize {
-    fn size<W: AsyncWrite + Unpin>(writer: W) -> usize {
+    fn size<W: AsyncWrite + Unpin>(mut writer: W) -> usize {
         let (_outbox, rx) = crate::outbox::Outbox::new();
-        let mut writing = Writing::new(writer, rx, Encoder::V4);
+        let mut writing = Writing::new(rx, Encoder::V4);
         let (busy, stats) = (AtomicBool::new(false), Stats::default());
         let side = WriterSide {
             busy: &busy,
@@ -239,10 +244,10 @@ pub(crate) fn write_loop_future_size() -> usize {
             unacknowledged: None,
             stats: &stats,
         };
-        let size = std::mem::size_of_val(&writing.run(&side));
+        let size = std::mem::size_of_val(&writing.run(&mut writer, &side));
         size
     }
-    // A `WriteHalf` is one pointer, whatever the stream.
+    // The serving phase's `WriteHalf` is one pointer, whatever the stream.
     size(tokio::io::split(tokio::io::empty()).1)
 }
 
@@ -296,11 +301,11 @@ mod tests {
         }
         let taken = Arc::new(Mutex::new(Vec::new()));
         let limit = Arc::new(Mutex::new(1_001));
-        let socket = Throttled {
+        let mut socket = Throttled {
             taken: taken.clone(),
             limit: limit.clone(),
         };
-        let mut writing = Writing::new(socket, rx, Encoder::V4);
+        let mut writing = Writing::new(rx, Encoder::V4);
         let (busy, stats) = (AtomicBool::new(false), Stats::default());
         let side = WriterSide {
             busy: &busy,
@@ -310,14 +315,15 @@ mod tests {
         };
         // The socket stops taking bytes in the middle of a PUBACK; the future is dropped
         // there (as a connection's serving phase is when its reader ends the connection).
-        let cut = tokio::time::timeout(Duration::from_millis(100), writing.run(&side)).await;
+        let cut =
+            tokio::time::timeout(Duration::from_millis(100), writing.run(&mut socket, &side)).await;
         assert!(cut.is_err(), "the writer waits on the full socket");
         assert!(busy.load(Ordering::Relaxed), "dropped mid-batch");
         assert_eq!(taken.lock().expect("lock").len(), 1_001);
         // The socket drains; with every sender gone the writer ends once all is written.
         *limit.lock().expect("lock") = usize::MAX;
         drop(outbox);
-        tokio::time::timeout(Duration::from_secs(5), writing.run(&side))
+        tokio::time::timeout(Duration::from_secs(5), writing.run(&mut socket, &side))
             .await
             .expect("the batch is finished and the writer ends");
         assert!(!busy.load(Ordering::Relaxed));

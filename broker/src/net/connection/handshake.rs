@@ -31,7 +31,6 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 pub(super) struct Opened {
     pub(super) conn: ConnId,
     pub(super) client_id: Arc<str>,
-    pub(super) keep_alive: u16,
     pub(super) version: Version,
     pub(super) session_expiry: u32,
     pub(super) guard: Guard,
@@ -62,6 +61,7 @@ pub(super) async fn open(
     let (version, session_expiry) = (request.version, request.session_expiry);
     let conn = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let (outbox, outbox_rx) = Outbox::new();
+    outbox.keep_alive().start(keep_alive);
     let connect = RouterCmd::Connect {
         conn,
         request: Box::new(request),
@@ -73,7 +73,6 @@ pub(super) async fn open(
     Some(Opened {
         conn,
         client_id,
-        keep_alive,
         version,
         session_expiry,
         guard,

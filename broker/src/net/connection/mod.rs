@@ -7,7 +7,8 @@
 //! both futures are dropped (at points where they hold nothing) and a small wait takes their
 //! place, so an idle client costs its state and that wait, not room for everything a busy one
 //! does (see [`handle`]). The reader enforces the keep-alive (1.5x the client's value
-//! [MQTT-3.1.2-24]), as does the quiet wait, and ends the connection on any malformed packet
+//! [MQTT-3.1.2-24]), as does the quiet wait when the router's sweep wakes it
+//! (`keep_alive.rs`), and ends the connection on any malformed packet
 //! or protocol violation, telling the router whether the end was graceful (DISCONNECT: no
 //! will) or not.
 
@@ -19,10 +20,11 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::{timeout, Instant};
 use tracing::{debug, info, warn};
 
+use crate::keep_alive::BUFFER_RELEASE_AFTER;
 use crate::outbox::Outbox;
 use crate::protocol::inbound::{DecodeError, Inbound};
 use crate::protocol::message::{CloseReason, Outbound};
@@ -35,7 +37,6 @@ mod dispatch;
 mod ending;
 mod framing;
 mod handshake;
-mod keep_alive;
 
 pub use context::ConnectionContext;
 use context::Guard;
@@ -43,12 +44,9 @@ use dispatch::dispatch;
 use ending::{abrupt, on_disconnect, over_receive_maximum, End};
 #[cfg(test)]
 pub(crate) use framing::write_loop_future_size;
-use framing::{read_quietly, WriterSide, Writing, QUIET_READ};
+use framing::{poll_read_quietly, WriterSide, Writing, QUIET_READ};
 use handshake::{open, Opened};
-use keep_alive::KeepAlive;
 
-/// How long a connection with nothing buffered keeps its read buffer before giving it back.
-const IDLE_BUFFER_RELEASE: Duration = Duration::from_secs(1);
 /// How long a connection with nothing to read nor write stays in its serving phase before it
 /// goes quiet (see [`handle`]).
 const QUIET_AFTER: Duration = Duration::from_millis(10);
@@ -122,14 +120,15 @@ async fn open_live<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut stream = stream;
+    // Split for the handshake only (an allocation shared by the halves).
+    let (mut reader, mut writer) = tokio::io::split(&mut stream);
     // Enough for a typical CONNECT; `read_buf` grows it for a longer one.
     let mut buf = BytesMut::with_capacity(256);
     let mut decoder = Decoder::new();
     let Opened {
         conn,
         client_id,
-        keep_alive,
         version,
         session_expiry,
         guard,
@@ -144,14 +143,15 @@ where
         identity,
     )
     .await?;
+    drop((reader, writer));
     // MQTT 5 Receive Maximum: QoS 1/2 PUBLISHes read and not yet acknowledged, counted up
     // by the reader and down by the writer as it writes their PUBACK/PUBCOMP.
     let unacknowledged = (version == crate::protocol::Version::V5
         && ctx.limits.receive_maximum < u16::MAX)
         .then(|| Arc::new(AtomicU32::new(0)));
     Some(Live {
-        reader,
-        writing: Writing::new(writer, outbox_rx, encoder),
+        stream,
+        writing: Writing::new(outbox_rx, encoder),
         reading: Reading {
             buf,
             decoder,
@@ -163,7 +163,6 @@ where
             guard,
             has_published: false,
             traffic: false,
-            keep_alive: KeepAlive::new(keep_alive),
         },
         writer_done: false,
     })
@@ -171,8 +170,11 @@ where
 
 /// A connection after CONNECT, kept between its phases.
 struct Live<S> {
-    reader: ReadHalf<S>,
-    writing: Writing<WriteHalf<S>>,
+    /// The socket, whole: split (reader and writer polled side by side) only while serving,
+    /// as `tokio::io::split` shares the halves through an allocation of their own (64 B in
+    /// every idle client's heap, issue 14).
+    stream: S,
+    writing: Writing,
     reading: Reading,
     /// The writer has stopped (it wrote a `Close`, a write failed, or the router let go).
     writer_done: bool,
@@ -195,15 +197,15 @@ struct Reading {
     has_published: bool,
     /// A read has filled the buffer since the CONNECT: the client sends more than a few
     /// small packets (a SUBSCRIBE or a ping does not make an idle client's buffer 4 KiB).
+    /// The keep-alive, from the last read that brought bytes, is in the outbox, where the
+    /// router's sweep sees it.
     traffic: bool,
-    /// The keep-alive, from the last read that brought bytes.
-    keep_alive: KeepAlive,
 }
 
 impl Reading {
     /// After a read: the keep-alive starts again; a read that filled the buffer means traffic.
     fn heard(&mut self) {
-        self.keep_alive.heard();
+        self.outbox.keep_alive().heard();
         self.traffic = self.traffic || self.buf.len() == self.buf.capacity();
     }
 }
@@ -218,11 +220,12 @@ where
     async fn serve(&mut self, ctx: &ConnectionContext) -> Option<End> {
         let writer_busy = AtomicBool::new(false);
         let Live {
-            reader,
+            stream,
             writing,
             reading,
             writer_done,
         } = self;
+        let (mut reader, mut writer) = tokio::io::split(&mut *stream);
         // Copies for the writer while the reader has `reading`: they live in this boxed
         // future, not in the idle connection's state.
         let (client_id, unacknowledged) =
@@ -245,66 +248,89 @@ where
         // again after reconnecting.
         tokio::select! {
             biased;
-            () = writing.run(&side) => {
+            () = writing.run(&mut writer, &side) => {
                 *writer_done = true;
                 Some(End::Abrupt("closed by broker or write failed".into(), None))
             }
-            end = read_loop(reader, reading, ctx, &writer_busy) => end,
+            end = read_loop(&mut reader, reading, ctx, &writer_busy) => end,
             () = ctx.shutdown.signalled() => Some(abrupt("broker shutting down", CloseReason::ServerShuttingDown)),
         }
     }
 
-    /// The quiet phase: waits for bytes from the client, a packet for it, its keep-alive to
-    /// expire or the broker to stop; gives back the read buffer a second after the last read.
-    /// `Ok`: serve again.
-    async fn wait_quietly(&mut self, ctx: &ConnectionContext) -> Result<(), End> {
-        let reading = &mut self.reading;
+    /// The quiet phase: waits for bytes from the client, a packet for it, or a nudge from
+    /// the router (its keep-alive out, its read buffer due back, the broker stopping), and
+    /// keeps no timer of its own: the router's sweep looks at every quiet connection's
+    /// keep-alive (`keep_alive.rs`). `Ok`: serve again. A plain poll over `self`, so the
+    /// wait adds two references to an idle client's task and nothing else.
+    fn wait_quietly<'a>(
+        &'a mut self,
+        ctx: &'a ConnectionContext,
+    ) -> impl Future<Output = Result<(), End>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let woke = self.poll_quiet(ctx, cx);
+            if woke.is_ready() {
+                self.writing.outbox.keep_alive().set_quiet(false, false);
+            }
+            woke
+        })
+    }
+
+    fn poll_quiet(
+        &mut self,
+        ctx: &ConnectionContext,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Result<(), End>> {
+        let keep_alive = self.writing.outbox.keep_alive();
+        let buf = &mut self.reading.buf;
         loop {
             // Not a wait of its own (72 B in every quiet connection): the router wakes every
             // live connection's outbox at the signal (`Router::wake_connections_on`), and
             // one that registers later is woken by its CONNACK into the serving phase,
             // which waits on the signal.
             if ctx.shutdown.is_signalled() {
-                return Err(abrupt(
+                return Poll::Ready(Err(abrupt(
                     "broker shutting down",
                     CloseReason::ServerShuttingDown,
-                ));
+                )));
             }
-            // Something to write (or every sender gone: the writer then stops).
-            if self.writing.outbox.is_ready() {
-                return Ok(());
+            if keep_alive.expired() {
+                ctx.stats
+                    .keep_alive_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return Poll::Ready(Err(abrupt(
+                    "keep-alive expired",
+                    CloseReason::KeepAliveTimeout,
+                )));
             }
-            let keep_alive = reading.keep_alive.deadline();
-            let release = (reading.buf.is_empty() && reading.buf.capacity() > 0).then(|| {
-                Instant::now() + IDLE_BUFFER_RELEASE.saturating_sub(reading.keep_alive.silent_for())
-            });
-            let wake_at = release.map_or(keep_alive, |r| r.min(keep_alive));
-            // Cancel safety: `read_quietly` takes nothing from the socket unless it completes,
-            // the outbox's `woken` takes no packet, and the timer holds no data.
-            tokio::select! {
-                read = read_quietly(&mut self.reader, &mut reading.buf) => return match read {
-                    Ok(0) => Err(End::Abrupt("connection closed by client".into(), None)),
-                    Err(e) => Err(End::Abrupt(format!("read error: {e}"), None)),
-                    Ok(n) => {
-                        reading.keep_alive.heard();
-                        reading.traffic = reading.traffic || n == QUIET_READ;
-                        Ok(())
-                    }
-                },
-                // Perhaps something to write, or the broker stopping: checked at the top.
-                () = self.writing.outbox.woken() => {}
-                () = tokio::time::sleep_until(wake_at) => {
-                    // The deadline again rather than kept across the wait: 16 B less in
-                    // the task of every quiet connection.
-                    if reading.keep_alive.expired() {
-                        ctx.stats.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
-                        return Err(abrupt("keep-alive expired", CloseReason::KeepAliveTimeout));
-                    }
-                    // A client that went quiet after a burst holds no read buffer; the next
-                    // bytes get one of their size and it grows with the traffic again.
-                    reading.buf = BytesMut::new();
+            // A client that went quiet after a burst holds no read buffer; the next bytes
+            // get one of their size and it grows with the traffic again.
+            if buf.is_empty()
+                && buf.capacity() > 0
+                && keep_alive.silent_for() >= BUFFER_RELEASE_AFTER
+            {
+                *buf = BytesMut::new();
+            }
+            keep_alive.set_quiet(true, buf.capacity() > 0);
+            // Neither poll takes anything it does not hand on: a packet stays in the outbox
+            // for the writer, and bytes leave the socket only in the poll that copies them
+            // into `buf`; dropped between polls, the wait loses nothing.
+            match self.writing.outbox.poll_quiet(cx) {
+                // Something to write (or every sender gone: the writer then stops).
+                Poll::Ready(true) => return Poll::Ready(Ok(())),
+                // Nudged: look again at the signal, the keep-alive and the buffer.
+                Poll::Ready(false) => continue,
+                Poll::Pending => {}
+            }
+            let read = std::task::ready!(poll_read_quietly(&mut self.stream, buf, cx));
+            return Poll::Ready(match read {
+                Ok(0) => Err(End::Abrupt("connection closed by client".into(), None)),
+                Err(e) => Err(End::Abrupt(format!("read error: {e}"), None)),
+                Ok(n) => {
+                    keep_alive.heard();
+                    self.reading.traffic = self.reading.traffic || n == QUIET_READ;
+                    Ok(())
                 }
-            }
+            });
         }
     }
 
@@ -312,10 +338,10 @@ where
     /// queued (e.g. a final PUBACK) flushed for a moment.
     async fn close(self, end: End, ctx: &ConnectionContext) {
         let Live {
+            mut stream,
             mut writing,
             reading,
             writer_done,
-            ..
         } = self;
         let client_id = &reading.client_id;
         let (graceful, session_expiry, tell) = match &end {
@@ -357,7 +383,7 @@ where
                 unacknowledged: unacknowledged.as_deref(),
                 stats: &ctx.stats,
             };
-            let _ = timeout(Duration::from_millis(100), writing.run(&side)).await;
+            let _ = timeout(Duration::from_millis(100), writing.run(&mut stream, &side)).await;
         }
     }
 }
@@ -463,7 +489,7 @@ async fn read_loop(
         // Reads run at least 1 KiB at a time once the client sends more than its CONNECT;
         // a client that only connected keeps the small buffer its CONNECT came in, and one
         // whose buffer was given back (quiet) gets it again with its next bytes.
-        let deadline = reading.keep_alive.deadline();
+        let deadline = reading.outbox.keep_alive().deadline();
         let buf = &mut reading.buf;
         if (reading.traffic || !buf.is_empty())
             && buf.capacity() > 0
@@ -552,19 +578,12 @@ fn read_or_idle<'a>(
 #[cfg(test)]
 pub(crate) fn quiet_sizes() -> Vec<(&'static str, usize)> {
     type S = tokio::net::TcpStream;
-    let (_o, rx) = crate::outbox::Outbox::new();
-    let ready = std::mem::size_of_val(&rx.woken());
     vec![
         (
             "Live<TcpStream> (state between phases)",
             std::mem::size_of::<Live<S>>(),
         ),
         ("  Reading", std::mem::size_of::<Reading>()),
-        ("  Writing", std::mem::size_of::<Writing<WriteHalf<S>>>()),
-        (
-            "quiet wait: keep-alive Sleep",
-            std::mem::size_of::<tokio::time::Sleep>(),
-        ),
-        ("quiet wait: outbox woken", ready),
+        ("  Writing", std::mem::size_of::<Writing>()),
     ]
 }
