@@ -728,8 +728,9 @@ fi
 # 10. Open-loop latency (issue 14): each broker's own saturation first (closed loop, 8 QoS 1
 # publishers x S10_SAT x 64 B, one subscriber: the rate it delivers them at, from the first
 # publish to the subscriber's last message; a broker that acknowledges faster than it can
-# deliver, Waystation's and rumqttd's, cannot sustain its acked rate, and "50%" of it put
-# Waystation at ~70% of what it delivers: docs/BENCHMARKS.md), then 8 publishers on a fixed
+# deliver, Waystation's and rumqttd's, cannot sustain its acked rate: "50%" of it put
+# Waystation at 57-59% of what it delivers and rumqttd past it: docs/BENCHMARKS.md), then 8
+# publishers on a fixed
 # schedule (message i due at start + i/rate, stamped with that time, so a broker that makes
 # senders wait is charged: no coordinated omission) at 25, 50 and 90% of that rate for
 # S10_SECS s each, a fresh broker per run. Latency publish->subscriber and publish->PUBACK.
