@@ -730,10 +730,9 @@ fi
 # publish to the subscriber's last message; a broker that acknowledges faster than it can
 # deliver, Waystation's and rumqttd's, cannot sustain its acked rate: "50%" of it put
 # Waystation at 57-59% of what it delivers and rumqttd past it: docs/BENCHMARKS.md), then 8
-# publishers on a fixed
-# schedule (message i due at start + i/rate, stamped with that time, so a broker that makes
-# senders wait is charged: no coordinated omission) at 25, 50 and 90% of that rate for
-# S10_SECS s each, a fresh broker per run. Latency publish->subscriber and publish->PUBACK.
+# publishers on a fixed schedule (message i due at start + i/rate, stamped with that time, so
+# a broker that makes senders wait is charged: no coordinated omission) at 25, 50 and 90% of
+# that rate for S10_SECS s each, a fresh broker per run. Latency publish->subscriber and publish->PUBACK.
 # Waystation acknowledges after fsync (its bridge points at a closed port, so every message is
 # written); its /metrics before and after each run give commits, mean batch and mean fsync.
 # Mosquitto: persistence on (it acknowledges from memory; the file is written at exit or
